@@ -1,0 +1,16 @@
+//! Domain-separation labels. Each use of a key has its own label, so no two uses can collide.
+
+/// Associated data prefix when the root key is sealed under the passphrase-derived key.
+pub const ROOT_SEAL_AAD: &[u8] = b"khlang/v1/root-seal";
+/// Associated data prefix when a KEK is wrapped under the root key.
+pub const KEK_WRAP_AAD: &[u8] = b"khlang/v1/kek-wrap";
+/// Associated data prefix when a record's data key is wrapped under a KEK.
+pub const DATA_KEY_WRAP_AAD: &[u8] = b"khlang/v1/data-key-wrap";
+/// Associated data prefix of every field envelope.
+pub const FIELD_AAD: &[u8] = b"khlang/v1/field";
+/// HKDF salt for every key derived from the root key.
+pub const HKDF_SALT: &[u8] = b"khlang/v1/hkdf-salt";
+/// HKDF info: the pepper that keys API-token hashes.
+pub const TOKEN_PEPPER: &[u8] = b"khlang/v1/token-pepper";
+/// HKDF info: the key of the blind index over data-subject ids.
+pub const SUBJECT_INDEX: &[u8] = b"khlang/v1/subject-blind-index";
