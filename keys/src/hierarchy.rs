@@ -57,7 +57,13 @@ impl RootKey {
         let mut out = vec![WRAP_V1];
         out.extend_from_slice(&kek.version.to_be_bytes());
         let nonce = aead::random_nonce(rng)?;
-        aead::seal_into(&self.0, &nonce, &Self::kek_aad(kek.version), kek.key.expose_secret(), &mut out)?;
+        aead::seal_into(
+            &self.0,
+            &nonce,
+            &Self::kek_aad(kek.version),
+            kek.key.expose_secret(),
+            &mut out,
+        )?;
         Ok(out)
     }
 
@@ -65,21 +71,33 @@ impl RootKey {
         const WHAT: &str = "wrapped key-encryption key";
         match wrapped.first() {
             Some(&WRAP_V1) => {}
-            Some(&v) => return Err(KeyError::UnsupportedFormat { what: WHAT, version: v }),
+            Some(&v) => {
+                return Err(KeyError::UnsupportedFormat {
+                    what: WHAT,
+                    version: v,
+                });
+            }
             None => return Err(KeyError::Malformed(WHAT)),
         }
         let version = be_u32(wrapped, 1, WHAT)?;
         let key = aead::open(&self.0, &Self::kek_aad(version), &wrapped[5..], WHAT)?;
-        Ok(Kek { version, key: Key256::from_slice(&key)? })
+        Ok(Kek {
+            version,
+            key: Key256::from_slice(&key)?,
+        })
     }
 
     /// A key for another purpose, derived with HKDF-SHA256 under a named label from [`labels`].
     pub fn derive(&self, label: &'static [u8]) -> Result<DerivedKey, KeyError> {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(self.0.expose_secret());
+        let prk =
+            hkdf::Salt::new(hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(self.0.expose_secret());
         let info = [label];
-        let okm = prk.expand(&info, hkdf::HKDF_SHA256).map_err(|_| KeyError::Derivation)?;
+        let okm = prk
+            .expand(&info, hkdf::HKDF_SHA256)
+            .map_err(|_| KeyError::Derivation)?;
         let mut out = Zeroizing::new([0u8; 32]);
-        okm.fill(out.as_mut_slice()).map_err(|_| KeyError::Derivation)?;
+        okm.fill(out.as_mut_slice())
+            .map_err(|_| KeyError::Derivation)?;
         Ok(DerivedKey(Key256::from_slice(out.as_slice())?))
     }
 }
@@ -122,7 +140,10 @@ pub struct Kek {
 
 impl Kek {
     pub fn generate(version: u32, rng: &dyn RandomSource) -> Result<Self, KeyError> {
-        Ok(Self { version, key: Key256::generate(rng)? })
+        Ok(Self {
+            version,
+            key: Key256::generate(rng)?,
+        })
     }
 
     pub fn version(&self) -> u32 {
@@ -162,7 +183,11 @@ impl Kek {
         self.wrap_with_nonce(dek, record_id, &aead::random_nonce(rng)?)
     }
 
-    pub fn unwrap_data_key(&self, wrapped: &WrappedDataKey, record_id: &[u8]) -> Result<DataKey, KeyError> {
+    pub fn unwrap_data_key(
+        &self,
+        wrapped: &WrappedDataKey,
+        record_id: &[u8],
+    ) -> Result<DataKey, KeyError> {
         const WHAT: &str = "wrapped data key";
         let (kek_version, generation) = wrapped.header()?;
         if kek_version != self.version {
@@ -170,13 +195,18 @@ impl Kek {
         }
         let aad = Self::dek_aad(kek_version, generation, record_id);
         let key = aead::open(&self.key, &aad, &wrapped.0[9..], WHAT)?;
-        Ok(DataKey { generation, key: Key256::from_slice(&key)? })
+        Ok(DataKey {
+            generation,
+            key: Key256::from_slice(&key)?,
+        })
     }
 }
 
 impl fmt::Debug for Kek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Kek").field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("Kek")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -199,7 +229,12 @@ impl WrappedDataKey {
         const WHAT: &str = "wrapped data key";
         match self.0.first() {
             Some(&WRAP_V1) => {}
-            Some(&v) => return Err(KeyError::UnsupportedFormat { what: WHAT, version: v }),
+            Some(&v) => {
+                return Err(KeyError::UnsupportedFormat {
+                    what: WHAT,
+                    version: v,
+                });
+            }
             None => return Err(KeyError::Malformed(WHAT)),
         }
         if self.0.len() != 9 + aead::NONCE_LEN + Key256::LEN + aead::TAG_LEN {
@@ -215,7 +250,9 @@ impl WrappedDataKey {
 
 impl fmt::Debug for WrappedDataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WrappedDataKey").field("len", &self.0.len()).finish()
+        f.debug_struct("WrappedDataKey")
+            .field("len", &self.0.len())
+            .finish()
     }
 }
 
@@ -227,7 +264,10 @@ pub struct DataKey {
 
 impl DataKey {
     pub fn generate(generation: u32, rng: &dyn RandomSource) -> Result<Self, KeyError> {
-        Ok(Self { generation, key: Key256::generate(rng)? })
+        Ok(Self {
+            generation,
+            key: Key256::generate(rng)?,
+        })
     }
 
     pub fn from_parts(generation: u32, key: Key256) -> Self {
@@ -241,7 +281,9 @@ impl DataKey {
 
 impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DataKey").field("generation", &self.generation).finish_non_exhaustive()
+        f.debug_struct("DataKey")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
     }
 }
 
@@ -253,7 +295,8 @@ pub struct FieldContext<'a> {
 }
 
 fn field_aad(ctx: FieldContext<'_>, generation: u32) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(labels::FIELD_AAD.len() + 13 + ctx.record_id.len() + ctx.field.len());
+    let mut aad =
+        Vec::with_capacity(labels::FIELD_AAD.len() + 13 + ctx.record_id.len() + ctx.field.len());
     aad.extend_from_slice(labels::FIELD_AAD);
     aad.push(FIELD_ENVELOPE_V1);
     aad.extend_from_slice(&generation.to_be_bytes());
@@ -271,7 +314,13 @@ pub(crate) fn seal_field_with_nonce(
     let mut out = Vec::with_capacity(5 + aead::NONCE_LEN + value.len() + aead::TAG_LEN);
     out.push(FIELD_ENVELOPE_V1);
     out.extend_from_slice(&dek.generation.to_be_bytes());
-    aead::seal_into(&dek.key, nonce, &field_aad(ctx, dek.generation), value, &mut out)?;
+    aead::seal_into(
+        &dek.key,
+        nonce,
+        &field_aad(ctx, dek.generation),
+        value,
+        &mut out,
+    )?;
     Ok(out)
 }
 
@@ -286,11 +335,20 @@ pub fn seal_field(
 }
 
 /// Opens one field envelope. Fails closed (no partial plaintext) if anything was moved or altered.
-pub fn open_field(dek: &DataKey, ctx: FieldContext<'_>, envelope: &[u8]) -> Result<Plaintext, KeyError> {
+pub fn open_field(
+    dek: &DataKey,
+    ctx: FieldContext<'_>,
+    envelope: &[u8],
+) -> Result<Plaintext, KeyError> {
     const WHAT: &str = "field envelope";
     match envelope.first() {
         Some(&FIELD_ENVELOPE_V1) => {}
-        Some(&v) => return Err(KeyError::UnsupportedFormat { what: WHAT, version: v }),
+        Some(&v) => {
+            return Err(KeyError::UnsupportedFormat {
+                what: WHAT,
+                version: v,
+            });
+        }
         None => return Err(KeyError::Malformed(WHAT)),
     }
     let generation = be_u32(envelope, 1, WHAT)?;
@@ -345,9 +403,16 @@ impl KeyRing {
     }
 
     /// Unwraps with whichever version wrapped it, so older versions stay decrypt-only.
-    pub fn unwrap_data_key(&self, wrapped: &WrappedDataKey, record_id: &[u8]) -> Result<DataKey, KeyError> {
+    pub fn unwrap_data_key(
+        &self,
+        wrapped: &WrappedDataKey,
+        record_id: &[u8],
+    ) -> Result<DataKey, KeyError> {
         let v = wrapped.kek_version()?;
-        self.keks.get(&v).ok_or(KeyError::UnknownKekVersion(v))?.unwrap_data_key(wrapped, record_id)
+        self.keks
+            .get(&v)
+            .ok_or(KeyError::UnknownKekVersion(v))?
+            .unwrap_data_key(wrapped, record_id)
     }
 }
 
@@ -366,7 +431,10 @@ pub(crate) mod test_support {
     }
 
     pub fn kek_from(version: u32, bytes: &[u8]) -> Kek {
-        Kek { version, key: Key256::from_slice(bytes).unwrap() }
+        Kek {
+            version,
+            key: Key256::from_slice(bytes).unwrap(),
+        }
     }
 
     pub fn field_aad_for(ctx: FieldContext<'_>, generation: u32) -> Vec<u8> {

@@ -1,0 +1,471 @@
+//! The field catalogue: which fields a record may hold, their kind, sensitivity and validator.
+//! It covers every kind of data in the municipality's privacy policy (see `shared/seed/summary.md`).
+//! The regulations file takes this over later; the validators stay here.
+
+use crate::VaultError;
+
+/// What kind of data a field holds; decides its validator (and later its mask).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    Name,
+    Email,
+    Address,
+    PostalCode,
+    Phone,
+    Sex,
+    Age,
+    FreeText,
+    CardNumber,
+    IpAddress,
+    DomainName,
+    Timestamp,
+    Url,
+    ThaiNationalId,
+}
+
+/// How much harm a leak does, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Sensitivity {
+    /// Usage statistics that do not identify a person on their own.
+    Low,
+    /// Personal data that identifies or contacts a person.
+    Personal,
+    /// Government identifiers.
+    High,
+    /// Payment card data (PCI DSS scope).
+    Restricted,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FieldSpec {
+    pub name: &'static str,
+    pub kind: FieldKind,
+    pub sensitivity: Sensitivity,
+}
+
+const fn f(name: &'static str, kind: FieldKind, sensitivity: Sensitivity) -> FieldSpec {
+    FieldSpec {
+        name,
+        kind,
+        sensitivity,
+    }
+}
+
+use FieldKind as K;
+use Sensitivity as S;
+
+/// The municipality's catalogue: section 1 (everyday service), 2 (membership), 3 (usage statistics),
+/// plus the Thai national id that Thai public bodies hold.
+pub const FIELDS: &[FieldSpec] = &[
+    f("name", K::Name, S::Personal),
+    f("email", K::Email, S::Personal),
+    f("home_address", K::Address, S::Personal),
+    f("work_address", K::Address, S::Personal),
+    f("postal_code", K::PostalCode, S::Personal),
+    f("phone", K::Phone, S::Personal),
+    f("sex", K::Sex, S::Personal),
+    f("age", K::Age, S::Personal),
+    f("preferences", K::FreeText, S::Personal),
+    f("interests", K::FreeText, S::Personal),
+    f("card_number", K::CardNumber, S::Restricted),
+    f("billing_address", K::Address, S::Personal),
+    f("ip_address", K::IpAddress, S::Low),
+    f("browser", K::FreeText, S::Low),
+    f("domain", K::DomainName, S::Low),
+    f("pages_visited", K::FreeText, S::Low),
+    f("access_time", K::Timestamp, S::Low),
+    f("referrer", K::Url, S::Low),
+    f("national_id", K::ThaiNationalId, S::High),
+];
+
+/// Sensitive authentication data that PCI DSS 3.3.1 forbids storing after authorisation, in any form.
+const PROHIBITED: &[&str] = &[
+    "cvv",
+    "cvv2",
+    "cvc",
+    "cvc2",
+    "cid",
+    "cav2",
+    "csc",
+    "cardverificationcode",
+    "cardverificationvalue",
+    "cardsecuritycode",
+    "securitycode",
+    "pin",
+    "pinblock",
+    "pinnumber",
+    "trackdata",
+    "track1",
+    "track2",
+    "track1data",
+    "track2data",
+    "magneticstripe",
+    "magstripe",
+    "fulltrack",
+];
+
+pub fn lookup(name: &str) -> Option<&'static FieldSpec> {
+    FIELDS.iter().find(|f| f.name == name)
+}
+
+fn is_prohibited(name: &str) -> bool {
+    let folded: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    PROHIBITED.contains(&folded.as_str())
+}
+
+/// Checks a field name against the catalogue. Errors name the field (names are not personal data).
+pub fn spec_for(name: &str) -> Result<&'static FieldSpec, VaultError> {
+    if is_prohibited(name) {
+        return Err(VaultError::InvalidArgument(format!(
+            "field '{}' is sensitive authentication data (card verification code, PIN or track data), \
+             which PCI DSS 3.3.1 forbids storing",
+            printable(name)
+        )));
+    }
+    lookup(name).ok_or_else(|| {
+        VaultError::InvalidArgument(format!(
+            "unknown field '{}': not in the field catalogue",
+            printable(name)
+        ))
+    })
+}
+
+/// A caller's string made safe to echo in an error: bounded and without control characters.
+pub fn printable(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+fn invalid(field: &str, why: &str) -> VaultError {
+    VaultError::InvalidArgument(format!("field '{field}': {why}"))
+}
+
+/// Validates and canonicalises a value. The returned string is what gets stored. Errors say what
+/// rule failed, never the value.
+pub fn validate(spec: &FieldSpec, value: &str) -> Result<String, VaultError> {
+    let n = spec.name;
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(invalid(n, "value is empty"));
+    }
+    let multiline = matches!(spec.kind, K::Address | K::FreeText);
+    if v.chars()
+        .any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t')))
+    {
+        return Err(invalid(n, "value contains control characters"));
+    }
+    match spec.kind {
+        K::Name | K::Address | K::FreeText => Ok(v.to_owned()),
+        K::CardNumber => {
+            let digits = digits_only(v, &[' ', '-'])
+                .ok_or_else(|| invalid(n, "a card number has only digits, spaces and dashes"))?;
+            if !(13..=19).contains(&digits.len()) {
+                return Err(invalid(n, "a card number has 13 to 19 digits"));
+            }
+            if !luhn_valid(&digits) {
+                return Err(invalid(n, "card number fails the Luhn check"));
+            }
+            Ok(digits)
+        }
+        K::ThaiNationalId => {
+            let digits = digits_only(v, &[' ', '-'])
+                .ok_or_else(|| invalid(n, "a Thai national id has only digits and dashes"))?;
+            if digits.len() != 13 {
+                return Err(invalid(n, "a Thai national id has 13 digits"));
+            }
+            if !thai_id_valid(&digits) {
+                return Err(invalid(n, "Thai national id fails its check digit"));
+            }
+            Ok(digits)
+        }
+        K::Email => {
+            if is_email(v) {
+                Ok(v.to_owned())
+            } else {
+                Err(invalid(
+                    n,
+                    "not a well-formed email address (local@domain.tld)",
+                ))
+            }
+        }
+        K::Phone => {
+            let rest = v.strip_prefix('+').unwrap_or(v);
+            let digits = digits_only(rest, &[' ', '-', '(', ')', '.'])
+                .ok_or_else(|| invalid(n, "a phone number has only digits, an optional leading +, spaces, dashes and brackets"))?;
+            if !(9..=15).contains(&digits.len()) {
+                return Err(invalid(n, "a phone number has 9 to 15 digits"));
+            }
+            Ok(if v.starts_with('+') {
+                format!("+{digits}")
+            } else {
+                digits
+            })
+        }
+        K::PostalCode => {
+            if v.len() == 5 && v.bytes().all(|b| b.is_ascii_digit()) {
+                Ok(v.to_owned())
+            } else {
+                Err(invalid(n, "a Thai postal code has 5 digits"))
+            }
+        }
+        K::Sex => {
+            let lower = v.to_ascii_lowercase();
+            match lower.as_str() {
+                "female" | "male" | "other" | "unspecified" => Ok(lower),
+                _ => Err(invalid(
+                    n,
+                    "expected one of female, male, other, unspecified",
+                )),
+            }
+        }
+        K::Age => match v.parse::<u8>() {
+            Ok(age) if age <= 150 => Ok(age.to_string()),
+            _ => Err(invalid(n, "an age is a whole number from 0 to 150")),
+        },
+        K::IpAddress => v
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.to_string())
+            .map_err(|_| invalid(n, "not an IPv4 or IPv6 address")),
+        K::DomainName => {
+            if is_domain(v) {
+                Ok(v.to_ascii_lowercase())
+            } else {
+                Err(invalid(n, "not a domain name"))
+            }
+        }
+        K::Timestamp => {
+            if is_rfc3339(v) {
+                Ok(v.to_owned())
+            } else {
+                Err(invalid(
+                    n,
+                    "expected an RFC 3339 time such as 2026-11-29T10:15:00+07:00",
+                ))
+            }
+        }
+        K::Url => {
+            let rest = v
+                .strip_prefix("https://")
+                .or_else(|| v.strip_prefix("http://"));
+            match rest {
+                Some(r) if !r.is_empty() && !r.chars().any(char::is_whitespace) => Ok(v.to_owned()),
+                _ => Err(invalid(n, "expected an http(s) URL without spaces")),
+            }
+        }
+    }
+}
+
+fn digits_only(v: &str, separators: &[char]) -> Option<String> {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        if c.is_ascii_digit() {
+            out.push(c);
+        } else if !separators.contains(&c) {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// The Luhn (mod 10) check that every payment card number passes.
+pub fn luhn_valid(digits: &str) -> bool {
+    let mut sum = 0u32;
+    for (i, b) in digits.bytes().rev().enumerate() {
+        let mut d = u32::from(b - b'0');
+        if i % 2 == 1 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    !digits.is_empty() && sum.is_multiple_of(10)
+}
+
+/// Thai national id: the 13th digit is (11 − Σ dᵢ·(13−i) mod 11) mod 10 over the first 12.
+pub fn thai_id_valid(digits: &str) -> bool {
+    let d: Vec<u32> = digits.bytes().map(|b| u32::from(b - b'0')).collect();
+    if d.len() != 13 {
+        return false;
+    }
+    let sum: u32 = d[..12]
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * (13 - i as u32))
+        .sum();
+    (11 - sum % 11) % 10 == d[12]
+}
+
+fn is_domain(v: &str) -> bool {
+    v.len() <= 253
+        && v.contains('.')
+        && v.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+fn is_email(v: &str) -> bool {
+    let Some((local, domain)) = v.rsplit_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && local.len() <= 64
+        && v.len() <= 254
+        && !local.contains('@')
+        && local
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c))
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && is_domain(domain)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, with ranges checked.
+fn is_rfc3339(v: &str) -> bool {
+    let b = v.as_bytes();
+    let num = |s: &[u8]| -> Option<u32> {
+        if s.iter().all(u8::is_ascii_digit) {
+            std::str::from_utf8(s).ok()?.parse().ok()
+        } else {
+            None
+        }
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return false;
+    }
+    let (Some(_y), Some(mo), Some(d), Some(h), Some(mi), Some(s)) = (
+        num(&b[0..4]),
+        num(&b[5..7]),
+        num(&b[8..10]),
+        num(&b[11..13]),
+        num(&b[14..16]),
+        num(&b[17..19]),
+    ) else {
+        return false;
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return false;
+    }
+    let mut rest = &b[19..];
+    if let Some(frac) = rest.strip_prefix(b".") {
+        let n = frac.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return false;
+        }
+        rest = &frac[n..];
+    }
+    match rest {
+        [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => {
+            matches!((num(&[*h1, *h2]), num(&[*m1, *m2])), (Some(h), Some(m)) if h <= 23 && m <= 59)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(name: &str, v: &str) -> Result<String, VaultError> {
+        validate(lookup(name).unwrap(), v)
+    }
+
+    #[test]
+    fn card_numbers() {
+        assert_eq!(
+            check("card_number", "4111 1111 1111 1111").unwrap(),
+            "4111111111111111"
+        );
+        assert!(check("card_number", "4111111111111112").is_err());
+        assert!(check("card_number", "411111111111").is_err(), "12 digits");
+        assert!(check("card_number", "4111x11111111111").is_err());
+        let e = check("card_number", "4111111111111112")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("4111"), "error must not echo the value: {e}");
+    }
+
+    #[test]
+    fn thai_ids() {
+        assert!(thai_id_valid("1101700203450"));
+        assert_eq!(
+            check("national_id", "1-1017-00203-45-0").unwrap(),
+            "1101700203450"
+        );
+        assert!(check("national_id", "1101700203451").is_err());
+        assert!(check("national_id", "110170020345").is_err());
+    }
+
+    #[test]
+    fn other_kinds() {
+        assert!(check("email", "somchai@example.go.th").is_ok());
+        for bad in [
+            "no-at",
+            "a@b",
+            "a@@b.com",
+            "a b@c.com",
+            "@x.com",
+            ".a@x.com",
+        ] {
+            assert!(check("email", bad).is_err(), "{bad}");
+        }
+        assert_eq!(check("phone", "+66 81 234 5678").unwrap(), "+66812345678");
+        assert!(check("phone", "12345").is_err());
+        assert!(check("postal_code", "80000").is_ok());
+        assert!(check("postal_code", "8000").is_err());
+        assert!(check("age", "151").is_err());
+        assert_eq!(check("sex", "Female").unwrap(), "female");
+        assert!(check("ip_address", "10.0.0.300").is_err());
+        assert!(check("access_time", "2026-11-29T10:15:00+07:00").is_ok());
+        assert!(check("access_time", "2026-13-29T10:15:00Z").is_err());
+        assert!(check("referrer", "https://www.nakhoncity.org/").is_ok());
+        assert!(check("referrer", "javascript:alert(1)").is_err());
+        assert!(check("name", "สมชาย\u{0007}").is_err());
+        assert!(check("home_address", "  ").is_err());
+    }
+
+    #[test]
+    fn prohibited_and_unknown() {
+        for name in [
+            "cvv",
+            "CVV2",
+            "card_verification_code",
+            "pin",
+            "track-2",
+            "Track_Data",
+        ] {
+            let e = spec_for(name).unwrap_err().to_string();
+            assert!(e.contains("PCI DSS 3.3.1"), "{name}: {e}");
+        }
+        assert!(
+            spec_for("shoe_size")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field")
+        );
+    }
+}

@@ -1,0 +1,107 @@
+//! Development mode's embedded defaults, like `vault server -dev`: a local folder, a fixed
+//! development passphrase at the minimum Argon2id cost, and a token per development identity.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use khlang_keys::SealParams;
+use zeroize::Zeroize;
+
+use crate::audit::AuditSink;
+use crate::policy::DEVELOPER_ROLE;
+use crate::{Vault, VaultError, VaultOptions};
+
+/// Publicly known, so a development vault protects nothing: never use one for real data.
+pub const DEV_PASSPHRASE: &str = "khlang-development-passphrase-not-for-real-data";
+pub const DEFAULT_DIR: &str = "./khlang-dev";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+pub const CREDENTIALS_FILE: &str = "dev-credentials.json";
+/// `(identity name, role)` of every development identity.
+pub const DEV_IDENTITIES: &[(&str, &str)] = &[("developer", DEVELOPER_ROLE)];
+
+/// Identity name → token. Wiped on drop; `Debug` shows names only.
+#[derive(Default)]
+pub struct DevCredentials(pub BTreeMap<String, String>);
+
+impl Drop for DevCredentials {
+    fn drop(&mut self) {
+        for token in self.0.values_mut() {
+            token.zeroize();
+        }
+    }
+}
+
+impl fmt::Debug for DevCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+/// Opens (creating if needed) a development vault in `dir`, with valid credentials for every
+/// development identity written to `dir/dev-credentials.json` (mode 0600).
+pub async fn open_dev_vault(
+    dir: &Path,
+    options: &VaultOptions,
+    audit: Arc<dyn AuditSink>,
+) -> Result<(Vault, DevCredentials), VaultError> {
+    let vault = Vault::open_or_init(
+        dir,
+        DEV_PASSPHRASE.as_bytes(),
+        SealParams::MINIMUM,
+        options,
+        audit,
+    )?;
+    let path = dir.join(CREDENTIALS_FILE);
+    if let Some(existing) = read_credentials(&path) {
+        let all_valid = DEV_IDENTITIES.iter().all(|(name, _)| {
+            existing
+                .0
+                .get(*name)
+                .is_some_and(|t| vault.token_is_valid(t))
+        });
+        if all_valid {
+            return Ok((vault, existing));
+        }
+    }
+    let mut creds = DevCredentials::default();
+    for (name, role) in DEV_IDENTITIES {
+        let token = vault.issue_token(name, role).await?;
+        creds
+            .0
+            .insert((*name).to_owned(), token.expose_secret().to_owned());
+    }
+    write_credentials(&path, &creds).map_err(|e| {
+        VaultError::FailedPrecondition(format!("cannot write {}: {e}", path.display()))
+    })?;
+    Ok((vault, creds))
+}
+
+fn read_credentials(path: &Path) -> Option<DevCredentials> {
+    let mut text = std::fs::read_to_string(path).ok()?;
+    let parsed = serde_json::from_str::<BTreeMap<String, String>>(&text).ok();
+    text.zeroize();
+    parsed.map(DevCredentials)
+}
+
+fn write_credentials(path: &Path, creds: &DevCredentials) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("json.tmp");
+    let mut json = serde_json::to_string_pretty(&creds.0).map_err(std::io::Error::other)?;
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(json.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    json.zeroize();
+    result
+}

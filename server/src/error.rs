@@ -1,0 +1,63 @@
+//! The domain's errors. One place (`grpc::status`) maps them to `tonic::Status`.
+//! Messages name fields, limits and ids — never a field value, a token or key material.
+
+use khlang_keys::KeyError;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VaultError {
+    /// The request is malformed or a value fails its field's validator.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A configured limit (fields per record, bytes per field, ...) was exceeded.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// No valid credentials were presented.
+    #[error("missing, malformed or unknown bearer token")]
+    Unauthenticated,
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// Stored ciphertext failed to authenticate: moved, altered, or its key is gone.
+    #[error("record {record_id}: {what} failed its integrity check")]
+    Integrity { record_id: String, what: String },
+    /// The vault is sealed or otherwise not ready for this call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The audit trail could not record the request, so it is refused.
+    #[error("the request could not be audited")]
+    AuditUnavailable,
+    #[error("storage error: {0}")]
+    Storage(#[from] StoreError),
+    #[error("key error: {0}")]
+    Key(#[from] KeyError),
+}
+
+/// Errors of the storage layer (sled and the on-disk encodings).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt stored {0}")]
+    Corrupt(&'static str),
+    #[error("durable flush failed: {0}")]
+    Flush(String),
+    #[error("the vault at this path is not initialised")]
+    NotInitialised,
+    #[error("the vault at this path is already initialised")]
+    AlreadyInitialised,
+    #[error("this data folder was created in {found} mode; this server runs in {expected} mode")]
+    ModeMismatch { found: String, expected: String },
+}
+
+impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
+    fn from(e: sled::transaction::TransactionError<StoreError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(inner) => inner,
+            sled::transaction::TransactionError::Storage(s) => StoreError::Sled(s),
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Khlang vault server: the domain (records, field catalogue, policy, audit, storage, auth) and the
+//! thin gRPC layer over it. Only `grpc` sees protobuf types.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+mod auth;
+pub mod catalogue;
+pub mod dev;
+mod error;
+pub mod grpc;
+pub mod policy;
+pub mod store;
+mod vault;
+
+pub use auth::IssuedToken;
+pub use error::{StoreError, VaultError};
+pub use vault::{
+    Caller, CipherMode, FieldValue, Identity, Limits, RecordSummary, RecordView, Vault,
+    VaultOptions,
+};

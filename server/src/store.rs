@@ -1,0 +1,421 @@
+//! Storage on sled 0.34: one tree per kind of object, multi-tree changes in one transaction, and
+//! durable acknowledgements through a group-commit flusher.
+//!
+//! Trees: `meta` (sealed root key, mode), `keks` (version → wrapped KEK), `records` (id → record of
+//! field envelopes), `data_keys` (id → wrapped data key), `subjects` (blind index ‖ id → ()),
+//! `identities` (token id → identity with its token's keyed hash).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::ConflictableTransactionError;
+use tokio::sync::oneshot;
+
+use crate::StoreError;
+
+const META_SEALED_ROOT: &[u8] = b"sealed_root";
+const META_MODE: &[u8] = b"mode";
+/// Current encoding of [`StoredRecord`] and [`StoredIdentity`].
+const RECORD_FORMAT: u8 = 1;
+
+/// How a write becomes durable before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Concurrent writers share one `fsync` (the default).
+    #[default]
+    Group,
+    /// One flush per write; kept as the benchmark's baseline.
+    PerRequest,
+}
+
+/// A record as stored: only envelopes (ciphertext) and field names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub format: u8,
+    /// HMAC of the subject id (blind index), so a subject's records can be found without its id.
+    pub subject_index: [u8; 32],
+    /// The subject id, sealed under the record's data key like a field.
+    pub subject: Vec<u8>,
+    /// Sorted by name.
+    pub fields: Vec<StoredField>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredField {
+    pub name: String,
+    pub envelope: Vec<u8>,
+}
+
+impl StoredRecord {
+    pub fn new(
+        subject_index: [u8; 32],
+        subject: Vec<u8>,
+        fields: Vec<StoredField>,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            format: RECORD_FORMAT,
+            subject_index,
+            subject,
+            fields,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+        }
+    }
+
+    pub fn field_names(&self) -> Vec<String> {
+        self.fields.iter().map(|f| f.name.clone()).collect()
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(self).map_err(|_| StoreError::Corrupt("record (encode)"))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let r: Self = postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt("record"))?;
+        if r.format != RECORD_FORMAT {
+            return Err(StoreError::Corrupt("record (unknown format)"));
+        }
+        Ok(r)
+    }
+}
+
+/// An API identity: who holds a token, never the token itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredIdentity {
+    pub format: u8,
+    pub name: String,
+    pub role: String,
+    /// HMAC-SHA256 of the token's secret part under the token pepper.
+    pub token_mac: [u8; 32],
+    pub created_ms: u64,
+}
+
+impl StoredIdentity {
+    pub fn new(name: String, role: String, token_mac: [u8; 32], created_ms: u64) -> Self {
+        Self {
+            format: RECORD_FORMAT,
+            name,
+            role,
+            token_mac,
+            created_ms,
+        }
+    }
+}
+
+/// Counts for the benchmark report: how many writes each flush carried.
+#[derive(Debug, Default)]
+pub struct FlushStats {
+    pub flushes: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+type FlushWaiter = oneshot::Sender<Result<(), String>>;
+
+/// Writers insert, then wait here; one thread flushes once for everyone who arrived meanwhile.
+/// (sled's own `flush_async` deadlocks under concurrency in 0.34.7.)
+struct GroupCommit {
+    tx: Option<mpsc::Sender<FlushWaiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for GroupCommit {
+    /// Stops the flusher and waits for it, so the database lock is free once the store is dropped.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl GroupCommit {
+    fn start(db: sled::Db, stats: Arc<FlushStats>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<FlushWaiter>();
+        let thread = std::thread::Builder::new()
+            .name("khlang-flusher".into())
+            .spawn(move || {
+                // Ends when the store (the only sender) is dropped.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    stats.flushes.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .writes
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    for waiter in batch {
+                        let _ = waiter.send(result.clone());
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    keks: sled::Tree,
+    records: sled::Tree,
+    data_keys: sled::Tree,
+    subjects: sled::Tree,
+    identities: sled::Tree,
+    durability: Durability,
+    group: GroupCommit,
+    stats: Arc<FlushStats>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+impl Store {
+    pub fn open(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let stats = Arc::new(FlushStats::default());
+        let group = GroupCommit::start(db.clone(), stats.clone())
+            .map_err(|e| StoreError::Flush(e.to_string()))?;
+        Ok(Self {
+            meta: db.open_tree("meta")?,
+            keks: db.open_tree("keks")?,
+            records: db.open_tree("records")?,
+            data_keys: db.open_tree("data_keys")?,
+            subjects: db.open_tree("subjects")?,
+            identities: db.open_tree("identities")?,
+            db,
+            durability,
+            group,
+            stats,
+        })
+    }
+
+    pub fn flush_stats(&self) -> &FlushStats {
+        &self.stats
+    }
+
+    /// Returns once everything written before the call is on disk.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        match self.durability {
+            Durability::Group => {
+                let (tx, rx) = oneshot::channel();
+                let sender = self
+                    .group
+                    .tx
+                    .as_ref()
+                    .ok_or_else(|| StoreError::Flush("flusher stopped".into()))?;
+                sender
+                    .send(tx)
+                    .map_err(|_| StoreError::Flush("flusher stopped".into()))?;
+                rx.await
+                    .map_err(|_| StoreError::Flush("flusher stopped".into()))?
+                    .map_err(StoreError::Flush)
+            }
+            Durability::PerRequest => {
+                let db = self.db.clone();
+                self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                tokio::task::spawn_blocking(move || db.flush())
+                    .await
+                    .map_err(|e| StoreError::Flush(e.to_string()))??;
+                Ok(())
+            }
+        }
+    }
+
+    /// Flushes synchronously (init, shutdown).
+    pub fn flush_now(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn sealed_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(META_SEALED_ROOT)?.map(|v| v.to_vec()))
+    }
+
+    pub fn mode(&self) -> Result<Option<String>, StoreError> {
+        self.meta
+            .get(META_MODE)?
+            .map(|v| String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt("mode")))
+            .transpose()
+    }
+
+    /// Writes the sealed root key and the first KEK in one transaction; refuses an initialised vault.
+    pub fn initialise(
+        &self,
+        sealed_root: &[u8],
+        mode: &str,
+        kek_version: u32,
+        wrapped_kek: &[u8],
+    ) -> Result<(), StoreError> {
+        (&self.meta, &self.keks).transaction(|(meta, keks)| {
+            if meta.get(META_SEALED_ROOT)?.is_some() {
+                return Err(abort(StoreError::AlreadyInitialised));
+            }
+            meta.insert(META_SEALED_ROOT, sealed_root)?;
+            meta.insert(META_MODE, mode.as_bytes())?;
+            keks.insert(&kek_version.to_be_bytes(), wrapped_kek)?;
+            Ok(())
+        })?;
+        self.flush_now()
+    }
+
+    /// Every stored KEK, `(version, wrapped bytes)`.
+    pub fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        self.keks
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let version: [u8; 4] = k
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("kek version"))?;
+                Ok((u32::from_be_bytes(version), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn subject_key(subject_index: &[u8; 32], record_id: &str) -> Vec<u8> {
+        [subject_index.as_slice(), record_id.as_bytes()].concat()
+    }
+
+    /// Inserts a new record, its wrapped data key and its subject index entry atomically.
+    pub fn insert_record(
+        &self,
+        record_id: &str,
+        record: &StoredRecord,
+        wrapped_dek: &[u8],
+    ) -> Result<(), StoreError> {
+        let encoded = record.encode()?;
+        let subject_key = Self::subject_key(&record.subject_index, record_id);
+        (&self.records, &self.data_keys, &self.subjects).transaction(
+            |(records, dks, subjects)| {
+                records.insert(record_id.as_bytes(), encoded.as_slice())?;
+                dks.insert(record_id.as_bytes(), wrapped_dek)?;
+                subjects.insert(subject_key.as_slice(), &[] as &[u8])?;
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// The record and its wrapped data key, read in one transaction so they match.
+    pub fn get_record(
+        &self,
+        record_id: &str,
+    ) -> Result<Option<(StoredRecord, Vec<u8>)>, StoreError> {
+        let pair = (&self.records, &self.data_keys).transaction(|(records, dks)| {
+            Ok(
+                match (
+                    records.get(record_id.as_bytes())?,
+                    dks.get(record_id.as_bytes())?,
+                ) {
+                    (Some(r), Some(k)) => Some((r, k)),
+                    _ => None,
+                },
+            )
+        })?;
+        pair.map(|(r, k)| Ok((StoredRecord::decode(&r)?, k.to_vec())))
+            .transpose()
+    }
+
+    /// Read-modify-write of one record under a transaction, so concurrent updates do not lose writes.
+    /// `change` may run more than once on conflict. `None`: no such record; `Some(Err(r))`: `change`
+    /// refused, and nothing was written.
+    pub fn update_record<T, R>(
+        &self,
+        record_id: &str,
+        change: impl Fn(StoredRecord) -> Result<(StoredRecord, T), R>,
+    ) -> Result<Option<Result<T, R>>, StoreError> {
+        let out = self.records.transaction(|records| {
+            let Some(bytes) = records.get(record_id.as_bytes())? else {
+                return Ok(None);
+            };
+            let current = StoredRecord::decode(&bytes).map_err(abort)?;
+            match change(current) {
+                Ok((next, out)) => {
+                    records.insert(record_id.as_bytes(), next.encode().map_err(abort)?)?;
+                    Ok(Some(Ok(out)))
+                }
+                Err(refused) => Ok(Some(Err(refused))),
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Removes the record, its data key (crypto-shredding) and its index entry. `false`: not found.
+    pub fn delete_record(&self, record_id: &str) -> Result<bool, StoreError> {
+        let found = (&self.records, &self.data_keys, &self.subjects).transaction(
+            |(records, dks, subjects)| {
+                let Some(bytes) = records.remove(record_id.as_bytes())? else {
+                    return Ok(false);
+                };
+                let record = StoredRecord::decode(&bytes).map_err(abort)?;
+                dks.remove(record_id.as_bytes())?;
+                subjects.remove(Self::subject_key(&record.subject_index, record_id))?;
+                Ok(true)
+            },
+        )?;
+        Ok(found)
+    }
+
+    /// A subject's records, by blind index.
+    pub fn records_of_subject(
+        &self,
+        subject_index: &[u8; 32],
+    ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.subjects.scan_prefix(subject_index) {
+            let (k, _) = kv?;
+            let id =
+                std::str::from_utf8(&k[32..]).map_err(|_| StoreError::Corrupt("subject index"))?;
+            if let Some(bytes) = self.records.get(id.as_bytes())? {
+                out.push((id.to_owned(), StoredRecord::decode(&bytes)?));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_identity(
+        &self,
+        token_id: &str,
+        identity: &StoredIdentity,
+    ) -> Result<(), StoreError> {
+        let bytes =
+            postcard::to_stdvec(identity).map_err(|_| StoreError::Corrupt("identity (encode)"))?;
+        self.identities.insert(token_id.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    pub fn get_identity(&self, token_id: &str) -> Result<Option<StoredIdentity>, StoreError> {
+        self.identities
+            .get(token_id.as_bytes())?
+            .map(|b| postcard::from_bytes(&b).map_err(|_| StoreError::Corrupt("identity")))
+            .transpose()
+    }
+
+    /// Raw access for tests that tamper with stored ciphertext (server stopped, database opened directly).
+    pub fn raw_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+}
