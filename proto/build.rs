@@ -14,15 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // `file_descriptor_set_path` has no effect on the `compile_fds` path: write it for reflection.
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(
-        out.join("khlang_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    fs::write(out.join("khlang_descriptor.bin"), compiler.encode_file_descriptor_set())?;
     let fds = compiler.file_descriptor_set();
 
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

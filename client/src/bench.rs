@@ -59,10 +59,21 @@ impl Report {
     }
 }
 
-async fn one(client: &mut Client, op: BenchOp, ids: &[String], n: usize, worker: usize) -> Result<(), ClientError> {
+async fn one(
+    client: &mut Client,
+    op: BenchOp,
+    ids: &[String],
+    n: usize,
+    worker: usize,
+) -> Result<(), ClientError> {
     match op {
-        BenchOp::Put => client.put(&format!("bench-subject-{worker}-{n}"), SAMPLE_FIELDS.iter().copied()).await.map(|_| ()),
-        BenchOp::Get => client.get(&ids[(n * 7919 + worker * 104_729) % ids.len()], &[], Some("bench")).await.map(|_| ()),
+        BenchOp::Put => client
+            .put(&format!("bench-subject-{worker}-{n}"), SAMPLE_FIELDS.iter().copied())
+            .await
+            .map(|_| ()),
+        BenchOp::Get => {
+            client.get(&ids[(n * 7919 + worker * 104_729) % ids.len()], &[], Some("bench")).await.map(|_| ())
+        }
     }
 }
 

@@ -107,14 +107,17 @@ impl fmt::Debug for Client {
     }
 }
 
-fn to_pb_fields<K: Into<String>, V: Into<String>>(fields: impl IntoIterator<Item = (K, V)>) -> Vec<pb::Field> {
+fn to_pb_fields<K: Into<String>, V: Into<String>>(
+    fields: impl IntoIterator<Item = (K, V)>,
+) -> Vec<pb::Field> {
     fields.into_iter().map(|(k, v)| pb::Field { name: k.into(), value: v.into() }).collect()
 }
 
 impl Client {
     /// Connects to `addr` (e.g. `http://127.0.0.1:7420`) with a bearer token.
     pub async fn connect(addr: &str, token: &str) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|_| ClientError::InvalidAddress(addr.to_owned()))?;
+        let endpoint = Endpoint::from_shared(addr.to_owned())
+            .map_err(|_| ClientError::InvalidAddress(addr.to_owned()))?;
         let channel = endpoint
             .connect()
             .await
@@ -127,7 +130,10 @@ impl Client {
         let header = Zeroizing::new(format!("Bearer {token}"));
         let mut value: MetadataValue<Ascii> = header.parse().map_err(|_| ClientError::InvalidToken)?;
         value.set_sensitive(true);
-        Ok(Self { records: RecordsClient::with_interceptor(channel, BearerAuth(value)).max_decoding_message_size(64 << 20) })
+        Ok(Self {
+            records: RecordsClient::with_interceptor(channel, BearerAuth(value))
+                .max_decoding_message_size(64 << 20),
+        })
     }
 
     /// Stores a new record for `subject`; returns its id.
@@ -141,7 +147,12 @@ impl Client {
     }
 
     /// Reads a record: every field, or only those named. `purpose` says why (required by the regulations).
-    pub async fn get(&mut self, record_id: &str, fields: &[String], purpose: Option<&str>) -> Result<Record, ClientError> {
+    pub async fn get(
+        &mut self,
+        record_id: &str,
+        fields: &[String],
+        purpose: Option<&str>,
+    ) -> Result<Record, ClientError> {
         let req = pb::GetRecordRequest {
             record_id: record_id.to_owned(),
             fields: fields.to_vec(),
@@ -162,7 +173,11 @@ impl Client {
         set: impl IntoIterator<Item = (K, V)>,
         remove: &[String],
     ) -> Result<Vec<String>, ClientError> {
-        let req = pb::UpdateRecordRequest { record_id: record_id.to_owned(), set: to_pb_fields(set), remove: remove.to_vec() };
+        let req = pb::UpdateRecordRequest {
+            record_id: record_id.to_owned(),
+            set: to_pb_fields(set),
+            remove: remove.to_vec(),
+        };
         Ok(self.records.update_record(req).await?.into_inner().field_names)
     }
 
@@ -174,7 +189,8 @@ impl Client {
 
     /// A subject's record ids and field names.
     pub async fn list(&mut self, subject: &str) -> Result<Vec<RecordSummary>, ClientError> {
-        let resp = self.records.list_records(pb::ListRecordsRequest { subject_id: subject.to_owned() }).await?;
+        let resp =
+            self.records.list_records(pb::ListRecordsRequest { subject_id: subject.to_owned() }).await?;
         Ok(resp
             .into_inner()
             .records

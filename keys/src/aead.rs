@@ -49,12 +49,7 @@ pub(crate) fn open(
     let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| KeyError::Malformed(what))?;
     let mut buf = Zeroizing::new(ct.to_vec());
     cipher(key)?
-        .decrypt_inout_detached(
-            &Nonce::from(nonce),
-            aad,
-            buf.as_mut_slice().into(),
-            &tag.into(),
-        )
+        .decrypt_inout_detached(&Nonce::from(nonce), aad, buf.as_mut_slice().into(), &tag.into())
         .map_err(|_| KeyError::Integrity(what))?;
     Ok(buf)
 }

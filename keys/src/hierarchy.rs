@@ -15,10 +15,8 @@ const WRAP_V1: u8 = 1;
 pub const FIELD_ENVELOPE_V1: u8 = 1;
 
 fn be_u32(bytes: &[u8], at: usize, what: &'static str) -> Result<u32, KeyError> {
-    let b: [u8; 4] = bytes
-        .get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .ok_or(KeyError::Malformed(what))?;
+    let b: [u8; 4] =
+        bytes.get(at..at + 4).and_then(|s| s.try_into().ok()).ok_or(KeyError::Malformed(what))?;
     Ok(u32::from_be_bytes(b))
 }
 
@@ -57,13 +55,7 @@ impl RootKey {
         let mut out = vec![WRAP_V1];
         out.extend_from_slice(&kek.version.to_be_bytes());
         let nonce = aead::random_nonce(rng)?;
-        aead::seal_into(
-            &self.0,
-            &nonce,
-            &Self::kek_aad(kek.version),
-            kek.key.expose_secret(),
-            &mut out,
-        )?;
+        aead::seal_into(&self.0, &nonce, &Self::kek_aad(kek.version), kek.key.expose_secret(), &mut out)?;
         Ok(out)
     }
 
@@ -72,32 +64,22 @@ impl RootKey {
         match wrapped.first() {
             Some(&WRAP_V1) => {}
             Some(&v) => {
-                return Err(KeyError::UnsupportedFormat {
-                    what: WHAT,
-                    version: v,
-                });
+                return Err(KeyError::UnsupportedFormat { what: WHAT, version: v });
             }
             None => return Err(KeyError::Malformed(WHAT)),
         }
         let version = be_u32(wrapped, 1, WHAT)?;
         let key = aead::open(&self.0, &Self::kek_aad(version), &wrapped[5..], WHAT)?;
-        Ok(Kek {
-            version,
-            key: Key256::from_slice(&key)?,
-        })
+        Ok(Kek { version, key: Key256::from_slice(&key)? })
     }
 
     /// A key for another purpose, derived with HKDF-SHA256 under a named label from [`labels`].
     pub fn derive(&self, label: &'static [u8]) -> Result<DerivedKey, KeyError> {
-        let prk =
-            hkdf::Salt::new(hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(self.0.expose_secret());
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(self.0.expose_secret());
         let info = [label];
-        let okm = prk
-            .expand(&info, hkdf::HKDF_SHA256)
-            .map_err(|_| KeyError::Derivation)?;
+        let okm = prk.expand(&info, hkdf::HKDF_SHA256).map_err(|_| KeyError::Derivation)?;
         let mut out = Zeroizing::new([0u8; 32]);
-        okm.fill(out.as_mut_slice())
-            .map_err(|_| KeyError::Derivation)?;
+        okm.fill(out.as_mut_slice()).map_err(|_| KeyError::Derivation)?;
         Ok(DerivedKey(Key256::from_slice(out.as_slice())?))
     }
 }
@@ -140,10 +122,7 @@ pub struct Kek {
 
 impl Kek {
     pub fn generate(version: u32, rng: &dyn RandomSource) -> Result<Self, KeyError> {
-        Ok(Self {
-            version,
-            key: Key256::generate(rng)?,
-        })
+        Ok(Self { version, key: Key256::generate(rng)? })
     }
 
     pub fn version(&self) -> u32 {
@@ -183,11 +162,7 @@ impl Kek {
         self.wrap_with_nonce(dek, record_id, &aead::random_nonce(rng)?)
     }
 
-    pub fn unwrap_data_key(
-        &self,
-        wrapped: &WrappedDataKey,
-        record_id: &[u8],
-    ) -> Result<DataKey, KeyError> {
+    pub fn unwrap_data_key(&self, wrapped: &WrappedDataKey, record_id: &[u8]) -> Result<DataKey, KeyError> {
         const WHAT: &str = "wrapped data key";
         let (kek_version, generation) = wrapped.header()?;
         if kek_version != self.version {
@@ -195,18 +170,13 @@ impl Kek {
         }
         let aad = Self::dek_aad(kek_version, generation, record_id);
         let key = aead::open(&self.key, &aad, &wrapped.0[9..], WHAT)?;
-        Ok(DataKey {
-            generation,
-            key: Key256::from_slice(&key)?,
-        })
+        Ok(DataKey { generation, key: Key256::from_slice(&key)? })
     }
 }
 
 impl fmt::Debug for Kek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Kek")
-            .field("version", &self.version)
-            .finish_non_exhaustive()
+        f.debug_struct("Kek").field("version", &self.version).finish_non_exhaustive()
     }
 }
 
@@ -230,10 +200,7 @@ impl WrappedDataKey {
         match self.0.first() {
             Some(&WRAP_V1) => {}
             Some(&v) => {
-                return Err(KeyError::UnsupportedFormat {
-                    what: WHAT,
-                    version: v,
-                });
+                return Err(KeyError::UnsupportedFormat { what: WHAT, version: v });
             }
             None => return Err(KeyError::Malformed(WHAT)),
         }
@@ -250,9 +217,7 @@ impl WrappedDataKey {
 
 impl fmt::Debug for WrappedDataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WrappedDataKey")
-            .field("len", &self.0.len())
-            .finish()
+        f.debug_struct("WrappedDataKey").field("len", &self.0.len()).finish()
     }
 }
 
@@ -264,10 +229,7 @@ pub struct DataKey {
 
 impl DataKey {
     pub fn generate(generation: u32, rng: &dyn RandomSource) -> Result<Self, KeyError> {
-        Ok(Self {
-            generation,
-            key: Key256::generate(rng)?,
-        })
+        Ok(Self { generation, key: Key256::generate(rng)? })
     }
 
     pub fn from_parts(generation: u32, key: Key256) -> Self {
@@ -281,9 +243,7 @@ impl DataKey {
 
 impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DataKey")
-            .field("generation", &self.generation)
-            .finish_non_exhaustive()
+        f.debug_struct("DataKey").field("generation", &self.generation).finish_non_exhaustive()
     }
 }
 
@@ -295,8 +255,7 @@ pub struct FieldContext<'a> {
 }
 
 fn field_aad(ctx: FieldContext<'_>, generation: u32) -> Vec<u8> {
-    let mut aad =
-        Vec::with_capacity(labels::FIELD_AAD.len() + 13 + ctx.record_id.len() + ctx.field.len());
+    let mut aad = Vec::with_capacity(labels::FIELD_AAD.len() + 13 + ctx.record_id.len() + ctx.field.len());
     aad.extend_from_slice(labels::FIELD_AAD);
     aad.push(FIELD_ENVELOPE_V1);
     aad.extend_from_slice(&generation.to_be_bytes());
@@ -314,13 +273,7 @@ pub(crate) fn seal_field_with_nonce(
     let mut out = Vec::with_capacity(5 + aead::NONCE_LEN + value.len() + aead::TAG_LEN);
     out.push(FIELD_ENVELOPE_V1);
     out.extend_from_slice(&dek.generation.to_be_bytes());
-    aead::seal_into(
-        &dek.key,
-        nonce,
-        &field_aad(ctx, dek.generation),
-        value,
-        &mut out,
-    )?;
+    aead::seal_into(&dek.key, nonce, &field_aad(ctx, dek.generation), value, &mut out)?;
     Ok(out)
 }
 
@@ -335,19 +288,12 @@ pub fn seal_field(
 }
 
 /// Opens one field envelope. Fails closed (no partial plaintext) if anything was moved or altered.
-pub fn open_field(
-    dek: &DataKey,
-    ctx: FieldContext<'_>,
-    envelope: &[u8],
-) -> Result<Plaintext, KeyError> {
+pub fn open_field(dek: &DataKey, ctx: FieldContext<'_>, envelope: &[u8]) -> Result<Plaintext, KeyError> {
     const WHAT: &str = "field envelope";
     match envelope.first() {
         Some(&FIELD_ENVELOPE_V1) => {}
         Some(&v) => {
-            return Err(KeyError::UnsupportedFormat {
-                what: WHAT,
-                version: v,
-            });
+            return Err(KeyError::UnsupportedFormat { what: WHAT, version: v });
         }
         None => return Err(KeyError::Malformed(WHAT)),
     }
@@ -396,23 +342,13 @@ impl KeyRing {
         rng: &dyn RandomSource,
     ) -> Result<WrappedDataKey, KeyError> {
         let active = self.active.ok_or(KeyError::UnknownKekVersion(0))?;
-        self.keks
-            .get(&active)
-            .ok_or(KeyError::UnknownKekVersion(active))?
-            .wrap_data_key(dek, record_id, rng)
+        self.keks.get(&active).ok_or(KeyError::UnknownKekVersion(active))?.wrap_data_key(dek, record_id, rng)
     }
 
     /// Unwraps with whichever version wrapped it, so older versions stay decrypt-only.
-    pub fn unwrap_data_key(
-        &self,
-        wrapped: &WrappedDataKey,
-        record_id: &[u8],
-    ) -> Result<DataKey, KeyError> {
+    pub fn unwrap_data_key(&self, wrapped: &WrappedDataKey, record_id: &[u8]) -> Result<DataKey, KeyError> {
         let v = wrapped.kek_version()?;
-        self.keks
-            .get(&v)
-            .ok_or(KeyError::UnknownKekVersion(v))?
-            .unwrap_data_key(wrapped, record_id)
+        self.keks.get(&v).ok_or(KeyError::UnknownKekVersion(v))?.unwrap_data_key(wrapped, record_id)
     }
 }
 
@@ -431,10 +367,7 @@ pub(crate) mod test_support {
     }
 
     pub fn kek_from(version: u32, bytes: &[u8]) -> Kek {
-        Kek {
-            version,
-            key: Key256::from_slice(bytes).unwrap(),
-        }
+        Kek { version, key: Key256::from_slice(bytes).unwrap() }
     }
 
     pub fn field_aad_for(ctx: FieldContext<'_>, generation: u32) -> Vec<u8> {

@@ -24,8 +24,8 @@ mod tests;
 
 pub use error::KeyError;
 pub use hierarchy::{
-    DataKey, DerivedKey, FIELD_ENVELOPE_V1, FieldContext, Kek, KeyRing, RootKey, WrappedDataKey,
-    open_field, seal_field,
+    DataKey, DerivedKey, FIELD_ENVELOPE_V1, FieldContext, Kek, KeyRing, RootKey, WrappedDataKey, open_field,
+    seal_field,
 };
 pub use random::{OsRandom, RandomSource};
 pub use seal::{SealParams, seal_root_key, unseal_root_key};

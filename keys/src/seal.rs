@@ -31,17 +31,9 @@ pub struct SealParams {
 
 impl SealParams {
     /// The floor (OWASP's Argon2id minimum): anything weaker is refused when sealing and unsealing.
-    pub const MINIMUM: Self = Self {
-        m_cost: 19 * 1024,
-        t_cost: 2,
-        p_cost: 1,
-    };
+    pub const MINIMUM: Self = Self { m_cost: 19 * 1024, t_cost: 2, p_cost: 1 };
     /// What `init` uses unless told otherwise: 64 MiB, 3 passes.
-    pub const DEFAULT: Self = Self {
-        m_cost: 64 * 1024,
-        t_cost: 3,
-        p_cost: 1,
-    };
+    pub const DEFAULT: Self = Self { m_cost: 64 * 1024, t_cost: 3, p_cost: 1 };
 
     fn check(&self) -> Result<(), KeyError> {
         let min = Self::MINIMUM;
@@ -60,13 +52,8 @@ impl SealParams {
 
 fn derive(passphrase: &[u8], salt: &[u8], params: SealParams) -> Result<Key256, KeyError> {
     params.check()?;
-    let p = Params::new(
-        params.m_cost,
-        params.t_cost,
-        params.p_cost,
-        Some(Key256::LEN),
-    )
-    .map_err(|_| KeyError::Derivation)?;
+    let p = Params::new(params.m_cost, params.t_cost, params.p_cost, Some(Key256::LEN))
+        .map_err(|_| KeyError::Derivation)?;
     let mut out = Zeroizing::new([0u8; 32]);
     Argon2::new(Algorithm::Argon2id, Version::V0x13, p)
         .hash_password_into(passphrase, salt, out.as_mut_slice())
@@ -124,26 +111,17 @@ pub fn unseal_root_key(sealed: &[u8], passphrase: &[u8]) -> Result<RootKey, KeyE
     }
     let version = sealed[MAGIC.len()];
     if version != FORMAT_V1 {
-        return Err(KeyError::UnsupportedFormat {
-            what: WHAT,
-            version,
-        });
+        return Err(KeyError::UnsupportedFormat { what: WHAT, version });
     }
     if sealed.len() != SEALED_LEN {
         return Err(KeyError::Malformed(WHAT));
     }
     let u32_at = |i: usize| -> Result<u32, KeyError> {
-        let b: [u8; 4] = sealed[i..i + 4]
-            .try_into()
-            .map_err(|_| KeyError::Malformed(WHAT))?;
+        let b: [u8; 4] = sealed[i..i + 4].try_into().map_err(|_| KeyError::Malformed(WHAT))?;
         Ok(u32::from_be_bytes(b))
     };
     let base = MAGIC.len() + 1;
-    let params = SealParams {
-        m_cost: u32_at(base)?,
-        t_cost: u32_at(base + 4)?,
-        p_cost: u32_at(base + 8)?,
-    };
+    let params = SealParams { m_cost: u32_at(base)?, t_cost: u32_at(base + 4)?, p_cost: u32_at(base + 8)? };
     let (header, body) = sealed.split_at(HEADER_LEN);
     let salt = &header[HEADER_LEN - SALT_LEN..];
     let kek = derive(passphrase, salt, params)?;

@@ -21,33 +21,24 @@ fn dek(generation: u32) -> DataKey {
     DataKey::from_parts(generation, Key256::from_slice(&[0x11; 32]).unwrap())
 }
 
-const CTX: FieldContext<'static> = FieldContext {
-    record_id: b"rec-0001",
-    field: "email",
-};
+const CTX: FieldContext<'static> = FieldContext { record_id: b"rec-0001", field: "email" };
 
 /// Fixed key + fixed nonce → these exact bytes. If this changes, stored data becomes unreadable.
 const FIELD_KAT: &str = "01000000012a2a2a2a2a2a2a2a2a2a2a2a";
 
 fn kat_envelope() -> Vec<u8> {
-    crate::hierarchy::seal_field_with_nonce(&dek(1), CTX, b"somchai@example.go.th", &[0x2a; 12])
-        .unwrap()
+    crate::hierarchy::seal_field_with_nonce(&dek(1), CTX, b"somchai@example.go.th", &[0x2a; 12]).unwrap()
 }
 
 #[test]
 fn field_envelope_known_answer() {
     let env = kat_envelope();
     let hex_env = hex::encode(&env);
-    assert_eq!(
-        &hex_env[..FIELD_KAT.len()],
-        FIELD_KAT,
-        "header: format, generation, nonce"
-    );
+    assert_eq!(&hex_env[..FIELD_KAT.len()], FIELD_KAT, "header: format, generation, nonce");
     assert_eq!(hex_env, FIELD_ENVELOPE_KAT_FULL);
 }
 
-const FIELD_ENVELOPE_KAT_FULL: &str =
-    include_str!("../testdata/field_envelope_v1.hex").trim_ascii();
+const FIELD_ENVELOPE_KAT_FULL: &str = include_str!("../testdata/field_envelope_v1.hex").trim_ascii();
 
 #[test]
 fn field_envelope_is_standard_aes_256_gcm() {
@@ -65,9 +56,7 @@ fn field_envelope_is_standard_aes_256_gcm() {
     aad.extend_from_slice(b"email");
     assert_eq!(aad, field_aad_for(CTX, 1));
     let mut buf = env[17..].to_vec();
-    let plain = key
-        .open_in_place(nonce, ring_aead::Aad::from(&aad), &mut buf)
-        .unwrap();
+    let plain = key.open_in_place(nonce, ring_aead::Aad::from(&aad), &mut buf).unwrap();
     assert_eq!(plain, b"somchai@example.go.th");
 }
 
@@ -90,10 +79,7 @@ fn tamper_every_bit_fails() {
         t[i / 8] ^= 1 << (i % 8);
         let err = open_field(&dek(1), CTX, &t).unwrap_err();
         assert!(
-            matches!(
-                err,
-                KeyError::Integrity(_) | KeyError::UnsupportedFormat { .. }
-            ),
+            matches!(err, KeyError::Integrity(_) | KeyError::UnsupportedFormat { .. }),
             "bit {i}: {err:?}"
         );
     }
@@ -102,27 +88,12 @@ fn tamper_every_bit_fails() {
 #[test]
 fn tamper_moved_to_other_record_or_field_fails() {
     let env = kat_envelope();
-    let other_record = FieldContext {
-        record_id: b"rec-0002",
-        field: "email",
-    };
-    let other_field = FieldContext {
-        record_id: b"rec-0001",
-        field: "name",
-    };
-    assert_eq!(
-        open_field(&dek(1), other_record, &env),
-        Err(KeyError::Integrity("field envelope"))
-    );
-    assert_eq!(
-        open_field(&dek(1), other_field, &env),
-        Err(KeyError::Integrity("field envelope"))
-    );
+    let other_record = FieldContext { record_id: b"rec-0002", field: "email" };
+    let other_field = FieldContext { record_id: b"rec-0001", field: "name" };
+    assert_eq!(open_field(&dek(1), other_record, &env), Err(KeyError::Integrity("field envelope")));
+    assert_eq!(open_field(&dek(1), other_field, &env), Err(KeyError::Integrity("field envelope")));
     // A re-encrypted record's newer data key does not accept an old-generation envelope.
-    assert_eq!(
-        open_field(&dek(2), CTX, &env),
-        Err(KeyError::Integrity("field envelope"))
-    );
+    assert_eq!(open_field(&dek(2), CTX, &env), Err(KeyError::Integrity("field envelope")));
     // Truncated and empty.
     assert!(open_field(&dek(1), CTX, &env[..10]).is_err());
     assert!(open_field(&dek(1), CTX, &[]).is_err());
@@ -133,23 +104,14 @@ fn data_key_wrap_known_answer_and_binding() {
     let kek = kek_from(3, &[0x22; 32]);
     let w = wrap_data_key_with_nonce(&kek, &dek(1), b"rec-0001", &[0x33; 12]).unwrap();
     assert_eq!(w.header().unwrap(), (3, 1));
-    assert_eq!(
-        hex::encode(w.as_bytes()),
-        include_str!("../testdata/data_key_wrap_v1.hex").trim_ascii()
-    );
+    assert_eq!(hex::encode(w.as_bytes()), include_str!("../testdata/data_key_wrap_v1.hex").trim_ascii());
     let back = kek.unwrap_data_key(&w, b"rec-0001").unwrap();
     assert_eq!(back.generation(), 1);
     // Bound to its record.
-    assert_eq!(
-        kek.unwrap_data_key(&w, b"rec-0002").unwrap_err(),
-        KeyError::Integrity("wrapped data key")
-    );
+    assert_eq!(kek.unwrap_data_key(&w, b"rec-0002").unwrap_err(), KeyError::Integrity("wrapped data key"));
     // Another KEK version is refused before any decryption.
     let other = kek_from(4, &[0x22; 32]);
-    assert_eq!(
-        other.unwrap_data_key(&w, b"rec-0001").unwrap_err(),
-        KeyError::UnknownKekVersion(3)
-    );
+    assert_eq!(other.unwrap_data_key(&w, b"rec-0001").unwrap_err(), KeyError::UnknownKekVersion(3));
     // A forged header claiming another generation fails.
     let mut forged = w.as_bytes().to_vec();
     forged[8] ^= 1;
@@ -180,72 +142,37 @@ fn kek_wrap_round_trip_and_version_binding() {
     let mut wrapped = root.wrap_kek(&kek, &rng).unwrap();
     assert_eq!(root.unwrap_kek(&wrapped).unwrap().version(), 7);
     wrapped[4] = 8; // claim version 8
-    assert_eq!(
-        root.unwrap_kek(&wrapped).unwrap_err(),
-        KeyError::Integrity("wrapped key-encryption key")
-    );
+    assert_eq!(root.unwrap_kek(&wrapped).unwrap_err(), KeyError::Integrity("wrapped key-encryption key"));
 }
 
 #[test]
 fn root_seal_known_answer_and_wrong_passphrase() {
     let root = RootKey::from_key(Key256::from_slice(&[0x44; 32]).unwrap());
-    let sealed = seal_with(
-        &root,
-        b"correct horse",
-        SealParams::MINIMUM,
-        &[0x55; 16],
-        &[0x66; 12],
-    )
-    .unwrap();
-    assert_eq!(
-        hex::encode(&sealed),
-        include_str!("../testdata/root_seal_v1.hex").trim_ascii()
-    );
+    let sealed = seal_with(&root, b"correct horse", SealParams::MINIMUM, &[0x55; 16], &[0x66; 12]).unwrap();
+    assert_eq!(hex::encode(&sealed), include_str!("../testdata/root_seal_v1.hex").trim_ascii());
     let back = unseal_root_key(&sealed, b"correct horse").unwrap();
     assert_eq!(back.key().expose_secret(), &[0x44; 32]);
-    assert_eq!(
-        unseal_root_key(&sealed, b"wrong horse").unwrap_err(),
-        KeyError::WrongPassphrase
-    );
+    assert_eq!(unseal_root_key(&sealed, b"wrong horse").unwrap_err(), KeyError::WrongPassphrase);
 }
 
 #[test]
 fn root_seal_refuses_weak_or_lowered_parameters() {
     let rng = Counter(0.into());
     let root = RootKey::generate(&rng).unwrap();
-    let weak = SealParams {
-        m_cost: 1024,
-        t_cost: 1,
-        p_cost: 1,
-    };
-    assert!(matches!(
-        seal_root_key(&root, b"pw", weak, &rng),
-        Err(KeyError::WeakParameters(_))
-    ));
+    let weak = SealParams { m_cost: 1024, t_cost: 1, p_cost: 1 };
+    assert!(matches!(seal_root_key(&root, b"pw", weak, &rng), Err(KeyError::WeakParameters(_))));
     let sealed = seal_root_key(&root, b"pw", SealParams::MINIMUM, &rng).unwrap();
     // Lower t_cost in the header: refused by the floor before any work.
     let mut lowered = sealed.clone();
     lowered[8 + 7] = 1;
-    assert!(matches!(
-        unseal_root_key(&lowered, b"pw"),
-        Err(KeyError::WeakParameters(_))
-    ));
+    assert!(matches!(unseal_root_key(&lowered, b"pw"), Err(KeyError::WeakParameters(_))));
     // Raise t_cost: the header is authenticated, so it reads as a wrong passphrase.
     let mut raised = sealed.clone();
     raised[8 + 7] = 3;
-    assert_eq!(
-        unseal_root_key(&raised, b"pw").unwrap_err(),
-        KeyError::WrongPassphrase
-    );
+    assert_eq!(unseal_root_key(&raised, b"pw").unwrap_err(), KeyError::WrongPassphrase);
     // Garbage and truncation are malformed, not panics.
-    assert!(matches!(
-        unseal_root_key(b"hello", b"pw"),
-        Err(KeyError::Malformed(_))
-    ));
-    assert!(matches!(
-        unseal_root_key(&sealed[..sealed.len() - 1], b"pw"),
-        Err(KeyError::Malformed(_))
-    ));
+    assert!(matches!(unseal_root_key(b"hello", b"pw"), Err(KeyError::Malformed(_))));
+    assert!(matches!(unseal_root_key(&sealed[..sealed.len() - 1], b"pw"), Err(KeyError::Malformed(_))));
 }
 
 #[test]
@@ -257,8 +184,5 @@ fn derived_keys_are_separated_by_label() {
     assert!(a.verify(b"x", &a.mac(b"x")));
     assert!(!a.verify(b"x", &b.mac(b"x")));
     // Pinned: HKDF-SHA256(salt, root=0x44*32, info=token-pepper) then HMAC("x").
-    assert_eq!(
-        hex::encode(a.mac(b"x")),
-        include_str!("../testdata/token_pepper_mac.hex").trim_ascii()
-    );
+    assert_eq!(hex::encode(a.mac(b"x")), include_str!("../testdata/token_pepper_mac.hex").trim_ascii());
 }

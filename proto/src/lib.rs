@@ -8,5 +8,4 @@ pub mod pb {
 }
 
 /// Encoded `FileDescriptorSet` of every Khlang .proto, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/khlang_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/khlang_descriptor.bin"));

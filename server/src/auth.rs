@@ -48,9 +48,7 @@ impl Vault {
     pub async fn issue_token(&self, name: &str, role: &str) -> Result<IssuedToken, VaultError> {
         if name.is_empty()
             || name.len() > 128
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
         {
             return Err(VaultError::InvalidArgument(
                 "identity names are 1–128 characters of letters, digits and - _ . @".into(),
@@ -63,16 +61,11 @@ impl Vault {
         self.rng.fill(secret.as_mut_slice())?;
         let token_id = hex::encode(id);
         let mac = keys.token_pepper.mac(secret.as_slice());
-        self.store.put_identity(
-            &token_id,
-            &StoredIdentity::new(name.to_owned(), role.to_owned(), mac, now_ms()),
-        )?;
+        self.store
+            .put_identity(&token_id, &StoredIdentity::new(name.to_owned(), role.to_owned(), mac, now_ms()))?;
         self.store.durable().await?;
         let secret_hex = Zeroizing::new(hex::encode(secret.as_slice()));
-        Ok(IssuedToken(Zeroizing::new(format!(
-            "{PREFIX}{token_id}_{}",
-            secret_hex.as_str()
-        ))))
+        Ok(IssuedToken(Zeroizing::new(format!("{PREFIX}{token_id}_{}", secret_hex.as_str()))))
     }
 
     /// Resolves a bearer token to its identity, or `Unauthenticated`.
@@ -89,10 +82,9 @@ impl Vault {
         // Always one MAC and one constant-time compare, so timing does not tell which part failed.
         let ok = keys.token_pepper.verify(secret, &expected);
         match stored {
-            Some(identity) if ok && parsed.is_some() => Ok(Identity {
-                name: identity.name,
-                role: identity.role,
-            }),
+            Some(identity) if ok && parsed.is_some() => {
+                Ok(Identity { name: identity.name, role: identity.role })
+            }
             _ => Err(VaultError::Unauthenticated),
         }
     }

@@ -44,11 +44,7 @@ pub struct FieldSpec {
 }
 
 const fn f(name: &'static str, kind: FieldKind, sensitivity: Sensitivity) -> FieldSpec {
-    FieldSpec {
-        name,
-        kind,
-        sensitivity,
-    }
+    FieldSpec { name, kind, sensitivity }
 }
 
 use FieldKind as K;
@@ -109,11 +105,8 @@ pub fn lookup(name: &str) -> Option<&'static FieldSpec> {
 }
 
 fn is_prohibited(name: &str) -> bool {
-    let folded: String = name
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
+    let folded: String =
+        name.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect();
     PROHIBITED.contains(&folded.as_str())
 }
 
@@ -136,11 +129,7 @@ pub fn spec_for(name: &str) -> Result<&'static FieldSpec, VaultError> {
 
 /// A caller's string made safe to echo in an error: bounded and without control characters.
 pub fn printable(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(64)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
+    let mut out: String = s.chars().take(64).map(|c| if c.is_control() { '?' } else { c }).collect();
     if s.chars().count() > 64 {
         out.push('…');
     }
@@ -160,9 +149,7 @@ pub fn validate(spec: &FieldSpec, value: &str) -> Result<String, VaultError> {
         return Err(invalid(n, "value is empty"));
     }
     let multiline = matches!(spec.kind, K::Address | K::FreeText);
-    if v.chars()
-        .any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t')))
-    {
+    if v.chars().any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t'))) {
         return Err(invalid(n, "value contains control characters"));
     }
     match spec.kind {
@@ -193,24 +180,21 @@ pub fn validate(spec: &FieldSpec, value: &str) -> Result<String, VaultError> {
             if is_email(v) {
                 Ok(v.to_owned())
             } else {
-                Err(invalid(
-                    n,
-                    "not a well-formed email address (local@domain.tld)",
-                ))
+                Err(invalid(n, "not a well-formed email address (local@domain.tld)"))
             }
         }
         K::Phone => {
             let rest = v.strip_prefix('+').unwrap_or(v);
-            let digits = digits_only(rest, &[' ', '-', '(', ')', '.'])
-                .ok_or_else(|| invalid(n, "a phone number has only digits, an optional leading +, spaces, dashes and brackets"))?;
+            let digits = digits_only(rest, &[' ', '-', '(', ')', '.']).ok_or_else(|| {
+                invalid(
+                    n,
+                    "a phone number has only digits, an optional leading +, spaces, dashes and brackets",
+                )
+            })?;
             if !(9..=15).contains(&digits.len()) {
                 return Err(invalid(n, "a phone number has 9 to 15 digits"));
             }
-            Ok(if v.starts_with('+') {
-                format!("+{digits}")
-            } else {
-                digits
-            })
+            Ok(if v.starts_with('+') { format!("+{digits}") } else { digits })
         }
         K::PostalCode => {
             if v.len() == 5 && v.bytes().all(|b| b.is_ascii_digit()) {
@@ -223,10 +207,7 @@ pub fn validate(spec: &FieldSpec, value: &str) -> Result<String, VaultError> {
             let lower = v.to_ascii_lowercase();
             match lower.as_str() {
                 "female" | "male" | "other" | "unspecified" => Ok(lower),
-                _ => Err(invalid(
-                    n,
-                    "expected one of female, male, other, unspecified",
-                )),
+                _ => Err(invalid(n, "expected one of female, male, other, unspecified")),
             }
         }
         K::Age => match v.parse::<u8>() {
@@ -248,16 +229,11 @@ pub fn validate(spec: &FieldSpec, value: &str) -> Result<String, VaultError> {
             if is_rfc3339(v) {
                 Ok(v.to_owned())
             } else {
-                Err(invalid(
-                    n,
-                    "expected an RFC 3339 time such as 2026-11-29T10:15:00+07:00",
-                ))
+                Err(invalid(n, "expected an RFC 3339 time such as 2026-11-29T10:15:00+07:00"))
             }
         }
         K::Url => {
-            let rest = v
-                .strip_prefix("https://")
-                .or_else(|| v.strip_prefix("http://"));
+            let rest = v.strip_prefix("https://").or_else(|| v.strip_prefix("http://"));
             match rest {
                 Some(r) if !r.is_empty() && !r.chars().any(char::is_whitespace) => Ok(v.to_owned()),
                 _ => Err(invalid(n, "expected an http(s) URL without spaces")),
@@ -300,11 +276,7 @@ pub fn thai_id_valid(digits: &str) -> bool {
     if d.len() != 13 {
         return false;
     }
-    let sum: u32 = d[..12]
-        .iter()
-        .enumerate()
-        .map(|(i, x)| x * (13 - i as u32))
-        .sum();
+    let sum: u32 = d[..12].iter().enumerate().map(|(i, x)| x * (13 - i as u32)).sum();
     (11 - sum % 11) % 10 == d[12]
 }
 
@@ -328,9 +300,7 @@ fn is_email(v: &str) -> bool {
         && local.len() <= 64
         && v.len() <= 254
         && !local.contains('@')
-        && local
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c))
+        && local.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c))
         && !local.starts_with('.')
         && !local.ends_with('.')
         && !local.contains("..")
@@ -341,11 +311,7 @@ fn is_email(v: &str) -> bool {
 fn is_rfc3339(v: &str) -> bool {
     let b = v.as_bytes();
     let num = |s: &[u8]| -> Option<u32> {
-        if s.iter().all(u8::is_ascii_digit) {
-            std::str::from_utf8(s).ok()?.parse().ok()
-        } else {
-            None
-        }
+        if s.iter().all(u8::is_ascii_digit) { std::str::from_utf8(s).ok()?.parse().ok() } else { None }
     };
     if b.len() < 20
         || b[4] != b'-'
@@ -356,14 +322,9 @@ fn is_rfc3339(v: &str) -> bool {
     {
         return false;
     }
-    let (Some(_y), Some(mo), Some(d), Some(h), Some(mi), Some(s)) = (
-        num(&b[0..4]),
-        num(&b[5..7]),
-        num(&b[8..10]),
-        num(&b[11..13]),
-        num(&b[14..16]),
-        num(&b[17..19]),
-    ) else {
+    let (Some(_y), Some(mo), Some(d), Some(h), Some(mi), Some(s)) =
+        (num(&b[0..4]), num(&b[5..7]), num(&b[8..10]), num(&b[11..13]), num(&b[14..16]), num(&b[17..19]))
+    else {
         return false;
     };
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
@@ -396,26 +357,18 @@ mod tests {
 
     #[test]
     fn card_numbers() {
-        assert_eq!(
-            check("card_number", "4111 1111 1111 1111").unwrap(),
-            "4111111111111111"
-        );
+        assert_eq!(check("card_number", "4111 1111 1111 1111").unwrap(), "4111111111111111");
         assert!(check("card_number", "4111111111111112").is_err());
         assert!(check("card_number", "411111111111").is_err(), "12 digits");
         assert!(check("card_number", "4111x11111111111").is_err());
-        let e = check("card_number", "4111111111111112")
-            .unwrap_err()
-            .to_string();
+        let e = check("card_number", "4111111111111112").unwrap_err().to_string();
         assert!(!e.contains("4111"), "error must not echo the value: {e}");
     }
 
     #[test]
     fn thai_ids() {
         assert!(thai_id_valid("1101700203450"));
-        assert_eq!(
-            check("national_id", "1-1017-00203-45-0").unwrap(),
-            "1101700203450"
-        );
+        assert_eq!(check("national_id", "1-1017-00203-45-0").unwrap(), "1101700203450");
         assert!(check("national_id", "1101700203451").is_err());
         assert!(check("national_id", "110170020345").is_err());
     }
@@ -423,14 +376,7 @@ mod tests {
     #[test]
     fn other_kinds() {
         assert!(check("email", "somchai@example.go.th").is_ok());
-        for bad in [
-            "no-at",
-            "a@b",
-            "a@@b.com",
-            "a b@c.com",
-            "@x.com",
-            ".a@x.com",
-        ] {
+        for bad in ["no-at", "a@b", "a@@b.com", "a b@c.com", "@x.com", ".a@x.com"] {
             assert!(check("email", bad).is_err(), "{bad}");
         }
         assert_eq!(check("phone", "+66 81 234 5678").unwrap(), "+66812345678");
@@ -450,22 +396,10 @@ mod tests {
 
     #[test]
     fn prohibited_and_unknown() {
-        for name in [
-            "cvv",
-            "CVV2",
-            "card_verification_code",
-            "pin",
-            "track-2",
-            "Track_Data",
-        ] {
+        for name in ["cvv", "CVV2", "card_verification_code", "pin", "track-2", "Track_Data"] {
             let e = spec_for(name).unwrap_err().to_string();
             assert!(e.contains("PCI DSS 3.3.1"), "{name}: {e}");
         }
-        assert!(
-            spec_for("shoe_size")
-                .unwrap_err()
-                .to_string()
-                .contains("unknown field")
-        );
+        assert!(spec_for("shoe_size").unwrap_err().to_string().contains("unknown field"));
     }
 }

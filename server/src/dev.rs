@@ -47,21 +47,12 @@ pub async fn open_dev_vault(
     options: &VaultOptions,
     audit: Arc<dyn AuditSink>,
 ) -> Result<(Vault, DevCredentials), VaultError> {
-    let vault = Vault::open_or_init(
-        dir,
-        DEV_PASSPHRASE.as_bytes(),
-        SealParams::MINIMUM,
-        options,
-        audit,
-    )?;
+    let vault = Vault::open_or_init(dir, DEV_PASSPHRASE.as_bytes(), SealParams::MINIMUM, options, audit)?;
     let path = dir.join(CREDENTIALS_FILE);
     if let Some(existing) = read_credentials(&path) {
-        let all_valid = DEV_IDENTITIES.iter().all(|(name, _)| {
-            existing
-                .0
-                .get(*name)
-                .is_some_and(|t| vault.token_is_valid(t))
-        });
+        let all_valid = DEV_IDENTITIES
+            .iter()
+            .all(|(name, _)| existing.0.get(*name).is_some_and(|t| vault.token_is_valid(t)));
         if all_valid {
             return Ok((vault, existing));
         }
@@ -69,13 +60,10 @@ pub async fn open_dev_vault(
     let mut creds = DevCredentials::default();
     for (name, role) in DEV_IDENTITIES {
         let token = vault.issue_token(name, role).await?;
-        creds
-            .0
-            .insert((*name).to_owned(), token.expose_secret().to_owned());
+        creds.0.insert((*name).to_owned(), token.expose_secret().to_owned());
     }
-    write_credentials(&path, &creds).map_err(|e| {
-        VaultError::FailedPrecondition(format!("cannot write {}: {e}", path.display()))
-    })?;
+    write_credentials(&path, &creds)
+        .map_err(|e| VaultError::FailedPrecondition(format!("cannot write {}: {e}", path.display())))?;
     Ok((vault, creds))
 }
 
@@ -91,12 +79,8 @@ fn write_credentials(path: &Path, creds: &DevCredentials) -> std::io::Result<()>
     let tmp = path.with_extension("json.tmp");
     let mut json = serde_json::to_string_pretty(&creds.0).map_err(std::io::Error::other)?;
     let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         file.write_all(json.as_bytes())?;
         file.write_all(b"\n")?;
         file.sync_all()?;

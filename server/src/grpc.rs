@@ -33,15 +33,11 @@ pub fn status(err: VaultError, request_id: &str) -> Status {
         VaultError::FailedPrecondition(m) => Status::failed_precondition(m),
         VaultError::AuditUnavailable => {
             tracing::error!(request_id, "audit write failed; request refused");
-            Status::unavailable(
-                "the request could not be audited, so it was refused; no data returned",
-            )
+            Status::unavailable("the request could not be audited, so it was refused; no data returned")
         }
         VaultError::Storage(_) | VaultError::Key(_) => {
             tracing::error!(request_id, error = %err, "internal error");
-            Status::internal(format!(
-                "internal error (request id {request_id}); see the server log"
-            ))
+            Status::internal(format!("internal error (request id {request_id}); see the server log"))
         }
     }
 }
@@ -53,8 +49,7 @@ fn request_id<T>(req: &Request<T>) -> String {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
@@ -62,9 +57,7 @@ fn request_id<T>(req: &Request<T>) -> String {
 fn bearer<T>(req: &Request<T>) -> Option<&str> {
     let value = req.metadata().get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }
 
 /// The gRPC `khlang.v1.Records` service over a [`Vault`].
@@ -87,11 +80,7 @@ impl RecordsService {
             }
             status(e, &request_id)
         })?;
-        Ok(Caller {
-            identity,
-            peer: req.remote_addr(),
-            request_id,
-        })
+        Ok(Caller { identity, peer: req.remote_addr(), request_id })
     }
 }
 
@@ -106,10 +95,7 @@ fn respond<T>(msg: T, caller: &Caller) -> Response<T> {
 fn fields_in(fields: Vec<pb::Field>) -> Vec<FieldValue> {
     fields
         .into_iter()
-        .map(|f| FieldValue {
-            name: f.name,
-            value: Plaintext::new(f.value.into_bytes()),
-        })
+        .map(|f| FieldValue { name: f.name, value: Plaintext::new(f.value.into_bytes()) })
         .collect()
 }
 
@@ -125,10 +111,7 @@ impl From<RecordView> for pb::GetRecordResponse {
             fields: view
                 .fields
                 .iter()
-                .map(|f| pb::Field {
-                    name: f.name.clone(),
-                    value: text_out(&f.value),
-                })
+                .map(|f| pb::Field { name: f.name.clone(), value: text_out(&f.value) })
                 .collect(),
             record_id: view.record_id,
         }
@@ -189,10 +172,7 @@ impl Records for RecordsService {
     ) -> Result<Response<pb::DeleteRecordResponse>, Status> {
         let caller = self.caller(&req)?;
         let msg = req.into_inner();
-        self.vault
-            .delete(&caller, &msg.record_id)
-            .await
-            .map_err(|e| status(e, &caller.request_id))?;
+        self.vault.delete(&caller, &msg.record_id).await.map_err(|e| status(e, &caller.request_id))?;
         Ok(respond(pb::DeleteRecordResponse {}, &caller))
     }
 
@@ -203,16 +183,10 @@ impl Records for RecordsService {
     ) -> Result<Response<pb::ListRecordsResponse>, Status> {
         let caller = self.caller(&req)?;
         let msg = req.into_inner();
-        let records = self
-            .vault
-            .list(&caller, &msg.subject_id)
-            .map_err(|e| status(e, &caller.request_id))?;
+        let records = self.vault.list(&caller, &msg.subject_id).map_err(|e| status(e, &caller.request_id))?;
         let records = records
             .into_iter()
-            .map(|r| pb::RecordSummary {
-                record_id: r.record_id,
-                field_names: r.field_names,
-            })
+            .map(|r| pb::RecordSummary { record_id: r.record_id, field_names: r.field_names })
             .collect();
         Ok(respond(pb::ListRecordsResponse { records }, &caller))
     }
@@ -249,9 +223,7 @@ pub async fn serve(
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
-        health
-            .set_not_serving::<RecordsServer<RecordsService>>()
-            .await;
+        health.set_not_serving::<RecordsServer<RecordsService>>().await;
         let _ = stopping_tx.send(());
     };
     let server = tonic::transport::Server::builder()
@@ -267,9 +239,6 @@ pub async fn serve(
             tracing::warn!("drain timeout: closing with requests still open");
         }
     }
-    vault
-        .flush()
-        .map_err(|e| tracing::error!(error = %e, "final flush failed"))
-        .ok();
+    vault.flush().map_err(|e| tracing::error!(error = %e, "final flush failed")).ok();
     Ok(())
 }

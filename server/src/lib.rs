@@ -15,6 +15,5 @@ mod vault;
 pub use auth::IssuedToken;
 pub use error::{StoreError, VaultError};
 pub use vault::{
-    Caller, CipherMode, FieldValue, Identity, Limits, RecordSummary, RecordView, Vault,
-    VaultOptions,
+    Caller, CipherMode, FieldValue, Identity, Limits, RecordSummary, RecordView, Vault, VaultOptions,
 };

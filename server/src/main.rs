@@ -10,16 +10,13 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use khlang_keys::SealParams;
 use khlang_server::audit::TracingAudit;
+use khlang_server::policy::DEVELOPER_ROLE;
 use khlang_server::store::Durability;
 use khlang_server::{CipherMode, Limits, Vault, VaultOptions, dev, grpc};
 use zeroize::Zeroizing;
 
 #[derive(Parser)]
-#[command(
-    name = "khlangd",
-    version,
-    about = "Khlang encrypted personal-data vault server"
-)]
+#[command(name = "khlangd", version, about = "Khlang encrypted personal-data vault server")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,6 +36,9 @@ enum Command {
         /// Argon2id passes (at least 2).
         #[arg(long, default_value_t = SealParams::DEFAULT.t_cost)]
         argon2_passes: u32,
+        /// Name of the first identity, whose token is printed once.
+        #[arg(long, default_value = "developer")]
+        initial_identity: String,
     },
     /// Unseal an initialised vault with its passphrase and serve it.
     Serve {
@@ -132,9 +132,7 @@ fn read_passphrase(args: &PassphraseArgs, confirm: bool) -> anyhow::Result<Zeroi
         }
         p
     } else {
-        bail!(
-            "no passphrase: use --passphrase-file, KHLANG_PASSPHRASE, or run in a terminal to be prompted"
-        );
+        bail!("no passphrase: use --passphrase-file, KHLANG_PASSPHRASE, or run in a terminal to be prompted");
     };
     if pass.is_empty() {
         bail!("the passphrase is empty");
@@ -143,9 +141,7 @@ fn read_passphrase(args: &PassphraseArgs, confirm: bool) -> anyhow::Result<Zeroi
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))
+    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
 }
 
 async fn run(vault: Vault, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
@@ -181,10 +177,7 @@ fn print_dev_banner(listen: SocketAddr, dir: &Path, creds: &dev::DevCredentials,
     }
     println!("  data folder: {}", dir.display());
     println!("  listening:   http://{listen}");
-    println!(
-        "  credentials: {}",
-        dir.join(dev::CREDENTIALS_FILE).display()
-    );
+    println!("  credentials: {}", dir.join(dev::CREDENTIALS_FILE).display());
     println!();
     println!("Connect with:");
     println!("  export KHLANG_ADDR=http://{listen}");
@@ -198,35 +191,26 @@ fn print_dev_banner(listen: SocketAddr, dir: &Path, creds: &dev::DevCredentials,
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KHLANG_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KHLANG_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Init {
-            data_dir,
-            passphrase,
-            argon2_memory_kib,
-            argon2_passes,
-        } => {
+        Command::Init { data_dir, passphrase, argon2_memory_kib, argon2_passes, initial_identity } => {
             let pass = read_passphrase(&passphrase, true)?;
-            let params = SealParams {
-                m_cost: argon2_memory_kib,
-                t_cost: argon2_passes,
-                p_cost: 1,
-            };
-            Vault::init(&data_dir, pass.as_bytes(), params, &VaultOptions::default())
+            let params = SealParams { m_cost: argon2_memory_kib, t_cost: argon2_passes, p_cost: 1 };
+            let options = VaultOptions::default();
+            Vault::init(&data_dir, pass.as_bytes(), params, &options)
                 .with_context(|| format!("cannot initialise a vault in {}", data_dir.display()))?;
+            let vault = Vault::open(&data_dir, pass.as_bytes(), &options, Arc::new(TracingAudit))?;
+            let token = vault.issue_token(&initial_identity, DEVELOPER_ROLE).await?;
             println!("Initialised a vault in {}", data_dir.display());
+            println!("Token for identity '{initial_identity}' (shown once; store it safely):");
+            println!("{}", token.expose_secret());
         }
-        Command::Serve {
-            data_dir,
-            listen,
-            passphrase,
-            tuning,
-        } => {
+        Command::Serve { data_dir, listen, passphrase, tuning } => {
             let pass = read_passphrase(&passphrase, false)?;
             let vault = Vault::open(
                 &data_dir,
@@ -238,33 +222,17 @@ async fn main() -> anyhow::Result<()> {
             drop(pass);
             run(vault, bind(listen).await?).await?;
         }
-        Command::Dev {
-            listen,
-            data_dir,
-            tuning,
-            bench_plaintext_baseline,
-        } => {
-            let mode = if bench_plaintext_baseline {
-                CipherMode::PlaintextBaseline
-            } else {
-                CipherMode::Encrypted
-            };
+        Command::Dev { listen, data_dir, tuning, bench_plaintext_baseline } => {
+            let mode =
+                if bench_plaintext_baseline { CipherMode::PlaintextBaseline } else { CipherMode::Encrypted };
             let (vault, creds) =
                 dev::open_dev_vault(&data_dir, &tuning.options(mode), Arc::new(TracingAudit))
                     .await
                     .with_context(|| {
-                        format!(
-                            "cannot open the development vault in {}",
-                            data_dir.display()
-                        )
+                        format!("cannot open the development vault in {}", data_dir.display())
                     })?;
             let listener = bind(listen).await?;
-            print_dev_banner(
-                listener.local_addr()?,
-                &data_dir,
-                &creds,
-                bench_plaintext_baseline,
-            );
+            print_dev_banner(listener.local_addr()?, &data_dir, &creds, bench_plaintext_baseline);
             drop(creds);
             run(vault, listener).await?;
         }

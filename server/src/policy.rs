@@ -43,9 +43,7 @@ pub fn decide(
     _purpose: Option<&str>,
 ) -> Result<Decision, VaultError> {
     if identity.role == DEVELOPER_ROLE {
-        return Ok(Decision {
-            rule: "developer-may-do-all",
-        });
+        return Ok(Decision { rule: "developer-may-do-all" });
     }
     Err(VaultError::PermissionDenied(format!(
         "role '{}' may not {} records (deny by default)",

@@ -53,20 +53,8 @@ pub struct StoredField {
 }
 
 impl StoredRecord {
-    pub fn new(
-        subject_index: [u8; 32],
-        subject: Vec<u8>,
-        fields: Vec<StoredField>,
-        now_ms: u64,
-    ) -> Self {
-        Self {
-            format: RECORD_FORMAT,
-            subject_index,
-            subject,
-            fields,
-            created_ms: now_ms,
-            updated_ms: now_ms,
-        }
+    pub fn new(subject_index: [u8; 32], subject: Vec<u8>, fields: Vec<StoredField>, now_ms: u64) -> Self {
+        Self { format: RECORD_FORMAT, subject_index, subject, fields, created_ms: now_ms, updated_ms: now_ms }
     }
 
     pub fn field_names(&self) -> Vec<String> {
@@ -99,13 +87,7 @@ pub struct StoredIdentity {
 
 impl StoredIdentity {
     pub fn new(name: String, role: String, token_mac: [u8; 32], created_ms: u64) -> Self {
-        Self {
-            format: RECORD_FORMAT,
-            name,
-            role,
-            token_mac,
-            created_ms,
-        }
+        Self { format: RECORD_FORMAT, name, role, token_mac, created_ms }
     }
 }
 
@@ -138,27 +120,20 @@ impl Drop for GroupCommit {
 impl GroupCommit {
     fn start(db: sled::Db, stats: Arc<FlushStats>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<FlushWaiter>();
-        let thread = std::thread::Builder::new()
-            .name("khlang-flusher".into())
-            .spawn(move || {
-                // Ends when the store (the only sender) is dropped.
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    batch.extend(rx.try_iter());
-                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                    stats.flushes.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .writes
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    for waiter in batch {
-                        let _ = waiter.send(result.clone());
-                    }
+        let thread = std::thread::Builder::new().name("khlang-flusher".into()).spawn(move || {
+            // Ends when the store (the only sender) is dropped.
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
+                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                stats.flushes.fetch_add(1, Ordering::Relaxed);
+                stats.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for waiter in batch {
+                    let _ = waiter.send(result.clone());
                 }
-            })?;
-        Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
+            }
+        })?;
+        Ok(Self { tx: Some(tx), thread: Some(thread) })
     }
 }
 
@@ -177,9 +152,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("durability", &self.durability)
-            .finish_non_exhaustive()
+        f.debug_struct("Store").field("durability", &self.durability).finish_non_exhaustive()
     }
 }
 
@@ -189,13 +162,10 @@ fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
 
 impl Store {
     pub fn open(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
         let stats = Arc::new(FlushStats::default());
-        let group = GroupCommit::start(db.clone(), stats.clone())
-            .map_err(|e| StoreError::Flush(e.to_string()))?;
+        let group =
+            GroupCommit::start(db.clone(), stats.clone()).map_err(|e| StoreError::Flush(e.to_string()))?;
         Ok(Self {
             meta: db.open_tree("meta")?,
             keks: db.open_tree("keks")?,
@@ -219,17 +189,10 @@ impl Store {
         match self.durability {
             Durability::Group => {
                 let (tx, rx) = oneshot::channel();
-                let sender = self
-                    .group
-                    .tx
-                    .as_ref()
-                    .ok_or_else(|| StoreError::Flush("flusher stopped".into()))?;
-                sender
-                    .send(tx)
-                    .map_err(|_| StoreError::Flush("flusher stopped".into()))?;
-                rx.await
-                    .map_err(|_| StoreError::Flush("flusher stopped".into()))?
-                    .map_err(StoreError::Flush)
+                let sender =
+                    self.group.tx.as_ref().ok_or_else(|| StoreError::Flush("flusher stopped".into()))?;
+                sender.send(tx).map_err(|_| StoreError::Flush("flusher stopped".into()))?;
+                rx.await.map_err(|_| StoreError::Flush("flusher stopped".into()))?.map_err(StoreError::Flush)
             }
             Durability::PerRequest => {
                 let db = self.db.clone();
@@ -286,10 +249,8 @@ impl Store {
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                let version: [u8; 4] = k
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("kek version"))?;
+                let version: [u8; 4] =
+                    k.as_ref().try_into().map_err(|_| StoreError::Corrupt("kek version"))?;
                 Ok((u32::from_be_bytes(version), v.to_vec()))
             })
             .collect()
@@ -308,35 +269,24 @@ impl Store {
     ) -> Result<(), StoreError> {
         let encoded = record.encode()?;
         let subject_key = Self::subject_key(&record.subject_index, record_id);
-        (&self.records, &self.data_keys, &self.subjects).transaction(
-            |(records, dks, subjects)| {
-                records.insert(record_id.as_bytes(), encoded.as_slice())?;
-                dks.insert(record_id.as_bytes(), wrapped_dek)?;
-                subjects.insert(subject_key.as_slice(), &[] as &[u8])?;
-                Ok(())
-            },
-        )?;
+        (&self.records, &self.data_keys, &self.subjects).transaction(|(records, dks, subjects)| {
+            records.insert(record_id.as_bytes(), encoded.as_slice())?;
+            dks.insert(record_id.as_bytes(), wrapped_dek)?;
+            subjects.insert(subject_key.as_slice(), &[] as &[u8])?;
+            Ok(())
+        })?;
         Ok(())
     }
 
     /// The record and its wrapped data key, read in one transaction so they match.
-    pub fn get_record(
-        &self,
-        record_id: &str,
-    ) -> Result<Option<(StoredRecord, Vec<u8>)>, StoreError> {
+    pub fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Vec<u8>)>, StoreError> {
         let pair = (&self.records, &self.data_keys).transaction(|(records, dks)| {
-            Ok(
-                match (
-                    records.get(record_id.as_bytes())?,
-                    dks.get(record_id.as_bytes())?,
-                ) {
-                    (Some(r), Some(k)) => Some((r, k)),
-                    _ => None,
-                },
-            )
+            Ok(match (records.get(record_id.as_bytes())?, dks.get(record_id.as_bytes())?) {
+                (Some(r), Some(k)) => Some((r, k)),
+                _ => None,
+            })
         })?;
-        pair.map(|(r, k)| Ok((StoredRecord::decode(&r)?, k.to_vec())))
-            .transpose()
+        pair.map(|(r, k)| Ok((StoredRecord::decode(&r)?, k.to_vec()))).transpose()
     }
 
     /// Read-modify-write of one record under a transaction, so concurrent updates do not lose writes.
@@ -365,8 +315,8 @@ impl Store {
 
     /// Removes the record, its data key (crypto-shredding) and its index entry. `false`: not found.
     pub fn delete_record(&self, record_id: &str) -> Result<bool, StoreError> {
-        let found = (&self.records, &self.data_keys, &self.subjects).transaction(
-            |(records, dks, subjects)| {
+        let found =
+            (&self.records, &self.data_keys, &self.subjects).transaction(|(records, dks, subjects)| {
                 let Some(bytes) = records.remove(record_id.as_bytes())? else {
                     return Ok(false);
                 };
@@ -374,8 +324,7 @@ impl Store {
                 dks.remove(record_id.as_bytes())?;
                 subjects.remove(Self::subject_key(&record.subject_index, record_id))?;
                 Ok(true)
-            },
-        )?;
+            })?;
         Ok(found)
     }
 
@@ -387,8 +336,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.subjects.scan_prefix(subject_index) {
             let (k, _) = kv?;
-            let id =
-                std::str::from_utf8(&k[32..]).map_err(|_| StoreError::Corrupt("subject index"))?;
+            let id = std::str::from_utf8(&k[32..]).map_err(|_| StoreError::Corrupt("subject index"))?;
             if let Some(bytes) = self.records.get(id.as_bytes())? {
                 out.push((id.to_owned(), StoredRecord::decode(&bytes)?));
             }
@@ -396,13 +344,8 @@ impl Store {
         Ok(out)
     }
 
-    pub fn put_identity(
-        &self,
-        token_id: &str,
-        identity: &StoredIdentity,
-    ) -> Result<(), StoreError> {
-        let bytes =
-            postcard::to_stdvec(identity).map_err(|_| StoreError::Corrupt("identity (encode)"))?;
+    pub fn put_identity(&self, token_id: &str, identity: &StoredIdentity) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(identity).map_err(|_| StoreError::Corrupt("identity (encode)"))?;
         self.identities.insert(token_id.as_bytes(), bytes)?;
         Ok(())
     }

@@ -8,8 +8,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use khlang_keys::{
-    DataKey, DerivedKey, FieldContext, Kek, KeyError, KeyRing, OsRandom, Plaintext, RootKey,
-    SealParams, WrappedDataKey, labels, open_field, seal_field, seal_root_key, unseal_root_key,
+    DataKey, DerivedKey, FieldContext, Kek, KeyError, KeyRing, OsRandom, Plaintext, RootKey, SealParams,
+    WrappedDataKey, labels, open_field, seal_field, seal_root_key, unseal_root_key,
 };
 use zeroize::Zeroizing;
 
@@ -133,10 +133,7 @@ impl std::fmt::Debug for Vault {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn integrity(record_id: &str, what: impl Into<String>) -> impl FnOnce(KeyError) -> VaultError {
@@ -158,9 +155,8 @@ impl Vault {
     }
 
     fn open_store(dir: &Path, durability: Durability) -> Result<Store, VaultError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            VaultError::FailedPrecondition(format!("cannot create data folder: {e}"))
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| VaultError::FailedPrecondition(format!("cannot create data folder: {e}")))?;
         Ok(Store::open(dir, durability)?)
     }
 
@@ -217,11 +213,7 @@ impl Vault {
         let sealed = store.sealed_root()?.ok_or(StoreError::NotInitialised)?;
         let found = store.mode()?.unwrap_or_else(|| MODE_ENCRYPTED.to_owned());
         if found != options.mode.as_str() {
-            return Err(StoreError::ModeMismatch {
-                found,
-                expected: options.mode.as_str().to_owned(),
-            }
-            .into());
+            return Err(StoreError::ModeMismatch { found, expected: options.mode.as_str().to_owned() }.into());
         }
         let vault = Self {
             store,
@@ -250,10 +242,8 @@ impl Vault {
             token_pepper: root.derive(labels::TOKEN_PEPPER)?,
             subject_index: root.derive(labels::SUBJECT_INDEX)?,
         };
-        let mut slot = self
-            .keys
-            .write()
-            .map_err(|_| VaultError::FailedPrecondition("key state poisoned".into()))?;
+        let mut slot =
+            self.keys.write().map_err(|_| VaultError::FailedPrecondition("key state poisoned".into()))?;
         *slot = Some(Arc::new(unsealed));
         Ok(())
     }
@@ -292,17 +282,15 @@ impl Vault {
             )));
         }
         if subject.chars().any(char::is_control) {
-            return Err(VaultError::InvalidArgument(
-                "subject_id contains control characters".into(),
-            ));
+            return Err(VaultError::InvalidArgument("subject_id contains control characters".into()));
         }
         Ok(())
     }
 
     fn check_record_id(record_id: &str) -> Result<(), VaultError> {
-        uuid::Uuid::parse_str(record_id).map(|_| ()).map_err(|_| {
-            VaultError::InvalidArgument("record_id is not a record id (a UUID)".into())
-        })
+        uuid::Uuid::parse_str(record_id)
+            .map(|_| ())
+            .map_err(|_| VaultError::InvalidArgument("record_id is not a record id (a UUID)".into()))
     }
 
     /// Validates field names and values; returns canonical values, sorted by name.
@@ -323,30 +311,21 @@ impl Vault {
                     spec.name, self.limits.max_field_bytes
                 )));
             }
-            let text = std::str::from_utf8(field.value.expose_secret()).map_err(|_| {
-                VaultError::InvalidArgument(format!("field '{}' is not UTF-8", spec.name))
-            })?;
+            let text = std::str::from_utf8(field.value.expose_secret())
+                .map_err(|_| VaultError::InvalidArgument(format!("field '{}' is not UTF-8", spec.name)))?;
             let canonical = Zeroizing::new(catalogue::validate(spec, text)?);
-            out.push(FieldValue {
-                name: spec.name.to_owned(),
-                value: Plaintext::from_str_copy(&canonical),
-            });
+            out.push(FieldValue { name: spec.name.to_owned(), value: Plaintext::from_str_copy(&canonical) });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         if let Some(w) = out.windows(2).find(|w| w[0].name == w[1].name) {
-            return Err(VaultError::InvalidArgument(format!(
-                "field '{}' is given twice",
-                w[0].name
-            )));
+            return Err(VaultError::InvalidArgument(format!("field '{}' is given twice", w[0].name)));
         }
         Ok(out)
     }
 
     fn check_names(names: &[String]) -> Result<Vec<&'static str>, VaultError> {
-        let mut out: Vec<&'static str> = names
-            .iter()
-            .map(|n| catalogue::spec_for(n).map(|s| s.name))
-            .collect::<Result<_, _>>()?;
+        let mut out: Vec<&'static str> =
+            names.iter().map(|n| catalogue::spec_for(n).map(|s| s.name)).collect::<Result<_, _>>()?;
         out.sort_unstable();
         out.dedup();
         Ok(out)
@@ -397,10 +376,7 @@ impl Vault {
         match dek {
             Some(dek) => Ok(seal_field(
                 dek,
-                FieldContext {
-                    record_id: record_id.as_bytes(),
-                    field,
-                },
+                FieldContext { record_id: record_id.as_bytes(), field },
                 value,
                 &self.rng,
             )?),
@@ -416,22 +392,11 @@ impl Vault {
         envelope: &[u8],
     ) -> Result<Plaintext, VaultError> {
         match dek {
-            Some(dek) => open_field(
-                dek,
-                FieldContext {
-                    record_id: record_id.as_bytes(),
-                    field,
-                },
-                envelope,
-            )
-            .map_err(integrity(
-                record_id,
-                if field == SUBJECT_CONTEXT {
-                    "subject id".into()
-                } else {
-                    format!("field '{field}'")
-                },
-            )),
+            Some(dek) => open_field(dek, FieldContext { record_id: record_id.as_bytes(), field }, envelope)
+                .map_err(integrity(
+                    record_id,
+                    if field == SUBJECT_CONTEXT { "subject id".into() } else { format!("field '{field}'") },
+                )),
             None => Ok(Plaintext::new(envelope.to_vec())),
         }
     }
@@ -466,9 +431,7 @@ impl Vault {
         let keys = self.unsealed()?;
         self.check_subject(subject)?;
         if fields.is_empty() {
-            return Err(VaultError::InvalidArgument(
-                "a record needs at least one field".into(),
-            ));
+            return Err(VaultError::InvalidArgument("a record needs at least one field".into()));
         }
         let fields = self.check_fields(fields)?;
         let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
@@ -478,9 +441,7 @@ impl Vault {
         let (dek, wrapped) = match self.mode {
             CipherMode::Encrypted => {
                 let dek = DataKey::generate(FIRST_GENERATION, &self.rng)?;
-                let wrapped = keys
-                    .ring
-                    .wrap_data_key(&dek, record_id.as_bytes(), &self.rng)?;
+                let wrapped = keys.ring.wrap_data_key(&dek, record_id.as_bytes(), &self.rng)?;
                 (Some(dek), wrapped.as_bytes().to_vec())
             }
             CipherMode::PlaintextBaseline => (None, Vec::new()),
@@ -492,18 +453,9 @@ impl Vault {
                 envelope: self.seal_value(dek.as_ref(), &record_id, &f.name, &f.value)?,
             });
         }
-        let subject_env = self.seal_value(
-            dek.as_ref(),
-            &record_id,
-            SUBJECT_CONTEXT,
-            &Plaintext::from_str_copy(subject),
-        )?;
-        let record = StoredRecord::new(
-            Self::subject_index(&keys, subject),
-            subject_env,
-            stored,
-            now_ms(),
-        );
+        let subject_env =
+            self.seal_value(dek.as_ref(), &record_id, SUBJECT_CONTEXT, &Plaintext::from_str_copy(subject))?;
+        let record = StoredRecord::new(Self::subject_index(&keys, subject), subject_env, stored, now_ms());
         self.store.insert_record(&record_id, &record, &wrapped)?;
         self.store.durable().await?;
         Ok(record_id)
@@ -520,40 +472,24 @@ impl Vault {
         let keys = self.unsealed()?;
         Self::check_record_id(record_id)?;
         let requested = Self::check_names(only)?;
-        let (record, wrapped) = self
-            .store
-            .get_record(record_id)?
-            .ok_or(VaultError::NotFound("record"))?;
+        let (record, wrapped) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
         let names: Vec<&str> = if requested.is_empty() {
             record.fields.iter().map(|f| f.name.as_str()).collect()
         } else {
-            requested
-                .iter()
-                .copied()
-                .filter(|n| record.fields.iter().any(|f| f.name == *n))
-                .collect()
+            requested.iter().copied().filter(|n| record.fields.iter().any(|f| f.name == *n)).collect()
         };
         self.decide_and_audit(caller, Operation::Read, Some(record_id), &names, purpose)?;
 
         let dek = self.unwrap_dek(&keys, record_id, wrapped)?;
         let mut fields = Vec::with_capacity(names.len());
-        for f in record
-            .fields
-            .iter()
-            .filter(|f| names.contains(&f.name.as_str()))
-        {
+        for f in record.fields.iter().filter(|f| names.contains(&f.name.as_str())) {
             fields.push(FieldValue {
                 name: f.name.clone(),
                 value: self.open_value(dek.as_ref(), record_id, &f.name, &f.envelope)?,
             });
         }
-        let subject_id =
-            self.open_value(dek.as_ref(), record_id, SUBJECT_CONTEXT, &record.subject)?;
-        Ok(RecordView {
-            record_id: record_id.to_owned(),
-            subject_id,
-            fields,
-        })
+        let subject_id = self.open_value(dek.as_ref(), record_id, SUBJECT_CONTEXT, &record.subject)?;
+        Ok(RecordView { record_id: record_id.to_owned(), subject_id, fields })
     }
 
     /// Sets and removes fields of a record; returns the field names it holds afterwards.
@@ -567,9 +503,7 @@ impl Vault {
         let keys = self.unsealed()?;
         Self::check_record_id(record_id)?;
         if set.is_empty() && remove.is_empty() {
-            return Err(VaultError::InvalidArgument(
-                "an update sets or removes at least one field".into(),
-            ));
+            return Err(VaultError::InvalidArgument("an update sets or removes at least one field".into()));
         }
         let set = self.check_fields(set)?;
         let remove = Self::check_names(remove)?;
@@ -579,15 +513,9 @@ impl Vault {
                 both.name
             )));
         }
-        let (_, wrapped) = self
-            .store
-            .get_record(record_id)?
-            .ok_or(VaultError::NotFound("record"))?;
-        let mut names: Vec<&str> = set
-            .iter()
-            .map(|f| f.name.as_str())
-            .chain(remove.iter().copied())
-            .collect();
+        let (_, wrapped) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
+        let mut names: Vec<&str> =
+            set.iter().map(|f| f.name.as_str()).chain(remove.iter().copied()).collect();
         names.sort_unstable();
         self.decide_and_audit(caller, Operation::Update, Some(record_id), &names, None)?;
 
@@ -601,15 +529,13 @@ impl Vault {
         }
         let max = self.limits.max_fields_per_record;
         let outcome = self.store.update_record(record_id, |mut record| {
-            record.fields.retain(|f| {
-                !remove.contains(&f.name.as_str()) && !sealed.iter().any(|s| s.name == f.name)
-            });
+            record
+                .fields
+                .retain(|f| !remove.contains(&f.name.as_str()) && !sealed.iter().any(|s| s.name == f.name));
             record.fields.extend(sealed.iter().cloned());
             record.fields.sort_by(|a, b| a.name.cmp(&b.name));
             if record.fields.len() > max {
-                return Err(VaultError::LimitExceeded(format!(
-                    "a record holds at most {max} fields"
-                )));
+                return Err(VaultError::LimitExceeded(format!("a record holds at most {max} fields")));
             }
             if record.fields.is_empty() {
                 return Err(VaultError::InvalidArgument(
@@ -645,15 +571,10 @@ impl Vault {
         let keys = self.unsealed()?;
         self.check_subject(subject)?;
         self.decide_and_audit(caller, Operation::List, None, &[], None)?;
-        let records = self
-            .store
-            .records_of_subject(&Self::subject_index(&keys, subject))?;
+        let records = self.store.records_of_subject(&Self::subject_index(&keys, subject))?;
         Ok(records
             .into_iter()
-            .map(|(record_id, r)| RecordSummary {
-                record_id,
-                field_names: r.field_names(),
-            })
+            .map(|(record_id, r)| RecordSummary { record_id, field_names: r.field_names() })
             .collect())
     }
 }
