@@ -1,1 +1,134 @@
+//! Test harness: start a real vault server on 127.0.0.1:0 over a temporary data folder, talk to it
+//! with the real client library or the real binaries.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failure here is a test failure
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use khlang_client::Client;
+use khlang_keys::SealParams;
+use khlang_server::audit::TracingAudit;
+use khlang_server::policy::DEVELOPER_ROLE;
+use khlang_server::{Vault, VaultOptions, grpc};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const PASSPHRASE: &str = "test passphrase: correct horse battery staple";
+
+/// Canary values: if any of these bytes show up at rest, encryption failed.
+pub const CANARY_CARD: &str = "4111111111111111";
+pub const CANARY_NAME_TH: &str = "สมหญิง รักษ์ไทย";
+pub const CANARY_ADDRESS_TH: &str = "123 หมู่ 4 ตำบลคลัง อำเภอเมือง นครศรีธรรมราช";
+pub const CANARY_EMAIL: &str = "somying.canary@example.go.th";
+
+pub fn canary_fields() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("card_number", CANARY_CARD),
+        ("name", CANARY_NAME_TH),
+        ("home_address", CANARY_ADDRESS_TH),
+        ("email", CANARY_EMAIL),
+    ]
+}
+
+/// A running server. Stop it with [`TestServer::stop`] to release the data folder.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub token: String,
+    pub dir: PathBuf,
+    vault: Option<Arc<Vault>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Starts (creating if needed) a vault in `dir` with default options.
+    pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, VaultOptions::default()).await
+    }
+
+    pub async fn start_with(dir: &Path, options: VaultOptions) -> Self {
+        let vault = Vault::open_or_init(
+            dir,
+            PASSPHRASE.as_bytes(),
+            SealParams::MINIMUM,
+            &options,
+            Arc::new(TracingAudit),
+        )
+        .expect("open test vault");
+        let token = vault.issue_token("tester", DEVELOPER_ROLE).await.expect("issue token");
+        let token = token.expose_secret().to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let vault = Arc::new(vault);
+        let serving = vault.clone();
+        let handle = tokio::spawn(async move {
+            grpc::serve(serving, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+        });
+        Self { addr, token, dir: dir.to_owned(), vault: Some(vault), shutdown: Some(tx), handle }
+    }
+
+    /// The vault behind the server, for white-box checks (flush counts).
+    pub fn vault(&self) -> &Vault {
+        self.vault.as_ref().unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.url(), &self.token).await.expect("connect")
+    }
+
+    pub async fn client_with_token(&self, token: &str) -> Client {
+        Client::connect(&self.url(), token).await.expect("connect")
+    }
+
+    /// Stops serving and waits until the vault (and its database lock) is released.
+    pub async fn stop(mut self) {
+        self.vault.take();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle.await.expect("server task");
+    }
+}
+
+/// Path of a workspace binary (`khlang`, `khlangd`), built by `cargo test --workspace`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let ty = entry.file_type().unwrap();
+            if ty.is_dir() {
+                stack.push(entry.path());
+            } else if ty.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
+/// Whether `haystack` contains `needle` anywhere.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
