@@ -1,5 +1,6 @@
 //! Records over real gRPC: round trips through the client library, and every guarded bad input
 //! answered with the right status while stored data stays unchanged.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;

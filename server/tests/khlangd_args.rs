@@ -1,0 +1,41 @@
+//! The `khlangd` binary's own argument and passphrase handling (no network needed).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
+
+use std::process::{Command, Stdio};
+
+fn khlangd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_khlangd"));
+    c.env_remove("KHLANG_PASSPHRASE").stdin(Stdio::null());
+    c
+}
+
+#[test]
+fn help_lists_init_serve_dev() {
+    let out = khlangd().arg("--help").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for sub in ["init", "serve", "dev"] {
+        assert!(text.contains(sub), "{text}");
+    }
+    assert!(!text.contains("bench-plaintext-baseline"), "the benchmark-only flag stays hidden");
+}
+
+#[test]
+fn no_passphrase_without_a_terminal_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = khlangd().args(["init", "--data-dir", dir.path().to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no passphrase"));
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created");
+}
+
+#[test]
+fn serve_on_an_empty_folder_says_it_is_not_initialised() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = khlangd()
+        .args(["serve", "--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .env("KHLANG_PASSPHRASE", "whatever passphrase")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not initialised"));
+}

@@ -1,0 +1,227 @@
+//! The real binaries: `khlang` against a server, and `khlangd` init / serve / dev across restarts.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use khlang_tests::*;
+
+fn khlang(server_url: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(bin("khlang"))
+        .args(args)
+        .env("KHLANG_ADDR", server_url)
+        .env("KHLANG_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (url, token) = (server.url(), server.token.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| khlang(&url, &token, args);
+        let id = stdout(&run(&[
+            "put",
+            "--subject",
+            "cli-subject",
+            &format!("card_number={CANARY_CARD}"),
+            &format!("name={CANARY_NAME_TH}"),
+            &format!("email={CANARY_EMAIL}"),
+        ]))
+        .trim()
+        .to_owned();
+        assert_eq!(id.len(), 36, "a record id: {id}");
+
+        let json: serde_json::Value =
+            serde_json::from_str(&stdout(&run(&["get", &id, "--json", "--purpose", "billing"]))).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"card_number": CANARY_CARD, "name": CANARY_NAME_TH, "email": CANARY_EMAIL})
+        );
+        let subset: serde_json::Value =
+            serde_json::from_str(&stdout(&run(&["get", &id, "--fields", "email", "--json"]))).unwrap();
+        assert_eq!(subset, serde_json::json!({"email": CANARY_EMAIL}));
+        let table = stdout(&run(&["get", &id]));
+        assert!(table.lines().any(|l| l.starts_with("card_number") && l.ends_with(CANARY_CARD)), "{table}");
+
+        assert_eq!(
+            stdout(&run(&["update", &id, "postal_code=80000", "--remove", "email"])).trim(),
+            "card_number,name,postal_code"
+        );
+        let listed: serde_json::Value =
+            serde_json::from_str(&stdout(&run(&["list", "--subject", "cli-subject", "--json"]))).unwrap();
+        assert_eq!(
+            listed,
+            serde_json::json!([{"record_id": id, "fields": ["card_number", "name", "postal_code"]}])
+        );
+
+        // Errors: status code and message on stderr, non-zero exit.
+        let bad = run(&["put", "--subject", "cli-subject", "cvv=123"]);
+        assert!(!bad.status.success());
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains("InvalidArgument") && err.contains("PCI DSS 3.3.1"), "{err}");
+        let unauth = khlang(&url, "khl_wrong", &["get", &id]);
+        assert!(!unauth.status.success());
+        assert!(String::from_utf8_lossy(&unauth.stderr).contains("Unauthenticated"));
+
+        assert!(stdout(&run(&["delete", &id])).contains("deleted"));
+        let gone = run(&["get", &id]);
+        assert!(!gone.status.success());
+        assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+        true
+    })
+    .await
+    .unwrap();
+    assert!(out);
+    server.stop().await;
+}
+
+/// Starts `khlangd` with stderr piped, and waits for the address it logs.
+fn spawn_khlangd(args: &[&str]) -> (Child, Result<String, String>) {
+    let mut child = Command::new(bin("khlangd"))
+        .args(args)
+        .env("KHLANG_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("address=").nth(1) {
+                let _ = tx.send(Ok(addr.trim().to_owned()));
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        let _ = tx.send(Err(all));
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| Err("timed out".into()));
+    (child, addr.map(|a| format!("http://{a}")))
+}
+
+fn write_passphrase(dir: &Path, pass: &str) -> String {
+    let path = dir.join(format!("pass-{}", pass.len()));
+    std::fs::write(&path, format!("{pass}\n")).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn khlangd_init_serve_kill_restart_and_wrong_passphrase() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    let data_s = data.to_str().unwrap();
+    let good = write_passphrase(tmp.path(), "municipal custodians' long passphrase");
+    let bad = write_passphrase(tmp.path(), "not it");
+
+    let init = Command::new(bin("khlangd"))
+        .args([
+            "init",
+            "--data-dir",
+            data_s,
+            "--passphrase-file",
+            &good,
+            "--argon2-memory-kib",
+            "19456",
+            "--argon2-passes",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let init_out = stdout(&init);
+    let token = init_out.lines().last().unwrap().trim().to_owned();
+    assert!(token.starts_with("khl_"), "{init_out}");
+    // Initialising twice is refused and keeps the vault.
+    let again = Command::new(bin("khlangd"))
+        .args(["init", "--data-dir", data_s, "--passphrase-file", &good])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already initialised"));
+    // Parameters below the floor are refused.
+    let weak_dir = tmp.path().join("weak");
+    let weak = Command::new(bin("khlangd"))
+        .args([
+            "init",
+            "--data-dir",
+            weak_dir.to_str().unwrap(),
+            "--passphrase-file",
+            &good,
+            "--argon2-memory-kib",
+            "1024",
+        ])
+        .output()
+        .unwrap();
+    assert!(!weak.status.success());
+    assert!(String::from_utf8_lossy(&weak.stderr).contains("below the minimum"));
+
+    let serve = ["serve", "--data-dir", data_s, "--listen", "127.0.0.1:0", "--passphrase-file", &good];
+    let (mut child, url) = spawn_khlangd(&serve);
+    let url = url.unwrap();
+    let id = stdout(&khlang(
+        &url,
+        &token,
+        &["put", "--subject", "restart", &format!("card_number={CANARY_CARD}")],
+    ))
+    .trim()
+    .to_owned();
+    // kill -9 right after the acknowledgement: an acknowledged write is already durable.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, url) = spawn_khlangd(&serve);
+    let url = url.unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&khlang(&url, &token, &["get", &id, "--json"]))).unwrap();
+    assert_eq!(json["card_number"], CANARY_CARD);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, result) =
+        spawn_khlangd(&["serve", "--data-dir", data_s, "--listen", "127.0.0.1:0", "--passphrase-file", &bad]);
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "a wrong passphrase must stop the server");
+    let log = result.unwrap_err();
+    assert!(log.contains("wrong passphrase"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn khlangd_dev_writes_credentials_and_reuses_its_folder() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let args = ["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
+    let creds_path = data.join("dev-credentials.json");
+
+    let (mut child, url) = spawn_khlangd(&args);
+    let url = url.unwrap();
+    let mode = std::fs::metadata(&creds_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds_path).unwrap()).unwrap();
+    let token = creds["developer"].as_str().unwrap().to_owned();
+    let id =
+        stdout(&khlang(&url, &token, &["put", "--subject", "dev", "postal_code=80000"])).trim().to_owned();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, url) = spawn_khlangd(&args);
+    let url = url.unwrap();
+    let creds2: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds_path).unwrap()).unwrap();
+    assert_eq!(creds2["developer"], creds["developer"], "a valid token is reused");
+    assert!(stdout(&khlang(&url, &token, &["get", &id])).contains("80000"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
