@@ -240,5 +240,11 @@ pub async fn serve(
         }
     }
     vault.flush().map_err(|e| tracing::error!(error = %e, "final flush failed")).ok();
+    let stats = vault.flush_stats();
+    tracing::info!(
+        flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
+        durable_writes = stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+        "durability: writes acknowledged after a shared flush"
+    );
     Ok(())
 }

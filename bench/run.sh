@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Khlang benchmark: Put and Get at 64 concurrent requests over real gRPC, against baselines measured
+# in the same run (this machine is shared and noisy, so only ratios within one run mean anything).
+#
+#   bench/run.sh [SECONDS_PER_RUN=5] [ROUNDS=3]
+#
+# Servers (release build, each on its own temporary data folder, all on 127.0.0.1):
+#   enc       the product: encrypted fields, per-record data keys, group commit
+#   plain     baseline: the same gRPC + validation + sled + group-commit path, values stored unencrypted
+#   per-req   encrypted, but one flush per write (what group commit is measured against)
+# Rounds interleave the servers so drift in machine load hits all of them alike.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-5}
+ROUNDS=${2:-3}
+cargo build --release --bins --quiet
+BIN=target/release
+WORK=$(mktemp -d)
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
+
+start() { # name, extra args...
+  local name=$1; shift
+  "$BIN/khlangd" dev --listen 127.0.0.1:0 --data-dir "$WORK/$name" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q KHLANG_ADDR "$WORK/$name.out" 2>/dev/null && break; sleep 0.1; done
+  grep -o 'http://[0-9.:]*' "$WORK/$name.out" | head -1 >"$WORK/$name.addr"
+}
+start enc
+start plain --bench-plaintext-baseline
+start per-req --durability per-request
+
+RESULTS="$WORK/results.jsonl"
+for round in $(seq "$ROUNDS"); do
+  for op in put get; do
+    for name in enc plain per-req; do
+      [ "$op" = get ] && [ "$name" = per-req ] && continue
+      token=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["developer"])' "$WORK/$name/dev-credentials.json")
+      KHLANG_TOKEN=$token "$BIN/khlang" --addr "$(cat "$WORK/$name.addr")" bench "$op" \
+        --concurrency 64 --duration "$SECS" --warmup 1 --records 2000 --json |
+        python3 -c 'import json,sys; d=json.load(sys.stdin); d["server"]=sys.argv[1]; d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$name" "$round" >>"$RESULTS"
+    done
+  done
+done
+
+kill -TERM "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null || true; PIDS=()
+for name in enc per-req; do
+  echo "$name: $(grep -o 'flushes=[0-9]* durable_writes=[0-9]*' "$WORK/$name.log" | tail -1)"
+done
+
+python3 - "$RESULTS" <<'PY'
+import json, sys, statistics
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(server, op, key):
+    return statistics.median(r[key] for r in rows if r["server"] == server and r["op"] == op)
+print(f"{'server':8} {'op':4} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>6}  (median of rounds)")
+for server, op in [("enc","put"),("plain","put"),("per-req","put"),("enc","get"),("plain","get")]:
+    errs = sum(r["errors"] for r in rows if r["server"] == server and r["op"] == op)
+    print(f"{server:8} {op:4} {med(server,op,'ops_per_sec'):9.0f} {med(server,op,'p50_ms'):8.2f} {med(server,op,'p99_ms'):8.2f} {med(server,op,'p999_ms'):9.2f} {errs:6}")
+put_cost = 1 - med("enc","put","ops_per_sec") / med("plain","put","ops_per_sec")
+get_cost = 1 - med("enc","get","ops_per_sec") / med("plain","get","ops_per_sec")
+group = med("enc","put","ops_per_sec") / med("per-req","put","ops_per_sec")
+print(f"encryption cost, put: {put_cost*100:5.1f}% of throughput (target < 10%)")
+print(f"encryption cost, get: {get_cost*100:5.1f}% of throughput (target < 10%)")
+print(f"group commit vs flush per request, put: {group:.2f}x (target >= 2x)")
+PY
