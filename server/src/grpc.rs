@@ -8,8 +8,8 @@ use std::time::Duration;
 use khlang_keys::Plaintext;
 use khlang_proto::pb::{self, records_server::Records, records_server::RecordsServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::MetadataValue;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::{Caller, FieldValue, RecordView, Vault, VaultError};
@@ -231,7 +231,7 @@ pub async fn serve(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(records)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,

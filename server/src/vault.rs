@@ -405,12 +405,12 @@ impl Vault {
         &self,
         keys: &Unsealed,
         record_id: &str,
-        wrapped: Vec<u8>,
+        wrapped: &[u8],
     ) -> Result<Option<DataKey>, VaultError> {
         match self.mode {
             CipherMode::Encrypted => keys
                 .ring
-                .unwrap_data_key(&WrappedDataKey::from_bytes(wrapped), record_id.as_bytes())
+                .unwrap_data_key(&WrappedDataKey::from_bytes(wrapped.to_vec()), record_id.as_bytes())
                 .map(Some)
                 .map_err(integrity(record_id, "data key")),
             CipherMode::PlaintextBaseline => Ok(None),
@@ -455,8 +455,9 @@ impl Vault {
         }
         let subject_env =
             self.seal_value(dek.as_ref(), &record_id, SUBJECT_CONTEXT, &Plaintext::from_str_copy(subject))?;
-        let record = StoredRecord::new(Self::subject_index(&keys, subject), subject_env, stored, now_ms());
-        self.store.insert_record(&record_id, &record, &wrapped)?;
+        let record =
+            StoredRecord::new(wrapped, Self::subject_index(&keys, subject), subject_env, stored, now_ms());
+        self.store.insert_record(&record_id, &record)?;
         self.store.durable().await?;
         Ok(record_id)
     }
@@ -472,7 +473,7 @@ impl Vault {
         let keys = self.unsealed()?;
         Self::check_record_id(record_id)?;
         let requested = Self::check_names(only)?;
-        let (record, wrapped) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
+        let (record, _) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
         let names: Vec<&str> = if requested.is_empty() {
             record.fields.iter().map(|f| f.name.as_str()).collect()
         } else {
@@ -480,7 +481,7 @@ impl Vault {
         };
         self.decide_and_audit(caller, Operation::Read, Some(record_id), &names, purpose)?;
 
-        let dek = self.unwrap_dek(&keys, record_id, wrapped)?;
+        let dek = self.unwrap_dek(&keys, record_id, &record.wrapped_key)?;
         let mut fields = Vec::with_capacity(names.len());
         for f in record.fields.iter().filter(|f| names.contains(&f.name.as_str())) {
             fields.push(FieldValue {
@@ -513,26 +514,28 @@ impl Vault {
                 both.name
             )));
         }
-        let (_, wrapped) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
+        if self.store.get_record(record_id)?.is_none() {
+            return Err(VaultError::NotFound("record"));
+        }
         let mut names: Vec<&str> =
             set.iter().map(|f| f.name.as_str()).chain(remove.iter().copied()).collect();
         names.sort_unstable();
         self.decide_and_audit(caller, Operation::Update, Some(record_id), &names, None)?;
 
-        let dek = self.unwrap_dek(&keys, record_id, wrapped)?;
-        let mut sealed = Vec::with_capacity(set.len());
-        for f in &set {
-            sealed.push(StoredField {
-                name: f.name.clone(),
-                envelope: self.seal_value(dek.as_ref(), record_id, &f.name, &f.value)?,
-            });
-        }
+        // Optimistic read-modify-write: encrypt under the key the record holds, then swap only if
+        // nobody changed the record meanwhile; otherwise read again.
         let max = self.limits.max_fields_per_record;
-        let outcome = self.store.update_record(record_id, |mut record| {
+        let names = loop {
+            let (mut record, read_bytes) =
+                self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
+            let dek = self.unwrap_dek(&keys, record_id, &record.wrapped_key)?;
             record
                 .fields
-                .retain(|f| !remove.contains(&f.name.as_str()) && !sealed.iter().any(|s| s.name == f.name));
-            record.fields.extend(sealed.iter().cloned());
+                .retain(|f| !remove.contains(&f.name.as_str()) && !set.iter().any(|s| s.name == f.name));
+            for f in &set {
+                let envelope = self.seal_value(dek.as_ref(), record_id, &f.name, &f.value)?;
+                record.fields.push(StoredField { name: f.name.clone(), envelope });
+            }
             record.fields.sort_by(|a, b| a.name.cmp(&b.name));
             if record.fields.len() > max {
                 return Err(VaultError::LimitExceeded(format!("a record holds at most {max} fields")));
@@ -543,12 +546,9 @@ impl Vault {
                 ));
             }
             record.updated_ms = now_ms();
-            let names = record.field_names();
-            Ok((record, names))
-        })?;
-        let names = match outcome {
-            None => return Err(VaultError::NotFound("record")),
-            Some(result) => result?,
+            if self.store.replace_record(record_id, &read_bytes, &record)? {
+                break record.field_names();
+            }
         };
         self.store.durable().await?;
         Ok(names)

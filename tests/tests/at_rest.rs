@@ -52,13 +52,12 @@ async fn no_plaintext_at_rest() {
     server.stop().await;
 }
 
-/// Stops the server, edits the stored record through sled directly, and hands back the dir.
+/// Edits a stored record through the store directly (the server must be stopped).
 fn edit_record(dir: &std::path::Path, id: &str, edit: impl FnOnce(&mut StoredRecord)) {
     let store = Store::open(dir, Durability::PerRequest).unwrap();
-    let tree = store.raw_tree("records").unwrap();
-    let mut record = StoredRecord::decode(&tree.get(id.as_bytes()).unwrap().unwrap()).unwrap();
+    let (mut record, _) = store.get_record(id).unwrap().unwrap();
     edit(&mut record);
-    tree.insert(id.as_bytes(), record.encode().unwrap()).unwrap();
+    store.overwrite_record_for_tests(id, &record).unwrap();
     store.flush_now().unwrap();
 }
 
@@ -68,8 +67,7 @@ fn envelope(r: &StoredRecord, field: &str) -> Vec<u8> {
 
 fn read_record(dir: &std::path::Path, id: &str) -> StoredRecord {
     let store = Store::open(dir, Durability::PerRequest).unwrap();
-    let tree = store.raw_tree("records").unwrap();
-    StoredRecord::decode(&tree.get(id.as_bytes()).unwrap().unwrap()).unwrap()
+    store.get_record(id).unwrap().unwrap().0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,13 +130,8 @@ async fn data_key_swapped_between_records_fails_closed() {
     let a = c.put("subject-a", [("card_number", CANARY_CARD)]).await.unwrap();
     let b = c.put("subject-b", [("card_number", "5555555555554444")]).await.unwrap();
     server.stop().await;
-    {
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-        let dks = store.raw_tree("data_keys").unwrap();
-        let key_a = dks.get(a.as_bytes()).unwrap().unwrap();
-        dks.insert(b.as_bytes(), key_a).unwrap();
-        store.flush_now().unwrap();
-    }
+    let key_a = read_record(dir.path(), &a).wrapped_key;
+    edit_record(dir.path(), &b, |r| r.wrapped_key = key_a);
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
     let err = c.get(&b, &[], None).await.unwrap_err();

@@ -197,3 +197,32 @@ async fn concurrent_writers_share_flushes() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_of_one_record_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.client().await;
+    let id = client.clone().put("busy-subject", [("age", "1")]).await.unwrap();
+    let fields = ["name", "email", "phone", "postal_code", "sex", "interests", "preferences", "browser"];
+    let values = ["ชื่อ", "x@example.go.th", "0812345678", "80000", "other", "ดนตรี", "กีฬา", "Firefox"];
+    let mut tasks = Vec::new();
+    for (f, v) in fields.into_iter().zip(values) {
+        let mut c = client.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                c.update(&id, [(f, v)], &[]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let record = client.clone().get(&id, &[], None).await.unwrap();
+    assert_eq!(record.fields.len(), 9, "every concurrent update kept: {:?}", record.fields.keys());
+    for (f, v) in fields.into_iter().zip(values) {
+        assert_eq!(record.fields[f].expose_secret(), v);
+    }
+    server.stop().await;
+}
