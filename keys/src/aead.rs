@@ -9,19 +9,22 @@ use crate::{Key256, KeyError, RandomSource};
 pub(crate) const NONCE_LEN: usize = 12;
 pub(crate) const TAG_LEN: usize = 16;
 
-fn cipher(key: &Key256) -> Result<Aes256Gcm, KeyError> {
+/// The expanded key schedule; `ZeroizeOnDrop` through aes-gcm's `zeroize` feature. Long-lived keys
+/// (KEKs, a record's data key) keep one so each use skips the expansion.
+pub(crate) type Cipher = Aes256Gcm;
+
+pub(crate) fn cipher(key: &Key256) -> Result<Cipher, KeyError> {
     Aes256Gcm::new_from_slice(key.expose_secret()).map_err(|_| KeyError::Malformed("key"))
 }
 
 /// Appends `nonce || ciphertext || tag` to `out`.
 pub(crate) fn seal_into(
-    key: &Key256,
+    cipher: &Cipher,
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
     plaintext: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), KeyError> {
-    let cipher = cipher(key)?;
     out.reserve(NONCE_LEN + plaintext.len() + TAG_LEN);
     out.extend_from_slice(nonce);
     let start = out.len();
@@ -35,7 +38,7 @@ pub(crate) fn seal_into(
 
 /// Opens `nonce || ciphertext || tag`; the plaintext buffer is wiped on drop.
 pub(crate) fn open(
-    key: &Key256,
+    cipher: &Cipher,
     aad: &[u8],
     sealed: &[u8],
     what: &'static str,
@@ -48,7 +51,7 @@ pub(crate) fn open(
     let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| KeyError::Malformed(what))?;
     let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| KeyError::Malformed(what))?;
     let mut buf = Zeroizing::new(ct.to_vec());
-    cipher(key)?
+    cipher
         .decrypt_inout_detached(&Nonce::from(nonce), aad, buf.as_mut_slice().into(), &tag.into())
         .map_err(|_| KeyError::Integrity(what))?;
     Ok(buf)

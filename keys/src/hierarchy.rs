@@ -55,7 +55,8 @@ impl RootKey {
         let mut out = vec![WRAP_V1];
         out.extend_from_slice(&kek.version.to_be_bytes());
         let nonce = aead::random_nonce(rng)?;
-        aead::seal_into(&self.0, &nonce, &Self::kek_aad(kek.version), kek.key.expose_secret(), &mut out)?;
+        let cipher = aead::cipher(&self.0)?;
+        aead::seal_into(&cipher, &nonce, &Self::kek_aad(kek.version), kek.key.expose_secret(), &mut out)?;
         Ok(out)
     }
 
@@ -69,8 +70,8 @@ impl RootKey {
             None => return Err(KeyError::Malformed(WHAT)),
         }
         let version = be_u32(wrapped, 1, WHAT)?;
-        let key = aead::open(&self.0, &Self::kek_aad(version), &wrapped[5..], WHAT)?;
-        Ok(Kek { version, key: Key256::from_slice(&key)? })
+        let key = aead::open(&aead::cipher(&self.0)?, &Self::kek_aad(version), &wrapped[5..], WHAT)?;
+        Kek::from_key(version, Key256::from_slice(&key)?)
     }
 
     /// A key for another purpose, derived with HKDF-SHA256 under a named label from [`labels`].
@@ -118,11 +119,16 @@ impl fmt::Debug for DerivedKey {
 pub struct Kek {
     version: u32,
     key: Key256,
+    cipher: aead::Cipher,
 }
 
 impl Kek {
     pub fn generate(version: u32, rng: &dyn RandomSource) -> Result<Self, KeyError> {
-        Ok(Self { version, key: Key256::generate(rng)? })
+        Self::from_key(version, Key256::generate(rng)?)
+    }
+
+    fn from_key(version: u32, key: Key256) -> Result<Self, KeyError> {
+        Ok(Self { version, cipher: aead::cipher(&key)?, key })
     }
 
     pub fn version(&self) -> u32 {
@@ -148,7 +154,7 @@ impl Kek {
         out.extend_from_slice(&self.version.to_be_bytes());
         out.extend_from_slice(&dek.generation.to_be_bytes());
         let aad = Self::dek_aad(self.version, dek.generation, record_id);
-        aead::seal_into(&self.key, nonce, &aad, dek.key.expose_secret(), &mut out)?;
+        aead::seal_into(&self.cipher, nonce, &aad, dek.key.expose_secret(), &mut out)?;
         Ok(WrappedDataKey(out))
     }
 
@@ -169,8 +175,8 @@ impl Kek {
             return Err(KeyError::UnknownKekVersion(kek_version));
         }
         let aad = Self::dek_aad(kek_version, generation, record_id);
-        let key = aead::open(&self.key, &aad, &wrapped.0[9..], WHAT)?;
-        Ok(DataKey { generation, key: Key256::from_slice(&key)? })
+        let key = aead::open(&self.cipher, &aad, &wrapped.0[9..], WHAT)?;
+        DataKey::from_parts(generation, Key256::from_slice(&key)?)
     }
 }
 
@@ -225,15 +231,16 @@ impl fmt::Debug for WrappedDataKey {
 pub struct DataKey {
     generation: u32,
     key: Key256,
+    cipher: aead::Cipher,
 }
 
 impl DataKey {
     pub fn generate(generation: u32, rng: &dyn RandomSource) -> Result<Self, KeyError> {
-        Ok(Self { generation, key: Key256::generate(rng)? })
+        Self::from_parts(generation, Key256::generate(rng)?)
     }
 
-    pub fn from_parts(generation: u32, key: Key256) -> Self {
-        Self { generation, key }
+    pub fn from_parts(generation: u32, key: Key256) -> Result<Self, KeyError> {
+        Ok(Self { generation, cipher: aead::cipher(&key)?, key })
     }
 
     pub fn generation(&self) -> u32 {
@@ -273,7 +280,7 @@ pub(crate) fn seal_field_with_nonce(
     let mut out = Vec::with_capacity(5 + aead::NONCE_LEN + value.len() + aead::TAG_LEN);
     out.push(FIELD_ENVELOPE_V1);
     out.extend_from_slice(&dek.generation.to_be_bytes());
-    aead::seal_into(&dek.key, nonce, &field_aad(ctx, dek.generation), value, &mut out)?;
+    aead::seal_into(&dek.cipher, nonce, &field_aad(ctx, dek.generation), value, &mut out)?;
     Ok(out)
 }
 
@@ -301,7 +308,7 @@ pub fn open_field(dek: &DataKey, ctx: FieldContext<'_>, envelope: &[u8]) -> Resu
     if generation != dek.generation {
         return Err(KeyError::Integrity(WHAT));
     }
-    let mut plain = aead::open(&dek.key, &field_aad(ctx, generation), &envelope[5..], WHAT)?;
+    let mut plain = aead::open(&dek.cipher, &field_aad(ctx, generation), &envelope[5..], WHAT)?;
     Ok(Plaintext::new(std::mem::take(&mut *plain)))
 }
 
@@ -367,7 +374,7 @@ pub(crate) mod test_support {
     }
 
     pub fn kek_from(version: u32, bytes: &[u8]) -> Kek {
-        Kek { version, key: Key256::from_slice(bytes).unwrap() }
+        Kek::from_key(version, Key256::from_slice(bytes).unwrap()).unwrap()
     }
 
     pub fn field_aad_for(ctx: FieldContext<'_>, generation: u32) -> Vec<u8> {

@@ -99,7 +99,7 @@ pub(crate) fn seal_with(
     let kek = derive(passphrase, salt, params)?;
     let mut out = header(params, salt);
     let aad = aad(&out);
-    aead::seal_into(&kek, nonce, &aad, root.key().expose_secret(), &mut out)?;
+    aead::seal_into(&aead::cipher(&kek)?, nonce, &aad, root.key().expose_secret(), &mut out)?;
     Ok(out)
 }
 
@@ -125,7 +125,7 @@ pub fn unseal_root_key(sealed: &[u8], passphrase: &[u8]) -> Result<RootKey, KeyE
     let (header, body) = sealed.split_at(HEADER_LEN);
     let salt = &header[HEADER_LEN - SALT_LEN..];
     let kek = derive(passphrase, salt, params)?;
-    let root = aead::open(&kek, &aad(header), body, WHAT).map_err(|e| match e {
+    let root = aead::open(&aead::cipher(&kek)?, &aad(header), body, WHAT).map_err(|e| match e {
         KeyError::Integrity(_) => KeyError::WrongPassphrase,
         other => other,
     })?;

@@ -18,7 +18,7 @@ impl RandomSource for Counter {
 }
 
 fn dek(generation: u32) -> DataKey {
-    DataKey::from_parts(generation, Key256::from_slice(&[0x11; 32]).unwrap())
+    DataKey::from_parts(generation, Key256::from_slice(&[0x11; 32]).unwrap()).unwrap()
 }
 
 const CTX: FieldContext<'static> = FieldContext { record_id: b"rec-0001", field: "email" };
