@@ -2,7 +2,8 @@
 
 use std::{env, fs, path::PathBuf};
 
-const PROTOS: &[&str] = &["proto/khlang/v1/records.proto"];
+const PROTOS: &[&str] =
+    &["proto/khlang/v1/records.proto", "proto/khlang/v1/subjects.proto", "proto/khlang/v1/admin.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -63,6 +63,7 @@ async fn one(
     client: &mut Client,
     op: BenchOp,
     ids: &[String],
+    purpose: &str,
     n: usize,
     worker: usize,
 ) -> Result<(), ClientError> {
@@ -72,7 +73,7 @@ async fn one(
             .await
             .map(|_| ()),
         BenchOp::Get => {
-            client.get(&ids[(n * 7919 + worker * 104_729) % ids.len()], &[], Some("bench")).await.map(|_| ())
+            client.get(&ids[(n * 7919 + worker * 104_729) % ids.len()], &[], Some(purpose)).await.map(|_| ())
         }
     }
 }
@@ -84,6 +85,7 @@ pub async fn run(
     warmup: Duration,
     duration: Duration,
     records: usize,
+    purpose: String,
 ) -> Result<Report, ClientError> {
     let concurrency = concurrency.max(1);
     let ids = if op == BenchOp::Get {
@@ -104,6 +106,7 @@ pub async fn run(
     for worker in 0..concurrency {
         let mut client = client.clone();
         let ids = ids.clone();
+        let purpose = purpose.clone();
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut ok, mut errors) = (Vec::with_capacity(1 << 16), 0u64, 0u64);
             let mut n = 0usize;
@@ -112,7 +115,7 @@ pub async fn run(
                 if t0 >= stop_at {
                     break;
                 }
-                let result = one(&mut client, op, &ids, n, worker).await;
+                let result = one(&mut client, op, &ids, &purpose, n, worker).await;
                 n += 1;
                 if t0 < measure_from {
                     continue;

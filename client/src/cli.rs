@@ -11,6 +11,15 @@ pub struct Cli {
     /// Bearer token of the identity to act as (prefer the environment variable: flags show in `ps`).
     #[arg(long, env = "KHLANG_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) that signed the vault's TLS certificate; needed for https:// addresses.
+    #[arg(long, env = "KHLANG_CACERT", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; its subject common name is the identity.
+    #[arg(long, env = "KHLANG_CLIENT_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "KHLANG_CLIENT_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -57,6 +66,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Identities (needs identity administration).
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// The regulations in force (needs regulations administration).
+    #[command(subcommand)]
+    Regulations(RegulationsCommand),
+    /// A data subject's consent and opt-outs, per purpose.
+    #[command(subcommand)]
+    Consent(ConsentCommand),
+    /// Data subjects' rights: export (access, portability) and erasure.
+    #[command(subcommand)]
+    Subject(SubjectCommand),
     /// Load generator over real gRPC: reports ops/s and latency percentiles.
     Bench {
         #[arg(value_enum)]
@@ -73,10 +94,63 @@ pub enum Command {
         /// Records written before a `get` run, then read at random.
         #[arg(long, default_value_t = 1000)]
         records: usize,
+        /// Purpose stated by `get` requests.
+        #[arg(long, default_value = "service_delivery")]
+        purpose: String,
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum IdentityCommand {
+    /// Create an identity with a role; prints its token once.
+    Create {
+        name: String,
+        #[arg(long)]
+        role: String,
+    },
+    /// List identities (never tokens).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an identity: its tokens stop working at once.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum RegulationsCommand {
+    /// Re-read the regulations file; an invalid file is refused and the rules in force stay.
+    Reload,
+    /// Show the version, roles, purposes and fields in force.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConsentCommand {
+    /// Record the subject's consent to a purpose.
+    Grant { subject: String, purpose: String },
+    /// Record that the subject withdrew consent / opted out of a purpose.
+    Withdraw { subject: String, purpose: String },
+    /// Show the subject's current choices and their history.
+    Show {
+        subject: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SubjectCommand {
+    /// Every record of the subject, decrypted, as JSON.
+    Export { subject: String },
+    /// Destroy every record and data key of the subject.
+    Erase { subject: String },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]

@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use khlang_proto::pb::{self, records_client::RecordsClient};
+use khlang_proto::pb::{
+    self, admin_client::AdminClient, records_client::RecordsClient, subjects_client::SubjectsClient,
+};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 use zeroize::Zeroizing;
 
 pub use tonic::Code;
@@ -28,6 +30,8 @@ pub enum ClientError {
     InvalidAddress(String),
     #[error("the token contains characters that cannot be sent in a header")]
     InvalidToken,
+    #[error("TLS configuration: {0}")]
+    Tls(String),
 }
 
 fn code_name(code: &Code) -> String {
@@ -84,21 +88,93 @@ pub struct RecordSummary {
     pub field_names: Vec<String>,
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
+/// A data subject's choice for one purpose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentEntry {
+    pub purpose: String,
+    pub granted: bool,
+    pub at_ms: u64,
+    pub recorded_by: String,
+}
+
+impl From<pb::ConsentEntry> for ConsentEntry {
+    fn from(c: pb::ConsentEntry) -> Self {
+        Self { purpose: c.purpose, granted: c.granted, at_ms: c.at_ms, recorded_by: c.recorded_by }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityInfo {
+    pub name: String,
+    pub role: String,
+    pub created_ms: u64,
+    pub created_by: String,
+    pub revoked_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegulationsInfo {
+    pub version: String,
+    pub organisation: String,
+    pub roles: Vec<String>,
+    pub purposes: Vec<String>,
+    pub fields: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl From<pb::RegulationsInfo> for RegulationsInfo {
+    fn from(r: pb::RegulationsInfo) -> Self {
+        Self {
+            version: r.version,
+            organisation: r.organisation,
+            roles: r.roles,
+            purposes: r.purposes,
+            fields: r.fields,
+            warnings: r.warnings,
+        }
+    }
+}
+
+/// TLS settings: the CA that signed the vault's certificate, and optionally a client certificate
+/// (mutual TLS) whose subject common name is the identity to act as.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    pub ca_pem: Vec<u8>,
+    pub client_cert_pem: Option<Vec<u8>>,
+    pub client_key_pem: Option<Zeroizing<Vec<u8>>>,
+    /// The name to check the server certificate against, when it differs from the address's host.
+    pub domain: Option<String>,
+}
+
+impl fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("client_cert", &self.client_cert_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call (if there is a token).
 #[derive(Clone)]
-pub struct BearerAuth(MetadataValue<Ascii>);
+pub struct BearerAuth(Option<MetadataValue<Ascii>>);
 
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
         Ok(req)
     }
 }
 
+type Authed = InterceptedService<Channel, BearerAuth>;
+
 /// A connection to a vault, authenticated as one identity. Cheap to clone; clones share the channel.
 #[derive(Clone)]
 pub struct Client {
-    records: RecordsClient<InterceptedService<Channel, BearerAuth>>,
+    records: RecordsClient<Authed>,
+    subjects: SubjectsClient<Authed>,
+    admin: AdminClient<Authed>,
 }
 
 impl fmt::Debug for Client {
@@ -116,8 +192,27 @@ fn to_pb_fields<K: Into<String>, V: Into<String>>(
 impl Client {
     /// Connects to `addr` (e.g. `http://127.0.0.1:7420`) with a bearer token.
     pub async fn connect(addr: &str, token: &str) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(addr.to_owned())
+        Self::connect_with(addr, Some(token), None).await
+    }
+
+    /// Connects with an optional token and optional TLS (an `https://` address needs `tls`).
+    pub async fn connect_with(
+        addr: &str,
+        token: Option<&str>,
+        tls: Option<&TlsOptions>,
+    ) -> Result<Self, ClientError> {
+        let mut endpoint = Endpoint::from_shared(addr.to_owned())
             .map_err(|_| ClientError::InvalidAddress(addr.to_owned()))?;
+        if let Some(tls) = tls {
+            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let (Some(cert), Some(key)) = (&tls.client_cert_pem, &tls.client_key_pem) {
+                config = config.identity(TlsIdentity::from_pem(cert, key.as_slice()));
+            }
+            if let Some(domain) = &tls.domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| ClientError::Tls(e.to_string()))?;
+        }
         let channel = endpoint
             .connect()
             .await
@@ -125,14 +220,25 @@ impl Client {
         Self::with_channel(channel, token)
     }
 
-    /// Uses an existing channel (e.g. one configured for TLS).
-    pub fn with_channel(channel: Channel, token: &str) -> Result<Self, ClientError> {
-        let header = Zeroizing::new(format!("Bearer {token}"));
-        let mut value: MetadataValue<Ascii> = header.parse().map_err(|_| ClientError::InvalidToken)?;
-        value.set_sensitive(true);
+    /// Uses an existing channel.
+    pub fn with_channel(channel: Channel, token: Option<&str>) -> Result<Self, ClientError> {
+        let value = match token {
+            Some(token) => {
+                let header = Zeroizing::new(format!("Bearer {token}"));
+                let mut value: MetadataValue<Ascii> =
+                    header.parse().map_err(|_| ClientError::InvalidToken)?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        let auth = BearerAuth(value);
         Ok(Self {
-            records: RecordsClient::with_interceptor(channel, BearerAuth(value))
+            records: RecordsClient::with_interceptor(channel.clone(), auth.clone())
                 .max_decoding_message_size(64 << 20),
+            subjects: SubjectsClient::with_interceptor(channel.clone(), auth.clone())
+                .max_decoding_message_size(64 << 20),
+            admin: AdminClient::with_interceptor(channel, auth),
         })
     }
 
@@ -197,5 +303,85 @@ impl Client {
             .into_iter()
             .map(|r| RecordSummary { record_id: r.record_id, field_names: r.field_names })
             .collect())
+    }
+
+    /// Records a subject's consent (`granted`) or opt-out for a purpose.
+    pub async fn set_consent(
+        &mut self,
+        subject: &str,
+        purpose: &str,
+        granted: bool,
+    ) -> Result<ConsentEntry, ClientError> {
+        let req =
+            pb::SetConsentRequest { subject_id: subject.to_owned(), purpose: purpose.to_owned(), granted };
+        Ok(self.subjects.set_consent(req).await?.into_inner().into())
+    }
+
+    /// `(current choices, history oldest first)`.
+    pub async fn consent(
+        &mut self,
+        subject: &str,
+    ) -> Result<(Vec<ConsentEntry>, Vec<ConsentEntry>), ClientError> {
+        let resp =
+            self.subjects.get_consent(pb::GetConsentRequest { subject_id: subject.to_owned() }).await?;
+        let r = resp.into_inner();
+        Ok((r.current.into_iter().map(Into::into).collect(), r.history.into_iter().map(Into::into).collect()))
+    }
+
+    /// Every record of a subject, decrypted (PDPA access and portability).
+    pub async fn export_subject(&mut self, subject: &str) -> Result<Vec<Record>, ClientError> {
+        let resp =
+            self.subjects.export_subject(pb::ExportSubjectRequest { subject_id: subject.to_owned() }).await?;
+        let r = resp.into_inner();
+        Ok(r.records
+            .into_iter()
+            .map(|rec| Record {
+                record_id: rec.record_id,
+                subject_id: SecretText::new(r.subject_id.clone()),
+                fields: rec.fields.into_iter().map(|f| (f.name, SecretText::new(f.value))).collect(),
+            })
+            .collect())
+    }
+
+    /// Destroys every record and data key of a subject; returns how many records.
+    pub async fn erase_subject(&mut self, subject: &str) -> Result<u32, ClientError> {
+        let resp =
+            self.subjects.erase_subject(pb::EraseSubjectRequest { subject_id: subject.to_owned() }).await?;
+        Ok(resp.into_inner().records_erased)
+    }
+
+    /// Creates an identity; returns its token (shown once).
+    pub async fn create_identity(&mut self, name: &str, role: &str) -> Result<SecretText, ClientError> {
+        let req = pb::CreateIdentityRequest { name: name.to_owned(), role: role.to_owned() };
+        Ok(SecretText::new(self.admin.create_identity(req).await?.into_inner().token))
+    }
+
+    pub async fn list_identities(&mut self) -> Result<Vec<IdentityInfo>, ClientError> {
+        let resp = self.admin.list_identities(pb::ListIdentitiesRequest {}).await?;
+        Ok(resp
+            .into_inner()
+            .identities
+            .into_iter()
+            .map(|i| IdentityInfo {
+                name: i.name,
+                role: i.role,
+                created_ms: i.created_ms,
+                created_by: i.created_by,
+                revoked_ms: (i.revoked_ms != 0).then_some(i.revoked_ms),
+            })
+            .collect())
+    }
+
+    pub async fn revoke_identity(&mut self, name: &str) -> Result<(), ClientError> {
+        self.admin.revoke_identity(pb::RevokeIdentityRequest { name: name.to_owned() }).await?;
+        Ok(())
+    }
+
+    pub async fn reload_regulations(&mut self) -> Result<RegulationsInfo, ClientError> {
+        Ok(self.admin.reload_regulations(pb::ReloadRegulationsRequest {}).await?.into_inner().into())
+    }
+
+    pub async fn regulations(&mut self) -> Result<RegulationsInfo, ClientError> {
+        Ok(self.admin.get_regulations(pb::GetRegulationsRequest {}).await?.into_inner().into())
     }
 }

@@ -9,13 +9,40 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use khlang_client::Client;
+use khlang_client::{Client, ConsentEntry, Record, TlsOptions};
+use zeroize::Zeroizing;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, ConsentCommand, IdentityCommand, RegulationsCommand, SubjectCommand};
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
-    let token = cli.token.as_deref().context("no token: set KHLANG_TOKEN or pass --token")?;
-    Ok(Client::connect(&cli.addr, token).await?)
+    let read =
+        |p: &std::path::PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let tls = match &cli.ca_cert {
+        Some(ca) => Some(TlsOptions {
+            ca_pem: read(ca)?,
+            client_cert_pem: cli.client_cert.as_ref().map(read).transpose()?,
+            client_key_pem: cli.client_key.as_ref().map(read).transpose()?.map(Zeroizing::new),
+            domain: None,
+        }),
+        None => None,
+    };
+    if cli.token.is_none() && cli.client_cert.is_none() {
+        anyhow::bail!("no credentials: set KHLANG_TOKEN (or --token), or give --client-cert/--client-key");
+    }
+    Ok(Client::connect_with(&cli.addr, cli.token.as_deref(), tls.as_ref()).await?)
+}
+
+fn record_json(r: &Record) -> serde_json::Value {
+    let fields: serde_json::Map<String, serde_json::Value> = r
+        .fields
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose_secret().to_owned())))
+        .collect();
+    serde_json::Value::Object(fields)
+}
+
+fn consent_json(c: &ConsentEntry) -> serde_json::Value {
+    serde_json::json!({"purpose": c.purpose, "granted": c.granted, "at_ms": c.at_ms, "recorded_by": c.recorded_by})
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -27,12 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get { record_id, fields, purpose, json } => {
             let record = client.get(&record_id, &fields, purpose.as_deref()).await?;
             if json {
-                let obj: serde_json::Map<String, serde_json::Value> = record
-                    .fields
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose_secret().to_owned())))
-                    .collect();
-                println!("{}", serde_json::Value::Object(obj));
+                println!("{}", record_json(&record));
             } else {
                 let width = record.fields.keys().map(String::len).max().unwrap_or(0);
                 for (name, value) in &record.fields {
@@ -62,7 +84,96 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench { op, concurrency, duration, warmup, records, json } => {
+        Command::Identity(cmd) => match cmd {
+            IdentityCommand::Create { name, role } => {
+                let token = client.create_identity(&name, &role).await?;
+                eprintln!("Token for identity '{name}' (role {role}), shown once:");
+                println!("{}", token.expose_secret());
+            }
+            IdentityCommand::List { json } => {
+                let ids = client.list_identities().await?;
+                if json {
+                    let rows: Vec<_> = ids
+                        .iter()
+                        .map(|i| {
+                            serde_json::json!({"name": i.name, "role": i.role, "created_ms": i.created_ms,
+                                "created_by": i.created_by, "revoked_ms": i.revoked_ms})
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(rows));
+                } else {
+                    for i in &ids {
+                        let state = if i.revoked_ms.is_some() { "revoked" } else { "active" };
+                        println!("{:<28} {:<24} {state:<8} created by {}", i.name, i.role, i.created_by);
+                    }
+                }
+            }
+            IdentityCommand::Revoke { name } => {
+                client.revoke_identity(&name).await?;
+                println!("revoked {name}");
+            }
+        },
+        Command::Regulations(cmd) => {
+            let (info, json) = match cmd {
+                RegulationsCommand::Reload => (client.reload_regulations().await?, false),
+                RegulationsCommand::Show { json } => (client.regulations().await?, json),
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"version": info.version, "organisation": info.organisation,
+                        "roles": info.roles, "purposes": info.purposes, "fields": info.fields, "warnings": info.warnings})
+                );
+            } else {
+                println!("version       {}", info.version);
+                println!("organisation  {}", info.organisation);
+                println!("roles         {}", info.roles.join(", "));
+                println!("purposes      {}", info.purposes.join(", "));
+                println!("fields        {}", info.fields.join(", "));
+                for w in &info.warnings {
+                    println!("warning       {w}");
+                }
+            }
+        }
+        Command::Consent(cmd) => match cmd {
+            ConsentCommand::Grant { subject, purpose } => {
+                let c = client.set_consent(&subject, &purpose, true).await?;
+                println!("{}: granted by {}", c.purpose, c.recorded_by);
+            }
+            ConsentCommand::Withdraw { subject, purpose } => {
+                let c = client.set_consent(&subject, &purpose, false).await?;
+                println!("{}: withdrawn by {}", c.purpose, c.recorded_by);
+            }
+            ConsentCommand::Show { subject, json } => {
+                let (current, history) = client.consent(&subject).await?;
+                if json {
+                    let cur: Vec<_> = current.iter().map(consent_json).collect();
+                    let hist: Vec<_> = history.iter().map(consent_json).collect();
+                    println!("{}", serde_json::json!({"current": cur, "history": hist}));
+                } else {
+                    for c in &current {
+                        let state = if c.granted { "granted" } else { "withdrawn" };
+                        println!("{:<24} {state:<10} at {} by {}", c.purpose, c.at_ms, c.recorded_by);
+                    }
+                    println!("({} changes recorded)", history.len());
+                }
+            }
+        },
+        Command::Subject(cmd) => match cmd {
+            SubjectCommand::Export { subject } => {
+                let records = client.export_subject(&subject).await?;
+                let rows: Vec<_> = records
+                    .iter()
+                    .map(|r| serde_json::json!({"record_id": r.record_id, "fields": record_json(r)}))
+                    .collect();
+                println!("{}", serde_json::json!({"subject_id": subject, "records": rows}));
+            }
+            SubjectCommand::Erase { subject } => {
+                let n = client.erase_subject(&subject).await?;
+                println!("erased {n} records of the subject and their data keys");
+            }
+        },
+        Command::Bench { op, concurrency, duration, warmup, records, purpose, json } => {
             let report = bench::run(
                 client,
                 op,
@@ -70,6 +181,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs_f64(warmup.max(0.0)),
                 Duration::from_secs_f64(duration.max(0.1)),
                 records,
+                purpose,
             )
             .await?;
             if json {

@@ -21,6 +21,8 @@ pub struct AuditEvent<'a> {
     /// "allow" or "deny".
     pub decision: &'static str,
     pub rule: &'a str,
+    /// SHA-256 of the regulations that made the decision.
+    pub regulations_version: &'a str,
 }
 
 pub trait AuditSink: Send + Sync {
@@ -45,6 +47,7 @@ impl AuditSink for TracingAudit {
             purpose = e.purpose.unwrap_or(""),
             decision = e.decision,
             rule = e.rule,
+            regulations = e.regulations_version,
         );
         Ok(())
     }

@@ -1,13 +1,21 @@
-//! Bearer tokens: `khl_<token id: 16 hex>_<secret: 64 hex>`. The vault stores, per token id, the
-//! identity and an HMAC of the secret under a pepper derived from the root key — never the token.
-//! Verification costs the same whatever failed (malformed, unknown id, wrong secret).
+//! Identities and authentication.
+//!
+//! Bearer tokens look like `khl_<token id: 16 hex>_<secret: 64 hex>`. The vault stores, per token id,
+//! the identity's name and an HMAC of the secret under a pepper derived from the root key — never the
+//! token. A client certificate verified against the configured CA names its identity in its subject
+//! common name. Verification does the same work whatever failed, and failures are rate-limited per
+//! peer address (PCI DSS 8.3.4).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use khlang_keys::RandomSource;
 use zeroize::Zeroizing;
 
-use crate::store::StoredIdentity;
+use crate::store::{StoredIdentity, StoredToken};
 use crate::vault::now_ms;
 use crate::{Identity, Vault, VaultError};
 
@@ -30,6 +38,93 @@ impl fmt::Debug for IssuedToken {
     }
 }
 
+/// What a caller presented.
+#[derive(Clone, Copy)]
+pub struct Credentials<'a> {
+    pub token: Option<&'a str>,
+    /// The subject common name of a client certificate the TLS layer verified against the CA.
+    pub certificate_name: Option<&'a str>,
+    pub peer: Option<IpAddr>,
+}
+
+impl fmt::Debug for Credentials<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token", &self.token.map(|_| ".."))
+            .field("certificate_name", &self.certificate_name)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+/// Failed-authentication limits per peer address.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthLimits {
+    /// Failures allowed within `window` before the address is locked out.
+    pub max_failures: u32,
+    pub window: Duration,
+    pub lockout: Duration,
+}
+
+impl Default for AuthLimits {
+    /// PCI DSS 8.3.4: lock out after at most 10 attempts, for at least 30 minutes.
+    fn default() -> Self {
+        Self { max_failures: 10, window: Duration::from_secs(15 * 60), lockout: Duration::from_secs(30 * 60) }
+    }
+}
+
+#[derive(Debug)]
+struct PeerFailures {
+    count: u32,
+    window_start: Instant,
+    locked_until: Option<Instant>,
+}
+
+/// Counts failures per address; locks an address out once it exceeds the limit.
+#[derive(Debug)]
+pub(crate) struct AuthGuard {
+    limits: AuthLimits,
+    peers: Mutex<HashMap<IpAddr, PeerFailures>>,
+}
+
+impl AuthGuard {
+    pub(crate) fn new(limits: AuthLimits) -> Self {
+        Self { limits, peers: Mutex::new(HashMap::new()) }
+    }
+
+    fn locked(&self, ip: IpAddr, now: Instant) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(&ip).and_then(|p| p.locked_until).is_some_and(|until| now < until)
+    }
+
+    fn failed(&self, ip: IpAddr, now: Instant) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.len() > 100_000 {
+            // Bounded memory under a spray of addresses: forget entries that no longer matter.
+            peers.retain(|_, p| {
+                p.locked_until.is_some_and(|u| now < u) || now - p.window_start < self.limits.window
+            });
+        }
+        let p = peers.entry(ip).or_insert(PeerFailures { count: 0, window_start: now, locked_until: None });
+        if now - p.window_start >= self.limits.window {
+            p.count = 0;
+            p.window_start = now;
+        }
+        p.count += 1;
+        if p.count >= self.limits.max_failures {
+            p.locked_until = Some(now + self.limits.lockout);
+            tracing::warn!(target: "khlang::auth", peer = %ip, "too many failed authentications; address locked out");
+        }
+    }
+
+    fn succeeded(&self, ip: IpAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.get(&ip).is_some_and(|p| p.locked_until.is_none()) {
+            peers.remove(&ip);
+        }
+    }
+}
+
 /// Splits a token into (id, secret bytes) if it has the right shape.
 fn parse(token: &str) -> Option<(&str, Zeroizing<Vec<u8>>)> {
     let rest = token.strip_prefix(PREFIX)?;
@@ -43,16 +138,51 @@ fn parse(token: &str) -> Option<(&str, Zeroizing<Vec<u8>>)> {
     Some((id, Zeroizing::new(hex::decode(secret).ok()?)))
 }
 
+pub(crate) fn check_identity_name(name: &str) -> Result<(), VaultError> {
+    if name.is_empty()
+        || name.len() > 128
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+    {
+        return Err(VaultError::InvalidArgument(
+            "identity names are 1–128 characters of letters, digits and - _ . @".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Vault {
-    /// Issues a new token for `name` with `role`; the token is returned once and only its MAC kept.
-    pub async fn issue_token(&self, name: &str, role: &str) -> Result<IssuedToken, VaultError> {
-        if name.is_empty()
-            || name.len() > 128
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-        {
-            return Err(VaultError::InvalidArgument(
-                "identity names are 1–128 characters of letters, digits and - _ . @".into(),
-            ));
+    /// Creates an identity with a role of the regulations in force, and issues its first token.
+    /// Callers check permission first; this is also how `init` and `dev` bootstrap identities.
+    pub(crate) async fn create_identity_unchecked(
+        &self,
+        name: &str,
+        role: &str,
+        created_by: &str,
+    ) -> Result<IssuedToken, VaultError> {
+        check_identity_name(name)?;
+        if !self.regulations().roles.contains_key(role) {
+            return Err(VaultError::InvalidArgument(format!(
+                "role '{role}' is not in the regulations in force"
+            )));
+        }
+        let identity = StoredIdentity::new(name.to_owned(), role.to_owned(), created_by.to_owned(), now_ms());
+        if !self.store.create_identity(&identity)? {
+            return Err(VaultError::AlreadyExists(format!("identity '{name}' already exists")));
+        }
+        self.issue_token(name).await
+    }
+
+    /// Creates the first identity of a new vault (`khlangd init`), before anyone could be asked.
+    pub async fn bootstrap_identity(&self, name: &str, role: &str) -> Result<IssuedToken, VaultError> {
+        self.create_identity_unchecked(name, role, "khlangd init").await
+    }
+
+    /// Issues another token for an existing, unrevoked identity. No caller and no permission
+    /// check: for the local operator (`khlangd dev`) and test harnesses, never for the API.
+    pub async fn issue_token(&self, name: &str) -> Result<IssuedToken, VaultError> {
+        let identity = self.store.get_identity(name)?.ok_or(VaultError::NotFound("identity"))?;
+        if identity.revoked_ms.is_some() {
+            return Err(VaultError::FailedPrecondition(format!("identity '{name}' is revoked")));
         }
         let keys = self.unsealed()?;
         let mut id = [0u8; ID_BYTES];
@@ -61,28 +191,63 @@ impl Vault {
         self.rng.fill(secret.as_mut_slice())?;
         let token_id = hex::encode(id);
         let mac = keys.token_pepper.mac(secret.as_slice());
-        self.store
-            .put_identity(&token_id, &StoredIdentity::new(name.to_owned(), role.to_owned(), mac, now_ms()))?;
+        self.store.put_token(
+            &token_id,
+            &StoredToken { format: 1, identity: name.to_owned(), mac, created_ms: now_ms() },
+        )?;
         self.store.durable().await?;
         let secret_hex = Zeroizing::new(hex::encode(secret.as_slice()));
         Ok(IssuedToken(Zeroizing::new(format!("{PREFIX}{token_id}_{}", secret_hex.as_str()))))
     }
 
-    /// Resolves a bearer token to its identity, or `Unauthenticated`.
-    pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, VaultError> {
+    /// Resolves what the caller presented to an active identity, or `Unauthenticated`.
+    pub fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
+        let now = Instant::now();
+        if let Some(ip) = creds.peer
+            && self.auth_guard.locked(ip, now)
+        {
+            return Err(VaultError::LockedOut);
+        }
+        let result = self.verify(creds);
+        if let Some(ip) = creds.peer {
+            match &result {
+                Ok(_) => self.auth_guard.succeeded(ip),
+                Err(VaultError::Unauthenticated) => self.auth_guard.failed(ip, now),
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    fn verify(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
         let keys = self.unsealed()?;
-        let dummy = [0u8; SECRET_BYTES];
-        let parsed = token.and_then(parse);
-        let stored = match &parsed {
-            Some((id, _)) => self.store.get_identity(id)?,
+        let by_token = match creds.token {
+            Some(token) => {
+                let dummy = [0u8; SECRET_BYTES];
+                let parsed = parse(token);
+                let stored = match &parsed {
+                    Some((id, _)) => self.store.get_token(id)?,
+                    None => None,
+                };
+                let secret: &[u8] = parsed.as_ref().map_or(&dummy[..], |(_, s)| s.as_slice());
+                let expected = stored.as_ref().map_or([0xFFu8; 32], |s| s.mac);
+                // Always one MAC and one constant-time compare, so timing does not tell which part failed.
+                let ok = keys.token_pepper.verify(secret, &expected);
+                match stored {
+                    Some(t) if ok && parsed.is_some() => Some(t.identity),
+                    _ => return Err(VaultError::Unauthenticated),
+                }
+            }
             None => None,
         };
-        let secret: &[u8] = parsed.as_ref().map_or(&dummy[..], |(_, s)| s.as_slice());
-        let expected = stored.as_ref().map_or([0xFFu8; 32], |s| s.token_mac);
-        // Always one MAC and one constant-time compare, so timing does not tell which part failed.
-        let ok = keys.token_pepper.verify(secret, &expected);
-        match stored {
-            Some(identity) if ok && parsed.is_some() => {
+        let name = match (by_token, creds.certificate_name) {
+            (Some(t), Some(c)) if t != c => return Err(VaultError::Unauthenticated),
+            (Some(t), _) => t,
+            (None, Some(c)) => c.to_owned(),
+            (None, None) => return Err(VaultError::Unauthenticated),
+        };
+        match self.store.get_identity(&name)? {
+            Some(identity) if identity.revoked_ms.is_none() => {
                 Ok(Identity { name: identity.name, role: identity.role })
             }
             _ => Err(VaultError::Unauthenticated),
@@ -91,7 +256,7 @@ impl Vault {
 
     /// Whether a token is currently valid (used to reuse development credentials across restarts).
     pub fn token_is_valid(&self, token: &str) -> bool {
-        self.authenticate(Some(token)).is_ok()
+        self.verify(Credentials { token: Some(token), certificate_name: None, peer: None }).is_ok()
     }
 }
 
@@ -109,5 +274,23 @@ mod tests {
         assert!(parse(&format!("khl_{}_{}", "0".repeat(15), "ab".repeat(32))).is_none());
         assert!(parse(&format!("khl_{}_{}", "0".repeat(16), "zz".repeat(32))).is_none());
         assert!(parse(&format!("{good}00")).is_none());
+    }
+
+    #[test]
+    fn guard_locks_out_after_the_limit_and_only_that_address() {
+        let guard = AuthGuard::new(AuthLimits {
+            max_failures: 3,
+            window: Duration::from_secs(60),
+            lockout: Duration::from_secs(60),
+        });
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let now = Instant::now();
+        guard.failed(a, now);
+        guard.failed(a, now);
+        assert!(!guard.locked(a, now));
+        guard.failed(a, now);
+        assert!(guard.locked(a, now));
+        assert!(!guard.locked(b, now));
+        assert!(!guard.locked(a, now + Duration::from_secs(61)), "lockout ends");
     }
 }

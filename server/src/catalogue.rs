@@ -1,10 +1,9 @@
-//! The field catalogue: which fields a record may hold, their kind, sensitivity and validator.
-//! It covers every kind of data in the municipality's privacy policy (see `shared/seed/summary.md`).
-//! The regulations file takes this over later; the validators stay here.
+//! What each kind of field may hold: validators that canonicalise values, and the names PCI DSS
+//! forbids storing. Which fields exist, their class and mask come from the regulations file.
 
 use crate::VaultError;
 
-/// What kind of data a field holds; decides its validator (and later its mask).
+/// What kind of data a field holds; decides its validator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldKind {
     Name,
@@ -23,56 +22,47 @@ pub enum FieldKind {
     ThaiNationalId,
 }
 
-/// How much harm a leak does, lowest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Sensitivity {
-    /// Usage statistics that do not identify a person on their own.
-    Low,
-    /// Personal data that identifies or contacts a person.
-    Personal,
-    /// Government identifiers.
-    High,
-    /// Payment card data (PCI DSS scope).
-    Restricted,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct FieldSpec {
-    pub name: &'static str,
-    pub kind: FieldKind,
-    pub sensitivity: Sensitivity,
-}
-
-const fn f(name: &'static str, kind: FieldKind, sensitivity: Sensitivity) -> FieldSpec {
-    FieldSpec { name, kind, sensitivity }
-}
-
 use FieldKind as K;
-use Sensitivity as S;
 
-/// The municipality's catalogue: section 1 (everyday service), 2 (membership), 3 (usage statistics),
-/// plus the Thai national id that Thai public bodies hold.
-pub const FIELDS: &[FieldSpec] = &[
-    f("name", K::Name, S::Personal),
-    f("email", K::Email, S::Personal),
-    f("home_address", K::Address, S::Personal),
-    f("work_address", K::Address, S::Personal),
-    f("postal_code", K::PostalCode, S::Personal),
-    f("phone", K::Phone, S::Personal),
-    f("sex", K::Sex, S::Personal),
-    f("age", K::Age, S::Personal),
-    f("preferences", K::FreeText, S::Personal),
-    f("interests", K::FreeText, S::Personal),
-    f("card_number", K::CardNumber, S::Restricted),
-    f("billing_address", K::Address, S::Personal),
-    f("ip_address", K::IpAddress, S::Low),
-    f("browser", K::FreeText, S::Low),
-    f("domain", K::DomainName, S::Low),
-    f("pages_visited", K::FreeText, S::Low),
-    f("access_time", K::Timestamp, S::Low),
-    f("referrer", K::Url, S::Low),
-    f("national_id", K::ThaiNationalId, S::High),
-];
+impl FieldKind {
+    const ALL: &[(&str, FieldKind)] = &[
+        ("name", K::Name),
+        ("email", K::Email),
+        ("address", K::Address),
+        ("postal_code", K::PostalCode),
+        ("phone", K::Phone),
+        ("sex", K::Sex),
+        ("age", K::Age),
+        ("free_text", K::FreeText),
+        ("card_number", K::CardNumber),
+        ("ip_address", K::IpAddress),
+        ("domain", K::DomainName),
+        ("timestamp", K::Timestamp),
+        ("url", K::Url),
+        ("thai_national_id", K::ThaiNationalId),
+    ];
+    /// The names a regulations file may use for `kind`.
+    pub const NAMES: &[&str] = &[
+        "name",
+        "email",
+        "address",
+        "postal_code",
+        "phone",
+        "sex",
+        "age",
+        "free_text",
+        "card_number",
+        "ip_address",
+        "domain",
+        "timestamp",
+        "url",
+        "thai_national_id",
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, k)| *k)
+    }
+}
 
 /// Sensitive authentication data that PCI DSS 3.3.1 forbids storing after authorisation, in any form.
 const PROHIBITED: &[&str] = &[
@@ -100,31 +90,22 @@ const PROHIBITED: &[&str] = &[
     "fulltrack",
 ];
 
-pub fn lookup(name: &str) -> Option<&'static FieldSpec> {
-    FIELDS.iter().find(|f| f.name == name)
-}
-
 fn is_prohibited(name: &str) -> bool {
     let folded: String =
         name.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect();
     PROHIBITED.contains(&folded.as_str())
 }
 
-/// Checks a field name against the catalogue. Errors name the field (names are not personal data).
-pub fn spec_for(name: &str) -> Result<&'static FieldSpec, VaultError> {
+/// Refuses card verification codes, PINs and track data by name, in requests and in regulations.
+pub fn check_field_name_allowed(name: &str) -> Result<(), String> {
     if is_prohibited(name) {
-        return Err(VaultError::InvalidArgument(format!(
+        return Err(format!(
             "field '{}' is sensitive authentication data (card verification code, PIN or track data), \
              which PCI DSS 3.3.1 forbids storing",
             printable(name)
-        )));
+        ));
     }
-    lookup(name).ok_or_else(|| {
-        VaultError::InvalidArgument(format!(
-            "unknown field '{}': not in the field catalogue",
-            printable(name)
-        ))
-    })
+    Ok(())
 }
 
 /// A caller's string made safe to echo in an error: bounded and without control characters.
@@ -142,17 +123,16 @@ fn invalid(field: &str, why: &str) -> VaultError {
 
 /// Validates and canonicalises a value. The returned string is what gets stored. Errors say what
 /// rule failed, never the value.
-pub fn validate(spec: &FieldSpec, value: &str) -> Result<String, VaultError> {
-    let n = spec.name;
+pub fn validate(n: &str, kind: FieldKind, value: &str) -> Result<String, VaultError> {
     let v = value.trim();
     if v.is_empty() {
         return Err(invalid(n, "value is empty"));
     }
-    let multiline = matches!(spec.kind, K::Address | K::FreeText);
+    let multiline = matches!(kind, K::Address | K::FreeText);
     if v.chars().any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t'))) {
         return Err(invalid(n, "value contains control characters"));
     }
-    match spec.kind {
+    match kind {
         K::Name | K::Address | K::FreeText => Ok(v.to_owned()),
         K::CardNumber => {
             let digits = digits_only(v, &[' ', '-'])
@@ -352,7 +332,22 @@ mod tests {
     use super::*;
 
     fn check(name: &str, v: &str) -> Result<String, VaultError> {
-        validate(lookup(name).unwrap(), v)
+        let kind = match name {
+            "card_number" => K::CardNumber,
+            "national_id" => K::ThaiNationalId,
+            "email" => K::Email,
+            "phone" => K::Phone,
+            "postal_code" => K::PostalCode,
+            "age" => K::Age,
+            "sex" => K::Sex,
+            "ip_address" => K::IpAddress,
+            "access_time" => K::Timestamp,
+            "referrer" => K::Url,
+            "name" => K::Name,
+            "home_address" => K::Address,
+            _ => unreachable!("{name}"),
+        };
+        validate(name, kind, v)
     }
 
     #[test]
@@ -395,11 +390,14 @@ mod tests {
     }
 
     #[test]
-    fn prohibited_and_unknown() {
+    fn prohibited_names() {
         for name in ["cvv", "CVV2", "card_verification_code", "pin", "track-2", "Track_Data"] {
-            let e = spec_for(name).unwrap_err().to_string();
+            let e = check_field_name_allowed(name).unwrap_err();
             assert!(e.contains("PCI DSS 3.3.1"), "{name}: {e}");
         }
-        assert!(spec_for("shoe_size").unwrap_err().to_string().contains("unknown field"));
+        assert!(check_field_name_allowed("card_number").is_ok());
+        for name in FieldKind::NAMES {
+            assert!(FieldKind::parse(name).is_some());
+        }
     }
 }

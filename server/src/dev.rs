@@ -11,7 +11,6 @@ use khlang_keys::SealParams;
 use zeroize::Zeroize;
 
 use crate::audit::AuditSink;
-use crate::policy::DEVELOPER_ROLE;
 use crate::{Vault, VaultError, VaultOptions};
 
 /// Publicly known, so a development vault protects nothing: never use one for real data.
@@ -19,8 +18,17 @@ pub const DEV_PASSPHRASE: &str = "khlang-development-passphrase-not-for-real-dat
 pub const DEFAULT_DIR: &str = "./khlang-dev";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const CREDENTIALS_FILE: &str = "dev-credentials.json";
-/// `(identity name, role)` of every development identity.
-pub const DEV_IDENTITIES: &[(&str, &str)] = &[("developer", DEVELOPER_ROLE)];
+/// `(identity name, role)` of every development identity: one per role of the sample regulations.
+pub const DEV_IDENTITIES: &[(&str, &str)] = &[
+    ("registration-app", "registration-app"),
+    ("billing-clerk", "billing-clerk"),
+    ("postal-contractor", "postal-contractor"),
+    ("statistics-contractor", "statistics-contractor"),
+    ("marketing-officer", "marketing-officer"),
+    ("security-officer", "security-officer"),
+    ("key-admin", "key-admin"),
+    ("data-protection-officer", "data-protection-officer"),
+];
 
 /// Identity name → token. Wiped on drop; `Debug` shows names only.
 #[derive(Default)]
@@ -59,7 +67,10 @@ pub async fn open_dev_vault(
     }
     let mut creds = DevCredentials::default();
     for (name, role) in DEV_IDENTITIES {
-        let token = vault.issue_token(name, role).await?;
+        let token = match vault.create_identity_unchecked(name, role, "khlangd dev").await {
+            Err(VaultError::AlreadyExists(_)) => vault.issue_token(name).await?,
+            other => other?,
+        };
         creds.0.insert((*name).to_owned(), token.expose_secret().to_owned());
     }
     write_credentials(&path, &creds)

@@ -20,6 +20,11 @@ pub enum VaultError {
     PermissionDenied(String),
     #[error("{0} not found")]
     NotFound(&'static str),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Too many failed authentications from this address (PCI DSS 8.3.4).
+    #[error("too many failed authentication attempts from this address; try again later")]
+    LockedOut,
     /// Stored ciphertext failed to authenticate: moved, altered, or its key is gone.
     #[error("record {record_id}: {what} failed its integrity check")]
     Integrity { record_id: String, what: String },

@@ -1,21 +1,30 @@
-//! The wire layer: the only module that sees protobuf types. Each handler authenticates, converts
-//! pb → domain, calls one domain operation, and converts back. Errors map to `Status` in one place.
+//! The wire layer: the only server module that sees protobuf types. Each handler authenticates,
+//! converts pb → domain, calls one domain operation, and converts back. Errors map to `Status` in
+//! one place.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use khlang_keys::Plaintext;
-use khlang_proto::pb::{self, records_server::Records, records_server::RecordsServer};
+use khlang_proto::pb::{
+    self, admin_server::Admin, admin_server::AdminServer, records_server::Records,
+    records_server::RecordsServer, subjects_server::Subjects, subjects_server::SubjectsServer,
+};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{ServerTlsConfig, TcpIncoming};
 use tonic::{Request, Response, Status};
+use x509_cert::der::Decode;
 
-use crate::{Caller, FieldValue, RecordView, Vault, VaultError};
+use crate::store::StoredConsent;
+use crate::{Caller, Credentials, FieldValue, RecordView, RegulationsInfo, Vault, VaultError};
 
 /// Metadata key of the request id, echoed back on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// A failed authentication answers no sooner than this, whatever failed (and slows guessing).
+pub const FAILED_AUTH_FLOOR: Duration = Duration::from_millis(50);
 
 /// The single mapping from domain errors to gRPC statuses. Internal details go to the server log
 /// under the request id, not to the caller.
@@ -23,9 +32,11 @@ pub fn status(err: VaultError, request_id: &str) -> Status {
     match err {
         VaultError::InvalidArgument(m) => Status::invalid_argument(m),
         VaultError::LimitExceeded(m) => Status::resource_exhausted(m),
+        VaultError::LockedOut => Status::resource_exhausted(err.to_string()),
         VaultError::Unauthenticated => Status::unauthenticated(err.to_string()),
         VaultError::PermissionDenied(m) => Status::permission_denied(m),
         VaultError::NotFound(_) => Status::not_found(err.to_string()),
+        VaultError::AlreadyExists(m) => Status::already_exists(m),
         VaultError::Integrity { .. } => {
             tracing::error!(request_id, error = %err, "stored data failed its integrity check");
             Status::data_loss(format!("{err}; no data returned"))
@@ -60,27 +71,47 @@ fn bearer<T>(req: &Request<T>) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }
 
-/// The gRPC `khlang.v1.Records` service over a [`Vault`].
+/// The subject common name of the client certificate the TLS handshake verified, if any.
+fn certificate_name<T>(req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    let leaf = certs.first()?;
+    let cert = x509_cert::Certificate::from_der(leaf.as_ref()).ok()?;
+    let cn = cert.tbs_certificate().subject().common_name().ok()??;
+    Some(String::from(cn))
+}
+
+/// The gRPC API (`khlang.v1.Records`, `Subjects`, `Admin`) over a [`Vault`].
 #[derive(Debug, Clone)]
-pub struct RecordsService {
+pub struct Api {
     vault: Arc<Vault>,
 }
 
-impl RecordsService {
+impl Api {
     pub fn new(vault: Arc<Vault>) -> Self {
         Self { vault }
     }
 
-    /// The authenticate step: every handler starts here.
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    /// The authenticate step: every handler starts here. A role claimed in metadata is never read.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let started = Instant::now();
         let request_id = request_id(req);
-        let identity = self.vault.authenticate(bearer(req)).map_err(|e| {
-            if matches!(e, VaultError::Unauthenticated) {
-                tracing::warn!(target: "khlang::auth", request_id, peer = ?req.remote_addr(), "authentication failed");
+        let peer = req.remote_addr();
+        let cert_name = certificate_name(req);
+        let creds = Credentials {
+            token: bearer(req),
+            certificate_name: cert_name.as_deref(),
+            peer: peer.map(|p| p.ip()),
+        };
+        match self.vault.authenticate(creds) {
+            Ok(identity) => Ok(Caller { identity, peer, request_id }),
+            Err(e) => {
+                if matches!(e, VaultError::Unauthenticated | VaultError::LockedOut) {
+                    tracing::warn!(target: "khlang::auth", request_id, peer = ?peer, "authentication failed");
+                    tokio::time::sleep_until(started + FAILED_AUTH_FLOOR).await;
+                }
+                Err(status(e, &request_id))
             }
-            status(e, &request_id)
-        })?;
-        Ok(Caller { identity, peer: req.remote_addr(), request_id })
+        }
     }
 }
 
@@ -104,35 +135,63 @@ fn text_out(p: &Plaintext) -> String {
     String::from_utf8_lossy(p.expose_secret()).into_owned()
 }
 
+fn fields_out(fields: &[FieldValue]) -> Vec<pb::Field> {
+    fields.iter().map(|f| pb::Field { name: f.name.clone(), value: text_out(&f.value) }).collect()
+}
+
 impl From<RecordView> for pb::GetRecordResponse {
     fn from(view: RecordView) -> Self {
         Self {
             subject_id: text_out(&view.subject_id),
-            fields: view
-                .fields
-                .iter()
-                .map(|f| pb::Field { name: f.name.clone(), value: text_out(&f.value) })
-                .collect(),
+            fields: fields_out(&view.fields),
             record_id: view.record_id,
         }
     }
 }
 
+impl From<StoredConsent> for pb::ConsentEntry {
+    fn from(c: StoredConsent) -> Self {
+        Self { purpose: c.purpose, granted: c.granted, at_ms: c.at_ms, recorded_by: c.by }
+    }
+}
+
+impl From<RegulationsInfo> for pb::RegulationsInfo {
+    fn from(r: RegulationsInfo) -> Self {
+        Self {
+            version: r.version,
+            organisation: r.organisation,
+            roles: r.roles,
+            purposes: r.purposes,
+            fields: r.fields,
+            warnings: r.warnings,
+        }
+    }
+}
+
+/// Runs a handler body with the caller, mapping domain errors to statuses with its request id.
+macro_rules! handle {
+    ($self:ident, $req:ident, |$caller:ident, $msg:ident| $body:expr) => {{
+        let $caller = $self.caller(&$req).await?;
+        let $msg = $req.into_inner();
+        let out: Result<_, VaultError> = $body;
+        match out {
+            Ok(v) => Ok(respond(v, &$caller)),
+            Err(e) => Err(status(e, &$caller.request_id)),
+        }
+    }};
+}
+
 #[tonic::async_trait]
-impl Records for RecordsService {
+impl Records for Api {
     #[tracing::instrument(skip_all, fields(rpc = "PutRecord"))]
     async fn put_record(
         &self,
         req: Request<pb::PutRecordRequest>,
     ) -> Result<Response<pb::PutRecordResponse>, Status> {
-        let caller = self.caller(&req)?;
-        let msg = req.into_inner();
-        let record_id = self
-            .vault
-            .put(&caller, &msg.subject_id, fields_in(msg.fields))
-            .await
-            .map_err(|e| status(e, &caller.request_id))?;
-        Ok(respond(pb::PutRecordResponse { record_id }, &caller))
+        handle!(self, req, |caller, msg| {
+            let record_id = self.vault.put(&caller, &msg.subject_id, fields_in(msg.fields)).await;
+            record_id.map(|record_id| pb::PutRecordResponse { record_id })
+        })
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "GetRecord"))]
@@ -140,14 +199,10 @@ impl Records for RecordsService {
         &self,
         req: Request<pb::GetRecordRequest>,
     ) -> Result<Response<pb::GetRecordResponse>, Status> {
-        let caller = self.caller(&req)?;
-        let msg = req.into_inner();
-        let purpose = Some(msg.purpose.as_str()).filter(|p| !p.is_empty());
-        let view = self
-            .vault
-            .get(&caller, &msg.record_id, &msg.fields, purpose)
-            .map_err(|e| status(e, &caller.request_id))?;
-        Ok(respond(view.into(), &caller))
+        handle!(self, req, |caller, msg| {
+            let purpose = Some(msg.purpose.as_str()).filter(|p| !p.is_empty());
+            self.vault.get(&caller, &msg.record_id, &msg.fields, purpose).map(Into::into)
+        })
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "UpdateRecord"))]
@@ -155,14 +210,10 @@ impl Records for RecordsService {
         &self,
         req: Request<pb::UpdateRecordRequest>,
     ) -> Result<Response<pb::UpdateRecordResponse>, Status> {
-        let caller = self.caller(&req)?;
-        let msg = req.into_inner();
-        let field_names = self
-            .vault
-            .update(&caller, &msg.record_id, fields_in(msg.set), &msg.remove)
-            .await
-            .map_err(|e| status(e, &caller.request_id))?;
-        Ok(respond(pb::UpdateRecordResponse { field_names }, &caller))
+        handle!(self, req, |caller, msg| {
+            let names = self.vault.update(&caller, &msg.record_id, fields_in(msg.set), &msg.remove).await;
+            names.map(|field_names| pb::UpdateRecordResponse { field_names })
+        })
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "DeleteRecord"))]
@@ -170,10 +221,9 @@ impl Records for RecordsService {
         &self,
         req: Request<pb::DeleteRecordRequest>,
     ) -> Result<Response<pb::DeleteRecordResponse>, Status> {
-        let caller = self.caller(&req)?;
-        let msg = req.into_inner();
-        self.vault.delete(&caller, &msg.record_id).await.map_err(|e| status(e, &caller.request_id))?;
-        Ok(respond(pb::DeleteRecordResponse {}, &caller))
+        handle!(self, req, |caller, msg| {
+            self.vault.delete(&caller, &msg.record_id).await.map(|()| pb::DeleteRecordResponse {})
+        })
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "ListRecords"))]
@@ -181,14 +231,131 @@ impl Records for RecordsService {
         &self,
         req: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<pb::ListRecordsResponse>, Status> {
-        let caller = self.caller(&req)?;
-        let msg = req.into_inner();
-        let records = self.vault.list(&caller, &msg.subject_id).map_err(|e| status(e, &caller.request_id))?;
-        let records = records
-            .into_iter()
-            .map(|r| pb::RecordSummary { record_id: r.record_id, field_names: r.field_names })
-            .collect();
-        Ok(respond(pb::ListRecordsResponse { records }, &caller))
+        handle!(self, req, |caller, msg| {
+            self.vault.list(&caller, &msg.subject_id).map(|records| pb::ListRecordsResponse {
+                records: records
+                    .into_iter()
+                    .map(|r| pb::RecordSummary { record_id: r.record_id, field_names: r.field_names })
+                    .collect(),
+            })
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Subjects for Api {
+    #[tracing::instrument(skip_all, fields(rpc = "SetConsent"))]
+    async fn set_consent(
+        &self,
+        req: Request<pb::SetConsentRequest>,
+    ) -> Result<Response<pb::ConsentEntry>, Status> {
+        handle!(self, req, |caller, msg| {
+            self.vault.set_consent(&caller, &msg.subject_id, &msg.purpose, msg.granted).await.map(Into::into)
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "GetConsent"))]
+    async fn get_consent(
+        &self,
+        req: Request<pb::GetConsentRequest>,
+    ) -> Result<Response<pb::GetConsentResponse>, Status> {
+        handle!(self, req, |caller, msg| {
+            self.vault.consent(&caller, &msg.subject_id).map(|r| pb::GetConsentResponse {
+                current: r.current.into_iter().map(Into::into).collect(),
+                history: r.history.into_iter().map(Into::into).collect(),
+            })
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ExportSubject"))]
+    async fn export_subject(
+        &self,
+        req: Request<pb::ExportSubjectRequest>,
+    ) -> Result<Response<pb::ExportSubjectResponse>, Status> {
+        handle!(self, req, |caller, msg| {
+            self.vault.export_subject(&caller, &msg.subject_id).map(|records| pb::ExportSubjectResponse {
+                records: records
+                    .into_iter()
+                    .map(|r| pb::ExportedRecord { fields: fields_out(&r.fields), record_id: r.record_id })
+                    .collect(),
+                subject_id: msg.subject_id.clone(),
+            })
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "EraseSubject"))]
+    async fn erase_subject(
+        &self,
+        req: Request<pb::EraseSubjectRequest>,
+    ) -> Result<Response<pb::EraseSubjectResponse>, Status> {
+        handle!(self, req, |caller, msg| {
+            let n = self.vault.erase_subject(&caller, &msg.subject_id).await;
+            n.map(|n| pb::EraseSubjectResponse { records_erased: u32::try_from(n).unwrap_or(u32::MAX) })
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Api {
+    #[tracing::instrument(skip_all, fields(rpc = "CreateIdentity"))]
+    async fn create_identity(
+        &self,
+        req: Request<pb::CreateIdentityRequest>,
+    ) -> Result<Response<pb::CreateIdentityResponse>, Status> {
+        handle!(self, req, |caller, msg| {
+            let token = self.vault.create_identity(&caller, &msg.name, &msg.role).await;
+            token.map(|t| pb::CreateIdentityResponse {
+                token: t.expose_secret().to_owned(),
+                name: msg.name.clone(),
+            })
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ListIdentities"))]
+    async fn list_identities(
+        &self,
+        req: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
+        handle!(self, req, |caller, _msg| {
+            self.vault.list_identities(&caller).map(|ids| pb::ListIdentitiesResponse {
+                identities: ids
+                    .into_iter()
+                    .map(|i| pb::IdentityInfo {
+                        name: i.name,
+                        role: i.role,
+                        created_ms: i.created_ms,
+                        created_by: i.created_by,
+                        revoked_ms: i.revoked_ms.unwrap_or(0),
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "RevokeIdentity"))]
+    async fn revoke_identity(
+        &self,
+        req: Request<pb::RevokeIdentityRequest>,
+    ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
+        handle!(self, req, |caller, msg| {
+            self.vault.revoke_identity(&caller, &msg.name).await.map(|()| pb::RevokeIdentityResponse {})
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ReloadRegulations"))]
+    async fn reload_regulations(
+        &self,
+        req: Request<pb::ReloadRegulationsRequest>,
+    ) -> Result<Response<pb::RegulationsInfo>, Status> {
+        handle!(self, req, |caller, _msg| self.vault.reload_regulations(Some(&caller)).map(Into::into))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "GetRegulations"))]
+    async fn get_regulations(
+        &self,
+        req: Request<pb::GetRegulationsRequest>,
+    ) -> Result<Response<pb::RegulationsInfo>, Status> {
+        handle!(self, req, |caller, _msg| self.vault.regulations_info(&caller).map(Into::into))
     }
 }
 
@@ -203,18 +370,25 @@ pub enum ServeError {
 /// How long open requests may take to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves the vault's gRPC API, health and reflection on `listener` until `shutdown` resolves.
+/// Serves the vault's gRPC API, health and reflection on `listener` until `shutdown` resolves;
+/// over TLS when `tls` is given (with client certificates if it names a client CA).
 pub async fn serve(
     vault: Arc<Vault>,
     listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let max = vault.limits().max_message_bytes;
-    let records = RecordsServer::new(RecordsService::new(vault.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let api = Api::new(vault.clone());
+    let records =
+        RecordsServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
+    let subjects =
+        SubjectsServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
+    let admin = AdminServer::new(api).max_decoding_message_size(max).max_encoding_message_size(max);
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<RecordsServer<RecordsService>>().await;
+    health.set_serving::<RecordsServer<Api>>().await;
+    health.set_serving::<SubjectsServer<Api>>().await;
+    health.set_serving::<AdminServer<Api>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(khlang_proto::FILE_DESCRIPTOR_SET)
@@ -223,14 +397,22 @@ pub async fn serve(
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
-        health.set_not_serving::<RecordsServer<RecordsService>>().await;
+        health.set_not_serving::<RecordsServer<Api>>().await;
+        health.set_not_serving::<SubjectsServer<Api>>().await;
+        health.set_not_serving::<AdminServer<Api>>().await;
         let _ = stopping_tx.send(());
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(records)
+        .add_service(subjects)
+        .add_service(admin)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
     tokio::pin!(server);
     tokio::select! {

@@ -9,11 +9,13 @@ pub mod dev;
 mod error;
 pub mod grpc;
 pub mod policy;
+pub mod regulations;
 pub mod store;
 mod vault;
 
-pub use auth::IssuedToken;
+pub use auth::{AuthLimits, Credentials, IssuedToken};
 pub use error::{StoreError, VaultError};
 pub use vault::{
-    Caller, CipherMode, FieldValue, Identity, Limits, RecordSummary, RecordView, Vault, VaultOptions,
+    Caller, CipherMode, ConsentReport, FieldValue, Identity, IdentityInfo, Limits, RecordSummary, RecordView,
+    RegulationsInfo, Vault, VaultOptions,
 };

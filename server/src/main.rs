@@ -5,14 +5,16 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use khlang_keys::SealParams;
 use khlang_server::audit::TracingAudit;
-use khlang_server::policy::DEVELOPER_ROLE;
+use khlang_server::regulations::Regulations;
 use khlang_server::store::Durability;
-use khlang_server::{CipherMode, Limits, Vault, VaultOptions, dev, grpc};
+use khlang_server::{AuthLimits, CipherMode, Limits, Vault, VaultOptions, dev, grpc};
+use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use zeroize::Zeroizing;
 
 #[derive(Parser)]
@@ -24,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a vault: a random root key sealed under a passphrase, and the first key-encryption key.
+    /// Create a vault: a random root key sealed under a passphrase, the first key-encryption key,
+    /// and a first identity (an administrator) whose token is printed once.
     Init {
         #[arg(long, env = "KHLANG_DATA_DIR")]
         data_dir: PathBuf,
@@ -36,33 +39,39 @@ enum Command {
         /// Argon2id passes (at least 2).
         #[arg(long, default_value_t = SealParams::DEFAULT.t_cost)]
         argon2_passes: u32,
-        /// Name of the first identity, whose token is printed once.
-        #[arg(long, default_value = "developer")]
+        /// The regulations file the vault will serve (default: the embedded municipal sample).
+        #[arg(long, env = "KHLANG_REGULATIONS")]
+        regulations: Option<PathBuf>,
+        /// Name of the first identity.
+        #[arg(long, default_value = "admin")]
         initial_identity: String,
+        /// Its role: one of the regulations' roles.
+        #[arg(long, default_value = "key-admin")]
+        initial_role: String,
     },
     /// Unseal an initialised vault with its passphrase and serve it.
     Serve {
         #[arg(long, env = "KHLANG_DATA_DIR")]
         data_dir: PathBuf,
-        #[arg(long, env = "KHLANG_LISTEN", default_value = dev::DEFAULT_LISTEN)]
-        listen: SocketAddr,
         #[command(flatten)]
         passphrase: PassphraseArgs,
         #[command(flatten)]
-        tuning: Tuning,
+        server: ServerArgs,
     },
-    /// Run on embedded defaults: a local folder, development unseal, a printed token. Not for real data.
+    /// Run on embedded defaults: a local folder, development unseal, the sample regulations and a
+    /// printed token for each sample identity. Not for real data.
     Dev {
-        #[arg(long, default_value = dev::DEFAULT_LISTEN)]
-        listen: SocketAddr,
         #[arg(long, default_value = dev::DEFAULT_DIR)]
         data_dir: PathBuf,
         #[command(flatten)]
-        tuning: Tuning,
+        server: ServerArgs,
         /// Benchmark baseline only: store field values WITHOUT encryption, to measure what
         /// encryption costs. The data folder remembers this mode and an encrypted server refuses it.
         #[arg(long, hide = true)]
         bench_plaintext_baseline: bool,
+        /// Benchmark baseline only: allow every request without consulting the regulations.
+        #[arg(long, hide = true)]
+        bench_skip_policy: bool,
     },
 }
 
@@ -74,7 +83,34 @@ struct PassphraseArgs {
 }
 
 #[derive(Args)]
-struct Tuning {
+struct ServerArgs {
+    #[arg(long, env = "KHLANG_LISTEN", default_value = dev::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// The regulations file (TOML). Reload it with SIGHUP or `khlang regulations reload`.
+    #[arg(long, env = "KHLANG_REGULATIONS")]
+    regulations: Option<PathBuf>,
+    /// Serve TLS with this certificate chain (PEM)...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates issued by this CA (PEM); a certificate's subject common name is
+    /// the identity it authenticates as.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// With --client-ca: also accept clients without a certificate (they present a token instead).
+    #[arg(long, requires = "client_ca")]
+    client_cert_optional: bool,
+    /// Allow plaintext (no TLS) on an address other than loopback.
+    #[arg(long)]
+    allow_plaintext: bool,
+    /// Failed authentications from one address before it is locked out (PCI DSS 8.3.4: at most 10).
+    #[arg(long, default_value_t = AuthLimits::default().max_failures)]
+    auth_max_failures: u32,
+    /// How long a locked-out address stays locked, in seconds (PCI DSS 8.3.4: at least 1800).
+    #[arg(long, default_value_t = AuthLimits::default().lockout.as_secs())]
+    auth_lockout_secs: u64,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = Limits::default().max_message_bytes)]
     max_message_bytes: usize,
@@ -95,9 +131,15 @@ enum DurabilityArg {
     PerRequest,
 }
 
-impl Tuning {
-    fn options(&self, mode: CipherMode) -> VaultOptions {
-        VaultOptions {
+fn load_regulations(path: Option<&Path>) -> anyhow::Result<Regulations> {
+    let Some(path) = path else { return Ok(Regulations::sample()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Regulations::parse(&text).with_context(|| format!("in {}", path.display()))
+}
+
+impl ServerArgs {
+    fn options(&self, mode: CipherMode) -> anyhow::Result<VaultOptions> {
+        Ok(VaultOptions {
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
                 max_fields_per_record: self.max_fields,
@@ -109,7 +151,37 @@ impl Tuning {
                 DurabilityArg::PerRequest => Durability::PerRequest,
             },
             mode,
+            auth: AuthLimits {
+                max_failures: self.auth_max_failures.max(1),
+                lockout: Duration::from_secs(self.auth_lockout_secs),
+                ..AuthLimits::default()
+            },
+            regulations: Arc::new(load_regulations(self.regulations.as_deref())?),
+            regulations_path: self.regulations.clone(),
+            bench_skip_policy: false,
+        })
+    }
+
+    fn tls(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            if !self.listen.ip().is_loopback() && !self.allow_plaintext {
+                bail!(
+                    "refusing plaintext on {}: personal data is sent only over encrypted channels. \
+                     Give --tls-cert/--tls-key, listen on loopback, or pass --allow-plaintext",
+                    self.listen
+                );
+            }
+            return Ok(None);
+        };
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let key_pem = Zeroizing::new(read(key)?);
+        let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, key_pem.as_slice()));
+        if let Some(ca) = &self.client_ca {
+            tls = tls
+                .client_ca_root(Certificate::from_pem(read(ca)?))
+                .client_auth_optional(self.client_cert_optional);
         }
+        Ok(Some(tls))
     }
 }
 
@@ -144,11 +216,36 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
 }
 
-async fn run(vault: Vault, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-    tracing::info!(address = %listener.local_addr()?, "serving khlang.v1");
-    grpc::serve(Arc::new(vault), listener, shutdown_signal()).await?;
+async fn run(
+    vault: Vault,
+    listener: tokio::net::TcpListener,
+    tls: Option<ServerTlsConfig>,
+) -> anyhow::Result<()> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(address = %listener.local_addr()?, scheme, "serving khlang.v1");
+    let vault = Arc::new(vault);
+    reload_on_sighup(vault.clone());
+    grpc::serve(vault, listener, tls, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP re-reads the regulations file; an invalid file is logged and the rules in force stay.
+fn reload_on_sighup(vault: Arc<Vault>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match vault.reload_regulations(None) {
+                Ok(info) => tracing::info!(version = %info.version, "SIGHUP: regulations reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: regulations NOT reloaded; the rules in force stay")
+                }
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {
@@ -170,17 +267,18 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn print_dev_banner(listen: SocketAddr, dir: &Path, creds: &dev::DevCredentials, baseline: bool) {
+fn print_dev_banner(listen: SocketAddr, dir: &Path, creds: &dev::DevCredentials, baseline: bool, tls: bool) {
     println!("Khlang development vault — NOT for real data (its passphrase is public).");
     if baseline {
         println!("!! BENCHMARK BASELINE: field values are stored WITHOUT encryption !!");
     }
+    let scheme = if tls { "https" } else { "http" };
     println!("  data folder: {}", dir.display());
-    println!("  listening:   http://{listen}");
+    println!("  listening:   {scheme}://{listen}");
     println!("  credentials: {}", dir.join(dev::CREDENTIALS_FILE).display());
     println!();
     println!("Connect with:");
-    println!("  export KHLANG_ADDR=http://{listen}");
+    println!("  export KHLANG_ADDR={scheme}://{listen}");
     for (name, token) in &creds.0 {
         println!("  export KHLANG_TOKEN={token}   # identity '{name}'");
     }
@@ -198,43 +296,62 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Init { data_dir, passphrase, argon2_memory_kib, argon2_passes, initial_identity } => {
+        Command::Init {
+            data_dir,
+            passphrase,
+            argon2_memory_kib,
+            argon2_passes,
+            regulations,
+            initial_identity,
+            initial_role,
+        } => {
+            let regs = load_regulations(regulations.as_deref())?;
+            if !regs.roles.contains_key(&initial_role) {
+                bail!("role '{initial_role}' is not in the regulations");
+            }
             let pass = read_passphrase(&passphrase, true)?;
             let params = SealParams { m_cost: argon2_memory_kib, t_cost: argon2_passes, p_cost: 1 };
-            let options = VaultOptions::default();
+            let options = VaultOptions { regulations: Arc::new(regs), ..VaultOptions::default() };
             Vault::init(&data_dir, pass.as_bytes(), params, &options)
                 .with_context(|| format!("cannot initialise a vault in {}", data_dir.display()))?;
             let vault = Vault::open(&data_dir, pass.as_bytes(), &options, Arc::new(TracingAudit))?;
-            let token = vault.issue_token(&initial_identity, DEVELOPER_ROLE).await?;
+            let token = vault.bootstrap_identity(&initial_identity, &initial_role).await?;
             println!("Initialised a vault in {}", data_dir.display());
-            println!("Token for identity '{initial_identity}' (shown once; store it safely):");
+            println!(
+                "Token for identity '{initial_identity}' (role {initial_role}; shown once, store it safely):"
+            );
             println!("{}", token.expose_secret());
         }
-        Command::Serve { data_dir, listen, passphrase, tuning } => {
+        Command::Serve { data_dir, passphrase, server } => {
+            let options = server.options(CipherMode::Encrypted)?;
+            let tls = server.tls()?;
             let pass = read_passphrase(&passphrase, false)?;
-            let vault = Vault::open(
-                &data_dir,
-                pass.as_bytes(),
-                &tuning.options(CipherMode::Encrypted),
-                Arc::new(TracingAudit),
-            )
-            .with_context(|| format!("cannot unseal the vault in {}", data_dir.display()))?;
+            let vault = Vault::open(&data_dir, pass.as_bytes(), &options, Arc::new(TracingAudit))
+                .with_context(|| format!("cannot unseal the vault in {}", data_dir.display()))?;
             drop(pass);
-            run(vault, bind(listen).await?).await?;
+            run(vault, bind(server.listen).await?, tls).await?;
         }
-        Command::Dev { listen, data_dir, tuning, bench_plaintext_baseline } => {
+        Command::Dev { data_dir, server, bench_plaintext_baseline, bench_skip_policy } => {
             let mode =
                 if bench_plaintext_baseline { CipherMode::PlaintextBaseline } else { CipherMode::Encrypted };
-            let (vault, creds) =
-                dev::open_dev_vault(&data_dir, &tuning.options(mode), Arc::new(TracingAudit))
-                    .await
-                    .with_context(|| {
-                        format!("cannot open the development vault in {}", data_dir.display())
-                    })?;
-            let listener = bind(listen).await?;
-            print_dev_banner(listener.local_addr()?, &data_dir, &creds, bench_plaintext_baseline);
+            let options = VaultOptions { bench_skip_policy, ..server.options(mode)? };
+            let tls = server.tls()?;
+            let (vault, creds) = dev::open_dev_vault(&data_dir, &options, Arc::new(TracingAudit))
+                .await
+                .with_context(|| format!("cannot open the development vault in {}", data_dir.display()))?;
+            let listener = bind(server.listen).await?;
+            print_dev_banner(
+                listener.local_addr()?,
+                &data_dir,
+                &creds,
+                bench_plaintext_baseline,
+                tls.is_some(),
+            );
+            if bench_skip_policy {
+                println!("!! BENCHMARK BASELINE: the regulations are NOT enforced !!");
+            }
             drop(creds);
-            run(vault, listener).await?;
+            run(vault, listener, tls).await?;
         }
     }
     Ok(())

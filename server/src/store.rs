@@ -93,21 +93,43 @@ impl StoredRecord {
     }
 }
 
-/// An API identity: who holds a token, never the token itself.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An identity the regulations' roles apply to. Credentials (tokens, client certificates) point here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoredIdentity {
     pub format: u8,
     pub name: String,
     pub role: String,
-    /// HMAC-SHA256 of the token's secret part under the token pepper.
-    pub token_mac: [u8; 32],
     pub created_ms: u64,
+    pub created_by: String,
+    /// Set when revoked; a revoked identity's tokens are deleted and it can never authenticate again.
+    pub revoked_ms: Option<u64>,
 }
 
 impl StoredIdentity {
-    pub fn new(name: String, role: String, token_mac: [u8; 32], created_ms: u64) -> Self {
-        Self { format: RECORD_FORMAT, name, role, token_mac, created_ms }
+    pub fn new(name: String, role: String, created_by: String, created_ms: u64) -> Self {
+        Self { format: RECORD_FORMAT, name, role, created_ms, created_by, revoked_ms: None }
     }
+}
+
+/// A bearer token: never the token itself, only an HMAC of its secret part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredToken {
+    pub format: u8,
+    pub identity: String,
+    /// HMAC-SHA256 of the token's secret part under the token pepper.
+    pub mac: [u8; 32],
+    pub created_ms: u64,
+}
+
+/// A data subject's current choice for one purpose.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredConsent {
+    pub format: u8,
+    pub purpose: String,
+    pub granted: bool,
+    pub at_ms: u64,
+    /// The identity that recorded it.
+    pub by: String,
 }
 
 /// Counts for the benchmark report: how many writes each flush carried.
@@ -162,6 +184,7 @@ pub struct Store {
     keks: sled::Tree,
     records: sled::Tree,
     identities: sled::Tree,
+    consent: sled::Tree,
     durability: Durability,
     group: GroupCommit,
     per_request_lock: Arc<std::sync::Mutex<()>>,
@@ -188,6 +211,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             keks: db.open_tree("keks")?,
             records: db.open_tree("records")?,
+            consent: db.open_tree("consent")?,
             identities: db.open_tree("identities")?,
             db,
             durability,
@@ -359,16 +383,111 @@ impl Store {
         Ok(())
     }
 
-    pub fn put_identity(&self, token_id: &str, identity: &StoredIdentity) -> Result<(), StoreError> {
-        let bytes = postcard::to_stdvec(identity).map_err(|_| StoreError::Corrupt("identity (encode)"))?;
-        self.identities.insert(token_id.as_bytes(), bytes)?;
+    fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(value).map_err(|_| StoreError::Corrupt(what))
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+        postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
+    }
+
+    // Identities tree: `i` ‖ name → identity, `t` ‖ token id → token.
+
+    pub fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
+        let key = [b"i".as_slice(), name.as_bytes()].concat();
+        self.identities.get(key)?.map(|b| Self::decode(&b, "identity")).transpose()
+    }
+
+    /// Creates an identity; `false` if one with that name exists (revoked names stay taken).
+    pub fn create_identity(&self, identity: &StoredIdentity) -> Result<bool, StoreError> {
+        let key = [b"i".as_slice(), identity.name.as_bytes()].concat();
+        let created = self.identities.compare_and_swap(
+            key,
+            None as Option<&[u8]>,
+            Some(Self::encode(identity, "identity")?),
+        )?;
+        Ok(created.is_ok())
+    }
+
+    pub fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
+        self.identities.scan_prefix(b"i").map(|kv| Self::decode(&kv?.1, "identity")).collect()
+    }
+
+    pub fn put_token(&self, token_id: &str, token: &StoredToken) -> Result<(), StoreError> {
+        let key = [b"t".as_slice(), token_id.as_bytes()].concat();
+        self.identities.insert(key, Self::encode(token, "token")?)?;
         Ok(())
     }
 
-    pub fn get_identity(&self, token_id: &str) -> Result<Option<StoredIdentity>, StoreError> {
-        self.identities
-            .get(token_id.as_bytes())?
-            .map(|b| postcard::from_bytes(&b).map_err(|_| StoreError::Corrupt("identity")))
-            .transpose()
+    pub fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
+        let key = [b"t".as_slice(), token_id.as_bytes()].concat();
+        self.identities.get(key)?.map(|b| Self::decode(&b, "token")).transpose()
+    }
+
+    /// Marks the identity revoked and deletes all its tokens, in one batch. `false`: no such identity.
+    pub fn revoke_identity(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
+        let Some(mut identity) = self.get_identity(name)? else { return Ok(false) };
+        identity.revoked_ms.get_or_insert(now_ms);
+        let mut batch = sled::Batch::default();
+        batch.insert([b"i".as_slice(), name.as_bytes()].concat(), Self::encode(&identity, "identity")?);
+        for kv in self.identities.scan_prefix(b"t") {
+            let (k, v) = kv?;
+            let token: StoredToken = Self::decode(&v, "token")?;
+            if token.identity == name {
+                batch.remove(k);
+            }
+        }
+        self.identities.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    // Consent tree: `c` ‖ subject index ‖ purpose → current choice; `h` ‖ subject index ‖ seq → history.
+
+    /// Records a choice and appends it to the subject's history, atomically.
+    pub fn set_consent(&self, subject_index: &[u8; 32], consent: &StoredConsent) -> Result<(), StoreError> {
+        let seq = self.db.generate_id()?;
+        let mut batch = sled::Batch::default();
+        let encoded = Self::encode(consent, "consent")?;
+        batch.insert([b"c".as_slice(), subject_index, consent.purpose.as_bytes()].concat(), encoded.clone());
+        batch.insert([b"h".as_slice(), subject_index, &seq.to_be_bytes()].concat(), encoded);
+        self.consent.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn get_consent(
+        &self,
+        subject_index: &[u8; 32],
+        purpose: &str,
+    ) -> Result<Option<StoredConsent>, StoreError> {
+        let key = [b"c".as_slice(), subject_index, purpose.as_bytes()].concat();
+        self.consent.get(key)?.map(|b| Self::decode(&b, "consent")).transpose()
+    }
+
+    /// `(current choices, full history oldest first)`.
+    pub fn consent_of(
+        &self,
+        subject_index: &[u8; 32],
+    ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError> {
+        let read = |prefix: &[u8]| -> Result<Vec<StoredConsent>, StoreError> {
+            let key = [prefix, subject_index.as_slice()].concat();
+            self.consent.scan_prefix(key).map(|kv| Self::decode(&kv?.1, "consent")).collect()
+        };
+        Ok((read(b"c")?, read(b"h")?))
+    }
+
+    /// Deletes every record of a subject (with its data key and index entry) in one batch.
+    pub fn erase_subject(&self, subject_index: &[u8; 32]) -> Result<usize, StoreError> {
+        let prefix = [b"s".as_slice(), subject_index.as_slice()].concat();
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.records.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let id = &k[prefix.len()..];
+            batch.remove([b"r".as_slice(), id].concat());
+            batch.remove(k);
+            n += 1;
+        }
+        self.records.apply_batch(batch)?;
+        Ok(n)
     }
 }

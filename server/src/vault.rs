@@ -1,9 +1,9 @@
-//! The domain: every record operation runs the same path —
-//! authenticate (done by the caller, see [`Vault::authenticate`]) → validate → decide → audit →
-//! execute — and returns plain Rust types. No protobuf or tonic here.
+//! The domain: every operation runs the same path —
+//! authenticate (the wire layer calls [`Vault::authenticate`]) → validate → decide (the regulations)
+//! → audit → execute — and returns plain Rust types. No protobuf or tonic here.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,9 +14,12 @@ use khlang_keys::{
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditSink};
+use crate::auth::IssuedToken;
+use crate::auth::{AuthGuard, AuthLimits};
 use crate::catalogue;
-use crate::policy::{self, Decision, Operation};
-use crate::store::{Durability, FlushStats, Store, StoredField, StoredRecord};
+use crate::policy::{self, Ask, ConsentState, Decision, Operation};
+use crate::regulations::{Regulations, Reveal};
+use crate::store::{Durability, FlushStats, Store, StoredConsent, StoredField, StoredRecord};
 use crate::{StoreError, VaultError};
 
 /// Associated-data name of the sealed subject id; cannot collide with a catalogue name.
@@ -65,11 +68,32 @@ impl CipherMode {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VaultOptions {
     pub limits: Limits,
     pub durability: Durability,
     pub mode: CipherMode,
+    pub auth: AuthLimits,
+    /// The regulations in force at start.
+    pub regulations: Arc<Regulations>,
+    /// Where reloads read the regulations from; `None` means the embedded sample, not reloadable.
+    pub regulations_path: Option<PathBuf>,
+    /// Benchmark baseline only: allow every request without consulting the regulations.
+    pub bench_skip_policy: bool,
+}
+
+impl Default for VaultOptions {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            durability: Durability::default(),
+            mode: CipherMode::default(),
+            auth: AuthLimits::default(),
+            regulations: Arc::new(Regulations::sample()),
+            regulations_path: None,
+            bench_skip_policy: false,
+        }
+    }
 }
 
 /// Who is calling, established by authentication.
@@ -101,6 +125,34 @@ pub struct RecordView {
     pub fields: Vec<FieldValue>,
 }
 
+/// A data subject's consent: current choice per purpose, and every change, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentReport {
+    pub current: Vec<StoredConsent>,
+    pub history: Vec<StoredConsent>,
+}
+
+/// An identity as listed to administrators: never a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityInfo {
+    pub name: String,
+    pub role: String,
+    pub created_ms: u64,
+    pub created_by: String,
+    pub revoked_ms: Option<u64>,
+}
+
+/// What the regulations in force are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegulationsInfo {
+    pub version: String,
+    pub organisation: String,
+    pub roles: Vec<String>,
+    pub purposes: Vec<String>,
+    pub fields: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordSummary {
     pub record_id: String,
@@ -117,9 +169,13 @@ pub(crate) struct Unsealed {
 pub struct Vault {
     pub(crate) store: Store,
     keys: RwLock<Option<Arc<Unsealed>>>,
+    regulations: RwLock<Arc<Regulations>>,
+    regulations_path: Option<PathBuf>,
     pub(crate) rng: OsRandom,
+    pub(crate) auth_guard: AuthGuard,
     limits: Limits,
     mode: CipherMode,
+    bench_skip_policy: bool,
     audit: Arc<dyn AuditSink>,
 }
 
@@ -218,11 +274,18 @@ impl Vault {
         let vault = Self {
             store,
             keys: RwLock::new(None),
+            regulations: RwLock::new(options.regulations.clone()),
+            regulations_path: options.regulations_path.clone(),
             rng: OsRandom::new(),
+            auth_guard: AuthGuard::new(options.auth),
             limits: options.limits,
             mode: options.mode,
+            bench_skip_policy: options.bench_skip_policy,
             audit,
         };
+        for warning in &options.regulations.warnings {
+            tracing::warn!(version = %options.regulations.version, "regulations: {warning}");
+        }
         vault.unseal(&sealed, passphrase)?;
         Ok(vault)
     }
@@ -269,6 +332,10 @@ impl Vault {
         Ok(self.store.flush_now()?)
     }
 
+    pub fn regulations(&self) -> Arc<Regulations> {
+        self.regulations.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     // ---- validate -------------------------------------------------------------------------
 
     fn check_subject(&self, subject: &str) -> Result<(), VaultError> {
@@ -293,8 +360,38 @@ impl Vault {
             .map_err(|_| VaultError::InvalidArgument("record_id is not a record id (a UUID)".into()))
     }
 
+    fn check_field_name<'r>(regs: &'r Regulations, name: &str) -> Result<&'r str, VaultError> {
+        catalogue::check_field_name_allowed(name).map_err(VaultError::InvalidArgument)?;
+        regs.fields.get_key_value(name).map(|(k, _)| k.as_str()).ok_or_else(|| {
+            VaultError::InvalidArgument(format!(
+                "unknown field '{}': not in the regulations' field catalogue",
+                catalogue::printable(name)
+            ))
+        })
+    }
+
+    fn check_purpose<'r>(regs: &'r Regulations, purpose: Option<&str>) -> Result<&'r str, VaultError> {
+        let Some(purpose) = purpose.filter(|p| !p.is_empty()) else {
+            return Err(VaultError::InvalidArgument(
+                "a read must state its purpose (e.g. purpose = billing)".into(),
+            ));
+        };
+        regs.purposes.get_key_value(purpose).map(|(k, _)| k.as_str()).ok_or_else(|| {
+            let known: Vec<&str> = regs.purposes.keys().map(String::as_str).collect();
+            VaultError::InvalidArgument(format!(
+                "unknown purpose '{}' (known: {})",
+                catalogue::printable(purpose),
+                known.join(", ")
+            ))
+        })
+    }
+
     /// Validates field names and values; returns canonical values, sorted by name.
-    fn check_fields(&self, fields: Vec<FieldValue>) -> Result<Vec<FieldValue>, VaultError> {
+    fn check_fields(
+        &self,
+        regs: &Regulations,
+        fields: Vec<FieldValue>,
+    ) -> Result<Vec<FieldValue>, VaultError> {
         if fields.len() > self.limits.max_fields_per_record {
             return Err(VaultError::LimitExceeded(format!(
                 "{} fields given; a record holds at most {}",
@@ -304,17 +401,18 @@ impl Vault {
         }
         let mut out = Vec::with_capacity(fields.len());
         for field in fields {
-            let spec = catalogue::spec_for(&field.name)?;
+            let name = Self::check_field_name(regs, &field.name)?;
             if field.value.len() > self.limits.max_field_bytes {
                 return Err(VaultError::LimitExceeded(format!(
-                    "field '{}' is larger than {} bytes",
-                    spec.name, self.limits.max_field_bytes
+                    "field '{name}' is larger than {} bytes",
+                    self.limits.max_field_bytes
                 )));
             }
             let text = std::str::from_utf8(field.value.expose_secret())
-                .map_err(|_| VaultError::InvalidArgument(format!("field '{}' is not UTF-8", spec.name)))?;
-            let canonical = Zeroizing::new(catalogue::validate(spec, text)?);
-            out.push(FieldValue { name: spec.name.to_owned(), value: Plaintext::from_str_copy(&canonical) });
+                .map_err(|_| VaultError::InvalidArgument(format!("field '{name}' is not UTF-8")))?;
+            let kind = regs.fields[name].kind;
+            let canonical = Zeroizing::new(catalogue::validate(name, kind, text)?);
+            out.push(FieldValue { name: name.to_owned(), value: Plaintext::from_str_copy(&canonical) });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         if let Some(w) = out.windows(2).find(|w| w[0].name == w[1].name) {
@@ -323,9 +421,9 @@ impl Vault {
         Ok(out)
     }
 
-    fn check_names(names: &[String]) -> Result<Vec<&'static str>, VaultError> {
-        let mut out: Vec<&'static str> =
-            names.iter().map(|n| catalogue::spec_for(n).map(|s| s.name)).collect::<Result<_, _>>()?;
+    fn check_names<'r>(regs: &'r Regulations, names: &[String]) -> Result<Vec<&'r str>, VaultError> {
+        let mut out: Vec<&str> =
+            names.iter().map(|n| Self::check_field_name(regs, n)).collect::<Result<_, _>>()?;
         out.sort_unstable();
         out.dedup();
         Ok(out)
@@ -333,19 +431,23 @@ impl Vault {
 
     // ---- decide + audit -------------------------------------------------------------------
 
-    /// Decides, then audits the decision (allowed or denied). Returns only if both succeeded.
+    /// Decides under the regulations in force, then audits the decision (allowed or denied).
+    /// Returns only if both succeeded; a denial becomes `PermissionDenied` with its reason.
     fn decide_and_audit(
         &self,
         caller: &Caller,
-        op: Operation,
+        regs: &Regulations,
+        ask: Ask<'_>,
         record_id: Option<&str>,
-        fields: &[&str],
-        purpose: Option<&str>,
     ) -> Result<Decision, VaultError> {
-        let decided = policy::decide(&caller.identity, op, fields, purpose);
+        let decided = if self.bench_skip_policy {
+            Ok(Decision { rule: "bench-skip-policy".into(), reveal: vec![Reveal::Full; ask.fields.len()] })
+        } else {
+            policy::decide(regs, &caller.identity, ask)
+        };
         let (decision, rule) = match &decided {
-            Ok(d) => ("allow", d.rule),
-            Err(_) => ("deny", "deny-by-default"),
+            Ok(d) => ("allow", d.rule.as_str()),
+            Err(d) => ("deny", d.rule.as_str()),
         };
         self.audit
             .record(&AuditEvent {
@@ -353,15 +455,23 @@ impl Vault {
                 identity: &caller.identity.name,
                 role: &caller.identity.role,
                 peer: caller.peer,
-                operation: op.as_str(),
+                operation: ask.op.as_str(),
                 record_id,
-                fields,
-                purpose,
+                fields: ask.fields,
+                purpose: ask.purpose,
                 decision,
                 rule,
+                regulations_version: &regs.version,
             })
             .map_err(|_| VaultError::AuditUnavailable)?;
-        decided
+        decided.map_err(|d| VaultError::PermissionDenied(d.reason))
+    }
+
+    /// Decides an operation that involves no fields, purpose or record.
+    fn permit(&self, caller: &Caller, op: Operation) -> Result<Arc<Regulations>, VaultError> {
+        let regs = self.regulations();
+        self.decide_and_audit(caller, &regs, Ask { op, fields: &[], purpose: None, consent: None }, None)?;
+        Ok(regs)
     }
 
     // ---- execute --------------------------------------------------------------------------
@@ -421,6 +531,35 @@ impl Vault {
         keys.subject_index.mac(subject.as_bytes())
     }
 
+    /// Opens the named fields of a record (all if `names` is `None`), applying `reveal` in order.
+    fn open_record(
+        &self,
+        keys: &Unsealed,
+        regs: &Regulations,
+        record_id: &str,
+        record: &StoredRecord,
+        names: &[&str],
+        reveal: &[Reveal],
+    ) -> Result<RecordView, VaultError> {
+        let dek = self.unwrap_dek(keys, record_id, &record.wrapped_key)?;
+        let mut fields = Vec::with_capacity(names.len());
+        for (name, how) in names.iter().zip(reveal.iter().chain(std::iter::repeat(&Reveal::Full))) {
+            let Some(f) = record.fields.iter().find(|f| f.name == *name) else { continue };
+            let plain = self.open_value(dek.as_ref(), record_id, &f.name, &f.envelope)?;
+            let value = match (how, regs.field(name)) {
+                (Reveal::Masked, Some(rule)) => {
+                    let text = Zeroizing::new(String::from_utf8_lossy(plain.expose_secret()).into_owned());
+                    Plaintext::new(policy::mask(rule.mask, &text).into_bytes())
+                }
+                (Reveal::Masked, None) => Plaintext::from_str_copy("***"),
+                (Reveal::Full, _) => plain,
+            };
+            fields.push(FieldValue { name: f.name.clone(), value });
+        }
+        let subject_id = self.open_value(dek.as_ref(), record_id, SUBJECT_CONTEXT, &record.subject)?;
+        Ok(RecordView { record_id: record_id.to_owned(), subject_id, fields })
+    }
+
     /// Stores a new record for `subject` and returns its id.
     pub async fn put(
         &self,
@@ -429,14 +568,16 @@ impl Vault {
         fields: Vec<FieldValue>,
     ) -> Result<String, VaultError> {
         let keys = self.unsealed()?;
+        let regs = self.regulations();
         self.check_subject(subject)?;
         if fields.is_empty() {
             return Err(VaultError::InvalidArgument("a record needs at least one field".into()));
         }
-        let fields = self.check_fields(fields)?;
+        let fields = self.check_fields(&regs, fields)?;
         let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
         let record_id = uuid::Uuid::new_v4().to_string();
-        self.decide_and_audit(caller, Operation::Write, Some(&record_id), &names, None)?;
+        let ask = Ask { op: Operation::Write, fields: &names, purpose: None, consent: None };
+        self.decide_and_audit(caller, &regs, ask, Some(&record_id))?;
 
         let (dek, wrapped) = match self.mode {
             CipherMode::Encrypted => {
@@ -462,7 +603,8 @@ impl Vault {
         Ok(record_id)
     }
 
-    /// Reads a record's fields: all of them, or those named in `only` that the record holds.
+    /// Reads a record's fields for a stated purpose: those named in `only`, or every field it holds.
+    /// Refused whole if any of them may not be read for that purpose.
     pub fn get(
         &self,
         caller: &Caller,
@@ -471,26 +613,32 @@ impl Vault {
         purpose: Option<&str>,
     ) -> Result<RecordView, VaultError> {
         let keys = self.unsealed()?;
+        let regs = self.regulations();
         Self::check_record_id(record_id)?;
-        let requested = Self::check_names(only)?;
+        let requested = Self::check_names(&regs, only)?;
+        let purpose = Self::check_purpose(&regs, purpose)?;
         let (record, _) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
         let names: Vec<&str> = if requested.is_empty() {
             record.fields.iter().map(|f| f.name.as_str()).collect()
         } else {
             requested.iter().copied().filter(|n| record.fields.iter().any(|f| f.name == *n)).collect()
         };
-        self.decide_and_audit(caller, Operation::Read, Some(record_id), &names, purpose)?;
+        let consent = if policy::consults_consent(&regs, purpose) {
+            Some(self.consent_state(&record.subject_index, purpose)?)
+        } else {
+            None
+        };
+        let ask = Ask { op: Operation::Read, fields: &names, purpose: Some(purpose), consent };
+        let decision = self.decide_and_audit(caller, &regs, ask, Some(record_id))?;
+        self.open_record(&keys, &regs, record_id, &record, &names, &decision.reveal)
+    }
 
-        let dek = self.unwrap_dek(&keys, record_id, &record.wrapped_key)?;
-        let mut fields = Vec::with_capacity(names.len());
-        for f in record.fields.iter().filter(|f| names.contains(&f.name.as_str())) {
-            fields.push(FieldValue {
-                name: f.name.clone(),
-                value: self.open_value(dek.as_ref(), record_id, &f.name, &f.envelope)?,
-            });
-        }
-        let subject_id = self.open_value(dek.as_ref(), record_id, SUBJECT_CONTEXT, &record.subject)?;
-        Ok(RecordView { record_id: record_id.to_owned(), subject_id, fields })
+    fn consent_state(&self, subject_index: &[u8; 32], purpose: &str) -> Result<ConsentState, VaultError> {
+        Ok(match self.store.get_consent(subject_index, purpose)? {
+            Some(c) if c.granted => ConsentState::Granted,
+            Some(_) => ConsentState::Withdrawn,
+            None => ConsentState::Unknown,
+        })
     }
 
     /// Sets and removes fields of a record; returns the field names it holds afterwards.
@@ -502,12 +650,13 @@ impl Vault {
         remove: &[String],
     ) -> Result<Vec<String>, VaultError> {
         let keys = self.unsealed()?;
+        let regs = self.regulations();
         Self::check_record_id(record_id)?;
         if set.is_empty() && remove.is_empty() {
             return Err(VaultError::InvalidArgument("an update sets or removes at least one field".into()));
         }
-        let set = self.check_fields(set)?;
-        let remove = Self::check_names(remove)?;
+        let set = self.check_fields(&regs, set)?;
+        let remove = Self::check_names(&regs, remove)?;
         if let Some(both) = set.iter().find(|f| remove.contains(&f.name.as_str())) {
             return Err(VaultError::InvalidArgument(format!(
                 "field '{}' is both set and removed",
@@ -520,7 +669,8 @@ impl Vault {
         let mut names: Vec<&str> =
             set.iter().map(|f| f.name.as_str()).chain(remove.iter().copied()).collect();
         names.sort_unstable();
-        self.decide_and_audit(caller, Operation::Update, Some(record_id), &names, None)?;
+        let ask = Ask { op: Operation::Update, fields: &names, purpose: None, consent: None };
+        self.decide_and_audit(caller, &regs, ask, Some(record_id))?;
 
         // Optimistic read-modify-write: encrypt under the key the record holds, then swap only if
         // nobody changed the record meanwhile; otherwise read again.
@@ -557,8 +707,10 @@ impl Vault {
     /// Destroys a record and its data key.
     pub async fn delete(&self, caller: &Caller, record_id: &str) -> Result<(), VaultError> {
         self.unsealed()?;
+        let regs = self.regulations();
         Self::check_record_id(record_id)?;
-        self.decide_and_audit(caller, Operation::Delete, Some(record_id), &[], None)?;
+        let ask = Ask { op: Operation::Delete, fields: &[], purpose: None, consent: None };
+        self.decide_and_audit(caller, &regs, ask, Some(record_id))?;
         if !self.store.delete_record(record_id)? {
             return Err(VaultError::NotFound("record"));
         }
@@ -570,11 +722,148 @@ impl Vault {
     pub fn list(&self, caller: &Caller, subject: &str) -> Result<Vec<RecordSummary>, VaultError> {
         let keys = self.unsealed()?;
         self.check_subject(subject)?;
-        self.decide_and_audit(caller, Operation::List, None, &[], None)?;
+        self.permit(caller, Operation::List)?;
         let records = self.store.records_of_subject(&Self::subject_index(&keys, subject))?;
         Ok(records
             .into_iter()
             .map(|(record_id, r)| RecordSummary { record_id, field_names: r.field_names() })
             .collect())
+    }
+
+    /// Every record of a subject, every field in full (PDPA rights of access and portability).
+    pub fn export_subject(&self, caller: &Caller, subject: &str) -> Result<Vec<RecordView>, VaultError> {
+        let keys = self.unsealed()?;
+        self.check_subject(subject)?;
+        let regs = self.permit(caller, Operation::Export)?;
+        let records = self.store.records_of_subject(&Self::subject_index(&keys, subject))?;
+        records
+            .iter()
+            .map(|(id, r)| {
+                let names: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
+                self.open_record(&keys, &regs, id, r, &names, &[])
+            })
+            .collect()
+    }
+
+    /// Destroys every record and data key of a subject (PDPA right to erasure); returns how many.
+    pub async fn erase_subject(&self, caller: &Caller, subject: &str) -> Result<usize, VaultError> {
+        let keys = self.unsealed()?;
+        self.check_subject(subject)?;
+        self.permit(caller, Operation::Erase)?;
+        let n = self.store.erase_subject(&Self::subject_index(&keys, subject))?;
+        self.store.durable().await?;
+        Ok(n)
+    }
+
+    /// Records a subject's consent (`granted`) or opt-out for one purpose, with who recorded it.
+    pub async fn set_consent(
+        &self,
+        caller: &Caller,
+        subject: &str,
+        purpose: &str,
+        granted: bool,
+    ) -> Result<StoredConsent, VaultError> {
+        let keys = self.unsealed()?;
+        self.check_subject(subject)?;
+        let regs = self.regulations();
+        let purpose = Self::check_purpose(&regs, Some(purpose))?;
+        let ask = Ask { op: Operation::Consent, fields: &[], purpose: Some(purpose), consent: None };
+        self.decide_and_audit(caller, &regs, ask, None)?;
+        let consent = StoredConsent {
+            format: 1,
+            purpose: purpose.to_owned(),
+            granted,
+            at_ms: now_ms(),
+            by: caller.identity.name.clone(),
+        };
+        self.store.set_consent(&Self::subject_index(&keys, subject), &consent)?;
+        self.store.durable().await?;
+        Ok(consent)
+    }
+
+    pub fn consent(&self, caller: &Caller, subject: &str) -> Result<ConsentReport, VaultError> {
+        let keys = self.unsealed()?;
+        self.check_subject(subject)?;
+        self.permit(caller, Operation::Consent)?;
+        let (current, history) = self.store.consent_of(&Self::subject_index(&keys, subject))?;
+        Ok(ConsentReport { current, history })
+    }
+
+    // ---- administration -------------------------------------------------------------------
+
+    pub async fn create_identity(
+        &self,
+        caller: &Caller,
+        name: &str,
+        role: &str,
+    ) -> Result<IssuedToken, VaultError> {
+        self.permit(caller, Operation::IdentityAdmin)?;
+        self.create_identity_unchecked(name, role, &caller.identity.name).await
+    }
+
+    pub fn list_identities(&self, caller: &Caller) -> Result<Vec<IdentityInfo>, VaultError> {
+        self.permit(caller, Operation::IdentityAdmin)?;
+        Ok(self
+            .store
+            .list_identities()?
+            .into_iter()
+            .map(|i| IdentityInfo {
+                name: i.name,
+                role: i.role,
+                created_ms: i.created_ms,
+                created_by: i.created_by,
+                revoked_ms: i.revoked_ms,
+            })
+            .collect())
+    }
+
+    /// Revokes an identity: its tokens stop working at once.
+    pub async fn revoke_identity(&self, caller: &Caller, name: &str) -> Result<(), VaultError> {
+        self.permit(caller, Operation::IdentityAdmin)?;
+        if !self.store.revoke_identity(name, now_ms())? {
+            return Err(VaultError::NotFound("identity"));
+        }
+        self.store.durable().await?;
+        Ok(())
+    }
+
+    pub fn regulations_info(&self, caller: &Caller) -> Result<RegulationsInfo, VaultError> {
+        let regs = self.permit(caller, Operation::RegulationsAdmin)?;
+        Ok(Self::info(&regs))
+    }
+
+    fn info(regs: &Regulations) -> RegulationsInfo {
+        RegulationsInfo {
+            version: regs.version.clone(),
+            organisation: regs.organisation.clone(),
+            roles: regs.roles.keys().cloned().collect(),
+            purposes: regs.purposes.keys().cloned().collect(),
+            fields: regs.fields.keys().cloned().collect(),
+            warnings: regs.warnings.clone(),
+        }
+    }
+
+    /// Re-reads the regulations file. An invalid file is refused and the rules in force stay.
+    /// `caller` is `None` for the operator's SIGHUP.
+    pub fn reload_regulations(&self, caller: Option<&Caller>) -> Result<RegulationsInfo, VaultError> {
+        if let Some(caller) = caller {
+            self.permit(caller, Operation::RegulationsAdmin)?;
+        }
+        let Some(path) = &self.regulations_path else {
+            return Err(VaultError::FailedPrecondition(
+                "no regulations file is configured (the embedded sample is in use); start with --regulations FILE"
+                    .into(),
+            ));
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| VaultError::FailedPrecondition(format!("cannot read {}: {e}", path.display())))?;
+        let next = Regulations::parse(&text).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
+        for warning in &next.warnings {
+            tracing::warn!(version = %next.version, "regulations: {warning}");
+        }
+        let info = Self::info(&next);
+        *self.regulations.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        tracing::info!(version = %info.version, "regulations reloaded");
+        Ok(info)
     }
 }

@@ -9,13 +9,35 @@ use std::sync::Arc;
 
 use khlang_client::Client;
 use khlang_keys::SealParams;
+use std::collections::BTreeMap;
+
 use khlang_server::audit::TracingAudit;
-use khlang_server::policy::DEVELOPER_ROLE;
-use khlang_server::{Vault, VaultOptions, grpc};
+use khlang_server::regulations::{Regulations, SAMPLE};
+use khlang_server::{AuthLimits, Vault, VaultOptions, grpc};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const PASSPHRASE: &str = "test passphrase: correct horse battery staple";
+
+/// The municipality's sample regulations plus a `tester` role that may do every record operation
+/// and read every field in full for `service_delivery`: the record-path tests use it.
+pub fn test_regulations() -> String {
+    format!(
+        "{SAMPLE}
+[roles.tester]
+description = \"End-to-end tests of the record path\"
+operations = [\"write\", \"update\", \"read\", \"delete\", \"list\", \"export\", \"erase\", \"consent\"]
+write_fields = [\"*\"]
+[[roles.tester.read]]
+purposes = [\"service_delivery\"]
+fields = [\"*\"]
+reveal = \"full\"
+"
+    )
+}
+
+/// The purpose the `tester` role reads for.
+pub const PURPOSE: Option<&str> = Some("service_delivery");
 
 /// Canary values: if any of these bytes show up at rest, encryption failed.
 pub const CANARY_CARD: &str = "4111111111111111";
@@ -35,7 +57,12 @@ pub fn canary_fields() -> Vec<(&'static str, &'static str)> {
 /// A running server. Stop it with [`TestServer::stop`] to release the data folder.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The `tester` identity's token.
     pub token: String,
+    /// Identity name → token, for `tester` and one identity per sample role (named after it).
+    pub tokens: BTreeMap<String, String>,
+    /// The regulations file the server reloads from.
+    pub regulations_path: PathBuf,
     pub dir: PathBuf,
     vault: Option<Arc<Vault>>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -43,12 +70,38 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts (creating if needed) a vault in `dir` with default options.
+    /// Options for tests: the test regulations (written to `dir/regulations.toml`), and an
+    /// authentication-failure limit high enough that tests sending bad tokens are not locked out.
+    pub fn options(dir: &Path) -> VaultOptions {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("regulations.toml");
+        if !path.exists() {
+            std::fs::write(&path, test_regulations()).unwrap();
+        }
+        let regs = Regulations::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        VaultOptions {
+            regulations: Arc::new(regs),
+            regulations_path: Some(path),
+            auth: AuthLimits { max_failures: 10_000, ..AuthLimits::default() },
+            ..VaultOptions::default()
+        }
+    }
+
+    /// Starts (creating if needed) a vault in `dir` with the test options.
     pub async fn start(dir: &Path) -> Self {
-        Self::start_with(dir, VaultOptions::default()).await
+        Self::start_with(dir, Self::options(dir)).await
     }
 
     pub async fn start_with(dir: &Path, options: VaultOptions) -> Self {
+        Self::start_tls(dir, options, None).await
+    }
+
+    pub async fn start_tls(
+        dir: &Path,
+        options: VaultOptions,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Self {
+        let regulations_path = options.regulations_path.clone().unwrap_or_default();
         let vault = Vault::open_or_init(
             dir,
             PASSPHRASE.as_bytes(),
@@ -57,21 +110,38 @@ impl TestServer {
             Arc::new(TracingAudit),
         )
         .expect("open test vault");
-        let token = vault.issue_token("tester", DEVELOPER_ROLE).await.expect("issue token");
-        let token = token.expose_secret().to_owned();
+        let mut tokens = BTreeMap::new();
+        for role in vault.regulations().roles.keys() {
+            // A restarted vault keeps its identities; issue a fresh token for each.
+            let token = match vault.bootstrap_identity(role, role).await {
+                Ok(t) => t,
+                Err(_) => vault.issue_token(role).await.expect("issue token"),
+            };
+            tokens.insert(role.clone(), token.expose_secret().to_owned());
+        }
+        let token = tokens.get("tester").cloned().unwrap_or_default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let vault = Arc::new(vault);
         let serving = vault.clone();
         let handle = tokio::spawn(async move {
-            grpc::serve(serving, listener, async {
+            grpc::serve(serving, listener, tls, async {
                 let _ = rx.await;
             })
             .await
             .expect("serve");
         });
-        Self { addr, token, dir: dir.to_owned(), vault: Some(vault), shutdown: Some(tx), handle }
+        Self {
+            addr,
+            token,
+            tokens,
+            regulations_path,
+            dir: dir.to_owned(),
+            vault: Some(vault),
+            shutdown: Some(tx),
+            handle,
+        }
     }
 
     /// The vault behind the server, for white-box checks (flush counts).
@@ -89,6 +159,12 @@ impl TestServer {
 
     pub async fn client_with_token(&self, token: &str) -> Client {
         Client::connect(&self.url(), token).await.expect("connect")
+    }
+
+    /// A client acting as the identity named after a sample role (e.g. "billing-clerk").
+    pub async fn client_as(&self, identity: &str) -> Client {
+        let token = self.tokens.get(identity).unwrap_or_else(|| panic!("no identity '{identity}'"));
+        self.client_with_token(token).await
     }
 
     /// Stops serving and waits until the vault (and its database lock) is released.

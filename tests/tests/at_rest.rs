@@ -33,8 +33,10 @@ async fn no_plaintext_at_rest() {
     // The scan does find plaintext when it is there: the same records on a benchmark-baseline
     // (unencrypted) vault show every canary.
     let plain_dir = tempfile::tempdir().unwrap();
-    let baseline =
-        VaultOptions { mode: khlang_server::CipherMode::PlaintextBaseline, ..VaultOptions::default() };
+    let baseline = VaultOptions {
+        mode: khlang_server::CipherMode::PlaintextBaseline,
+        ..TestServer::options(plain_dir.path())
+    };
     let plain = TestServer::start_with(plain_dir.path(), baseline).await;
     plain.client().await.put("canary-subject-1", canary_fields()).await.unwrap();
     plain.stop().await;
@@ -46,7 +48,7 @@ async fn no_plaintext_at_rest() {
     // And everything is still readable after a restart.
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
-    let r = c.get(&ids[0], &[], None).await.unwrap();
+    let r = c.get(&ids[0], &[], PURPOSE).await.unwrap();
     assert_eq!(r.fields["card_number"].expose_secret(), CANARY_CARD);
     assert_eq!(r.fields["billing_address"].expose_secret(), CANARY_ADDRESS_TH);
     server.stop().await;
@@ -104,7 +106,7 @@ async fn tampered_ciphertext_fails_closed() {
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
     for (id, field) in [(&b, "card_number"), (&a, "email"), (&d, "name")] {
-        let err = c.get(id, &[], None).await.unwrap_err();
+        let err = c.get(id, &[], PURPOSE).await.unwrap_err();
         assert_eq!(err.code(), Some(Code::DataLoss), "{err}");
         let msg = err.to_string();
         assert!(msg.contains(&format!("field '{field}' failed its integrity check")), "{msg}");
@@ -114,11 +116,11 @@ async fn tampered_ciphertext_fails_closed() {
         }
     }
     // Fields that were not touched still open when asked for alone; the untouched record is fine.
-    let b_email = c.get(&b, &["email".into()], None).await.unwrap();
+    let b_email = c.get(&b, &["email".into()], PURPOSE).await.unwrap();
     assert_eq!(b_email.fields["email"].expose_secret(), "b@example.go.th");
-    let a_card = c.get(&a, &["card_number".into()], None).await.unwrap();
+    let a_card = c.get(&a, &["card_number".into()], PURPOSE).await.unwrap();
     assert_eq!(a_card.fields["card_number"].expose_secret(), CANARY_CARD);
-    assert_eq!(c.get(&untouched, &[], None).await.unwrap().fields["name"].expose_secret(), "ไม่แตะต้อง");
+    assert_eq!(c.get(&untouched, &[], PURPOSE).await.unwrap().fields["name"].expose_secret(), "ไม่แตะต้อง");
     server.stop().await;
 }
 
@@ -134,10 +136,10 @@ async fn data_key_swapped_between_records_fails_closed() {
     edit_record(dir.path(), &b, |r| r.wrapped_key = key_a);
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
-    let err = c.get(&b, &[], None).await.unwrap_err();
+    let err = c.get(&b, &[], PURPOSE).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::DataLoss));
     assert!(err.to_string().contains("data key failed its integrity check"), "{err}");
-    assert!(c.get(&a, &[], None).await.is_ok());
+    assert!(c.get(&a, &[], PURPOSE).await.is_ok());
     server.stop().await;
 }
 
@@ -149,19 +151,21 @@ async fn restart_keeps_data_and_wrong_passphrase_is_refused() {
     let id = c.put("subject-r", canary_fields()).await.unwrap();
     server.stop().await;
 
-    let options = VaultOptions::default();
+    let options = TestServer::options(dir.path());
     let audit = std::sync::Arc::new(khlang_server::audit::TracingAudit);
     let err = Vault::open(dir.path(), b"not the passphrase", &options, audit.clone()).unwrap_err();
     assert_eq!(err.to_string(), "key error: wrong passphrase, or the sealed root key was altered");
     // A baseline (unencrypted) server refuses an encrypted folder, and vice versa.
-    let baseline =
-        VaultOptions { mode: khlang_server::CipherMode::PlaintextBaseline, ..VaultOptions::default() };
+    let baseline = VaultOptions {
+        mode: khlang_server::CipherMode::PlaintextBaseline,
+        ..TestServer::options(dir.path())
+    };
     let err = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &baseline, audit).unwrap_err();
     assert!(matches!(err, VaultError::Storage(StoreError::ModeMismatch { .. })), "{err}");
 
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
-    let r = c.get(&id, &[], None).await.unwrap();
+    let r = c.get(&id, &[], PURPOSE).await.unwrap();
     assert_eq!(r.fields.len(), 4);
     assert_eq!(r.fields["name"].expose_secret(), CANARY_NAME_TH);
     server.stop().await;

@@ -43,15 +43,24 @@ async fn cli_round_trip() {
         assert_eq!(id.len(), 36, "a record id: {id}");
 
         let json: serde_json::Value =
-            serde_json::from_str(&stdout(&run(&["get", &id, "--json", "--purpose", "billing"]))).unwrap();
+            serde_json::from_str(&stdout(&run(&["get", &id, "--json", "--purpose", "service_delivery"])))
+                .unwrap();
         assert_eq!(
             json,
             serde_json::json!({"card_number": CANARY_CARD, "name": CANARY_NAME_TH, "email": CANARY_EMAIL})
         );
-        let subset: serde_json::Value =
-            serde_json::from_str(&stdout(&run(&["get", &id, "--fields", "email", "--json"]))).unwrap();
+        let subset: serde_json::Value = serde_json::from_str(&stdout(&run(&[
+            "get",
+            &id,
+            "--fields",
+            "email",
+            "--json",
+            "--purpose",
+            "service_delivery",
+        ])))
+        .unwrap();
         assert_eq!(subset, serde_json::json!({"email": CANARY_EMAIL}));
-        let table = stdout(&run(&["get", &id]));
+        let table = stdout(&run(&["get", &id, "--purpose", "service_delivery"]));
         assert!(table.lines().any(|l| l.starts_with("card_number") && l.ends_with(CANARY_CARD)), "{table}");
 
         assert_eq!(
@@ -75,7 +84,7 @@ async fn cli_round_trip() {
         assert!(String::from_utf8_lossy(&unauth.stderr).contains("Unauthenticated"));
 
         assert!(stdout(&run(&["delete", &id])).contains("deleted"));
-        let gone = run(&["get", &id]);
+        let gone = run(&["get", &id, "--purpose", "service_delivery"]);
         assert!(!gone.status.success());
         assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
         true
@@ -101,7 +110,7 @@ fn spawn_khlangd(args: &[&str]) -> (Child, Result<String, String>) {
         let mut all = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(addr) = line.split("address=").nth(1) {
-                let _ = tx.send(Ok(addr.trim().to_owned()));
+                let _ = tx.send(Ok(addr.split_whitespace().next().unwrap_or_default().to_owned()));
             }
             all.push_str(&line);
             all.push('\n');
@@ -125,6 +134,9 @@ fn khlangd_init_serve_kill_restart_and_wrong_passphrase() {
     let data_s = data.to_str().unwrap();
     let good = write_passphrase(tmp.path(), "municipal custodians' long passphrase");
     let bad = write_passphrase(tmp.path(), "not it");
+    let regs_path = tmp.path().join("regulations.toml");
+    std::fs::write(&regs_path, test_regulations()).unwrap();
+    let regs = regs_path.to_str().unwrap();
 
     let init = Command::new(bin("khlangd"))
         .args([
@@ -137,6 +149,12 @@ fn khlangd_init_serve_kill_restart_and_wrong_passphrase() {
             "19456",
             "--argon2-passes",
             "2",
+            "--regulations",
+            regs,
+            "--initial-identity",
+            "tester",
+            "--initial-role",
+            "tester",
         ])
         .output()
         .unwrap();
@@ -167,7 +185,17 @@ fn khlangd_init_serve_kill_restart_and_wrong_passphrase() {
     assert!(!weak.status.success());
     assert!(String::from_utf8_lossy(&weak.stderr).contains("below the minimum"));
 
-    let serve = ["serve", "--data-dir", data_s, "--listen", "127.0.0.1:0", "--passphrase-file", &good];
+    let serve = [
+        "serve",
+        "--data-dir",
+        data_s,
+        "--listen",
+        "127.0.0.1:0",
+        "--passphrase-file",
+        &good,
+        "--regulations",
+        regs,
+    ];
     let (mut child, url) = spawn_khlangd(&serve);
     let url = url.unwrap();
     let id = stdout(&khlang(
@@ -183,8 +211,12 @@ fn khlangd_init_serve_kill_restart_and_wrong_passphrase() {
 
     let (mut child, url) = spawn_khlangd(&serve);
     let url = url.unwrap();
-    let json: serde_json::Value =
-        serde_json::from_str(&stdout(&khlang(&url, &token, &["get", &id, "--json"]))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&stdout(&khlang(
+        &url,
+        &token,
+        &["get", &id, "--json", "--purpose", "service_delivery"],
+    )))
+    .unwrap();
     assert_eq!(json["card_number"], CANARY_CARD);
     child.kill().unwrap();
     child.wait().unwrap();
@@ -211,7 +243,8 @@ fn khlangd_dev_writes_credentials_and_reuses_its_folder() {
     let mode = std::fs::metadata(&creds_path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds_path).unwrap()).unwrap();
-    let token = creds["developer"].as_str().unwrap().to_owned();
+    assert_eq!(creds.as_object().unwrap().len(), 8, "one identity per sample role: {creds}");
+    let token = creds["registration-app"].as_str().unwrap().to_owned();
     let id =
         stdout(&khlang(&url, &token, &["put", "--subject", "dev", "postal_code=80000"])).trim().to_owned();
     child.kill().unwrap();
@@ -220,8 +253,10 @@ fn khlangd_dev_writes_credentials_and_reuses_its_folder() {
     let (mut child, url) = spawn_khlangd(&args);
     let url = url.unwrap();
     let creds2: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds_path).unwrap()).unwrap();
-    assert_eq!(creds2["developer"], creds["developer"], "a valid token is reused");
-    assert!(stdout(&khlang(&url, &token, &["get", &id])).contains("80000"));
+    assert_eq!(creds2, creds, "valid tokens are reused");
+    // The registration app reads masked: the record is there, its postal code is not shown.
+    let shown = stdout(&khlang(&url, &token, &["get", &id, "--purpose", "contact"]));
+    assert!(shown.contains("postal_code") && shown.contains("***") && !shown.contains("80000"), "{shown}");
     child.kill().unwrap();
     child.wait().unwrap();
 }

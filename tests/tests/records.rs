@@ -21,7 +21,7 @@ async fn library_round_trip() {
     let mut c = server.client().await;
 
     let id = c.put("citizen-001", canary_fields()).await.unwrap();
-    let got = c.get(&id, &[], None).await.unwrap();
+    let got = c.get(&id, &[], PURPOSE).await.unwrap();
     assert_eq!(got.record_id, id);
     assert_eq!(got.subject_id.expose_secret(), "citizen-001");
     let expected: BTreeMap<String, String> =
@@ -29,13 +29,13 @@ async fn library_round_trip() {
     assert_eq!(values(&got), expected);
 
     // A subset, with a field the record does not hold simply absent.
-    let some = c.get(&id, &["email".into(), "phone".into()], Some("contact")).await.unwrap();
+    let some = c.get(&id, &["email".into(), "phone".into()], PURPOSE).await.unwrap();
     assert_eq!(values(&some), BTreeMap::from([("email".to_owned(), CANARY_EMAIL.to_owned())]));
 
     // Values are canonicalised by their validators.
     let names = c.update(&id, [("phone", "+66 81-234-5678")], &["email".to_owned()]).await.unwrap();
     assert_eq!(names, ["card_number", "home_address", "name", "phone"]);
-    let after = c.get(&id, &[], None).await.unwrap();
+    let after = c.get(&id, &[], PURPOSE).await.unwrap();
     assert_eq!(after.fields["phone"].expose_secret(), "+66812345678");
     assert!(!after.fields.contains_key("email"));
 
@@ -54,7 +54,7 @@ async fn library_round_trip() {
     assert_eq!(listed, want);
 
     c.delete(&id).await.unwrap();
-    assert_eq!(c.get(&id, &[], None).await.unwrap_err().code(), Some(Code::NotFound));
+    assert_eq!(c.get(&id, &[], PURPOSE).await.unwrap_err().code(), Some(Code::NotFound));
     assert_eq!(c.delete(&id).await.unwrap_err().code(), Some(Code::NotFound));
     assert_eq!(c.list("citizen-001").await.unwrap().len(), 1);
     server.stop().await;
@@ -75,10 +75,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
         max_field_bytes: 1024,
         ..Limits::default()
     };
-    let server = TestServer::start_with(dir.path(), VaultOptions { limits, ..VaultOptions::default() }).await;
+    let server =
+        TestServer::start_with(dir.path(), VaultOptions { limits, ..TestServer::options(dir.path()) }).await;
     let mut c = server.client().await;
     let id = c.put("subject-a", [("name", "สมชาย ใจดี"), ("card_number", CANARY_CARD)]).await.unwrap();
-    let before = values(&c.get(&id, &[], None).await.unwrap());
+    let before = values(&c.get(&id, &[], PURPOSE).await.unwrap());
 
     let s = "subject-a";
     expect(Code::InvalidArgument, "unknown field 'shoe_size'", c.put(s, [("shoe_size", "42")]).await).await;
@@ -120,11 +121,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
         c.update(&id, [("name", "n")], &["name".into()]).await,
     )
     .await;
-    expect(Code::InvalidArgument, "not a record id", c.get("../../etc/passwd", &[], None).await).await;
+    expect(Code::InvalidArgument, "not a record id", c.get("../../etc/passwd", &[], PURPOSE).await).await;
     expect(
         Code::NotFound,
         "record not found",
-        c.get("00000000-0000-4000-8000-000000000000", &[], None).await,
+        c.get("00000000-0000-4000-8000-000000000000", &[], PURPOSE).await,
     )
     .await;
     expect(
@@ -133,7 +134,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         c.update("00000000-0000-4000-8000-000000000000", [("name", "n")], &[]).await,
     )
     .await;
-    expect(Code::InvalidArgument, "unknown field", c.get(&id, &["password".into()], None).await).await;
+    expect(Code::InvalidArgument, "unknown field", c.get(&id, &["password".into()], PURPOSE).await).await;
 
     // Authentication: no token, an empty one, a forged one, a malformed one.
     let mut raw = pb::records_client::RecordsClient::connect(server.url()).await.unwrap();
@@ -151,7 +152,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     forged.push(if last == '0' { '1' } else { '0' });
     for bad in [forged.as_str(), "", "khl_nope", "Bearer", &server.token.replace("khl_", "khl_0")] {
         let mut bad_client = Client::connect(&server.url(), bad).await.unwrap();
-        expect(Code::Unauthenticated, "bearer token", bad_client.get(&id, &[], None).await).await;
+        expect(Code::Unauthenticated, "bearer token", bad_client.get(&id, &[], PURPOSE).await).await;
         expect(Code::Unauthenticated, "bearer token", bad_client.put(s, [("name", "intruder")]).await).await;
         expect(Code::Unauthenticated, "bearer token", bad_client.delete(&id).await).await;
     }
@@ -159,7 +160,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // Nothing changed: still exactly one record with the same values.
     let listed = c.list(s).await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(values(&c.get(&id, &[], None).await.unwrap()), before);
+    assert_eq!(values(&c.get(&id, &[], PURPOSE).await.unwrap()), before);
     server.stop().await;
 }
 
@@ -193,7 +194,7 @@ async fn concurrent_writers_share_flushes() {
     );
     let mut c = client.clone();
     for id in all.iter().step_by(17) {
-        assert_eq!(c.get(id, &[], None).await.unwrap().fields["age"].expose_secret(), "40");
+        assert_eq!(c.get(id, &[], PURPOSE).await.unwrap().fields["age"].expose_secret(), "40");
     }
     server.stop().await;
 }
@@ -219,7 +220,7 @@ async fn concurrent_updates_of_one_record_lose_nothing() {
     for t in tasks {
         t.await.unwrap();
     }
-    let record = client.clone().get(&id, &[], None).await.unwrap();
+    let record = client.clone().get(&id, &[], PURPOSE).await.unwrap();
     assert_eq!(record.fields.len(), 9, "every concurrent update kept: {:?}", record.fields.keys());
     for (f, v) in fields.into_iter().zip(values) {
         assert_eq!(record.fields[f].expose_secret(), v);
