@@ -252,6 +252,84 @@ mod tests {
         assert_eq!(mask(MaskRule::Redact, "anything"), "***");
     }
 
+    fn regs() -> Regulations {
+        Regulations::parse(
+            r#"
+[regulations]
+organisation = "T"
+[fields.name]
+kind = "name"
+class = "personal"
+mask = "initials"
+[purposes.news]
+description = "n"
+consent = "opt_out"
+legal_basis = "legitimate interest"
+[purposes.marketing]
+description = "m"
+consent = "required"
+legal_basis = "consent"
+[purposes.billing]
+description = "b"
+consent = "none"
+legal_basis = "contract"
+[roles.r]
+operations = ["read"]
+[[roles.r.read]]
+purposes = ["news", "marketing", "billing"]
+fields = ["name"]
+reveal = "masked"
+[[roles.r.read]]
+purposes = ["billing"]
+fields = ["name"]
+reveal = "full"
+"#,
+        )
+        .unwrap()
+    }
+
+    fn ask(purpose: &str, consent: ConsentState) -> Result<Decision, Denial> {
+        let id = Identity { name: "i".into(), role: "r".into() };
+        decide(
+            &regs(),
+            &id,
+            Ask { op: Operation::Read, fields: &["name"], purpose: Some(purpose), consent: Some(consent) },
+        )
+    }
+
+    #[test]
+    fn consent_rules() {
+        use ConsentState::*;
+        // opt_out: allowed unless withdrawn.
+        assert!(ask("news", Unknown).is_ok());
+        assert!(ask("news", Granted).is_ok());
+        assert_eq!(ask("news", Withdrawn).unwrap_err().rule, "purposes.news.consent");
+        // required: only when granted.
+        assert!(ask("marketing", Granted).is_ok());
+        assert!(ask("marketing", Unknown).is_err());
+        assert!(ask("marketing", Withdrawn).is_err());
+        // none: never consulted.
+        assert!(ask("billing", Withdrawn).is_ok());
+    }
+
+    #[test]
+    fn the_most_revealing_grant_wins_and_is_named() {
+        let d = ask("billing", ConsentState::Unknown).unwrap();
+        assert_eq!(d.reveal, [Reveal::Full]);
+        assert_eq!(d.rule, "roles.r.read[1]");
+        assert_eq!(ask("news", ConsentState::Unknown).unwrap().reveal, [Reveal::Masked]);
+    }
+
+    #[test]
+    fn unknown_roles_and_operations_are_denied() {
+        let r = regs();
+        let nobody = Identity { name: "n".into(), role: "ghost".into() };
+        let write = Ask { op: Operation::Write, fields: &["name"], purpose: None, consent: None };
+        assert!(decide(&r, &nobody, write).unwrap_err().reason.contains("not in the regulations"));
+        let reader = Identity { name: "i".into(), role: "r".into() };
+        assert!(decide(&r, &reader, write).unwrap_err().reason.contains("may not write"));
+    }
+
     #[test]
     fn operation_names_round_trip() {
         for name in Operation::NAMES {

@@ -260,3 +260,58 @@ fn khlangd_dev_writes_credentials_and_reuses_its_folder() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn khlangd_reloads_regulations_on_sighup_and_keeps_them_when_invalid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let regs_path = tmp.path().join("regulations.toml");
+    std::fs::write(&regs_path, khlang_server::regulations::SAMPLE).unwrap();
+    let args = [
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--regulations",
+        regs_path.to_str().unwrap(),
+    ];
+    let (mut child, url) = spawn_khlangd(&args);
+    let url = url.unwrap();
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("dev-credentials.json")).unwrap()).unwrap();
+    let admin = creds["key-admin"].as_str().unwrap().to_owned();
+    let version = || -> String {
+        let out = stdout(&khlang(&url, &admin, &["regulations", "show", "--json"]));
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["version"].as_str().unwrap().to_owned()
+    };
+    let hup = |pid: u32| {
+        assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let v1 = version();
+
+    std::fs::write(&regs_path, "[regulations]\norganisation = 'broken: no fields'\n").unwrap();
+    hup(child.id());
+    assert_eq!(version(), v1, "an invalid file is refused and the rules in force stay");
+
+    let changed = format!("{}\n# amended\n", khlang_server::regulations::SAMPLE);
+    std::fs::write(&regs_path, &changed).unwrap();
+    hup(child.id());
+    let v2 = version();
+    assert_ne!(v2, v1);
+    assert_eq!(v2, khlang_server::regulations::Regulations::parse(&changed).unwrap().version);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn plaintext_is_refused_off_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("khlangd"))
+        .args(["dev", "--listen", "0.0.0.0:0", "--data-dir", tmp.path().join("d").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing plaintext on 0.0.0.0:0"));
+}
