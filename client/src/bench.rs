@@ -64,6 +64,7 @@ async fn one(
     op: BenchOp,
     ids: &[String],
     purpose: &str,
+    fields: &[String],
     n: usize,
     worker: usize,
 ) -> Result<(), ClientError> {
@@ -73,7 +74,7 @@ async fn one(
             .await
             .map(|_| ()),
         BenchOp::Get => {
-            client.get(&ids[(n * 7919 + worker * 104_729) % ids.len()], &[], Some(purpose)).await.map(|_| ())
+            client.get(&ids[(n * 7919 + worker * 104_729) % ids.len()], fields, Some(purpose)).await.map(|_| ())
         }
     }
 }
@@ -86,10 +87,12 @@ pub async fn run(
     duration: Duration,
     records: usize,
     purpose: String,
+    fields: Vec<String>,
+    prefill: Option<Client>,
 ) -> Result<Report, ClientError> {
     let concurrency = concurrency.max(1);
     let ids = if op == BenchOp::Get {
-        let mut c = client.clone();
+        let mut c = prefill.unwrap_or_else(|| client.clone());
         let mut ids = Vec::with_capacity(records.max(1));
         for i in 0..records.max(1) {
             ids.push(c.put(&format!("bench-get-{i}"), SAMPLE_FIELDS.iter().copied()).await?);
@@ -107,6 +110,7 @@ pub async fn run(
         let mut client = client.clone();
         let ids = ids.clone();
         let purpose = purpose.clone();
+        let fields = fields.clone();
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut ok, mut errors) = (Vec::with_capacity(1 << 16), 0u64, 0u64);
             let mut n = 0usize;
@@ -115,7 +119,7 @@ pub async fn run(
                 if t0 >= stop_at {
                     break;
                 }
-                let result = one(&mut client, op, &ids, &purpose, n, worker).await;
+                let result = one(&mut client, op, &ids, &purpose, &fields, n, worker).await;
                 n += 1;
                 if t0 < measure_from {
                     continue;

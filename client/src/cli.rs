@@ -97,6 +97,13 @@ pub enum Command {
         /// Purpose stated by `get` requests.
         #[arg(long, default_value = "service_delivery")]
         purpose: String,
+        /// Fields `get` requests name (comma-separated; default: all).
+        #[arg(long, value_delimiter = ',')]
+        fields: Vec<String>,
+        /// Token that writes the records a `get` run reads (default: the main token), for
+        /// identities that may read but not write.
+        #[arg(long, env = "KHLANG_PREFILL_TOKEN", hide_env_values = true)]
+        prefill_token: Option<String>,
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,

@@ -15,6 +15,10 @@ use zeroize::Zeroizing;
 use cli::{Cli, Command, ConsentCommand, IdentityCommand, RegulationsCommand, SubjectCommand};
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    connect_as(cli, cli.token.as_deref()).await
+}
+
+async fn connect_as(cli: &Cli, token: Option<&str>) -> anyhow::Result<Client> {
     let read =
         |p: &std::path::PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
     let tls = match &cli.ca_cert {
@@ -26,10 +30,10 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         }),
         None => None,
     };
-    if cli.token.is_none() && cli.client_cert.is_none() {
+    if token.is_none() && cli.client_cert.is_none() {
         anyhow::bail!("no credentials: set KHLANG_TOKEN (or --token), or give --client-cert/--client-key");
     }
-    Ok(Client::connect_with(&cli.addr, cli.token.as_deref(), tls.as_ref()).await?)
+    Ok(Client::connect_with(&cli.addr, token, tls.as_ref()).await?)
 }
 
 fn record_json(r: &Record) -> serde_json::Value {
@@ -47,6 +51,10 @@ fn consent_json(c: &ConsentEntry) -> serde_json::Value {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = connect(&cli).await?;
+    let prefill = match &cli.command {
+        Command::Bench { prefill_token: Some(t), .. } => Some(connect_as(&cli, Some(t)).await?),
+        _ => None,
+    };
     match cli.command {
         Command::Put { subject, fields } => {
             println!("{}", client.put(&subject, fields).await?);
@@ -173,7 +181,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("erased {n} records of the subject and their data keys");
             }
         },
-        Command::Bench { op, concurrency, duration, warmup, records, purpose, json } => {
+        Command::Bench { op, concurrency, duration, warmup, records, purpose, fields, prefill_token: _, json } => {
             let report = bench::run(
                 client,
                 op,
@@ -182,6 +190,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs_f64(duration.max(0.1)),
                 records,
                 purpose,
+                fields,
+                prefill,
             )
             .await?;
             if json {
