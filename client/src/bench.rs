@@ -73,23 +73,29 @@ async fn one(
             .put(&format!("bench-subject-{worker}-{n}"), SAMPLE_FIELDS.iter().copied())
             .await
             .map(|_| ()),
-        BenchOp::Get => {
-            client.get(&ids[(n * 7919 + worker * 104_729) % ids.len()], fields, Some(purpose)).await.map(|_| ())
-        }
+        BenchOp::Get => client
+            .get(&ids[(n * 7919 + worker * 104_729) % ids.len()], fields, Some(purpose))
+            .await
+            .map(|_| ()),
     }
 }
 
-pub async fn run(
-    client: Client,
-    op: BenchOp,
-    concurrency: usize,
-    warmup: Duration,
-    duration: Duration,
-    records: usize,
-    purpose: String,
-    fields: Vec<String>,
-    prefill: Option<Client>,
-) -> Result<Report, ClientError> {
+/// What one benchmark run does.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub op: BenchOp,
+    pub concurrency: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Records written before a `get` run.
+    pub records: usize,
+    pub purpose: String,
+    pub fields: Vec<String>,
+}
+
+/// Runs `plan` with `client`; `prefill` (default: `client`) writes the records a `get` run reads.
+pub async fn run(client: Client, plan: Plan, prefill: Option<Client>) -> Result<Report, ClientError> {
+    let Plan { op, concurrency, warmup, duration, records, purpose, fields } = plan;
     let concurrency = concurrency.max(1);
     let ids = if op == BenchOp::Get {
         let mut c = prefill.unwrap_or_else(|| client.clone());

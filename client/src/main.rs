@@ -181,19 +181,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("erased {n} records of the subject and their data keys");
             }
         },
-        Command::Bench { op, concurrency, duration, warmup, records, purpose, fields, prefill_token: _, json } => {
-            let report = bench::run(
-                client,
+        Command::Bench {
+            op,
+            concurrency,
+            duration,
+            warmup,
+            records,
+            purpose,
+            fields,
+            prefill_token: _,
+            json,
+        } => {
+            let plan = bench::Plan {
                 op,
                 concurrency,
-                Duration::from_secs_f64(warmup.max(0.0)),
-                Duration::from_secs_f64(duration.max(0.1)),
+                warmup: Duration::from_secs_f64(warmup.max(0.0)),
+                duration: Duration::from_secs_f64(duration.max(0.1)),
                 records,
                 purpose,
                 fields,
-                prefill,
-            )
-            .await?;
+            };
+            let report = bench::run(client, plan, prefill).await?;
             if json {
                 println!("{}", report.to_json());
             } else {

@@ -45,12 +45,8 @@ fn main() {
     let put = time("put: new data key, wrap, seal 8 fields", n, || {
         let dek = DataKey::generate(1, &rng).unwrap();
         let wrapped = ring.wrap_data_key(&dek, id, &rng).unwrap();
-        let env: Vec<_> = FIELDS
-            .iter()
-            .zip(&values)
-            .map(|((f, _), v)| seal_field(&dek, FieldContext { record_id: id, field: f }, v, &rng).unwrap())
-            .collect();
-        (wrapped, env)
+        let fields: Vec<(&str, &Plaintext)> = FIELDS.iter().map(|(f, _)| *f).zip(&values).collect();
+        (wrapped, seal_fields(&dek, id, &fields, &rng).unwrap())
     });
     let dek = DataKey::generate(1, &rng).unwrap();
     let wrapped = ring.wrap_data_key(&dek, id, &rng).unwrap();

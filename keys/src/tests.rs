@@ -186,3 +186,16 @@ fn derived_keys_are_separated_by_label() {
     // Pinned: HKDF-SHA256(salt, root=0x44*32, info=token-pepper) then HMAC("x").
     assert_eq!(hex::encode(a.mac(b"x")), include_str!("../testdata/token_pepper_mac.hex").trim_ascii());
 }
+
+#[test]
+fn seal_fields_uses_distinct_nonces_and_binds_each_field() {
+    let rng = OsRandom::new();
+    let (a, b) = (Plaintext::from_str_copy("a@example.go.th"), Plaintext::from_str_copy("สมชาย"));
+    let envs = seal_fields(&dek(1), b"rec-9", &[("email", &a), ("name", &b)], &rng).unwrap();
+    assert_eq!(envs.len(), 2);
+    assert_ne!(envs[0][5..17], envs[1][5..17], "each field its own nonce");
+    let ctx = |field| FieldContext { record_id: b"rec-9", field };
+    assert_eq!(open_field(&dek(1), ctx("email"), &envs[0]).unwrap(), a);
+    assert_eq!(open_field(&dek(1), ctx("name"), &envs[1]).unwrap(), b);
+    assert!(open_field(&dek(1), ctx("name"), &envs[0]).is_err());
+}

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use khlang_keys::{
     DataKey, DerivedKey, FieldContext, Kek, KeyError, KeyRing, OsRandom, Plaintext, RootKey, SealParams,
-    WrappedDataKey, labels, open_field, seal_field, seal_root_key, unseal_root_key,
+    WrappedDataKey, labels, open_field, seal_fields, seal_root_key, unseal_root_key,
 };
 use zeroize::Zeroizing;
 
@@ -476,21 +476,17 @@ impl Vault {
 
     // ---- execute --------------------------------------------------------------------------
 
-    fn seal_value(
+    /// Seals values of one record (one random draw for all nonces); in the benchmark baseline,
+    /// stores them as they are.
+    fn seal_values(
         &self,
         dek: Option<&DataKey>,
         record_id: &str,
-        field: &str,
-        value: &Plaintext,
-    ) -> Result<Vec<u8>, VaultError> {
+        values: &[(&str, &Plaintext)],
+    ) -> Result<Vec<Vec<u8>>, VaultError> {
         match dek {
-            Some(dek) => Ok(seal_field(
-                dek,
-                FieldContext { record_id: record_id.as_bytes(), field },
-                value,
-                &self.rng,
-            )?),
-            None => Ok(value.expose_secret().to_vec()),
+            Some(dek) => Ok(seal_fields(dek, record_id.as_bytes(), values, &self.rng)?),
+            None => Ok(values.iter().map(|(_, v)| v.expose_secret().to_vec()).collect()),
         }
     }
 
@@ -587,15 +583,17 @@ impl Vault {
             }
             CipherMode::PlaintextBaseline => (None, Vec::new()),
         };
-        let mut stored = Vec::with_capacity(fields.len());
-        for f in &fields {
-            stored.push(StoredField {
-                name: f.name.clone(),
-                envelope: self.seal_value(dek.as_ref(), &record_id, &f.name, &f.value)?,
-            });
-        }
-        let subject_env =
-            self.seal_value(dek.as_ref(), &record_id, SUBJECT_CONTEXT, &Plaintext::from_str_copy(subject))?;
+        let subject_plain = Plaintext::from_str_copy(subject);
+        let mut to_seal: Vec<(&str, &Plaintext)> =
+            fields.iter().map(|f| (f.name.as_str(), &f.value)).collect();
+        to_seal.push((SUBJECT_CONTEXT, &subject_plain));
+        let mut envelopes = self.seal_values(dek.as_ref(), &record_id, &to_seal)?;
+        let subject_env = envelopes.pop().unwrap_or_default();
+        let stored: Vec<StoredField> = fields
+            .iter()
+            .zip(envelopes)
+            .map(|(f, envelope)| StoredField { name: f.name.clone(), envelope })
+            .collect();
         let record =
             StoredRecord::new(wrapped, Self::subject_index(&keys, subject), subject_env, stored, now_ms());
         self.store.insert_record(&record_id, &record)?;
@@ -682,8 +680,9 @@ impl Vault {
             record
                 .fields
                 .retain(|f| !remove.contains(&f.name.as_str()) && !set.iter().any(|s| s.name == f.name));
-            for f in &set {
-                let envelope = self.seal_value(dek.as_ref(), record_id, &f.name, &f.value)?;
+            let to_seal: Vec<(&str, &Plaintext)> = set.iter().map(|f| (f.name.as_str(), &f.value)).collect();
+            let envelopes = self.seal_values(dek.as_ref(), record_id, &to_seal)?;
+            for (f, envelope) in set.iter().zip(envelopes) {
                 record.fields.push(StoredField { name: f.name.clone(), envelope });
             }
             record.fields.sort_by(|a, b| a.name.cmp(&b.name));
