@@ -44,10 +44,12 @@ bench() { # label server identity args...
     --concurrency 64 --duration "$SECS" --warmup 1 --records 2000 --json |
     python3 -c 'import json,sys; d=json.load(sys.stdin); d["server"]=sys.argv[1]; d["label"]=sys.argv[2]; print(json.dumps(d))' "$name" "$label" >>"$RESULTS"
 }
+order() { if [ $((round % 2)) -eq 0 ]; then printf '%s\n' "$@" | tac; else printf '%s\n' "$@"; fi; }
 for round in $(seq "$ROUNDS"); do
-  for name in enc plain per-req; do bench put "$name" registration-app put; done
-  for name in enc plain; do bench get "$name" registration-app get; done
-  for name in enc nopolicy; do
+  # Alternate the order each round so running first or second biases neither side.
+  for name in $(order enc plain per-req); do bench put "$name" registration-app put; done
+  for name in $(order enc plain); do bench get "$name" registration-app get; done
+  for name in $(order enc nopolicy); do
     bench get-billing "$name" billing-clerk get --purpose billing --fields card_number,billing_address
   done
 done
