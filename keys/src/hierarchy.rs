@@ -74,14 +74,24 @@ impl RootKey {
         Kek::from_key(version, Key256::from_slice(&key)?)
     }
 
-    /// A key for another purpose, derived with HKDF-SHA256 under a named label from [`labels`].
-    pub fn derive(&self, label: &'static [u8]) -> Result<DerivedKey, KeyError> {
+    /// 32 bytes derived with HKDF-SHA256 under a named label from [`labels`].
+    fn hkdf32(&self, label: &'static [u8]) -> Result<Key256, KeyError> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(self.0.expose_secret());
         let info = [label];
         let okm = prk.expand(&info, hkdf::HKDF_SHA256).map_err(|_| KeyError::Derivation)?;
         let mut out = Zeroizing::new([0u8; 32]);
         okm.fill(out.as_mut_slice()).map_err(|_| KeyError::Derivation)?;
-        Ok(DerivedKey(Key256::from_slice(out.as_slice())?))
+        Key256::from_slice(out.as_slice())
+    }
+
+    /// An HMAC key for another purpose (token pepper, blind index), derived under its label.
+    pub fn derive(&self, label: &'static [u8]) -> Result<DerivedKey, KeyError> {
+        Ok(DerivedKey(self.hkdf32(label)?))
+    }
+
+    /// The Ed25519 key that signs audit checkpoints, derived under its own label.
+    pub fn audit_signer(&self) -> Result<crate::audit_chain::AuditSigner, KeyError> {
+        crate::audit_chain::AuditSigner::from_seed(self.hkdf32(labels::AUDIT_SIGNING)?)
     }
 }
 

@@ -14,3 +14,7 @@ pub const HKDF_SALT: &[u8] = b"khlang/v1/hkdf-salt";
 pub const TOKEN_PEPPER: &[u8] = b"khlang/v1/token-pepper";
 /// HKDF info: the key of the blind index over data-subject ids.
 pub const SUBJECT_INDEX: &[u8] = b"khlang/v1/subject-blind-index";
+/// HKDF info: the seed of the Ed25519 key that signs audit checkpoints.
+pub const AUDIT_SIGNING: &[u8] = b"khlang/v1/audit-signing-key";
+/// Prefix of every signed audit checkpoint message.
+pub const AUDIT_CHECKPOINT: &[u8] = b"khlang/v1/audit-checkpoint";

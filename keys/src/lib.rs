@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod aead;
+pub mod audit_chain;
 mod error;
 mod hierarchy;
 pub mod labels;
