@@ -40,7 +40,8 @@ pub struct AuditSigner {
 
 impl AuditSigner {
     pub(crate) fn from_seed(seed: Key256) -> Result<Self, KeyError> {
-        let pair = Ed25519KeyPair::from_seed_unchecked(seed.expose_secret()).map_err(|_| KeyError::Derivation)?;
+        let pair =
+            Ed25519KeyPair::from_seed_unchecked(seed.expose_secret()).map_err(|_| KeyError::Derivation)?;
         let public = pair.public_key().as_ref().to_vec();
         Ok(Self { seed, public })
     }
@@ -51,7 +52,8 @@ impl AuditSigner {
     }
 
     pub fn sign_checkpoint(&self, seq: u64, hash: &[u8; 32], time_ms: u64) -> Result<Vec<u8>, KeyError> {
-        let pair = Ed25519KeyPair::from_seed_unchecked(self.seed.expose_secret()).map_err(|_| KeyError::Derivation)?;
+        let pair = Ed25519KeyPair::from_seed_unchecked(self.seed.expose_secret())
+            .map_err(|_| KeyError::Derivation)?;
         let msg = Zeroizing::new(checkpoint_message(seq, hash, time_ms));
         Ok(pair.sign(&msg).as_ref().to_vec())
     }
@@ -67,7 +69,13 @@ fn hex_short(b: &[u8]) -> String {
     b.iter().take(4).map(|x| format!("{x:02x}")).collect()
 }
 
-pub fn verify_checkpoint(public_key: &[u8], seq: u64, hash: &[u8; 32], time_ms: u64, signature: &[u8]) -> bool {
+pub fn verify_checkpoint(
+    public_key: &[u8],
+    seq: u64,
+    hash: &[u8; 32],
+    time_ms: u64,
+    signature: &[u8],
+) -> bool {
     let key = signature::UnparsedPublicKey::new(&signature::ED25519, public_key);
     key.verify(&checkpoint_message(seq, hash, time_ms), signature).is_ok()
 }
@@ -135,15 +143,22 @@ impl<'a> ChainVerifier<'a> {
         }
         self.report.entries += 1;
         if seq != self.expected_seq {
-            let what = if seq > self.expected_seq { "missing (deleted or truncated)" } else { "out of order" };
+            let what =
+                if seq > self.expected_seq { "missing (deleted or truncated)" } else { "out of order" };
             return self.fail(self.expected_seq, format!("entry {} is {what}", self.expected_seq));
         }
         if embedded_seq != Some(seq) {
-            return self.fail(seq, format!("entry {seq} holds the content of another position (reordered or inserted)"));
+            return self.fail(
+                seq,
+                format!("entry {seq} holds the content of another position (reordered or inserted)"),
+            );
         }
         let hash = chain_hash(&self.prev, canonical);
         if hash.as_slice() != stored_hash {
-            return self.fail(seq, format!("entry {seq} does not match its hash (edited, or the chain was cut here)"));
+            return self.fail(
+                seq,
+                format!("entry {seq} does not match its hash (edited, or the chain was cut here)"),
+            );
         }
         while let Some(cp) = self.checkpoints.front() {
             if cp.seq > seq {
@@ -170,7 +185,14 @@ impl<'a> ChainVerifier<'a> {
             && let Some(cp) = self.checkpoints.front().cloned()
         {
             let seq = self.expected_seq;
-            self.fail(seq, format!("a signed checkpoint at {} is beyond the last entry {}: the log was truncated", cp.seq, seq - 1));
+            self.fail(
+                seq,
+                format!(
+                    "a signed checkpoint at {} is beyond the last entry {}: the log was truncated",
+                    cp.seq,
+                    seq - 1
+                ),
+            );
         }
         self.report
     }

@@ -1,54 +1,294 @@
-//! The audit step. Every request that reaches the vault produces one event *before* it executes;
-//! if the sink fails, the request fails. Events name fields, never their values.
+//! The audit log: one entry for every request that reaches the vault, written in the same atomic
+//! batch as the request's changes and flushed before any plaintext leaves or any change is
+//! acknowledged. Entries form a hash chain over their canonical JSON; every N entries or T seconds,
+//! and at shutdown, the head is signed (Ed25519, a key derived from the root key).
 //!
-//! The sink here writes structured lines to the `khlang::audit` tracing target; the tamper-evident
-//! store replaces it behind the same trait.
+//! Entries name fields, never their values; the subject appears only as its blind index; strings a
+//! caller sent are bounded and stripped of control characters, and JSON escapes the rest.
 
-use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use crate::VaultError;
+use khlang_keys::audit_chain::{AuditSigner, ChainReport, ChainVerifier, Checkpoint, GENESIS, chain_hash};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone)]
-pub struct AuditEvent<'a> {
-    pub request_id: &'a str,
-    pub identity: &'a str,
-    pub role: &'a str,
-    pub peer: Option<SocketAddr>,
-    pub operation: &'static str,
-    pub record_id: Option<&'a str>,
-    pub fields: &'a [&'a str],
-    pub purpose: Option<&'a str>,
-    /// "allow" or "deny".
-    pub decision: &'static str,
-    pub rule: &'a str,
-    /// SHA-256 of the regulations that made the decision.
-    pub regulations_version: &'a str,
+use crate::catalogue::printable;
+use crate::store::{Changes, Store};
+use crate::vault::now_ms;
+use crate::{StoreError, VaultError};
+
+/// One audited request (PCI DSS 10.2.2). `seq` and `time_ms` are set when it is appended.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub time_ms: u64,
+    /// The RPC (`GetRecord`) or operator action (`Unseal`, `SIGHUP`).
+    pub rpc: String,
+    /// The regulations' name of the operation (`read`), empty before one was known.
+    pub operation: String,
+    pub identity: String,
+    pub role: String,
+    pub peer: String,
+    pub request_id: String,
+    /// The data subject's blind index (hex), never the subject id itself.
+    pub subject: String,
+    pub record_id: String,
+    pub fields: Vec<String>,
+    pub purpose: String,
+    /// `allow`, `deny`, or `none` when the request was refused before a decision.
+    pub decision: String,
+    pub rule: String,
+    /// Why it was refused or failed; never a value.
+    pub reason: String,
+    pub regulations_version: String,
+    /// `kek=N gen=M` of the record's data key, when one was used.
+    pub key_versions: String,
+    /// The gRPC status code name (`Ok`, `PermissionDenied`, ...).
+    pub outcome: String,
 }
 
-pub trait AuditSink: Send + Sync {
-    fn record(&self, event: &AuditEvent<'_>) -> Result<(), VaultError>;
+/// Bounded, printable copy of a caller's string.
+pub fn clean(s: &str) -> String {
+    printable(s)
 }
 
-/// Writes each event as one structured log line.
-#[derive(Debug, Default)]
-pub struct TracingAudit;
+impl AuditEntry {
+    /// The bytes the chain hashes: compact JSON with keys sorted (serde_json's default map).
+    pub fn canonical(&self) -> Result<Vec<u8>, StoreError> {
+        let value = serde_json::to_value(self).map_err(|_| StoreError::Corrupt("audit entry (encode)"))?;
+        serde_json::to_vec(&value).map_err(|_| StoreError::Corrupt("audit entry (encode)"))
+    }
+}
 
-impl AuditSink for TracingAudit {
-    fn record(&self, e: &AuditEvent<'_>) -> Result<(), VaultError> {
-        tracing::info!(
-            target: "khlang::audit",
-            request_id = e.request_id,
-            identity = e.identity,
-            role = e.role,
-            peer = ?e.peer,
-            operation = e.operation,
-            record_id = e.record_id.unwrap_or(""),
-            fields = ?e.fields,
-            purpose = e.purpose.unwrap_or(""),
-            decision = e.decision,
-            rule = e.rule,
-            regulations = e.regulations_version,
-        );
+/// A stored checkpoint, as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredCheckpoint {
+    pub seq: u64,
+    pub hash: String,
+    pub time_ms: u64,
+    pub signature: String,
+}
+
+impl StoredCheckpoint {
+    pub fn to_checkpoint(&self) -> Option<Checkpoint> {
+        Some(Checkpoint {
+            seq: self.seq,
+            hash: hex::decode(&self.hash).ok()?.try_into().ok()?,
+            time_ms: self.time_ms,
+            signature: hex::decode(&self.signature).ok()?,
+        })
+    }
+}
+
+/// When to sign the head.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    pub every_entries: u64,
+    pub every: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self { every_entries: 1000, every: Duration::from_secs(10) }
+    }
+}
+
+struct Head {
+    seq: u64,
+    hash: [u8; 32],
+    checkpointed_seq: u64,
+    checkpointed_at: Instant,
+}
+
+/// Appends entries (with the request's changes) and signs checkpoints. The mutex orders the chain
+/// and makes each commit's expectation check and write one step.
+pub struct AuditLog {
+    head: Mutex<Head>,
+    signer: Mutex<Option<AuditSigner>>,
+    policy: CheckpointPolicy,
+    /// Benchmark baseline only: apply changes without writing entries.
+    disabled: bool,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").field("disabled", &self.disabled).finish_non_exhaustive()
+    }
+}
+
+fn entry_key(seq: u64) -> Vec<u8> {
+    [b"a".as_slice(), &seq.to_be_bytes()].concat()
+}
+
+fn checkpoint_key(seq: u64) -> Vec<u8> {
+    [b"k".as_slice(), &seq.to_be_bytes()].concat()
+}
+
+/// Splits a stored entry into `(hash, canonical JSON)`.
+pub fn split_stored(value: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
+    if value.len() < 32 {
+        return Err(StoreError::Corrupt("audit entry"));
+    }
+    Ok(value.split_at(32))
+}
+
+/// The `seq` written inside canonical JSON, found without parsing: in compact JSON a caller's
+/// string cannot hold an unescaped `"seq":`, so the first one is the key.
+pub fn embedded_seq(json: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"seq\":";
+    let at = json.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = json[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&json[at..at + digits]).ok()?.parse().ok()
+}
+
+pub enum Committed {
+    Done(u64),
+    /// An expectation no longer held; nothing was written. Read again and retry.
+    Conflict,
+}
+
+impl AuditLog {
+    pub fn open(store: &Store, policy: CheckpointPolicy, disabled: bool) -> Result<Self, StoreError> {
+        let (seq, hash) = match store.last_audit_entry()? {
+            Some((seq, value)) => {
+                let (hash, _) = split_stored(&value)?;
+                (seq, hash.try_into().map_err(|_| StoreError::Corrupt("audit entry"))?)
+            }
+            None => (0, GENESIS),
+        };
+        let checkpointed_seq = store
+            .checkpoints()?
+            .last()
+            .and_then(|c| serde_json::from_slice::<StoredCheckpoint>(c).ok())
+            .map_or(0, |c| c.seq);
+        Ok(Self {
+            head: Mutex::new(Head { seq, hash, checkpointed_seq, checkpointed_at: Instant::now() }),
+            signer: Mutex::new(None),
+            policy,
+            disabled,
+        })
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    pub fn set_signer(&self, signer: AuditSigner) {
+        *self.signer.lock().unwrap_or_else(|p| p.into_inner()) = Some(signer);
+    }
+
+    pub fn public_key(&self) -> Option<Vec<u8>> {
+        self.signer.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.public_key().to_vec())
+    }
+
+    /// `(seq, hash)` of the newest entry.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        let head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        (head.seq, head.hash)
+    }
+
+    fn checkpoint_record(&self, seq: u64, hash: &[u8; 32]) -> Result<Option<(Vec<u8>, Vec<u8>)>, VaultError> {
+        let signer = self.signer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(signer) = signer.as_ref() else { return Ok(None) };
+        let time_ms = now_ms();
+        let signature = signer.sign_checkpoint(seq, hash, time_ms)?;
+        let cp =
+            StoredCheckpoint { seq, hash: hex::encode(hash), time_ms, signature: hex::encode(signature) };
+        let json = serde_json::to_vec(&cp).map_err(|_| StoreError::Corrupt("checkpoint (encode)"))?;
+        Ok(Some((checkpoint_key(seq), json)))
+    }
+
+    /// Appends `entry` and applies `changes` in one atomic write. Fails (and writes nothing) if the
+    /// entry cannot be written.
+    pub fn commit(
+        &self,
+        store: &Store,
+        mut entry: AuditEntry,
+        changes: Changes,
+    ) -> Result<Committed, VaultError> {
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if self.disabled {
+            return match store.commit(changes, &[]) {
+                Ok(true) => Ok(Committed::Done(0)),
+                Ok(false) => Ok(Committed::Conflict),
+                Err(_) => Err(VaultError::AuditUnavailable),
+            };
+        }
+        entry.seq = head.seq + 1;
+        entry.time_ms = now_ms();
+        let canonical = entry.canonical()?;
+        let hash = chain_hash(&head.hash, &canonical);
+        let mut records = vec![(entry_key(entry.seq), [hash.as_slice(), &canonical].concat())];
+        let due = entry.seq - head.checkpointed_seq >= self.policy.every_entries
+            || head.checkpointed_at.elapsed() >= self.policy.every;
+        let checkpoint = if due { self.checkpoint_record(entry.seq, &hash)? } else { None };
+        let checkpointed = checkpoint.is_some();
+        records.extend(checkpoint);
+        match store.commit(changes, &records) {
+            Ok(true) => {}
+            Ok(false) => return Ok(Committed::Conflict),
+            Err(e) => {
+                tracing::error!(error = %e, "audit entry could not be written");
+                return Err(VaultError::AuditUnavailable);
+            }
+        }
+        head.seq = entry.seq;
+        head.hash = hash;
+        if checkpointed {
+            head.checkpointed_seq = entry.seq;
+            head.checkpointed_at = Instant::now();
+        }
+        Ok(Committed::Done(entry.seq))
+    }
+
+    /// Signs the current head now (shutdown), if anything was appended since the last checkpoint.
+    pub fn checkpoint_now(&self, store: &Store) -> Result<(), VaultError> {
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if self.disabled || head.seq == 0 || head.seq == head.checkpointed_seq {
+            return Ok(());
+        }
+        if let Some(record) = self.checkpoint_record(head.seq, &head.hash)? {
+            store.commit(Changes::none(), &[record]).map_err(|_| VaultError::AuditUnavailable)?;
+            head.checkpointed_seq = head.seq;
+            head.checkpointed_at = Instant::now();
+        }
         Ok(())
+    }
+
+    /// Verifies the stored log against `public_key`; on the live log, also that the newest entry is
+    /// the head this process appended (catches a truncated tail).
+    pub fn verify(&self, store: &Store, public_key: &[u8], live: bool) -> Result<ChainReport, StoreError> {
+        let expected_head = self.head();
+        let checkpoints = store
+            .checkpoints()?
+            .iter()
+            .filter_map(|c| {
+                serde_json::from_slice::<StoredCheckpoint>(c).ok().and_then(|c| c.to_checkpoint())
+            })
+            .collect();
+        let mut v = ChainVerifier::new(public_key, checkpoints);
+        for item in store.audit_entries(0) {
+            let (seq, value) = item?;
+            let Ok((hash, json)) = split_stored(&value) else {
+                v.entry(seq, None, &[], &[]);
+                continue;
+            };
+            v.entry(seq, embedded_seq(json), json, hash);
+            if v.broken() {
+                break;
+            }
+        }
+        let reached = v.head();
+        let mut report = v.finish();
+        if live && report.first_break.is_none() && reached != expected_head {
+            report.first_break = Some(khlang_keys::audit_chain::ChainBreak {
+                seq: reached.0 + 1,
+                reason: format!(
+                    "the log ends at {} but this vault wrote up to {}",
+                    reached.0, expected_head.0
+                ),
+            });
+        }
+        Ok(report)
     }
 }

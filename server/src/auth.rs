@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use khlang_keys::RandomSource;
 use zeroize::Zeroizing;
 
-use crate::store::{StoredIdentity, StoredToken};
-use crate::vault::now_ms;
+use crate::policy::Operation;
+use crate::store::{Changes, StoredToken};
+use crate::vault::{now_ms, operator_entry};
 use crate::{Identity, Vault, VaultError};
 
 const PREFIX: &str = "khl_";
@@ -151,39 +152,34 @@ pub(crate) fn check_identity_name(name: &str) -> Result<(), VaultError> {
 }
 
 impl Vault {
-    /// Creates an identity with a role of the regulations in force, and issues its first token.
-    /// Callers check permission first; this is also how `init` and `dev` bootstrap identities.
-    pub(crate) async fn create_identity_unchecked(
-        &self,
-        name: &str,
-        role: &str,
-        created_by: &str,
-    ) -> Result<IssuedToken, VaultError> {
-        check_identity_name(name)?;
-        if !self.regulations().roles.contains_key(role) {
-            return Err(VaultError::InvalidArgument(format!(
-                "role '{role}' is not in the regulations in force"
-            )));
-        }
-        let identity = StoredIdentity::new(name.to_owned(), role.to_owned(), created_by.to_owned(), now_ms());
-        if !self.store.create_identity(&identity)? {
-            return Err(VaultError::AlreadyExists(format!("identity '{name}' already exists")));
-        }
-        self.issue_token(name).await
-    }
-
-    /// Creates the first identity of a new vault (`khlangd init`), before anyone could be asked.
+    /// Creates an identity and its first token on behalf of the local operator (`khlangd init`,
+    /// `khlangd dev`, test harnesses): no API caller, audited as `operator`.
     pub async fn bootstrap_identity(&self, name: &str, role: &str) -> Result<IssuedToken, VaultError> {
-        self.create_identity_unchecked(name, role, "khlangd init").await
+        let regs = self.regulations();
+        let mut entry = operator_entry("CreateIdentity", Operation::IdentityAdmin, &regs);
+        entry.reason = format!("identity '{name}' with role '{role}'");
+        self.audited(entry, |_| self.stage_identity(&regs, name, role, "operator")).await
     }
 
-    /// Issues another token for an existing, unrevoked identity. No caller and no permission
-    /// check: for the local operator (`khlangd dev`) and test harnesses, never for the API.
+    /// Issues another token for an existing, unrevoked identity, on behalf of the local operator.
     pub async fn issue_token(&self, name: &str) -> Result<IssuedToken, VaultError> {
-        let identity = self.store.get_identity(name)?.ok_or(VaultError::NotFound("identity"))?;
-        if identity.revoked_ms.is_some() {
-            return Err(VaultError::FailedPrecondition(format!("identity '{name}' is revoked")));
-        }
+        let regs = self.regulations();
+        let mut entry = operator_entry("IssueToken", Operation::IdentityAdmin, &regs);
+        entry.reason = format!("identity '{name}'");
+        self.audited(entry, |_| {
+            let identity = self.store.get_identity(name)?.ok_or(VaultError::NotFound("identity"))?;
+            if identity.revoked_ms.is_some() {
+                return Err(VaultError::FailedPrecondition(format!("identity '{name}' is revoked")));
+            }
+            let mut changes = Changes::new();
+            let token = self.stage_token(name, &mut changes)?;
+            Ok((token, changes))
+        })
+        .await
+    }
+
+    /// A new random token for `name`, staged (only its MAC) into `changes`.
+    pub(crate) fn stage_token(&self, name: &str, changes: &mut Changes) -> Result<IssuedToken, VaultError> {
         let keys = self.unsealed()?;
         let mut id = [0u8; ID_BYTES];
         self.rng.fill(&mut id)?;
@@ -191,11 +187,10 @@ impl Vault {
         self.rng.fill(secret.as_mut_slice())?;
         let token_id = hex::encode(id);
         let mac = keys.token_pepper.mac(secret.as_slice());
-        self.store.put_token(
+        changes.put_token(
             &token_id,
             &StoredToken { format: 1, identity: name.to_owned(), mac, created_ms: now_ms() },
         )?;
-        self.store.durable().await?;
         let secret_hex = Zeroizing::new(hex::encode(secret.as_slice()));
         Ok(IssuedToken(Zeroizing::new(format!("{PREFIX}{token_id}_{}", secret_hex.as_str()))))
     }

@@ -5,12 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use khlang_keys::SealParams;
 use zeroize::Zeroize;
 
-use crate::audit::AuditSink;
 use crate::{Vault, VaultError, VaultOptions};
 
 /// Publicly known, so a development vault protects nothing: never use one for real data.
@@ -53,9 +51,8 @@ impl fmt::Debug for DevCredentials {
 pub async fn open_dev_vault(
     dir: &Path,
     options: &VaultOptions,
-    audit: Arc<dyn AuditSink>,
 ) -> Result<(Vault, DevCredentials), VaultError> {
-    let vault = Vault::open_or_init(dir, DEV_PASSPHRASE.as_bytes(), SealParams::MINIMUM, options, audit)?;
+    let vault = Vault::open_or_init(dir, DEV_PASSPHRASE.as_bytes(), SealParams::MINIMUM, options)?;
     let path = dir.join(CREDENTIALS_FILE);
     if let Some(existing) = read_credentials(&path) {
         let all_valid = DEV_IDENTITIES
@@ -67,7 +64,7 @@ pub async fn open_dev_vault(
     }
     let mut creds = DevCredentials::default();
     for (name, role) in DEV_IDENTITIES {
-        let token = match vault.create_identity_unchecked(name, role, "khlangd dev").await {
+        let token = match vault.bootstrap_identity(name, role).await {
             Err(VaultError::AlreadyExists(_)) => vault.issue_token(name).await?,
             other => other?,
         };

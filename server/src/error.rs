@@ -66,3 +66,21 @@ impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
         }
     }
 }
+
+impl VaultError {
+    /// The gRPC status code name this error maps to (recorded as an audit entry's outcome).
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) => "InvalidArgument",
+            Self::LimitExceeded(_) | Self::LockedOut => "ResourceExhausted",
+            Self::Unauthenticated => "Unauthenticated",
+            Self::PermissionDenied(_) => "PermissionDenied",
+            Self::NotFound(_) => "NotFound",
+            Self::AlreadyExists(_) => "AlreadyExists",
+            Self::Integrity { .. } => "DataLoss",
+            Self::FailedPrecondition(_) => "FailedPrecondition",
+            Self::AuditUnavailable => "Unavailable",
+            Self::Storage(_) | Self::Key(_) => "Internal",
+        }
+    }
+}

@@ -105,8 +105,15 @@ impl Api {
         match self.vault.authenticate(creds) {
             Ok(identity) => Ok(Caller { identity, peer, request_id }),
             Err(e) => {
+                let rpc = req.extensions().get::<tonic::GrpcMethod>().map_or("unknown", |m| m.method());
                 if matches!(e, VaultError::Unauthenticated | VaultError::LockedOut) {
                     tracing::warn!(target: "khlang::auth", request_id, peer = ?peer, "authentication failed");
+                }
+                // Refused either way; if even this cannot be recorded, the server log says so.
+                if let Err(audit) = self.vault.audit_refused(rpc, peer, &request_id, &e).await {
+                    tracing::error!(request_id, error = %audit, "could not audit a refused request");
+                }
+                if matches!(e, VaultError::Unauthenticated | VaultError::LockedOut) {
                     tokio::time::sleep_until(started + FAILED_AUTH_FLOOR).await;
                 }
                 Err(status(e, &request_id))
@@ -201,7 +208,7 @@ impl Records for Api {
     ) -> Result<Response<pb::GetRecordResponse>, Status> {
         handle!(self, req, |caller, msg| {
             let purpose = Some(msg.purpose.as_str()).filter(|p| !p.is_empty());
-            self.vault.get(&caller, &msg.record_id, &msg.fields, purpose).map(Into::into)
+            self.vault.get(&caller, &msg.record_id, &msg.fields, purpose).await.map(Into::into)
         })
     }
 
@@ -232,7 +239,7 @@ impl Records for Api {
         req: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<pb::ListRecordsResponse>, Status> {
         handle!(self, req, |caller, msg| {
-            self.vault.list(&caller, &msg.subject_id).map(|records| pb::ListRecordsResponse {
+            self.vault.list(&caller, &msg.subject_id).await.map(|records| pb::ListRecordsResponse {
                 records: records
                     .into_iter()
                     .map(|r| pb::RecordSummary { record_id: r.record_id, field_names: r.field_names })
@@ -260,7 +267,7 @@ impl Subjects for Api {
         req: Request<pb::GetConsentRequest>,
     ) -> Result<Response<pb::GetConsentResponse>, Status> {
         handle!(self, req, |caller, msg| {
-            self.vault.consent(&caller, &msg.subject_id).map(|r| pb::GetConsentResponse {
+            self.vault.consent(&caller, &msg.subject_id).await.map(|r| pb::GetConsentResponse {
                 current: r.current.into_iter().map(Into::into).collect(),
                 history: r.history.into_iter().map(Into::into).collect(),
             })
@@ -273,12 +280,14 @@ impl Subjects for Api {
         req: Request<pb::ExportSubjectRequest>,
     ) -> Result<Response<pb::ExportSubjectResponse>, Status> {
         handle!(self, req, |caller, msg| {
-            self.vault.export_subject(&caller, &msg.subject_id).map(|records| pb::ExportSubjectResponse {
-                records: records
-                    .into_iter()
-                    .map(|r| pb::ExportedRecord { fields: fields_out(&r.fields), record_id: r.record_id })
-                    .collect(),
-                subject_id: msg.subject_id.clone(),
+            self.vault.export_subject(&caller, &msg.subject_id).await.map(|records| {
+                pb::ExportSubjectResponse {
+                    records: records
+                        .into_iter()
+                        .map(|r| pb::ExportedRecord { fields: fields_out(&r.fields), record_id: r.record_id })
+                        .collect(),
+                    subject_id: msg.subject_id.clone(),
+                }
             })
         })
     }
@@ -317,7 +326,7 @@ impl Admin for Api {
         req: Request<pb::ListIdentitiesRequest>,
     ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
         handle!(self, req, |caller, _msg| {
-            self.vault.list_identities(&caller).map(|ids| pb::ListIdentitiesResponse {
+            self.vault.list_identities(&caller).await.map(|ids| pb::ListIdentitiesResponse {
                 identities: ids
                     .into_iter()
                     .map(|i| pb::IdentityInfo {
@@ -347,7 +356,7 @@ impl Admin for Api {
         &self,
         req: Request<pb::ReloadRegulationsRequest>,
     ) -> Result<Response<pb::RegulationsInfo>, Status> {
-        handle!(self, req, |caller, _msg| self.vault.reload_regulations(Some(&caller)).map(Into::into))
+        handle!(self, req, |caller, _msg| self.vault.reload_regulations(Some(&caller)).await.map(Into::into))
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "GetRegulations"))]
@@ -355,7 +364,7 @@ impl Admin for Api {
         &self,
         req: Request<pb::GetRegulationsRequest>,
     ) -> Result<Response<pb::RegulationsInfo>, Status> {
-        handle!(self, req, |caller, _msg| self.vault.regulations_info(&caller).map(Into::into))
+        handle!(self, req, |caller, _msg| self.vault.regulations_info(&caller).await.map(Into::into))
     }
 }
 

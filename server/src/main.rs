@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use khlang_keys::SealParams;
-use khlang_server::audit::TracingAudit;
 use khlang_server::regulations::Regulations;
 use khlang_server::store::Durability;
 use khlang_server::{AuthLimits, CipherMode, Limits, Vault, VaultOptions, dev, grpc};
@@ -72,6 +71,9 @@ enum Command {
         /// Benchmark baseline only: allow every request without consulting the regulations.
         #[arg(long, hide = true)]
         bench_skip_policy: bool,
+        /// Benchmark baseline only: write no audit entries.
+        #[arg(long, hide = true)]
+        bench_skip_audit: bool,
     },
 }
 
@@ -159,6 +161,8 @@ impl ServerArgs {
             regulations: Arc::new(load_regulations(self.regulations.as_deref())?),
             regulations_path: self.regulations.clone(),
             bench_skip_policy: false,
+            bench_skip_audit: false,
+            checkpoints: Default::default(),
         })
     }
 
@@ -238,7 +242,7 @@ fn reload_on_sighup(vault: Arc<Vault>) {
             return;
         };
         while hup.recv().await.is_some() {
-            match vault.reload_regulations(None) {
+            match vault.reload_regulations(None).await {
                 Ok(info) => tracing::info!(version = %info.version, "SIGHUP: regulations reloaded"),
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: regulations NOT reloaded; the rules in force stay")
@@ -314,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
             let options = VaultOptions { regulations: Arc::new(regs), ..VaultOptions::default() };
             Vault::init(&data_dir, pass.as_bytes(), params, &options)
                 .with_context(|| format!("cannot initialise a vault in {}", data_dir.display()))?;
-            let vault = Vault::open(&data_dir, pass.as_bytes(), &options, Arc::new(TracingAudit))?;
+            let vault = Vault::open(&data_dir, pass.as_bytes(), &options)?;
             let token = vault.bootstrap_identity(&initial_identity, &initial_role).await?;
             println!("Initialised a vault in {}", data_dir.display());
             println!(
@@ -326,17 +330,17 @@ async fn main() -> anyhow::Result<()> {
             let options = server.options(CipherMode::Encrypted)?;
             let tls = server.tls()?;
             let pass = read_passphrase(&passphrase, false)?;
-            let vault = Vault::open(&data_dir, pass.as_bytes(), &options, Arc::new(TracingAudit))
+            let vault = Vault::open(&data_dir, pass.as_bytes(), &options)
                 .with_context(|| format!("cannot unseal the vault in {}", data_dir.display()))?;
             drop(pass);
             run(vault, bind(server.listen).await?, tls).await?;
         }
-        Command::Dev { data_dir, server, bench_plaintext_baseline, bench_skip_policy } => {
+        Command::Dev { data_dir, server, bench_plaintext_baseline, bench_skip_policy, bench_skip_audit } => {
             let mode =
                 if bench_plaintext_baseline { CipherMode::PlaintextBaseline } else { CipherMode::Encrypted };
-            let options = VaultOptions { bench_skip_policy, ..server.options(mode)? };
+            let options = VaultOptions { bench_skip_policy, bench_skip_audit, ..server.options(mode)? };
             let tls = server.tls()?;
-            let (vault, creds) = dev::open_dev_vault(&data_dir, &options, Arc::new(TracingAudit))
+            let (vault, creds) = dev::open_dev_vault(&data_dir, &options)
                 .await
                 .with_context(|| format!("cannot open the development vault in {}", data_dir.display()))?;
             let listener = bind(server.listen).await?;
@@ -349,6 +353,9 @@ async fn main() -> anyhow::Result<()> {
             );
             if bench_skip_policy {
                 println!("!! BENCHMARK BASELINE: the regulations are NOT enforced !!");
+            }
+            if bench_skip_audit {
+                println!("!! BENCHMARK BASELINE: requests are NOT audited !!");
             }
             drop(creds);
             run(vault, listener, tls).await?;

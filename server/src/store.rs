@@ -1,11 +1,14 @@
 //! Storage on sled 0.34, with durable acknowledgements through a group-commit flusher.
 //!
-//! Trees: `meta` (sealed root key, mode), `keks` (version → wrapped KEK), `identities` (token id →
-//! identity with its token's keyed hash), and `records`, which holds two key spaces so a record and
-//! its index entry change together in one atomic batch (sled transactions across trees cost ~45% of
-//! Put throughput here):
-//! - `r` ‖ record id → the record: its wrapped data key and field envelopes;
-//! - `s` ‖ subject blind index ‖ record id → ().
+//! Trees: `meta` (sealed root key, mode) and `keks` (version → wrapped KEK), written only at init
+//! and by key operations; and `vault`, which holds every key space that requests change, so a change
+//! and its audit entry are applied together in one atomic batch:
+//! - `r` ‖ record id → record (wrapped data key, field envelopes); `s` ‖ subject index ‖ id → ();
+//! - `i` ‖ name → identity; `t` ‖ token id → token (HMAC of its secret);
+//! - `c` ‖ subject index ‖ purpose → current consent; `h` ‖ subject index ‖ seq → consent history;
+//! - `a` ‖ seq → audit entry (its chain hash ‖ canonical JSON); `k` ‖ seq → signed checkpoint.
+//!
+//! Requests stage their changes in [`Changes`]; only the audit log applies them (see `audit.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -182,9 +185,10 @@ pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
     keks: sled::Tree,
-    records: sled::Tree,
-    identities: sled::Tree,
-    consent: sled::Tree,
+    vault: sled::Tree,
+    /// Fault drill: when set, every commit fails as a disk error would (tests use it to show
+    /// that an unauditable request fails closed).
+    fail_commits: std::sync::atomic::AtomicBool,
     durability: Durability,
     group: GroupCommit,
     per_request_lock: Arc<std::sync::Mutex<()>>,
@@ -210,9 +214,8 @@ impl Store {
         Ok(Self {
             meta: db.open_tree("meta")?,
             keks: db.open_tree("keks")?,
-            records: db.open_tree("records")?,
-            consent: db.open_tree("consent")?,
-            identities: db.open_tree("identities")?,
+            vault: db.open_tree("vault")?,
+            fail_commits: false.into(),
             db,
             durability,
             group,
@@ -311,48 +314,22 @@ impl Store {
         [b"s".as_slice(), subject_index.as_slice(), record_id.as_bytes()].concat()
     }
 
-    /// Inserts a new record and its subject index entry in one atomic batch.
-    pub fn insert_record(&self, record_id: &str, record: &StoredRecord) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(Self::record_key(record_id), record.encode()?);
-        batch.insert(Self::subject_key(&record.subject_index, record_id), &[] as &[u8]);
-        self.records.apply_batch(batch)?;
-        Ok(())
+    fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(value).map_err(|_| StoreError::Corrupt(what))
     }
 
-    /// The record and the exact bytes it was read from (for [`Store::replace_record`]).
+    fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+        postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
+    }
+
+    // ---- reads ------------------------------------------------------------------------------
+
+    /// The record and the exact bytes it was read from (for [`Changes::replace_record`]).
     pub fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, sled::IVec)>, StoreError> {
-        self.records
+        self.vault
             .get(Self::record_key(record_id))?
             .map(|bytes| Ok((StoredRecord::decode(&bytes)?, bytes)))
             .transpose()
-    }
-
-    /// Replaces a record if it still holds `expected` (compare-and-swap), so concurrent updates never
-    /// lose a write. `Ok(false)`: it changed or vanished meanwhile; read again and retry.
-    pub fn replace_record(
-        &self,
-        record_id: &str,
-        expected: &sled::IVec,
-        next: &StoredRecord,
-    ) -> Result<bool, StoreError> {
-        let swapped = self.records.compare_and_swap(
-            Self::record_key(record_id),
-            Some(expected),
-            Some(next.encode()?),
-        )?;
-        Ok(swapped.is_ok())
-    }
-
-    /// Removes the record, with its data key (crypto-shredding), and its index entry.
-    /// `false`: not found.
-    pub fn delete_record(&self, record_id: &str) -> Result<bool, StoreError> {
-        let Some((record, _)) = self.get_record(record_id)? else { return Ok(false) };
-        let mut batch = sled::Batch::default();
-        batch.remove(Self::record_key(record_id));
-        batch.remove(Self::subject_key(&record.subject_index, record_id));
-        self.records.apply_batch(batch)?;
-        Ok(true)
     }
 
     /// A subject's records, by blind index.
@@ -362,7 +339,7 @@ impl Store {
     ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
         let prefix = [b"s".as_slice(), subject_index.as_slice()].concat();
         let mut out = Vec::new();
-        for kv in self.records.scan_prefix(&prefix) {
+        for kv in self.vault.scan_prefix(&prefix) {
             let (k, _) = kv?;
             let id =
                 std::str::from_utf8(&k[prefix.len()..]).map_err(|_| StoreError::Corrupt("subject index"))?;
@@ -373,85 +350,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Overwrites a stored record as is. Only for tests that tamper with ciphertext, server stopped.
-    pub fn overwrite_record_for_tests(
-        &self,
-        record_id: &str,
-        record: &StoredRecord,
-    ) -> Result<(), StoreError> {
-        self.records.insert(Self::record_key(record_id), record.encode()?)?;
-        Ok(())
-    }
-
-    fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
-        postcard::to_stdvec(value).map_err(|_| StoreError::Corrupt(what))
-    }
-
-    fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
-        postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
-    }
-
-    // Identities tree: `i` ‖ name → identity, `t` ‖ token id → token.
-
     pub fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
         let key = [b"i".as_slice(), name.as_bytes()].concat();
-        self.identities.get(key)?.map(|b| Self::decode(&b, "identity")).transpose()
-    }
-
-    /// Creates an identity; `false` if one with that name exists (revoked names stay taken).
-    pub fn create_identity(&self, identity: &StoredIdentity) -> Result<bool, StoreError> {
-        let key = [b"i".as_slice(), identity.name.as_bytes()].concat();
-        let created = self.identities.compare_and_swap(
-            key,
-            None as Option<&[u8]>,
-            Some(Self::encode(identity, "identity")?),
-        )?;
-        Ok(created.is_ok())
+        self.vault.get(key)?.map(|b| Self::decode(&b, "identity")).transpose()
     }
 
     pub fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
-        self.identities.scan_prefix(b"i").map(|kv| Self::decode(&kv?.1, "identity")).collect()
-    }
-
-    pub fn put_token(&self, token_id: &str, token: &StoredToken) -> Result<(), StoreError> {
-        let key = [b"t".as_slice(), token_id.as_bytes()].concat();
-        self.identities.insert(key, Self::encode(token, "token")?)?;
-        Ok(())
+        self.vault.scan_prefix(b"i").map(|kv| Self::decode(&kv?.1, "identity")).collect()
     }
 
     pub fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
         let key = [b"t".as_slice(), token_id.as_bytes()].concat();
-        self.identities.get(key)?.map(|b| Self::decode(&b, "token")).transpose()
-    }
-
-    /// Marks the identity revoked and deletes all its tokens, in one batch. `false`: no such identity.
-    pub fn revoke_identity(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
-        let Some(mut identity) = self.get_identity(name)? else { return Ok(false) };
-        identity.revoked_ms.get_or_insert(now_ms);
-        let mut batch = sled::Batch::default();
-        batch.insert([b"i".as_slice(), name.as_bytes()].concat(), Self::encode(&identity, "identity")?);
-        for kv in self.identities.scan_prefix(b"t") {
-            let (k, v) = kv?;
-            let token: StoredToken = Self::decode(&v, "token")?;
-            if token.identity == name {
-                batch.remove(k);
-            }
-        }
-        self.identities.apply_batch(batch)?;
-        Ok(true)
-    }
-
-    // Consent tree: `c` ‖ subject index ‖ purpose → current choice; `h` ‖ subject index ‖ seq → history.
-
-    /// Records a choice and appends it to the subject's history, atomically.
-    pub fn set_consent(&self, subject_index: &[u8; 32], consent: &StoredConsent) -> Result<(), StoreError> {
-        let seq = self.db.generate_id()?;
-        let mut batch = sled::Batch::default();
-        let encoded = Self::encode(consent, "consent")?;
-        batch.insert([b"c".as_slice(), subject_index, consent.purpose.as_bytes()].concat(), encoded.clone());
-        batch.insert([b"h".as_slice(), subject_index, &seq.to_be_bytes()].concat(), encoded);
-        self.consent.apply_batch(batch)?;
-        Ok(())
+        self.vault.get(key)?.map(|b| Self::decode(&b, "token")).transpose()
     }
 
     pub fn get_consent(
@@ -460,7 +370,7 @@ impl Store {
         purpose: &str,
     ) -> Result<Option<StoredConsent>, StoreError> {
         let key = [b"c".as_slice(), subject_index, purpose.as_bytes()].concat();
-        self.consent.get(key)?.map(|b| Self::decode(&b, "consent")).transpose()
+        self.vault.get(key)?.map(|b| Self::decode(&b, "consent")).transpose()
     }
 
     /// `(current choices, full history oldest first)`.
@@ -470,24 +380,183 @@ impl Store {
     ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError> {
         let read = |prefix: &[u8]| -> Result<Vec<StoredConsent>, StoreError> {
             let key = [prefix, subject_index.as_slice()].concat();
-            self.consent.scan_prefix(key).map(|kv| Self::decode(&kv?.1, "consent")).collect()
+            self.vault.scan_prefix(key).map(|kv| Self::decode(&kv?.1, "consent")).collect()
         };
         Ok((read(b"c")?, read(b"h")?))
     }
 
-    /// Deletes every record of a subject (with its data key and index entry) in one batch.
-    pub fn erase_subject(&self, subject_index: &[u8; 32]) -> Result<usize, StoreError> {
-        let prefix = [b"s".as_slice(), subject_index.as_slice()].concat();
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in self.records.scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            let id = &k[prefix.len()..];
-            batch.remove([b"r".as_slice(), id].concat());
-            batch.remove(k);
-            n += 1;
+    /// Audit entries from `from_seq` on, in order: `(seq, stored value)`.
+    pub fn audit_entries(
+        &self,
+        from_seq: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
+        let start = [b"a".as_slice(), &from_seq.to_be_bytes()].concat();
+        self.vault.range(start..[b"b".as_slice()].concat()).map(|kv| {
+            let (k, v) = kv?;
+            let seq: [u8; 8] =
+                k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
+            Ok((u64::from_be_bytes(seq), v))
+        })
+    }
+
+    /// The last audit entry, if any.
+    pub fn last_audit_entry(&self) -> Result<Option<(u64, sled::IVec)>, StoreError> {
+        let Some((k, v)) = self.vault.scan_prefix(b"a").next_back().transpose()? else { return Ok(None) };
+        let seq: [u8; 8] =
+            k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
+        Ok(Some((u64::from_be_bytes(seq), v)))
+    }
+
+    /// Every stored checkpoint (its JSON).
+    pub fn checkpoints(&self) -> Result<Vec<sled::IVec>, StoreError> {
+        self.vault.scan_prefix(b"k").map(|kv| Ok(kv?.1)).collect()
+    }
+
+    // ---- the one way in -----------------------------------------------------------------------
+
+    /// Applies staged changes and audit records atomically. `Ok(false)`: an expectation
+    /// ([`Changes::replace_record`]) no longer holds and nothing was written. The caller (the audit
+    /// log) serialises commits, so the check and the write cannot interleave with another commit.
+    pub fn commit(&self, changes: Changes, audit: &[(Vec<u8>, Vec<u8>)]) -> Result<bool, StoreError> {
+        if self.fail_commits.load(Ordering::Relaxed) {
+            return Err(StoreError::Flush("injected write failure".into()));
         }
-        self.records.apply_batch(batch)?;
-        Ok(n)
+        for (key, expected) in &changes.expect {
+            if self.vault.get(key)?.as_ref() != expected.as_ref() {
+                return Ok(false);
+            }
+        }
+        let mut batch = changes.batch;
+        for (k, v) in audit {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        self.vault.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    /// Fault drill: make every following commit fail (or succeed again).
+    pub fn inject_commit_failure(&self, fail: bool) {
+        self.fail_commits.store(fail, Ordering::Relaxed);
+    }
+
+    /// Overwrites a stored record as is. Only for tests that tamper with ciphertext, server stopped.
+    pub fn overwrite_record_for_tests(
+        &self,
+        record_id: &str,
+        record: &StoredRecord,
+    ) -> Result<(), StoreError> {
+        self.vault.insert(Self::record_key(record_id), record.encode()?)?;
+        Ok(())
+    }
+
+    /// Raw access to the `vault` tree, for tests that tamper with the audit log (server stopped).
+    pub fn vault_tree_for_tests(&self) -> &sled::Tree {
+        &self.vault
+    }
+
+    pub fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+}
+
+/// Changes a request wants to make, applied with its audit entry in one batch by the audit log.
+#[derive(Default)]
+pub struct Changes {
+    batch: sled::Batch,
+    /// Keys that must still hold these values (`None`: be absent) when the batch is applied.
+    expect: Vec<(Vec<u8>, Option<sled::IVec>)>,
+    empty: bool,
+}
+
+impl Changes {
+    pub fn none() -> Self {
+        Self { empty: true, ..Self::default() }
+    }
+
+    pub fn new() -> Self {
+        Self { empty: false, ..Self::default() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.empty
+    }
+
+    /// Creates an identity, provided the name is not taken when the change is applied.
+    pub fn create_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
+        self.expect.push(([b"i".as_slice(), identity.name.as_bytes()].concat(), None));
+        self.put_identity(identity)
+    }
+
+    pub fn insert_record(&mut self, record_id: &str, record: &StoredRecord) -> Result<(), StoreError> {
+        self.batch.insert(Store::record_key(record_id), record.encode()?);
+        self.batch.insert(Store::subject_key(&record.subject_index, record_id), &[] as &[u8]);
+        Ok(())
+    }
+
+    /// Replaces a record, provided it still holds `expected` when the change is applied.
+    pub fn replace_record(
+        &mut self,
+        record_id: &str,
+        expected: sled::IVec,
+        next: &StoredRecord,
+    ) -> Result<(), StoreError> {
+        let key = Store::record_key(record_id);
+        self.batch.insert(key.clone(), next.encode()?);
+        self.expect.push((key, Some(expected)));
+        Ok(())
+    }
+
+    /// Removes a record (with its data key) and its index entry, provided it is still as read.
+    pub fn delete_record(&mut self, record_id: &str, record: &StoredRecord, read: sled::IVec) {
+        let key = Store::record_key(record_id);
+        self.batch.remove(key.clone());
+        self.batch.remove(Store::subject_key(&record.subject_index, record_id));
+        self.expect.push((key, Some(read)));
+    }
+
+    pub fn put_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
+        self.batch.insert(
+            [b"i".as_slice(), identity.name.as_bytes()].concat(),
+            Store::encode(identity, "identity")?,
+        );
+        Ok(())
+    }
+
+    pub fn put_token(&mut self, token_id: &str, token: &StoredToken) -> Result<(), StoreError> {
+        self.batch.insert([b"t".as_slice(), token_id.as_bytes()].concat(), Store::encode(token, "token")?);
+        Ok(())
+    }
+
+    pub fn remove_token(&mut self, token_id: &str) {
+        self.batch.remove([b"t".as_slice(), token_id.as_bytes()].concat());
+    }
+
+    /// A subject's choice, and its place in the subject's history (`seq` from [`Store::generate_id`]).
+    pub fn set_consent(
+        &mut self,
+        subject_index: &[u8; 32],
+        seq: u64,
+        consent: &StoredConsent,
+    ) -> Result<(), StoreError> {
+        let encoded = Store::encode(consent, "consent")?;
+        self.batch
+            .insert([b"c".as_slice(), subject_index, consent.purpose.as_bytes()].concat(), encoded.clone());
+        self.batch.insert([b"h".as_slice(), subject_index, &seq.to_be_bytes()].concat(), encoded);
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Every token of an identity, `(token id, token)`.
+    pub fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.vault.scan_prefix(b"t") {
+            let (k, v) = kv?;
+            let token: StoredToken = Self::decode(&v, "token")?;
+            if token.identity == name {
+                out.push((String::from_utf8_lossy(&k[1..]).into_owned(), token));
+            }
+        }
+        Ok(out)
     }
 }

@@ -13,13 +13,15 @@ use khlang_keys::{
 };
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditEvent, AuditSink};
+use crate::audit::{AuditEntry, AuditLog, CheckpointPolicy, Committed, clean};
 use crate::auth::IssuedToken;
 use crate::auth::{AuthGuard, AuthLimits};
 use crate::catalogue;
 use crate::policy::{self, Ask, ConsentState, Decision, Operation};
 use crate::regulations::{Regulations, Reveal};
-use crate::store::{Durability, FlushStats, Store, StoredConsent, StoredField, StoredRecord};
+use crate::store::{
+    Changes, Durability, FlushStats, Store, StoredConsent, StoredField, StoredIdentity, StoredRecord,
+};
 use crate::{StoreError, VaultError};
 
 /// Associated-data name of the sealed subject id; cannot collide with a catalogue name.
@@ -80,6 +82,9 @@ pub struct VaultOptions {
     pub regulations_path: Option<PathBuf>,
     /// Benchmark baseline only: allow every request without consulting the regulations.
     pub bench_skip_policy: bool,
+    /// Benchmark baseline only: write no audit entries (and do not flush for reads).
+    pub bench_skip_audit: bool,
+    pub checkpoints: CheckpointPolicy,
 }
 
 impl Default for VaultOptions {
@@ -92,6 +97,8 @@ impl Default for VaultOptions {
             regulations: Arc::new(Regulations::sample()),
             regulations_path: None,
             bench_skip_policy: false,
+            bench_skip_audit: false,
+            checkpoints: CheckpointPolicy::default(),
         }
     }
 }
@@ -176,7 +183,7 @@ pub struct Vault {
     limits: Limits,
     mode: CipherMode,
     bench_skip_policy: bool,
-    audit: Arc<dyn AuditSink>,
+    pub(crate) audit: AuditLog,
 }
 
 impl std::fmt::Debug for Vault {
@@ -235,14 +242,9 @@ impl Vault {
     }
 
     /// Opens an initialised vault and unseals it with `passphrase`.
-    pub fn open(
-        dir: &Path,
-        passphrase: &[u8],
-        options: &VaultOptions,
-        audit: Arc<dyn AuditSink>,
-    ) -> Result<Self, VaultError> {
+    pub fn open(dir: &Path, passphrase: &[u8], options: &VaultOptions) -> Result<Self, VaultError> {
         let store = Self::open_store(dir, options.durability)?;
-        Self::open_store_unsealed(store, passphrase, options, audit)
+        Self::open_store_unsealed(store, passphrase, options)
     }
 
     /// Opens the vault in `dir`, creating it first if the folder holds none.
@@ -251,26 +253,25 @@ impl Vault {
         passphrase: &[u8],
         params: SealParams,
         options: &VaultOptions,
-        audit: Arc<dyn AuditSink>,
     ) -> Result<Self, VaultError> {
         let store = Self::open_store(dir, options.durability)?;
         if store.sealed_root()?.is_none() {
             Self::init_store(&store, passphrase, params, options.mode)?;
         }
-        Self::open_store_unsealed(store, passphrase, options, audit)
+        Self::open_store_unsealed(store, passphrase, options)
     }
 
     fn open_store_unsealed(
         store: Store,
         passphrase: &[u8],
         options: &VaultOptions,
-        audit: Arc<dyn AuditSink>,
     ) -> Result<Self, VaultError> {
         let sealed = store.sealed_root()?.ok_or(StoreError::NotInitialised)?;
         let found = store.mode()?.unwrap_or_else(|| MODE_ENCRYPTED.to_owned());
         if found != options.mode.as_str() {
             return Err(StoreError::ModeMismatch { found, expected: options.mode.as_str().to_owned() }.into());
         }
+        let audit = AuditLog::open(&store, options.checkpoints, options.bench_skip_audit)?;
         let vault = Self {
             store,
             keys: RwLock::new(None),
@@ -287,6 +288,9 @@ impl Vault {
             tracing::warn!(version = %options.regulations.version, "regulations: {warning}");
         }
         vault.unseal(&sealed, passphrase)?;
+        let mut entry = operator_entry("Unseal", Operation::KeyAdmin, &vault.regulations());
+        entry.decision = "none".into();
+        vault.commit_now(entry, Changes::none())?;
         Ok(vault)
     }
 
@@ -300,6 +304,7 @@ impl Vault {
             }
             ring.insert(kek);
         }
+        self.audit.set_signer(root.audit_signer()?);
         let unsealed = Unsealed {
             ring,
             token_pepper: root.derive(labels::TOKEN_PEPPER)?,
@@ -327,8 +332,9 @@ impl Vault {
         self.store.flush_stats()
     }
 
-    /// Flushes everything to disk (shutdown).
+    /// Signs the audit log's head and flushes everything to disk (shutdown).
     pub fn flush(&self) -> Result<(), VaultError> {
+        self.audit.checkpoint_now(&self.store)?;
         Ok(self.store.flush_now()?)
     }
 
@@ -387,11 +393,7 @@ impl Vault {
     }
 
     /// Validates field names and values; returns canonical values, sorted by name.
-    fn check_fields(
-        &self,
-        regs: &Regulations,
-        fields: Vec<FieldValue>,
-    ) -> Result<Vec<FieldValue>, VaultError> {
+    fn check_fields(&self, regs: &Regulations, fields: &[FieldValue]) -> Result<Vec<FieldValue>, VaultError> {
         if fields.len() > self.limits.max_fields_per_record {
             return Err(VaultError::LimitExceeded(format!(
                 "{} fields given; a record holds at most {}",
@@ -431,53 +433,125 @@ impl Vault {
 
     // ---- decide + audit -------------------------------------------------------------------
 
-    /// Decides under the regulations in force, then audits the decision (allowed or denied).
-    /// Returns only if both succeeded; a denial becomes `PermissionDenied` with its reason.
-    fn decide_and_audit(
+    /// An audit entry for a request, filled in as the request proceeds.
+    fn draft(&self, caller: &Caller, rpc: &str, op: Operation, regs: &Regulations) -> AuditEntry {
+        AuditEntry {
+            rpc: rpc.to_owned(),
+            operation: op.as_str().to_owned(),
+            identity: caller.identity.name.clone(),
+            role: caller.identity.role.clone(),
+            peer: caller.peer.map(|p| p.to_string()).unwrap_or_default(),
+            request_id: clean(&caller.request_id),
+            decision: "none".into(),
+            regulations_version: regs.version.clone(),
+            ..AuditEntry::default()
+        }
+    }
+
+    /// Decides under the regulations snapshot `regs`, recording the decision in `entry`.
+    /// A denial becomes `PermissionDenied` with its reason.
+    fn decide(
         &self,
-        caller: &Caller,
         regs: &Regulations,
+        caller: &Caller,
         ask: Ask<'_>,
-        record_id: Option<&str>,
+        entry: &mut AuditEntry,
     ) -> Result<Decision, VaultError> {
+        entry.fields = ask.fields.iter().map(|f| (*f).to_owned()).collect();
+        entry.purpose = ask.purpose.unwrap_or_default().to_owned();
         let decided = if self.bench_skip_policy {
             Ok(Decision { rule: "bench-skip-policy".into(), reveal: vec![Reveal::Full; ask.fields.len()] })
         } else {
             policy::decide(regs, &caller.identity, ask)
         };
-        let (decision, rule) = match &decided {
-            Ok(d) => ("allow", d.rule.as_str()),
-            Err(d) => ("deny", d.rule.as_str()),
-        };
-        self.audit
-            .record(&AuditEvent {
-                request_id: &caller.request_id,
-                identity: &caller.identity.name,
-                role: &caller.identity.role,
-                peer: caller.peer,
-                operation: ask.op.as_str(),
-                record_id,
-                fields: ask.fields,
-                purpose: ask.purpose,
-                decision,
-                rule,
-                regulations_version: &regs.version,
-            })
-            .map_err(|_| VaultError::AuditUnavailable)?;
-        decided.map_err(|d| VaultError::PermissionDenied(d.reason))
+        match decided {
+            Ok(d) => {
+                entry.decision = "allow".into();
+                entry.rule.clone_from(&d.rule);
+                Ok(d)
+            }
+            Err(d) => {
+                entry.decision = "deny".into();
+                entry.rule = d.rule;
+                Err(VaultError::PermissionDenied(d.reason))
+            }
+        }
     }
 
-    /// Decides an operation that involves no fields, purpose or record.
-    fn permit(&self, caller: &Caller, op: Operation) -> Result<Arc<Regulations>, VaultError> {
+    /// Appends an entry with its changes now, and waits until both are durable.
+    fn commit_now(&self, entry: AuditEntry, changes: Changes) -> Result<(), VaultError> {
+        match self.audit.commit(&self.store, entry, changes)? {
+            Committed::Done(_) => Ok(self.store.flush_now()?),
+            Committed::Conflict => Err(VaultError::FailedPrecondition("concurrent change; try again".into())),
+        }
+    }
+
+    /// Runs one request: `run` validates, decides and prepares (filling `entry`); its changes and the
+    /// entry are committed together and flushed before the result is returned. If the entry cannot
+    /// be written, the request fails and its result (plaintext included) is dropped. `run` is called
+    /// again if a change it prepared conflicts with a concurrent one.
+    pub(crate) async fn audited<T>(
+        &self,
+        mut entry: AuditEntry,
+        mut run: impl FnMut(&mut AuditEntry) -> Result<(T, Changes), VaultError>,
+    ) -> Result<T, VaultError> {
+        loop {
+            let (result, changes) = match run(&mut entry) {
+                Ok((value, changes)) => (Ok(value), changes),
+                Err(e) => (Err(e), Changes::none()),
+            };
+            let mut record = entry.clone();
+            match &result {
+                Ok(_) => record.outcome = "Ok".into(),
+                Err(e) => {
+                    record.outcome = e.code_name().into();
+                    if record.reason.is_empty() {
+                        record.reason = clean(&e.to_string());
+                    }
+                }
+            }
+            let wrote = !changes.is_empty();
+            match self.audit.commit(&self.store, record, changes)? {
+                Committed::Conflict => continue,
+                Committed::Done(_) => {}
+            }
+            if wrote || !self.audit.is_disabled() {
+                self.store.durable().await?;
+            }
+            return result;
+        }
+    }
+
+    /// Records a request refused before it had an identity (failed authentication, lockout).
+    pub async fn audit_refused(
+        &self,
+        rpc: &str,
+        peer: Option<SocketAddr>,
+        request_id: &str,
+        error: &VaultError,
+    ) -> Result<(), VaultError> {
         let regs = self.regulations();
-        self.decide_and_audit(caller, &regs, Ask { op, fields: &[], purpose: None, consent: None }, None)?;
-        Ok(regs)
+        let entry = AuditEntry {
+            rpc: rpc.to_owned(),
+            peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+            request_id: clean(request_id),
+            decision: "none".into(),
+            reason: clean(&error.to_string()),
+            regulations_version: regs.version.clone(),
+            outcome: error.code_name().into(),
+            ..AuditEntry::default()
+        };
+        match self.audit.commit(&self.store, entry, Changes::none())? {
+            Committed::Done(_) | Committed::Conflict => {}
+        }
+        if !self.audit.is_disabled() {
+            self.store.durable().await?;
+        }
+        Ok(())
     }
 
     // ---- execute --------------------------------------------------------------------------
 
-    /// Seals values of one record (one random draw for all nonces); in the benchmark baseline,
-    /// stores them as they are.
     fn seal_values(
         &self,
         dek: Option<&DataKey>,
@@ -527,7 +601,15 @@ impl Vault {
         keys.subject_index.mac(subject.as_bytes())
     }
 
-    /// Opens the named fields of a record (all if `names` is `None`), applying `reveal` in order.
+    /// `kek=N gen=M` of a stored wrapped data key, for the audit entry.
+    fn key_versions(wrapped: &[u8]) -> String {
+        WrappedDataKey::from_bytes(wrapped.to_vec())
+            .header()
+            .map(|(kek, generation)| format!("kek={kek} gen={generation}"))
+            .unwrap_or_default()
+    }
+
+    /// Opens the named fields of a record, applying `reveal` in order (full when absent).
     fn open_record(
         &self,
         keys: &Unsealed,
@@ -563,72 +645,95 @@ impl Vault {
         subject: &str,
         fields: Vec<FieldValue>,
     ) -> Result<String, VaultError> {
-        let keys = self.unsealed()?;
         let regs = self.regulations();
-        self.check_subject(subject)?;
-        if fields.is_empty() {
-            return Err(VaultError::InvalidArgument("a record needs at least one field".into()));
-        }
-        let fields = self.check_fields(&regs, fields)?;
-        let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
         let record_id = uuid::Uuid::new_v4().to_string();
-        let ask = Ask { op: Operation::Write, fields: &names, purpose: None, consent: None };
-        self.decide_and_audit(caller, &regs, ask, Some(&record_id))?;
-
-        let (dek, wrapped) = match self.mode {
-            CipherMode::Encrypted => {
-                let dek = DataKey::generate(FIRST_GENERATION, &self.rng)?;
-                let wrapped = keys.ring.wrap_data_key(&dek, record_id.as_bytes(), &self.rng)?;
-                (Some(dek), wrapped.as_bytes().to_vec())
+        let entry = self.draft(caller, "PutRecord", Operation::Write, &regs);
+        self.audited(entry, |e| {
+            let keys = self.unsealed()?;
+            e.record_id.clone_from(&record_id);
+            self.check_subject(subject)?;
+            e.subject = hex::encode(Self::subject_index(&keys, subject));
+            if fields.is_empty() {
+                return Err(VaultError::InvalidArgument("a record needs at least one field".into()));
             }
-            CipherMode::PlaintextBaseline => (None, Vec::new()),
-        };
-        let subject_plain = Plaintext::from_str_copy(subject);
-        let mut to_seal: Vec<(&str, &Plaintext)> =
-            fields.iter().map(|f| (f.name.as_str(), &f.value)).collect();
-        to_seal.push((SUBJECT_CONTEXT, &subject_plain));
-        let mut envelopes = self.seal_values(dek.as_ref(), &record_id, &to_seal)?;
-        let subject_env = envelopes.pop().unwrap_or_default();
-        let stored: Vec<StoredField> = fields
-            .iter()
-            .zip(envelopes)
-            .map(|(f, envelope)| StoredField { name: f.name.clone(), envelope })
-            .collect();
-        let record =
-            StoredRecord::new(wrapped, Self::subject_index(&keys, subject), subject_env, stored, now_ms());
-        self.store.insert_record(&record_id, &record)?;
-        self.store.durable().await?;
-        Ok(record_id)
+            e.fields = fields.iter().map(|f| clean(&f.name)).collect();
+            let fields = self.check_fields(&regs, &fields)?;
+            let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+            let ask = Ask { op: Operation::Write, fields: &names, purpose: None, consent: None };
+            self.decide(&regs, caller, ask, e)?;
+
+            let (dek, wrapped) = match self.mode {
+                CipherMode::Encrypted => {
+                    let dek = DataKey::generate(FIRST_GENERATION, &self.rng)?;
+                    let wrapped = keys.ring.wrap_data_key(&dek, record_id.as_bytes(), &self.rng)?;
+                    (Some(dek), wrapped.as_bytes().to_vec())
+                }
+                CipherMode::PlaintextBaseline => (None, Vec::new()),
+            };
+            e.key_versions = Self::key_versions(&wrapped);
+            let subject_plain = Plaintext::from_str_copy(subject);
+            let mut to_seal: Vec<(&str, &Plaintext)> =
+                fields.iter().map(|f| (f.name.as_str(), &f.value)).collect();
+            to_seal.push((SUBJECT_CONTEXT, &subject_plain));
+            let mut envelopes = self.seal_values(dek.as_ref(), &record_id, &to_seal)?;
+            let subject_env = envelopes.pop().unwrap_or_default();
+            let stored: Vec<StoredField> = fields
+                .iter()
+                .zip(envelopes)
+                .map(|(f, envelope)| StoredField { name: f.name.clone(), envelope })
+                .collect();
+            let record = StoredRecord::new(
+                wrapped,
+                Self::subject_index(&keys, subject),
+                subject_env,
+                stored,
+                now_ms(),
+            );
+            let mut changes = Changes::new();
+            changes.insert_record(&record_id, &record)?;
+            Ok((record_id.clone(), changes))
+        })
+        .await
     }
 
     /// Reads a record's fields for a stated purpose: those named in `only`, or every field it holds.
     /// Refused whole if any of them may not be read for that purpose.
-    pub fn get(
+    pub async fn get(
         &self,
         caller: &Caller,
         record_id: &str,
         only: &[String],
         purpose: Option<&str>,
     ) -> Result<RecordView, VaultError> {
-        let keys = self.unsealed()?;
         let regs = self.regulations();
-        Self::check_record_id(record_id)?;
-        let requested = Self::check_names(&regs, only)?;
-        let purpose = Self::check_purpose(&regs, purpose)?;
-        let (record, _) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
-        let names: Vec<&str> = if requested.is_empty() {
-            record.fields.iter().map(|f| f.name.as_str()).collect()
-        } else {
-            requested.iter().copied().filter(|n| record.fields.iter().any(|f| f.name == *n)).collect()
-        };
-        let consent = if policy::consults_consent(&regs, purpose) {
-            Some(self.consent_state(&record.subject_index, purpose)?)
-        } else {
-            None
-        };
-        let ask = Ask { op: Operation::Read, fields: &names, purpose: Some(purpose), consent };
-        let decision = self.decide_and_audit(caller, &regs, ask, Some(record_id))?;
-        self.open_record(&keys, &regs, record_id, &record, &names, &decision.reveal)
+        let entry = self.draft(caller, "GetRecord", Operation::Read, &regs);
+        self.audited(entry, |e| {
+            let keys = self.unsealed()?;
+            e.fields = only.iter().map(|f| clean(f)).collect();
+            e.purpose = clean(purpose.unwrap_or_default());
+            Self::check_record_id(record_id)?;
+            e.record_id = record_id.to_owned();
+            let requested = Self::check_names(&regs, only)?;
+            let purpose = Self::check_purpose(&regs, purpose)?;
+            let (record, _) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
+            e.subject = hex::encode(record.subject_index);
+            e.key_versions = Self::key_versions(&record.wrapped_key);
+            let names: Vec<&str> = if requested.is_empty() {
+                record.fields.iter().map(|f| f.name.as_str()).collect()
+            } else {
+                requested.iter().copied().filter(|n| record.fields.iter().any(|f| f.name == *n)).collect()
+            };
+            let consent = if policy::consults_consent(&regs, purpose) {
+                Some(self.consent_state(&record.subject_index, purpose)?)
+            } else {
+                None
+            };
+            let ask = Ask { op: Operation::Read, fields: &names, purpose: Some(purpose), consent };
+            let decision = self.decide(&regs, caller, ask, e)?;
+            let view = self.open_record(&keys, &regs, record_id, &record, &names, &decision.reveal)?;
+            Ok((view, Changes::none()))
+        })
+        .await
     }
 
     fn consent_state(&self, subject_index: &[u8; 32], purpose: &str) -> Result<ConsentState, VaultError> {
@@ -647,35 +752,39 @@ impl Vault {
         set: Vec<FieldValue>,
         remove: &[String],
     ) -> Result<Vec<String>, VaultError> {
-        let keys = self.unsealed()?;
         let regs = self.regulations();
-        Self::check_record_id(record_id)?;
-        if set.is_empty() && remove.is_empty() {
-            return Err(VaultError::InvalidArgument("an update sets or removes at least one field".into()));
-        }
-        let set = self.check_fields(&regs, set)?;
-        let remove = Self::check_names(&regs, remove)?;
-        if let Some(both) = set.iter().find(|f| remove.contains(&f.name.as_str())) {
-            return Err(VaultError::InvalidArgument(format!(
-                "field '{}' is both set and removed",
-                both.name
-            )));
-        }
-        if self.store.get_record(record_id)?.is_none() {
-            return Err(VaultError::NotFound("record"));
-        }
-        let mut names: Vec<&str> =
-            set.iter().map(|f| f.name.as_str()).chain(remove.iter().copied()).collect();
-        names.sort_unstable();
-        let ask = Ask { op: Operation::Update, fields: &names, purpose: None, consent: None };
-        self.decide_and_audit(caller, &regs, ask, Some(record_id))?;
-
-        // Optimistic read-modify-write: encrypt under the key the record holds, then swap only if
-        // nobody changed the record meanwhile; otherwise read again.
+        let entry = self.draft(caller, "UpdateRecord", Operation::Update, &regs);
         let max = self.limits.max_fields_per_record;
-        let names = loop {
+        self.audited(entry, |e| {
+            let keys = self.unsealed()?;
+            e.fields = set.iter().map(|f| clean(&f.name)).chain(remove.iter().map(|r| clean(r))).collect();
+            Self::check_record_id(record_id)?;
+            e.record_id = record_id.to_owned();
+            if set.is_empty() && remove.is_empty() {
+                return Err(VaultError::InvalidArgument(
+                    "an update sets or removes at least one field".into(),
+                ));
+            }
+            let set = self.check_fields(&regs, &set)?;
+            let remove = Self::check_names(&regs, remove)?;
+            if let Some(both) = set.iter().find(|f| remove.contains(&f.name.as_str())) {
+                return Err(VaultError::InvalidArgument(format!(
+                    "field '{}' is both set and removed",
+                    both.name
+                )));
+            }
             let (mut record, read_bytes) =
                 self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
+            e.subject = hex::encode(record.subject_index);
+            e.key_versions = Self::key_versions(&record.wrapped_key);
+            let mut names: Vec<&str> =
+                set.iter().map(|f| f.name.as_str()).chain(remove.iter().copied()).collect();
+            names.sort_unstable();
+            let ask = Ask { op: Operation::Update, fields: &names, purpose: None, consent: None };
+            self.decide(&regs, caller, ask, e)?;
+
+            // Encrypt under the key the record holds; the commit applies only if the record is
+            // still exactly as read, otherwise this runs again.
             let dek = self.unwrap_dek(&keys, record_id, &record.wrapped_key)?;
             record
                 .fields
@@ -695,63 +804,108 @@ impl Vault {
                 ));
             }
             record.updated_ms = now_ms();
-            if self.store.replace_record(record_id, &read_bytes, &record)? {
-                break record.field_names();
-            }
-        };
-        self.store.durable().await?;
-        Ok(names)
+            let mut changes = Changes::new();
+            changes.replace_record(record_id, read_bytes, &record)?;
+            Ok((record.field_names(), changes))
+        })
+        .await
     }
 
     /// Destroys a record and its data key.
     pub async fn delete(&self, caller: &Caller, record_id: &str) -> Result<(), VaultError> {
-        self.unsealed()?;
         let regs = self.regulations();
-        Self::check_record_id(record_id)?;
-        let ask = Ask { op: Operation::Delete, fields: &[], purpose: None, consent: None };
-        self.decide_and_audit(caller, &regs, ask, Some(record_id))?;
-        if !self.store.delete_record(record_id)? {
-            return Err(VaultError::NotFound("record"));
-        }
-        self.store.durable().await?;
-        Ok(())
+        let entry = self.draft(caller, "DeleteRecord", Operation::Delete, &regs);
+        self.audited(entry, |e| {
+            self.unsealed()?;
+            Self::check_record_id(record_id)?;
+            e.record_id = record_id.to_owned();
+            let ask = Ask { op: Operation::Delete, fields: &[], purpose: None, consent: None };
+            self.decide(&regs, caller, ask, e)?;
+            let (record, read) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
+            e.subject = hex::encode(record.subject_index);
+            e.key_versions = Self::key_versions(&record.wrapped_key);
+            let mut changes = Changes::new();
+            changes.delete_record(record_id, &record, read);
+            Ok(((), changes))
+        })
+        .await
+    }
+
+    /// Decides an operation on a subject that involves no fields or purpose; fills the entry.
+    fn subject_op(
+        &self,
+        regs: &Regulations,
+        caller: &Caller,
+        op: Operation,
+        subject: &str,
+        e: &mut AuditEntry,
+    ) -> Result<(Arc<Unsealed>, [u8; 32]), VaultError> {
+        let keys = self.unsealed()?;
+        self.check_subject(subject)?;
+        let index = Self::subject_index(&keys, subject);
+        e.subject = hex::encode(index);
+        self.decide(regs, caller, Ask { op, fields: &[], purpose: None, consent: None }, e)?;
+        Ok((keys, index))
     }
 
     /// A subject's record ids and field names; never values.
-    pub fn list(&self, caller: &Caller, subject: &str) -> Result<Vec<RecordSummary>, VaultError> {
-        let keys = self.unsealed()?;
-        self.check_subject(subject)?;
-        self.permit(caller, Operation::List)?;
-        let records = self.store.records_of_subject(&Self::subject_index(&keys, subject))?;
-        Ok(records
-            .into_iter()
-            .map(|(record_id, r)| RecordSummary { record_id, field_names: r.field_names() })
-            .collect())
+    pub async fn list(&self, caller: &Caller, subject: &str) -> Result<Vec<RecordSummary>, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "ListRecords", Operation::List, &regs);
+        self.audited(entry, |e| {
+            let (_, index) = self.subject_op(&regs, caller, Operation::List, subject, e)?;
+            let records = self.store.records_of_subject(&index)?;
+            let out = records
+                .into_iter()
+                .map(|(record_id, r)| RecordSummary { record_id, field_names: r.field_names() })
+                .collect();
+            Ok((out, Changes::none()))
+        })
+        .await
     }
 
     /// Every record of a subject, every field in full (PDPA rights of access and portability).
-    pub fn export_subject(&self, caller: &Caller, subject: &str) -> Result<Vec<RecordView>, VaultError> {
-        let keys = self.unsealed()?;
-        self.check_subject(subject)?;
-        let regs = self.permit(caller, Operation::Export)?;
-        let records = self.store.records_of_subject(&Self::subject_index(&keys, subject))?;
-        records
-            .iter()
-            .map(|(id, r)| {
-                let names: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
-                self.open_record(&keys, &regs, id, r, &names, &[])
-            })
-            .collect()
+    pub async fn export_subject(
+        &self,
+        caller: &Caller,
+        subject: &str,
+    ) -> Result<Vec<RecordView>, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "ExportSubject", Operation::Export, &regs);
+        self.audited(entry, |e| {
+            let (keys, index) = self.subject_op(&regs, caller, Operation::Export, subject, e)?;
+            let records = self.store.records_of_subject(&index)?;
+            let views = records
+                .iter()
+                .map(|(id, r)| {
+                    let names: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
+                    self.open_record(&keys, &regs, id, r, &names, &[])
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            e.reason = format!("{} records exported", views.len());
+            Ok((views, Changes::none()))
+        })
+        .await
     }
 
     /// Destroys every record and data key of a subject (PDPA right to erasure); returns how many.
     pub async fn erase_subject(&self, caller: &Caller, subject: &str) -> Result<usize, VaultError> {
-        let keys = self.unsealed()?;
-        self.check_subject(subject)?;
-        self.permit(caller, Operation::Erase)?;
-        let n = self.store.erase_subject(&Self::subject_index(&keys, subject))?;
-        self.store.durable().await?;
-        Ok(n)
+        let regs = self.regulations();
+        let entry = self.draft(caller, "EraseSubject", Operation::Erase, &regs);
+        self.audited(entry, |e| {
+            let (_, index) = self.subject_op(&regs, caller, Operation::Erase, subject, e)?;
+            let mut changes = Changes::new();
+            let mut n = 0;
+            for (id, _) in self.store.records_of_subject(&index)? {
+                if let Some((record, read)) = self.store.get_record(&id)? {
+                    changes.delete_record(&id, &record, read);
+                    n += 1;
+                }
+            }
+            e.reason = format!("{n} records erased");
+            Ok((n, changes))
+        })
+        .await
     }
 
     /// Records a subject's consent (`granted`) or opt-out for one purpose, with who recorded it.
@@ -762,33 +916,55 @@ impl Vault {
         purpose: &str,
         granted: bool,
     ) -> Result<StoredConsent, VaultError> {
-        let keys = self.unsealed()?;
-        self.check_subject(subject)?;
         let regs = self.regulations();
-        let purpose = Self::check_purpose(&regs, Some(purpose))?;
-        let ask = Ask { op: Operation::Consent, fields: &[], purpose: Some(purpose), consent: None };
-        self.decide_and_audit(caller, &regs, ask, None)?;
-        let consent = StoredConsent {
-            format: 1,
-            purpose: purpose.to_owned(),
-            granted,
-            at_ms: now_ms(),
-            by: caller.identity.name.clone(),
-        };
-        self.store.set_consent(&Self::subject_index(&keys, subject), &consent)?;
-        self.store.durable().await?;
-        Ok(consent)
+        let entry = self.draft(caller, "SetConsent", Operation::Consent, &regs);
+        self.audited(entry, |e| {
+            let keys = self.unsealed()?;
+            e.purpose = clean(purpose);
+            self.check_subject(subject)?;
+            let index = Self::subject_index(&keys, subject);
+            e.subject = hex::encode(index);
+            let purpose = Self::check_purpose(&regs, Some(purpose))?;
+            let ask = Ask { op: Operation::Consent, fields: &[], purpose: Some(purpose), consent: None };
+            self.decide(&regs, caller, ask, e)?;
+            e.reason = if granted { "consent granted".into() } else { "consent withdrawn".into() };
+            let consent = StoredConsent {
+                format: 1,
+                purpose: purpose.to_owned(),
+                granted,
+                at_ms: now_ms(),
+                by: caller.identity.name.clone(),
+            };
+            let mut changes = Changes::new();
+            changes.set_consent(&index, self.store.generate_id()?, &consent)?;
+            Ok((consent, changes))
+        })
+        .await
     }
 
-    pub fn consent(&self, caller: &Caller, subject: &str) -> Result<ConsentReport, VaultError> {
-        let keys = self.unsealed()?;
-        self.check_subject(subject)?;
-        self.permit(caller, Operation::Consent)?;
-        let (current, history) = self.store.consent_of(&Self::subject_index(&keys, subject))?;
-        Ok(ConsentReport { current, history })
+    pub async fn consent(&self, caller: &Caller, subject: &str) -> Result<ConsentReport, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "GetConsent", Operation::Consent, &regs);
+        self.audited(entry, |e| {
+            let (_, index) = self.subject_op(&regs, caller, Operation::Consent, subject, e)?;
+            let (current, history) = self.store.consent_of(&index)?;
+            Ok((ConsentReport { current, history }, Changes::none()))
+        })
+        .await
     }
 
     // ---- administration -------------------------------------------------------------------
+
+    /// Decides an operation that involves no subject, fields or purpose; fills the entry.
+    fn permit(
+        &self,
+        regs: &Regulations,
+        caller: &Caller,
+        op: Operation,
+        e: &mut AuditEntry,
+    ) -> Result<(), VaultError> {
+        self.decide(regs, caller, Ask { op, fields: &[], purpose: None, consent: None }, e).map(|_| ())
+    }
 
     pub async fn create_identity(
         &self,
@@ -796,39 +972,90 @@ impl Vault {
         name: &str,
         role: &str,
     ) -> Result<IssuedToken, VaultError> {
-        self.permit(caller, Operation::IdentityAdmin)?;
-        self.create_identity_unchecked(name, role, &caller.identity.name).await
+        let regs = self.regulations();
+        let entry = self.draft(caller, "CreateIdentity", Operation::IdentityAdmin, &regs);
+        self.audited(entry, |e| {
+            e.reason = format!("identity '{}' with role '{}'", clean(name), clean(role));
+            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
+            self.stage_identity(&regs, name, role, &caller.identity.name)
+        })
+        .await
     }
 
-    pub fn list_identities(&self, caller: &Caller) -> Result<Vec<IdentityInfo>, VaultError> {
-        self.permit(caller, Operation::IdentityAdmin)?;
-        Ok(self
-            .store
-            .list_identities()?
-            .into_iter()
-            .map(|i| IdentityInfo {
-                name: i.name,
-                role: i.role,
-                created_ms: i.created_ms,
-                created_by: i.created_by,
-                revoked_ms: i.revoked_ms,
-            })
-            .collect())
-    }
-
-    /// Revokes an identity: its tokens stop working at once.
-    pub async fn revoke_identity(&self, caller: &Caller, name: &str) -> Result<(), VaultError> {
-        self.permit(caller, Operation::IdentityAdmin)?;
-        if !self.store.revoke_identity(name, now_ms())? {
-            return Err(VaultError::NotFound("identity"));
+    /// Validates a new identity and stages it with its first token.
+    pub(crate) fn stage_identity(
+        &self,
+        regs: &Regulations,
+        name: &str,
+        role: &str,
+        created_by: &str,
+    ) -> Result<(IssuedToken, Changes), VaultError> {
+        crate::auth::check_identity_name(name)?;
+        if !regs.roles.contains_key(role) {
+            return Err(VaultError::InvalidArgument(format!(
+                "role '{}' is not in the regulations in force",
+                clean(role)
+            )));
         }
-        self.store.durable().await?;
-        Ok(())
+        if self.store.get_identity(name)?.is_some() {
+            return Err(VaultError::AlreadyExists(format!("identity '{name}' already exists")));
+        }
+        let identity = StoredIdentity::new(name.to_owned(), role.to_owned(), created_by.to_owned(), now_ms());
+        let mut changes = Changes::new();
+        changes.create_identity(&identity)?;
+        let token = self.stage_token(name, &mut changes)?;
+        Ok((token, changes))
     }
 
-    pub fn regulations_info(&self, caller: &Caller) -> Result<RegulationsInfo, VaultError> {
-        let regs = self.permit(caller, Operation::RegulationsAdmin)?;
-        Ok(Self::info(&regs))
+    pub async fn list_identities(&self, caller: &Caller) -> Result<Vec<IdentityInfo>, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "ListIdentities", Operation::IdentityAdmin, &regs);
+        self.audited(entry, |e| {
+            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
+            let list = self
+                .store
+                .list_identities()?
+                .into_iter()
+                .map(|i| IdentityInfo {
+                    name: i.name,
+                    role: i.role,
+                    created_ms: i.created_ms,
+                    created_by: i.created_by,
+                    revoked_ms: i.revoked_ms,
+                })
+                .collect();
+            Ok((list, Changes::none()))
+        })
+        .await
+    }
+
+    /// Revokes an identity: its tokens are deleted and it can never authenticate again.
+    pub async fn revoke_identity(&self, caller: &Caller, name: &str) -> Result<(), VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "RevokeIdentity", Operation::IdentityAdmin, &regs);
+        self.audited(entry, |e| {
+            e.reason = format!("identity '{}'", clean(name));
+            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
+            let mut identity = self.store.get_identity(name)?.ok_or(VaultError::NotFound("identity"))?;
+            identity.revoked_ms.get_or_insert(now_ms());
+            let mut changes = Changes::new();
+            changes.put_identity(&identity)?;
+            for (token_id, _) in self.store.tokens_of(name)? {
+                changes.remove_token(&token_id);
+            }
+            Ok(((), changes))
+        })
+        .await
+    }
+
+    pub async fn regulations_info(&self, caller: &Caller) -> Result<RegulationsInfo, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "GetRegulations", Operation::RegulationsAdmin, &regs);
+        self.audited(entry, |e| {
+            self.permit(&regs, caller, Operation::RegulationsAdmin, e)?;
+            Ok((Self::info(&regs), Changes::none()))
+        })
+        .await
     }
 
     fn info(regs: &Regulations) -> RegulationsInfo {
@@ -844,19 +1071,30 @@ impl Vault {
 
     /// Re-reads the regulations file. An invalid file is refused and the rules in force stay.
     /// `caller` is `None` for the operator's SIGHUP.
-    pub fn reload_regulations(&self, caller: Option<&Caller>) -> Result<RegulationsInfo, VaultError> {
-        if let Some(caller) = caller {
-            self.permit(caller, Operation::RegulationsAdmin)?;
-        }
-        let Some(path) = &self.regulations_path else {
-            return Err(VaultError::FailedPrecondition(
-                "no regulations file is configured (the embedded sample is in use); start with --regulations FILE"
-                    .into(),
-            ));
+    pub async fn reload_regulations(&self, caller: Option<&Caller>) -> Result<RegulationsInfo, VaultError> {
+        let regs = self.regulations();
+        let entry = match caller {
+            Some(c) => self.draft(c, "ReloadRegulations", Operation::RegulationsAdmin, &regs),
+            None => operator_entry("SIGHUP", Operation::RegulationsAdmin, &regs),
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| VaultError::FailedPrecondition(format!("cannot read {}: {e}", path.display())))?;
-        let next = Regulations::parse(&text).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
+        let next = self
+            .audited(entry, |e| {
+                if let Some(caller) = caller {
+                    self.permit(&regs, caller, Operation::RegulationsAdmin, e)?;
+                }
+                let Some(path) = &self.regulations_path else {
+                    return Err(VaultError::FailedPrecondition(
+                        "no regulations file is configured (the embedded sample is in use); start with --regulations FILE"
+                            .into(),
+                    ));
+                };
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| VaultError::FailedPrecondition(format!("cannot read {}: {e}", path.display())))?;
+                let next = Regulations::parse(&text).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
+                e.reason = format!("regulations {} replace {}", next.version, regs.version);
+                Ok((next, Changes::none()))
+            })
+            .await?;
         for warning in &next.warnings {
             tracing::warn!(version = %next.version, "regulations: {warning}");
         }
@@ -864,5 +1102,18 @@ impl Vault {
         *self.regulations.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         tracing::info!(version = %info.version, "regulations reloaded");
         Ok(info)
+    }
+}
+
+/// An entry for an action of the local operator (unseal, SIGHUP), which has no API identity.
+pub(crate) fn operator_entry(rpc: &str, op: Operation, regs: &Regulations) -> AuditEntry {
+    AuditEntry {
+        rpc: rpc.to_owned(),
+        operation: op.as_str().to_owned(),
+        identity: "operator".into(),
+        decision: "none".into(),
+        regulations_version: regs.version.clone(),
+        outcome: "Ok".into(),
+        ..AuditEntry::default()
     }
 }

@@ -11,7 +11,6 @@ use khlang_client::Client;
 use khlang_keys::SealParams;
 use std::collections::BTreeMap;
 
-use khlang_server::audit::TracingAudit;
 use khlang_server::regulations::{Regulations, SAMPLE};
 use khlang_server::{AuthLimits, Vault, VaultOptions, grpc};
 use tokio::sync::oneshot;
@@ -102,14 +101,8 @@ impl TestServer {
         tls: Option<tonic::transport::ServerTlsConfig>,
     ) -> Self {
         let regulations_path = options.regulations_path.clone().unwrap_or_default();
-        let vault = Vault::open_or_init(
-            dir,
-            PASSPHRASE.as_bytes(),
-            SealParams::MINIMUM,
-            &options,
-            Arc::new(TracingAudit),
-        )
-        .expect("open test vault");
+        let vault = Vault::open_or_init(dir, PASSPHRASE.as_bytes(), SealParams::MINIMUM, &options)
+            .expect("open test vault");
         let mut tokens = BTreeMap::new();
         for role in vault.regulations().roles.keys() {
             // A restarted vault keeps its identities; issue a fresh token for each.

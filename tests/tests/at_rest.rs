@@ -152,15 +152,14 @@ async fn restart_keeps_data_and_wrong_passphrase_is_refused() {
     server.stop().await;
 
     let options = TestServer::options(dir.path());
-    let audit = std::sync::Arc::new(khlang_server::audit::TracingAudit);
-    let err = Vault::open(dir.path(), b"not the passphrase", &options, audit.clone()).unwrap_err();
+    let err = Vault::open(dir.path(), b"not the passphrase", &options).unwrap_err();
     assert_eq!(err.to_string(), "key error: wrong passphrase, or the sealed root key was altered");
     // A baseline (unencrypted) server refuses an encrypted folder, and vice versa.
     let baseline = VaultOptions {
         mode: khlang_server::CipherMode::PlaintextBaseline,
         ..TestServer::options(dir.path())
     };
-    let err = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &baseline, audit).unwrap_err();
+    let err = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &baseline).unwrap_err();
     assert!(matches!(err, VaultError::Storage(StoreError::ModeMismatch { .. })), "{err}");
 
     let server = TestServer::start(dir.path()).await;
