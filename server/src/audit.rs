@@ -13,7 +13,7 @@ use khlang_keys::audit_chain::{AuditSigner, ChainReport, ChainVerifier, Checkpoi
 use serde::{Deserialize, Serialize};
 
 use crate::catalogue::printable;
-use crate::store::{Changes, Store};
+use crate::store::{Changes, Record, Store};
 use crate::vault::now_ms;
 use crate::{StoreError, VaultError};
 
@@ -187,7 +187,7 @@ impl AuditLog {
         (head.seq, head.hash)
     }
 
-    fn checkpoint_record(&self, seq: u64, hash: &[u8; 32]) -> Result<Option<(Vec<u8>, Vec<u8>)>, VaultError> {
+    fn checkpoint_record(&self, seq: u64, hash: &[u8; 32]) -> Result<Option<Record>, VaultError> {
         let signer = self.signer.lock().unwrap_or_else(|p| p.into_inner());
         let Some(signer) = signer.as_ref() else { return Ok(None) };
         let time_ms = now_ms();

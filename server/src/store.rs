@@ -417,7 +417,7 @@ impl Store {
     /// Applies staged changes and audit records atomically. `Ok(false)`: an expectation
     /// ([`Changes::replace_record`]) no longer holds and nothing was written. The caller (the audit
     /// log) serialises commits, so the check and the write cannot interleave with another commit.
-    pub fn commit(&self, changes: Changes, audit: &[(Vec<u8>, Vec<u8>)]) -> Result<bool, StoreError> {
+    pub fn commit(&self, changes: Changes, audit: &[Record]) -> Result<bool, StoreError> {
         if self.fail_commits.load(Ordering::Relaxed) {
             return Err(StoreError::Flush("injected write failure".into()));
         }
@@ -458,6 +458,9 @@ impl Store {
         Ok(self.db.generate_id()?)
     }
 }
+
+/// A raw key and value written beside a request's changes (audit entries, checkpoints).
+pub type Record = (Vec<u8>, Vec<u8>);
 
 /// Changes a request wants to make, applied with its audit entry in one batch by the audit log.
 #[derive(Default)]
