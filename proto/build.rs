@@ -2,8 +2,12 @@
 
 use std::{env, fs, path::PathBuf};
 
-const PROTOS: &[&str] =
-    &["proto/khlang/v1/records.proto", "proto/khlang/v1/subjects.proto", "proto/khlang/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "proto/khlang/v1/records.proto",
+    "proto/khlang/v1/subjects.proto",
+    "proto/khlang/v1/admin.proto",
+    "proto/khlang/v1/audit.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

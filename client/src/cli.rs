@@ -78,6 +78,9 @@ pub enum Command {
     /// Data subjects' rights: export (access, portability) and erasure.
     #[command(subcommand)]
     Subject(SubjectCommand),
+    /// The access log (needs audit_read, except `verify --offline`).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Load generator over real gRPC: reports ops/s and latency percentiles.
     Bench {
         #[arg(value_enum)]
@@ -171,4 +174,66 @@ fn parse_assignment(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err("expected FIELD=VALUE".to_owned()),
     }
+}
+
+#[derive(clap::Args, Debug, Default)]
+pub struct AuditFilters {
+    /// Entries at or after this time (milliseconds since the Unix epoch).
+    #[arg(long, default_value_t = 0)]
+    pub from_ms: u64,
+    /// Entries at or before this time (milliseconds since the Unix epoch).
+    #[arg(long, default_value_t = 0)]
+    pub to_ms: u64,
+    #[arg(long, default_value = "")]
+    pub identity: String,
+    #[arg(long, default_value = "")]
+    pub role: String,
+    #[arg(long, default_value = "")]
+    pub subject: String,
+    #[arg(long, default_value = "")]
+    pub record: String,
+    /// e.g. read, write, audit_read.
+    #[arg(long, default_value = "")]
+    pub operation: String,
+    /// allow, deny or none.
+    #[arg(long, default_value = "")]
+    pub decision: String,
+    #[arg(long, default_value = "")]
+    pub purpose: String,
+    /// At most this many entries (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Entries matching the filters: a table, or JSON Lines with --json.
+    Query {
+        #[command(flatten)]
+        filters: AuditFilters,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every access to one person's data: who, when, for which purpose, allowed or denied (PDPA).
+    Subject {
+        subject: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The whole log as JSON Lines with the signed checkpoints, for archiving.
+    Export {
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Verify the live log, or (--offline) an export with only the public key.
+    Verify {
+        #[arg(long, requires = "public_key")]
+        offline: Option<std::path::PathBuf>,
+        /// The vault's audit public key (hex), from `khlang audit public-key`.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Print the Ed25519 public key that verifies this vault's checkpoints.
+    PublicKey,
 }

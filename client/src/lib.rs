@@ -6,8 +6,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use khlang_proto::pb::{
-    self, admin_client::AdminClient, records_client::RecordsClient, subjects_client::SubjectsClient,
+    self, admin_client::AdminClient, audit_client::AuditClient, records_client::RecordsClient,
+    subjects_client::SubjectsClient,
 };
+
+pub use khlang_keys::audit_chain::{ChainBreak, ChainReport};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
@@ -135,6 +138,133 @@ impl From<pb::RegulationsInfo> for RegulationsInfo {
     }
 }
 
+/// Filters of an audit query; empty / zero means "any".
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub identity: String,
+    pub role: String,
+    pub subject_id: String,
+    pub record_id: String,
+    pub operation: String,
+    pub decision: String,
+    pub purpose: String,
+    pub limit: u32,
+}
+
+/// One audit entry as a security officer reads it. Holds no personal data by construction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub rpc: String,
+    pub operation: String,
+    pub identity: String,
+    pub role: String,
+    pub peer: String,
+    pub request_id: String,
+    pub subject: String,
+    pub record_id: String,
+    pub fields: Vec<String>,
+    pub purpose: String,
+    pub decision: String,
+    pub rule: String,
+    pub reason: String,
+    pub regulations_version: String,
+    pub key_versions: String,
+    pub outcome: String,
+}
+
+impl From<pb::AuditEntry> for AuditRecord {
+    fn from(e: pb::AuditEntry) -> Self {
+        Self {
+            seq: e.seq,
+            time_ms: e.time_ms,
+            rpc: e.rpc,
+            operation: e.operation,
+            identity: e.identity,
+            role: e.role,
+            peer: e.peer,
+            request_id: e.request_id,
+            subject: e.subject,
+            record_id: e.record_id,
+            fields: e.fields,
+            purpose: e.purpose,
+            decision: e.decision,
+            rule: e.rule,
+            reason: e.reason,
+            regulations_version: e.regulations_version,
+            key_versions: e.key_versions,
+            outcome: e.outcome,
+        }
+    }
+}
+
+/// Why an export could not be verified at all (as opposed to verifying and finding a break).
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("line {line}: {what}")]
+    Malformed { line: usize, what: String },
+    #[error("the public key is not 32 bytes of hex")]
+    PublicKey,
+    #[error("reading the export: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Verifies an audit export (JSON Lines from `ExportAudit`) offline, with only the vault's public
+/// key: the hash chain, every checkpoint's signature, and that no signed entry was cut off.
+pub fn verify_export(
+    reader: impl std::io::BufRead,
+    public_key_hex: &str,
+) -> Result<ChainReport, ExportError> {
+    use khlang_keys::audit_chain::{ChainVerifier, Checkpoint};
+    let public_key = hex::decode(public_key_hex.trim()).map_err(|_| ExportError::PublicKey)?;
+    if public_key.len() != 32 {
+        return Err(ExportError::PublicKey);
+    }
+    let mut entries = Vec::new();
+    let mut checkpoints = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |what: &str| ExportError::Malformed { line: i + 1, what: what.to_owned() };
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| bad("not JSON"))?;
+        match v["type"].as_str() {
+            Some("header") => {}
+            Some("entry") => {
+                let seq = v["seq"].as_u64().ok_or_else(|| bad("entry without seq"))?;
+                let hash =
+                    hex::decode(v["hash"].as_str().unwrap_or_default()).map_err(|_| bad("bad hash"))?;
+                let canonical = serde_json::to_vec(&v["entry"]).map_err(|_| bad("bad entry"))?;
+                entries.push((seq, v["entry"]["seq"].as_u64(), canonical, hash));
+            }
+            Some("checkpoint") => {
+                let hash =
+                    hex::decode(v["hash"].as_str().unwrap_or_default()).map_err(|_| bad("bad hash"))?;
+                checkpoints.push(Checkpoint {
+                    seq: v["seq"].as_u64().ok_or_else(|| bad("checkpoint without seq"))?,
+                    hash: hash.try_into().map_err(|_| bad("bad hash"))?,
+                    time_ms: v["time_ms"].as_u64().ok_or_else(|| bad("checkpoint without time"))?,
+                    signature: hex::decode(v["signature"].as_str().unwrap_or_default())
+                        .map_err(|_| bad("bad signature"))?,
+                });
+            }
+            _ => return Err(bad("unknown line type")),
+        }
+    }
+    let mut verifier = ChainVerifier::new(&public_key, checkpoints);
+    for (seq, embedded, canonical, hash) in &entries {
+        verifier.entry(*seq, *embedded, canonical, hash);
+        if verifier.broken() {
+            break;
+        }
+    }
+    Ok(verifier.finish())
+}
+
 /// TLS settings: the CA that signed the vault's certificate, and optionally a client certificate
 /// (mutual TLS) whose subject common name is the identity to act as.
 #[derive(Clone, Default)]
@@ -175,6 +305,7 @@ pub struct Client {
     records: RecordsClient<Authed>,
     subjects: SubjectsClient<Authed>,
     admin: AdminClient<Authed>,
+    audit: AuditClient<Authed>,
 }
 
 impl fmt::Debug for Client {
@@ -238,7 +369,8 @@ impl Client {
                 .max_decoding_message_size(64 << 20),
             subjects: SubjectsClient::with_interceptor(channel.clone(), auth.clone())
                 .max_decoding_message_size(64 << 20),
-            admin: AdminClient::with_interceptor(channel, auth),
+            admin: AdminClient::with_interceptor(channel.clone(), auth.clone()),
+            audit: AuditClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20),
         })
     }
 
@@ -383,5 +515,54 @@ impl Client {
 
     pub async fn regulations(&mut self) -> Result<RegulationsInfo, ClientError> {
         Ok(self.admin.get_regulations(pb::GetRegulationsRequest {}).await?.into_inner().into())
+    }
+
+    /// Audit entries matching `query`, oldest first (needs `audit_read`).
+    pub async fn query_audit(&mut self, query: &AuditQuery) -> Result<Vec<AuditRecord>, ClientError> {
+        let req = pb::QueryAuditRequest {
+            from_ms: query.from_ms,
+            to_ms: query.to_ms,
+            identity: query.identity.clone(),
+            role: query.role.clone(),
+            subject_id: query.subject_id.clone(),
+            record_id: query.record_id.clone(),
+            operation: query.operation.clone(),
+            decision: query.decision.clone(),
+            purpose: query.purpose.clone(),
+            limit: query.limit,
+        };
+        let mut stream = self.audit.query_audit(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(entry) = stream.message().await? {
+            out.push(entry.into());
+        }
+        Ok(out)
+    }
+
+    /// The whole log as JSON Lines, each line handed to `sink` as it arrives.
+    pub async fn export_audit(&mut self, mut sink: impl FnMut(&str)) -> Result<u64, ClientError> {
+        let mut stream = self.audit.export_audit(pb::ExportAuditRequest {}).await?.into_inner();
+        let mut n = 0;
+        while let Some(line) = stream.message().await? {
+            sink(&line.json);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Verifies the live log on the vault.
+    pub async fn verify_audit(&mut self) -> Result<ChainReport, ClientError> {
+        let r = self.audit.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
+        Ok(ChainReport {
+            entries: r.entries,
+            checkpoints: r.checkpoints,
+            last_checkpoint: r.last_checkpoint,
+            first_break: (!r.intact).then_some(ChainBreak { seq: r.first_bad_seq, reason: r.reason }),
+        })
+    }
+
+    /// The vault's checkpoint-verifying public key (hex).
+    pub async fn audit_public_key(&mut self) -> Result<String, ClientError> {
+        Ok(self.audit.audit_public_key(pb::AuditPublicKeyRequest {}).await?.into_inner().public_key)
     }
 }

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use khlang_client::{Client, ConsentEntry, Record, TlsOptions};
+use khlang_client::{AuditQuery, AuditRecord, ChainReport, Client, ConsentEntry, Record, TlsOptions};
 use zeroize::Zeroizing;
 
-use cli::{Cli, Command, ConsentCommand, IdentityCommand, RegulationsCommand, SubjectCommand};
+use cli::{AuditCommand, Cli, Command, ConsentCommand, IdentityCommand, RegulationsCommand, SubjectCommand};
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     connect_as(cli, cli.token.as_deref()).await
@@ -49,7 +49,71 @@ fn consent_json(c: &ConsentEntry) -> serde_json::Value {
     serde_json::json!({"purpose": c.purpose, "granted": c.granted, "at_ms": c.at_ms, "recorded_by": c.recorded_by})
 }
 
+fn audit_json(e: &AuditRecord) -> serde_json::Value {
+    serde_json::json!({
+        "seq": e.seq, "time_ms": e.time_ms, "rpc": e.rpc, "operation": e.operation, "identity": e.identity,
+        "role": e.role, "peer": e.peer, "request_id": e.request_id, "subject": e.subject,
+        "record_id": e.record_id, "fields": e.fields, "purpose": e.purpose, "decision": e.decision,
+        "rule": e.rule, "reason": e.reason, "regulations_version": e.regulations_version,
+        "key_versions": e.key_versions, "outcome": e.outcome,
+    })
+}
+
+/// A caller's string made safe for a terminal: no control characters, bounded.
+fn cell(s: &str, width: usize) -> String {
+    let clean: String = s.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+    if clean.chars().count() > width { clean.chars().take(width - 1).chain(['…']).collect() } else { clean }
+}
+
+fn print_audit(entries: &[AuditRecord], json: bool) {
+    if json {
+        for e in entries {
+            println!("{}", audit_json(e));
+        }
+        return;
+    }
+    println!(
+        "{:>6} {:>13} {:<20} {:<22} {:<14} {:<16} {:<6} {:<16} fields",
+        "seq", "time_ms", "identity", "role", "rpc", "purpose", "dec", "outcome"
+    );
+    for e in entries {
+        println!(
+            "{:>6} {:>13} {:<20} {:<22} {:<14} {:<16} {:<6} {:<16} {}",
+            e.seq,
+            e.time_ms,
+            cell(&e.identity, 20),
+            cell(&e.role, 22),
+            cell(&e.rpc, 14),
+            cell(&e.purpose, 16),
+            cell(&e.decision, 6),
+            cell(&e.outcome, 16),
+            cell(&e.fields.join(","), 60)
+        );
+    }
+}
+
+fn print_report(r: &ChainReport) -> anyhow::Result<()> {
+    println!(
+        "entries {}  checkpoints {}  last verified checkpoint {}",
+        r.entries, r.checkpoints, r.last_checkpoint
+    );
+    match &r.first_break {
+        None => {
+            println!("intact");
+            Ok(())
+        }
+        Some(b) => anyhow::bail!("NOT intact: first untrustworthy entry {}: {}", b.seq, b.reason),
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Offline verification needs no vault and no credentials.
+    if let Command::Audit(AuditCommand::Verify { offline: Some(path), public_key: Some(key) }) = &cli.command
+    {
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let report = khlang_client::verify_export(std::io::BufReader::new(file), key)?;
+        return print_report(&report);
+    }
     let mut client = connect(&cli).await?;
     let prefill = match &cli.command {
         Command::Bench { prefill_token: Some(t), .. } => Some(connect_as(&cli, Some(t)).await?),
@@ -180,6 +244,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let n = client.erase_subject(&subject).await?;
                 println!("erased {n} records of the subject and their data keys");
             }
+        },
+        Command::Audit(cmd) => match cmd {
+            AuditCommand::Query { filters: f, json } => {
+                let q = AuditQuery {
+                    from_ms: f.from_ms,
+                    to_ms: f.to_ms,
+                    identity: f.identity,
+                    role: f.role,
+                    subject_id: f.subject,
+                    record_id: f.record,
+                    operation: f.operation,
+                    decision: f.decision,
+                    purpose: f.purpose,
+                    limit: f.limit,
+                };
+                print_audit(&client.query_audit(&q).await?, json);
+            }
+            AuditCommand::Subject { subject, json } => {
+                let q = AuditQuery { subject_id: subject, ..AuditQuery::default() };
+                let entries: Vec<AuditRecord> = client
+                    .query_audit(&q)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.operation != "audit_read")
+                    .collect();
+                print_audit(&entries, json);
+            }
+            AuditCommand::Export { output } => {
+                use std::io::Write;
+                let mut out: Box<dyn Write> = match &output {
+                    Some(p) => Box::new(std::io::BufWriter::new(
+                        std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+                    )),
+                    None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+                };
+                let mut failed = None;
+                let n = client
+                    .export_audit(|line| {
+                        if failed.is_none()
+                            && let Err(e) = writeln!(out, "{line}")
+                        {
+                            failed = Some(e);
+                        }
+                    })
+                    .await?;
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+                out.flush()?;
+                eprintln!("exported {n} lines");
+            }
+            AuditCommand::Verify { .. } => print_report(&client.verify_audit().await?)?,
+            AuditCommand::PublicKey => println!("{}", client.audit_public_key().await?),
         },
         Command::Bench {
             op,

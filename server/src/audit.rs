@@ -292,3 +292,95 @@ impl AuditLog {
         Ok(report)
     }
 }
+
+/// What a security officer asks the log for; every given filter must match.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub from_ms: Option<u64>,
+    pub to_ms: Option<u64>,
+    pub identity: Option<String>,
+    pub role: Option<String>,
+    /// The subject's blind index (hex), resolved by the vault from the subject id.
+    pub subject: Option<String>,
+    pub record_id: Option<String>,
+    pub operation: Option<String>,
+    pub decision: Option<String>,
+    pub purpose: Option<String>,
+    pub limit: Option<usize>,
+}
+
+impl AuditFilter {
+    pub fn matches(&self, e: &AuditEntry) -> bool {
+        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        self.from_ms.is_none_or(|f| e.time_ms >= f)
+            && self.to_ms.is_none_or(|t| e.time_ms <= t)
+            && eq(&self.identity, &e.identity)
+            && eq(&self.role, &e.role)
+            && eq(&self.subject, &e.subject)
+            && eq(&self.record_id, &e.record_id)
+            && eq(&self.operation, &e.operation)
+            && eq(&self.decision, &e.decision)
+            && eq(&self.purpose, &e.purpose)
+    }
+
+    /// A short description for the audit entry of the query itself.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        let mut add = |k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                parts.push(format!("{k}={}", clean(v)));
+            }
+        };
+        add("identity", &self.identity);
+        add("role", &self.role);
+        add("subject", &self.subject);
+        add("record", &self.record_id);
+        add("operation", &self.operation);
+        add("decision", &self.decision);
+        add("purpose", &self.purpose);
+        if let Some(f) = self.from_ms {
+            parts.push(format!("from_ms={f}"));
+        }
+        if let Some(t) = self.to_ms {
+            parts.push(format!("to_ms={t}"));
+        }
+        parts.join(" ")
+    }
+}
+
+/// Reads entries back, oldest first, parsed.
+pub fn read_entries(store: &Store) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+    store.audit_entries(0).map(|item| {
+        let (_, value) = item?;
+        let (_, json) = split_stored(&value)?;
+        serde_json::from_slice(json).map_err(|_| StoreError::Corrupt("audit entry"))
+    })
+}
+
+/// The export format, JSON Lines: a header, every entry with its chain hash, every checkpoint.
+pub fn export_lines<'a>(
+    store: &'a Store,
+    public_key: Vec<u8>,
+) -> impl Iterator<Item = Result<String, StoreError>> + 'a {
+    let header = serde_json::json!({"type": "header", "format": "khlang-audit-1", "public_key": hex::encode(&public_key)});
+    let entries = store.audit_entries(0).map(|item| {
+        let (seq, value) = item?;
+        let (hash, json) = split_stored(&value)?;
+        let json = std::str::from_utf8(json).map_err(|_| StoreError::Corrupt("audit entry"))?;
+        Ok(format!(r#"{{"type":"entry","seq":{seq},"hash":"{}","entry":{json}}}"#, hex::encode(hash)))
+    });
+    let checkpoints = store.checkpoints().map(|cps| {
+        cps.into_iter().map(|c| {
+            let cp: StoredCheckpoint =
+                serde_json::from_slice(&c).map_err(|_| StoreError::Corrupt("checkpoint"))?;
+            let mut v = serde_json::to_value(&cp).map_err(|_| StoreError::Corrupt("checkpoint"))?;
+            v["type"] = "checkpoint".into();
+            Ok(v.to_string())
+        })
+    });
+    let checkpoints: Box<dyn Iterator<Item = Result<String, StoreError>>> = match checkpoints {
+        Ok(it) => Box::new(it.collect::<Vec<_>>().into_iter()),
+        Err(e) => Box::new(std::iter::once(Err(e))),
+    };
+    std::iter::once(Ok(header.to_string())).chain(entries).chain(checkpoints)
+}

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use khlang_keys::Plaintext;
 use khlang_proto::pb::{
-    self, admin_server::Admin, admin_server::AdminServer, records_server::Records,
-    records_server::RecordsServer, subjects_server::Subjects, subjects_server::SubjectsServer,
+    self, admin_server::Admin, admin_server::AdminServer, audit_server::Audit, audit_server::AuditServer,
+    records_server::Records, records_server::RecordsServer, subjects_server::Subjects,
+    subjects_server::SubjectsServer,
 };
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -18,6 +19,7 @@ use tonic::transport::server::{ServerTlsConfig, TcpIncoming};
 use tonic::{Request, Response, Status};
 use x509_cert::der::Decode;
 
+use crate::audit::{AuditEntry, AuditFilter};
 use crate::store::StoredConsent;
 use crate::{Caller, Credentials, FieldValue, RecordView, RegulationsInfo, Vault, VaultError};
 
@@ -368,6 +370,154 @@ impl Admin for Api {
     }
 }
 
+impl From<AuditEntry> for pb::AuditEntry {
+    fn from(e: AuditEntry) -> Self {
+        Self {
+            seq: e.seq,
+            time_ms: e.time_ms,
+            rpc: e.rpc,
+            operation: e.operation,
+            identity: e.identity,
+            role: e.role,
+            peer: e.peer,
+            request_id: e.request_id,
+            subject: e.subject,
+            record_id: e.record_id,
+            fields: e.fields,
+            purpose: e.purpose,
+            decision: e.decision,
+            rule: e.rule,
+            reason: e.reason,
+            regulations_version: e.regulations_version,
+            key_versions: e.key_versions,
+            outcome: e.outcome,
+        }
+    }
+}
+
+fn filter_in(r: &pb::QueryAuditRequest) -> AuditFilter {
+    let opt = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
+    AuditFilter {
+        from_ms: Some(r.from_ms).filter(|v| *v > 0),
+        to_ms: Some(r.to_ms).filter(|v| *v > 0),
+        identity: opt(&r.identity),
+        role: opt(&r.role),
+        subject: None,
+        record_id: opt(&r.record_id),
+        operation: opt(&r.operation),
+        decision: opt(&r.decision),
+        purpose: opt(&r.purpose),
+        limit: Some(r.limit as usize).filter(|v| *v > 0),
+    }
+}
+
+type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// Streams what a blocking scan of the store produces, without holding the runtime.
+fn stream_blocking<T: Send + 'static>(
+    vault: Arc<Vault>,
+    request_id: String,
+    scan: impl FnOnce(&Vault, &dyn Fn(Result<T, VaultError>) -> bool) + Send + 'static,
+) -> Stream<T> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::task::spawn_blocking(move || {
+        let send =
+            |item: Result<T, VaultError>| tx.blocking_send(item.map_err(|e| status(e, &request_id))).is_ok();
+        scan(&vault, &send);
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl Audit for Api {
+    type QueryAuditStream = Stream<pb::AuditEntry>;
+    type ExportAuditStream = Stream<pb::AuditLine>;
+
+    #[tracing::instrument(skip_all, fields(rpc = "QueryAudit"))]
+    async fn query_audit(
+        &self,
+        req: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<Self::QueryAuditStream>, Status> {
+        let caller = self.caller(&req).await?;
+        let msg = req.into_inner();
+        let filter = self
+            .vault
+            .audit_read(&caller, "QueryAudit", filter_in(&msg), Some(&msg.subject_id))
+            .await
+            .map_err(|e| status(e, &caller.request_id))?;
+        let stream = stream_blocking(self.vault.clone(), caller.request_id.clone(), move |vault, send| {
+            for entry in vault.audit_entries(filter) {
+                let failed = entry.is_err();
+                if !send(entry.map(Into::into)) || failed {
+                    break;
+                }
+            }
+        });
+        Ok(respond(stream, &caller))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ExportAudit"))]
+    async fn export_audit(
+        &self,
+        req: Request<pb::ExportAuditRequest>,
+    ) -> Result<Response<Self::ExportAuditStream>, Status> {
+        let caller = self.caller(&req).await?;
+        self.vault
+            .audit_read(&caller, "ExportAudit", AuditFilter::default(), None)
+            .await
+            .map_err(|e| status(e, &caller.request_id))?;
+        let stream = stream_blocking(self.vault.clone(), caller.request_id.clone(), move |vault, send| {
+            match vault.audit_export() {
+                Ok(lines) => {
+                    for line in lines {
+                        let failed = line.is_err();
+                        if !send(line.map(|json| pb::AuditLine { json })) || failed {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    send(Err(e));
+                }
+            }
+        });
+        Ok(respond(stream, &caller))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "VerifyAudit"))]
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        handle!(self, req, |caller, _msg| {
+            self.vault.verify_audit(&caller).await.map(|r| {
+                let (first_bad_seq, reason) = r.first_break.map_or((0, String::new()), |b| (b.seq, b.reason));
+                pb::VerifyAuditResponse {
+                    entries: r.entries,
+                    checkpoints: r.checkpoints,
+                    last_checkpoint: r.last_checkpoint,
+                    intact: first_bad_seq == 0,
+                    first_bad_seq,
+                    reason,
+                }
+            })
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "AuditPublicKey"))]
+    async fn audit_public_key(
+        &self,
+        req: Request<pb::AuditPublicKeyRequest>,
+    ) -> Result<Response<pb::AuditPublicKeyResponse>, Status> {
+        handle!(self, req, |caller, _msg| {
+            self.vault
+                .audit_public_key(&caller)
+                .await
+                .map(|public_key| pb::AuditPublicKeyResponse { public_key })
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("transport: {0}")]
@@ -393,11 +543,13 @@ pub async fn serve(
         RecordsServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
     let subjects =
         SubjectsServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
-    let admin = AdminServer::new(api).max_decoding_message_size(max).max_encoding_message_size(max);
+    let admin = AdminServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
+    let audit = AuditServer::new(api).max_decoding_message_size(max).max_encoding_message_size(max);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RecordsServer<Api>>().await;
     health.set_serving::<SubjectsServer<Api>>().await;
     health.set_serving::<AdminServer<Api>>().await;
+    health.set_serving::<AuditServer<Api>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(khlang_proto::FILE_DESCRIPTOR_SET)
@@ -409,6 +561,7 @@ pub async fn serve(
         health.set_not_serving::<RecordsServer<Api>>().await;
         health.set_not_serving::<SubjectsServer<Api>>().await;
         health.set_not_serving::<AdminServer<Api>>().await;
+        health.set_not_serving::<AuditServer<Api>>().await;
         let _ = stopping_tx.send(());
     };
     let mut builder = tonic::transport::Server::builder();
@@ -422,6 +575,7 @@ pub async fn serve(
         .add_service(records)
         .add_service(subjects)
         .add_service(admin)
+        .add_service(audit)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
     tokio::pin!(server);
     tokio::select! {

@@ -13,7 +13,7 @@ use khlang_keys::{
 };
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditEntry, AuditLog, CheckpointPolicy, Committed, clean};
+use crate::audit::{AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, Committed, clean};
 use crate::auth::IssuedToken;
 use crate::auth::{AuthGuard, AuthLimits};
 use crate::catalogue;
@@ -23,6 +23,7 @@ use crate::store::{
     Changes, Durability, FlushStats, Store, StoredConsent, StoredField, StoredIdentity, StoredRecord,
 };
 use crate::{StoreError, VaultError};
+use khlang_keys::audit_chain::ChainReport;
 
 /// Associated-data name of the sealed subject id; cannot collide with a catalogue name.
 const SUBJECT_CONTEXT: &str = "@subject";
@@ -1115,5 +1116,80 @@ pub(crate) fn operator_entry(rpc: &str, op: Operation, regs: &Regulations) -> Au
         regulations_version: regs.version.clone(),
         outcome: "Ok".into(),
         ..AuditEntry::default()
+    }
+}
+
+// ---- the audit log, for security officers ---------------------------------------------------
+
+impl Vault {
+    /// Authorises a read of the audit log (itself audited) and resolves a subject id to the blind
+    /// index the entries hold.
+    pub async fn audit_read(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        mut filter: AuditFilter,
+        subject_id: Option<&str>,
+    ) -> Result<AuditFilter, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, rpc, Operation::AuditRead, &regs);
+        self.audited(entry, |e| {
+            let keys = self.unsealed()?;
+            if let Some(subject) = subject_id.filter(|s| !s.is_empty()) {
+                self.check_subject(subject)?;
+                let index = hex::encode(Self::subject_index(&keys, subject));
+                e.subject.clone_from(&index);
+                filter.subject = Some(index);
+            }
+            e.reason = filter.describe();
+            self.permit(&regs, caller, Operation::AuditRead, e)?;
+            Ok((filter.clone(), Changes::none()))
+        })
+        .await
+    }
+
+    /// Entries matching `filter`, oldest first (call [`Vault::audit_read`] first).
+    pub fn audit_entries(
+        &self,
+        filter: AuditFilter,
+    ) -> impl Iterator<Item = Result<AuditEntry, VaultError>> + '_ {
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        crate::audit::read_entries(&self.store)
+            .filter(move |r| r.as_ref().map_or(true, |e| filter.matches(e)))
+            .take(limit)
+            .map(|r| r.map_err(VaultError::from))
+    }
+
+    /// The export's JSON Lines (call [`Vault::audit_read`] first).
+    pub fn audit_export(&self) -> Result<impl Iterator<Item = Result<String, VaultError>> + '_, VaultError> {
+        let public_key = self
+            .audit
+            .public_key()
+            .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
+        Ok(crate::audit::export_lines(&self.store, public_key).map(|r| r.map_err(VaultError::from)))
+    }
+
+    /// Verifies the live log: chain, checkpoint signatures, and that it ends at this vault's head.
+    pub async fn verify_audit(&self, caller: &Caller) -> Result<ChainReport, VaultError> {
+        self.audit_read(caller, "VerifyAudit", AuditFilter::default(), None).await?;
+        let public_key = self
+            .audit
+            .public_key()
+            .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
+        Ok(self.audit.verify(&self.store, &public_key, true)?)
+    }
+
+    /// The checkpoint-verifying public key, hex.
+    pub async fn audit_public_key(&self, caller: &Caller) -> Result<String, VaultError> {
+        self.audit_read(caller, "AuditPublicKey", AuditFilter::default(), None).await?;
+        self.audit
+            .public_key()
+            .map(hex::encode)
+            .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))
+    }
+
+    /// Fault drill for tests: make every following write (and so every request) fail.
+    pub fn inject_storage_failure(&self, fail: bool) {
+        self.store.inject_commit_failure(fail);
     }
 }
