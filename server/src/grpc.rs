@@ -94,7 +94,7 @@ impl Api {
     }
 
     /// The authenticate step: every handler starts here. A role claimed in metadata is never read.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    async fn caller<T>(&self, req: &Request<T>, rpc: &str) -> Result<Caller, Status> {
         let started = Instant::now();
         let request_id = request_id(req);
         let peer = req.remote_addr();
@@ -107,7 +107,6 @@ impl Api {
         match self.vault.authenticate(creds) {
             Ok(identity) => Ok(Caller { identity, peer, request_id }),
             Err(e) => {
-                let rpc = req.extensions().get::<tonic::GrpcMethod>().map_or("unknown", |m| m.method());
                 if matches!(e, VaultError::Unauthenticated | VaultError::LockedOut) {
                     tracing::warn!(target: "khlang::auth", request_id, peer = ?peer, "authentication failed");
                 }
@@ -179,8 +178,8 @@ impl From<RegulationsInfo> for pb::RegulationsInfo {
 
 /// Runs a handler body with the caller, mapping domain errors to statuses with its request id.
 macro_rules! handle {
-    ($self:ident, $req:ident, |$caller:ident, $msg:ident| $body:expr) => {{
-        let $caller = $self.caller(&$req).await?;
+    ($self:ident, $req:ident, $rpc:literal, |$caller:ident, $msg:ident| $body:expr) => {{
+        let $caller = $self.caller(&$req, $rpc).await?;
         let $msg = $req.into_inner();
         let out: Result<_, VaultError> = $body;
         match out {
@@ -197,7 +196,7 @@ impl Records for Api {
         &self,
         req: Request<pb::PutRecordRequest>,
     ) -> Result<Response<pb::PutRecordResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "PutRecord", |caller, msg| {
             let record_id = self.vault.put(&caller, &msg.subject_id, fields_in(msg.fields)).await;
             record_id.map(|record_id| pb::PutRecordResponse { record_id })
         })
@@ -208,7 +207,7 @@ impl Records for Api {
         &self,
         req: Request<pb::GetRecordRequest>,
     ) -> Result<Response<pb::GetRecordResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "GetRecord", |caller, msg| {
             let purpose = Some(msg.purpose.as_str()).filter(|p| !p.is_empty());
             self.vault.get(&caller, &msg.record_id, &msg.fields, purpose).await.map(Into::into)
         })
@@ -219,7 +218,7 @@ impl Records for Api {
         &self,
         req: Request<pb::UpdateRecordRequest>,
     ) -> Result<Response<pb::UpdateRecordResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "UpdateRecord", |caller, msg| {
             let names = self.vault.update(&caller, &msg.record_id, fields_in(msg.set), &msg.remove).await;
             names.map(|field_names| pb::UpdateRecordResponse { field_names })
         })
@@ -230,7 +229,7 @@ impl Records for Api {
         &self,
         req: Request<pb::DeleteRecordRequest>,
     ) -> Result<Response<pb::DeleteRecordResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "DeleteRecord", |caller, msg| {
             self.vault.delete(&caller, &msg.record_id).await.map(|()| pb::DeleteRecordResponse {})
         })
     }
@@ -240,7 +239,7 @@ impl Records for Api {
         &self,
         req: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<pb::ListRecordsResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "ListRecords", |caller, msg| {
             self.vault.list(&caller, &msg.subject_id).await.map(|records| pb::ListRecordsResponse {
                 records: records
                     .into_iter()
@@ -258,7 +257,7 @@ impl Subjects for Api {
         &self,
         req: Request<pb::SetConsentRequest>,
     ) -> Result<Response<pb::ConsentEntry>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "SetConsent", |caller, msg| {
             self.vault.set_consent(&caller, &msg.subject_id, &msg.purpose, msg.granted).await.map(Into::into)
         })
     }
@@ -268,7 +267,7 @@ impl Subjects for Api {
         &self,
         req: Request<pb::GetConsentRequest>,
     ) -> Result<Response<pb::GetConsentResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "GetConsent", |caller, msg| {
             self.vault.consent(&caller, &msg.subject_id).await.map(|r| pb::GetConsentResponse {
                 current: r.current.into_iter().map(Into::into).collect(),
                 history: r.history.into_iter().map(Into::into).collect(),
@@ -281,7 +280,7 @@ impl Subjects for Api {
         &self,
         req: Request<pb::ExportSubjectRequest>,
     ) -> Result<Response<pb::ExportSubjectResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "ExportSubject", |caller, msg| {
             self.vault.export_subject(&caller, &msg.subject_id).await.map(|records| {
                 pb::ExportSubjectResponse {
                     records: records
@@ -299,7 +298,7 @@ impl Subjects for Api {
         &self,
         req: Request<pb::EraseSubjectRequest>,
     ) -> Result<Response<pb::EraseSubjectResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "EraseSubject", |caller, msg| {
             let n = self.vault.erase_subject(&caller, &msg.subject_id).await;
             n.map(|n| pb::EraseSubjectResponse { records_erased: u32::try_from(n).unwrap_or(u32::MAX) })
         })
@@ -313,7 +312,7 @@ impl Admin for Api {
         &self,
         req: Request<pb::CreateIdentityRequest>,
     ) -> Result<Response<pb::CreateIdentityResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "CreateIdentity", |caller, msg| {
             let token = self.vault.create_identity(&caller, &msg.name, &msg.role).await;
             token.map(|t| pb::CreateIdentityResponse {
                 token: t.expose_secret().to_owned(),
@@ -327,7 +326,7 @@ impl Admin for Api {
         &self,
         req: Request<pb::ListIdentitiesRequest>,
     ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
-        handle!(self, req, |caller, _msg| {
+        handle!(self, req, "ListIdentities", |caller, _msg| {
             self.vault.list_identities(&caller).await.map(|ids| pb::ListIdentitiesResponse {
                 identities: ids
                     .into_iter()
@@ -348,7 +347,7 @@ impl Admin for Api {
         &self,
         req: Request<pb::RevokeIdentityRequest>,
     ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
-        handle!(self, req, |caller, msg| {
+        handle!(self, req, "RevokeIdentity", |caller, msg| {
             self.vault.revoke_identity(&caller, &msg.name).await.map(|()| pb::RevokeIdentityResponse {})
         })
     }
@@ -358,7 +357,11 @@ impl Admin for Api {
         &self,
         req: Request<pb::ReloadRegulationsRequest>,
     ) -> Result<Response<pb::RegulationsInfo>, Status> {
-        handle!(self, req, |caller, _msg| self.vault.reload_regulations(Some(&caller)).await.map(Into::into))
+        handle!(self, req, "ReloadRegulations", |caller, _msg| self
+            .vault
+            .reload_regulations(Some(&caller))
+            .await
+            .map(Into::into))
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "GetRegulations"))]
@@ -366,7 +369,11 @@ impl Admin for Api {
         &self,
         req: Request<pb::GetRegulationsRequest>,
     ) -> Result<Response<pb::RegulationsInfo>, Status> {
-        handle!(self, req, |caller, _msg| self.vault.regulations_info(&caller).await.map(Into::into))
+        handle!(self, req, "GetRegulations", |caller, _msg| self
+            .vault
+            .regulations_info(&caller)
+            .await
+            .map(Into::into))
     }
 }
 
@@ -438,7 +445,7 @@ impl Audit for Api {
         &self,
         req: Request<pb::QueryAuditRequest>,
     ) -> Result<Response<Self::QueryAuditStream>, Status> {
-        let caller = self.caller(&req).await?;
+        let caller = self.caller(&req, "QueryAudit").await?;
         let msg = req.into_inner();
         let filter = self
             .vault
@@ -461,7 +468,7 @@ impl Audit for Api {
         &self,
         req: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
-        let caller = self.caller(&req).await?;
+        let caller = self.caller(&req, "ExportAudit").await?;
         self.vault
             .audit_read(&caller, "ExportAudit", AuditFilter::default(), None)
             .await
@@ -489,7 +496,7 @@ impl Audit for Api {
         &self,
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        handle!(self, req, |caller, _msg| {
+        handle!(self, req, "VerifyAudit", |caller, _msg| {
             self.vault.verify_audit(&caller).await.map(|r| {
                 let (first_bad_seq, reason) = r.first_break.map_or((0, String::new()), |b| (b.seq, b.reason));
                 pb::VerifyAuditResponse {
@@ -509,7 +516,7 @@ impl Audit for Api {
         &self,
         req: Request<pb::AuditPublicKeyRequest>,
     ) -> Result<Response<pb::AuditPublicKeyResponse>, Status> {
-        handle!(self, req, |caller, _msg| {
+        handle!(self, req, "AuditPublicKey", |caller, _msg| {
             self.vault
                 .audit_public_key(&caller)
                 .await

@@ -1,0 +1,417 @@
+//! The access log end to end: one entry per RPC, denials and failed authentication logged, tamper
+//! evidence (live and offline), fail closed, and no personal data in it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
+
+use std::collections::BTreeSet;
+
+use khlang_client::{AuditQuery, Code};
+use khlang_proto::pb;
+use khlang_server::audit::{AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, split_stored};
+use khlang_server::regulations::SAMPLE;
+use khlang_server::store::{Durability, Store};
+use khlang_tests::*;
+use prost::Message;
+
+fn entries(server: &TestServer) -> Vec<AuditEntry> {
+    server.vault().audit_entries(AuditFilter::default()).map(Result::unwrap).collect()
+}
+
+async fn sample_server(dir: &std::path::Path) -> TestServer {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("regulations.toml"), SAMPLE).unwrap();
+    TestServer::start(dir).await
+}
+
+/// Every RPC of the khlang.v1 API, as the descriptor set declares them.
+fn api_rpcs() -> BTreeSet<String> {
+    let fds = prost_types::FileDescriptorSet::decode(khlang_proto::FILE_DESCRIPTOR_SET).unwrap();
+    fds.file
+        .iter()
+        .filter(|f| f.package() == "khlang.v1")
+        .flat_map(|f| f.service.iter().flat_map(|s| s.method.iter().map(|m| m.name().to_owned())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_writes_exactly_one_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = sample_server(dir.path()).await;
+    let mut app = server.client_as("registration-app").await;
+    let mut dpo = server.client_as("data-protection-officer").await;
+    let mut admin = server.client_as("key-admin").await;
+    let mut sec = server.client_as("security-officer").await;
+    let mut clerk = server.client_as("billing-clerk").await;
+    let id =
+        app.put("audit-subject", [("card_number", CANARY_CARD), ("name", CANARY_NAME_TH)]).await.unwrap();
+    let scratch = app.put("scratch-subject", [("age", "40")]).await.unwrap();
+
+    let mut seen = BTreeSet::new();
+    // (rpc, identity, outcome) after each call; one call per RPC, some refused on purpose.
+    macro_rules! check {
+        ($rpc:literal, $who:literal, $outcome:literal, $call:expr) => {{
+            let before = entries(&server).len();
+            let _ = $call;
+            let after = entries(&server);
+            let new = &after[before..];
+            assert_eq!(new.len(), 1, "{}: {} entries: {new:?}", $rpc, new.len());
+            let e = &new[0];
+            assert_eq!(
+                (e.rpc.as_str(), e.identity.as_str(), e.outcome.as_str()),
+                ($rpc, $who, $outcome),
+                "{e:?}"
+            );
+            assert_eq!(e.seq as usize, after.len());
+            assert!(!e.request_id.is_empty() && !e.regulations_version.is_empty() && e.time_ms > 0, "{e:?}");
+            assert!(e.peer.starts_with("127.0.0.1:"), "{e:?}");
+            seen.insert($rpc.to_owned());
+            e.clone()
+        }};
+    }
+    let e = check!(
+        "PutRecord",
+        "registration-app",
+        "Ok",
+        app.put("audit-subject", [("postal_code", "80000")]).await
+    );
+    assert_eq!((e.operation.as_str(), e.decision.as_str()), ("write", "allow"));
+    assert_eq!(e.fields, ["postal_code"]);
+    assert_eq!(e.subject.len(), 64, "the subject's blind index, never its id");
+    assert!(e.key_versions.starts_with("kek=1 gen=1"), "{e:?}");
+    let e = check!(
+        "GetRecord",
+        "billing-clerk",
+        "Ok",
+        clerk.get(&id, &["card_number".into()], Some("billing")).await
+    );
+    assert_eq!(
+        (e.purpose.as_str(), e.rule.as_str(), e.record_id.as_str()),
+        ("billing", "roles.billing-clerk.read[0]", id.as_str())
+    );
+    let e = check!(
+        "GetRecord",
+        "billing-clerk",
+        "PermissionDenied",
+        clerk.get(&id, &["name".into()], Some("billing")).await
+    );
+    assert_eq!((e.decision.as_str(), e.rule.as_str()), ("deny", "deny-by-default"));
+    assert!(e.reason.contains("may not read field 'name'"), "{e:?}");
+    let e = check!("GetRecord", "registration-app", "InvalidArgument", app.get(&id, &[], None).await);
+    assert_eq!(e.decision, "none");
+    let _ = check!(
+        "UpdateRecord",
+        "registration-app",
+        "Ok",
+        app.update(&id, [("phone", "0812345678")], &[]).await
+    );
+    let _ = check!("ListRecords", "registration-app", "Ok", app.list("audit-subject").await);
+    let _ = check!("DeleteRecord", "data-protection-officer", "Ok", dpo.delete(&scratch).await);
+    let _ = check!(
+        "SetConsent",
+        "registration-app",
+        "Ok",
+        app.set_consent("audit-subject", "marketing", false).await
+    );
+    let _ = check!("GetConsent", "registration-app", "Ok", app.consent("audit-subject").await);
+    let _ =
+        check!("ExportSubject", "data-protection-officer", "Ok", dpo.export_subject("audit-subject").await);
+    let _ = check!("EraseSubject", "data-protection-officer", "Ok", dpo.erase_subject("nobody-here").await);
+    let _ = check!("CreateIdentity", "key-admin", "Ok", admin.create_identity("temp", "billing-clerk").await);
+    let _ = check!("ListIdentities", "key-admin", "Ok", admin.list_identities().await);
+    let _ = check!("RevokeIdentity", "key-admin", "Ok", admin.revoke_identity("temp").await);
+    let _ = check!("ReloadRegulations", "key-admin", "Ok", admin.reload_regulations().await);
+    let _ = check!("GetRegulations", "key-admin", "Ok", admin.regulations().await);
+    let e = check!(
+        "QueryAudit",
+        "security-officer",
+        "Ok",
+        sec.query_audit(&AuditQuery { identity: "x".into(), ..AuditQuery::default() }).await
+    );
+    assert_eq!((e.operation.as_str(), e.reason.as_str()), ("audit_read", "identity=x"));
+    let _ = check!("ExportAudit", "security-officer", "Ok", sec.export_audit(|_| {}).await);
+    let _ = check!("VerifyAudit", "security-officer", "Ok", sec.verify_audit().await);
+    let _ = check!("AuditPublicKey", "security-officer", "Ok", sec.audit_public_key().await);
+    // The audit log is not for data readers.
+    let _ = check!(
+        "QueryAudit",
+        "registration-app",
+        "PermissionDenied",
+        app.query_audit(&AuditQuery::default()).await
+    );
+    // A failed authentication is logged too, with no identity and the reason.
+    let mut bad = server.client_with_token("khl_not_a_token").await;
+    let e = check!("GetRecord", "", "Unauthenticated", bad.get(&id, &[], Some("billing")).await);
+    assert!(e.reason.contains("bearer token"), "{e:?}");
+
+    let missing: Vec<_> = api_rpcs().difference(&seen).cloned().collect();
+    assert!(missing.is_empty(), "RPCs without an audit check: {missing:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_log_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    let id = c.put("fail-closed", [("card_number", CANARY_CARD)]).await.unwrap();
+
+    server.vault().inject_storage_failure(true);
+    let e = c.get(&id, &[], PURPOSE).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
+    assert!(e.to_string().contains("could not be audited") && !e.to_string().contains(CANARY_CARD), "{e}");
+    let e = c.put("fail-closed", [("age", "50")]).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::Unavailable));
+    assert_eq!(c.delete(&id).await.unwrap_err().code(), Some(Code::Unavailable));
+
+    server.vault().inject_storage_failure(false);
+    let listed = c.list("fail-closed").await.unwrap();
+    assert_eq!(listed.len(), 1, "the refused put left nothing, the refused delete removed nothing");
+    assert_eq!(c.get(&id, &[], PURPOSE).await.unwrap().fields["card_number"].expose_secret(), CANARY_CARD);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_report_and_no_personal_data_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = sample_server(dir.path()).await;
+    let mut app = server.client_as("registration-app").await;
+    let id = app.put("somying-001", canary_fields()).await.unwrap();
+    app.put("someone-else", [("age", "20")]).await.unwrap();
+    server.client_as("billing-clerk").await.get(&id, &["card_number".into()], Some("billing")).await.unwrap();
+    let denied =
+        server.client_as("marketing-officer").await.get(&id, &["email".into()], Some("marketing")).await;
+    assert!(denied.is_err());
+    app.update(&id, [("billing_address", CANARY_ADDRESS_TH)], &[]).await.unwrap();
+    server.client_as("data-protection-officer").await.export_subject("somying-001").await.unwrap();
+    // A caller's string built to break a log line or forge an entry.
+    let forged = "billing\n{\"seq\":1,\"identity\":\"root\"}\u{7}";
+    let _ = app.get(&id, &[], Some(forged)).await;
+
+    let mut sec = server.client_as("security-officer").await;
+    let report = sec
+        .query_audit(&AuditQuery { subject_id: "somying-001".into(), ..AuditQuery::default() })
+        .await
+        .unwrap();
+    let who: Vec<(&str, &str, &str)> = report
+        .iter()
+        .filter(|e| e.operation != "audit_read")
+        .map(|e| (e.identity.as_str(), e.purpose.as_str(), e.decision.as_str()))
+        .collect();
+    assert!(who.contains(&("billing-clerk", "billing", "allow")), "{who:?}");
+    assert!(who.contains(&("marketing-officer", "marketing", "deny")), "{who:?}");
+    assert!(who.contains(&("data-protection-officer", "", "allow")), "{who:?}");
+    assert!(
+        !report.iter().any(|e| e.identity == "registration-app" && e.fields == ["age"]),
+        "other subjects' entries stay out"
+    );
+
+    // Export: valid JSON on every line, the forged purpose defused, and no canary anywhere.
+    let mut lines = Vec::new();
+    sec.export_audit(|l| lines.push(l.to_owned())).await.unwrap();
+    let all = lines.join("\n");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["type"].is_string());
+    }
+    assert!(
+        !all.contains("\"identity\":\"root\"") || all.contains("\\\"identity\\\":\\\"root\\\""),
+        "the forged entry stays inside a string"
+    );
+    for canary in [CANARY_CARD, CANARY_NAME_TH, CANARY_ADDRESS_TH, CANARY_EMAIL, "somying-001"] {
+        assert!(!all.contains(canary), "the audit export holds '{canary}'");
+    }
+    server.stop().await;
+    // And the raw audit records on disk.
+    let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+    for kv in store.vault_tree_for_tests().scan_prefix(b"a") {
+        let (_, v) = kv.unwrap();
+        for canary in [CANARY_CARD, CANARY_NAME_TH, CANARY_ADDRESS_TH, CANARY_EMAIL, "somying-001"] {
+            assert!(!contains(&v, canary.as_bytes()), "an audit record on disk holds '{canary}'");
+        }
+    }
+}
+
+/// Runs some traffic, stops the server (which signs a final checkpoint) and returns the public key.
+async fn make_log(dir: &std::path::Path) -> (String, usize) {
+    let server = TestServer::start(dir).await;
+    let mut c = server.client().await;
+    for i in 0..20 {
+        let id = c.put(&format!("s{i}"), [("age", "30")]).await.unwrap();
+        c.get(&id, &[], PURPOSE).await.unwrap();
+    }
+    let key = server.client_as("security-officer").await.audit_public_key().await.unwrap();
+    let n = entries(&server).len();
+    server.stop().await;
+    (key, n)
+}
+
+fn verify_stored(dir: &std::path::Path, key: &str) -> Option<(u64, String)> {
+    let store = Store::open(dir, Durability::PerRequest).unwrap();
+    let log = AuditLog::open(&store, CheckpointPolicy::default(), false).unwrap();
+    let report = log.verify(&store, &hex::decode(key).unwrap(), false).unwrap();
+    report.first_break.map(|b| (b.seq, b.reason))
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for f in files_under(from) {
+        let dest = to.join(f.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&f, &dest).unwrap();
+    }
+}
+
+/// A forger's edit: the entry says the request was refused.
+fn edit(json: &[u8]) -> Vec<u8> {
+    let text = std::str::from_utf8(json).unwrap();
+    assert!(text.contains("\"outcome\":\"Ok\""), "{text}");
+    text.replace("\"outcome\":\"Ok\"", "\"outcome\":\"PermissionDenied\"").into_bytes()
+}
+
+fn key(seq: u64) -> Vec<u8> {
+    [b"a".as_slice(), &seq.to_be_bytes()].concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_first_bad_entry_for_every_kind_of_tampering() {
+    let original = tempfile::tempdir().unwrap();
+    let (public_key, n) = make_log(original.path()).await;
+    assert!(n > 40, "{n} entries");
+    assert_eq!(verify_stored(original.path(), &public_key), None, "an untouched log verifies");
+
+    type Tamper = fn(&sled::Tree);
+    let cases: &[(&str, Tamper, u64)] = &[
+        (
+            "edit",
+            |t| {
+                let v = t.get(key(10)).unwrap().unwrap();
+                let (hash, json) = split_stored(&v).unwrap();
+                t.insert(key(10), [hash, &edit(json)].concat()).unwrap();
+            },
+            10,
+        ),
+        (
+            "delete",
+            |t| {
+                t.remove(key(10)).unwrap();
+            },
+            10,
+        ),
+        (
+            "reorder",
+            |t| {
+                let (a, b) = (t.get(key(10)).unwrap().unwrap(), t.get(key(11)).unwrap().unwrap());
+                t.insert(key(10), b).unwrap();
+                t.insert(key(11), a).unwrap();
+            },
+            10,
+        ),
+        (
+            "insert",
+            |t| {
+                let last = t.scan_prefix(b"a").keys().next_back().unwrap().unwrap();
+                let last = u64::from_be_bytes(last[1..9].try_into().unwrap());
+                for seq in (10..=last).rev() {
+                    let v = t.get(key(seq)).unwrap().unwrap();
+                    t.insert(key(seq + 1), v).unwrap();
+                }
+                let forged = t.get(key(9)).unwrap().unwrap();
+                t.insert(key(10), forged).unwrap();
+            },
+            10,
+        ),
+        (
+            "truncate",
+            |t| {
+                for k in t.scan_prefix(b"a").keys().map(Result::unwrap).collect::<Vec<_>>() {
+                    if u64::from_be_bytes(k[1..9].try_into().unwrap()) >= 30 {
+                        t.remove(k).unwrap();
+                    }
+                }
+            },
+            30,
+        ),
+    ];
+    for (name, tamper, first_bad) in cases {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(original.path(), copy.path());
+        {
+            let store = Store::open(copy.path(), Durability::PerRequest).unwrap();
+            tamper(store.vault_tree_for_tests());
+            store.flush_now().unwrap();
+        }
+        let broken = verify_stored(copy.path(), &public_key);
+        let (seq, reason) = broken.unwrap_or_else(|| panic!("{name}: not detected"));
+        assert_eq!(seq, *first_bad, "{name}: {reason}");
+    }
+
+    // An attacker who edits entry 10 and recomputes every hash after it is caught by the signed
+    // checkpoint (the final one, written at shutdown).
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(original.path(), copy.path());
+    {
+        let store = Store::open(copy.path(), Durability::PerRequest).unwrap();
+        let t = store.vault_tree_for_tests();
+        let mut prev: [u8; 32] =
+            split_stored(&t.get(key(9)).unwrap().unwrap()).unwrap().0.try_into().unwrap();
+        for seq in 10..=(n as u64) {
+            let v = t.get(key(seq)).unwrap().unwrap();
+            let (_, json) = split_stored(&v).unwrap();
+            let json = if seq == 10 { edit(json) } else { json.to_vec() };
+            let hash = khlang_keys::audit_chain::chain_hash(&prev, &json);
+            t.insert(key(seq), [hash.as_slice(), &json].concat()).unwrap();
+            prev = hash;
+        }
+        store.flush_now().unwrap();
+    }
+    let cps = Store::open(copy.path(), Durability::PerRequest).unwrap().checkpoints().unwrap().len();
+    let (seq, reason) = verify_stored(copy.path(), &public_key)
+        .unwrap_or_else(|| panic!("rechained edit not detected ({n} entries, {cps} checkpoints)"));
+    assert!(reason.contains("checkpoint"), "{seq}: {reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_verifies_offline_with_the_right_key_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    for i in 0..10 {
+        c.put(&format!("o{i}"), [("age", "33")]).await.unwrap();
+    }
+    let mut sec = server.client_as("security-officer").await;
+    let key = sec.audit_public_key().await.unwrap();
+    let live = sec.verify_audit().await.unwrap();
+    assert!(live.first_break.is_none(), "{live:?}");
+    server.stop().await;
+    // After the stop (and its final checkpoint), export from a restarted vault.
+    let server = TestServer::start(dir.path()).await;
+    let mut sec = server.client_as("security-officer").await;
+    let mut lines = Vec::new();
+    sec.export_audit(|l| lines.push(l.to_owned())).await.unwrap();
+    let text = lines.join("\n");
+    assert!(text.lines().any(|l| l.contains("\"type\":\"checkpoint\"")));
+
+    let ok = khlang_client::verify_export(text.as_bytes(), &key).unwrap();
+    assert!(ok.first_break.is_none(), "{ok:?}");
+    assert!(ok.entries > 10 && ok.last_checkpoint > 0, "{ok:?}");
+
+    let other_key = hex::encode([7u8; 32]);
+    let wrong = khlang_client::verify_export(text.as_bytes(), &other_key).unwrap();
+    assert!(wrong.first_break.unwrap().reason.contains("invalid signature"));
+
+    let altered = text.replacen("\"outcome\":\"Ok\"", "\"outcome\":\"PermissionDenied\"", 1);
+    let broken = khlang_client::verify_export(altered.as_bytes(), &key).unwrap();
+    assert_eq!(broken.first_break.unwrap().seq, 1);
+
+    let dropped: Vec<&str> = text.lines().filter(|l| !l.contains("\"seq\":3,\"hash\"")).collect();
+    let gap = khlang_client::verify_export(dropped.join("\n").as_bytes(), &key).unwrap();
+    assert_eq!(gap.first_break.unwrap().seq, 3);
+    server.stop().await;
+}
+
+#[test]
+fn an_audit_entry_keeps_control_characters_out() {
+    let e = AuditEntry { purpose: khlang_server::audit::clean("x\n\"y\"\u{0}"), ..AuditEntry::default() };
+    let json = String::from_utf8(e.canonical().unwrap()).unwrap();
+    assert!(!json.contains('\n') && !json.contains('\u{0}'), "{json}");
+    assert!(json.contains(r#""purpose":"x?\"y\"?""#), "{json}");
+    let _ = pb::AuditEntry::default();
+}
