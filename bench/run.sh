@@ -9,6 +9,7 @@
 #   plain     baseline: the same gRPC + validation + sled + group-commit path, values stored unencrypted
 #   per-req   encrypted, but one flush per write (what group commit is measured against)
 #   nopolicy  encrypted, but every request allowed without consulting the regulations
+#   noaudit   the product, but no audit entries written (and reads not flushed)
 # Identities: puts and the encryption comparison run as `registration-app` (reads all 8 fields,
 # masked, for service_delivery); the policy comparison runs as `billing-clerk` (card number and
 # billing address in full, for billing), so both servers return the same bytes.
@@ -34,6 +35,7 @@ start enc
 start plain --bench-plaintext-baseline
 start per-req --durability per-request
 start nopolicy --bench-skip-policy
+start noaudit --bench-skip-audit
 
 RESULTS="$WORK/results.jsonl"
 token() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$WORK/$1/dev-credentials.json" "$2"; }
@@ -47,8 +49,8 @@ bench() { # label server identity args...
 order() { if [ $((round % 2)) -eq 0 ]; then printf '%s\n' "$@" | tac; else printf '%s\n' "$@"; fi; }
 for round in $(seq "$ROUNDS"); do
   # Alternate the order each round so running first or second biases neither side.
-  for name in $(order enc plain per-req); do bench put "$name" registration-app put; done
-  for name in $(order enc plain); do bench get "$name" registration-app get; done
+  for name in $(order enc plain per-req noaudit); do bench put "$name" registration-app put; done
+  for name in $(order enc plain noaudit); do bench get "$name" registration-app get; done
   for name in $(order enc nopolicy); do
     bench get-billing "$name" billing-clerk get --purpose billing --fields card_number,billing_address
   done
@@ -65,15 +67,19 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 def pick(server, label): return [r for r in rows if r["server"] == server and r["label"] == label]
 def med(server, label, key): return statistics.median(r[key] for r in pick(server, label))
 print(f"{'server':9} {'run':12} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>6}  (median of rounds)")
-for server, label in [("enc","put"),("plain","put"),("per-req","put"),("enc","get"),("plain","get"),("enc","get-billing"),("nopolicy","get-billing")]:
+for server, label in [("enc","put"),("plain","put"),("per-req","put"),("noaudit","put"),("enc","get"),("plain","get"),("noaudit","get"),("enc","get-billing"),("nopolicy","get-billing")]:
     errs = sum(r["errors"] for r in pick(server, label))
     print(f"{server:9} {label:12} {med(server,label,'ops_per_sec'):9.0f} {med(server,label,'p50_ms'):8.2f} {med(server,label,'p99_ms'):8.2f} {med(server,label,'p999_ms'):9.2f} {errs:6}")
 put_cost = 1 - med("enc","put","ops_per_sec") / med("plain","put","ops_per_sec")
 get_cost = 1 - med("enc","get","ops_per_sec") / med("plain","get","ops_per_sec")
 policy_cost = 1 - med("enc","get-billing","ops_per_sec") / med("nopolicy","get-billing","ops_per_sec")
 group = med("enc","put","ops_per_sec") / med("per-req","put","ops_per_sec")
+audit_put = 1 - med("enc","put","ops_per_sec") / med("noaudit","put","ops_per_sec")
+audit_get = 1 - med("enc","get","ops_per_sec") / med("noaudit","get","ops_per_sec")
 print(f"encryption cost, put:   {put_cost*100:5.1f}% of throughput (target < 10%)")
 print(f"encryption cost, get:   {get_cost*100:5.1f}% of throughput (target < 10%)")
 print(f"policy decision, get:   {policy_cost*100:5.1f}% of throughput (target < 5%)")
+print(f"auditing, put:           {audit_put*100:5.1f}% of throughput (target < 15%)")
+print(f"auditing, get:           {audit_get*100:5.1f}% of throughput (target < 15%)")
 print(f"group commit vs flush per request, put: {group:.2f}x (target >= 2x)")
 PY

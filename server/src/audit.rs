@@ -133,10 +133,11 @@ pub fn split_stored(value: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
 }
 
 /// The `seq` written inside canonical JSON, found without parsing: in compact JSON a caller's
-/// string cannot hold an unescaped `"seq":`, so the first one is the key.
+/// string cannot hold an unescaped `"seq":`, so any one is the key. Keys are sorted and only
+/// `subject` and `time_ms` follow it, so the search runs from the end.
 pub fn embedded_seq(json: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"seq\":";
-    let at = json.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let at = json.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
     let digits = json[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&json[at..at + digits]).ok()?.parse().ok()
 }
@@ -267,17 +268,39 @@ impl AuditLog {
             })
             .collect();
         let mut v = ChainVerifier::new(public_key, checkpoints);
-        for item in store.audit_entries(0) {
-            let (seq, value) = item?;
-            let Ok((hash, json)) = split_stored(&value) else {
-                v.entry(seq, None, &[], &[]);
-                continue;
-            };
-            v.entry(seq, embedded_seq(json), json, hash);
-            if v.broken() {
-                break;
+        // Reading sled and hashing take about as long as each other: read on one thread, hash on
+        // this one, in batches.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<(u64, sled::IVec)>, StoreError>>(4);
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let mut batch = Vec::with_capacity(1024);
+                for item in store.audit_entries(0) {
+                    match item {
+                        Ok(e) => batch.push(e),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    if batch.len() == 1024 && tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Ok(batch));
+            });
+            for batch in rx {
+                for (seq, value) in batch? {
+                    match split_stored(&value) {
+                        Ok((hash, json)) => v.entry(seq, embedded_seq(json), json, hash),
+                        Err(_) => v.entry(seq, None, &[], &[]),
+                    }
+                    if v.broken() {
+                        return Ok(());
+                    }
+                }
             }
-        }
+            Ok::<(), StoreError>(())
+        })?;
         let reached = v.head();
         let mut report = v.finish();
         if live && report.first_break.is_none() && reached != expected_head {
