@@ -112,7 +112,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let report = khlang_client::verify_export(std::io::BufReader::new(file), key)?;
-        return print_report(&report);
+        print_report(&report)?;
+        if report.entries > 0 && report.last_checkpoint == 0 {
+            anyhow::bail!("NOT verified: the export holds no checkpoint signed by this key");
+        }
+        return Ok(());
     }
     let mut client = connect(&cli).await?;
     let prefill = match &cli.command {

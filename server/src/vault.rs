@@ -1160,8 +1160,10 @@ impl Vault {
             .map(|r| r.map_err(VaultError::from))
     }
 
-    /// The export's JSON Lines (call [`Vault::audit_read`] first).
+    /// The export's JSON Lines (call [`Vault::audit_read`] first). The head is signed first, so an
+    /// export always ends at a checkpoint its reader can verify with the public key.
     pub fn audit_export(&self) -> Result<impl Iterator<Item = Result<String, VaultError>> + '_, VaultError> {
+        self.audit.checkpoint_now(&self.store)?;
         let public_key = self
             .audit
             .public_key()

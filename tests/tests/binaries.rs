@@ -315,3 +315,95 @@ fn plaintext_is_refused_off_loopback() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing plaintext on 0.0.0.0:0"));
 }
+
+#[test]
+fn audit_cli_and_no_personal_data_in_the_server_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let mut child = Command::new(bin("khlangd"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
+        .env("KHLANG_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let log = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("address=").nth(1) {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let url = format!("http://{}", rx.recv_timeout(Duration::from_secs(30)).unwrap());
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("dev-credentials.json")).unwrap()).unwrap();
+    let tok = |who: &str| creds[who].as_str().unwrap().to_owned();
+
+    let app = tok("registration-app");
+    let mut put = vec!["put", "--subject", "canary-person"];
+    let fields: Vec<String> = canary_fields().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    put.extend(fields.iter().map(String::as_str));
+    let id = stdout(&khlang(&url, &app, &put)).trim().to_owned();
+    stdout(&khlang(&url, &app, &["get", &id, "--purpose", "contact"]));
+    let clerk = tok("billing-clerk");
+    stdout(&khlang(&url, &clerk, &["get", &id, "--fields", "card_number", "--purpose", "billing"]));
+    assert!(
+        !khlang(&url, &clerk, &["get", &id, "--fields", "name", "--purpose", "billing"]).status.success()
+    );
+    assert!(!khlang(&url, &app, &["put", "--subject", "x", "card_number=4111111111111112"]).status.success());
+
+    let sec = tok("security-officer");
+    let report = stdout(&khlang(&url, &sec, &["audit", "subject", "canary-person", "--json"]));
+    let rows: Vec<serde_json::Value> = report.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(rows.iter().any(|r| r["identity"] == "billing-clerk" && r["decision"] == "allow"), "{report}");
+    assert!(rows.iter().any(|r| r["identity"] == "billing-clerk" && r["decision"] == "deny"), "{report}");
+    let table = stdout(&khlang(&url, &sec, &["audit", "query", "--identity", "billing-clerk"]));
+    assert!(table.lines().count() >= 3, "{table}");
+    assert!(stdout(&khlang(&url, &sec, &["audit", "verify"])).contains("intact"));
+    let key = stdout(&khlang(&url, &sec, &["audit", "public-key"])).trim().to_owned();
+    let export = tmp.path().join("audit.jsonl");
+    let out = khlang(&url, &sec, &["audit", "export", "--output", export.to_str().unwrap()]);
+    assert!(out.status.success());
+    // The app may not read the audit log.
+    assert!(
+        String::from_utf8_lossy(&khlang(&url, &app, &["audit", "query"]).stderr).contains("PermissionDenied")
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let server_log = log.join().unwrap();
+
+    // Offline verification needs no server, only the key; an edited export fails it.
+    let offline = |file: &std::path::Path, key: &str| {
+        Command::new(bin("khlang"))
+            .args(["audit", "verify", "--offline", file.to_str().unwrap(), "--public-key", key])
+            .env_remove("KHLANG_TOKEN")
+            .output()
+            .unwrap()
+    };
+    // The export was taken before the last checkpoint; it verifies as far as its own checkpoints.
+    assert!(
+        offline(&export, &key).status.success(),
+        "{}",
+        String::from_utf8_lossy(&offline(&export, &key).stderr)
+    );
+    let text = std::fs::read_to_string(&export).unwrap();
+    let edited = tmp.path().join("edited.jsonl");
+    std::fs::write(&edited, text.replacen("\"decision\":\"deny\"", "\"decision\":\"allow\"", 1)).unwrap();
+    let bad = offline(&edited, &key);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("NOT intact"));
+
+    for canary in
+        [CANARY_CARD, CANARY_NAME_TH, CANARY_ADDRESS_TH, CANARY_EMAIL, "canary-person", "4111111111111112"]
+    {
+        assert!(!server_log.contains(canary), "the server log holds '{canary}'");
+        assert!(!text.contains(canary), "the audit export holds '{canary}'");
+    }
+    assert!(server_log.contains("serving khlang.v1"), "the log was captured");
+}
