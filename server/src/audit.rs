@@ -18,33 +18,35 @@ use crate::vault::now_ms;
 use crate::{StoreError, VaultError};
 
 /// One audited request (PCI DSS 10.2.2). `seq` and `time_ms` are set when it is appended.
+/// Fields are declared in alphabetical order so that serialising the struct directly yields the
+/// canonical form (keys sorted) without building a map; a test holds the two equal.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditEntry {
-    pub seq: u64,
-    pub time_ms: u64,
-    /// The RPC (`GetRecord`) or operator action (`Unseal`, `SIGHUP`).
-    pub rpc: String,
-    /// The regulations' name of the operation (`read`), empty before one was known.
-    pub operation: String,
-    pub identity: String,
-    pub role: String,
-    pub peer: String,
-    pub request_id: String,
-    /// The data subject's blind index (hex), never the subject id itself.
-    pub subject: String,
-    pub record_id: String,
-    pub fields: Vec<String>,
-    pub purpose: String,
     /// `allow`, `deny`, or `none` when the request was refused before a decision.
     pub decision: String,
-    pub rule: String,
-    /// Why it was refused or failed; never a value.
-    pub reason: String,
-    pub regulations_version: String,
+    pub fields: Vec<String>,
+    pub identity: String,
     /// `kek=N gen=M` of the record's data key, when one was used.
     pub key_versions: String,
+    /// The regulations' name of the operation (`read`), empty before one was known.
+    pub operation: String,
     /// The gRPC status code name (`Ok`, `PermissionDenied`, ...).
     pub outcome: String,
+    pub peer: String,
+    pub purpose: String,
+    /// Why it was refused or failed; never a value.
+    pub reason: String,
+    pub record_id: String,
+    pub regulations_version: String,
+    pub request_id: String,
+    pub role: String,
+    /// The RPC (`GetRecord`) or operator action (`Unseal`, `SIGHUP`).
+    pub rpc: String,
+    pub rule: String,
+    pub seq: u64,
+    /// The data subject's blind index (hex), never the subject id itself.
+    pub subject: String,
+    pub time_ms: u64,
 }
 
 /// Bounded, printable copy of a caller's string.
@@ -53,10 +55,10 @@ pub fn clean(s: &str) -> String {
 }
 
 impl AuditEntry {
-    /// The bytes the chain hashes: compact JSON with keys sorted (serde_json's default map).
+    /// The bytes the chain hashes: compact JSON with keys sorted — what an offline verifier gets by
+    /// re-serialising a parsed entry (serde_json's default map is sorted).
     pub fn canonical(&self) -> Result<Vec<u8>, StoreError> {
-        let value = serde_json::to_value(self).map_err(|_| StoreError::Corrupt("audit entry (encode)"))?;
-        serde_json::to_vec(&value).map_err(|_| StoreError::Corrupt("audit entry (encode)"))
+        serde_json::to_vec(self).map_err(|_| StoreError::Corrupt("audit entry (encode)"))
     }
 }
 
@@ -406,4 +408,26 @@ pub fn export_lines<'a>(
         Err(e) => Box::new(std::iter::once(Err(e))),
     };
     std::iter::once(Ok(header.to_string())).chain(entries).chain(checkpoints)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_bytes_are_the_sorted_key_form() {
+        let e = AuditEntry {
+            decision: "deny".into(),
+            fields: vec!["card_number".into()],
+            identity: "billing-clerk".into(),
+            purpose: "x\u{1}\"y".into(),
+            seq: 42,
+            time_ms: 1_795_000_000_000,
+            subject: "ab".repeat(32),
+            ..AuditEntry::default()
+        };
+        let via_map = serde_json::to_vec(&serde_json::to_value(&e).unwrap()).unwrap();
+        assert_eq!(e.canonical().unwrap(), via_map);
+        assert_eq!(embedded_seq(&via_map), Some(42));
+    }
 }
