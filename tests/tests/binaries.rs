@@ -97,9 +97,18 @@ async fn cli_round_trip() {
 
 /// Starts `khlangd` with stderr piped, and waits for the address it logs.
 fn spawn_khlangd(args: &[&str]) -> (Child, Result<String, String>) {
+    let (child, url, _log) = spawn_khlangd_logged(args, "info");
+    (child, url)
+}
+
+/// Like [`spawn_khlangd`], also returning the receiver of the whole log (sent when stderr closes).
+fn spawn_khlangd_logged(
+    args: &[&str],
+    level: &str,
+) -> (Child, Result<String, String>, mpsc::Receiver<Result<String, String>>) {
     let mut child = Command::new(bin("khlangd"))
         .args(args)
-        .env("KHLANG_LOG", "info")
+        .env("KHLANG_LOG", level)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -118,7 +127,7 @@ fn spawn_khlangd(args: &[&str]) -> (Child, Result<String, String>) {
         let _ = tx.send(Err(all));
     });
     let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| Err("timed out".into()));
-    (child, addr.map(|a| format!("http://{a}")))
+    (child, addr.map(|a| format!("http://{a}")), rx)
 }
 
 fn write_passphrase(dir: &Path, pass: &str) -> String {
@@ -320,27 +329,11 @@ fn plaintext_is_refused_off_loopback() {
 fn audit_cli_and_no_personal_data_in_the_server_log() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("dev");
-    let mut child = Command::new(bin("khlangd"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
-        .env("KHLANG_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let log = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("address=").nth(1) {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_owned());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let url = format!("http://{}", rx.recv_timeout(Duration::from_secs(30)).unwrap());
+    let (mut child, url, log) = spawn_khlangd_logged(
+        &["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()],
+        "debug",
+    );
+    let url = url.unwrap();
     let creds: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("dev-credentials.json")).unwrap()).unwrap();
     let tok = |who: &str| creds[who].as_str().unwrap().to_owned();
@@ -376,7 +369,7 @@ fn audit_cli_and_no_personal_data_in_the_server_log() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
-    let server_log = log.join().unwrap();
+    let server_log = log.recv_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
 
     // Offline verification needs no server, only the key; an edited export fails it.
     let offline = |file: &std::path::Path, key: &str| {
