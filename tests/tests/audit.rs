@@ -211,10 +211,8 @@ async fn subject_report_and_no_personal_data_in_the_log() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v["type"].is_string());
     }
-    assert!(
-        !all.contains("\"identity\":\"root\"") || all.contains("\\\"identity\\\":\\\"root\\\""),
-        "the forged entry stays inside a string"
-    );
+    assert!(!all.contains(r#""identity":"root""#), "the forged entry stays inside an escaped string");
+    assert!(all.contains(r#"\"identity\":\"root\""#), "the forged text is kept, escaped");
     for canary in [CANARY_CARD, CANARY_NAME_TH, CANARY_ADDRESS_TH, CANARY_EMAIL, "somying-001"] {
         assert!(!all.contains(canary), "the audit export holds '{canary}'");
     }
