@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "proto/khlang/v1/subjects.proto",
     "proto/khlang/v1/admin.proto",
     "proto/khlang/v1/audit.proto",
+    "proto/khlang/v1/keys.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -81,6 +81,12 @@ pub enum Command {
     /// The access log (needs audit_read, except `verify --offline`).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Custodians: unseal, seal, passphrase changes, rekey.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+    /// Key-encryption keys: rotate, status, retire, re-encrypt (needs key_admin).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Load generator over real gRPC: reports ops/s and latency percentiles.
     Bench {
         #[arg(value_enum)]
@@ -161,6 +167,70 @@ pub enum SubjectCommand {
     Export { subject: String },
     /// Destroy every record and data key of the subject.
     Erase { subject: String },
+}
+
+#[derive(Subcommand)]
+pub enum OperatorCommand {
+    /// Whether the vault is sealed and how many custodians' shares it has (no token needed).
+    Status,
+    /// Give one custodian's passphrase; with enough of them the vault unseals (no token needed).
+    Unseal {
+        /// Custodian number, 1..N.
+        #[arg(long, default_value_t = 1)]
+        custodian: u32,
+        /// Read the passphrase from this file (first line) instead of a prompt.
+        #[arg(long)]
+        passphrase_file: Option<std::path::PathBuf>,
+    },
+    /// Wipe the keys from the vault's memory (needs key_admin).
+    Seal,
+    /// Change a custodian's passphrase (no token needed: the old passphrase is the credential).
+    Passwd {
+        #[arg(long, default_value_t = 1)]
+        custodian: u32,
+        /// Old passphrase on the first line, new on the second (instead of prompts).
+        #[arg(long)]
+        passphrase_file: Option<std::path::PathBuf>,
+    },
+    /// A new root key split among new custodians: one passphrase each (needs key_admin).
+    Rekey {
+        #[arg(long)]
+        custodians: u32,
+        #[arg(long)]
+        threshold: u32,
+        /// One passphrase per line, in custodian order (instead of prompts).
+        #[arg(long)]
+        passphrase_file: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Make a new KEK version, active at once; data keys are rewrapped in the background.
+    Rotate,
+    /// Versions (state, age, data keys under each) and the background job's progress.
+    Status {
+        /// Follow the background job with a progress bar until it finishes.
+        #[arg(long)]
+        watch: bool,
+        /// Skip counting data keys per version (a scan of every record).
+        #[arg(long)]
+        no_count: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy a KEK version; refused while any data key still references it.
+    Retire { version: u32 },
+    /// Fresh data keys and ciphertexts (after a suspected key compromise).
+    Reencrypt {
+        #[arg(long, conflicts_with_all = ["subject", "all"])]
+        record: Option<String>,
+        #[arg(long, conflicts_with = "all")]
+        subject: Option<String>,
+        /// Every record, by a background job (follow it with `khlang keys status --watch`).
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]

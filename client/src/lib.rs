@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use khlang_proto::pb::{
-    self, admin_client::AdminClient, audit_client::AuditClient, records_client::RecordsClient,
-    subjects_client::SubjectsClient,
+    self, admin_client::AdminClient, audit_client::AuditClient, keys_client::KeysClient,
+    operator_client::OperatorClient, records_client::RecordsClient, subjects_client::SubjectsClient,
 };
 
 pub use khlang_keys::audit_chain::{ChainBreak, ChainReport};
@@ -201,6 +201,102 @@ impl From<pb::AuditEntry> for AuditRecord {
     }
 }
 
+/// Whether the vault is sealed and how far unsealing has come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealStatus {
+    pub sealed: bool,
+    pub threshold: u32,
+    pub custodians: u32,
+    pub received: Vec<u32>,
+}
+
+impl From<pb::SealStatus> for SealStatus {
+    fn from(s: pb::SealStatus) -> Self {
+        Self { sealed: s.sealed, threshold: s.threshold, custodians: s.custodians, received: s.received }
+    }
+}
+
+/// One key-encryption key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersion {
+    pub version: u32,
+    /// `active`, `decrypt-only` or `retired`.
+    pub state: String,
+    pub created_ms: u64,
+    pub retired_ms: Option<u64>,
+    pub data_keys: Option<u64>,
+    pub overdue: bool,
+}
+
+/// A background key job (rewrap after a rotation, or re-encryption of everything).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyJob {
+    /// `rewrap` or `reencrypt`.
+    pub kind: String,
+    pub target_version: u32,
+    pub changed: u64,
+    pub skipped: u64,
+    pub total: u64,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub requested_by: String,
+    pub rate_per_sec: f64,
+    pub eta_secs: Option<u64>,
+}
+
+impl KeyJob {
+    pub fn done(&self) -> u64 {
+        self.changed + self.skipped
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeysStatus {
+    pub versions: Vec<KeyVersion>,
+    pub job: Option<KeyJob>,
+    pub cryptoperiod_days: Option<u32>,
+}
+
+impl From<pb::KeysStatus> for KeysStatus {
+    fn from(k: pb::KeysStatus) -> Self {
+        Self {
+            versions: k
+                .versions
+                .into_iter()
+                .map(|v| KeyVersion {
+                    version: v.version,
+                    state: v.state,
+                    created_ms: v.created_ms,
+                    retired_ms: Some(v.retired_ms).filter(|m| *m > 0),
+                    data_keys: v.data_keys,
+                    overdue: v.overdue,
+                })
+                .collect(),
+            job: k.job.map(|j| KeyJob {
+                kind: j.kind,
+                target_version: j.target_version,
+                changed: j.changed,
+                skipped: j.skipped,
+                total: j.total,
+                started_ms: j.started_ms,
+                finished_ms: Some(j.finished_ms).filter(|m| *m > 0),
+                requested_by: j.requested_by,
+                rate_per_sec: j.rate_per_sec,
+                eta_secs: j.eta_secs,
+            }),
+            cryptoperiod_days: k.cryptoperiod_days,
+        }
+    }
+}
+
+/// What `reencrypt` renews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReencryptTarget {
+    Record(String),
+    Subject(String),
+    All,
+}
+
 /// Why an export could not be verified at all (as opposed to verifying and finding a break).
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -306,6 +402,8 @@ pub struct Client {
     subjects: SubjectsClient<Authed>,
     admin: AdminClient<Authed>,
     audit: AuditClient<Authed>,
+    operator: OperatorClient<Authed>,
+    keys: KeysClient<Authed>,
 }
 
 impl fmt::Debug for Client {
@@ -370,7 +468,10 @@ impl Client {
             subjects: SubjectsClient::with_interceptor(channel.clone(), auth.clone())
                 .max_decoding_message_size(64 << 20),
             admin: AdminClient::with_interceptor(channel.clone(), auth.clone()),
-            audit: AuditClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20),
+            audit: AuditClient::with_interceptor(channel.clone(), auth.clone())
+                .max_decoding_message_size(64 << 20),
+            operator: OperatorClient::with_interceptor(channel.clone(), auth.clone()),
+            keys: KeysClient::with_interceptor(channel, auth),
         })
     }
 
@@ -564,5 +665,74 @@ impl Client {
     /// The vault's checkpoint-verifying public key (hex).
     pub async fn audit_public_key(&mut self) -> Result<String, ClientError> {
         Ok(self.audit.audit_public_key(pb::AuditPublicKeyRequest {}).await?.into_inner().public_key)
+    }
+
+    // ---- custodians and keys ----------------------------------------------------------------
+
+    /// Whether the vault is sealed (needs no token).
+    pub async fn seal_status(&mut self) -> Result<SealStatus, ClientError> {
+        Ok(self.operator.seal_status(pb::SealStatusRequest {}).await?.into_inner().into())
+    }
+
+    /// Submits custodian `custodian`'s passphrase (needs no token).
+    pub async fn unseal(&mut self, custodian: u32, passphrase: &str) -> Result<SealStatus, ClientError> {
+        let req = pb::UnsealRequest { custodian, passphrase: passphrase.to_owned() };
+        Ok(self.operator.unseal(req).await?.into_inner().into())
+    }
+
+    pub async fn seal(&mut self) -> Result<SealStatus, ClientError> {
+        Ok(self.operator.seal(pb::SealRequest {}).await?.into_inner().into())
+    }
+
+    /// A custodian replaces their passphrase (needs no token; the old passphrase is the credential).
+    pub async fn change_passphrase(
+        &mut self,
+        custodian: u32,
+        old: &str,
+        new: &str,
+    ) -> Result<(), ClientError> {
+        let req = pb::ChangePassphraseRequest {
+            custodian,
+            old_passphrase: old.to_owned(),
+            new_passphrase: new.to_owned(),
+        };
+        self.operator.change_passphrase(req).await?;
+        Ok(())
+    }
+
+    /// New root key and new shares, one per passphrase given (in custodian order).
+    pub async fn rekey(&mut self, threshold: u32, passphrases: &[&str]) -> Result<SealStatus, ClientError> {
+        let req = pb::RekeyRequest {
+            threshold,
+            passphrases: passphrases.iter().map(|p| (*p).to_owned()).collect(),
+        };
+        Ok(self.operator.rekey(req).await?.into_inner().into())
+    }
+
+    pub async fn rotate_key(&mut self) -> Result<KeysStatus, ClientError> {
+        Ok(self.keys.rotate_key(pb::RotateKeyRequest {}).await?.into_inner().into())
+    }
+
+    /// Versions and the job's progress; `count` also counts data keys per version (a full scan).
+    pub async fn key_status(&mut self, count: bool) -> Result<KeysStatus, ClientError> {
+        let req = pb::KeyStatusRequest { count_data_keys: count };
+        Ok(self.keys.key_status(req).await?.into_inner().into())
+    }
+
+    pub async fn retire_key(&mut self, version: u32) -> Result<(), ClientError> {
+        self.keys.retire_key(pb::RetireKeyRequest { version }).await?;
+        Ok(())
+    }
+
+    /// Returns how many records were re-encrypted (or, for `All`, will be by the background job).
+    pub async fn reencrypt(&mut self, target: ReencryptTarget) -> Result<u64, ClientError> {
+        use pb::reencrypt_request::Target;
+        let target = match target {
+            ReencryptTarget::Record(id) => Target::RecordId(id),
+            ReencryptTarget::Subject(s) => Target::SubjectId(s),
+            ReencryptTarget::All => Target::All(true),
+        };
+        let req = pb::ReencryptRequest { target: Some(target) };
+        Ok(self.keys.reencrypt(req).await?.into_inner().records)
     }
 }

@@ -9,13 +9,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use khlang_client::{AuditQuery, AuditRecord, ChainReport, Client, ConsentEntry, Record, TlsOptions};
+use khlang_client::{
+    AuditQuery, AuditRecord, ChainReport, Client, ConsentEntry, KeysStatus, Record, ReencryptTarget,
+    SealStatus, TlsOptions,
+};
 use zeroize::Zeroizing;
 
-use cli::{AuditCommand, Cli, Command, ConsentCommand, IdentityCommand, RegulationsCommand, SubjectCommand};
+use cli::{
+    AuditCommand, Cli, Command, ConsentCommand, IdentityCommand, KeysCommand, OperatorCommand,
+    RegulationsCommand, SubjectCommand,
+};
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     connect_as(cli, cli.token.as_deref()).await
+}
+
+async fn connect_as_anyone(cli: &Cli) -> anyhow::Result<Client> {
+    connect_as(cli, None).await
 }
 
 async fn connect_as(cli: &Cli, token: Option<&str>) -> anyhow::Result<Client> {
@@ -30,10 +40,114 @@ async fn connect_as(cli: &Cli, token: Option<&str>) -> anyhow::Result<Client> {
         }),
         None => None,
     };
-    if token.is_none() && cli.client_cert.is_none() {
+    if token.is_none() && cli.client_cert.is_none() && !needs_no_token(&cli.command) {
         anyhow::bail!("no credentials: set KHLANG_TOKEN (or --token), or give --client-cert/--client-key");
     }
     Ok(Client::connect_with(&cli.addr, token, tls.as_ref()).await?)
+}
+
+/// Custodians' calls carry no token: a sealed vault cannot check one.
+fn needs_no_token(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Operator(
+            OperatorCommand::Status | OperatorCommand::Unseal { .. } | OperatorCommand::Passwd { .. }
+        )
+    )
+}
+
+/// Passphrases from a file (one per line) or prompts.
+fn passphrases(file: Option<&std::path::Path>, prompts: &[String]) -> anyhow::Result<Vec<Zeroizing<String>>> {
+    if let Some(path) = file {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        let lines: Vec<Zeroizing<String>> =
+            text.lines().take(prompts.len()).map(|l| Zeroizing::new(l.to_owned())).collect();
+        if lines.len() < prompts.len() || lines.iter().any(|l| l.is_empty()) {
+            anyhow::bail!("{} needs {} non-empty lines", path.display(), prompts.len());
+        }
+        return Ok(lines);
+    }
+    prompts.iter().map(|p| Ok(Zeroizing::new(rpassword::prompt_password(format!("{p}: "))?))).collect()
+}
+
+fn print_seal(s: &SealStatus) {
+    if s.sealed {
+        println!(
+            "SEALED: {} of {} custodians' shares needed have arrived (custodians {:?}; {} in all)",
+            s.received.len(),
+            s.threshold,
+            s.received,
+            s.custodians
+        );
+    } else {
+        println!("unsealed ({} of {} custodians unseal)", s.threshold, s.custodians);
+    }
+}
+
+fn age(created_ms: u64) -> String {
+    if created_ms == 0 {
+        return "unknown".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(created_ms) / 1000;
+    match secs {
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn job_line(k: &KeysStatus) -> Option<String> {
+    let j = k.job.as_ref()?;
+    let what =
+        if j.kind == "rewrap" { format!("rewrap to v{}", j.target_version) } else { "re-encryption".into() };
+    // Records written after the job began count as done too, so cap at 100%.
+    let pct = if j.total == 0 { 100.0 } else { (100.0 * j.done() as f64 / j.total as f64).min(100.0) };
+    let width = 30usize;
+    let filled = ((pct / 100.0) * width as f64).round().min(width as f64) as usize;
+    let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+    let state = match (j.finished_ms, j.eta_secs) {
+        (Some(_), _) => format!("finished: {} changed, {} already current", j.changed, j.skipped),
+        (None, Some(eta)) => format!("{:.0}/s  ETA {eta}s", j.rate_per_sec),
+        (None, None) => format!("{:.0}/s", j.rate_per_sec),
+    };
+    Some(format!("{what:<16} [{bar}] {pct:5.1}%  {}/{}  {state}", j.done(), j.total))
+}
+
+fn print_keys(k: &KeysStatus) {
+    println!("{:>7}  {:<13} {:>6}  {:>12}  note", "version", "state", "age", "data keys");
+    for v in &k.versions {
+        let note = match (v.overdue, k.cryptoperiod_days) {
+            (true, Some(d)) => format!("OVERDUE: older than the {d}-day cryptoperiod; rotate"),
+            _ => String::new(),
+        };
+        let count = v.data_keys.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        println!("{:>7}  {:<13} {:>6}  {count:>12}  {note}", v.version, v.state, age(v.created_ms));
+    }
+    if let Some(line) = job_line(k) {
+        println!("{line}");
+    }
+}
+
+fn keys_json(k: &KeysStatus) -> serde_json::Value {
+    let versions: Vec<_> = k
+        .versions
+        .iter()
+        .map(|v| {
+            serde_json::json!({"version": v.version, "state": v.state, "created_ms": v.created_ms,
+                "retired_ms": v.retired_ms, "data_keys": v.data_keys, "overdue": v.overdue})
+        })
+        .collect();
+    let job = k.job.as_ref().map(|j| {
+        serde_json::json!({"kind": j.kind, "target_version": j.target_version, "changed": j.changed,
+            "skipped": j.skipped, "total": j.total, "started_ms": j.started_ms, "finished_ms": j.finished_ms,
+            "requested_by": j.requested_by, "rate_per_sec": j.rate_per_sec, "eta_secs": j.eta_secs})
+    });
+    serde_json::json!({"versions": versions, "job": job, "cryptoperiod_days": k.cryptoperiod_days})
 }
 
 fn record_json(r: &Record) -> serde_json::Value {
@@ -118,7 +232,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let mut client = connect(&cli).await?;
+    let mut client = if needs_no_token(&cli.command) && cli.token.is_none() {
+        connect_as_anyone(&cli).await?
+    } else {
+        connect(&cli).await?
+    };
     let prefill = match &cli.command {
         Command::Bench { prefill_token: Some(t), .. } => Some(connect_as(&cli, Some(t)).await?),
         _ => None,
@@ -301,6 +419,88 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             AuditCommand::Verify { .. } => print_report(&client.verify_audit().await?)?,
             AuditCommand::PublicKey => println!("{}", client.audit_public_key().await?),
+        },
+        Command::Operator(cmd) => match cmd {
+            OperatorCommand::Status => print_seal(&client.seal_status().await?),
+            OperatorCommand::Unseal { custodian, passphrase_file } => {
+                let p = passphrases(
+                    passphrase_file.as_deref(),
+                    &[format!("Custodian {custodian}'s passphrase")],
+                )?;
+                print_seal(&client.unseal(custodian, &p[0]).await?);
+            }
+            OperatorCommand::Seal => print_seal(&client.seal().await?),
+            OperatorCommand::Passwd { custodian, passphrase_file } => {
+                let prompts =
+                    [format!("Custodian {custodian}'s current passphrase"), "New passphrase".to_owned()];
+                let p = passphrases(passphrase_file.as_deref(), &prompts)?;
+                if passphrase_file.is_none() {
+                    let again = Zeroizing::new(rpassword::prompt_password("Repeat new passphrase: ")?);
+                    if *again != *p[1] {
+                        anyhow::bail!("the new passphrases differ");
+                    }
+                }
+                client.change_passphrase(custodian, &p[0], &p[1]).await?;
+                println!("custodian {custodian}'s passphrase changed");
+            }
+            OperatorCommand::Rekey { custodians, threshold, passphrase_file } => {
+                let prompts: Vec<String> =
+                    (1..=custodians).map(|i| format!("Custodian {i}'s new passphrase")).collect();
+                let p = passphrases(passphrase_file.as_deref(), &prompts)?;
+                let refs: Vec<&str> = p.iter().map(|s| s.as_str()).collect();
+                print_seal(&client.rekey(threshold, &refs).await?);
+                println!("new root key: the old shares and passphrases no longer unseal this vault");
+            }
+        },
+        Command::Keys(cmd) => match cmd {
+            KeysCommand::Rotate => {
+                let k = client.rotate_key().await?;
+                print_keys(&k);
+                println!("follow the rewrap with `khlang keys status --watch`");
+            }
+            KeysCommand::Status { watch, no_count, json } => {
+                if watch {
+                    use std::io::Write;
+                    loop {
+                        let k = client.key_status(false).await?;
+                        let line = job_line(&k).unwrap_or_else(|| "no key job has run".into());
+                        eprint!("\r{line}\x1b[K");
+                        let _ = std::io::stderr().flush();
+                        if k.job.as_ref().is_none_or(|j| j.finished_ms.is_some()) {
+                            eprintln!();
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                let k = client.key_status(!no_count).await?;
+                if json {
+                    println!("{}", keys_json(&k));
+                } else {
+                    print_keys(&k);
+                }
+            }
+            KeysCommand::Retire { version } => {
+                client.retire_key(version).await?;
+                println!("KEK v{version} retired: destroyed, no data key referenced it");
+            }
+            KeysCommand::Reencrypt { record, subject, all } => {
+                let target = match (record, subject, all) {
+                    (Some(r), None, false) => ReencryptTarget::Record(r),
+                    (None, Some(s), false) => ReencryptTarget::Subject(s),
+                    (None, None, true) => ReencryptTarget::All,
+                    _ => anyhow::bail!("give one of --record ID, --subject S, --all"),
+                };
+                let background = target == ReencryptTarget::All;
+                let n = client.reencrypt(target).await?;
+                if background {
+                    println!(
+                        "re-encrypting {n} records in the background; follow with `khlang keys status --watch`"
+                    );
+                } else {
+                    println!("re-encrypted {n} records: new data keys, new ciphertexts, same values");
+                }
+            }
         },
         Command::Bench {
             op,

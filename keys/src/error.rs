@@ -23,6 +23,14 @@ pub enum KeyError {
     /// The operating system's random source failed.
     #[error("random number generator failed")]
     Random,
+    /// A custodian scheme that cannot be made (K of N with 2 <= K <= N <= max).
+    #[error(
+        "cannot split into {count} shares with threshold {threshold} (need 2 <= threshold <= custodians <= {max})"
+    )]
+    InvalidScheme { threshold: u8, count: u8, max: u8 },
+    /// Fewer distinct shares than the threshold.
+    #[error("{have} distinct shares given; {need} are needed")]
+    NotEnoughShares { have: usize, need: u8 },
     /// Key derivation failed inside Argon2 or HKDF.
     #[error("key derivation failed")]
     Derivation,

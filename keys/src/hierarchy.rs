@@ -3,9 +3,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use ring::{hkdf, hmac};
+use ring::hmac;
 use subtle::ConstantTimeEq;
-use zeroize::Zeroizing;
 
 use crate::{Key256, KeyError, Plaintext, RandomSource, aead, labels};
 
@@ -73,26 +72,6 @@ impl RootKey {
         let key = aead::open(&aead::cipher(&self.0)?, &Self::kek_aad(version), &wrapped[5..], WHAT)?;
         Kek::from_key(version, Key256::from_slice(&key)?)
     }
-
-    /// 32 bytes derived with HKDF-SHA256 under a named label from [`labels`].
-    fn hkdf32(&self, label: &'static [u8]) -> Result<Key256, KeyError> {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(self.0.expose_secret());
-        let info = [label];
-        let okm = prk.expand(&info, hkdf::HKDF_SHA256).map_err(|_| KeyError::Derivation)?;
-        let mut out = Zeroizing::new([0u8; 32]);
-        okm.fill(out.as_mut_slice()).map_err(|_| KeyError::Derivation)?;
-        Key256::from_slice(out.as_slice())
-    }
-
-    /// An HMAC key for another purpose (token pepper, blind index), derived under its label.
-    pub fn derive(&self, label: &'static [u8]) -> Result<DerivedKey, KeyError> {
-        Ok(DerivedKey(self.hkdf32(label)?))
-    }
-
-    /// The Ed25519 key that signs audit checkpoints, derived under its own label.
-    pub fn audit_signer(&self) -> Result<crate::audit_chain::AuditSigner, KeyError> {
-        crate::audit_chain::AuditSigner::from_seed(self.hkdf32(labels::AUDIT_SIGNING)?)
-    }
 }
 
 impl fmt::Debug for RootKey {
@@ -105,6 +84,10 @@ impl fmt::Debug for RootKey {
 pub struct DerivedKey(Key256);
 
 impl DerivedKey {
+    pub(crate) fn from_key(key: Key256) -> Self {
+        Self(key)
+    }
+
     pub fn mac(&self, data: &[u8]) -> [u8; 32] {
         let key = hmac::Key::new(hmac::HMAC_SHA256, self.0.expose_secret());
         let tag = hmac::sign(&key, data);
@@ -361,6 +344,12 @@ impl KeyRing {
         if self.active.is_none_or(|a| v > a) {
             self.active = Some(v);
         }
+    }
+
+    /// Drops a destroyed version; the highest one left becomes active.
+    pub fn remove(&mut self, version: u32) {
+        self.keks.remove(&version);
+        self.active = self.keks.keys().next_back().copied();
     }
 
     pub fn active_version(&self) -> Option<u32> {

@@ -18,3 +18,7 @@ pub const SUBJECT_INDEX: &[u8] = b"khlang/v1/subject-blind-index";
 pub const AUDIT_SIGNING: &[u8] = b"khlang/v1/audit-signing-key";
 /// Prefix of every signed audit checkpoint message.
 pub const AUDIT_CHECKPOINT: &[u8] = b"khlang/v1/audit-checkpoint";
+/// Associated data prefix when a custodian's share of the root key is sealed under their passphrase.
+pub const SHARE_SEAL_AAD: &[u8] = b"khlang/v1/custodian-share-seal";
+/// Associated data prefix when the derivation key is wrapped under the root key.
+pub const DERIVATION_KEY_WRAP_AAD: &[u8] = b"khlang/v1/derivation-key-wrap";

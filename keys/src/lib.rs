@@ -5,7 +5,8 @@
 //! RootKey --AES-GCM--> KEK v1, v2, ...        (wrapped, versioned)
 //! KEK vN  --AES-GCM--> DataKey per record     (wrapped, bound to record id + generation)
 //! DataKey --AES-GCM--> field envelope         (bound to record id + field name + generation)
-//! RootKey --HKDF-----> token pepper, blind-index key (named labels, never the encryption keys)
+//! RootKey --AES-GCM--> DerivationKey --HKDF--> token pepper, blind index, audit signing key
+//! RootKey <--Shamir K of N-- custodian shares, each sealed under its custodian's passphrase
 //! ```
 //!
 //! Every ciphertext carries a format byte so the scheme can change later, and every AEAD call binds
@@ -14,6 +15,7 @@
 
 mod aead;
 pub mod audit_chain;
+mod custody;
 mod error;
 mod hierarchy;
 pub mod labels;
@@ -23,6 +25,10 @@ mod secret;
 #[cfg(test)]
 mod tests;
 
+pub use custody::{
+    DerivationKey, KeyShare, MAX_CUSTODIANS, combine_root_key, reseal, seal_share, sealed_share_info,
+    split_root_key, unseal_share,
+};
 pub use error::KeyError;
 pub use hierarchy::{
     DataKey, DerivedKey, FIELD_ENVELOPE_V1, FieldContext, Kek, KeyRing, RootKey, WrappedDataKey, open_field,

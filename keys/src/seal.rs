@@ -14,9 +14,8 @@ use crate::{Key256, KeyError, RandomSource, RootKey, aead, labels};
 
 const MAGIC: &[u8; 7] = b"KHLROOT";
 const FORMAT_V1: u8 = 1;
-const SALT_LEN: usize = 16;
+pub(crate) const SALT_LEN: usize = 16;
 const HEADER_LEN: usize = MAGIC.len() + 1 + 12 + SALT_LEN;
-const SEALED_LEN: usize = HEADER_LEN + aead::NONCE_LEN + Key256::LEN + aead::TAG_LEN;
 
 /// Argon2id cost parameters recorded in the sealed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,19 +60,34 @@ fn derive(passphrase: &[u8], salt: &[u8], params: SealParams) -> Result<Key256, 
     Key256::from_slice(out.as_slice())
 }
 
-fn header(params: SealParams, salt: &[u8; SALT_LEN]) -> Vec<u8> {
-    let mut h = Vec::with_capacity(HEADER_LEN);
-    h.extend_from_slice(MAGIC);
+/// What a passphrase seals: its magic, AAD label and the fixed-size fields its header carries
+/// after the Argon2id parameters (authenticated like the rest of the header).
+pub(crate) struct SealKind {
+    pub magic: &'static [u8; 7],
+    pub label: &'static [u8],
+    pub what: &'static str,
+    pub extra_len: usize,
+    pub secret_len: usize,
+}
+
+pub(crate) const ROOT: SealKind = SealKind {
+    magic: MAGIC,
+    label: labels::ROOT_SEAL_AAD,
+    what: "sealed root key",
+    extra_len: 0,
+    secret_len: 32,
+};
+
+fn header(kind: &SealKind, params: SealParams, extra: &[u8], salt: &[u8; SALT_LEN]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_LEN + extra.len());
+    h.extend_from_slice(kind.magic);
     h.push(FORMAT_V1);
     h.extend_from_slice(&params.m_cost.to_be_bytes());
     h.extend_from_slice(&params.t_cost.to_be_bytes());
     h.extend_from_slice(&params.p_cost.to_be_bytes());
+    h.extend_from_slice(extra);
     h.extend_from_slice(salt);
     h
-}
-
-fn aad(header: &[u8]) -> Vec<u8> {
-    [labels::ROOT_SEAL_AAD, header].concat()
 }
 
 /// Seals `root` under `passphrase`. Slow on purpose (Argon2id): keep it off request paths.
@@ -96,38 +110,95 @@ pub(crate) fn seal_with(
     salt: &[u8; SALT_LEN],
     nonce: &[u8; aead::NONCE_LEN],
 ) -> Result<Vec<u8>, KeyError> {
+    seal_secret(&ROOT, &[], root.key().expose_secret(), passphrase, params, salt, nonce)
+}
+
+pub(crate) fn seal_secret(
+    kind: &SealKind,
+    extra: &[u8],
+    secret: &[u8],
+    passphrase: &[u8],
+    params: SealParams,
+    salt: &[u8; SALT_LEN],
+    nonce: &[u8; aead::NONCE_LEN],
+) -> Result<Vec<u8>, KeyError> {
+    if extra.len() != kind.extra_len || secret.len() != kind.secret_len {
+        return Err(KeyError::Malformed(kind.what));
+    }
     let kek = derive(passphrase, salt, params)?;
-    let mut out = header(params, salt);
-    let aad = aad(&out);
-    aead::seal_into(&aead::cipher(&kek)?, nonce, &aad, root.key().expose_secret(), &mut out)?;
+    let mut out = header(kind, params, extra, salt);
+    let aad = [kind.label, &out].concat();
+    aead::seal_into(&aead::cipher(&kek)?, nonce, &aad, secret, &mut out)?;
     Ok(out)
 }
 
-/// Opens a sealed root key. A wrong passphrase and an altered file give the same error.
-pub fn unseal_root_key(sealed: &[u8], passphrase: &[u8]) -> Result<RootKey, KeyError> {
-    const WHAT: &str = "sealed root key";
-    if sealed.len() < HEADER_LEN || &sealed[..MAGIC.len()] != MAGIC {
-        return Err(KeyError::Malformed(WHAT));
+pub(crate) fn random_salt(rng: &dyn RandomSource) -> Result<[u8; SALT_LEN], KeyError> {
+    let mut salt = [0u8; SALT_LEN];
+    rng.fill(&mut salt)?;
+    Ok(salt)
+}
+
+/// The header fields after the Argon2id parameters, read without the passphrase.
+pub(crate) fn sealed_extra<'a>(kind: &SealKind, sealed: &'a [u8]) -> Result<&'a [u8], KeyError> {
+    if sealed.len() < MAGIC.len() + 1 || &sealed[..MAGIC.len()] != kind.magic {
+        return Err(KeyError::Malformed(kind.what));
     }
     let version = sealed[MAGIC.len()];
     if version != FORMAT_V1 {
-        return Err(KeyError::UnsupportedFormat { what: WHAT, version });
+        return Err(KeyError::UnsupportedFormat { what: kind.what, version });
     }
-    if sealed.len() != SEALED_LEN {
-        return Err(KeyError::Malformed(WHAT));
+    let total = HEADER_LEN + kind.extra_len + aead::NONCE_LEN + kind.secret_len + aead::TAG_LEN;
+    if sealed.len() != total {
+        return Err(KeyError::Malformed(kind.what));
     }
+    let base = MAGIC.len() + 13;
+    Ok(&sealed[base..base + kind.extra_len])
+}
+
+/// Seals the same secret under a new passphrase, keeping its kind, header fields and Argon2id
+/// parameters; fresh salt and nonce. Fails like [`unseal_secret`] if `old` is wrong.
+pub(crate) fn reseal_secret(
+    kind: &SealKind,
+    sealed: &[u8],
+    old: &[u8],
+    new: &[u8],
+    rng: &dyn RandomSource,
+) -> Result<Vec<u8>, KeyError> {
+    let secret = unseal_secret(kind, sealed, old)?;
     let u32_at = |i: usize| -> Result<u32, KeyError> {
-        let b: [u8; 4] = sealed[i..i + 4].try_into().map_err(|_| KeyError::Malformed(WHAT))?;
+        let b: [u8; 4] = sealed[i..i + 4].try_into().map_err(|_| KeyError::Malformed(kind.what))?;
         Ok(u32::from_be_bytes(b))
     };
     let base = MAGIC.len() + 1;
     let params = SealParams { m_cost: u32_at(base)?, t_cost: u32_at(base + 4)?, p_cost: u32_at(base + 8)? };
-    let (header, body) = sealed.split_at(HEADER_LEN);
-    let salt = &header[HEADER_LEN - SALT_LEN..];
+    let extra = sealed_extra(kind, sealed)?.to_vec();
+    seal_secret(kind, &extra, &secret, new, params, &random_salt(rng)?, &aead::random_nonce(rng)?)
+}
+
+/// Opens a passphrase-sealed secret. A wrong passphrase and an altered file give the same error.
+pub(crate) fn unseal_secret(
+    kind: &SealKind,
+    sealed: &[u8],
+    passphrase: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    sealed_extra(kind, sealed)?;
+    let u32_at = |i: usize| -> Result<u32, KeyError> {
+        let b: [u8; 4] = sealed[i..i + 4].try_into().map_err(|_| KeyError::Malformed(kind.what))?;
+        Ok(u32::from_be_bytes(b))
+    };
+    let base = MAGIC.len() + 1;
+    let params = SealParams { m_cost: u32_at(base)?, t_cost: u32_at(base + 4)?, p_cost: u32_at(base + 8)? };
+    let (header, body) = sealed.split_at(HEADER_LEN + kind.extra_len);
+    let salt = &header[header.len() - SALT_LEN..];
     let kek = derive(passphrase, salt, params)?;
-    let root = aead::open(&aead::cipher(&kek)?, &aad(header), body, WHAT).map_err(|e| match e {
+    aead::open(&aead::cipher(&kek)?, &[kind.label, header].concat(), body, kind.what).map_err(|e| match e {
         KeyError::Integrity(_) => KeyError::WrongPassphrase,
         other => other,
-    })?;
+    })
+}
+
+/// Opens a sealed root key. A wrong passphrase and an altered file give the same error.
+pub fn unseal_root_key(sealed: &[u8], passphrase: &[u8]) -> Result<RootKey, KeyError> {
+    let root = unseal_secret(&ROOT, sealed, passphrase)?;
     Ok(RootKey::from_key(Key256::from_slice(&root)?))
 }

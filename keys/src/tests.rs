@@ -177,9 +177,11 @@ fn root_seal_refuses_weak_or_lowered_parameters() {
 
 #[test]
 fn derived_keys_are_separated_by_label() {
+    // A vault from before derivation keys derives from its root key's bytes: same vector.
     let root = RootKey::from_key(Key256::from_slice(&[0x44; 32]).unwrap());
-    let a = root.derive(labels::TOKEN_PEPPER).unwrap();
-    let b = root.derive(labels::SUBJECT_INDEX).unwrap();
+    let dk = root.legacy_derivation_key().unwrap();
+    let a = dk.derive(labels::TOKEN_PEPPER).unwrap();
+    let b = dk.derive(labels::SUBJECT_INDEX).unwrap();
     assert_ne!(a.mac(b"x"), b.mac(b"x"));
     assert!(a.verify(b"x", &a.mac(b"x")));
     assert!(!a.verify(b"x", &b.mac(b"x")));
@@ -198,4 +200,105 @@ fn seal_fields_uses_distinct_nonces_and_binds_each_field() {
     assert_eq!(open_field(&dek(1), ctx("email"), &envs[0]).unwrap(), a);
     assert_eq!(open_field(&dek(1), ctx("name"), &envs[1]).unwrap(), b);
     assert!(open_field(&dek(1), ctx("name"), &envs[0]).is_err());
+}
+
+fn root44() -> RootKey {
+    RootKey::from_key(Key256::from_slice(&[0x44; 32]).unwrap())
+}
+
+#[test]
+fn any_threshold_of_the_shares_rebuild_the_root_key_and_fewer_do_not() {
+    let rng = OsRandom::new();
+    let shares = split_root_key(&root44(), 3, 5, &rng).unwrap();
+    assert_eq!(shares.iter().map(KeyShare::index).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    let kek = Kek::generate(1, &rng).unwrap();
+    let wrapped = root44().wrap_kek(&kek, &rng).unwrap();
+    for combo in [[0, 1, 2], [0, 2, 4], [4, 3, 1], [1, 2, 3]] {
+        let picked: Vec<&KeyShare> = combo.iter().map(|&i| &shares[i]).collect();
+        let root = combine_root_key(&picked).unwrap();
+        assert_eq!(root.unwrap_kek(&wrapped).unwrap().version(), 1, "{combo:?}");
+    }
+    // K-1 shares, or K with a duplicate, are refused before any arithmetic.
+    let two = [&shares[0], &shares[3]];
+    assert_eq!(combine_root_key(&two).unwrap_err(), KeyError::NotEnoughShares { have: 2, need: 3 });
+    let dup = [&shares[0], &shares[3], &shares[3]];
+    assert_eq!(combine_root_key(&dup).unwrap_err(), KeyError::NotEnoughShares { have: 2, need: 3 });
+    // Shares of two different splits rebuild garbage, which the caller's check catches.
+    let other = split_root_key(&root44(), 3, 5, &rng).unwrap();
+    let mixed = combine_root_key(&[&shares[0], &shares[1], &other[2]]).unwrap();
+    assert!(mixed.unwrap_kek(&wrapped).is_err());
+    // Impossible schemes.
+    for (k, n) in [(1, 3), (4, 3), (2, 17), (0, 0)] {
+        assert!(matches!(split_root_key(&root44(), k, n, &rng), Err(KeyError::InvalidScheme { .. })));
+    }
+}
+
+#[test]
+fn sealed_share_known_answer_and_tamper() {
+    // A pinned share sealed with a pinned salt and nonce: the stored format cannot drift.
+    let pinned = KeyShare::pinned(2, 2, [0x77; 32]);
+    let sealed = crate::custody::seal_share_with(
+        &pinned,
+        b"custodian two",
+        SealParams::MINIMUM,
+        &[0x55; 16],
+        &[0x66; 12],
+    )
+    .unwrap();
+    assert_eq!(hex::encode(&sealed), include_str!("../testdata/custodian_share_v1.hex").trim_ascii());
+    assert_eq!(sealed_share_info(&sealed).unwrap(), (2, 2));
+    let opened = unseal_share(&sealed, b"custodian two").unwrap();
+    assert_eq!((opened.index(), opened.threshold()), (2, 2));
+    assert_eq!(opened.bytes(), pinned.bytes());
+    assert_eq!(unseal_share(&sealed, b"custodian one").unwrap_err(), KeyError::WrongPassphrase);
+    // Relabel the share as custodian 3, or lower its threshold: the header is authenticated.
+    let index_at = 7 + 1 + 12 + 1;
+    for (at, value) in [(index_at, 3u8), (index_at - 1, 1u8)] {
+        let mut forged = sealed.clone();
+        forged[at] = value;
+        assert_eq!(
+            unseal_share(&forged, b"custodian two").unwrap_err(),
+            KeyError::WrongPassphrase,
+            "byte {at}"
+        );
+    }
+    // Every ciphertext bit matters.
+    for bit in [8 * (sealed.len() - 1), 8 * (sealed.len() - 30)] {
+        let mut flipped = sealed.clone();
+        flipped[bit / 8] ^= 1;
+        assert_eq!(unseal_share(&flipped, b"custodian two").unwrap_err(), KeyError::WrongPassphrase);
+    }
+    assert!(matches!(unseal_share(&sealed[..sealed.len() - 1], b"x"), Err(KeyError::Malformed(_))));
+    assert!(matches!(unseal_share(b"KHLROOT", b"x"), Err(KeyError::Malformed(_))));
+    // A passphrase change keeps the share and its header, and the old passphrase stops working.
+    let changed = reseal(&sealed, b"custodian two", b"new words", &OsRandom::new()).unwrap();
+    assert_eq!(changed[..7 + 1 + 12 + 2], sealed[..7 + 1 + 12 + 2]);
+    assert_eq!(unseal_share(&changed, b"new words").unwrap().bytes(), pinned.bytes());
+    assert_eq!(unseal_share(&changed, b"custodian two").unwrap_err(), KeyError::WrongPassphrase);
+    assert_eq!(reseal(&sealed, b"wrong", b"x", &OsRandom::new()).unwrap_err(), KeyError::WrongPassphrase);
+    let printed = format!("{opened:?}");
+    assert_eq!(printed, "KeyShare { index: 2, .. }");
+}
+
+#[test]
+fn derivation_key_survives_a_rekey_and_its_wrap_is_bound() {
+    let rng = OsRandom::new();
+    let dk = DerivationKey::generate(&rng).unwrap();
+    let pepper = dk.derive(labels::TOKEN_PEPPER).unwrap().mac(b"t");
+    let old_root = root44();
+    let new_root = RootKey::generate(&rng).unwrap();
+    let rewrapped = new_root
+        .wrap_derivation_key(
+            &old_root.unwrap_derivation_key(&old_root.wrap_derivation_key(&dk, &rng).unwrap()).unwrap(),
+            &rng,
+        )
+        .unwrap();
+    let back = new_root.unwrap_derivation_key(&rewrapped).unwrap();
+    assert_eq!(back.derive(labels::TOKEN_PEPPER).unwrap().mac(b"t"), pepper);
+    assert_eq!(back.audit_signer().unwrap().public_key(), dk.audit_signer().unwrap().public_key());
+    assert!(old_root.unwrap_derivation_key(&rewrapped).is_err());
+    // A KEK wrap is not a derivation-key wrap, even under the same root key.
+    let kek_wrap = new_root.wrap_kek(&Kek::generate(1, &rng).unwrap(), &rng).unwrap();
+    assert!(new_root.unwrap_derivation_key(&kek_wrap).is_err());
+    assert_eq!(format!("{back:?}"), "DerivationKey { .. }");
 }

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use khlang_keys::{OsRandom, RootKey};
+use khlang_keys::{DerivationKey, OsRandom};
 use khlang_server::audit::{AuditEntry, AuditLog, CheckpointPolicy};
 use khlang_server::store::{Changes, Durability, Store};
 
@@ -15,8 +15,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
     let log = AuditLog::open(&store, CheckpointPolicy::default(), false).unwrap();
-    let root = RootKey::generate(&OsRandom::new()).unwrap();
-    let signer = root.audit_signer().unwrap();
+    let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
     let public_key = signer.public_key().to_vec();
     log.set_signer(signer);
 

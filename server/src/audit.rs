@@ -180,6 +180,11 @@ impl AuditLog {
         *self.signer.lock().unwrap_or_else(|p| p.into_inner()) = Some(signer);
     }
 
+    /// Sealing: the signing key is wiped; entries are still chained, and signed at the next unseal.
+    pub fn clear_signer(&self) {
+        *self.signer.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     pub fn public_key(&self) -> Option<Vec<u8>> {
         self.signer.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.public_key().to_vec())
     }
@@ -242,6 +247,12 @@ impl AuditLog {
             head.checkpointed_at = Instant::now();
         }
         Ok(Committed::Done(entry.seq))
+    }
+
+    /// Runs `f` with every commit held off (key retirement proves and destroys under it).
+    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        f()
     }
 
     /// Signs the current head now (shutdown), if anything was appended since the last checkpoint.

@@ -93,12 +93,12 @@ impl AuthGuard {
         Self { limits, peers: Mutex::new(HashMap::new()) }
     }
 
-    fn locked(&self, ip: IpAddr, now: Instant) -> bool {
+    pub(crate) fn locked(&self, ip: IpAddr, now: Instant) -> bool {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.get(&ip).and_then(|p| p.locked_until).is_some_and(|until| now < until)
     }
 
-    fn failed(&self, ip: IpAddr, now: Instant) {
+    pub(crate) fn failed(&self, ip: IpAddr, now: Instant) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if peers.len() > 100_000 {
             // Bounded memory under a spray of addresses: forget entries that no longer matter.
@@ -118,7 +118,7 @@ impl AuthGuard {
         }
     }
 
-    fn succeeded(&self, ip: IpAddr) {
+    pub(crate) fn succeeded(&self, ip: IpAddr) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if peers.get(&ip).is_some_and(|p| p.locked_until.is_none()) {
             peers.remove(&ip);

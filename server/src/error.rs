@@ -31,6 +31,9 @@ pub enum VaultError {
     /// The vault is sealed or otherwise not ready for this call.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Enough shares were given, but together they do not rebuild this vault's root key.
+    #[error("the shares given do not rebuild this vault's root key; unsealing starts over")]
+    RootMismatch,
     /// The audit trail could not record the request, so it is refused.
     #[error("the request could not be audited")]
     AuditUnavailable,
@@ -78,7 +81,7 @@ impl VaultError {
             Self::NotFound(_) => "NotFound",
             Self::AlreadyExists(_) => "AlreadyExists",
             Self::Integrity { .. } => "DataLoss",
-            Self::FailedPrecondition(_) => "FailedPrecondition",
+            Self::FailedPrecondition(_) | Self::RootMismatch => "FailedPrecondition",
             Self::AuditUnavailable => "Unavailable",
             Self::Storage(_) | Self::Key(_) => "Internal",
         }

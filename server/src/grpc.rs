@@ -9,6 +9,7 @@ use std::time::Duration;
 use khlang_keys::Plaintext;
 use khlang_proto::pb::{
     self, admin_server::Admin, admin_server::AdminServer, audit_server::Audit, audit_server::AuditServer,
+    keys_server::Keys, keys_server::KeysServer, operator_server::Operator, operator_server::OperatorServer,
     records_server::Records, records_server::RecordsServer, subjects_server::Subjects,
     subjects_server::SubjectsServer,
 };
@@ -18,8 +19,11 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::server::{ServerTlsConfig, TcpIncoming};
 use tonic::{Request, Response, Status};
 use x509_cert::der::Decode;
+use zeroize::Zeroizing;
 
 use crate::audit::{AuditEntry, AuditFilter};
+use crate::lifecycle::{JobStatus, KeyStatus, ReencryptTarget, SealStatus};
+use crate::store::JobKind;
 use crate::store::StoredConsent;
 use crate::{Caller, Credentials, FieldValue, RecordView, RegulationsInfo, Vault, VaultError};
 
@@ -44,6 +48,7 @@ pub fn status(err: VaultError, request_id: &str) -> Status {
             Status::data_loss(format!("{err}; no data returned"))
         }
         VaultError::FailedPrecondition(m) => Status::failed_precondition(m),
+        VaultError::RootMismatch => Status::failed_precondition(err.to_string()),
         VaultError::AuditUnavailable => {
             tracing::error!(request_id, "audit write failed; request refused");
             Status::unavailable("the request could not be audited, so it was refused; no data returned")
@@ -525,6 +530,200 @@ impl Audit for Api {
     }
 }
 
+impl From<SealStatus> for pb::SealStatus {
+    fn from(s: SealStatus) -> Self {
+        Self {
+            sealed: s.sealed,
+            threshold: s.threshold.into(),
+            custodians: s.custodians.into(),
+            received: s.received.into_iter().map(u32::from).collect(),
+        }
+    }
+}
+
+impl From<JobStatus> for pb::KeyJob {
+    fn from(j: JobStatus) -> Self {
+        let (kind, target_version) = match j.kind {
+            JobKind::Rewrap { target } => ("rewrap", target),
+            JobKind::Reencrypt => ("reencrypt", 0),
+        };
+        Self {
+            kind: kind.into(),
+            target_version,
+            changed: j.changed,
+            skipped: j.skipped,
+            total: j.total,
+            started_ms: j.started_ms,
+            finished_ms: j.finished_ms.unwrap_or(0),
+            requested_by: j.requested_by,
+            rate_per_sec: j.rate_per_sec,
+            eta_secs: j.eta_secs,
+        }
+    }
+}
+
+impl From<KeyStatus> for pb::KeysStatus {
+    fn from(k: KeyStatus) -> Self {
+        Self {
+            versions: k
+                .versions
+                .into_iter()
+                .map(|v| pb::KeyVersion {
+                    version: v.version,
+                    state: v.state.as_str().into(),
+                    created_ms: v.created_ms,
+                    retired_ms: v.retired_ms.unwrap_or(0),
+                    data_keys: v.data_keys,
+                    overdue: v.overdue,
+                })
+                .collect(),
+            job: k.job.map(Into::into),
+            cryptoperiod_days: k.cryptoperiod_days,
+        }
+    }
+}
+
+fn custodian_in(n: u32) -> Result<u8, VaultError> {
+    u8::try_from(n).map_err(|_| VaultError::InvalidArgument(format!("custodian {n} does not exist")))
+}
+
+/// Runs a custodian's call (Argon2id, slow on purpose) off the async runtime. These calls carry
+/// no token: the passphrase is the credential, and the vault audits each attempt itself.
+async fn custodian_call<T: Send + 'static>(
+    vault: &Arc<Vault>,
+    request_id: &str,
+    call: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
+) -> Result<T, Status> {
+    let vault = vault.clone();
+    tokio::task::spawn_blocking(move || call(&vault))
+        .await
+        .map_err(|_| Status::internal(format!("internal error (request id {request_id})")))?
+        .map_err(|e| status(e, request_id))
+}
+
+#[tonic::async_trait]
+impl Operator for Api {
+    #[tracing::instrument(skip_all, fields(rpc = "SealStatus"))]
+    async fn seal_status(
+        &self,
+        req: Request<pb::SealStatusRequest>,
+    ) -> Result<Response<pb::SealStatus>, Status> {
+        let (request_id, peer) = (request_id(&req), req.remote_addr());
+        let rid = request_id.clone();
+        let out =
+            custodian_call(&self.vault, &request_id, move |v| v.seal_status_audited(peer, &rid)).await?;
+        Ok(Response::new(out.into()))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "Unseal"))]
+    async fn unseal(&self, req: Request<pb::UnsealRequest>) -> Result<Response<pb::SealStatus>, Status> {
+        let (request_id, peer) = (request_id(&req), req.remote_addr());
+        let msg = req.into_inner();
+        let passphrase = Zeroizing::new(msg.passphrase);
+        let rid = request_id.clone();
+        let out = custodian_call(&self.vault, &request_id, move |v| {
+            v.unseal_with(custodian_in(msg.custodian)?, passphrase.as_bytes(), peer, &rid)
+        })
+        .await?;
+        Ok(Response::new(out.into()))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ChangePassphrase"))]
+    async fn change_passphrase(
+        &self,
+        req: Request<pb::ChangePassphraseRequest>,
+    ) -> Result<Response<pb::ChangePassphraseResponse>, Status> {
+        let (request_id, peer) = (request_id(&req), req.remote_addr());
+        let msg = req.into_inner();
+        let (old, new) = (Zeroizing::new(msg.old_passphrase), Zeroizing::new(msg.new_passphrase));
+        let rid = request_id.clone();
+        custodian_call(&self.vault, &request_id, move |v| {
+            v.change_passphrase(custodian_in(msg.custodian)?, old.as_bytes(), new.as_bytes(), peer, &rid)
+        })
+        .await?;
+        Ok(Response::new(pb::ChangePassphraseResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "Seal"))]
+    async fn seal(&self, req: Request<pb::SealRequest>) -> Result<Response<pb::SealStatus>, Status> {
+        handle!(self, req, "Seal", |caller, _msg| self.vault.seal(&caller).await.map(Into::into))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "Rekey"))]
+    async fn rekey(&self, req: Request<pb::RekeyRequest>) -> Result<Response<pb::SealStatus>, Status> {
+        handle!(self, req, "Rekey", |caller, msg| {
+            let passphrases: Vec<Zeroizing<String>> =
+                msg.passphrases.into_iter().map(Zeroizing::new).collect();
+            let refs: Vec<&[u8]> = passphrases.iter().map(|p| p.as_bytes()).collect();
+            match u8::try_from(msg.threshold) {
+                Ok(threshold) => self
+                    .vault
+                    .rekey(&caller, threshold, &refs, self.vault.seal_params())
+                    .await
+                    .map(Into::into),
+                Err(_) => Err(VaultError::InvalidArgument("threshold is too large".into())),
+            }
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Keys for Api {
+    #[tracing::instrument(skip_all, fields(rpc = "RotateKey"))]
+    async fn rotate_key(
+        &self,
+        req: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::KeysStatus>, Status> {
+        handle!(self, req, "RotateKey", |caller, _msg| self.vault.rotate(&caller).await.map(Into::into))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "KeyStatus"))]
+    async fn key_status(
+        &self,
+        req: Request<pb::KeyStatusRequest>,
+    ) -> Result<Response<pb::KeysStatus>, Status> {
+        handle!(self, req, "KeyStatus", |caller, msg| self
+            .vault
+            .key_status(&caller, msg.count_data_keys)
+            .await
+            .map(Into::into))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "RetireKey"))]
+    async fn retire_key(
+        &self,
+        req: Request<pb::RetireKeyRequest>,
+    ) -> Result<Response<pb::RetireKeyResponse>, Status> {
+        handle!(self, req, "RetireKey", |caller, msg| self
+            .vault
+            .retire(&caller, msg.version)
+            .await
+            .map(|()| pb::RetireKeyResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "Reencrypt"))]
+    async fn reencrypt(
+        &self,
+        req: Request<pb::ReencryptRequest>,
+    ) -> Result<Response<pb::ReencryptResponse>, Status> {
+        use pb::reencrypt_request::Target;
+        handle!(self, req, "Reencrypt", |caller, msg| {
+            let target = match msg.target {
+                Some(Target::RecordId(id)) => Ok(ReencryptTarget::Record(id)),
+                Some(Target::SubjectId(s)) => Ok(ReencryptTarget::Subject(s)),
+                Some(Target::All(true)) => Ok(ReencryptTarget::All),
+                _ => Err(VaultError::InvalidArgument("name a record_id, a subject_id, or all = true".into())),
+            };
+            match target {
+                Ok(t) => {
+                    self.vault.reencrypt(&caller, t).await.map(|records| pb::ReencryptResponse { records })
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("transport: {0}")]
@@ -551,12 +750,18 @@ pub async fn serve(
     let subjects =
         SubjectsServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
     let admin = AdminServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
-    let audit = AuditServer::new(api).max_decoding_message_size(max).max_encoding_message_size(max);
+    let audit = AuditServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
+    let operator =
+        OperatorServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
+    let keys = KeysServer::new(api).max_decoding_message_size(max).max_encoding_message_size(max);
+    let key_jobs = crate::lifecycle::spawn_key_jobs(&vault);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RecordsServer<Api>>().await;
     health.set_serving::<SubjectsServer<Api>>().await;
     health.set_serving::<AdminServer<Api>>().await;
     health.set_serving::<AuditServer<Api>>().await;
+    health.set_serving::<OperatorServer<Api>>().await;
+    health.set_serving::<KeysServer<Api>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(khlang_proto::FILE_DESCRIPTOR_SET)
@@ -569,6 +774,8 @@ pub async fn serve(
         health.set_not_serving::<SubjectsServer<Api>>().await;
         health.set_not_serving::<AdminServer<Api>>().await;
         health.set_not_serving::<AuditServer<Api>>().await;
+        health.set_not_serving::<OperatorServer<Api>>().await;
+        health.set_not_serving::<KeysServer<Api>>().await;
         let _ = stopping_tx.send(());
     };
     let mut builder = tonic::transport::Server::builder();
@@ -583,6 +790,8 @@ pub async fn serve(
         .add_service(subjects)
         .add_service(admin)
         .add_service(audit)
+        .add_service(operator)
+        .add_service(keys)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
     tokio::pin!(server);
     tokio::select! {
@@ -591,6 +800,7 @@ pub async fn serve(
             tracing::warn!("drain timeout: closing with requests still open");
         }
     }
+    key_jobs.stop().await;
     vault.flush().map_err(|e| tracing::error!(error = %e, "final flush failed")).ok();
     let stats = vault.flush_stats();
     tracing::info!(

@@ -8,6 +8,7 @@ pub mod catalogue;
 pub mod dev;
 mod error;
 pub mod grpc;
+pub mod lifecycle;
 pub mod policy;
 pub mod regulations;
 pub mod store;

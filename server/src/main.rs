@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use khlang_keys::SealParams;
+use khlang_server::lifecycle::JobPacing;
 use khlang_server::regulations::Regulations;
 use khlang_server::store::Durability;
 use khlang_server::{AuthLimits, CipherMode, Limits, Vault, VaultOptions, dev, grpc};
@@ -32,6 +33,13 @@ enum Command {
         data_dir: PathBuf,
         #[command(flatten)]
         passphrase: PassphraseArgs,
+        /// Split the root key among this many custodians, each with their own passphrase
+        /// (give --passphrase-file once per custodian, in order, or be prompted for each).
+        #[arg(long, default_value_t = 1)]
+        custodians: u8,
+        /// How many custodians' passphrases unseal the vault (split knowledge, dual control).
+        #[arg(long, default_value_t = 1)]
+        threshold: u8,
         /// Argon2id memory in KiB (at least 19456).
         #[arg(long, default_value_t = SealParams::DEFAULT.m_cost)]
         argon2_memory_kib: u32,
@@ -48,7 +56,8 @@ enum Command {
         #[arg(long, default_value = "key-admin")]
         initial_role: String,
     },
-    /// Unseal an initialised vault with its passphrase and serve it.
+    /// Serve an initialised vault, unsealed with the passphrases given; with fewer than its
+    /// threshold it starts sealed and custodians unseal it with `khlang operator unseal`.
     Serve {
         #[arg(long, env = "KHLANG_DATA_DIR")]
         data_dir: PathBuf,
@@ -79,9 +88,11 @@ enum Command {
 
 #[derive(Args)]
 struct PassphraseArgs {
-    /// Read the passphrase from this file (first line). Otherwise KHLANG_PASSPHRASE, otherwise a prompt.
+    /// Read a passphrase from this file (first line). `serve` takes `N=FILE` for custodian N
+    /// (repeatable); `init --custodians N` takes one file per custodian, in order. Otherwise
+    /// KHLANG_PASSPHRASE (one custodian), otherwise a prompt.
     #[arg(long)]
-    passphrase_file: Option<PathBuf>,
+    passphrase_file: Vec<String>,
 }
 
 #[derive(Args)]
@@ -125,6 +136,13 @@ struct ServerArgs {
     /// How writes become durable before they are acknowledged (per-request exists for benchmarks).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Group, hide = true)]
     durability: DurabilityArg,
+    /// Records per step of a background key job (rewrap, re-encryption).
+    #[arg(long, default_value_t = JobPacing::default().batch)]
+    key_job_batch: usize,
+    /// Pause between steps of a background key job, in milliseconds: trades rotation speed for
+    /// serving throughput while it runs.
+    #[arg(long, default_value_t = 0)]
+    key_job_pause_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -163,6 +181,11 @@ impl ServerArgs {
             bench_skip_policy: false,
             bench_skip_audit: false,
             checkpoints: Default::default(),
+            job_pacing: JobPacing {
+                batch: self.key_job_batch.max(1),
+                pause: Duration::from_millis(self.key_job_pause_ms),
+            },
+            seal_params: SealParams::DEFAULT,
         })
     }
 
@@ -189,31 +212,80 @@ impl ServerArgs {
     }
 }
 
-fn read_passphrase(args: &PassphraseArgs, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
-    let pass = if let Some(path) = &args.passphrase_file {
-        let text = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read passphrase file {}", path.display()))?,
-        );
-        Zeroizing::new(text.lines().next().unwrap_or_default().to_owned())
-    } else if let Ok(p) = std::env::var("KHLANG_PASSPHRASE") {
-        Zeroizing::new(p)
-    } else if std::io::stdin().is_terminal() {
-        let p = Zeroizing::new(rpassword::prompt_password("Vault passphrase: ")?);
-        if confirm {
-            let again = Zeroizing::new(rpassword::prompt_password("Repeat passphrase: ")?);
-            if *again != *p {
-                bail!("the passphrases differ");
-            }
-        }
-        p
-    } else {
-        bail!("no passphrase: use --passphrase-file, KHLANG_PASSPHRASE, or run in a terminal to be prompted");
-    };
+fn read_file_passphrase(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read passphrase file {}", path.display()))?,
+    );
+    let pass = Zeroizing::new(text.lines().next().unwrap_or_default().to_owned());
     if pass.is_empty() {
-        bail!("the passphrase is empty");
+        bail!("the passphrase in {} is empty", path.display());
     }
     Ok(pass)
+}
+
+fn prompt(label: &str, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
+    if !std::io::stdin().is_terminal() {
+        bail!("no passphrase: use --passphrase-file, KHLANG_PASSPHRASE, or run in a terminal to be prompted");
+    }
+    let p = Zeroizing::new(rpassword::prompt_password(format!("{label}: "))?);
+    if confirm {
+        let again = Zeroizing::new(rpassword::prompt_password(format!("Repeat {label}: "))?);
+        if *again != *p {
+            bail!("the passphrases differ");
+        }
+    }
+    if p.is_empty() {
+        bail!("the passphrase is empty");
+    }
+    Ok(p)
+}
+
+/// One passphrase per custodian for `init`: files in order, KHLANG_PASSPHRASE for a single
+/// custodian, or a prompt for each.
+fn init_passphrases(args: &PassphraseArgs, custodians: u8) -> anyhow::Result<Vec<Zeroizing<String>>> {
+    if !args.passphrase_file.is_empty() {
+        if args.passphrase_file.len() != custodians as usize {
+            bail!("{custodians} custodians need {custodians} --passphrase-file options, one each");
+        }
+        return args.passphrase_file.iter().map(|f| read_file_passphrase(Path::new(f))).collect();
+    }
+    if custodians == 1 {
+        if let Ok(p) = std::env::var("KHLANG_PASSPHRASE") {
+            if p.is_empty() {
+                bail!("KHLANG_PASSPHRASE is empty");
+            }
+            return Ok(vec![Zeroizing::new(p)]);
+        }
+        return Ok(vec![prompt("Vault passphrase", true)?]);
+    }
+    (1..=custodians).map(|i| prompt(&format!("Custodian {i}'s passphrase"), true)).collect()
+}
+
+/// `(custodian, passphrase)` pairs for `serve`: `N=FILE` or `FILE` (custodian 1), else
+/// KHLANG_PASSPHRASE for custodian 1, else a prompt when a terminal is attached, else none
+/// (the vault starts sealed).
+fn serve_passphrases(args: &PassphraseArgs) -> anyhow::Result<Vec<(u8, Zeroizing<String>)>> {
+    if !args.passphrase_file.is_empty() {
+        return args
+            .passphrase_file
+            .iter()
+            .map(|spec| {
+                let (n, file) = match spec.split_once('=') {
+                    Some((n, f)) if n.parse::<u8>().is_ok() => (n.parse::<u8>()?, f),
+                    _ => (1, spec.as_str()),
+                };
+                Ok((n, read_file_passphrase(Path::new(file))?))
+            })
+            .collect();
+    }
+    if let Ok(p) = std::env::var("KHLANG_PASSPHRASE") {
+        return Ok(vec![(1, Zeroizing::new(p))]);
+    }
+    if std::io::stdin().is_terminal() {
+        return Ok(vec![(1, prompt("Vault passphrase (custodian 1)", false)?)]);
+    }
+    Ok(Vec::new())
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -303,6 +375,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Init {
             data_dir,
             passphrase,
+            custodians,
+            threshold,
             argon2_memory_kib,
             argon2_passes,
             regulations,
@@ -313,14 +387,24 @@ async fn main() -> anyhow::Result<()> {
             if !regs.roles.contains_key(&initial_role) {
                 bail!("role '{initial_role}' is not in the regulations");
             }
-            let pass = read_passphrase(&passphrase, true)?;
+            if custodians == 0 || threshold > custodians || (custodians > 1 && threshold < 2) {
+                bail!("--threshold must be between 2 and --custodians (or both 1)");
+            }
+            let passes = init_passphrases(&passphrase, custodians)?;
+            let refs: Vec<&[u8]> = passes.iter().map(|p| p.as_bytes()).collect();
             let params = SealParams { m_cost: argon2_memory_kib, t_cost: argon2_passes, p_cost: 1 };
             let options = VaultOptions { regulations: Arc::new(regs), ..VaultOptions::default() };
-            Vault::init(&data_dir, pass.as_bytes(), params, &options)
+            Vault::init_custodians(&data_dir, threshold, &refs, params, &options)
                 .with_context(|| format!("cannot initialise a vault in {}", data_dir.display()))?;
-            let vault = Vault::open(&data_dir, pass.as_bytes(), &options)?;
+            let vault = Vault::open_sealed(&data_dir, &options)?;
+            for (i, pass) in passes.iter().enumerate().take(threshold.max(1) as usize) {
+                vault.unseal_with(i as u8 + 1, pass.as_bytes(), None, "")?;
+            }
             let token = vault.bootstrap_identity(&initial_identity, &initial_role).await?;
             println!("Initialised a vault in {}", data_dir.display());
+            if custodians > 1 {
+                println!("Its root key is split among {custodians} custodians; any {threshold} unseal it.");
+            }
             println!(
                 "Token for identity '{initial_identity}' (role {initial_role}; shown once, store it safely):"
             );
@@ -329,10 +413,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { data_dir, passphrase, server } => {
             let options = server.options(CipherMode::Encrypted)?;
             let tls = server.tls()?;
-            let pass = read_passphrase(&passphrase, false)?;
-            let vault = Vault::open(&data_dir, pass.as_bytes(), &options)
-                .with_context(|| format!("cannot unseal the vault in {}", data_dir.display()))?;
-            drop(pass);
+            let passes = serve_passphrases(&passphrase)?;
+            let vault = Vault::open_sealed(&data_dir, &options)
+                .with_context(|| format!("cannot open the vault in {}", data_dir.display()))?;
+            for (custodian, pass) in &passes {
+                vault
+                    .unseal_with(*custodian, pass.as_bytes(), None, "")
+                    .with_context(|| format!("cannot unseal with custodian {custodian}'s passphrase"))?;
+            }
+            drop(passes);
+            let status = vault.seal_status()?;
+            if status.sealed {
+                tracing::warn!(
+                    threshold = status.threshold,
+                    received = status.received.len(),
+                    "serving SEALED: custodians unseal with `khlang operator unseal`"
+                );
+            }
             run(vault, bind(server.listen).await?, tls).await?;
         }
         Command::Dev { data_dir, server, bench_plaintext_baseline, bench_skip_policy, bench_skip_audit } => {

@@ -114,6 +114,8 @@ pub struct Regulations {
     pub roles: BTreeMap<String, Role>,
     /// Lawful but worth a look (separation of duties), reported at load.
     pub warnings: Vec<String>,
+    /// How long a key-encryption key may stay in use (PCI DSS 3.6.4); `None`: no limit set.
+    pub cryptoperiod_days: Option<u32>,
 }
 
 impl fmt::Debug for Regulations {
@@ -139,6 +141,14 @@ struct RawFile {
     purposes: BTreeMap<String, RawPurpose>,
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
+    #[serde(default)]
+    keys: Option<RawKeys>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    cryptoperiod_days: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -341,7 +351,19 @@ impl Regulations {
                 Role { name, description: r.description, operations, reads, write_fields },
             );
         }
-        Ok(Self { version, organisation: raw.regulations.organisation, fields, purposes, roles, warnings })
+        let cryptoperiod_days = raw.keys.and_then(|k| k.cryptoperiod_days);
+        if cryptoperiod_days == Some(0) {
+            return Err(err("keys.cryptoperiod_days: must be at least 1"));
+        }
+        Ok(Self {
+            version,
+            organisation: raw.regulations.organisation,
+            fields,
+            purposes,
+            roles,
+            warnings,
+            cryptoperiod_days,
+        })
     }
 
     pub fn field(&self, name: &str) -> Option<&FieldRule> {

@@ -6,7 +6,8 @@
 //! - `r` ‖ record id → record (wrapped data key, field envelopes); `s` ‖ subject index ‖ id → ();
 //! - `i` ‖ name → identity; `t` ‖ token id → token (HMAC of its secret);
 //! - `c` ‖ subject index ‖ purpose → current consent; `h` ‖ subject index ‖ seq → consent history;
-//! - `a` ‖ seq → audit entry (its chain hash ‖ canonical JSON); `k` ‖ seq → signed checkpoint.
+//! - `a` ‖ seq → audit entry (its chain hash ‖ canonical JSON); `k` ‖ seq → signed checkpoint;
+//! - `v` ‖ KEK version → marker while that version is live; `j` → the background key job.
 //!
 //! Requests stage their changes in [`Changes`]; only the audit log applies them (see `audit.rs`).
 
@@ -24,6 +25,12 @@ use crate::StoreError;
 
 const META_SEALED_ROOT: &[u8] = b"sealed_root";
 const META_MODE: &[u8] = b"mode";
+const META_CUSTODIANS: &[u8] = b"custodians";
+const META_DERIVATION_KEY: &[u8] = b"derivation_key";
+/// `share` ‖ custodian index (u8) → that custodian's sealed share.
+const META_SHARE: &[u8] = b"share";
+/// Key of the background key job (rewrap or re-encryption) in the `vault` tree.
+const JOB_KEY: &[u8] = b"j";
 /// Current encoding of [`StoredRecord`] and [`StoredIdentity`].
 const RECORD_FORMAT: u8 = 1;
 
@@ -87,6 +94,20 @@ impl StoredRecord {
         postcard::to_stdvec(self).map_err(|_| StoreError::Corrupt("record (encode)"))
     }
 
+    /// The KEK version in an encoded record's wrapped data key, read without decoding the rest:
+    /// postcard puts `format`, then the key's length (a varint), then the key, whose header is
+    /// `0x01 | kek_version u32`. 0 for a record stored without encryption.
+    pub fn kek_version_of(bytes: &[u8]) -> Result<u32, StoreError> {
+        const WHAT: StoreError = StoreError::Corrupt("record (key header)");
+        match bytes {
+            [RECORD_FORMAT, 0, ..] => Ok(0),
+            [RECORD_FORMAT, len, 1, a, b, c, d, ..] if *len < 0x80 => {
+                Ok(u32::from_be_bytes([*a, *b, *c, *d]))
+            }
+            _ => Err(WHAT),
+        }
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let r: Self = postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt("record"))?;
         if r.format != RECORD_FORMAT {
@@ -133,6 +154,57 @@ pub struct StoredConsent {
     pub at_ms: u64,
     /// The identity that recorded it.
     pub by: String,
+}
+
+/// How the root key is held: sealed whole under one passphrase, or split among custodians.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Custody {
+    /// One custodian (the development default): the root key sealed under their passphrase.
+    Single { sealed_root: Vec<u8> },
+    /// K of N custodians, each holding a sealed share (index 1..=N, in order).
+    Shares { threshold: u8, sealed: Vec<Vec<u8>> },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StoredCustodians {
+    threshold: u8,
+    count: u8,
+}
+
+/// A KEK version's life: created, and retired (destroyed) once no data key referenced it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KekInfo {
+    pub version: u32,
+    pub created_ms: u64,
+    pub retired_ms: Option<u64>,
+}
+
+/// What a background key job does to every record.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum JobKind {
+    /// Rewrap each data key under KEK `target`; fields are not touched.
+    Rewrap { target: u32 },
+    /// Fresh data key and fresh ciphertexts for every record.
+    Reencrypt,
+}
+
+/// A background key job, persisted with every batch it applies so it resumes exactly where it
+/// stopped: `cursor` is the last record key whose batch committed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredJob {
+    pub format: u8,
+    pub kind: JobKind,
+    pub cursor: Vec<u8>,
+    /// Records this job changed.
+    pub changed: u64,
+    /// Records it found already done (written under the target after the job began).
+    pub skipped: u64,
+    /// Records present when it began.
+    pub total: u64,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// The identity that started it.
+    pub requested_by: String,
 }
 
 /// Counts for the benchmark report: how many writes each flush carried.
@@ -197,6 +269,7 @@ pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
     keks: sled::Tree,
+    kek_info: sled::Tree,
     vault: sled::Tree,
     /// Fault drill: when set, every commit fails as a disk error would (tests use it to show
     /// that an unauditable request fails closed).
@@ -226,6 +299,7 @@ impl Store {
         Ok(Self {
             meta: db.open_tree("meta")?,
             keks: db.open_tree("keks")?,
+            kek_info: db.open_tree("kek_info")?,
             vault: db.open_tree("vault")?,
             fail_commits: false.into(),
             db,
@@ -274,10 +348,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn sealed_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(META_SEALED_ROOT)?.map(|v| v.to_vec()))
-    }
-
     pub fn mode(&self) -> Result<Option<String>, StoreError> {
         self.meta
             .get(META_MODE)?
@@ -285,24 +355,161 @@ impl Store {
             .transpose()
     }
 
-    /// Writes the sealed root key and the first KEK in one transaction; refuses an initialised vault.
+    /// Writes the custody of the root key, the derivation key and the first KEK in one
+    /// transaction; refuses an initialised vault.
     pub fn initialise(
         &self,
-        sealed_root: &[u8],
+        custody: &Custody,
         mode: &str,
-        kek_version: u32,
-        wrapped_kek: &[u8],
+        wrapped_derivation_key: &[u8],
+        kek: (u32, &[u8]),
+        now_ms: u64,
     ) -> Result<(), StoreError> {
-        (&self.meta, &self.keks).transaction(|(meta, keks)| {
-            if meta.get(META_SEALED_ROOT)?.is_some() {
+        let info =
+            Self::encode(&KekInfo { version: kek.0, created_ms: now_ms, retired_ms: None }, "kek info")?;
+        (&self.meta, &self.keks, &self.kek_info).transaction(|(meta, keks, kek_info)| {
+            if meta.get(META_SEALED_ROOT)?.is_some() || meta.get(META_CUSTODIANS)?.is_some() {
                 return Err(abort(StoreError::AlreadyInitialised));
             }
-            meta.insert(META_SEALED_ROOT, sealed_root)?;
+            Self::write_custody(meta, custody)?;
+            meta.insert(META_DERIVATION_KEY, wrapped_derivation_key)?;
             meta.insert(META_MODE, mode.as_bytes())?;
-            keks.insert(&kek_version.to_be_bytes(), wrapped_kek)?;
+            keks.insert(&kek.0.to_be_bytes(), kek.1)?;
+            kek_info.insert(&kek.0.to_be_bytes(), info.as_slice())?;
             Ok(())
         })?;
         self.flush_now()
+    }
+
+    fn write_custody(
+        meta: &sled::transaction::TransactionalTree,
+        custody: &Custody,
+    ) -> Result<(), ConflictableTransactionError<StoreError>> {
+        match custody {
+            Custody::Single { sealed_root } => {
+                meta.insert(META_SEALED_ROOT, sealed_root.as_slice())?;
+                meta.remove(META_CUSTODIANS)?;
+            }
+            Custody::Shares { threshold, sealed } => {
+                meta.remove(META_SEALED_ROOT)?;
+                let count =
+                    u8::try_from(sealed.len()).map_err(|_| abort(StoreError::Corrupt("custodians")))?;
+                let json = serde_json::to_vec(&StoredCustodians { threshold: *threshold, count })
+                    .map_err(|_| abort(StoreError::Corrupt("custodians")))?;
+                meta.insert(META_CUSTODIANS, json)?;
+                for (i, share) in sealed.iter().enumerate() {
+                    meta.insert([META_SHARE, &[i as u8 + 1]].concat(), share.as_slice())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_initialised(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get(META_SEALED_ROOT)?.is_some() || self.meta.get(META_CUSTODIANS)?.is_some())
+    }
+
+    pub fn custody(&self) -> Result<Custody, StoreError> {
+        if let Some(sealed_root) = self.meta.get(META_SEALED_ROOT)? {
+            return Ok(Custody::Single { sealed_root: sealed_root.to_vec() });
+        }
+        let raw = self.meta.get(META_CUSTODIANS)?.ok_or(StoreError::NotInitialised)?;
+        let c: StoredCustodians =
+            serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("custodians"))?;
+        let sealed = (1..=c.count)
+            .map(|i| {
+                self.meta
+                    .get([META_SHARE, &[i]].concat())?
+                    .map(|v| v.to_vec())
+                    .ok_or(StoreError::Corrupt("custodian share"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Custody::Shares { threshold: c.threshold, sealed })
+    }
+
+    /// Replaces one custodian's sealed share (or the single sealed root key): a passphrase change.
+    pub fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError> {
+        match self.custody()? {
+            Custody::Single { .. } => self.meta.insert(META_SEALED_ROOT, sealed)?,
+            Custody::Shares { .. } => self.meta.insert([META_SHARE, &[custodian]].concat(), sealed)?,
+        };
+        self.flush_now()
+    }
+
+    /// A rekey: new custody, every KEK rewrapped under the new root key, and the derivation key
+    /// rewrapped, in one transaction (a crash leaves the old or the new root key, never a mix).
+    pub fn replace_root(
+        &self,
+        custody: &Custody,
+        wrapped_derivation_key: &[u8],
+        keks: &[(u32, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        (&self.meta, &self.keks).transaction(|(meta, kek_tree)| {
+            let old_count = match meta.get(META_CUSTODIANS)? {
+                Some(raw) => serde_json::from_slice::<StoredCustodians>(&raw).map_or(0, |c| c.count),
+                None => 0,
+            };
+            for i in 1..=old_count {
+                meta.remove([META_SHARE, &[i]].concat())?;
+            }
+            Self::write_custody(meta, custody)?;
+            meta.insert(META_DERIVATION_KEY, wrapped_derivation_key)?;
+            for (version, wrapped) in keks {
+                kek_tree.insert(&version.to_be_bytes(), wrapped.as_slice())?;
+            }
+            Ok(())
+        })?;
+        self.flush_now()
+    }
+
+    /// The wrapped derivation key; `None` for a vault created before there was one.
+    pub fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(META_DERIVATION_KEY)?.map(|v| v.to_vec()))
+    }
+
+    /// Adds a KEK version (a rotation), durable before it wraps anything.
+    pub fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
+        let info = Self::encode(&KekInfo { version, created_ms: now_ms, retired_ms: None }, "kek info")?;
+        (&self.keks, &self.kek_info).transaction(|(keks, kek_info)| {
+            if keks.get(version.to_be_bytes())?.is_some() || kek_info.get(version.to_be_bytes())?.is_some() {
+                return Err(abort(StoreError::Corrupt("kek version reused")));
+            }
+            keks.insert(&version.to_be_bytes(), wrapped)?;
+            kek_info.insert(&version.to_be_bytes(), info.as_slice())?;
+            Ok(())
+        })?;
+        self.flush_now()
+    }
+
+    /// Destroys a KEK version: its wrapped key is removed; its history stays, marked retired.
+    pub fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError> {
+        let mut info = self.kek_infos()?.into_iter().find(|i| i.version == version).unwrap_or(KekInfo {
+            version,
+            created_ms: 0,
+            retired_ms: None,
+        });
+        info.retired_ms = Some(now_ms);
+        let info = Self::encode(&info, "kek info")?;
+        (&self.keks, &self.kek_info).transaction(|(keks, kek_info)| {
+            keks.remove(&version.to_be_bytes())?;
+            kek_info.insert(&version.to_be_bytes(), info.as_slice())?;
+            Ok(())
+        })?;
+        self.flush_now()
+    }
+
+    /// Every KEK version ever created, oldest first (versions from before this table existed
+    /// appear with `created_ms` 0).
+    pub fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError> {
+        let mut out: Vec<KekInfo> =
+            self.kek_info.iter().map(|kv| Self::decode(&kv?.1, "kek info")).collect::<Result<_, _>>()?;
+        for (version, _) in self.keks()? {
+            if !out.iter().any(|i| i.version == version) {
+                out.push(KekInfo { version, created_ms: 0, retired_ms: None });
+            }
+        }
+        out.sort_by_key(|i| i.version);
+        Ok(out)
     }
 
     /// Every stored KEK, `(version, wrapped bytes)`.
@@ -419,6 +626,58 @@ impl Store {
         Ok(Some((u64::from_be_bytes(seq), v)))
     }
 
+    /// Marks a KEK version live in the `vault` tree, where writes can expect it (see
+    /// [`Changes::expect_kek_live`]).
+    pub fn mark_kek_live(&self, version: u32) -> Result<(), StoreError> {
+        self.vault.insert(kek_live_key(version), KEK_LIVE)?;
+        Ok(())
+    }
+
+    pub fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError> {
+        self.vault.remove(kek_live_key(version))?;
+        Ok(())
+    }
+
+    /// The background key job, if one was ever started.
+    pub fn job(&self) -> Result<Option<StoredJob>, StoreError> {
+        self.vault.get(JOB_KEY)?.map(|b| Self::decode(&b, "key job")).transpose()
+    }
+
+    /// Up to `limit` records after `cursor` (a record key; empty: from the first), with their keys
+    /// and the exact bytes read.
+    pub fn records_after(
+        &self,
+        cursor: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, sled::IVec)>, StoreError> {
+        use std::ops::Bound;
+        let start =
+            if cursor.is_empty() { Bound::Included(b"r".to_vec()) } else { Bound::Excluded(cursor.to_vec()) };
+        self.vault
+            .range::<Vec<u8>, _>((start, Bound::Excluded(b"s".to_vec())))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k.to_vec(), v))
+            })
+            .collect()
+    }
+
+    /// The KEK version of every stored data key, counted from the wrapped keys' headers.
+    pub fn data_keys_per_kek(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
+        let mut out = std::collections::BTreeMap::new();
+        for kv in self.vault.range(b"r".to_vec()..b"s".to_vec()) {
+            let (_, v) = kv?;
+            let version = StoredRecord::kek_version_of(&v)?;
+            *out.entry(version).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    pub fn record_count(&self) -> u64 {
+        self.vault.range(b"r".to_vec()..b"s".to_vec()).count() as u64
+    }
+
     /// Every stored checkpoint (its JSON).
     pub fn checkpoints(&self) -> Result<Vec<sled::IVec>, StoreError> {
         self.vault.scan_prefix(b"k").map(|kv| Ok(kv?.1)).collect()
@@ -486,6 +745,12 @@ impl Store {
 /// A raw key and value written beside a request's changes (audit entries, checkpoints).
 pub type Record = (Vec<u8>, Vec<u8>);
 
+const KEK_LIVE: &[u8] = b"live";
+
+fn kek_live_key(version: u32) -> Vec<u8> {
+    [b"v".as_slice(), &version.to_be_bytes()].concat()
+}
+
 /// Changes a request wants to make, applied with its audit entry in one batch by the audit log.
 #[derive(Default)]
 pub struct Changes {
@@ -539,6 +804,33 @@ impl Changes {
         self.batch.remove(key.clone());
         self.batch.remove(Store::subject_key(&record.subject_index, record_id));
         self.expect.push((key, Some(read)));
+    }
+
+    /// Applies only if KEK `version` is still live: a data key wrapped under a version retired
+    /// meanwhile is never stored (the request runs again under the active version).
+    pub fn expect_kek_live(&mut self, version: u32) {
+        let key = kek_live_key(version);
+        if !self.expect.iter().any(|(k, _)| *k == key) {
+            self.expect.push((key, Some(sled::IVec::from(KEK_LIVE))));
+        }
+    }
+
+    /// Saves a key job's progress in the same batch as the records it changed.
+    pub fn put_job(&mut self, job: &StoredJob) -> Result<(), StoreError> {
+        self.batch.insert(JOB_KEY, Store::encode(job, "key job")?);
+        Ok(())
+    }
+
+    /// Replaces a record by its storage key, provided it still holds `expected`.
+    pub fn replace_record_at(
+        &mut self,
+        key: Vec<u8>,
+        expected: sled::IVec,
+        next: &StoredRecord,
+    ) -> Result<(), StoreError> {
+        self.batch.insert(key.clone(), next.encode()?);
+        self.expect.push((key, Some(expected)));
+        Ok(())
     }
 
     pub fn put_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {

@@ -8,8 +8,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use khlang_keys::{
-    DataKey, DerivedKey, FieldContext, Kek, KeyError, KeyRing, OsRandom, Plaintext, RootKey, SealParams,
-    WrappedDataKey, labels, open_field, seal_fields, seal_root_key, unseal_root_key,
+    DataKey, DerivationKey, DerivedKey, FieldContext, Kek, KeyError, KeyRing, KeyShare, OsRandom, Plaintext,
+    RootKey, SealParams, WrappedDataKey, labels, open_field, seal_fields, seal_root_key, seal_share,
+    split_root_key,
 };
 use zeroize::Zeroizing;
 
@@ -20,15 +21,15 @@ use crate::catalogue;
 use crate::policy::{self, Ask, ConsentState, Decision, Operation};
 use crate::regulations::{Regulations, Reveal};
 use crate::store::{
-    Changes, Durability, FlushStats, Store, StoredConsent, StoredField, StoredIdentity, StoredRecord,
+    Changes, Custody, Durability, FlushStats, Store, StoredConsent, StoredField, StoredIdentity, StoredRecord,
 };
 use crate::{StoreError, VaultError};
 use khlang_keys::audit_chain::ChainReport;
 
 /// Associated-data name of the sealed subject id; cannot collide with a catalogue name.
-const SUBJECT_CONTEXT: &str = "@subject";
+pub(crate) const SUBJECT_CONTEXT: &str = "@subject";
 /// Generation of a record's first data key (re-encryption increments it).
-const FIRST_GENERATION: u32 = 1;
+pub(crate) const FIRST_GENERATION: u32 = 1;
 const MODE_ENCRYPTED: &str = "encrypted";
 const MODE_BASELINE: &str = "plaintext-baseline";
 
@@ -86,6 +87,10 @@ pub struct VaultOptions {
     /// Benchmark baseline only: write no audit entries (and do not flush for reads).
     pub bench_skip_audit: bool,
     pub checkpoints: CheckpointPolicy,
+    /// Pacing of background key jobs (tests slow them down to interrupt them).
+    pub job_pacing: crate::lifecycle::JobPacing,
+    /// Argon2id cost for custodians' shares made by a rekey.
+    pub seal_params: SealParams,
 }
 
 impl Default for VaultOptions {
@@ -100,6 +105,8 @@ impl Default for VaultOptions {
             bench_skip_policy: false,
             bench_skip_audit: false,
             checkpoints: CheckpointPolicy::default(),
+            job_pacing: crate::lifecycle::JobPacing::default(),
+            seal_params: SealParams::DEFAULT,
         }
     }
 }
@@ -169,20 +176,36 @@ pub struct RecordSummary {
 
 /// Keys that exist only while the vault is unsealed.
 pub(crate) struct Unsealed {
-    ring: KeyRing,
+    pub(crate) root: RootKey,
+    /// Rotation adds a version and retirement removes one while requests use the others.
+    pub(crate) ring: RwLock<KeyRing>,
     pub(crate) token_pepper: DerivedKey,
     subject_index: DerivedKey,
+}
+
+impl Unsealed {
+    pub(crate) fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub struct Vault {
     pub(crate) store: Store,
     keys: RwLock<Option<Arc<Unsealed>>>,
+    /// Custodians' shares received while sealed, until there are enough.
+    pub(crate) pending_shares: std::sync::Mutex<Vec<KeyShare>>,
+    /// Wakes the background key job (rotation, re-encryption).
+    pub(crate) job_signal: Arc<tokio::sync::Notify>,
+    pub(crate) job_meter: crate::lifecycle::JobMeter,
+    /// Benchmark and test pacing of the background key job.
+    pub(crate) job_pacing: crate::lifecycle::JobPacing,
+    seal_params: SealParams,
     regulations: RwLock<Arc<Regulations>>,
     regulations_path: Option<PathBuf>,
     pub(crate) rng: OsRandom,
     pub(crate) auth_guard: AuthGuard,
     limits: Limits,
-    mode: CipherMode,
+    pub(crate) mode: CipherMode,
     bench_skip_policy: bool,
     pub(crate) audit: AuditLog,
 }
@@ -214,8 +237,20 @@ impl Vault {
         params: SealParams,
         options: &VaultOptions,
     ) -> Result<(), VaultError> {
+        Self::init_custodians(dir, 1, &[passphrase], params, options)
+    }
+
+    /// Creates a new vault whose root key is split among custodians, one passphrase each; any
+    /// `threshold` of them unseal it. One custodian: the root key sealed whole.
+    pub fn init_custodians(
+        dir: &Path,
+        threshold: u8,
+        passphrases: &[&[u8]],
+        params: SealParams,
+        options: &VaultOptions,
+    ) -> Result<(), VaultError> {
         let store = Self::open_store(dir, Durability::PerRequest)?;
-        Self::init_store(&store, passphrase, params, options.mode)
+        Self::init_store(&store, threshold, passphrases, params, options.mode)
     }
 
     fn open_store(dir: &Path, durability: Durability) -> Result<Store, VaultError> {
@@ -224,28 +259,64 @@ impl Vault {
         Ok(Store::open(dir, durability)?)
     }
 
+    /// Seals `root` for its custodians: whole under one passphrase, or as K-of-N shares.
+    pub(crate) fn custody_for(
+        root: &RootKey,
+        threshold: u8,
+        passphrases: &[&[u8]],
+        params: SealParams,
+        rng: &OsRandom,
+    ) -> Result<Custody, VaultError> {
+        if passphrases.iter().any(|p| p.is_empty()) {
+            return Err(VaultError::InvalidArgument("a custodian's passphrase is empty".into()));
+        }
+        match passphrases {
+            [] => Err(VaultError::InvalidArgument("at least one custodian is needed".into())),
+            [one] if threshold <= 1 => {
+                Ok(Custody::Single { sealed_root: seal_root_key(root, one, params, rng)? })
+            }
+            many => {
+                let count = u8::try_from(many.len())
+                    .map_err(|_| VaultError::InvalidArgument("too many custodians".into()))?;
+                let shares = split_root_key(root, threshold, count, rng)
+                    .map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
+                let sealed = shares
+                    .iter()
+                    .zip(many)
+                    .map(|(share, pass)| seal_share(share, pass, params, rng))
+                    .collect::<Result<_, _>>()?;
+                Ok(Custody::Shares { threshold, sealed })
+            }
+        }
+    }
+
     fn init_store(
         store: &Store,
-        passphrase: &[u8],
+        threshold: u8,
+        passphrases: &[&[u8]],
         params: SealParams,
         mode: CipherMode,
     ) -> Result<(), VaultError> {
-        if store.sealed_root()?.is_some() {
+        if store.is_initialised()? {
             return Err(StoreError::AlreadyInitialised.into());
         }
         let rng = OsRandom::new();
         let root = RootKey::generate(&rng)?;
-        let sealed = seal_root_key(&root, passphrase, params, &rng)?;
+        let custody = Self::custody_for(&root, threshold, passphrases, params, &rng)?;
+        let derivation = root.wrap_derivation_key(&DerivationKey::generate(&rng)?, &rng)?;
         let kek = Kek::generate(1, &rng)?;
         let wrapped = root.wrap_kek(&kek, &rng)?;
-        store.initialise(&sealed, mode.as_str(), kek.version(), &wrapped)?;
+        store.initialise(&custody, mode.as_str(), &derivation, (kek.version(), &wrapped), now_ms())?;
         Ok(())
     }
 
-    /// Opens an initialised vault and unseals it with `passphrase`.
+    /// Opens an initialised vault and unseals it with `passphrase` (a single-custodian vault, or
+    /// custodian 1 of a 1-of-N one).
     pub fn open(dir: &Path, passphrase: &[u8], options: &VaultOptions) -> Result<Self, VaultError> {
-        let store = Self::open_store(dir, options.durability)?;
-        Self::open_store_unsealed(store, passphrase, options)
+        let vault = Self::open_sealed(dir, options)?;
+        vault.unseal_with(1, passphrase, None, "")?;
+        vault.unsealed()?;
+        Ok(vault)
     }
 
     /// Opens the vault in `dir`, creating it first if the folder holds none.
@@ -255,19 +326,22 @@ impl Vault {
         params: SealParams,
         options: &VaultOptions,
     ) -> Result<Self, VaultError> {
-        let store = Self::open_store(dir, options.durability)?;
-        if store.sealed_root()?.is_none() {
-            Self::init_store(&store, passphrase, params, options.mode)?;
+        {
+            let store = Self::open_store(dir, Durability::PerRequest)?;
+            if !store.is_initialised()? {
+                Self::init_store(&store, 1, &[passphrase], params, options.mode)?;
+            }
         }
-        Self::open_store_unsealed(store, passphrase, options)
+        Self::open(dir, passphrase, options)
     }
 
-    fn open_store_unsealed(
-        store: Store,
-        passphrase: &[u8],
-        options: &VaultOptions,
-    ) -> Result<Self, VaultError> {
-        let sealed = store.sealed_root()?.ok_or(StoreError::NotInitialised)?;
+    /// Opens an initialised vault without unsealing it: only status and unseal answer until
+    /// enough custodians have given their passphrases ([`Vault::unseal_with`]).
+    pub fn open_sealed(dir: &Path, options: &VaultOptions) -> Result<Self, VaultError> {
+        let store = Self::open_store(dir, options.durability)?;
+        if !store.is_initialised()? {
+            return Err(StoreError::NotInitialised.into());
+        }
         let found = store.mode()?.unwrap_or_else(|| MODE_ENCRYPTED.to_owned());
         if found != options.mode.as_str() {
             return Err(StoreError::ModeMismatch { found, expected: options.mode.as_str().to_owned() }.into());
@@ -276,6 +350,11 @@ impl Vault {
         let vault = Self {
             store,
             keys: RwLock::new(None),
+            pending_shares: std::sync::Mutex::new(Vec::new()),
+            job_signal: Arc::default(),
+            job_meter: Default::default(),
+            job_pacing: options.job_pacing,
+            seal_params: options.seal_params,
             regulations: RwLock::new(options.regulations.clone()),
             regulations_path: options.regulations_path.clone(),
             rng: OsRandom::new(),
@@ -288,33 +367,54 @@ impl Vault {
         for warning in &options.regulations.warnings {
             tracing::warn!(version = %options.regulations.version, "regulations: {warning}");
         }
-        vault.unseal(&sealed, passphrase)?;
-        let mut entry = operator_entry("Unseal", Operation::KeyAdmin, &vault.regulations());
-        entry.decision = "none".into();
-        vault.commit_now(entry, Changes::none())?;
         Ok(vault)
     }
 
-    fn unseal(&self, sealed: &[u8], passphrase: &[u8]) -> Result<(), VaultError> {
-        let root = unseal_root_key(sealed, passphrase)?;
+    /// Installs the keys `root` unlocks. Fails, changing nothing, if `root` is not this vault's
+    /// root key (it must open every stored KEK).
+    pub(crate) fn install_root(&self, root: RootKey) -> Result<(), VaultError> {
         let mut ring = KeyRing::new();
         for (version, wrapped) in self.store.keks()? {
-            let kek = root.unwrap_kek(&wrapped)?;
+            let kek = root.unwrap_kek(&wrapped).map_err(|_| VaultError::RootMismatch)?;
             if kek.version() != version {
                 return Err(StoreError::Corrupt("kek version").into());
             }
             ring.insert(kek);
         }
-        self.audit.set_signer(root.audit_signer()?);
+        for version in ring.versions() {
+            // Vaults from before live markers existed get theirs here.
+            self.store.mark_kek_live(version)?;
+        }
+        let derivation = match self.store.derivation_key()? {
+            Some(wrapped) => root.unwrap_derivation_key(&wrapped).map_err(|_| VaultError::RootMismatch)?,
+            None => root.legacy_derivation_key()?,
+        };
+        self.audit.set_signer(derivation.audit_signer()?);
         let unsealed = Unsealed {
-            ring,
-            token_pepper: root.derive(labels::TOKEN_PEPPER)?,
-            subject_index: root.derive(labels::SUBJECT_INDEX)?,
+            ring: RwLock::new(ring),
+            token_pepper: derivation.derive(labels::TOKEN_PEPPER)?,
+            subject_index: derivation.derive(labels::SUBJECT_INDEX)?,
+            root,
         };
         let mut slot =
             self.keys.write().map_err(|_| VaultError::FailedPrecondition("key state poisoned".into()))?;
         *slot = Some(Arc::new(unsealed));
         Ok(())
+    }
+
+    /// Wipes every key from memory (they drop, and zeroize, once in-flight requests finish).
+    pub(crate) fn drop_keys(&self) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.pending_shares.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.audit.clear_signer();
+    }
+
+    pub fn seal_params(&self) -> SealParams {
+        self.seal_params
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.keys.read().map_or(true, |k| k.is_none())
     }
 
     pub(crate) fn unsealed(&self) -> Result<Arc<Unsealed>, VaultError> {
@@ -345,7 +445,7 @@ impl Vault {
 
     // ---- validate -------------------------------------------------------------------------
 
-    fn check_subject(&self, subject: &str) -> Result<(), VaultError> {
+    pub(crate) fn check_subject(&self, subject: &str) -> Result<(), VaultError> {
         if subject.trim().is_empty() {
             return Err(VaultError::InvalidArgument("subject_id is empty".into()));
         }
@@ -361,7 +461,7 @@ impl Vault {
         Ok(())
     }
 
-    fn check_record_id(record_id: &str) -> Result<(), VaultError> {
+    pub(crate) fn check_record_id(record_id: &str) -> Result<(), VaultError> {
         uuid::Uuid::parse_str(record_id)
             .map(|_| ())
             .map_err(|_| VaultError::InvalidArgument("record_id is not a record id (a UUID)".into()))
@@ -435,7 +535,7 @@ impl Vault {
     // ---- decide + audit -------------------------------------------------------------------
 
     /// An audit entry for a request, filled in as the request proceeds.
-    fn draft(&self, caller: &Caller, rpc: &str, op: Operation, regs: &Regulations) -> AuditEntry {
+    pub(crate) fn draft(&self, caller: &Caller, rpc: &str, op: Operation, regs: &Regulations) -> AuditEntry {
         AuditEntry {
             rpc: rpc.to_owned(),
             operation: op.as_str().to_owned(),
@@ -480,7 +580,7 @@ impl Vault {
     }
 
     /// Appends an entry with its changes now, and waits until both are durable.
-    fn commit_now(&self, entry: AuditEntry, changes: Changes) -> Result<(), VaultError> {
+    pub(crate) fn commit_now(&self, entry: AuditEntry, changes: Changes) -> Result<(), VaultError> {
         match self.audit.commit(&self.store, entry, changes)? {
             Committed::Done(_) => Ok(self.store.flush_now()?),
             Committed::Conflict => Err(VaultError::FailedPrecondition("concurrent change; try again".into())),
@@ -553,7 +653,7 @@ impl Vault {
 
     // ---- execute --------------------------------------------------------------------------
 
-    fn seal_values(
+    pub(crate) fn seal_values(
         &self,
         dek: Option<&DataKey>,
         record_id: &str,
@@ -565,7 +665,7 @@ impl Vault {
         }
     }
 
-    fn open_value(
+    pub(crate) fn open_value(
         &self,
         dek: Option<&DataKey>,
         record_id: &str,
@@ -582,7 +682,7 @@ impl Vault {
         }
     }
 
-    fn unwrap_dek(
+    pub(crate) fn unwrap_dek(
         &self,
         keys: &Unsealed,
         record_id: &str,
@@ -590,7 +690,7 @@ impl Vault {
     ) -> Result<Option<DataKey>, VaultError> {
         match self.mode {
             CipherMode::Encrypted => keys
-                .ring
+                .ring()
                 .unwrap_data_key(&WrappedDataKey::from_bytes(wrapped.to_vec()), record_id.as_bytes())
                 .map(Some)
                 .map_err(integrity(record_id, "data key")),
@@ -598,12 +698,12 @@ impl Vault {
         }
     }
 
-    fn subject_index(keys: &Unsealed, subject: &str) -> [u8; 32] {
+    pub(crate) fn subject_index(keys: &Unsealed, subject: &str) -> [u8; 32] {
         keys.subject_index.mac(subject.as_bytes())
     }
 
     /// `kek=N gen=M` of a stored wrapped data key, for the audit entry.
-    fn key_versions(wrapped: &[u8]) -> String {
+    pub(crate) fn key_versions(wrapped: &[u8]) -> String {
         WrappedDataKey::from_bytes(wrapped.to_vec())
             .header()
             .map(|(kek, generation)| format!("kek={kek} gen={generation}"))
@@ -663,10 +763,12 @@ impl Vault {
             let ask = Ask { op: Operation::Write, fields: &names, purpose: None, consent: None };
             self.decide(&regs, caller, ask, e)?;
 
+            let mut changes = Changes::new();
             let (dek, wrapped) = match self.mode {
                 CipherMode::Encrypted => {
                     let dek = DataKey::generate(FIRST_GENERATION, &self.rng)?;
-                    let wrapped = keys.ring.wrap_data_key(&dek, record_id.as_bytes(), &self.rng)?;
+                    let wrapped = keys.ring().wrap_data_key(&dek, record_id.as_bytes(), &self.rng)?;
+                    changes.expect_kek_live(wrapped.kek_version()?);
                     (Some(dek), wrapped.as_bytes().to_vec())
                 }
                 CipherMode::PlaintextBaseline => (None, Vec::new()),
@@ -690,7 +792,6 @@ impl Vault {
                 stored,
                 now_ms(),
             );
-            let mut changes = Changes::new();
             changes.insert_record(&record_id, &record)?;
             Ok((record_id.clone(), changes))
         })
@@ -957,7 +1058,7 @@ impl Vault {
     // ---- administration -------------------------------------------------------------------
 
     /// Decides an operation that involves no subject, fields or purpose; fills the entry.
-    fn permit(
+    pub(crate) fn permit(
         &self,
         regs: &Regulations,
         caller: &Caller,

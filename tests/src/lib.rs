@@ -100,11 +100,27 @@ impl TestServer {
         options: VaultOptions,
         tls: Option<tonic::transport::ServerTlsConfig>,
     ) -> Self {
-        let regulations_path = options.regulations_path.clone().unwrap_or_default();
         let vault = Vault::open_or_init(dir, PASSPHRASE.as_bytes(), SealParams::MINIMUM, &options)
             .expect("open test vault");
+        Self::serve(dir, options, vault, tls).await
+    }
+
+    /// Serves an initialised vault that stays sealed until custodians unseal it over the API;
+    /// no tokens are issued (a sealed vault cannot).
+    pub async fn start_sealed(dir: &Path, options: VaultOptions) -> Self {
+        let vault = Vault::open_sealed(dir, &options).expect("open sealed vault");
+        Self::serve(dir, options, vault, None).await
+    }
+
+    async fn serve(
+        dir: &Path,
+        options: VaultOptions,
+        vault: Vault,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Self {
+        let regulations_path = options.regulations_path.clone().unwrap_or_default();
         let mut tokens = BTreeMap::new();
-        for role in vault.regulations().roles.keys() {
+        for role in vault.regulations().roles.keys().filter(|_| !vault.is_sealed()) {
             // A restarted vault keeps its identities; issue a fresh token for each.
             let token = match vault.bootstrap_identity(role, role).await {
                 Ok(t) => t,

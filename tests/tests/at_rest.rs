@@ -153,7 +153,7 @@ async fn restart_keeps_data_and_wrong_passphrase_is_refused() {
 
     let options = TestServer::options(dir.path());
     let err = Vault::open(dir.path(), b"not the passphrase", &options).unwrap_err();
-    assert_eq!(err.to_string(), "key error: wrong passphrase, or the sealed root key was altered");
+    assert_eq!(err.to_string(), "wrong passphrase for custodian 1's share");
     // A baseline (unencrypted) server refuses an encrypted folder, and vice versa.
     let baseline = VaultOptions {
         mode: khlang_server::CipherMode::PlaintextBaseline,

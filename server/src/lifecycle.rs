@@ -1,0 +1,827 @@
+//! The key lifecycle (PCI DSS 3.6–3.7). Custodians unseal, seal, change their passphrases and
+//! rekey; key admins rotate KEKs (a background job rewraps every data key under the new version,
+//! never opening a field), retire versions that the store proves unused, and re-encrypt records.
+//!
+//! Background jobs persist their cursor and counters in the same atomic batch as the records each
+//! step changes, so a crash (even `kill -9`) resumes exactly after the last committed step: no data
+//! key is rewrapped twice or skipped.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use khlang_keys::{
+    DataKey, Kek, KeyError, KeyShare, OsRandom, Plaintext, RootKey, SealParams, WrappedDataKey,
+    combine_root_key, reseal, unseal_root_key, unseal_share,
+};
+
+use crate::audit::{Committed, clean};
+use crate::policy::Operation;
+use crate::store::{Changes, Custody, JobKind, StoredField, StoredJob, StoredRecord};
+use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, now_ms, operator_entry};
+use crate::{Caller, CipherMode, StoreError, Vault, VaultError};
+
+/// How a background key job paces itself: records per step, and a pause between steps so the
+/// vault keeps serving at most of its normal rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobPacing {
+    pub batch: usize,
+    pub pause: Duration,
+}
+
+impl Default for JobPacing {
+    fn default() -> Self {
+        Self { batch: 512, pause: Duration::ZERO }
+    }
+}
+
+/// Shortest passphrase a custodian may choose (PCI DSS 8.3.6: at least 12 characters).
+pub const MIN_PASSPHRASE_CHARS: usize = 12;
+
+/// Whether the vault is sealed, and how far unsealing has come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealStatus {
+    pub sealed: bool,
+    pub threshold: u8,
+    pub custodians: u8,
+    /// Custodians whose shares have arrived since the vault was sealed.
+    pub received: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KekState {
+    /// Wraps every new data key.
+    Active,
+    /// Still opens the data keys it wrapped; wraps nothing new.
+    DecryptOnly,
+    /// Destroyed.
+    Retired,
+}
+
+impl KekState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::DecryptOnly => "decrypt-only",
+            Self::Retired => "retired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekStatus {
+    pub version: u32,
+    pub state: KekState,
+    pub created_ms: u64,
+    pub retired_ms: Option<u64>,
+    /// Data keys it wraps, counted from the store (when asked for).
+    pub data_keys: Option<u64>,
+    /// Older than the regulations' cryptoperiod and not retired.
+    pub overdue: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStatus {
+    pub kind: JobKind,
+    pub changed: u64,
+    pub skipped: u64,
+    pub total: u64,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub requested_by: String,
+    /// Records per second since this process (re)started the job.
+    pub rate_per_sec: f64,
+    pub eta_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyStatus {
+    pub versions: Vec<KekStatus>,
+    pub job: Option<JobStatus>,
+    pub cryptoperiod_days: Option<u32>,
+}
+
+/// What `Reencrypt` renews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReencryptTarget {
+    Record(String),
+    Subject(String),
+    /// Every record, by a background job.
+    All,
+}
+
+/// Progress of the running job in this process: when it (re)started and how many records it had
+/// processed then, for the rate and ETA.
+#[derive(Debug, Default)]
+pub(crate) struct JobMeter(std::sync::Mutex<Option<(Instant, u64)>>);
+
+const JOB_IDENTITY: &str = "khlang-key-job";
+
+fn wrong_passphrase(custodian: u8) -> VaultError {
+    // Same answer whatever failed (passphrase, salt, tag): nothing says which part was wrong.
+    VaultError::PermissionDenied(format!("wrong passphrase for custodian {custodian}'s share"))
+}
+
+fn job_kind_name(kind: JobKind) -> String {
+    match kind {
+        JobKind::Rewrap { target } => format!("rewrap to KEK v{target}"),
+        JobKind::Reencrypt => "re-encryption".into(),
+    }
+}
+
+fn running(job: &StoredJob) -> VaultError {
+    VaultError::FailedPrecondition(format!(
+        "a {} job is running ({} of {} records); try again when `khlang keys status` shows it finished",
+        job_kind_name(job.kind),
+        job.changed + job.skipped,
+        job.total
+    ))
+}
+
+impl Vault {
+    // ---- custodians ---------------------------------------------------------------------------
+
+    /// Status for anyone who asks (it is how custodians see unsealing progress), audited like
+    /// every request.
+    pub fn seal_status_audited(
+        &self,
+        peer: Option<SocketAddr>,
+        request_id: &str,
+    ) -> Result<SealStatus, VaultError> {
+        let mut entry = operator_entry("SealStatus", Operation::KeyAdmin, &self.regulations());
+        entry.identity = String::new();
+        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        entry.request_id = clean(request_id);
+        let status = self.seal_status()?;
+        entry.reason = if status.sealed { "sealed".into() } else { "unsealed".into() };
+        self.commit_now(entry, Changes::none())?;
+        Ok(status)
+    }
+
+    pub fn seal_status(&self) -> Result<SealStatus, VaultError> {
+        let (threshold, custodians) = match self.store.custody()? {
+            Custody::Single { .. } => (1, 1),
+            Custody::Shares { threshold, sealed } => (threshold, sealed.len() as u8),
+        };
+        let mut received: Vec<u8> = self
+            .pending_shares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(KeyShare::index)
+            .collect();
+        received.sort_unstable();
+        Ok(SealStatus { sealed: self.is_sealed(), threshold, custodians, received })
+    }
+
+    /// A custodian's passphrase opens their share; once the threshold is reached the root key is
+    /// rebuilt and the vault serves. Slow on purpose (Argon2id): call it off the async runtime.
+    /// Every attempt is audited; wrong passphrases count towards the address's lockout.
+    pub fn unseal_with(
+        &self,
+        custodian: u8,
+        passphrase: &[u8],
+        peer: Option<SocketAddr>,
+        request_id: &str,
+    ) -> Result<SealStatus, VaultError> {
+        let mut entry = operator_entry("Unseal", Operation::KeyAdmin, &self.regulations());
+        entry.identity = format!("custodian-{custodian}");
+        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        entry.request_id = clean(request_id);
+        let was_sealed = self.is_sealed();
+        let result = self.try_unseal(custodian, passphrase, peer);
+        match &result {
+            Ok(s) if s.sealed => {
+                entry.reason = format!("share {} of {} needed received", s.received.len(), s.threshold)
+            }
+            Ok(_) => entry.reason = "unsealed".into(),
+            Err(e) => {
+                entry.outcome = e.code_name().into();
+                entry.reason = clean(&e.to_string());
+            }
+        }
+        if let Err(e) = self.commit_now(entry, Changes::none()) {
+            // Unaudited, so undone: a vault this call unsealed goes back to sealed.
+            if was_sealed {
+                self.drop_keys();
+            }
+            return Err(e);
+        }
+        if result.as_ref().is_ok_and(|s| !s.sealed) {
+            self.job_signal.notify_one();
+        }
+        result
+    }
+
+    fn try_unseal(
+        &self,
+        custodian: u8,
+        passphrase: &[u8],
+        peer: Option<SocketAddr>,
+    ) -> Result<SealStatus, VaultError> {
+        if !self.is_sealed() {
+            return Err(VaultError::FailedPrecondition("the vault is already unsealed".into()));
+        }
+        let ip = peer.map(|p| p.ip());
+        if ip.is_some_and(|ip| self.auth_guard.locked(ip, Instant::now())) {
+            return Err(VaultError::LockedOut);
+        }
+        let wrong = |e: KeyError| match e {
+            KeyError::WrongPassphrase => {
+                if let Some(ip) = ip {
+                    self.auth_guard.failed(ip, Instant::now());
+                }
+                wrong_passphrase(custodian)
+            }
+            other => VaultError::Key(other),
+        };
+        match self.store.custody()? {
+            Custody::Single { sealed_root } => {
+                if custodian != 1 {
+                    return Err(VaultError::InvalidArgument(
+                        "this vault has a single custodian, number 1".into(),
+                    ));
+                }
+                let root = unseal_root_key(&sealed_root, passphrase).map_err(wrong)?;
+                self.install_root(root)?;
+            }
+            Custody::Shares { threshold, sealed } => {
+                let stored =
+                    (custodian as usize).checked_sub(1).and_then(|i| sealed.get(i)).ok_or_else(|| {
+                        VaultError::InvalidArgument(format!(
+                            "custodian {custodian} does not exist (custodians are 1 to {})",
+                            sealed.len()
+                        ))
+                    })?;
+                let share = unseal_share(stored, passphrase).map_err(wrong)?;
+                let root = {
+                    let mut pending = self.pending_shares.lock().unwrap_or_else(|p| p.into_inner());
+                    pending.retain(|p| p.index() != share.index());
+                    pending.push(share);
+                    if pending.len() < threshold as usize {
+                        None
+                    } else {
+                        let shares: Vec<&KeyShare> = pending.iter().collect();
+                        let root = combine_root_key(&shares);
+                        pending.clear();
+                        Some(root.map_err(|_| VaultError::RootMismatch)?)
+                    }
+                };
+                if let Some(root) = root {
+                    if let Some(ip) = ip {
+                        self.auth_guard.succeeded(ip);
+                    }
+                    self.install_root(root)?;
+                }
+            }
+        }
+        self.seal_status()
+    }
+
+    /// Wipes the keys from memory: until custodians unseal again only status and unseal answer.
+    pub async fn seal(&self, caller: &Caller) -> Result<SealStatus, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "Seal", Operation::KeyAdmin, &regs);
+        self.audited(entry, |e| {
+            self.unsealed()?;
+            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+            e.reason = "keys wiped from memory".into();
+            Ok(((), Changes::none()))
+        })
+        .await?;
+        self.audit.checkpoint_now(&self.store)?;
+        self.drop_keys();
+        tracing::warn!(by = %caller.identity.name, "vault sealed");
+        self.seal_status()
+    }
+
+    /// A custodian replaces their passphrase; the old one is the credential. Works sealed or not.
+    pub fn change_passphrase(
+        &self,
+        custodian: u8,
+        old: &[u8],
+        new: &[u8],
+        peer: Option<SocketAddr>,
+        request_id: &str,
+    ) -> Result<(), VaultError> {
+        let mut entry = operator_entry("ChangePassphrase", Operation::KeyAdmin, &self.regulations());
+        entry.identity = format!("custodian-{custodian}");
+        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        entry.request_id = clean(request_id);
+        let ip = peer.map(|p| p.ip());
+        let resealed = (|| {
+            if ip.is_some_and(|ip| self.auth_guard.locked(ip, Instant::now())) {
+                return Err(VaultError::LockedOut);
+            }
+            check_new_passphrase(new)?;
+            let sealed = match self.store.custody()? {
+                Custody::Single { sealed_root } if custodian == 1 => sealed_root,
+                Custody::Shares { sealed, .. } if custodian >= 1 && (custodian as usize) <= sealed.len() => {
+                    sealed[custodian as usize - 1].clone()
+                }
+                _ => {
+                    return Err(VaultError::InvalidArgument(format!("custodian {custodian} does not exist")));
+                }
+            };
+            reseal(&sealed, old, new, &self.rng).map_err(|e| match e {
+                KeyError::WrongPassphrase => {
+                    if let Some(ip) = ip {
+                        self.auth_guard.failed(ip, Instant::now());
+                    }
+                    wrong_passphrase(custodian)
+                }
+                other => VaultError::Key(other),
+            })
+        })();
+        match &resealed {
+            Ok(_) => entry.reason = "passphrase changed".into(),
+            Err(e) => {
+                entry.outcome = e.code_name().into();
+                entry.reason = clean(&e.to_string());
+            }
+        }
+        // Audited before it takes effect: an unauditable change is not made.
+        self.commit_now(entry, Changes::none())?;
+        self.store.replace_sealed(custodian, &resealed?)?;
+        Ok(())
+    }
+
+    /// A new root key, split anew among `passphrases.len()` custodians (any `threshold` unseal);
+    /// every KEK and the derivation key are rewrapped in one transaction. Tokens, blind indexes and
+    /// the audit key stay valid (they come from the derivation key).
+    pub async fn rekey(
+        &self,
+        caller: &Caller,
+        threshold: u8,
+        passphrases: &[&[u8]],
+        params: SealParams,
+    ) -> Result<SealStatus, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "Rekey", Operation::KeyAdmin, &regs);
+        self.audited(entry, |e| {
+            let keys = self.unsealed()?;
+            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+            for p in passphrases {
+                check_new_passphrase(p)?;
+            }
+            let rng = OsRandom::new();
+            let root = RootKey::generate(&rng)?;
+            let custody = Vault::custody_for(&root, threshold, passphrases, params, &rng)?;
+            let derivation = match self.store.derivation_key()? {
+                Some(wrapped) => keys.root.unwrap_derivation_key(&wrapped)?,
+                None => keys.root.legacy_derivation_key()?,
+            };
+            let wrapped_derivation = root.wrap_derivation_key(&derivation, &rng)?;
+            let keks = self
+                .store
+                .keks()?
+                .into_iter()
+                .map(|(version, wrapped)| {
+                    Ok((version, root.wrap_kek(&keys.root.unwrap_kek(&wrapped)?, &rng)?))
+                })
+                .collect::<Result<Vec<_>, KeyError>>()?;
+            self.store.replace_root(&custody, &wrapped_derivation, &keks)?;
+            self.install_root(root)?;
+            e.reason =
+                format!("new root key; {} custodians, threshold {}", passphrases.len(), threshold.max(1));
+            Ok(((), Changes::none()))
+        })
+        .await?;
+        self.seal_status()
+    }
+
+    // ---- KEK rotation and retirement ----------------------------------------------------------
+
+    /// A new KEK version, active for new records at once; a background job rewraps every data key.
+    pub async fn rotate(&self, caller: &Caller) -> Result<KeyStatus, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "RotateKey", Operation::KeyAdmin, &regs);
+        self.audited(entry, |e| {
+            let keys = self.unsealed()?;
+            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+            self.require_encryption()?;
+            if let Some(job) = self.store.job()?.filter(|j| j.finished_ms.is_none()) {
+                return Err(running(&job));
+            }
+            let version = self.store.kek_infos()?.last().map_or(1, |i| i.version + 1);
+            let kek = Kek::generate(version, &self.rng)?;
+            self.store.add_kek(version, &keys.root.wrap_kek(&kek, &self.rng)?, now_ms())?;
+            self.store.mark_kek_live(version)?;
+            keys.ring.write().unwrap_or_else(|p| p.into_inner()).insert(kek);
+            let job = self.new_job(JobKind::Rewrap { target: version }, caller);
+            e.key_versions = format!("kek={version}");
+            e.reason = format!("KEK v{version} active; rewrapping {} data keys", job.total);
+            let mut changes = Changes::new();
+            changes.put_job(&job)?;
+            Ok(((), changes))
+        })
+        .await?;
+        self.job_signal.notify_one();
+        self.key_status_now(false)
+    }
+
+    fn require_encryption(&self) -> Result<(), VaultError> {
+        match self.mode {
+            CipherMode::Encrypted => Ok(()),
+            CipherMode::PlaintextBaseline => {
+                Err(VaultError::FailedPrecondition("this benchmark baseline stores no keys".into()))
+            }
+        }
+    }
+
+    fn new_job(&self, kind: JobKind, caller: &Caller) -> StoredJob {
+        StoredJob {
+            format: 1,
+            kind,
+            cursor: Vec::new(),
+            changed: 0,
+            skipped: 0,
+            total: self.store.record_count(),
+            started_ms: now_ms(),
+            finished_ms: None,
+            requested_by: caller.identity.name.clone(),
+        }
+    }
+
+    /// Versions, their state and age, and the job's progress; `counts` also counts the data keys
+    /// under each version (a scan of every record).
+    pub async fn key_status(&self, caller: &Caller, counts: bool) -> Result<KeyStatus, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "KeyStatus", Operation::KeyAdmin, &regs);
+        self.audited(entry, |e| {
+            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+            Ok((self.key_status_now(counts)?, Changes::none()))
+        })
+        .await
+    }
+
+    fn key_status_now(&self, counts: bool) -> Result<KeyStatus, VaultError> {
+        let regs = self.regulations();
+        let per_kek = if counts { Some(self.store.data_keys_per_kek()?) } else { None };
+        let infos = self.store.kek_infos()?;
+        let active = infos.iter().filter(|i| i.retired_ms.is_none()).map(|i| i.version).max();
+        let now = now_ms();
+        let period_ms = regs.cryptoperiod_days.map(|d| u64::from(d) * 86_400_000);
+        let versions = infos
+            .iter()
+            .map(|i| {
+                let state = match (i.retired_ms, Some(i.version) == active) {
+                    (Some(_), _) => KekState::Retired,
+                    (None, true) => KekState::Active,
+                    (None, false) => KekState::DecryptOnly,
+                };
+                KekStatus {
+                    version: i.version,
+                    state,
+                    created_ms: i.created_ms,
+                    retired_ms: i.retired_ms,
+                    data_keys: per_kek.as_ref().map(|m| m.get(&i.version).copied().unwrap_or(0)),
+                    overdue: state != KekState::Retired
+                        && i.created_ms > 0
+                        && period_ms.is_some_and(|p| now.saturating_sub(i.created_ms) > p),
+                }
+            })
+            .collect();
+        let job = self.store.job()?.map(|j| self.job_status(&j));
+        Ok(KeyStatus { versions, job, cryptoperiod_days: regs.cryptoperiod_days })
+    }
+
+    fn job_status(&self, j: &StoredJob) -> JobStatus {
+        let done = j.changed + j.skipped;
+        let meter = *self.job_meter.0.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = match (j.finished_ms, meter) {
+            (None, Some((since, at))) => {
+                let secs = since.elapsed().as_secs_f64();
+                if secs > 0.0 { done.saturating_sub(at) as f64 / secs } else { 0.0 }
+            }
+            (Some(fin), _) => {
+                let secs = fin.saturating_sub(j.started_ms) as f64 / 1000.0;
+                if secs > 0.0 { done as f64 / secs } else { 0.0 }
+            }
+            _ => 0.0,
+        };
+        let eta_secs = (j.finished_ms.is_none() && rate > 0.0)
+            .then(|| (j.total.saturating_sub(done) as f64 / rate).ceil() as u64);
+        JobStatus {
+            kind: j.kind,
+            changed: j.changed,
+            skipped: j.skipped,
+            total: j.total,
+            started_ms: j.started_ms,
+            finished_ms: j.finished_ms,
+            requested_by: j.requested_by.clone(),
+            rate_per_sec: rate,
+            eta_secs,
+        }
+    }
+
+    /// Destroys KEK `version`, only when the store proves no data key references it. The proof
+    /// and the destruction happen while no other change can commit, and every write that wraps a
+    /// data key expects its version to be live, so none can slip in between.
+    pub async fn retire(&self, caller: &Caller, version: u32) -> Result<(), VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "RetireKey", Operation::KeyAdmin, &regs);
+        self.audited(entry, |e| {
+            let keys = self.unsealed()?;
+            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+            e.key_versions = format!("kek={version}");
+            let info = self
+                .store
+                .kek_infos()?
+                .into_iter()
+                .find(|i| i.version == version)
+                .ok_or(VaultError::NotFound("key version"))?;
+            if info.retired_ms.is_some() {
+                return Err(VaultError::FailedPrecondition(format!("KEK v{version} is already retired")));
+            }
+            if keys.ring().active_version() == Some(version) {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "KEK v{version} is the active version; rotate first (`khlang keys rotate`)"
+                )));
+            }
+            // The proof and the destruction run with commits held off (see `retire_now`).
+            self.audit.exclusive(|| self.retire_now(version))?;
+            e.reason = format!("KEK v{version} destroyed; no data key referenced it");
+            Ok(((), Changes::none()))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Runs with commits held off: counts references and destroys the key, so no write can add a
+    /// reference in between (and every write that wraps a data key expects its version live).
+    pub(crate) fn retire_now(&self, version: u32) -> Result<(), VaultError> {
+        let refs = self.store.data_keys_per_kek()?.get(&version).copied().unwrap_or(0);
+        if refs > 0 {
+            return Err(VaultError::FailedPrecondition(format!(
+                "{refs} data keys still reference KEK v{version}; wait for the rewrap to finish \
+                 (`khlang keys status`) and try again"
+            )));
+        }
+        self.store.retire_kek(version, now_ms())?;
+        self.store.unmark_kek_live(version)?;
+        if let Ok(keys) = self.unsealed() {
+            keys.ring.write().unwrap_or_else(|p| p.into_inner()).remove(version);
+        }
+        Ok(())
+    }
+
+    // ---- re-encryption ------------------------------------------------------------------------
+
+    /// Fresh data keys and ciphertexts: one record or a subject's records now, or every record by
+    /// a background job. Values do not change; nothing leaves the vault.
+    pub async fn reencrypt(&self, caller: &Caller, target: ReencryptTarget) -> Result<u64, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "Reencrypt", Operation::KeyAdmin, &regs);
+        let n = self
+            .audited(entry, |e| {
+                let keys = self.unsealed()?;
+                self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+                self.require_encryption()?;
+                let mut changes = Changes::new();
+                let ids: Vec<String> = match &target {
+                    ReencryptTarget::All => {
+                        if let Some(job) = self.store.job()?.filter(|j| j.finished_ms.is_none()) {
+                            return Err(running(&job));
+                        }
+                        let job = self.new_job(JobKind::Reencrypt, caller);
+                        e.reason = format!("re-encrypting all {} records in the background", job.total);
+                        changes.put_job(&job)?;
+                        return Ok((job.total, changes));
+                    }
+                    ReencryptTarget::Record(id) => {
+                        Vault::check_record_id(id)?;
+                        e.record_id.clone_from(id);
+                        vec![id.clone()]
+                    }
+                    ReencryptTarget::Subject(subject) => {
+                        self.check_subject(subject)?;
+                        let index = Vault::subject_index(&keys, subject);
+                        e.subject = hex::encode(index);
+                        self.store.records_of_subject(&index)?.into_iter().map(|(id, _)| id).collect()
+                    }
+                };
+                for id in &ids {
+                    let (record, read) = self.store.get_record(id)?.ok_or(VaultError::NotFound("record"))?;
+                    e.subject = hex::encode(record.subject_index);
+                    let next = self.reencrypted(&keys, id, &record)?;
+                    e.key_versions = Vault::key_versions(&next.wrapped_key);
+                    changes.expect_kek_live(next_kek(&next)?);
+                    changes.replace_record(id, read, &next)?;
+                }
+                e.reason = format!("{} records re-encrypted", ids.len());
+                Ok((ids.len() as u64, changes))
+            })
+            .await?;
+        self.job_signal.notify_one();
+        Ok(n)
+    }
+
+    /// The record under a new data key (next generation, wrapped by the active KEK), every field
+    /// and the subject id sealed afresh.
+    fn reencrypted(
+        &self,
+        keys: &Unsealed,
+        id: &str,
+        record: &StoredRecord,
+    ) -> Result<StoredRecord, VaultError> {
+        let old = self
+            .unwrap_dek(keys, id, &record.wrapped_key)?
+            .ok_or_else(|| VaultError::FailedPrecondition("this benchmark baseline stores no keys".into()))?;
+        let generation = old.generation().checked_add(1).unwrap_or(FIRST_GENERATION);
+        let dek = DataKey::generate(generation, &self.rng)?;
+        let wrapped = keys.ring().wrap_data_key(&dek, id.as_bytes(), &self.rng)?;
+        let mut plain: Vec<(String, Plaintext)> = Vec::with_capacity(record.fields.len() + 1);
+        for f in &record.fields {
+            plain.push((f.name.clone(), self.open_value(Some(&old), id, &f.name, &f.envelope)?));
+        }
+        plain.push((
+            SUBJECT_CONTEXT.into(),
+            self.open_value(Some(&old), id, SUBJECT_CONTEXT, &record.subject)?,
+        ));
+        let refs: Vec<(&str, &Plaintext)> = plain.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let mut envelopes = self.seal_values(Some(&dek), id, &refs)?;
+        let subject = envelopes.pop().unwrap_or_default();
+        let fields = record
+            .fields
+            .iter()
+            .zip(envelopes)
+            .map(|(f, envelope)| StoredField { name: f.name.clone(), envelope })
+            .collect();
+        Ok(StoredRecord { wrapped_key: wrapped.as_bytes().to_vec(), subject, fields, ..record.clone() })
+    }
+
+    // ---- the background job -------------------------------------------------------------------
+
+    /// One step of the job: up to `pacing.batch` records, committed with the job's new cursor and
+    /// counters and an audit entry in one atomic batch. `Ok(true)`: more to do.
+    pub(crate) fn job_step(&self) -> Result<bool, VaultError> {
+        let Some(mut job) = self.store.job()?.filter(|j| j.finished_ms.is_none()) else {
+            *self.job_meter.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Ok(false);
+        };
+        let Ok(keys) = self.unsealed() else { return Ok(false) };
+        {
+            let mut meter = self.job_meter.0.lock().unwrap_or_else(|p| p.into_inner());
+            meter.get_or_insert((Instant::now(), job.changed + job.skipped));
+        }
+        let batch = self.store.records_after(&job.cursor, self.job_pacing.batch.max(1))?;
+        let regs = self.regulations();
+        let mut entry = operator_entry("KeyJob", Operation::KeyAdmin, &regs);
+        entry.identity = JOB_IDENTITY.into();
+        let mut changes = Changes::new();
+        if batch.is_empty() {
+            if let JobKind::Rewrap { target } = job.kind {
+                let left: u64 = self
+                    .store
+                    .data_keys_per_kek()?
+                    .iter()
+                    .filter(|(v, _)| **v != target && **v != 0)
+                    .map(|(_, n)| n)
+                    .sum();
+                if left > 0 {
+                    // A write that wrapped under the old version just before the rotation landed
+                    // behind the cursor: go round again (done records are skipped quickly).
+                    job.cursor.clear();
+                    changes.put_job(&job)?;
+                    entry.reason = format!("{left} data keys still under older versions; another pass");
+                    self.commit_now(entry, changes)?;
+                    return Ok(true);
+                }
+            }
+            job.finished_ms = Some(now_ms());
+            changes.put_job(&job)?;
+            entry.reason = format!(
+                "{} finished: {} records changed, {} already current, {} at the start",
+                job_kind_name(job.kind),
+                job.changed,
+                job.skipped,
+                job.total
+            );
+            self.commit_now(entry, changes)?;
+            tracing::info!("{}", entry_reason(&job));
+            return Ok(false);
+        }
+        let first = batch.first().map(|(k, _)| k.clone()).unwrap_or_default();
+        let mut changed = 0u64;
+        for (key, bytes) in &batch {
+            let id = std::str::from_utf8(&key[1..]).map_err(|_| StoreError::Corrupt("record key"))?;
+            let version = StoredRecord::kek_version_of(bytes)?;
+            let next = match job.kind {
+                JobKind::Rewrap { target } => {
+                    if version == target || version == 0 {
+                        job.skipped += 1;
+                        continue;
+                    }
+                    let mut record = StoredRecord::decode(bytes)?;
+                    let wrapped = WrappedDataKey::from_bytes(std::mem::take(&mut record.wrapped_key));
+                    let ring = keys.ring();
+                    let dek = ring.unwrap_data_key(&wrapped, id.as_bytes()).map_err(|_| {
+                        VaultError::Integrity { record_id: id.to_owned(), what: "data key".into() }
+                    })?;
+                    record.wrapped_key =
+                        ring.wrap_data_key(&dek, id.as_bytes(), &self.rng)?.as_bytes().to_vec();
+                    record
+                }
+                JobKind::Reencrypt => {
+                    if StoredRecord::decode(bytes)?.created_ms > job.started_ms {
+                        job.skipped += 1;
+                        continue;
+                    }
+                    self.reencrypted(&keys, id, &StoredRecord::decode(bytes)?)?
+                }
+            };
+            changes.expect_kek_live(next_kek(&next)?);
+            changes.replace_record_at(key.clone(), bytes.clone(), &next)?;
+            job.changed += 1;
+            changed += 1;
+        }
+        job.cursor = batch.last().map(|(k, _)| k.clone()).unwrap_or_default();
+        changes.put_job(&job)?;
+        entry.reason = format!(
+            "{}: {changed} of {} records from {} changed",
+            job_kind_name(job.kind),
+            batch.len(),
+            clean(&String::from_utf8_lossy(&first[1..]))
+        );
+        match self.audit.commit(&self.store, entry, changes)? {
+            // A request changed one of these records meanwhile: the step runs again from the same
+            // cursor (nothing of it was written).
+            Committed::Conflict | Committed::Done(_) => Ok(true),
+        }
+    }
+}
+
+fn entry_reason(job: &StoredJob) -> String {
+    format!("{} finished: {} changed, {} already current", job_kind_name(job.kind), job.changed, job.skipped)
+}
+
+fn next_kek(record: &StoredRecord) -> Result<u32, VaultError> {
+    Ok(WrappedDataKey::from_bytes(record.wrapped_key.clone()).kek_version()?)
+}
+
+fn check_new_passphrase(p: &[u8]) -> Result<(), VaultError> {
+    let chars = String::from_utf8_lossy(p).chars().count();
+    if chars < MIN_PASSPHRASE_CHARS {
+        return Err(VaultError::InvalidArgument(format!(
+            "a custodian's passphrase needs at least {MIN_PASSPHRASE_CHARS} characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The background key-job runner; [`KeyJobs::stop`] waits for a step in flight to finish.
+#[derive(Debug)]
+pub struct KeyJobs {
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    signal: Arc<tokio::sync::Notify>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl KeyJobs {
+    /// Stops the runner after its current step; the step's batch is committed or not at all.
+    pub async fn stop(self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.signal.notify_one();
+        let _ = self.handle.await;
+    }
+}
+
+/// Runs background key jobs while the vault is served: woken by rotations and unseals, and every
+/// second in case a job was left unfinished by a restart. Holds the vault only during a step.
+pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
+    let weak: Weak<Vault> = Arc::downgrade(vault);
+    let signal = vault.job_signal.clone();
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sig, stop) = (signal.clone(), stopping.clone());
+    let handle = tokio::spawn(async move {
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let Some(vault) = weak.upgrade() else { return };
+            let pause = vault.job_pacing.pause;
+            let step = tokio::task::spawn_blocking(move || vault.job_step()).await;
+            let more = match step {
+                Ok(Ok(more)) => more,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "key job step failed; retrying in a second");
+                    false
+                }
+                Err(_) => false,
+            };
+            if more && pause.is_zero() {
+                continue;
+            }
+            let wait = if more { pause } else { Duration::from_secs(1) };
+            tokio::select! {
+                _ = sig.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    });
+    KeyJobs { stopping, signal, handle }
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&job_kind_name(*self))
+    }
+}
