@@ -461,7 +461,6 @@ impl Vault {
         let infos = self.store.kek_infos()?;
         let active = infos.iter().filter(|i| i.retired_ms.is_none()).map(|i| i.version).max();
         let now = now_ms();
-        let period_ms = regs.cryptoperiod_days.map(|d| u64::from(d) * 86_400_000);
         let versions = infos
             .iter()
             .map(|i| {
@@ -476,9 +475,7 @@ impl Vault {
                     created_ms: i.created_ms,
                     retired_ms: i.retired_ms,
                     data_keys: per_kek.as_ref().map(|m| m.get(&i.version).copied().unwrap_or(0)),
-                    overdue: state != KekState::Retired
-                        && i.created_ms > 0
-                        && period_ms.is_some_and(|p| now.saturating_sub(i.created_ms) > p),
+                    overdue: state != KekState::Retired && overdue(i.created_ms, now, regs.cryptoperiod_days),
                 }
             })
             .collect();
@@ -756,6 +753,12 @@ fn entry_reason(job: &StoredJob) -> String {
     format!("{} finished: {} changed, {} already current", job_kind_name(job.kind), job.changed, job.skipped)
 }
 
+/// Whether a key created at `created_ms` has outlived the cryptoperiod (unknown age: never).
+fn overdue(created_ms: u64, now_ms: u64, cryptoperiod_days: Option<u32>) -> bool {
+    let Some(days) = cryptoperiod_days else { return false };
+    created_ms > 0 && now_ms.saturating_sub(created_ms) > u64::from(days) * 86_400_000
+}
+
 fn next_kek(record: &StoredRecord) -> Result<u32, VaultError> {
     Ok(WrappedDataKey::from_bytes(record.wrapped_key.clone()).kek_version()?)
 }
@@ -823,5 +826,27 @@ pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
 impl std::fmt::Display for JobKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&job_kind_name(*self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_is_overdue_only_past_its_cryptoperiod() {
+        let day = 86_400_000;
+        let now = 400 * day;
+        assert!(!overdue(now - 365 * day, now, Some(365)), "exactly at the limit");
+        assert!(overdue(now - 365 * day - 1, now, Some(365)));
+        assert!(!overdue(now - 399 * day, now, None), "no cryptoperiod set");
+        assert!(!overdue(0, now, Some(1)), "age unknown (created before ages were kept)");
+    }
+
+    #[test]
+    fn short_custodian_passphrases_are_refused() {
+        assert!(check_new_passphrase("eleven char".as_bytes()).is_err());
+        assert!(check_new_passphrase("twelve chars".as_bytes()).is_ok());
+        assert!(check_new_passphrase("ครบสิบสองตัวอักษรนะ".as_bytes()).is_ok(), "characters, not bytes");
     }
 }

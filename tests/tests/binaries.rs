@@ -400,3 +400,198 @@ fn audit_cli_and_no_personal_data_in_the_server_log() {
     }
     assert!(server_log.contains("serving khlang.v1"), "the log was captured");
 }
+
+fn dev_token(data: &Path, identity: &str) -> String {
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("dev-credentials.json")).unwrap()).unwrap();
+    creds[identity].as_str().unwrap().to_owned()
+}
+
+/// Pseudo-random milliseconds in `lo..hi` (no RNG crate needed for test timing).
+fn jitter_ms(lo: u64, hi: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    lo + u64::from(nanos) % (hi - lo)
+}
+
+/// kill -9 during the rewrap, at random points, several times: after each restart the job resumes
+/// from its last committed step; at the end every data key was rewrapped exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_survives_kill_9_at_random_points_and_counts_exactly() {
+    const RECORDS: usize = 400;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let data_s = data.to_str().unwrap().to_owned();
+    // Small paced steps so kills land mid-job.
+    let args = [
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_s,
+        "--key-job-batch",
+        "8",
+        "--key-job-pause-ms",
+        "15",
+    ];
+    let (mut child, url) = spawn_khlangd(&args);
+    let url = url.unwrap();
+    let mut app = khlang_client::Client::connect(&url, &dev_token(&data, "registration-app")).await.unwrap();
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..RECORDS {
+        let subject = format!("kill-{}", i % 8);
+        let email = format!("person{i}@example.go.th");
+        let id = app.put(&subject, [("email", email.clone())]).await.unwrap();
+        expected.insert(id, (subject, email));
+    }
+    let mut admin = khlang_client::Client::connect(&url, &dev_token(&data, "key-admin")).await.unwrap();
+    admin.rotate_key().await.unwrap();
+
+    let mut last_done = 0;
+    let mut kills_mid_job = 0;
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(jitter_ms(40, 250))).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let (next, url) = spawn_khlangd(&args);
+        child = next;
+        let url = url.unwrap();
+        admin = khlang_client::Client::connect(&url, &dev_token(&data, "key-admin")).await.unwrap();
+        let job = admin.key_status(false).await.unwrap().job.unwrap();
+        assert!(job.done() >= last_done, "round {round}: progress went back: {job:?}");
+        assert!(job.changed <= RECORDS as u64, "round {round}: {job:?}");
+        if job.finished_ms.is_none() {
+            kills_mid_job += 1;
+        }
+        last_done = job.done();
+    }
+    assert!(kills_mid_job >= 2, "only {kills_mid_job} kills landed during the job");
+    let status = loop {
+        let k = admin.key_status(false).await.unwrap();
+        if k.job.as_ref().unwrap().finished_ms.is_some() {
+            break admin.key_status(true).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let job = status.job.clone().unwrap();
+    assert_eq!(
+        (job.changed, job.skipped, job.total),
+        (RECORDS as u64, 0, RECORDS as u64),
+        "every data key rewrapped exactly once"
+    );
+    let per_version: Vec<_> = status.versions.iter().map(|v| (v.version, v.data_keys)).collect();
+    assert_eq!(per_version, [(1, Some(0)), (2, Some(RECORDS as u64))]);
+    // Every record readable with its value (the data-protection officer exports in full).
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mut child, url) = spawn_khlangd(&args);
+    let url = url.unwrap();
+    let mut dpo =
+        khlang_client::Client::connect(&url, &dev_token(&data, "data-protection-officer")).await.unwrap();
+    let mut seen = 0;
+    for s in 0..8 {
+        for r in dpo.export_subject(&format!("kill-{s}")).await.unwrap() {
+            let (subject, email) = &expected[&r.record_id];
+            assert_eq!(r.subject_id.expose_secret(), subject);
+            assert_eq!(r.fields["email"].expose_secret(), email);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, RECORDS);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn khlang_anon(server_url: &str, args: &[&str]) -> Output {
+    Command::new(bin("khlang"))
+        .args(args)
+        .env("KHLANG_ADDR", server_url)
+        .env_remove("KHLANG_TOKEN")
+        .output()
+        .unwrap()
+}
+
+/// The custodians' and key admin's command lines: init with 2-of-3 custodians, serve sealed,
+/// unseal with `khlang operator unseal`, rotate, watch the rewrap, retire.
+#[test]
+fn custodians_and_key_admin_on_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    let data_s = data.to_str().unwrap();
+    let passes: Vec<String> =
+        ["first custodian's phrase", "second custodian's phrase!", "third custodian's phrase!!"]
+            .iter()
+            .map(|p| write_passphrase(tmp.path(), p))
+            .collect();
+    let mut init = vec!["init", "--data-dir", data_s, "--custodians", "3", "--threshold", "2"];
+    init.extend(["--argon2-memory-kib", "19456", "--argon2-passes", "2"]);
+    for p in &passes {
+        init.extend(["--passphrase-file", p.as_str()]);
+    }
+    let out = stdout(&Command::new(bin("khlangd")).args(&init).output().unwrap());
+    assert!(out.contains("split among 3 custodians; any 2 unseal it"), "{out}");
+    let token = out.lines().last().unwrap().trim().to_owned();
+    // A threshold of 1 with several custodians would be no dual control: refused.
+    let bad = Command::new(bin("khlangd"))
+        .args([
+            "init",
+            "--data-dir",
+            tmp.path().join("x").to_str().unwrap(),
+            "--custodians",
+            "2",
+            "--threshold",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+
+    // One custodian's passphrase at start: serving, sealed.
+    let second = format!("2={}", passes[1]);
+    let (mut child, url) = spawn_khlangd(&[
+        "serve",
+        "--data-dir",
+        data_s,
+        "--listen",
+        "127.0.0.1:0",
+        "--passphrase-file",
+        &second,
+    ]);
+    let url = url.unwrap();
+    let status = stdout(&khlang_anon(&url, &["operator", "status"]));
+    assert!(status.starts_with("SEALED: 1 of 2"), "{status}");
+    let refused = khlang(&url, &token, &["keys", "status"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("FailedPrecondition"), "sealed");
+    let wrong =
+        khlang_anon(&url, &["operator", "unseal", "--custodian", "3", "--passphrase-file", &passes[0]]);
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong passphrase for custodian 3's share"));
+    let unsealed = stdout(&khlang_anon(
+        &url,
+        &["operator", "unseal", "--custodian", "3", "--passphrase-file", &passes[2]],
+    ));
+    assert!(unsealed.starts_with("unsealed"), "{unsealed}");
+
+    let table = stdout(&khlang(&url, &token, &["keys", "status"]));
+    assert!(
+        table.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()[..3] == ["1", "active", "0m"]),
+        "{table}"
+    );
+    stdout(&khlang(&url, &token, &["keys", "rotate"]));
+    let watched = khlang(&url, &token, &["keys", "status", "--watch", "--json"]);
+    let progress = String::from_utf8_lossy(&watched.stderr).into_owned();
+    assert!(progress.contains("rewrap to v2") && progress.contains("100.0%"), "{progress}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&watched)).unwrap();
+    assert_eq!(json["versions"][0]["state"], "decrypt-only");
+    assert_eq!(json["versions"][1]["state"], "active");
+    assert!(json["job"]["finished_ms"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(
+        stdout(&khlang(&url, &token, &["keys", "retire", "1"])).trim(),
+        "KEK v1 retired: destroyed, no data key referenced it"
+    );
+    let table = stdout(&khlang(&url, &token, &["keys", "status"]));
+    assert!(table.lines().any(|l| l.trim_start().starts_with("1  retired")), "{table}");
+    let sealed = stdout(&khlang(&url, &token, &["operator", "seal"]));
+    assert!(sealed.starts_with("SEALED: 0 of 2"), "{sealed}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
