@@ -83,6 +83,10 @@ enum Command {
         /// Benchmark baseline only: write no audit entries.
         #[arg(long, hide = true)]
         bench_skip_audit: bool,
+        /// Benchmark setup only: before serving, store encrypted records in bulk (bypassing the
+        /// API and the audit log) until the vault holds this many.
+        #[arg(long, hide = true)]
+        bench_populate: Option<u64>,
     },
 }
 
@@ -394,9 +398,8 @@ async fn main() -> anyhow::Result<()> {
             let refs: Vec<&[u8]> = passes.iter().map(|p| p.as_bytes()).collect();
             let params = SealParams { m_cost: argon2_memory_kib, t_cost: argon2_passes, p_cost: 1 };
             let options = VaultOptions { regulations: Arc::new(regs), ..VaultOptions::default() };
-            Vault::init_custodians(&data_dir, threshold, &refs, params, &options)
+            let vault = Vault::init_custodians(&data_dir, threshold, &refs, params, &options)
                 .with_context(|| format!("cannot initialise a vault in {}", data_dir.display()))?;
-            let vault = Vault::open_sealed(&data_dir, &options)?;
             for (i, pass) in passes.iter().enumerate().take(threshold.max(1) as usize) {
                 vault.unseal_with(i as u8 + 1, pass.as_bytes(), None, "")?;
             }
@@ -432,7 +435,14 @@ async fn main() -> anyhow::Result<()> {
             }
             run(vault, bind(server.listen).await?, tls).await?;
         }
-        Command::Dev { data_dir, server, bench_plaintext_baseline, bench_skip_policy, bench_skip_audit } => {
+        Command::Dev {
+            data_dir,
+            server,
+            bench_plaintext_baseline,
+            bench_skip_policy,
+            bench_skip_audit,
+            bench_populate,
+        } => {
             let mode =
                 if bench_plaintext_baseline { CipherMode::PlaintextBaseline } else { CipherMode::Encrypted };
             let options = VaultOptions { bench_skip_policy, bench_skip_audit, ..server.options(mode)? };
@@ -440,6 +450,22 @@ async fn main() -> anyhow::Result<()> {
             let (vault, creds) = dev::open_dev_vault(&data_dir, &options)
                 .await
                 .with_context(|| format!("cannot open the development vault in {}", data_dir.display()))?;
+            if let Some(target) = bench_populate {
+                let have = vault.record_count();
+                if have < target {
+                    let started = std::time::Instant::now();
+                    vault.bench_populate(target - have, |done| {
+                        if done % 100_000 == 0 {
+                            tracing::info!(done, "bench populate");
+                        }
+                    })?;
+                    tracing::info!(
+                        records = target,
+                        secs = started.elapsed().as_secs_f64(),
+                        "bench populate finished"
+                    );
+                }
+            }
             let listener = bind(server.listen).await?;
             print_dev_banner(
                 listener.local_addr()?,

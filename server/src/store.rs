@@ -3,7 +3,8 @@
 //! Trees: `meta` (sealed root key, mode) and `keks` (version → wrapped KEK), written only at init
 //! and by key operations; and `vault`, which holds every key space that requests change, so a change
 //! and its audit entry are applied together in one atomic batch:
-//! - `r` ‖ record id → record (wrapped data key, field envelopes); `s` ‖ subject index ‖ id → ();
+//! - `r` ‖ record id → record (field envelopes, sealed subject id); `d` ‖ record id → its wrapped
+//!   data key; `s` ‖ subject index ‖ id → ();
 //! - `i` ‖ name → identity; `t` ‖ token id → token (HMAC of its secret);
 //! - `c` ‖ subject index ‖ purpose → current consent; `h` ‖ subject index ‖ seq → consent history;
 //! - `a` ‖ seq → audit entry (its chain hash ‖ canonical JSON); `k` ‖ seq → signed checkpoint;
@@ -31,8 +32,9 @@ const META_DERIVATION_KEY: &[u8] = b"derivation_key";
 const META_SHARE: &[u8] = b"share";
 /// Key of the background key job (rewrap or re-encryption) in the `vault` tree.
 const JOB_KEY: &[u8] = b"j";
-/// Current encoding of [`StoredRecord`] and [`StoredIdentity`].
-const RECORD_FORMAT: u8 = 1;
+/// Current encoding of [`StoredRecord`] and [`StoredIdentity`]. (Format 1, from before data keys
+/// were stored apart, is not read.)
+const RECORD_FORMAT: u8 = 2;
 
 /// How a write becomes durable before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,12 +46,15 @@ pub enum Durability {
     PerRequest,
 }
 
-/// A record as stored: its wrapped data key, envelopes (ciphertext) and field names. Keeping the
-/// data key inside the record makes every read see a matching key and ciphertext.
+/// A record as stored: envelopes (ciphertext), field names and, beside it at `d‖id`, its wrapped
+/// data key. The key is stored apart so a KEK rotation rewrites 61 bytes per record, not the
+/// record; a read checks the two belong together (same data-key generation).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredRecord {
     pub format: u8,
     /// The record's data key, wrapped by a KEK (empty in the plaintext benchmark baseline).
+    /// Stored at `d‖id`, not in the record's own bytes.
+    #[serde(skip)]
     pub wrapped_key: Vec<u8>,
     /// HMAC of the subject id (blind index), so a subject's records can be found without its id.
     pub subject_index: [u8; 32],
@@ -94,18 +99,19 @@ impl StoredRecord {
         postcard::to_stdvec(self).map_err(|_| StoreError::Corrupt("record (encode)"))
     }
 
-    /// The KEK version in an encoded record's wrapped data key, read without decoding the rest:
-    /// postcard puts `format`, then the key's length (a varint), then the key, whose header is
-    /// `0x01 | kek_version u32`. 0 for a record stored without encryption.
-    pub fn kek_version_of(bytes: &[u8]) -> Result<u32, StoreError> {
-        const WHAT: StoreError = StoreError::Corrupt("record (key header)");
-        match bytes {
-            [RECORD_FORMAT, 0, ..] => Ok(0),
-            [RECORD_FORMAT, len, 1, a, b, c, d, ..] if *len < 0x80 => {
-                Ok(u32::from_be_bytes([*a, *b, *c, *d]))
-            }
-            _ => Err(WHAT),
+    /// The KEK version named in a stored wrapped data key's header (`0x01 | kek_version u32 |
+    /// ...`), read without any key.
+    pub fn kek_version_of(wrapped: &[u8]) -> Result<u32, StoreError> {
+        match wrapped {
+            [1, a, b, c, d, ..] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
+            _ => Err(StoreError::Corrupt("wrapped data key")),
         }
+    }
+
+    /// Whether the wrapped data key and the sealed subject id name the same data-key generation
+    /// (always true without encryption). A mismatch means a re-encryption ran between two reads.
+    fn key_matches(&self) -> bool {
+        self.wrapped_key.is_empty() || self.wrapped_key.get(5..9) == self.subject.get(1..5)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
@@ -543,12 +549,27 @@ impl Store {
 
     // ---- reads ------------------------------------------------------------------------------
 
-    /// The record and the exact bytes it was read from (for [`Changes::replace_record`]).
+    fn data_key_key(record_id: &str) -> Vec<u8> {
+        [b"d".as_slice(), record_id.as_bytes()].concat()
+    }
+
+    /// The record (with its wrapped data key) and the exact bytes of the record it was read from
+    /// (for [`Changes::replace_record`]). The record and its key are two reads; if a concurrent
+    /// re-encryption slipped between them (their generations differ), both are read again.
     pub fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, sled::IVec)>, StoreError> {
-        self.vault
-            .get(Self::record_key(record_id))?
-            .map(|bytes| Ok((StoredRecord::decode(&bytes)?, bytes)))
-            .transpose()
+        let mut attempts = 0;
+        loop {
+            let Some(bytes) = self.vault.get(Self::record_key(record_id))? else { return Ok(None) };
+            let mut record = StoredRecord::decode(&bytes)?;
+            record.wrapped_key =
+                self.vault.get(Self::data_key_key(record_id))?.map(|k| k.to_vec()).unwrap_or_default();
+            attempts += 1;
+            // Still different after several reads: not a race but damage, which opening the
+            // record reports as an integrity failure.
+            if record.key_matches() || attempts >= 8 {
+                return Ok(Some((record, bytes)));
+            }
+        }
     }
 
     /// A subject's records, by blind index.
@@ -643,18 +664,19 @@ impl Store {
         self.vault.get(JOB_KEY)?.map(|b| Self::decode(&b, "key job")).transpose()
     }
 
-    /// Up to `limit` records after `cursor` (a record key; empty: from the first), with their keys
-    /// and the exact bytes read.
-    pub fn records_after(
+    /// Up to `limit` entries of the key space `prefix` (`r`: records, `d`: wrapped data keys) after
+    /// `cursor` (a full key; empty: from the first), with their keys and the exact bytes read.
+    pub fn scan_after(
         &self,
+        prefix: u8,
         cursor: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, sled::IVec)>, StoreError> {
         use std::ops::Bound;
         let start =
-            if cursor.is_empty() { Bound::Included(b"r".to_vec()) } else { Bound::Excluded(cursor.to_vec()) };
+            if cursor.is_empty() { Bound::Included(vec![prefix]) } else { Bound::Excluded(cursor.to_vec()) };
         self.vault
-            .range::<Vec<u8>, _>((start, Bound::Excluded(b"s".to_vec())))
+            .range::<Vec<u8>, _>((start, Bound::Excluded(vec![prefix + 1])))
             .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;
@@ -666,7 +688,7 @@ impl Store {
     /// The KEK version of every stored data key, counted from the wrapped keys' headers.
     pub fn data_keys_per_kek(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
         let mut out = std::collections::BTreeMap::new();
-        for kv in self.vault.range(b"r".to_vec()..b"s".to_vec()) {
+        for kv in self.vault.scan_prefix(b"d") {
             let (_, v) = kv?;
             let version = StoredRecord::kek_version_of(&v)?;
             *out.entry(version).or_insert(0) += 1;
@@ -675,7 +697,11 @@ impl Store {
     }
 
     pub fn record_count(&self) -> u64 {
-        self.vault.range(b"r".to_vec()..b"s".to_vec()).count() as u64
+        self.vault.scan_prefix(b"r").count() as u64
+    }
+
+    pub fn data_key_count(&self) -> u64 {
+        self.vault.scan_prefix(b"d").count() as u64
     }
 
     /// Every stored checkpoint (its JSON).
@@ -729,6 +755,7 @@ impl Store {
         record: &StoredRecord,
     ) -> Result<(), StoreError> {
         self.vault.insert(Self::record_key(record_id), record.encode()?)?;
+        self.vault.insert(Self::data_key_key(record_id), record.wrapped_key.as_slice())?;
         Ok(())
     }
 
@@ -781,11 +808,15 @@ impl Changes {
 
     pub fn insert_record(&mut self, record_id: &str, record: &StoredRecord) -> Result<(), StoreError> {
         self.batch.insert(Store::record_key(record_id), record.encode()?);
+        if !record.wrapped_key.is_empty() {
+            self.batch.insert(Store::data_key_key(record_id), record.wrapped_key.as_slice());
+        }
         self.batch.insert(Store::subject_key(&record.subject_index, record_id), &[] as &[u8]);
         Ok(())
     }
 
-    /// Replaces a record, provided it still holds `expected` when the change is applied.
+    /// Replaces a record's fields (its data key unchanged), provided it still holds `expected`
+    /// when the change is applied.
     pub fn replace_record(
         &mut self,
         record_id: &str,
@@ -798,10 +829,33 @@ impl Changes {
         Ok(())
     }
 
-    /// Removes a record (with its data key) and its index entry, provided it is still as read.
+    /// Replaces a record and its data key together (re-encryption), provided neither changed
+    /// since they were read (`read` is the record as [`Store::get_record`] returned it).
+    pub fn replace_record_and_key(
+        &mut self,
+        record_id: &str,
+        expected: sled::IVec,
+        read: &StoredRecord,
+        next: &StoredRecord,
+    ) -> Result<(), StoreError> {
+        self.replace_record(record_id, expected, next)?;
+        let key = Store::data_key_key(record_id);
+        self.batch.insert(key.clone(), next.wrapped_key.as_slice());
+        self.expect.push((key, Some(sled::IVec::from(read.wrapped_key.as_slice()))));
+        Ok(())
+    }
+
+    /// Rewraps a data key (KEK rotation), provided it still holds `expected`.
+    pub fn replace_data_key(&mut self, key: Vec<u8>, expected: sled::IVec, wrapped: &[u8]) {
+        self.batch.insert(key.clone(), wrapped);
+        self.expect.push((key, Some(expected)));
+    }
+
+    /// Removes a record, its data key and its index entry, provided it is still as read.
     pub fn delete_record(&mut self, record_id: &str, record: &StoredRecord, read: sled::IVec) {
         let key = Store::record_key(record_id);
         self.batch.remove(key.clone());
+        self.batch.remove(Store::data_key_key(record_id));
         self.batch.remove(Store::subject_key(&record.subject_index, record_id));
         self.expect.push((key, Some(read)));
     }
@@ -818,18 +872,6 @@ impl Changes {
     /// Saves a key job's progress in the same batch as the records it changed.
     pub fn put_job(&mut self, job: &StoredJob) -> Result<(), StoreError> {
         self.batch.insert(JOB_KEY, Store::encode(job, "key job")?);
-        Ok(())
-    }
-
-    /// Replaces a record by its storage key, provided it still holds `expected`.
-    pub fn replace_record_at(
-        &mut self,
-        key: Vec<u8>,
-        expected: sled::IVec,
-        next: &StoredRecord,
-    ) -> Result<(), StoreError> {
-        self.batch.insert(key.clone(), next.encode()?);
-        self.expect.push((key, Some(expected)));
         Ok(())
     }
 

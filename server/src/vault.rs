@@ -237,20 +237,21 @@ impl Vault {
         params: SealParams,
         options: &VaultOptions,
     ) -> Result<(), VaultError> {
-        Self::init_custodians(dir, 1, &[passphrase], params, options)
+        Self::init_custodians(dir, 1, &[passphrase], params, options).map(drop)
     }
 
     /// Creates a new vault whose root key is split among custodians, one passphrase each; any
-    /// `threshold` of them unseal it. One custodian: the root key sealed whole.
+    /// `threshold` of them unseal it (one custodian: the root key sealed whole). Returns it sealed.
     pub fn init_custodians(
         dir: &Path,
         threshold: u8,
         passphrases: &[&[u8]],
         params: SealParams,
         options: &VaultOptions,
-    ) -> Result<(), VaultError> {
-        let store = Self::open_store(dir, Durability::PerRequest)?;
-        Self::init_store(&store, threshold, passphrases, params, options.mode)
+    ) -> Result<Self, VaultError> {
+        let store = Self::open_store(dir, options.durability)?;
+        Self::init_store(&store, threshold, passphrases, params, options.mode)?;
+        Self::from_store(store, options)
     }
 
     fn open_store(dir: &Path, durability: Durability) -> Result<Store, VaultError> {
@@ -313,7 +314,10 @@ impl Vault {
     /// Opens an initialised vault and unseals it with `passphrase` (a single-custodian vault, or
     /// custodian 1 of a 1-of-N one).
     pub fn open(dir: &Path, passphrase: &[u8], options: &VaultOptions) -> Result<Self, VaultError> {
-        let vault = Self::open_sealed(dir, options)?;
+        Self::unsealed_with(Self::open_sealed(dir, options)?, passphrase)
+    }
+
+    fn unsealed_with(vault: Self, passphrase: &[u8]) -> Result<Self, VaultError> {
         vault.unseal_with(1, passphrase, None, "")?;
         vault.unsealed()?;
         Ok(vault)
@@ -326,19 +330,21 @@ impl Vault {
         params: SealParams,
         options: &VaultOptions,
     ) -> Result<Self, VaultError> {
-        {
-            let store = Self::open_store(dir, Durability::PerRequest)?;
-            if !store.is_initialised()? {
-                Self::init_store(&store, 1, &[passphrase], params, options.mode)?;
-            }
+        // One open of the store: sled releases its lock only after its own threads let go.
+        let store = Self::open_store(dir, options.durability)?;
+        if !store.is_initialised()? {
+            Self::init_store(&store, 1, &[passphrase], params, options.mode)?;
         }
-        Self::open(dir, passphrase, options)
+        Self::unsealed_with(Self::from_store(store, options)?, passphrase)
     }
 
     /// Opens an initialised vault without unsealing it: only status and unseal answer until
     /// enough custodians have given their passphrases ([`Vault::unseal_with`]).
     pub fn open_sealed(dir: &Path, options: &VaultOptions) -> Result<Self, VaultError> {
-        let store = Self::open_store(dir, options.durability)?;
+        Self::from_store(Self::open_store(dir, options.durability)?, options)
+    }
+
+    fn from_store(store: Store, options: &VaultOptions) -> Result<Self, VaultError> {
         if !store.is_initialised()? {
             return Err(StoreError::NotInitialised.into());
         }

@@ -105,10 +105,8 @@ impl TestServer {
         Self::serve(dir, options, vault, tls).await
     }
 
-    /// Serves an initialised vault that stays sealed until custodians unseal it over the API;
-    /// no tokens are issued (a sealed vault cannot).
-    pub async fn start_sealed(dir: &Path, options: VaultOptions) -> Self {
-        let vault = Vault::open_sealed(dir, &options).expect("open sealed vault");
+    /// Serves a vault the test opened itself (sealed or not).
+    pub async fn start_vault(dir: &Path, options: VaultOptions, vault: Vault) -> Self {
         Self::serve(dir, options, vault, None).await
     }
 

@@ -141,6 +141,15 @@ async fn data_key_swapped_between_records_fails_closed() {
     assert!(err.to_string().contains("data key failed its integrity check"), "{err}");
     assert!(c.get(&a, &[], PURPOSE).await.is_ok());
     server.stop().await;
+
+    // A data key of another generation (as if from a re-encryption) is refused the same way.
+    let mut newer = read_record(dir.path(), &a).wrapped_key;
+    newer[8] ^= 2; // generation 1 -> 3 in the header
+    edit_record(dir.path(), &a, |r| r.wrapped_key = newer);
+    let server = TestServer::start(dir.path()).await;
+    let err = server.client().await.get(&a, &[], PURPOSE).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::DataLoss), "{err}");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
