@@ -8,7 +8,7 @@
 #
 #   bench/rotation.sh [RECORDS=1000000] [SECONDS=10] [EXTRA khlangd FLAGS...]
 #
-# e.g. `bench/rotation.sh 1000000 10 --key-job-pause-ms 2` trades rotation speed for serving.
+# e.g. `bench/rotation.sh 1000000 10 --key-job-duty 50` trades rotation speed for serving.
 # The records are stored in bulk by a hidden benchmark-only flag (`khlangd dev --bench-populate`):
 # real per-record data keys and encrypted fields, written straight to the store (1M records through
 # the API would take ten minutes here).
@@ -19,17 +19,21 @@ SECS=${2:-10}
 shift 2 2>/dev/null || shift $#
 cargo build --release --bins --quiet
 BIN=target/release
-WORK=$(mktemp -d)
+# KHLANG_BENCH_DIR keeps the populated vault between runs (populating a million records takes a
+# minute or two); otherwise a temporary folder is used and removed.
+if [ -n "${KHLANG_BENCH_DIR:-}" ]; then WORK=$KHLANG_BENCH_DIR; mkdir -p "$WORK"; KEEP=1; else WORK=$(mktemp -d); KEEP=; fi
 PID=
-trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
+trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; [ -n "$KEEP" ] || rm -rf "$WORK"' EXIT
 
 start=$(date +%s.%N)
+rm -f "$WORK/out" "$WORK/log"
 "$BIN/khlangd" dev --listen 127.0.0.1:0 --data-dir "$WORK/vault" --bench-populate "$N" "$@" \
   >"$WORK/out" 2>"$WORK/log" &
 PID=$!
 until grep -q KHLANG_ADDR "$WORK/out" 2>/dev/null; do sleep 0.5; kill -0 "$PID"; done
 ADDR=$(grep -o 'http://[0-9.:]*' "$WORK/out" | head -1)
-echo "populated $N records in $(grep -o 'secs=[0-9.]*' "$WORK/log" | tail -1 | cut -d= -f2) s; store $(du -sh "$WORK/vault" | cut -f1)"
+echo "khlangd flags: ${*:-(defaults)}"
+echo "populated $N records in $(grep -o 'secs=[0-9.]*' "$WORK/log" | tail -1 | cut -d= -f2) s (0: kept from an earlier run); store $(du -sh "$WORK/vault" | cut -f1)"
 token() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$WORK/vault/dev-credentials.json" "$1"; }
 ADMIN=$(token key-admin)
 READER=$(token registration-app)

@@ -143,8 +143,11 @@ struct ServerArgs {
     /// Records per step of a background key job (rewrap, re-encryption).
     #[arg(long, default_value_t = JobPacing::default().batch)]
     key_job_batch: usize,
-    /// Pause between steps of a background key job, in milliseconds: trades rotation speed for
-    /// serving throughput while it runs.
+    /// Share of its time (percent) a background key job may spend working; it rests the rest, so
+    /// requests keep most of the machine while data keys are rewrapped.
+    #[arg(long, default_value_t = JobPacing::default().duty_percent, value_parser = clap::value_parser!(u8).range(1..=100))]
+    key_job_duty: u8,
+    /// Fixed pause between steps of a background key job, in milliseconds (a floor under the rest).
     #[arg(long, default_value_t = 0)]
     key_job_pause_ms: u64,
 }
@@ -187,6 +190,7 @@ impl ServerArgs {
             checkpoints: Default::default(),
             job_pacing: JobPacing {
                 batch: self.key_job_batch.max(1),
+                duty_percent: self.key_job_duty,
                 pause: Duration::from_millis(self.key_job_pause_ms),
             },
             seal_params: SealParams::DEFAULT,

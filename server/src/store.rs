@@ -784,6 +784,8 @@ pub struct Changes {
     batch: sled::Batch,
     /// Keys that must still hold these values (`None`: be absent) when the batch is applied.
     expect: Vec<(Vec<u8>, Option<sled::IVec>)>,
+    /// KEK versions already expected live (a batch usually names one).
+    live_keks: Vec<u32>,
     empty: bool,
 }
 
@@ -863,9 +865,9 @@ impl Changes {
     /// Applies only if KEK `version` is still live: a data key wrapped under a version retired
     /// meanwhile is never stored (the request runs again under the active version).
     pub fn expect_kek_live(&mut self, version: u32) {
-        let key = kek_live_key(version);
-        if !self.expect.iter().any(|(k, _)| *k == key) {
-            self.expect.push((key, Some(sled::IVec::from(KEK_LIVE))));
+        if !self.live_keks.contains(&version) {
+            self.live_keks.push(version);
+            self.expect.push((kek_live_key(version), Some(sled::IVec::from(KEK_LIVE))));
         }
     }
 

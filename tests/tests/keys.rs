@@ -154,7 +154,7 @@ async fn rotation_under_load_then_retirement_by_proof() {
     let dir = tempfile::tempdir().unwrap();
     // Small, paced steps so the rewrap is still running while requests flow.
     let options = VaultOptions {
-        job_pacing: JobPacing { batch: 16, pause: Duration::from_millis(15) },
+        job_pacing: JobPacing { batch: 16, pause: Duration::from_millis(15), ..JobPacing::default() },
         ..TestServer::options(dir.path())
     };
     let server = TestServer::start_with(dir.path(), options.clone()).await;
