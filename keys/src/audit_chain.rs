@@ -125,6 +125,17 @@ impl<'a> ChainVerifier<'a> {
         Self { public_key, expected_seq: 1, prev: GENESIS, report, checkpoints: checkpoints.into() }
     }
 
+    /// A verifier for the part of a log that starts at `seq`, given the hash stored with entry
+    /// `seq - 1` (checked by whoever verifies the part before). Lets two threads verify two halves:
+    /// every link is checked against the stored hash before it, so the halves together check
+    /// exactly what one pass would.
+    pub fn starting_at(public_key: &'a [u8], checkpoints: Vec<Checkpoint>, seq: u64, prev: [u8; 32]) -> Self {
+        let mut v = Self::new(public_key, checkpoints);
+        v.expected_seq = seq.max(1);
+        v.prev = prev;
+        v
+    }
+
     fn fail(&mut self, seq: u64, reason: impl Into<String>) {
         if self.report.first_break.is_none() {
             self.report.first_break = Some(ChainBreak { seq, reason: reason.into() });
@@ -200,5 +211,28 @@ impl<'a> ChainVerifier<'a> {
     /// The head reached so far: `(last seq, its hash)`.
     pub fn head(&self) -> (u64, [u8; 32]) {
         (self.expected_seq - 1, self.prev)
+    }
+
+    /// Ends a part that must reach `last` (the part after it starts at `last + 1`).
+    pub fn finish_part(mut self, last: u64) -> ChainReport {
+        if !self.broken() && self.expected_seq != last + 1 {
+            let seq = self.expected_seq;
+            self.fail(seq, format!("entry {seq} is missing (deleted or truncated)"));
+        }
+        self.report
+    }
+}
+
+/// Joins the reports of two consecutive parts into the report one pass over the whole would give.
+pub fn join_reports(first: ChainReport, second: ChainReport) -> ChainReport {
+    let checkpoints = first.checkpoints + second.checkpoints;
+    if first.first_break.is_some() {
+        return ChainReport { checkpoints, ..first };
+    }
+    ChainReport {
+        entries: first.entries + second.entries,
+        checkpoints,
+        last_checkpoint: first.last_checkpoint.max(second.last_checkpoint),
+        first_break: second.first_break,
     }
 }

@@ -9,7 +9,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use khlang_keys::audit_chain::{AuditSigner, ChainReport, ChainVerifier, Checkpoint, GENESIS, chain_hash};
+use khlang_keys::audit_chain::{
+    AuditSigner, ChainReport, ChainVerifier, Checkpoint, GENESIS, chain_hash, join_reports,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::catalogue::printable;
@@ -273,49 +275,50 @@ impl AuditLog {
     /// the head this process appended (catches a truncated tail).
     pub fn verify(&self, store: &Store, public_key: &[u8], live: bool) -> Result<ChainReport, StoreError> {
         let expected_head = self.head();
-        let checkpoints = store
+        // The live log is verified up to the head as it was when verification began (requests
+        // keep appending meanwhile); a stored log, to its end.
+        let last = if live { expected_head.0 } else { store.last_audit_entry()?.map_or(0, |(seq, _)| seq) };
+        let checkpoints: Vec<Checkpoint> = store
             .checkpoints()?
             .iter()
             .filter_map(|c| {
                 serde_json::from_slice::<StoredCheckpoint>(c).ok().and_then(|c| c.to_checkpoint())
             })
+            .filter(|c| !live || c.seq <= last)
             .collect();
-        let mut v = ChainVerifier::new(public_key, checkpoints);
-        // Reading sled and hashing take about as long as each other: read on one thread, hash on
-        // this one, in batches.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<(u64, sled::IVec)>, StoreError>>(4);
-        std::thread::scope(|scope| {
-            scope.spawn(move || {
-                let mut batch = Vec::with_capacity(1024);
-                for item in store.audit_entries(0) {
-                    match item {
-                        Ok(e) => batch.push(e),
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    }
-                    if batch.len() == 1024 && tx.send(Ok(std::mem::take(&mut batch))).is_err() {
-                        return;
-                    }
-                }
-                let _ = tx.send(Ok(batch));
+        // Two halves on two threads, each reading and hashing its own range: every link is
+        // checked against the hash stored before it, so the halves check what one pass would.
+        let split = if last >= 4096 { last / 2 + 1 } else { last + 1 };
+        let (early, late): (Vec<Checkpoint>, Vec<Checkpoint>) =
+            checkpoints.into_iter().partition(|c| c.seq < split);
+        let prev_of_split = match store.audit_entries(split - 1).next().transpose()? {
+            Some((seq, value)) if seq == split - 1 => split_stored(&value)
+                .ok()
+                .and_then(|(hash, _)| <[u8; 32]>::try_from(hash).ok())
+                .unwrap_or(GENESIS),
+            // Missing: the first half reports it.
+            _ => GENESIS,
+        };
+        let to = if live { last } else { u64::MAX };
+        let (first, second) = std::thread::scope(|scope| {
+            let second = scope.spawn(|| {
+                verify_range(
+                    store,
+                    ChainVerifier::starting_at(public_key, late, split, prev_of_split),
+                    split,
+                    to,
+                )
             });
-            for batch in rx {
-                for (seq, value) in batch? {
-                    match split_stored(&value) {
-                        Ok((hash, json)) => v.entry(seq, embedded_seq(json), json, hash),
-                        Err(_) => v.entry(seq, None, &[], &[]),
-                    }
-                    if v.broken() {
-                        return Ok(());
-                    }
-                }
-            }
-            Ok::<(), StoreError>(())
-        })?;
-        let reached = v.head();
-        let mut report = v.finish();
+            let first = verify_range(store, ChainVerifier::new(public_key, early), 1, split - 1);
+            (first, second.join())
+        });
+        let second = second.map_err(|_| StoreError::Corrupt("audit verification thread"))??;
+        let reached = if second.head().0 >= split {
+            second.head()
+        } else {
+            first.as_ref().map_or((0, GENESIS), |f| f.head())
+        };
+        let mut report = join_reports(first?.finish_part(split - 1), second.finish());
         if live && report.first_break.is_none() && reached != expected_head {
             report.first_break = Some(khlang_keys::audit_chain::ChainBreak {
                 seq: reached.0 + 1,
@@ -327,6 +330,29 @@ impl AuditLog {
         }
         Ok(report)
     }
+}
+
+/// Feeds the stored entries `from..=to` to `v`, stopping at the first break.
+fn verify_range<'k>(
+    store: &Store,
+    mut v: ChainVerifier<'k>,
+    from: u64,
+    to: u64,
+) -> Result<ChainVerifier<'k>, StoreError> {
+    for item in store.audit_entries(from) {
+        let (seq, value) = item?;
+        if seq > to {
+            break;
+        }
+        match split_stored(&value) {
+            Ok((hash, json)) => v.entry(seq, embedded_seq(json), json, hash),
+            Err(_) => v.entry(seq, None, &[], &[]),
+        }
+        if v.broken() {
+            break;
+        }
+    }
+    Ok(v)
 }
 
 /// What a security officer asks the log for; every given filter must match.
@@ -440,5 +466,84 @@ mod tests {
         let via_map = serde_json::to_vec(&serde_json::to_value(&e).unwrap()).unwrap();
         assert_eq!(e.canonical().unwrap(), via_map);
         assert_eq!(embedded_seq(&via_map), Some(42));
+    }
+
+    /// The two-thread verification must name exactly the break one sequential pass names, for
+    /// damage in either half and right at the seam.
+    #[test]
+    fn split_verification_matches_a_sequential_pass() {
+        use crate::store::Durability;
+        use khlang_keys::{DerivationKey, OsRandom};
+        const N: u64 = 6000;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let log = AuditLog::open(
+            &store,
+            CheckpointPolicy { every_entries: 700, every: Duration::from_secs(3600) },
+            false,
+        )
+        .unwrap();
+        let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        let public_key = signer.public_key().to_vec();
+        log.set_signer(signer);
+        for i in 0..N {
+            let entry =
+                AuditEntry { rpc: "GetRecord".into(), reason: format!("n{i}"), ..AuditEntry::default() };
+            assert!(matches!(log.commit(&store, entry, Changes::none()).unwrap(), Committed::Done(_)));
+        }
+        log.checkpoint_now(&store).unwrap();
+        let sequential = |store: &Store| {
+            let checkpoints: Vec<Checkpoint> = store
+                .checkpoints()
+                .unwrap()
+                .iter()
+                .filter_map(|c| serde_json::from_slice::<StoredCheckpoint>(c).ok()?.to_checkpoint())
+                .collect();
+            let mut v = ChainVerifier::new(&public_key, checkpoints);
+            for item in store.audit_entries(0) {
+                let (seq, value) = item.unwrap();
+                let (hash, json) = split_stored(&value).unwrap();
+                v.entry(seq, embedded_seq(json), json, hash);
+            }
+            v.finish()
+        };
+        let intact = log.verify(&store, &public_key, true).unwrap();
+        assert_eq!(intact, sequential(&store));
+        assert_eq!((intact.entries, intact.first_break.clone()), (N, None));
+
+        let tree = store.vault_tree_for_tests();
+        let split = N / 2 + 1;
+        for (what, seq) in [
+            ("edit", 100),
+            ("edit", split - 1),
+            ("edit", split),
+            ("edit", N - 3),
+            ("delete", split - 1),
+            ("delete", 4000),
+        ] {
+            let key = entry_key(seq);
+            let original = tree.get(&key).unwrap().unwrap();
+            if what == "edit" {
+                let mut forged = original.to_vec();
+                let at = forged.len() - 40;
+                forged[at] ^= 1;
+                tree.insert(&key, forged).unwrap();
+            } else {
+                tree.remove(&key).unwrap();
+            }
+            let report = log.verify(&store, &public_key, false).unwrap();
+            let reference = sequential(&store);
+            assert_eq!(report.first_break, reference.first_break, "{what} {seq}");
+            assert_eq!(report.last_checkpoint, reference.last_checkpoint, "{what} {seq}");
+            assert_eq!(report.first_break.as_ref().map(|b| b.seq), Some(seq), "{what} {seq}: {report:?}");
+            tree.insert(&key, original).unwrap();
+        }
+        // Truncation: the newest entries gone, the checkpoint beyond them remains.
+        for seq in N - 5..=N {
+            tree.remove(entry_key(seq)).unwrap();
+        }
+        let report = log.verify(&store, &public_key, false).unwrap();
+        assert_eq!(report.first_break, sequential(&store).first_break);
+        assert!(report.first_break.unwrap().reason.contains("truncated"));
     }
 }
