@@ -595,3 +595,35 @@ fn custodians_and_key_admin_on_the_command_line() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Reads are acknowledged once their audit entry is in the synced journal; kill -9 right after
+/// the last one, and every acknowledged read is still on the record, the chain intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_reads_survive_kill_9_in_the_audit_log() {
+    const READS: usize = 300;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let args = ["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
+    let (mut child, url) = spawn_khlangd(&args);
+    let url = url.unwrap();
+    let mut app = khlang_client::Client::connect(&url, &dev_token(&data, "registration-app")).await.unwrap();
+    let id = app.put("journal", [("email", CANARY_EMAIL)]).await.unwrap();
+    for _ in 0..READS {
+        app.get(&id, &[], Some("contact")).await.unwrap();
+    }
+    child.kill().unwrap(); // SIGKILL, straight after the last acknowledgement
+    child.wait().unwrap();
+
+    let (mut child, url, log) = spawn_khlangd_logged(&args, "info");
+    let url = url.unwrap();
+    let mut sec = khlang_client::Client::connect(&url, &dev_token(&data, "security-officer")).await.unwrap();
+    let q = khlang_client::AuditQuery { identity: "registration-app".into(), ..Default::default() };
+    let reads = sec.query_audit(&q).await.unwrap().iter().filter(|e| e.rpc == "GetRecord").count();
+    assert_eq!(reads, READS, "every acknowledged read is in the log");
+    let report = sec.verify_audit().await.unwrap();
+    assert!(report.first_break.is_none(), "{report:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = log.recv_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
+    eprintln!("{}", log.lines().filter(|l| l.contains("recovered")).collect::<Vec<_>>().join("\n"));
+}
