@@ -7,7 +7,6 @@
 //! caller sent are bounded and stripped of control characters, and JSON escapes the rest.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use khlang_keys::audit_chain::{
@@ -16,7 +15,6 @@ use khlang_keys::audit_chain::{
 use serde::{Deserialize, Serialize};
 
 use crate::catalogue::printable;
-use crate::journal::Journal;
 use crate::store::{Changes, Record, Store};
 use crate::vault::now_ms;
 use crate::{StoreError, VaultError};
@@ -104,13 +102,7 @@ struct Head {
     hash: [u8; 32],
     checkpointed_seq: u64,
     checkpointed_at: Instant,
-    /// The newest entry committed with other changes (those become durable by a sled flush only).
-    last_write: u64,
 }
-
-/// How far the journal may run ahead of sled's flushed state before an entry takes the sled path
-/// anyway (which flushes sled and lets the journal drop what it covers).
-const JOURNAL_LAG_MAX: u64 = 50_000;
 
 /// Appends entries (with the request's changes) and signs checkpoints. The mutex orders the chain
 /// and makes each commit's expectation check and write one step.
@@ -120,10 +112,6 @@ pub struct AuditLog {
     policy: CheckpointPolicy,
     /// Benchmark baseline only: apply changes without writing entries.
     disabled: bool,
-    /// Durability for entries that change nothing else (see `journal.rs`); `None` when disabled.
-    journal: Option<Journal>,
-    /// Every entry up to this seq is in sled and flushed.
-    sled_durable: AtomicU64,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -159,66 +147,30 @@ pub fn embedded_seq(json: &[u8]) -> Option<u64> {
 }
 
 pub enum Committed {
-    Done(Appended),
+    Done(u64),
     /// An expectation no longer held; nothing was written. Read again and retry.
     Conflict,
 }
 
-/// An appended entry, and how the request waits for it to be durable.
-#[derive(Debug, Clone, Copy)]
-pub struct Appended {
-    pub seq: u64,
-    /// In the journal, with every earlier entry already durable: a journal sync suffices.
-    pub journaled: bool,
-}
-
 impl AuditLog {
     pub fn open(store: &Store, policy: CheckpointPolicy, disabled: bool) -> Result<Self, StoreError> {
-        let (mut seq, mut hash) = match store.last_audit_entry()? {
+        let (seq, hash) = match store.last_audit_entry()? {
             Some((seq, value)) => {
                 let (hash, _) = split_stored(&value)?;
                 (seq, hash.try_into().map_err(|_| StoreError::Corrupt("audit entry"))?)
             }
             None => (0, GENESIS),
         };
-        // Entries a crash took from sled (inserted, never flushed) but the journal kept: put them
-        // back, each checked against the chain, up to the first gap.
-        let mut recovered = 0u64;
-        for (next, (stored_hash, json)) in Journal::read_all(store.dir())?.range(seq + 1..) {
-            if *next != seq + 1
-                || embedded_seq(json) != Some(*next)
-                || chain_hash(&hash, json) != *stored_hash
-            {
-                break;
-            }
-            let record = (entry_key(*next), [stored_hash.as_slice(), json].concat());
-            store.commit(Changes::none(), &[record])?;
-            (seq, hash) = (*next, *stored_hash);
-            recovered += 1;
-        }
-        if recovered > 0 {
-            store.flush_now()?;
-            tracing::warn!(recovered, "audit entries recovered from the journal after an unclean stop");
-        }
-        let journal = if disabled { None } else { Some(Journal::start(store.dir(), seq + 1)?) };
         let checkpointed_seq = store
             .checkpoints()?
             .last()
             .and_then(|c| serde_json::from_slice::<StoredCheckpoint>(c).ok())
             .map_or(0, |c| c.seq);
         Ok(Self {
-            head: Mutex::new(Head {
-                seq,
-                hash,
-                checkpointed_seq,
-                checkpointed_at: Instant::now(),
-                last_write: 0,
-            }),
+            head: Mutex::new(Head { seq, hash, checkpointed_seq, checkpointed_at: Instant::now() }),
             signer: Mutex::new(None),
             policy,
             disabled,
-            journal,
-            sled_durable: AtomicU64::new(seq),
         })
     }
 
@@ -267,7 +219,7 @@ impl AuditLog {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
         if self.disabled {
             return match store.commit(changes, &[]) {
-                Ok(true) => Ok(Committed::Done(Appended { seq: 0, journaled: false })),
+                Ok(true) => Ok(Committed::Done(0)),
                 Ok(false) => Ok(Committed::Conflict),
                 Err(_) => Err(VaultError::AuditUnavailable),
             };
@@ -282,23 +234,6 @@ impl AuditLog {
         let checkpoint = if due { self.checkpoint_record(entry.seq, &hash)? } else { None };
         let checkpointed = checkpoint.is_some();
         records.extend(checkpoint);
-        // An entry that changes nothing else may be made durable by the journal alone, provided
-        // every entry before it already is (or a crash could leave a gap before it).
-        let audit_only = changes.is_empty();
-        let journaled = match &self.journal {
-            Some(journal)
-                if audit_only
-                    && head.last_write <= self.sled_durable.load(Ordering::Acquire)
-                    && entry.seq - self.sled_durable.load(Ordering::Acquire) < JOURNAL_LAG_MAX =>
-            {
-                if let Err(e) = journal.append(entry.seq, &hash, &canonical) {
-                    tracing::error!(error = %e, "audit journal could not be written");
-                    return Err(VaultError::AuditUnavailable);
-                }
-                true
-            }
-            _ => false,
-        };
         match store.commit(changes, &records) {
             Ok(true) => {}
             Ok(false) => return Ok(Committed::Conflict),
@@ -309,36 +244,11 @@ impl AuditLog {
         }
         head.seq = entry.seq;
         head.hash = hash;
-        if !audit_only {
-            head.last_write = entry.seq;
-        }
         if checkpointed {
             head.checkpointed_seq = entry.seq;
             head.checkpointed_at = Instant::now();
         }
-        Ok(Committed::Done(Appended { seq: entry.seq, journaled }))
-    }
-
-    /// Waits until the journal holds `seq` durably.
-    pub async fn journal_durable(&self, seq: u64) -> Result<(), VaultError> {
-        match &self.journal {
-            Some(j) => j.durable(seq).await.map_err(|e| {
-                tracing::error!(error = %e, "audit journal sync failed");
-                VaultError::AuditUnavailable
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// sled has flushed everything up to `seq`: the journal may drop what that covers.
-    pub fn sled_flushed(&self, seq: u64) {
-        let before = self.sled_durable.fetch_max(seq, Ordering::AcqRel);
-        if let Some(j) = &self.journal
-            && seq > before
-            && let Err(e) = j.sled_flushed(seq)
-        {
-            tracing::warn!(error = %e, "audit journal segments not pruned");
-        }
+        Ok(Committed::Done(entry.seq))
     }
 
     /// Runs `f` with every commit held off (key retirement proves and destroys under it).
@@ -635,85 +545,5 @@ mod tests {
         let report = log.verify(&store, &public_key, false).unwrap();
         assert_eq!(report.first_break, sequential(&store).first_break);
         assert!(report.first_break.unwrap().reason.contains("truncated"));
-    }
-
-    /// Entries sled lost in a crash come back from the journal, checked against the chain; a torn
-    /// frame or a forged one ends the replay instead of entering the log.
-    #[test]
-    fn the_journal_puts_back_what_sled_lost() {
-        use crate::store::Durability;
-        let dir = tempfile::tempdir().unwrap();
-        let policy = CheckpointPolicy { every_entries: 1_000_000, every: Duration::from_secs(3600) };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let read = |log: &AuditLog, store: &Store, i: u64| {
-            let entry =
-                AuditEntry { rpc: "GetRecord".into(), reason: format!("r{i}"), ..AuditEntry::default() };
-            match log.commit(store, entry, Changes::none()).unwrap() {
-                Committed::Done(done) => done,
-                Committed::Conflict => panic!("conflict"),
-            }
-        };
-        // sled has 1..=3 on disk; 4..=10 are acknowledged through the journal only, then lost.
-        {
-            let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-            let log = AuditLog::open(&store, policy, false).unwrap();
-            for i in 1..=3 {
-                read(&log, &store, i);
-            }
-            store.flush_now().unwrap();
-            log.sled_flushed(3);
-            for i in 4..=10 {
-                let done = read(&log, &store, i);
-                assert!(done.journaled, "a read after no pending write needs only the journal");
-                rt.block_on(log.journal_durable(done.seq)).unwrap();
-            }
-            let tree = store.vault_tree_for_tests();
-            for seq in 4..=10 {
-                tree.remove(entry_key(seq)).unwrap();
-            }
-            store.flush_now().unwrap();
-        }
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-        let log = AuditLog::open(&store, policy, false).unwrap();
-        assert_eq!(log.head().0, 10, "4..=10 came back from the journal");
-        let entries: Vec<AuditEntry> = read_entries(&store).map(Result::unwrap).collect();
-        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
-        assert_eq!(entries[5].reason, "r6");
-
-        // A write makes later reads wait for sled until the write is flushed.
-        let mut changes = Changes::new();
-        changes
-            .put_job(&crate::store::StoredJob {
-                format: 1,
-                kind: crate::store::JobKind::Reencrypt,
-                cursor: vec![],
-                changed: 0,
-                skipped: 0,
-                total: 0,
-                started_ms: 0,
-                finished_ms: Some(1),
-                requested_by: String::new(),
-            })
-            .unwrap();
-        let Committed::Done(w) = log.commit(&store, AuditEntry::default(), changes).unwrap() else {
-            panic!()
-        };
-        assert!(!w.journaled);
-        assert!(!read(&log, &store, 12).journaled, "the write before it is not flushed yet");
-        store.flush_now().unwrap();
-        log.sled_flushed(12);
-        let done = read(&log, &store, 13);
-        assert!(done.journaled);
-        rt.block_on(log.journal_durable(13)).unwrap();
-        // A forged frame after it (not chaining from 13) is not replayed.
-        let forged = AuditEntry { seq: 14, reason: "forged".into(), ..AuditEntry::default() };
-        log.journal.as_ref().unwrap().append(14, &[7; 32], &forged.canonical().unwrap()).unwrap();
-        store.vault_tree_for_tests().remove(entry_key(13)).unwrap();
-        drop(log);
-        drop(store);
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-        let log = AuditLog::open(&store, policy, false).unwrap();
-        assert_eq!(log.head().0, 13, "13 recovered, the forged 14 refused");
-        assert_eq!(read_entries(&store).count(), 13);
     }
 }

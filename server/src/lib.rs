@@ -8,7 +8,6 @@ pub mod catalogue;
 pub mod dev;
 mod error;
 pub mod grpc;
-mod journal;
 pub mod lifecycle;
 pub mod policy;
 pub mod regulations;

@@ -767,13 +767,7 @@ impl Vault {
         match self.audit.commit(&self.store, entry, changes)? {
             // A request changed one of these records meanwhile: the step runs again from the same
             // cursor (nothing of it was written).
-            Committed::Conflict => Ok(true),
-            Committed::Done(done) => {
-                // Durable before the next step, so requests' entries need not wait on it.
-                self.store.flush_now()?;
-                self.audit.sled_flushed(done.seq);
-                Ok(true)
-            }
+            Committed::Conflict | Committed::Done(_) => Ok(true),
         }
     }
 }

@@ -272,7 +272,6 @@ impl GroupCommit {
 }
 
 pub struct Store {
-    dir: std::path::PathBuf,
     db: sled::Db,
     meta: sled::Tree,
     keks: sled::Tree,
@@ -304,7 +303,6 @@ impl Store {
         let group =
             GroupCommit::start(db.clone(), stats.clone()).map_err(|e| StoreError::Flush(e.to_string()))?;
         Ok(Self {
-            dir: dir.to_owned(),
             meta: db.open_tree("meta")?,
             keks: db.open_tree("keks")?,
             kek_info: db.open_tree("kek_info")?,
@@ -320,11 +318,6 @@ impl Store {
 
     pub fn flush_stats(&self) -> &FlushStats {
         &self.stats
-    }
-
-    /// The data folder (the audit journal lives beside the database).
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Returns once everything written before the call is on disk.

@@ -588,11 +588,7 @@ impl Vault {
     /// Appends an entry with its changes now, and waits until both are durable.
     pub(crate) fn commit_now(&self, entry: AuditEntry, changes: Changes) -> Result<(), VaultError> {
         match self.audit.commit(&self.store, entry, changes)? {
-            Committed::Done(done) => {
-                self.store.flush_now()?;
-                self.audit.sled_flushed(done.seq);
-                Ok(())
-            }
+            Committed::Done(_) => Ok(self.store.flush_now()?),
             Committed::Conflict => Err(VaultError::FailedPrecondition("concurrent change; try again".into())),
         }
     }
@@ -622,26 +618,15 @@ impl Vault {
                 }
             }
             let wrote = !changes.is_empty();
-            let done = match self.audit.commit(&self.store, record, changes)? {
+            match self.audit.commit(&self.store, record, changes)? {
                 Committed::Conflict => continue,
-                Committed::Done(done) => done,
-            };
-            self.wait_durable(done, wrote).await?;
+                Committed::Done(_) => {}
+            }
+            if wrote || !self.audit.is_disabled() {
+                self.store.durable().await?;
+            }
             return result;
         }
-    }
-
-    /// Waits until an appended entry (and the change it came with) is on disk: by a journal sync
-    /// when that suffices, otherwise by a (group) sled flush.
-    async fn wait_durable(&self, done: crate::audit::Appended, wrote: bool) -> Result<(), VaultError> {
-        if done.journaled {
-            return self.audit.journal_durable(done.seq).await;
-        }
-        if wrote || !self.audit.is_disabled() {
-            self.store.durable().await?;
-            self.audit.sled_flushed(done.seq);
-        }
-        Ok(())
     }
 
     /// Records a request refused before it had an identity (failed authentication, lockout).
@@ -663,8 +648,11 @@ impl Vault {
             outcome: error.code_name().into(),
             ..AuditEntry::default()
         };
-        if let Committed::Done(done) = self.audit.commit(&self.store, entry, Changes::none())? {
-            self.wait_durable(done, false).await?;
+        match self.audit.commit(&self.store, entry, Changes::none())? {
+            Committed::Done(_) | Committed::Conflict => {}
+        }
+        if !self.audit.is_disabled() {
+            self.store.durable().await?;
         }
         Ok(())
     }

@@ -596,8 +596,8 @@ fn custodians_and_key_admin_on_the_command_line() {
     child.wait().unwrap();
 }
 
-/// Reads are acknowledged once their audit entry is in the synced journal; kill -9 right after
-/// the last one, and every acknowledged read is still on the record, the chain intact.
+/// A read is answered only once its audit entry is on disk: kill -9 right after the last of 300,
+/// and every one of them is still on the record, the chain intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_reads_survive_kill_9_in_the_audit_log() {
     const READS: usize = 300;
@@ -614,7 +614,7 @@ async fn acknowledged_reads_survive_kill_9_in_the_audit_log() {
     child.kill().unwrap(); // SIGKILL, straight after the last acknowledgement
     child.wait().unwrap();
 
-    let (mut child, url, log) = spawn_khlangd_logged(&args, "info");
+    let (mut child, url) = spawn_khlangd(&args);
     let url = url.unwrap();
     let mut sec = khlang_client::Client::connect(&url, &dev_token(&data, "security-officer")).await.unwrap();
     let q = khlang_client::AuditQuery { identity: "registration-app".into(), ..Default::default() };
@@ -624,6 +624,4 @@ async fn acknowledged_reads_survive_kill_9_in_the_audit_log() {
     assert!(report.first_break.is_none(), "{report:?}");
     child.kill().unwrap();
     child.wait().unwrap();
-    let log = log.recv_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
-    eprintln!("{}", log.lines().filter(|l| l.contains("recovered")).collect::<Vec<_>>().join("\n"));
 }
