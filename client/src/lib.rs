@@ -314,7 +314,7 @@ pub fn verify_export(
     reader: impl std::io::BufRead,
     public_key_hex: &str,
 ) -> Result<ChainReport, ExportError> {
-    use khlang_keys::audit_chain::{ChainVerifier, Checkpoint};
+    use khlang_keys::audit_chain::{ChainVerifier, Checkpoint, verify_checkpoint};
     let public_key = hex::decode(public_key_hex.trim()).map_err(|_| ExportError::PublicKey)?;
     if public_key.len() != 32 {
         return Err(ExportError::PublicKey);
@@ -351,7 +351,29 @@ pub fn verify_export(
             _ => return Err(bad("unknown line type")),
         }
     }
-    let mut verifier = ChainVerifier::new(&public_key, checkpoints);
+    // An archive, or an export made after one, starts after 1: the signed checkpoint just before
+    // its first entry anchors it.
+    let first = entries.first().map_or(1, |e| e.0);
+    let mut verifier = if first > 1 {
+        let anchor = checkpoints.iter().find(|c| c.seq == first - 1).cloned();
+        match anchor {
+            Some(a) if verify_checkpoint(&public_key, a.seq, &a.hash, a.time_ms, &a.signature) => {
+                let later = checkpoints.into_iter().filter(|c| c.seq >= first).collect();
+                ChainVerifier::starting_at(&public_key, later, first, a.hash)
+            }
+            _ => {
+                return Ok(ChainReport {
+                    first_break: Some(ChainBreak {
+                        seq: first - 1,
+                        reason: format!("no valid signed checkpoint at {} anchors entry {first}", first - 1),
+                    }),
+                    ..ChainReport::default()
+                });
+            }
+        }
+    } else {
+        ChainVerifier::new(&public_key, checkpoints)
+    };
     for (seq, embedded, canonical, hash) in &entries {
         verifier.entry(*seq, *embedded, canonical, hash);
         if verifier.broken() {

@@ -286,9 +286,44 @@ impl AuditLog {
             })
             .filter(|c| !live || c.seq <= last)
             .collect();
+        // After an archival the log starts at `first`, anchored by the signed checkpoint at
+        // `first - 1`, which must verify.
+        let first = match store.first_audit_seq()? {
+            Some(f) => f,
+            None => last + 1,
+        };
+        let mut start_hash = GENESIS;
+        if first > 1 {
+            let anchor = checkpoints.iter().find(|c| c.seq == first - 1).cloned();
+            let ok = anchor.as_ref().is_some_and(|a| {
+                khlang_keys::audit_chain::verify_checkpoint(
+                    public_key,
+                    a.seq,
+                    &a.hash,
+                    a.time_ms,
+                    &a.signature,
+                )
+            });
+            match anchor {
+                Some(a) if ok => start_hash = a.hash,
+                _ => {
+                    return Ok(ChainReport {
+                        first_break: Some(khlang_keys::audit_chain::ChainBreak {
+                            seq: first - 1,
+                            reason: format!(
+                                "entries before {first} are gone and no valid signed checkpoint at {} anchors the rest",
+                                first - 1
+                            ),
+                        }),
+                        ..ChainReport::default()
+                    });
+                }
+            }
+        }
+        let checkpoints: Vec<Checkpoint> = checkpoints.into_iter().filter(|c| c.seq >= first).collect();
         // Two halves on two threads, each reading and hashing its own range: every link is
         // checked against the hash stored before it, so the halves check what one pass would.
-        let split = if last >= 4096 { last / 2 + 1 } else { last + 1 };
+        let split = if last >= first + 4096 { first + (last - first) / 2 } else { last + 1 };
         let (early, late): (Vec<Checkpoint>, Vec<Checkpoint>) =
             checkpoints.into_iter().partition(|c| c.seq < split);
         let prev_of_split = match store.audit_entries(split - 1).next().transpose()? {
@@ -309,7 +344,12 @@ impl AuditLog {
                     to,
                 )
             });
-            let first = verify_range(store, ChainVerifier::new(public_key, early), 1, split - 1);
+            let first = verify_range(
+                store,
+                ChainVerifier::starting_at(public_key, early, first, start_hash),
+                first,
+                split - 1,
+            );
             (first, second.join())
         });
         let second = second.map_err(|_| StoreError::Corrupt("audit verification thread"))??;
@@ -416,6 +456,21 @@ pub fn read_entries(store: &Store) -> impl Iterator<Item = Result<AuditEntry, St
         let (_, value) = item?;
         let (_, json) = split_stored(&value)?;
         serde_json::from_slice(json).map_err(|_| StoreError::Corrupt("audit entry"))
+    })
+}
+
+/// The archive of entries up to `last`: the export format (a header, each entry with its chain
+/// hash, the checkpoints up to `last`, including the one anchoring its first entry).
+pub fn archive_lines<'a>(
+    store: &'a Store,
+    public_key: Vec<u8>,
+    last: u64,
+) -> impl Iterator<Item = Result<String, StoreError>> + 'a {
+    export_lines(store, public_key).filter(move |line| match line {
+        Ok(l) => serde_json::from_str::<serde_json::Value>(l)
+            .map(|v| v["type"] == "header" || v["seq"].as_u64().is_some_and(|s| s <= last))
+            .unwrap_or(false),
+        Err(_) => true,
     })
 }
 

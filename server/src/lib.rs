@@ -17,6 +17,6 @@ mod vault;
 pub use auth::{AuthLimits, Credentials, IssuedToken};
 pub use error::{StoreError, VaultError};
 pub use vault::{
-    Caller, CipherMode, ConsentReport, FieldValue, Identity, IdentityInfo, Limits, RecordSummary, RecordView,
-    RegulationsInfo, Vault, VaultOptions,
+    ArchiveReport, Caller, CipherMode, ConsentReport, FieldValue, Identity, IdentityInfo, Limits,
+    RecordSummary, RecordView, RegulationsInfo, Vault, VaultOptions,
 };

@@ -66,6 +66,23 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Move audit entries older than the regulations' retention (at least 365 days) out of a
+    /// STOPPED vault into an archive file (JSON Lines, verifiable offline with the public key).
+    /// Entries younger than the retention are never removed; there is no API for this.
+    ArchiveAudit {
+        #[arg(long, env = "KHLANG_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        passphrase: PassphraseArgs,
+        /// Archive entries older than this many days (at least the retention).
+        #[arg(long)]
+        older_than_days: u32,
+        /// The archive file to create (refuses to overwrite one).
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, env = "KHLANG_REGULATIONS")]
+        regulations: Option<PathBuf>,
+    },
     /// Run on embedded defaults: a local folder, development unseal, the sample regulations and a
     /// printed token for each sample identity. Not for real data.
     Dev {
@@ -416,6 +433,52 @@ async fn main() -> anyhow::Result<()> {
                 "Token for identity '{initial_identity}' (role {initial_role}; shown once, store it safely):"
             );
             println!("{}", token.expose_secret());
+        }
+        Command::ArchiveAudit { data_dir, passphrase, older_than_days, output, regulations } => {
+            let options = VaultOptions {
+                regulations: Arc::new(load_regulations(regulations.as_deref())?),
+                regulations_path: regulations,
+                ..VaultOptions::default()
+            };
+            let vault = Vault::open_sealed(&data_dir, &options).with_context(|| {
+                format!("cannot open the vault in {} (is it still running?)", data_dir.display())
+            })?;
+            for (custodian, pass) in &serve_passphrases(&passphrase)? {
+                vault.unseal_with(*custodian, pass.as_bytes(), None, "")?;
+            }
+            if vault.is_sealed() {
+                bail!(
+                    "the vault is still sealed: give enough custodians' passphrases (--passphrase-file N=FILE)"
+                );
+            }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+            let before = now.saturating_sub(u64::from(older_than_days) * 86_400_000);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&output)
+                .with_context(|| format!("cannot create {}", output.display()))?;
+            let report = match vault.archive_audit(before, now, &mut file) {
+                Ok(r) => r,
+                Err(e) => {
+                    drop(file);
+                    std::fs::remove_file(&output).ok();
+                    return Err(e.into());
+                }
+            };
+            vault.flush()?;
+            if report.entries == 0 {
+                std::fs::remove_file(&output).ok();
+                println!("nothing to archive: no signed checkpoint is older than {older_than_days} days");
+            } else {
+                println!(
+                    "archived entries {} to {} ({} entries) to {}; verify it with `khlang audit verify --offline`",
+                    report.first,
+                    report.last,
+                    report.entries,
+                    output.display()
+                );
+            }
         }
         Command::Serve { data_dir, passphrase, server } => {
             let options = server.options(CipherMode::Encrypted)?;

@@ -116,7 +116,12 @@ pub struct Regulations {
     pub warnings: Vec<String>,
     /// How long a key-encryption key may stay in use (PCI DSS 3.6.4); `None`: no limit set.
     pub cryptoperiod_days: Option<u32>,
+    /// Audit entries younger than this are never archived away (PCI DSS 10.5.1: at least a year).
+    pub audit_retention_days: u32,
 }
+
+/// The shortest audit retention the regulations may set, and the default (PCI DSS 10.5.1).
+pub const MIN_AUDIT_RETENTION_DAYS: u32 = 365;
 
 impl fmt::Debug for Regulations {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -143,6 +148,14 @@ struct RawFile {
     roles: BTreeMap<String, RawRole>,
     #[serde(default)]
     keys: Option<RawKeys>,
+    #[serde(default)]
+    audit: Option<RawAudit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    retention_days: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -355,6 +368,13 @@ impl Regulations {
         if cryptoperiod_days == Some(0) {
             return Err(err("keys.cryptoperiod_days: must be at least 1"));
         }
+        let audit_retention_days =
+            raw.audit.and_then(|a| a.retention_days).unwrap_or(MIN_AUDIT_RETENTION_DAYS);
+        if audit_retention_days < MIN_AUDIT_RETENTION_DAYS {
+            return Err(err(format!(
+                "audit.retention_days: {audit_retention_days} is less than {MIN_AUDIT_RETENTION_DAYS} (PCI DSS 10.5.1 keeps a year)"
+            )));
+        }
         Ok(Self {
             version,
             organisation: raw.regulations.organisation,
@@ -363,6 +383,7 @@ impl Regulations {
             roles,
             warnings,
             cryptoperiod_days,
+            audit_retention_days,
         })
     }
 
@@ -469,5 +490,15 @@ reveal = "full"
         let b = Regulations::parse(&format!("{MINI}\n# a comment\n")).unwrap();
         assert_ne!(a.version, b.version);
         assert_eq!(a.version, hex::encode(ring::digest::digest(&ring::digest::SHA256, MINI.as_bytes())));
+    }
+
+    #[test]
+    fn audit_retention_defaults_to_a_year_and_cannot_be_shorter() {
+        assert_eq!(Regulations::sample().audit_retention_days, 365);
+        let short = SAMPLE.replace("retention_days = 365", "retention_days = 90");
+        let err = Regulations::parse(&short).unwrap_err().to_string();
+        assert!(err.contains("audit.retention_days: 90 is less than 365"), "{err}");
+        let long = SAMPLE.replace("retention_days = 365", "retention_days = 3650");
+        assert_eq!(Regulations::parse(&long).unwrap().audit_retention_days, 3650);
     }
 }

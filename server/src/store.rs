@@ -639,6 +639,30 @@ impl Store {
         })
     }
 
+    /// The oldest audit entry's seq (entries before it were archived), if any.
+    pub fn first_audit_seq(&self) -> Result<Option<u64>, StoreError> {
+        let Some((k, _)) = self.vault.scan_prefix(b"a").next().transpose()? else { return Ok(None) };
+        let seq: [u8; 8] =
+            k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
+        Ok(Some(u64::from_be_bytes(seq)))
+    }
+
+    /// Removes archived audit entries `first..=last` and the checkpoints before `last` (the one at
+    /// `last` stays: it anchors what remains), in one batch, flushed.
+    pub fn remove_archived_audit(&self, first: u64, last: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for seq in first..=last {
+            batch.remove([b"a".as_slice(), &seq.to_be_bytes()].concat());
+        }
+        for kv in self.vault.range(
+            [b"k".as_slice(), &0u64.to_be_bytes()].concat()..[b"k".as_slice(), &last.to_be_bytes()].concat(),
+        ) {
+            batch.remove(kv?.0);
+        }
+        self.vault.apply_batch(batch)?;
+        self.flush_now()
+    }
+
     /// The last audit entry, if any.
     pub fn last_audit_entry(&self) -> Result<Option<(u64, sled::IVec)>, StoreError> {
         let Some((k, v)) = self.vault.scan_prefix(b"a").next_back().transpose()? else { return Ok(None) };

@@ -1213,6 +1213,14 @@ impl Vault {
     }
 }
 
+/// What an archival moved out of the vault: entries `first..=last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveReport {
+    pub first: u64,
+    pub last: u64,
+    pub entries: u64,
+}
+
 /// An entry for an action of the local operator (unseal, SIGHUP), which has no API identity.
 pub(crate) fn operator_entry(rpc: &str, op: Operation, regs: &Regulations) -> AuditEntry {
     AuditEntry {
@@ -1288,6 +1296,23 @@ impl Vault {
         Ok(self.audit.verify(&self.store, &public_key, true)?)
     }
 
+    /// The operator's view (no caller, nothing audited): the public key, hex, of an unsealed vault.
+    pub fn audit_public_key_now(&self) -> Result<String, VaultError> {
+        self.audit
+            .public_key()
+            .map(hex::encode)
+            .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))
+    }
+
+    /// The operator's verification of the live log (no caller): `khlangd archive-audit` and tests.
+    pub fn verify_audit_now(&self) -> Result<ChainReport, VaultError> {
+        let public_key = self
+            .audit
+            .public_key()
+            .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
+        Ok(self.audit.verify(&self.store, &public_key, true)?)
+    }
+
     /// The checkpoint-verifying public key, hex.
     pub async fn audit_public_key(&self, caller: &Caller) -> Result<String, VaultError> {
         self.audit_read(caller, "AuditPublicKey", AuditFilter::default(), None).await?;
@@ -1295,6 +1320,67 @@ impl Vault {
             .public_key()
             .map(hex::encode)
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))
+    }
+
+    /// Moves audit entries older than `before_ms` out of the vault into `out` (the export format,
+    /// verifiable offline), up to the newest signed checkpoint before that time, which stays to
+    /// anchor what remains. Refused for anything younger than the regulations' retention (PCI DSS
+    /// 10.5.1) and for a log that does not verify. The operator's command on a stopped vault
+    /// (`khlangd archive-audit`), never an API. `now_ms` is the clock (tests pass a later one).
+    pub fn archive_audit(
+        &self,
+        before_ms: u64,
+        now_ms: u64,
+        out: &mut std::fs::File,
+    ) -> Result<ArchiveReport, VaultError> {
+        use std::io::Write;
+        let regs = self.regulations();
+        let retention_ms = u64::from(regs.audit_retention_days) * 86_400_000;
+        if before_ms > now_ms.saturating_sub(retention_ms) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "entries younger than {} days are kept (PCI DSS 10.5.1); archive only before {} ms",
+                regs.audit_retention_days,
+                now_ms.saturating_sub(retention_ms)
+            )));
+        }
+        let public_key = self
+            .audit
+            .public_key()
+            .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
+        let report = self.audit.verify(&self.store, &public_key, true)?;
+        if let Some(b) = report.first_break {
+            return Err(VaultError::FailedPrecondition(format!(
+                "the log does not verify (first untrustworthy entry {}: {}); nothing archived",
+                b.seq, b.reason
+            )));
+        }
+        let first = self.store.first_audit_seq()?.unwrap_or(1);
+        let last = self
+            .store
+            .checkpoints()?
+            .iter()
+            .filter_map(|c| serde_json::from_slice::<crate::audit::StoredCheckpoint>(c).ok())
+            .filter(|c| c.seq >= first && c.time_ms < before_ms)
+            .map(|c| c.seq)
+            .max();
+        let Some(last) = last else {
+            return Ok(ArchiveReport { first, last: first.saturating_sub(1), entries: 0 });
+        };
+        let io = |e: std::io::Error| VaultError::FailedPrecondition(format!("cannot write the archive: {e}"));
+        for line in crate::audit::archive_lines(&self.store, public_key, last) {
+            writeln!(out, "{}", line?).map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+        out.sync_all().map_err(io)?;
+        // The archive is on disk; only now do the entries leave the vault.
+        self.audit.exclusive(|| self.store.remove_archived_audit(first, last))?;
+        let mut entry = operator_entry("ArchiveAudit", Operation::AuditRead, &regs);
+        entry.reason = format!(
+            "entries {first} to {last} ({} entries) older than {before_ms} ms archived; checkpoint {last} anchors the rest",
+            last + 1 - first
+        );
+        self.commit_now(entry, Changes::none())?;
+        Ok(ArchiveReport { first, last, entries: last + 1 - first })
     }
 
     /// Fault drill for tests: make every following write (and so every request) fail.

@@ -444,3 +444,63 @@ fn an_audit_entry_keeps_control_characters_out() {
     assert!(!json.contains('\n') && !json.contains('\u{0}'), "{json}");
     assert!(json.contains(r#""purpose":"x?\"y\"?""#), "{json}");
 }
+
+/// Retention: nothing younger than the regulations' retention can be archived; older entries move
+/// to an archive that verifies offline, and the log left behind still verifies from its anchor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archival_respects_retention_and_leaves_a_verifiable_log() {
+    use khlang_server::Vault;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    let id = c.put("archived-subject", canary_fields()).await.unwrap();
+    for _ in 0..10 {
+        c.get(&id, &[], PURPOSE).await.unwrap();
+    }
+    server.stop().await; // signs a checkpoint at the head
+
+    let vault = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).unwrap();
+    let public_key = vault.audit_public_key_now().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let day = 86_400_000;
+    let archive_path = dir.path().join("archive.jsonl");
+    let mut file = std::fs::File::create(&archive_path).unwrap();
+    // Today's entries are within the 365-day retention: refused, nothing removed.
+    let err = vault.archive_audit(now, now, &mut file).unwrap_err();
+    assert!(err.to_string().contains("younger than 365 days are kept"), "{err}");
+    let before = vault.audit_entries(AuditFilter::default()).count();
+    // 400 days on, the same entries may go.
+    let report = vault.archive_audit(now + 1, now + 400 * day, &mut file).unwrap();
+    assert_eq!(report.first, 1);
+    assert!(report.entries >= 12 && report.last == report.entries, "{report:?}");
+    let left: Vec<AuditEntry> = vault.audit_entries(AuditFilter::default()).map(Result::unwrap).collect();
+    assert_eq!(left.first().unwrap().seq, report.last + 1);
+    assert_eq!(left.last().unwrap().rpc, "ArchiveAudit");
+    assert_eq!(left.len() as u64, before as u64 + 1 - report.entries);
+
+    // The archive verifies offline with only the public key; so does an export of what is left
+    // (anchored by the checkpoint the archival kept); so does the live log.
+    let archived = khlang_client::verify_export(
+        std::io::BufReader::new(std::fs::File::open(&archive_path).unwrap()),
+        &public_key,
+    )
+    .unwrap();
+    assert_eq!(
+        (archived.entries, archived.last_checkpoint, archived.first_break),
+        (report.entries, report.last, None)
+    );
+    let export: Vec<String> = vault.audit_export().unwrap().map(Result::unwrap).collect();
+    let rest = khlang_client::verify_export(export.join("\n").as_bytes(), &public_key).unwrap();
+    assert!(rest.first_break.is_none() && rest.entries == left.len() as u64, "{rest:?}");
+    assert!(vault.verify_audit_now().unwrap().first_break.is_none());
+
+    // Without its anchor the rest no longer verifies.
+    drop(vault);
+    let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+    store.vault_tree_for_tests().remove([b"k".as_slice(), &report.last.to_be_bytes()].concat()).unwrap();
+    store.flush_now().unwrap();
+    drop(store);
+    let vault = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).unwrap();
+    let broken = vault.verify_audit_now().unwrap().first_break.unwrap();
+    assert_eq!(broken.seq, report.last, "{broken:?}");
+}

@@ -625,3 +625,44 @@ async fn acknowledged_reads_survive_kill_9_in_the_audit_log() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `khlangd archive-audit` runs on a stopped vault and never removes what the retention keeps.
+#[test]
+fn archive_audit_command_keeps_what_the_retention_keeps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let data_s = data.to_str().unwrap();
+    let (mut child, url) = spawn_khlangd(&["dev", "--listen", "127.0.0.1:0", "--data-dir", data_s]);
+    url.unwrap();
+    // While it runs, the folder is locked: archival refuses.
+    let pass = write_passphrase(tmp.path(), khlang_server::dev::DEV_PASSPHRASE);
+    let out = tmp.path().join("archive.jsonl");
+    let archive = |days: &str| {
+        Command::new(bin("khlangd"))
+            .args([
+                "archive-audit",
+                "--data-dir",
+                data_s,
+                "--passphrase-file",
+                &pass,
+                "--older-than-days",
+                days,
+            ])
+            .args(["--output", out.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let locked = archive("400");
+    assert!(!locked.status.success());
+    assert!(String::from_utf8_lossy(&locked.stderr).contains("is it still running?"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let young = archive("30");
+    assert!(!young.status.success());
+    assert!(String::from_utf8_lossy(&young.stderr).contains("entries younger than 365 days are kept"));
+    assert!(!out.exists(), "a refused archival leaves no file behind");
+    let none = archive("400");
+    assert_eq!(stdout(&none).trim(), "nothing to archive: no signed checkpoint is older than 400 days");
+    assert!(!out.exists());
+}
