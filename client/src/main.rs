@@ -74,11 +74,15 @@ fn passphrases(file: Option<&std::path::Path>, prompts: &[String]) -> anyhow::Re
 
 fn print_seal(s: &SealStatus) {
     if s.sealed {
+        let given = if s.received.is_empty() {
+            "none yet".to_owned()
+        } else {
+            s.received.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        };
         println!(
-            "SEALED: {} of {} custodians' shares needed have arrived (custodians {:?}; {} in all)",
+            "SEALED: {} of {} needed custodians' shares given (custodians: {given}; {} in all)",
             s.received.len(),
             s.threshold,
-            s.received,
             s.custodians
         );
     } else {

@@ -558,7 +558,7 @@ fn custodians_and_key_admin_on_the_command_line() {
     ]);
     let url = url.unwrap();
     let status = stdout(&khlang_anon(&url, &["operator", "status"]));
-    assert!(status.starts_with("SEALED: 1 of 2"), "{status}");
+    assert!(status.starts_with("SEALED: 1 of 2 needed custodians' shares given (custodians: 2;"), "{status}");
     let refused = khlang(&url, &token, &["keys", "status"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("FailedPrecondition"), "sealed");
@@ -591,7 +591,10 @@ fn custodians_and_key_admin_on_the_command_line() {
     let table = stdout(&khlang(&url, &token, &["keys", "status"]));
     assert!(table.lines().any(|l| l.trim_start().starts_with("1  retired")), "{table}");
     let sealed = stdout(&khlang(&url, &token, &["operator", "seal"]));
-    assert!(sealed.starts_with("SEALED: 0 of 2"), "{sealed}");
+    assert!(
+        sealed.starts_with("SEALED: 0 of 2 needed custodians' shares given (custodians: none yet; 3 in all)"),
+        "{sealed}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
