@@ -351,3 +351,63 @@ async fn reencryption_renews_every_key_and_ciphertext_and_keeps_values() {
         }
     }
 }
+
+/// Malformed key-lifecycle requests get precise statuses (sent raw, as any gRPC client could).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_key_requests_are_refused_precisely() {
+    use khlang_proto::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let token = server.tokens["key-admin"].clone();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let mut keys = pb::keys_client::KeysClient::connect(server.url()).await.unwrap();
+    let mut operator = pb::operator_client::OperatorClient::connect(server.url()).await.unwrap();
+    fn with<T>(msg: T, bearer: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut().insert("authorization", bearer.clone());
+        req
+    }
+    let authed = |msg| with(msg, &bearer);
+    let code = |r: Result<tonic::Response<pb::ReencryptResponse>, tonic::Status>| r.unwrap_err().code();
+    // No target, an empty subject, a record id that is not one.
+    assert_eq!(
+        code(keys.reencrypt(authed(pb::ReencryptRequest { target: None })).await),
+        tonic::Code::InvalidArgument
+    );
+    let subject =
+        pb::ReencryptRequest { target: Some(pb::reencrypt_request::Target::SubjectId(String::new())) };
+    assert_eq!(code(keys.reencrypt(authed(subject)).await), tonic::Code::InvalidArgument);
+    let all_false = pb::ReencryptRequest { target: Some(pb::reencrypt_request::Target::All(false)) };
+    assert_eq!(code(keys.reencrypt(authed(all_false)).await), tonic::Code::InvalidArgument);
+    // Without a token, key operations are unauthenticated.
+    let e = keys.rotate_key(pb::RotateKeyRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    // Custodian numbers out of range.
+    for custodian in [0, 2, 300] {
+        let e =
+            operator.unseal(pb::UnsealRequest { custodian, passphrase: "x".repeat(20) }).await.unwrap_err();
+        assert!(matches!(e.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition), "{e:?}");
+        let req = pb::ChangePassphraseRequest {
+            custodian,
+            old_passphrase: PASSPHRASE.into(),
+            new_passphrase: "a long enough new passphrase".into(),
+        };
+        let e = operator.change_passphrase(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "custodian {custodian}: {e:?}");
+    }
+    // Rekey with no custodians, or a threshold over 255.
+    let e = operator
+        .rekey(with(pb::RekeyRequest { threshold: 1, passphrases: vec![] }, &bearer))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = operator
+        .rekey(with(
+            pb::RekeyRequest { threshold: 300, passphrases: vec!["a long passphrase".into(); 2] },
+            &bearer,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    server.stop().await;
+}
