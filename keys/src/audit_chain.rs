@@ -32,7 +32,7 @@ fn checkpoint_message(seq: u64, hash: &[u8; 32], time_ms: u64) -> Vec<u8> {
     m
 }
 
-/// Signs checkpoints. Holds the Ed25519 seed (derived from the root key), wiped on drop.
+/// Signs checkpoints. Holds the Ed25519 seed (derived from the derivation key), wiped on drop.
 pub struct AuditSigner {
     seed: Key256,
     public: Vec<u8>,

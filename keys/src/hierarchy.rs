@@ -80,7 +80,7 @@ impl fmt::Debug for RootKey {
     }
 }
 
-/// An HMAC-SHA256 key derived from the root key (token pepper, blind index).
+/// An HMAC-SHA256 key derived from the derivation key (token pepper, blind index).
 pub struct DerivedKey(Key256);
 
 impl DerivedKey {

@@ -8,7 +8,7 @@ pub const KEK_WRAP_AAD: &[u8] = b"khlang/v1/kek-wrap";
 pub const DATA_KEY_WRAP_AAD: &[u8] = b"khlang/v1/data-key-wrap";
 /// Associated data prefix of every field envelope.
 pub const FIELD_AAD: &[u8] = b"khlang/v1/field";
-/// HKDF salt for every key derived from the root key.
+/// HKDF salt for every key derived from the derivation key.
 pub const HKDF_SALT: &[u8] = b"khlang/v1/hkdf-salt";
 /// HKDF info: the pepper that keys API-token hashes.
 pub const TOKEN_PEPPER: &[u8] = b"khlang/v1/token-pepper";

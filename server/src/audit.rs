@@ -1,7 +1,7 @@
 //! The audit log: one entry for every request that reaches the vault, written in the same atomic
 //! batch as the request's changes and flushed before any plaintext leaves or any change is
 //! acknowledged. Entries form a hash chain over their canonical JSON; every N entries or T seconds,
-//! and at shutdown, the head is signed (Ed25519, a key derived from the root key).
+//! and at shutdown, the head is signed (Ed25519, a key derived from the derivation key).
 //!
 //! Entries name fields, never their values; the subject appears only as its blind index; strings a
 //! caller sent are bounded and stripped of control characters, and JSON escapes the rest.

@@ -1,7 +1,7 @@
 //! Identities and authentication.
 //!
 //! Bearer tokens look like `khl_<token id: 16 hex>_<secret: 64 hex>`. The vault stores, per token id,
-//! the identity's name and an HMAC of the secret under a pepper derived from the root key — never the
+//! the identity's name and an HMAC of the secret under a pepper derived from the derivation key — never the
 //! token. A client certificate verified against the configured CA names its identity in its subject
 //! common name. Verification does the same work whatever failed, and failures are rate-limited per
 //! peer address (PCI DSS 8.3.4).
