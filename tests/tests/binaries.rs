@@ -95,8 +95,31 @@ async fn cli_round_trip() {
     server.stop().await;
 }
 
+/// A running `khlangd`, killed when dropped, so a failing test leaves no server behind.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `khlangd` with stderr piped, and waits for the address it logs.
-fn spawn_khlangd(args: &[&str]) -> (Child, Result<String, String>) {
+fn spawn_khlangd(args: &[&str]) -> (Daemon, Result<String, String>) {
     let (child, url, _log) = spawn_khlangd_logged(args, "info");
     (child, url)
 }
@@ -105,7 +128,7 @@ fn spawn_khlangd(args: &[&str]) -> (Child, Result<String, String>) {
 fn spawn_khlangd_logged(
     args: &[&str],
     level: &str,
-) -> (Child, Result<String, String>, mpsc::Receiver<Result<String, String>>) {
+) -> (Daemon, Result<String, String>, mpsc::Receiver<Result<String, String>>) {
     let mut child = Command::new(bin("khlangd"))
         .args(args)
         .env("KHLANG_LOG", level)
@@ -127,7 +150,7 @@ fn spawn_khlangd_logged(
         let _ = tx.send(Err(all));
     });
     let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| Err("timed out".into()));
-    (child, addr.map(|a| format!("http://{a}")), rx)
+    (Daemon(child), addr.map(|a| format!("http://{a}")), rx)
 }
 
 fn write_passphrase(dir: &Path, pass: &str) -> String {
