@@ -411,3 +411,28 @@ async fn malformed_key_requests_are_refused_precisely() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     server.stop().await;
 }
+
+/// Erasure and deletion destroy the data keys with the records: nothing of them stays in the tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_and_deletion_destroy_the_data_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut tester = server.client().await;
+    let a = tester.put("erase-me", canary_fields()).await.unwrap();
+    let b = tester.put("erase-me", [("age", "41")]).await.unwrap();
+    let c = tester.put("delete-one", [("age", "42")]).await.unwrap();
+    let kept = tester.put("keep-me", [("age", "43")]).await.unwrap();
+    assert_eq!(tester.erase_subject("erase-me").await.unwrap(), 2);
+    tester.delete(&c).await.unwrap();
+    server.stop().await;
+    let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+    let tree = store.vault_tree_for_tests();
+    for id in [&a, &b, &c] {
+        for prefix in [b"r", b"d"] {
+            let key = [prefix.as_slice(), id.as_bytes()].concat();
+            assert!(tree.get(&key).unwrap().is_none(), "{} of {id} survived", prefix[0] as char);
+        }
+    }
+    assert!(tree.get([b"d".as_slice(), kept.as_bytes()].concat()).unwrap().is_some());
+    assert_eq!(store.data_key_count(), 1);
+}
