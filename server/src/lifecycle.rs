@@ -22,8 +22,9 @@ use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, now_ms, operator
 use crate::{Caller, CipherMode, StoreError, Vault, VaultError};
 
 /// How a background key job paces itself, so the vault keeps serving while it runs: records per
-/// step; the share of its time the job may spend working (after a step that took `t`, it rests
-/// `t × (100 − duty) / duty`); and a fixed pause between steps (tests use it to slow a job down).
+/// step; the share of its time the job may spend working while requests are being served (after
+/// a step that took `t` with requests arriving, it rests `t × (100 − duty) / duty`; with none, not
+/// at all); and a fixed pause between steps (tests use it to slow a job down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobPacing {
     pub batch: usize,
@@ -886,9 +887,14 @@ pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let Some(vault) = weak.upgrade() else { return };
             let pacing = vault.job_pacing;
+            let requests_before = vault.requests_seen();
+            let counter = vault.clone();
             let started = Instant::now();
             let step = tokio::task::spawn_blocking(move || vault.job_step()).await;
-            let pause = pacing.rest_after(started.elapsed());
+            // Rest only while requests are being served: an idle vault rotates at full speed.
+            let busy = counter.requests_seen() != requests_before;
+            drop(counter);
+            let pause = if busy { pacing.rest_after(started.elapsed()) } else { pacing.pause };
             let more = match step {
                 Ok(Ok(more)) => more,
                 Ok(Err(e)) => {

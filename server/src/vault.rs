@@ -197,6 +197,8 @@ pub struct Vault {
     /// Wakes the background key job (rotation, re-encryption).
     pub(crate) job_signal: Arc<tokio::sync::Notify>,
     pub(crate) job_meter: crate::lifecycle::JobMeter,
+    /// Requests seen (audited), so background jobs can tell an idle vault from a busy one.
+    requests: std::sync::atomic::AtomicU64,
     /// Benchmark and test pacing of the background key job.
     pub(crate) job_pacing: crate::lifecycle::JobPacing,
     seal_params: SealParams,
@@ -359,6 +361,7 @@ impl Vault {
             pending_shares: std::sync::Mutex::new(Vec::new()),
             job_signal: Arc::default(),
             job_meter: Default::default(),
+            requests: Default::default(),
             job_pacing: options.job_pacing,
             seal_params: options.seal_params,
             regulations: RwLock::new(options.regulations.clone()),
@@ -413,6 +416,10 @@ impl Vault {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.pending_shares.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.audit.clear_signer();
+    }
+
+    pub(crate) fn requests_seen(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn seal_params(&self) -> SealParams {
@@ -602,6 +609,7 @@ impl Vault {
         mut entry: AuditEntry,
         mut run: impl FnMut(&mut AuditEntry) -> Result<(T, Changes), VaultError>,
     ) -> Result<T, VaultError> {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
             let (result, changes) = match run(&mut entry) {
                 Ok((value, changes)) => (Ok(value), changes),
