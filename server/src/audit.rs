@@ -466,12 +466,7 @@ pub fn archive_lines<'a>(
     public_key: Vec<u8>,
     last: u64,
 ) -> impl Iterator<Item = Result<String, StoreError>> + 'a {
-    export_lines(store, public_key).filter(move |line| match line {
-        Ok(l) => serde_json::from_str::<serde_json::Value>(l)
-            .map(|v| v["type"] == "header" || v["seq"].as_u64().is_some_and(|s| s <= last))
-            .unwrap_or(false),
-        Err(_) => true,
-    })
+    lines_up_to(store, public_key, last)
 }
 
 /// The export format, JSON Lines: a header, every entry with its chain hash, every checkpoint.
@@ -479,20 +474,38 @@ pub fn export_lines<'a>(
     store: &'a Store,
     public_key: Vec<u8>,
 ) -> impl Iterator<Item = Result<String, StoreError>> + 'a {
+    lines_up_to(store, public_key, u64::MAX)
+}
+
+/// Export lines of the entries and checkpoints up to seq `last`.
+fn lines_up_to<'a>(
+    store: &'a Store,
+    public_key: Vec<u8>,
+    last: u64,
+) -> impl Iterator<Item = Result<String, StoreError>> + 'a {
     let header = serde_json::json!({"type": "header", "format": "khlang-audit-1", "public_key": hex::encode(&public_key)});
-    let entries = store.audit_entries(0).map(|item| {
-        let (seq, value) = item?;
-        let (hash, json) = split_stored(&value)?;
-        let json = std::str::from_utf8(json).map_err(|_| StoreError::Corrupt("audit entry"))?;
-        Ok(format!(r#"{{"type":"entry","seq":{seq},"hash":"{}","entry":{json}}}"#, hex::encode(hash)))
-    });
+    let entries = store
+        .audit_entries(0)
+        .take_while(move |item| item.as_ref().map_or(true, |(seq, _)| *seq <= last))
+        .map(|item| {
+            let (seq, value) = item?;
+            let (hash, json) = split_stored(&value)?;
+            let json = std::str::from_utf8(json).map_err(|_| StoreError::Corrupt("audit entry"))?;
+            Ok(format!(r#"{{"type":"entry","seq":{seq},"hash":"{}","entry":{json}}}"#, hex::encode(hash)))
+        });
     let checkpoints = store.checkpoints().map(|cps| {
-        cps.into_iter().map(|c| {
-            let cp: StoredCheckpoint =
-                serde_json::from_slice(&c).map_err(|_| StoreError::Corrupt("checkpoint"))?;
-            let mut v = serde_json::to_value(&cp).map_err(|_| StoreError::Corrupt("checkpoint"))?;
-            v["type"] = "checkpoint".into();
-            Ok(v.to_string())
+        cps.into_iter().filter_map(move |c| {
+            let line = || -> Result<Option<String>, StoreError> {
+                let cp: StoredCheckpoint =
+                    serde_json::from_slice(&c).map_err(|_| StoreError::Corrupt("checkpoint"))?;
+                if cp.seq > last {
+                    return Ok(None);
+                }
+                let mut v = serde_json::to_value(&cp).map_err(|_| StoreError::Corrupt("checkpoint"))?;
+                v["type"] = "checkpoint".into();
+                Ok(Some(v.to_string()))
+            };
+            line().transpose()
         })
     });
     let checkpoints: Box<dyn Iterator<Item = Result<String, StoreError>>> = match checkpoints {

@@ -10,13 +10,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use zeroize::Zeroizing;
+
 use khlang_keys::{
     DataKey, Kek, KeyError, KeyShare, OsRandom, Plaintext, RootKey, SealParams, WrappedDataKey,
     combine_root_key, reseal, unseal_root_key, unseal_share,
 };
 
 use crate::audit::{Committed, clean};
-use crate::policy::Operation;
+use crate::policy::{self, Ask, Operation};
 use crate::store::{Changes, Custody, JobKind, StoredField, StoredJob, StoredRecord};
 use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, now_ms, operator_entry};
 use crate::{Caller, CipherMode, StoreError, Vault, VaultError};
@@ -371,6 +373,31 @@ impl Vault {
         params: SealParams,
     ) -> Result<SealStatus, VaultError> {
         let regs = self.regulations();
+        // Sealing N shares is N Argon2id runs: do it on the blocking pool, and only for a caller
+        // the regulations allow with acceptable passphrases (the audited step below decides again
+        // and records the decision; a refused caller costs no Argon2id work).
+        let allowed = policy::decide(
+            &regs,
+            &caller.identity,
+            Ask { op: Operation::KeyAdmin, fields: &[], purpose: None, consent: None },
+        )
+        .is_ok();
+        let mut prepared = None;
+        if allowed && passphrases.iter().all(|p| check_new_passphrase(p).is_ok()) {
+            let owned: Vec<Zeroizing<Vec<u8>>> =
+                passphrases.iter().map(|p| Zeroizing::new(p.to_vec())).collect();
+            prepared = Some(
+                tokio::task::spawn_blocking(move || -> Result<(RootKey, Custody), VaultError> {
+                    let refs: Vec<&[u8]> = owned.iter().map(|p| p.as_slice()).collect();
+                    let rng = OsRandom::new();
+                    let root = RootKey::generate(&rng)?;
+                    let custody = Vault::custody_for(&root, threshold, &refs, params, &rng)?;
+                    Ok((root, custody))
+                })
+                .await
+                .map_err(|_| VaultError::FailedPrecondition("rekey was interrupted".into()))?,
+            );
+        }
         let entry = self.draft(caller, "Rekey", Operation::KeyAdmin, &regs);
         self.audited(entry, |e| {
             let keys = self.unsealed()?;
@@ -378,9 +405,10 @@ impl Vault {
             for p in passphrases {
                 check_new_passphrase(p)?;
             }
+            let (root, custody) = prepared
+                .take()
+                .ok_or_else(|| VaultError::FailedPrecondition("rekey was not prepared".into()))??;
             let rng = OsRandom::new();
-            let root = RootKey::generate(&rng)?;
-            let custody = Vault::custody_for(&root, threshold, passphrases, params, &rng)?;
             let derivation = match self.store.derivation_key()? {
                 Some(wrapped) => keys.root.unwrap_derivation_key(&wrapped)?,
                 None => keys.root.legacy_derivation_key()?,
@@ -642,7 +670,10 @@ impl Vault {
         let old = self
             .unwrap_dek(keys, id, &record.wrapped_key)?
             .ok_or_else(|| VaultError::FailedPrecondition("this benchmark baseline stores no keys".into()))?;
-        let generation = old.generation().checked_add(1).unwrap_or(FIRST_GENERATION);
+        // Wrapping to an old generation would let stale envelopes open: refuse instead.
+        let generation = old.generation().checked_add(1).ok_or_else(|| {
+            VaultError::FailedPrecondition(format!("record {id}: its data key generations are exhausted"))
+        })?;
         let dek = DataKey::generate(generation, &self.rng)?;
         let wrapped = keys.ring().wrap_data_key(&dek, id.as_bytes(), &self.rng)?;
         let mut plain: Vec<(String, Plaintext)> = Vec::with_capacity(record.fields.len() + 1);
@@ -717,8 +748,9 @@ impl Vault {
                 job.skipped,
                 job.total
             );
+            let reason = entry.reason.clone();
             self.commit_now(entry, changes)?;
-            tracing::info!("{}", entry_reason(&job));
+            tracing::info!("{reason}");
             return Ok(false);
         }
         let first = batch.first().map(|(k, _)| k.clone()).unwrap_or_default();
@@ -772,10 +804,6 @@ impl Vault {
             Committed::Conflict | Committed::Done(_) => Ok(true),
         }
     }
-}
-
-fn entry_reason(job: &StoredJob) -> String {
-    format!("{} finished: {} changed, {} already current", job_kind_name(job.kind), job.changed, job.skipped)
 }
 
 /// Field values of the records the rotation benchmark stores in bulk: the eight fields of
@@ -915,12 +943,6 @@ pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
         }
     });
     KeyJobs { stopping, signal, handle }
-}
-
-impl std::fmt::Display for JobKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&job_kind_name(*self))
-    }
 }
 
 #[cfg(test)]
