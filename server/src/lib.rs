@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod audit_file;
 mod auth;
 pub mod catalogue;
 pub mod dev;

@@ -305,7 +305,7 @@ impl Vault {
             Ok(((), Changes::none()))
         })
         .await?;
-        self.audit.checkpoint_now(&self.store)?;
+        self.audit.checkpoint_now()?;
         self.drop_keys();
         tracing::warn!(by = %caller.identity.name, "vault sealed");
         self.seal_status()
@@ -856,7 +856,7 @@ impl Vault {
                 changes.insert_record(&id, &record)?;
                 done += 1;
             }
-            self.store.commit(changes, &[])?;
+            self.store.apply(changes)?;
             progress(done);
         }
         self.store.flush_now()?;

@@ -272,14 +272,13 @@ impl GroupCommit {
 }
 
 pub struct Store {
+    /// The data folder (the audit log's files live beside the database).
+    dir: std::path::PathBuf,
     db: sled::Db,
     meta: sled::Tree,
     keks: sled::Tree,
     kek_info: sled::Tree,
     vault: sled::Tree,
-    /// Fault drill: when set, every commit fails as a disk error would (tests use it to show
-    /// that an unauditable request fails closed).
-    fail_commits: std::sync::atomic::AtomicBool,
     durability: Durability,
     group: GroupCommit,
     per_request_lock: Arc<std::sync::Mutex<()>>,
@@ -307,13 +306,17 @@ impl Store {
             keks: db.open_tree("keks")?,
             kek_info: db.open_tree("kek_info")?,
             vault: db.open_tree("vault")?,
-            fail_commits: false.into(),
             db,
+            dir: dir.to_path_buf(),
             durability,
             group,
             per_request_lock: Arc::default(),
             stats,
         })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn flush_stats(&self) -> &FlushStats {
@@ -625,50 +628,35 @@ impl Store {
         Ok((read(b"c")?, read(b"h")?))
     }
 
-    /// Audit entries from `from_seq` on, in order: `(seq, stored value)`.
-    pub fn audit_entries(
-        &self,
-        from_seq: u64,
-    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
-        let start = [b"a".as_slice(), &from_seq.to_be_bytes()].concat();
-        self.vault.range(start..[b"b".as_slice()].concat()).map(|kv| {
-            let (k, v) = kv?;
-            let seq: [u8; 8] =
-                k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
-            Ok((u64::from_be_bytes(seq), v))
-        })
+    /// Audit entries and checkpoints a vault of the previous layout kept in sled
+    /// (`a‖seq` → hash ‖ JSON, `k‖seq` → checkpoint JSON), oldest first, for moving them to the
+    /// audit log's own files once.
+    #[allow(clippy::type_complexity)]
+    pub fn legacy_audit(&self) -> Result<(Vec<(u64, sled::IVec)>, Vec<(u64, sled::IVec)>), StoreError> {
+        let read = |prefix: &[u8]| -> Result<Vec<(u64, sled::IVec)>, StoreError> {
+            self.vault
+                .scan_prefix(prefix)
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    let seq: [u8; 8] = k
+                        .get(1..9)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or(StoreError::Corrupt("audit key"))?;
+                    Ok((u64::from_be_bytes(seq), v))
+                })
+                .collect()
+        };
+        Ok((read(b"a")?, read(b"k")?))
     }
 
-    /// The oldest audit entry's seq (entries before it were archived), if any.
-    pub fn first_audit_seq(&self) -> Result<Option<u64>, StoreError> {
-        let Some((k, _)) = self.vault.scan_prefix(b"a").next().transpose()? else { return Ok(None) };
-        let seq: [u8; 8] =
-            k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
-        Ok(Some(u64::from_be_bytes(seq)))
-    }
-
-    /// Removes archived audit entries `first..=last` and the checkpoints before `last` (the one at
-    /// `last` stays: it anchors what remains), in one batch, flushed.
-    pub fn remove_archived_audit(&self, first: u64, last: u64) -> Result<(), StoreError> {
+    /// Removes the previous layout's audit keys (after they were moved), flushed.
+    pub fn remove_legacy_audit(&self) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        for seq in first..=last {
-            batch.remove([b"a".as_slice(), &seq.to_be_bytes()].concat());
-        }
-        for kv in self.vault.range(
-            [b"k".as_slice(), &0u64.to_be_bytes()].concat()..[b"k".as_slice(), &last.to_be_bytes()].concat(),
-        ) {
+        for kv in self.vault.scan_prefix(b"a").chain(self.vault.scan_prefix(b"k")) {
             batch.remove(kv?.0);
         }
         self.vault.apply_batch(batch)?;
         self.flush_now()
-    }
-
-    /// The last audit entry, if any.
-    pub fn last_audit_entry(&self) -> Result<Option<(u64, sled::IVec)>, StoreError> {
-        let Some((k, v)) = self.vault.scan_prefix(b"a").next_back().transpose()? else { return Ok(None) };
-        let seq: [u8; 8] =
-            k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
-        Ok(Some((u64::from_be_bytes(seq), v)))
     }
 
     /// Marks a KEK version live in the `vault` tree, where writes can expect it (see
@@ -728,48 +716,27 @@ impl Store {
         self.vault.scan_prefix(b"d").count() as u64
     }
 
-    /// Every stored checkpoint (its JSON).
-    pub fn checkpoints(&self) -> Result<Vec<sled::IVec>, StoreError> {
-        self.vault.scan_prefix(b"k").map(|kv| Ok(kv?.1)).collect()
-    }
-
     // ---- the one way in -----------------------------------------------------------------------
 
-    /// Applies staged changes and audit records atomically. `Ok(false)`: an expectation
-    /// ([`Changes::replace_record`]) no longer holds and nothing was written. The caller (the audit
-    /// log) serialises commits, so the check and the write cannot interleave with another commit.
-    pub fn commit(&self, changes: Changes, audit: &[Record]) -> Result<bool, StoreError> {
-        if self.fail_commits.load(Ordering::Relaxed) {
-            return Err(StoreError::Flush("injected write failure".into()));
-        }
+    /// Whether every expectation of `changes` ([`Changes::replace_record`]) still holds. The
+    /// caller (the audit log) serialises commits, so this check and [`Store::apply`] cannot
+    /// interleave with another commit.
+    pub fn expectations_hold(&self, changes: &Changes) -> Result<bool, StoreError> {
         for (key, expected) in &changes.expect {
             if self.vault.get(key)?.as_ref() != expected.as_ref() {
                 return Ok(false);
             }
         }
-        if changes.empty {
-            // Nothing but audit records: skip sled's batch machinery (it logs a batch marker
-            // even for an empty batch); a single record is atomic on its own.
-            match audit {
-                [] => return Ok(true),
-                [(k, v)] => {
-                    self.vault.insert(k.as_slice(), v.as_slice())?;
-                    return Ok(true);
-                }
-                _ => {}
-            }
-        }
-        let mut batch = changes.batch;
-        for (k, v) in audit {
-            batch.insert(k.as_slice(), v.as_slice());
-        }
-        self.vault.apply_batch(batch)?;
         Ok(true)
     }
 
-    /// Fault drill: make every following commit fail (or succeed again).
-    pub fn inject_commit_failure(&self, fail: bool) {
-        self.fail_commits.store(fail, Ordering::Relaxed);
+    /// Applies staged changes atomically (after [`Store::expectations_hold`]).
+    pub fn apply(&self, changes: Changes) -> Result<(), StoreError> {
+        if changes.empty {
+            return Ok(());
+        }
+        self.vault.apply_batch(changes.batch)?;
+        Ok(())
     }
 
     /// Overwrites a stored record as is. Only for tests that tamper with ciphertext, server stopped.
@@ -793,8 +760,6 @@ impl Store {
     }
 }
 
-/// A raw key and value written beside a request's changes (audit entries, checkpoints).
-pub type Record = (Vec<u8>, Vec<u8>);
 
 const KEK_LIVE: &[u8] = b"live";
 

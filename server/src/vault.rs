@@ -354,7 +354,7 @@ impl Vault {
         if found != options.mode.as_str() {
             return Err(StoreError::ModeMismatch { found, expected: options.mode.as_str().to_owned() }.into());
         }
-        let audit = AuditLog::open(&store, options.checkpoints, options.bench_skip_audit)?;
+        let audit = AuditLog::open(&store, store.dir(), options.checkpoints, options.bench_skip_audit)?;
         let vault = Self {
             store,
             keys: RwLock::new(None),
@@ -448,7 +448,7 @@ impl Vault {
 
     /// Signs the audit log's head and flushes everything to disk (shutdown).
     pub fn flush(&self) -> Result<(), VaultError> {
-        self.audit.checkpoint_now(&self.store)?;
+        self.audit.checkpoint_now()?;
         Ok(self.store.flush_now()?)
     }
 
@@ -595,7 +595,10 @@ impl Vault {
     /// Appends an entry with its changes now, and waits until both are durable.
     pub(crate) fn commit_now(&self, entry: AuditEntry, changes: Changes) -> Result<(), VaultError> {
         match self.audit.commit(&self.store, entry, changes)? {
-            Committed::Done(_) => Ok(self.store.flush_now()?),
+            Committed::Done(_) => {
+                self.audit.sync_now()?;
+                Ok(self.store.flush_now()?)
+            }
             Committed::Conflict => Err(VaultError::FailedPrecondition("concurrent change; try again".into())),
         }
     }
@@ -626,12 +629,17 @@ impl Vault {
                 }
             }
             let wrote = !changes.is_empty();
-            match self.audit.commit(&self.store, record, changes)? {
+            let seq = match self.audit.commit(&self.store, record, changes)? {
                 Committed::Conflict => continue,
-                Committed::Done(_) => {}
-            }
-            if wrote || !self.audit.is_disabled() {
-                self.store.durable().await?;
+                Committed::Done(seq) => seq,
+            };
+            if wrote {
+                // The entry's sync and the change's flush, side by side.
+                tokio::try_join!(self.audit.durable(seq), async {
+                    self.store.durable().await.map_err(VaultError::from)
+                })?;
+            } else {
+                self.audit.durable(seq).await?;
             }
             return result;
         }
@@ -657,12 +665,9 @@ impl Vault {
             ..AuditEntry::default()
         };
         match self.audit.commit(&self.store, entry, Changes::none())? {
-            Committed::Done(_) | Committed::Conflict => {}
+            Committed::Done(seq) => self.audit.durable(seq).await,
+            Committed::Conflict => Ok(()),
         }
-        if !self.audit.is_disabled() {
-            self.store.durable().await?;
-        }
-        Ok(())
     }
 
     // ---- execute --------------------------------------------------------------------------
@@ -1277,7 +1282,7 @@ impl Vault {
         filter: AuditFilter,
     ) -> impl Iterator<Item = Result<AuditEntry, VaultError>> + '_ {
         let limit = filter.limit.unwrap_or(usize::MAX);
-        crate::audit::read_entries(&self.store)
+        crate::audit::read_entries(self.audit.dir())
             .filter(move |r| r.as_ref().map_or(true, |e| filter.matches(e)))
             .take(limit)
             .map(|r| r.map_err(VaultError::from))
@@ -1286,12 +1291,12 @@ impl Vault {
     /// The export's JSON Lines (call [`Vault::audit_read`] first). The head is signed first, so an
     /// export always ends at a checkpoint its reader can verify with the public key.
     pub fn audit_export(&self) -> Result<impl Iterator<Item = Result<String, VaultError>> + '_, VaultError> {
-        self.audit.checkpoint_now(&self.store)?;
+        self.audit.checkpoint_now()?;
         let public_key = self
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        Ok(crate::audit::export_lines(&self.store, public_key).map(|r| r.map_err(VaultError::from)))
+        Ok(crate::audit::export_lines(self.audit.dir(), public_key).map(|r| r.map_err(VaultError::from)))
     }
 
     /// Verifies the live log: chain, checkpoint signatures, and that it ends at this vault's head.
@@ -1301,7 +1306,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        Ok(self.audit.verify(&self.store, &public_key, true)?)
+        Ok(self.audit.verify(&public_key, true)?)
     }
 
     /// The operator's view (no caller, nothing audited): the public key, hex, of an unsealed vault.
@@ -1318,7 +1323,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        Ok(self.audit.verify(&self.store, &public_key, true)?)
+        Ok(self.audit.verify(&public_key, true)?)
     }
 
     /// The checkpoint-verifying public key, hex.
@@ -1355,17 +1360,15 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        let report = self.audit.verify(&self.store, &public_key, true)?;
+        let report = self.audit.verify(&public_key, true)?;
         if let Some(b) = report.first_break {
             return Err(VaultError::FailedPrecondition(format!(
                 "the log does not verify (first untrustworthy entry {}: {}); nothing archived",
                 b.seq, b.reason
             )));
         }
-        let first = self.store.first_audit_seq()?.unwrap_or(1);
-        let last = self
-            .store
-            .checkpoints()?
+        let first = crate::audit_file::first_seq(self.audit.dir())?.unwrap_or(1);
+        let last = crate::audit_file::checkpoints(self.audit.dir())?
             .iter()
             .filter_map(|c| serde_json::from_slice::<crate::audit::StoredCheckpoint>(c).ok())
             .filter(|c| c.seq >= first && c.time_ms < before_ms)
@@ -1375,13 +1378,13 @@ impl Vault {
             return Ok(ArchiveReport { first, last: first.saturating_sub(1), entries: 0 });
         };
         let io = |e: std::io::Error| VaultError::FailedPrecondition(format!("cannot write the archive: {e}"));
-        for line in crate::audit::archive_lines(&self.store, public_key, last) {
+        for line in crate::audit::archive_lines(self.audit.dir(), public_key, last) {
             writeln!(out, "{}", line?).map_err(io)?;
         }
         out.flush().map_err(io)?;
         out.sync_all().map_err(io)?;
         // The archive is on disk; only now do the entries leave the vault.
-        self.audit.exclusive(|| self.store.remove_archived_audit(first, last))?;
+        self.audit.remove_archived(last)?;
         let mut entry = operator_entry("ArchiveAudit", Operation::AuditRead, &regs);
         entry.reason = format!(
             "entries {first} to {last} ({} entries) older than {before_ms} ms archived; checkpoint {last} anchors the rest",
@@ -1391,8 +1394,8 @@ impl Vault {
         Ok(ArchiveReport { first, last, entries: last + 1 - first })
     }
 
-    /// Fault drill for tests: make every following write (and so every request) fail.
-    pub fn inject_storage_failure(&self, fail: bool) {
-        self.store.inject_commit_failure(fail);
+    /// Fault drill for tests: make every following audit append (and so every request) fail.
+    pub fn inject_audit_failure(&self, fail: bool) {
+        self.audit.inject_failure(fail);
     }
 }

@@ -5,9 +5,8 @@
 use std::collections::BTreeSet;
 
 use khlang_client::{AuditQuery, Code};
-use khlang_server::audit::{AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, split_stored};
+use khlang_server::audit::{AuditEntry, AuditFilter, verify_dir};
 use khlang_server::regulations::SAMPLE;
-use khlang_server::store::{Durability, Store};
 use khlang_tests::*;
 use prost::Message;
 
@@ -186,7 +185,7 @@ async fn an_unwritable_audit_log_fails_closed() {
     let mut c = server.client().await;
     let id = c.put("fail-closed", [("card_number", CANARY_CARD)]).await.unwrap();
 
-    server.vault().inject_storage_failure(true);
+    server.vault().inject_audit_failure(true);
     let e = c.get(&id, &[], PURPOSE).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
     assert!(e.to_string().contains("could not be audited") && !e.to_string().contains(CANARY_CARD), "{e}");
@@ -194,7 +193,7 @@ async fn an_unwritable_audit_log_fails_closed() {
     assert_eq!(e.code(), Some(Code::Unavailable));
     assert_eq!(c.delete(&id).await.unwrap_err().code(), Some(Code::Unavailable));
 
-    server.vault().inject_storage_failure(false);
+    server.vault().inject_audit_failure(false);
     let listed = c.list("fail-closed").await.unwrap();
     assert_eq!(listed.len(), 1, "the refused put left nothing, the refused delete removed nothing");
     assert_eq!(c.get(&id, &[], PURPOSE).await.unwrap().fields["card_number"].expose_secret(), CANARY_CARD);
@@ -250,12 +249,13 @@ async fn subject_report_and_no_personal_data_in_the_log() {
         assert!(!all.contains(canary), "the audit export holds '{canary}'");
     }
     server.stop().await;
-    // And the raw audit records on disk.
-    let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-    for kv in store.vault_tree_for_tests().scan_prefix(b"a") {
-        let (_, v) = kv.unwrap();
+    // And the raw audit log on disk.
+    let on_disk = files_under(&dir.path().join("audit"));
+    assert!(!on_disk.is_empty());
+    for f in on_disk {
+        let v = std::fs::read(&f).unwrap();
         for canary in [CANARY_CARD, CANARY_NAME_TH, CANARY_ADDRESS_TH, CANARY_EMAIL, "somying-001"] {
-            assert!(!contains(&v, canary.as_bytes()), "an audit record on disk holds '{canary}'");
+            assert!(!contains(&v, canary.as_bytes()), "the audit log file {f:?} holds '{canary}'");
         }
     }
 }
@@ -275,9 +275,7 @@ async fn make_log(dir: &std::path::Path) -> (String, usize) {
 }
 
 fn verify_stored(dir: &std::path::Path, key: &str) -> Option<(u64, String)> {
-    let store = Store::open(dir, Durability::PerRequest).unwrap();
-    let log = AuditLog::open(&store, CheckpointPolicy::default(), false).unwrap();
-    let report = log.verify(&store, &hex::decode(key).unwrap(), false).unwrap();
+    let report = verify_dir(&dir.join("audit"), &hex::decode(key).unwrap(), None).unwrap();
     report.first_break.map(|b| (b.seq, b.reason))
 }
 
@@ -290,14 +288,44 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// A forger's edit: the entry says the request was refused.
-fn edit(json: &[u8]) -> Vec<u8> {
-    let text = std::str::from_utf8(json).unwrap();
-    assert!(text.contains("\"outcome\":\"Ok\""), "{text}");
-    text.replace("\"outcome\":\"Ok\"", "\"outcome\":\"PermissionDenied\"").into_bytes()
+fn edit(json: &str) -> String {
+    assert!(json.contains("\"outcome\":\"Ok\""), "{json}");
+    json.replace("\"outcome\":\"Ok\"", "\"outcome\":\"PermissionDenied\"")
 }
 
-fn key(seq: u64) -> Vec<u8> {
-    [b"a".as_slice(), &seq.to_be_bytes()].concat()
+/// The lines of the log's one segment file, to tamper with as an intruder with disk access would.
+struct Lines {
+    path: std::path::PathBuf,
+    lines: Vec<String>,
+}
+
+impl Lines {
+    fn open(dir: &std::path::Path) -> Self {
+        let segments = khlang_server::audit_file::segments(&dir.join("audit")).unwrap();
+        assert_eq!(segments.len(), 1, "{segments:?}");
+        let path = segments[0].1.clone();
+        let lines = std::fs::read_to_string(&path).unwrap().lines().map(str::to_owned).collect();
+        Self { path, lines }
+    }
+
+    fn at(&self, seq: u64) -> usize {
+        self.lines.iter().position(|l| l.starts_with(&format!("e {seq} "))).unwrap()
+    }
+
+    /// `(hash hex, json)` of entry `seq`.
+    fn entry(&self, seq: u64) -> (String, String) {
+        let mut parts = self.lines[self.at(seq)].splitn(4, ' ').skip(2);
+        (parts.next().unwrap().to_owned(), parts.next().unwrap().to_owned())
+    }
+
+    fn set(&mut self, seq: u64, hash: &str, json: &str) {
+        let i = self.at(seq);
+        self.lines[i] = format!("e {seq} {hash} {json}");
+    }
+
+    fn save(&self) {
+        std::fs::write(&self.path, self.lines.join("\n") + "\n").unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,67 +335,71 @@ async fn verify_names_the_first_bad_entry_for_every_kind_of_tampering() {
     assert!(n > 40, "{n} entries");
     assert_eq!(verify_stored(original.path(), &public_key), None, "an untouched log verifies");
 
-    type Tamper = fn(&sled::Tree);
+    type Tamper = fn(&mut Lines);
     let cases: &[(&str, Tamper, u64)] = &[
         (
             "edit",
-            |t| {
-                let v = t.get(key(10)).unwrap().unwrap();
-                let (hash, json) = split_stored(&v).unwrap();
-                t.insert(key(10), [hash, &edit(json)].concat()).unwrap();
+            |l| {
+                let (hash, json) = l.entry(10);
+                l.set(10, &hash, &edit(&json));
             },
             10,
         ),
         (
             "delete",
-            |t| {
-                t.remove(key(10)).unwrap();
+            |l| {
+                let i = l.at(10);
+                l.lines.remove(i);
             },
             10,
         ),
         (
             "reorder",
-            |t| {
-                let (a, b) = (t.get(key(10)).unwrap().unwrap(), t.get(key(11)).unwrap().unwrap());
-                t.insert(key(10), b).unwrap();
-                t.insert(key(11), a).unwrap();
+            |l| {
+                let (a, b) = (l.at(10), l.at(11));
+                l.lines.swap(a, b);
             },
             10,
         ),
         (
             "insert",
-            |t| {
-                let last = t.scan_prefix(b"a").keys().next_back().unwrap().unwrap();
-                let last = u64::from_be_bytes(last[1..9].try_into().unwrap());
+            |l| {
+                // A copy of entry 9, renumbered 10, and every later entry moved up one.
+                let (i, last) = (l.at(10), l.lines.iter().filter(|x| x.starts_with("e ")).count() as u64);
                 for seq in (10..=last).rev() {
-                    let v = t.get(key(seq)).unwrap().unwrap();
-                    t.insert(key(seq + 1), v).unwrap();
+                    let (hash, json) = l.entry(seq);
+                    let at = l.at(seq);
+                    l.lines[at] = format!("e {} {hash} {json}", seq + 1);
                 }
-                let forged = t.get(key(9)).unwrap().unwrap();
-                t.insert(key(10), forged).unwrap();
+                let (hash, json) = l.entry(9);
+                l.lines.insert(i, format!("e 10 {hash} {json}"));
             },
             10,
         ),
         (
             "truncate",
-            |t| {
-                for k in t.scan_prefix(b"a").keys().map(Result::unwrap).collect::<Vec<_>>() {
-                    if u64::from_be_bytes(k[1..9].try_into().unwrap()) >= 30 {
-                        t.remove(k).unwrap();
-                    }
-                }
+            |l| {
+                l.lines.retain(|x| {
+                    !x.starts_with("e ") || x.split(' ').nth(1).unwrap().parse::<u64>().unwrap() < 30
+                });
             },
             30,
+        ),
+        (
+            "garble",
+            |l| {
+                let i = l.at(12);
+                l.lines[i] = "not an entry".into();
+            },
+            12,
         ),
     ];
     for (name, tamper, first_bad) in cases {
         let copy = tempfile::tempdir().unwrap();
         copy_dir(original.path(), copy.path());
-        {
-            let store = Store::open(copy.path(), Durability::PerRequest).unwrap();
-            tamper(store.vault_tree_for_tests());
-            store.flush_now().unwrap();
-        }
+        let mut lines = Lines::open(copy.path());
+        tamper(&mut lines);
+        lines.save();
         let broken = verify_stored(copy.path(), &public_key);
         let (seq, reason) = broken.unwrap_or_else(|| panic!("{name}: not detected"));
         assert_eq!(seq, *first_bad, "{name}: {reason}");
@@ -377,22 +409,17 @@ async fn verify_names_the_first_bad_entry_for_every_kind_of_tampering() {
     // checkpoint (the final one, written at shutdown).
     let copy = tempfile::tempdir().unwrap();
     copy_dir(original.path(), copy.path());
-    {
-        let store = Store::open(copy.path(), Durability::PerRequest).unwrap();
-        let t = store.vault_tree_for_tests();
-        let mut prev: [u8; 32] =
-            split_stored(&t.get(key(9)).unwrap().unwrap()).unwrap().0.try_into().unwrap();
-        for seq in 10..=(n as u64) {
-            let v = t.get(key(seq)).unwrap().unwrap();
-            let (_, json) = split_stored(&v).unwrap();
-            let json = if seq == 10 { edit(json) } else { json.to_vec() };
-            let hash = khlang_keys::audit_chain::chain_hash(&prev, &json);
-            t.insert(key(seq), [hash.as_slice(), &json].concat()).unwrap();
-            prev = hash;
-        }
-        store.flush_now().unwrap();
+    let mut lines = Lines::open(copy.path());
+    let mut prev: [u8; 32] = hex::decode(lines.entry(9).0).unwrap().try_into().unwrap();
+    for seq in 10..=(n as u64) {
+        let (_, json) = lines.entry(seq);
+        let json = if seq == 10 { edit(&json) } else { json };
+        let hash = khlang_keys::audit_chain::chain_hash(&prev, json.as_bytes());
+        lines.set(seq, &hex::encode(hash), &json);
+        prev = hash;
     }
-    let cps = Store::open(copy.path(), Durability::PerRequest).unwrap().checkpoints().unwrap().len();
+    lines.save();
+    let cps = lines.lines.iter().filter(|l| l.starts_with("c ")).count();
     let (seq, reason) = verify_stored(copy.path(), &public_key)
         .unwrap_or_else(|| panic!("rechained edit not detected ({n} entries, {cps} checkpoints)"));
     assert!(reason.contains("checkpoint"), "{seq}: {reason}");
@@ -496,10 +523,10 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
 
     // Without its anchor the rest no longer verifies.
     drop(vault);
-    let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-    store.vault_tree_for_tests().remove([b"k".as_slice(), &report.last.to_be_bytes()].concat()).unwrap();
-    store.flush_now().unwrap();
-    drop(store);
+    let mut lines = Lines::open(dir.path());
+    let anchor = format!("c {} ", report.last);
+    lines.lines.retain(|l| !l.starts_with(&anchor));
+    lines.save();
     let vault = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).unwrap();
     let broken = vault.verify_audit_now().unwrap().first_break.unwrap();
     assert_eq!(broken.seq, report.last, "{broken:?}");
