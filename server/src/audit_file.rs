@@ -163,7 +163,7 @@ pub fn entries(
         }
         Ok(Item::Checkpoint(..)) => None,
         Ok(Item::Garbled) => {
-            let seq = prev.map_or(from_seq, |p| p + 1);
+            let seq = prev.map_or(from_seq.max(1), |p| p + 1);
             prev = Some(seq);
             (seq >= from_seq).then_some(Ok((seq, Vec::new())))
         }

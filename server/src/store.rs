@@ -760,7 +760,6 @@ impl Store {
     }
 }
 
-
 const KEK_LIVE: &[u8] = b"live";
 
 fn kek_live_key(version: u32) -> Vec<u8> {
