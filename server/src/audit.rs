@@ -470,19 +470,16 @@ fn verify_range<'k>(
     from: u64,
     to: u64,
 ) -> Result<ChainVerifier<'k>, StoreError> {
-    for item in audit_file::entries(dir, from) {
-        let (seq, value) = item?;
+    audit_file::scan_entries(dir, from, |seq, hash, json| {
         if seq > to {
-            break;
+            return false;
         }
-        match split_stored(&value) {
-            Ok((hash, json)) => v.entry(seq, embedded_seq(json), json, hash),
-            Err(_) => v.entry(seq, None, &[], &[]),
+        match hash {
+            Some(hash) => v.entry(seq, embedded_seq(json), json, hash),
+            None => v.entry(seq, None, &[], &[]),
         }
-        if v.broken() {
-            break;
-        }
-    }
+        !v.broken()
+    })?;
     Ok(v)
 }
 

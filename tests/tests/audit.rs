@@ -303,7 +303,15 @@ impl Lines {
     fn open(dir: &std::path::Path) -> Self {
         let segments = khlang_server::audit_file::segments(&dir.join("audit")).unwrap();
         assert_eq!(segments.len(), 1, "{segments:?}");
-        let path = segments[0].1.clone();
+        Self::of(segments[0].1.clone())
+    }
+
+    /// The signed checkpoints' file.
+    fn checkpoints(dir: &std::path::Path) -> Self {
+        Self::of(dir.join("audit").join("checkpoints.log"))
+    }
+
+    fn of(path: std::path::PathBuf) -> Self {
         let lines = std::fs::read_to_string(&path).unwrap().lines().map(str::to_owned).collect();
         Self { path, lines }
     }
@@ -419,7 +427,8 @@ async fn verify_names_the_first_bad_entry_for_every_kind_of_tampering() {
         prev = hash;
     }
     lines.save();
-    let cps = lines.lines.iter().filter(|l| l.starts_with("c ")).count();
+    let cps = Lines::checkpoints(copy.path()).lines.len();
+    assert!(cps >= 1);
     let (seq, reason) = verify_stored(copy.path(), &public_key)
         .unwrap_or_else(|| panic!("rechained edit not detected ({n} entries, {cps} checkpoints)"));
     assert!(reason.contains("checkpoint"), "{seq}: {reason}");
@@ -523,8 +532,9 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
 
     // Without its anchor the rest no longer verifies.
     drop(vault);
-    let mut lines = Lines::open(dir.path());
+    let mut lines = Lines::checkpoints(dir.path());
     let anchor = format!("c {} ", report.last);
+    assert!(lines.lines.iter().any(|l| l.starts_with(&anchor)));
     lines.lines.retain(|l| !l.starts_with(&anchor));
     lines.save();
     let vault = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).unwrap();
