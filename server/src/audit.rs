@@ -153,10 +153,10 @@ fn unavailable(e: StoreError) -> VaultError {
 }
 
 /// Moves a vault's entries from sled (the layout before `audit_file.rs`) into the log's files, once.
-fn migrate_from_sled(store: &Store, file: &AuditFile) -> Result<(), StoreError> {
+fn migrate_from_sled(store: &Store, file: &AuditFile) -> Result<bool, StoreError> {
     let (entries, checkpoints) = store.legacy_audit()?;
     if entries.is_empty() && checkpoints.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let mut checkpoints = checkpoints.into_iter().peekable();
     for (seq, value) in &entries {
@@ -173,7 +173,7 @@ fn migrate_from_sled(store: &Store, file: &AuditFile) -> Result<(), StoreError> 
     file.sync_now()?;
     store.remove_legacy_audit()?;
     tracing::info!(entries = entries.len(), "audit entries moved from the database to the audit log's files");
-    Ok(())
+    Ok(true)
 }
 
 fn cp_seq_of(json: &[u8]) -> Result<u64, StoreError> {
@@ -191,8 +191,7 @@ impl AuditLog {
         disabled: bool,
     ) -> Result<Self, StoreError> {
         let (mut file, mut last, mut checkpoint) = AuditFile::open(data_dir)?;
-        if last.is_none() && checkpoint.is_none() {
-            migrate_from_sled(store, &file)?;
+        if last.is_none() && checkpoint.is_none() && migrate_from_sled(store, &file)? {
             drop(file);
             (file, last, checkpoint) = AuditFile::open(data_dir)?;
         }
@@ -710,5 +709,127 @@ mod tests {
         let report = log.verify(&public_key, false).unwrap();
         assert_eq!(report.first_break, sequential(log.dir()).first_break);
         assert!(report.first_break.unwrap().reason.contains("truncated"));
+    }
+
+    fn test_log(dir: &Path, store: &Store) -> AuditLog {
+        let policy = CheckpointPolicy { every_entries: 1_000_000, every: Duration::from_secs(3600) };
+        AuditLog::open(store, dir, policy, false).unwrap()
+    }
+
+    fn read(log: &AuditLog, store: &Store, i: u64) -> u64 {
+        let entry = AuditEntry { rpc: "GetRecord".into(), reason: format!("r{i}"), ..AuditEntry::default() };
+        match log.commit(store, entry, Changes::none()).unwrap() {
+            Committed::Done(seq) => seq,
+            Committed::Conflict => panic!("conflict"),
+        }
+    }
+
+    /// A crash in the middle of a write leaves a torn last line: it is cut at open, the chain goes
+    /// on from the last whole entry, and the log verifies.
+    #[test]
+    fn a_torn_last_line_is_cut_at_open() {
+        use crate::store::Durability;
+        use khlang_keys::{DerivationKey, OsRandom};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let key = DerivationKey::generate(&OsRandom::new()).unwrap();
+        let public_key = key.audit_signer().unwrap().public_key().to_vec();
+        {
+            let log = test_log(dir.path(), &store);
+            log.set_signer(key.audit_signer().unwrap());
+            for i in 1..=5 {
+                read(&log, &store, i);
+            }
+            log.checkpoint_now().unwrap();
+        }
+        let (_, segment) = audit_file::segments(&dir.path().join(audit_file::DIR)).unwrap().pop().unwrap();
+        let whole = std::fs::read(&segment).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(b"e 6 00ff");
+        std::fs::write(&segment, &torn).unwrap();
+
+        let log = test_log(dir.path(), &store);
+        assert_eq!(log.head().0, 5);
+        assert_eq!(std::fs::read(&segment).unwrap(), whole, "the torn line is gone, nothing else");
+        log.set_signer(key.audit_signer().unwrap());
+        assert_eq!(read(&log, &store, 6), 6);
+        let report = log.verify(&public_key, true).unwrap();
+        assert_eq!((report.entries, report.first_break), (6, None));
+    }
+
+    /// Past 65,536 entries the log goes on in a new segment; readers starting anywhere, the
+    /// two-thread verification and archival across the seam all see one log.
+    #[test]
+    fn segments_roll_and_read_as_one_log() {
+        use crate::store::Durability;
+        use khlang_keys::{DerivationKey, OsRandom};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let log = test_log(dir.path(), &store);
+        let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        let public_key = signer.public_key().to_vec();
+        log.set_signer(signer);
+        let n = 65_536 + 300;
+        for i in 1..=n {
+            read(&log, &store, i);
+        }
+        log.checkpoint_now().unwrap();
+        let segments = audit_file::segments(log.dir()).unwrap();
+        assert_eq!(segments.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 65_537]);
+        let from: Vec<u64> = audit_file::entries(log.dir(), 65_530).map(|e| e.unwrap().0).take(10).collect();
+        assert_eq!(from, (65_530..65_540).collect::<Vec<_>>());
+        let report = log.verify(&public_key, true).unwrap();
+        assert_eq!((report.entries, report.first_break, report.last_checkpoint), (n, None, n));
+
+        // Archive up to a checkpoint in the second segment: what is left starts after it.
+        read(&log, &store, n + 1);
+        log.checkpoint_now().unwrap();
+        log.remove_archived(n).unwrap();
+        assert_eq!(audit_file::first_seq(log.dir()).unwrap(), Some(n + 1));
+        read(&log, &store, n + 2);
+        let report = log.verify(&public_key, true).unwrap();
+        assert_eq!((report.entries, report.first_break.clone()), (2, None), "{report:?}");
+    }
+
+    /// Entries a vault of the previous layout kept in sled move into the files once, at open,
+    /// and verify there; sled no longer holds them.
+    #[test]
+    fn entries_kept_in_sled_move_to_the_files() {
+        use crate::store::Durability;
+        use khlang_keys::{DerivationKey, OsRandom};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        let public_key = signer.public_key().to_vec();
+        let tree = store.vault_tree_for_tests();
+        let mut hash = GENESIS;
+        for seq in 1..=30u64 {
+            let entry = AuditEntry { seq, rpc: "GetRecord".into(), ..AuditEntry::default() };
+            let json = entry.canonical().unwrap();
+            hash = chain_hash(&hash, &json);
+            tree.insert([b"a".as_slice(), &seq.to_be_bytes()].concat(), [hash.as_slice(), &json].concat())
+                .unwrap();
+            if seq % 10 == 0 {
+                let signature = signer.sign_checkpoint(seq, &hash, 7).unwrap();
+                let cp = StoredCheckpoint {
+                    seq,
+                    hash: hex::encode(hash),
+                    time_ms: 7,
+                    signature: hex::encode(signature),
+                };
+                tree.insert([b"k".as_slice(), &seq.to_be_bytes()].concat(), serde_json::to_vec(&cp).unwrap())
+                    .unwrap();
+            }
+        }
+        let log = test_log(dir.path(), &store);
+        assert_eq!(log.head(), (30, hash));
+        assert_eq!(store.legacy_audit().unwrap(), (vec![], vec![]));
+        log.set_signer(signer);
+        read(&log, &store, 31);
+        let report = log.verify(&public_key, true).unwrap();
+        assert_eq!((report.entries, report.checkpoints, report.first_break.clone()), (31, 3, None), "{report:?}");
+        drop(log);
+        let log = test_log(dir.path(), &store);
+        assert_eq!(log.head().0, 31, "moved once, not again");
     }
 }

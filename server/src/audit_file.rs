@@ -491,7 +491,7 @@ impl AuditFile {
         let (last, checkpoint) = tail(&dir)?;
         let last_seq = last.as_ref().map_or(0, |(s, _)| *s);
         let (path, segment_entries) = match segments(&dir)?.pop() {
-            Some((first, path)) => (path, last_seq.saturating_sub(first) + 1),
+            Some((first, path)) => (path, (last_seq + 1).saturating_sub(first)),
             None => (segment_path(&dir, last_seq + 1), 0),
         };
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error)?;
