@@ -204,13 +204,42 @@ impl AuditLog {
         };
         let checkpointed_seq =
             checkpoint.and_then(|c| serde_json::from_slice::<StoredCheckpoint>(&c).ok()).map_or(0, |c| c.seq);
-        Ok(Self {
+        let log = Self {
             head: Mutex::new(Head { seq, hash, checkpointed_seq, checkpointed_at: Instant::now() }),
             signer: Mutex::new(None),
             policy,
             disabled,
             file,
-        })
+        };
+        log.record_lost_tail(store)?;
+        Ok(log)
+    }
+
+    /// A power cut can persist sled's pages and not the log's: stored changes whose entries were
+    /// lost (never acknowledged, but on disk) are then named by an entry of their own, so the log
+    /// says what it is missing instead of silently lacking it.
+    fn record_lost_tail(&self, store: &Store) -> Result<(), StoreError> {
+        let Some(mark) = store.audited_mark()? else { return Ok(()) };
+        let head = self.head().0;
+        if self.disabled || mark <= head {
+            return Ok(());
+        }
+        tracing::error!(head, mark, "the audit log lost entries of changes that are on disk");
+        let entry = AuditEntry {
+            rpc: "AuditRecovery".into(),
+            decision: "none".into(),
+            outcome: "DataLoss".into(),
+            reason: format!(
+                "the log ended at entry {head} but stored changes were audited up to entry {mark}: \
+                 entries {} to {mark} were lost before reaching disk",
+                head + 1
+            ),
+            ..AuditEntry::default()
+        };
+        match self.commit(store, entry, Changes::new()) {
+            Ok(_) => self.file.sync_now().and_then(|()| store.flush_now()),
+            Err(_) => Err(StoreError::Flush("the audit log's recovery entry could not be written".into())),
+        }
     }
 
     /// Where the log's files are (readers open them on their own).
@@ -285,6 +314,8 @@ impl AuditLog {
         }
         if !changes.is_empty() {
             self.file.write_through().map_err(unavailable)?;
+            let mut changes = changes;
+            changes.mark_audited(entry.seq);
             if let Err(e) = store.apply(changes) {
                 // The entry says what was asked; a second one says it did not happen.
                 tracing::error!(error = %e, "a change could not be stored after its audit entry");
@@ -827,9 +858,50 @@ mod tests {
         log.set_signer(signer);
         read(&log, &store, 31);
         let report = log.verify(&public_key, true).unwrap();
-        assert_eq!((report.entries, report.checkpoints, report.first_break.clone()), (31, 3, None), "{report:?}");
+        assert_eq!(
+            (report.entries, report.checkpoints, report.first_break.clone()),
+            (31, 3, None),
+            "{report:?}"
+        );
         drop(log);
         let log = test_log(dir.path(), &store);
         assert_eq!(log.head().0, 31, "moved once, not again");
+    }
+
+    /// After a power cut that kept a change in sled but lost its entry (and the entries before
+    /// it) from the log, the next open appends an entry naming what was lost.
+    #[test]
+    fn a_change_whose_entry_was_lost_is_named_at_open() {
+        use crate::store::Durability;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        {
+            let log = test_log(dir.path(), &store);
+            for i in 1..=3 {
+                read(&log, &store, i);
+            }
+            let write = AuditEntry { rpc: "PutRecord".into(), ..AuditEntry::default() };
+            assert!(matches!(log.commit(&store, write, Changes::new()).unwrap(), Committed::Done(4)));
+            log.sync_now().unwrap();
+        }
+        assert_eq!(store.audited_mark().unwrap(), Some(4));
+        // The log's last two lines never reached the disk.
+        let (_, segment) = audit_file::segments(&dir.path().join(audit_file::DIR)).unwrap().pop().unwrap();
+        let text = std::fs::read_to_string(&segment).unwrap();
+        let kept: Vec<&str> = text.lines().take(2).collect();
+        std::fs::write(&segment, kept.join("\n") + "\n").unwrap();
+
+        let log = test_log(dir.path(), &store);
+        assert_eq!(log.head().0, 3);
+        let last = read_entries(log.dir()).last().unwrap().unwrap();
+        assert_eq!((last.seq, last.rpc.as_str(), last.outcome.as_str()), (3, "AuditRecovery", "DataLoss"));
+        assert!(
+            last.reason.contains("ended at entry 2") && last.reason.contains("entries 3 to 4"),
+            "{}",
+            last.reason
+        );
+        drop(log);
+        let log = test_log(dir.path(), &store);
+        assert_eq!(log.head().0, 3, "named once");
     }
 }

@@ -32,6 +32,8 @@ const META_DERIVATION_KEY: &[u8] = b"derivation_key";
 const META_SHARE: &[u8] = b"share";
 /// Key of the background key job (rewrap or re-encryption) in the `vault` tree.
 const JOB_KEY: &[u8] = b"j";
+/// The seq of the audit entry of the newest change applied (see [`Changes::mark_audited`]).
+const AUDITED_KEY: &[u8] = b"m";
 /// Current encoding of [`StoredRecord`] and [`StoredIdentity`]. (Format 1, from before data keys
 /// were stored apart, is not read.)
 const RECORD_FORMAT: u8 = 2;
@@ -718,6 +720,13 @@ impl Store {
 
     // ---- the one way in -----------------------------------------------------------------------
 
+    /// The seq of the audit entry of the newest change applied, if any.
+    pub fn audited_mark(&self) -> Result<Option<u64>, StoreError> {
+        let Some(v) = self.vault.get(AUDITED_KEY)? else { return Ok(None) };
+        let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("audit mark"))?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
     /// Whether every expectation of `changes` ([`Changes::replace_record`]) still holds. The
     /// caller (the audit log) serialises commits, so this check and [`Store::apply`] cannot
     /// interleave with another commit.
@@ -788,6 +797,12 @@ impl Changes {
 
     pub fn is_empty(&self) -> bool {
         self.empty
+    }
+
+    /// Records, with the change, the seq of its audit entry: after a power cut, a change on disk
+    /// whose entry the audit log lost is found at open.
+    pub fn mark_audited(&mut self, seq: u64) {
+        self.batch.insert(AUDITED_KEY, &seq.to_be_bytes());
     }
 
     /// Creates an identity, provided the name is not taken when the change is applied.
