@@ -904,4 +904,30 @@ mod tests {
         let log = test_log(dir.path(), &store);
         assert_eq!(log.head().0, 3, "named once");
     }
+
+    /// An archival interrupted between its two renames leaves the new folder complete and the old
+    /// one moved aside: the next open finishes the swap instead of starting an empty log.
+    #[test]
+    fn an_interrupted_archival_is_finished_at_open() {
+        use crate::store::Durability;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        {
+            let log = test_log(dir.path(), &store);
+            for i in 1..=4 {
+                read(&log, &store, i);
+            }
+            log.sync_now().unwrap();
+        }
+        let audit = dir.path().join(audit_file::DIR);
+        std::fs::rename(&audit, audit.with_extension("new")).unwrap();
+        let log = test_log(dir.path(), &store);
+        assert_eq!(log.head().0, 4, "the complete new folder took the log's place");
+        drop(log);
+        std::fs::create_dir_all(audit.with_extension("old")).unwrap();
+        std::fs::create_dir_all(audit.with_extension("new")).unwrap();
+        let log = test_log(dir.path(), &store);
+        assert_eq!(log.head().0, 4);
+        assert!(!audit.with_extension("old").exists() && !audit.with_extension("new").exists());
+    }
 }

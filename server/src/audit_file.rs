@@ -327,6 +327,26 @@ fn cut_torn_tail(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Completes or undoes an archival a crash interrupted (see [`AuditFile::remove_archived`]): the
+/// new folder is complete (synced) before the old one is moved aside, so it replaces a missing
+/// folder; otherwise it, and any folder moved aside, are left-overs.
+fn finish_archival(dir: &Path) -> Result<(), StoreError> {
+    let (staging, old) = (dir.with_extension("new"), dir.with_extension("old"));
+    if !dir.exists() {
+        if staging.exists() {
+            std::fs::rename(&staging, dir).map_err(io_error)?;
+        } else if old.exists() {
+            std::fs::rename(&old, dir).map_err(io_error)?;
+        }
+    }
+    for leftover in [staging, old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(&leftover).map_err(io_error)?;
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_error)
 }
@@ -486,6 +506,7 @@ impl AuditFile {
     #[allow(clippy::type_complexity)]
     pub fn open(data_dir: &Path) -> Result<(Self, Option<(u64, Vec<u8>)>, Option<Vec<u8>>), StoreError> {
         let dir = data_dir.join(DIR);
+        finish_archival(&dir)?;
         std::fs::create_dir_all(&dir).map_err(io_error)?;
         cut_torn_tails(&dir)?;
         let (last, checkpoint) = tail(&dir)?;
