@@ -775,8 +775,10 @@ mod tests {
         }
         let (_, segment) = audit_file::segments(&dir.path().join(audit_file::DIR)).unwrap().pop().unwrap();
         let whole = std::fs::read(&segment).unwrap();
+        // The crash came in the middle of the next line, in the zero-filled space after the last.
+        let end = whole.iter().position(|b| *b == 0).unwrap();
         let mut torn = whole.clone();
-        torn.extend_from_slice(b"e 6 00ff");
+        torn[end..end + 8].copy_from_slice(b"e 6 00ff");
         std::fs::write(&segment, &torn).unwrap();
 
         let log = test_log(dir.path(), &store);

@@ -17,6 +17,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -30,6 +31,10 @@ use crate::StoreError;
 pub const DIR: &str = "audit";
 /// Entries per segment: bounds what a reader starting at a seq skips inside one file.
 const ROLL_ENTRIES: u64 = 65_536;
+/// Segments are zero-filled this far ahead of their end: an `fdatasync` of a write inside the
+/// file's length has no size change to journal (measured here: 210 µs instead of 554 µs per sync
+/// of a 20 KB append). A reader stops at a line that starts with a NUL byte.
+const ZERO_AHEAD: u64 = 1 << 20;
 /// The checkpoints' file in the folder.
 const CHECKPOINTS: &str = "checkpoints.log";
 /// How long the flusher holds the door for more entries before writing a group. Measured with
@@ -176,6 +181,15 @@ impl Reader {
                 }
             }
             let reader = self.current.as_mut()?;
+            match reader.fill_buf() {
+                // The zero-filled space past the last line.
+                Ok(rest) if rest.first() == Some(&0) => {
+                    self.current = None;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => return Some(Err(io_error(e))),
+            }
             self.line.clear();
             match reader.read_until(b'\n', &mut self.line) {
                 Ok(_) if self.line.last() == Some(&b'\n') => {
@@ -315,16 +329,24 @@ fn cut_torn_tails(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn cut_torn_tail(path: &Path) -> Result<(), StoreError> {
+/// Cuts what follows the last whole line (before any zero fill) and returns where the next line
+/// goes and how long the file is.
+fn cut_torn_tail(path: &Path) -> Result<(u64, u64), StoreError> {
     let bytes = std::fs::read(path).map_err(io_error)?;
-    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |at| at + 1);
-    if keep < bytes.len() {
-        tracing::warn!(bytes = bytes.len() - keep, "a torn last audit line (unclean stop) removed");
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    let keep = bytes[..end].iter().rposition(|b| *b == b'\n').map_or(0, |at| at + 1);
+    if keep < end {
+        tracing::warn!(bytes = end - keep, "a torn last audit line (unclean stop) removed");
         let file = OpenOptions::new().write(true).open(path).map_err(io_error)?;
-        file.set_len(keep as u64).map_err(io_error)?;
+        if end == bytes.len() {
+            file.set_len(keep as u64).map_err(io_error)?;
+        } else {
+            file.write_all_at(&vec![0; end - keep], keep as u64).map_err(io_error)?;
+        }
         file.sync_all().map_err(io_error)?;
+        return Ok((keep as u64, if end == bytes.len() { keep as u64 } else { bytes.len() as u64 }));
     }
-    Ok(())
+    Ok((keep as u64, bytes.len() as u64))
 }
 
 /// Completes or undoes an archival a crash interrupted (see [`AuditFile::remove_archived`]): the
@@ -370,7 +392,40 @@ struct Pending {
 /// The open segment; its mutex orders writes to the file.
 struct Io {
     file: File,
+    /// Where the next line goes in `file`, and how far the file is zero-filled.
+    offset: u64,
+    zeroed: u64,
     checkpoints: File,
+}
+
+impl Io {
+    /// Writes `bytes` at the end of the data, zero-filling ahead first when they would pass it.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let end = self.offset + bytes.len() as u64;
+        if end > self.zeroed {
+            let to = end + ZERO_AHEAD;
+            let zeros =
+                vec![0u8; usize::try_from(to - self.zeroed).map_err(|_| StoreError::Corrupt("audit fill"))?];
+            self.file.write_all_at(&zeros, self.zeroed).map_err(io_error)?;
+            self.zeroed = to;
+        }
+        self.file.write_all_at(bytes, self.offset).map_err(io_error)?;
+        self.offset = end;
+        Ok(())
+    }
+
+    fn switch_to(&mut self, path: &Path) -> Result<(), StoreError> {
+        self.file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_error)?;
+        let (offset, zeroed) = cut_torn_tail(path)?;
+        (self.offset, self.zeroed) = (offset, zeroed);
+        Ok(())
+    }
 }
 
 struct Shared {
@@ -402,17 +457,16 @@ impl Shared {
         let result = (|| {
             let rest = match roll {
                 Some((at, first_seq)) => {
-                    io.file.write_all(&buf[..at]).map_err(io_error)?;
+                    io.write(&buf[..at])?;
                     // Leaving a segment: it is complete on disk before the next one exists.
                     io.file.sync_data().map_err(io_error)?;
-                    let path = segment_path(&self.dir, first_seq);
-                    io.file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error)?;
+                    io.switch_to(&segment_path(&self.dir, first_seq))?;
                     sync_dir(&self.dir)?;
                     &buf[at..]
                 }
                 None => &buf[..],
             };
-            io.file.write_all(rest).map_err(io_error)?;
+            io.write(rest)?;
             let checkpoints_file = if checkpoints.is_empty() {
                 None
             } else {
@@ -515,7 +569,14 @@ impl AuditFile {
             Some((first, path)) => (path, (last_seq + 1).saturating_sub(first)),
             None => (segment_path(&dir, last_seq + 1), 0),
         };
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_error)?;
+        let (offset, zeroed) = cut_torn_tail(&path)?;
         let checkpoints =
             OpenOptions::new().create(true).append(true).open(dir.join(CHECKPOINTS)).map_err(io_error)?;
         sync_dir(&dir)?;
@@ -532,7 +593,7 @@ impl AuditFile {
                 flusher_idle: false,
                 stop: false,
             }),
-            io: Mutex::new(Io { file, checkpoints }),
+            io: Mutex::new(Io { file, offset, zeroed, checkpoints }),
             wake: Condvar::new(),
             synced: tx,
             failed: AtomicBool::new(false),
@@ -712,7 +773,7 @@ impl AuditFile {
         let mut p = lock(&self.shared.pending);
         let (first, path) =
             segments(dir)?.pop().unwrap_or((p.last_seq + 1, segment_path(dir, p.last_seq + 1)));
-        io.file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error)?;
+        io.switch_to(&path)?;
         io.checkpoints =
             OpenOptions::new().create(true).append(true).open(dir.join(CHECKPOINTS)).map_err(io_error)?;
         p.segment_entries = (p.last_seq + 1).saturating_sub(first);
