@@ -6,6 +6,7 @@
 //! Entries name fields, never their values; the subject appears only as its blind index; strings a
 //! caller sent are bounded and stripped of control characters, and JSON escapes the rest.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -104,6 +105,9 @@ struct Head {
     hash: [u8; 32],
     checkpointed_seq: u64,
     checkpointed_at: Instant,
+    /// Entries `(seq, hash ‖ JSON)` in the file's buffer, not yet synced and not in sled: the next
+    /// change carries them into sled with its own, so what sled holds never skips one.
+    unsynced: VecDeque<(u64, Vec<u8>)>,
 }
 
 /// Appends entries (in its own files, see `audit_file.rs`) and signs checkpoints. The mutex
@@ -152,28 +156,50 @@ fn unavailable(e: StoreError) -> VaultError {
     VaultError::AuditUnavailable
 }
 
-/// Moves a vault's entries from sled (the layout before `audit_file.rs`) into the log's files, once.
-fn migrate_from_sled(store: &Store, file: &AuditFile) -> Result<bool, StoreError> {
-    let (entries, checkpoints) = store.legacy_audit()?;
-    if entries.is_empty() && checkpoints.is_empty() {
-        return Ok(false);
-    }
-    let mut checkpoints = checkpoints.into_iter().peekable();
-    for (seq, value) in &entries {
-        let (hash, json) = split_stored(value)?;
-        let hash: [u8; 32] = hash.try_into().map_err(|_| StoreError::Corrupt("audit entry"))?;
-        file.append_entry(*seq, &hash, json)?;
-        while let Some((_, cp)) = checkpoints.next_if(|(cp_seq, _)| cp_seq <= seq) {
-            file.append_checkpoint(cp_seq_of(&cp)?, &cp)?;
+/// `(seq, hash)` of a log's newest entry.
+type ChainHead = (u64, [u8; 32]);
+
+/// Puts back into the log's file the entries that changes carried into sled after the file's
+/// last entry (a crash lost the file's unsynced tail, or the vault is of the layout that kept the
+/// whole log in sled), each checked against the chain; and moves that layout's checkpoints.
+/// Returns the new head and the newest checkpoint moved.
+fn recover_from_sled(
+    store: &Store,
+    file: &AuditFile,
+    head: ChainHead,
+) -> Result<(ChainHead, Option<u64>), StoreError> {
+    let (mut seq, mut hash) = head;
+    let mut recovered = 0u64;
+    for (next, value) in store.audit_entries_after(seq)? {
+        let (stored, json) = split_stored(&value)?;
+        let stored: [u8; 32] = stored.try_into().map_err(|_| StoreError::Corrupt("audit entry"))?;
+        if next != seq + 1 || embedded_seq(json) != Some(next) || chain_hash(&hash, json) != stored {
+            tracing::error!(seq = next, "an audit entry in the database does not follow the log; not taken");
+            break;
         }
+        file.append_entry(next, &stored, json, false)?;
+        (seq, hash) = (next, stored);
+        recovered += 1;
     }
-    for (_, cp) in checkpoints {
-        file.append_checkpoint(cp_seq_of(&cp)?, &cp)?;
+    let checkpoints = store.legacy_checkpoints()?;
+    let mut newest_checkpoint = None;
+    for cp in &checkpoints {
+        let cp_seq = cp_seq_of(cp)?;
+        file.append_checkpoint(cp_seq, cp)?;
+        newest_checkpoint = Some(cp_seq);
     }
-    file.sync_now()?;
-    store.remove_legacy_audit()?;
-    tracing::info!(entries = entries.len(), "audit entries moved from the database to the audit log's files");
-    Ok(true)
+    if recovered > 0 || !checkpoints.is_empty() {
+        file.sync_now()?;
+        tracing::warn!(
+            recovered,
+            checkpoints = checkpoints.len(),
+            "audit entries restored to the log's file from the database"
+        );
+    }
+    if !checkpoints.is_empty() {
+        store.remove_legacy_checkpoints()?;
+    }
+    Ok(((seq, hash), newest_checkpoint))
 }
 
 fn cp_seq_of(json: &[u8]) -> Result<u64, StoreError> {
@@ -190,56 +216,31 @@ impl AuditLog {
         policy: CheckpointPolicy,
         disabled: bool,
     ) -> Result<Self, StoreError> {
-        let (mut file, mut last, mut checkpoint) = AuditFile::open(data_dir)?;
-        if last.is_none() && checkpoint.is_none() && migrate_from_sled(store, &file)? {
-            drop(file);
-            (file, last, checkpoint) = AuditFile::open(data_dir)?;
-        }
-        let (seq, hash) = match last {
+        let (file, last, checkpoint) = AuditFile::open(data_dir)?;
+        let head = match last {
             Some((seq, value)) => {
                 let (hash, _) = split_stored(&value)?;
                 (seq, hash.try_into().map_err(|_| StoreError::Corrupt("audit entry"))?)
             }
             None => (0, GENESIS),
         };
-        let checkpointed_seq =
-            checkpoint.and_then(|c| serde_json::from_slice::<StoredCheckpoint>(&c).ok()).map_or(0, |c| c.seq);
-        let log = Self {
-            head: Mutex::new(Head { seq, hash, checkpointed_seq, checkpointed_at: Instant::now() }),
+        let ((seq, hash), moved_checkpoint) = recover_from_sled(store, &file, head)?;
+        let checkpointed_seq = moved_checkpoint.unwrap_or_else(|| {
+            checkpoint.and_then(|c| serde_json::from_slice::<StoredCheckpoint>(&c).ok()).map_or(0, |c| c.seq)
+        });
+        Ok(Self {
+            head: Mutex::new(Head {
+                seq,
+                hash,
+                checkpointed_seq,
+                checkpointed_at: Instant::now(),
+                unsynced: VecDeque::new(),
+            }),
             signer: Mutex::new(None),
             policy,
             disabled,
             file,
-        };
-        log.record_lost_tail(store)?;
-        Ok(log)
-    }
-
-    /// A power cut can persist sled's pages and not the log's: stored changes whose entries were
-    /// lost (never acknowledged, but on disk) are then named by an entry of their own, so the log
-    /// says what it is missing instead of silently lacking it.
-    fn record_lost_tail(&self, store: &Store) -> Result<(), StoreError> {
-        let Some(mark) = store.audited_mark()? else { return Ok(()) };
-        let head = self.head().0;
-        if self.disabled || mark <= head {
-            return Ok(());
-        }
-        tracing::error!(head, mark, "the audit log lost entries of changes that are on disk");
-        let entry = AuditEntry {
-            rpc: "AuditRecovery".into(),
-            decision: "none".into(),
-            outcome: "DataLoss".into(),
-            reason: format!(
-                "the log ended at entry {head} but stored changes were audited up to entry {mark}: \
-                 entries {} to {mark} were lost before reaching disk",
-                head + 1
-            ),
-            ..AuditEntry::default()
-        };
-        match self.commit(store, entry, Changes::new()) {
-            Ok(_) => self.file.sync_now().and_then(|()| store.flush_now()),
-            Err(_) => Err(StoreError::Flush("the audit log's recovery entry could not be written".into())),
-        }
+        })
     }
 
     /// Where the log's files are (readers open them on their own).
@@ -302,7 +303,40 @@ impl AuditLog {
         entry.time_ms = now_ms();
         let canonical = entry.canonical()?;
         let hash = chain_hash(&head.hash, &canonical);
-        self.file.append_entry(entry.seq, &hash, &canonical).map_err(unavailable)?;
+        let value = [hash.as_slice(), &canonical].concat();
+        if changes.is_empty() {
+            // Durable by the file's sync (the request waits for it).
+            self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
+            let synced = self.file.synced_seq();
+            while head.unsynced.front().is_some_and(|(s, _)| *s <= synced) {
+                head.unsynced.pop_front();
+            }
+            head.unsynced.push_back((entry.seq, value));
+        } else {
+            // Durable with the change, in its sled batch (with any entry before it that is not
+            // yet on disk); the file gets it too, synced later.
+            self.file.check_writable().map_err(unavailable)?;
+            let mut changes = changes;
+            let synced = self.file.synced_seq();
+            for (seq, earlier) in head.unsynced.iter().filter(|(s, _)| *s > synced) {
+                changes.audit_entry(*seq, earlier);
+            }
+            changes.audit_entry(entry.seq, &value);
+            if let Err(e) = store.apply(changes) {
+                // Neither the change nor its entry was stored: the entry says the change failed.
+                tracing::error!(error = %e, "a change and its audit entry could not be stored");
+                entry.outcome = "Internal".into();
+                entry.reason = "the change could not be stored".into();
+                let canonical = entry.canonical()?;
+                let hash = chain_hash(&head.hash, &canonical);
+                self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
+                head.seq = entry.seq;
+                head.hash = hash;
+                return Err(e.into());
+            }
+            head.unsynced.clear();
+            self.file.append_entry(entry.seq, &hash, &canonical, false).map_err(unavailable)?;
+        }
         head.seq = entry.seq;
         head.hash = hash;
         let due = entry.seq - head.checkpointed_seq >= self.policy.every_entries
@@ -312,29 +346,17 @@ impl AuditLog {
             head.checkpointed_seq = entry.seq;
             head.checkpointed_at = Instant::now();
         }
-        if !changes.is_empty() {
-            self.file.write_through().map_err(unavailable)?;
-            let mut changes = changes;
-            changes.mark_audited(entry.seq);
-            if let Err(e) = store.apply(changes) {
-                // The entry says what was asked; a second one says it did not happen.
-                tracing::error!(error = %e, "a change could not be stored after its audit entry");
-                let failed = AuditEntry {
-                    seq: entry.seq + 1,
-                    time_ms: now_ms(),
-                    outcome: "Internal".into(),
-                    reason: format!("the change of entry {} could not be stored", entry.seq),
-                    ..entry
-                };
-                let canonical = failed.canonical()?;
-                let hash = chain_hash(&head.hash, &canonical);
-                self.file.append_entry(failed.seq, &hash, &canonical).map_err(unavailable)?;
-                head.seq = failed.seq;
-                head.hash = hash;
-                return Err(e.into());
-            }
-        }
         Ok(Committed::Done(entry.seq))
+    }
+
+    /// Writes every entry appended so far to the file (no sync), for a reader of the file: a
+    /// change's entry otherwise waits in memory for the next sync (its durability is sled's).
+    pub fn write_through(&self) -> Result<(), VaultError> {
+        let _head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if self.disabled {
+            return Ok(());
+        }
+        self.file.write_through().map_err(unavailable)
     }
 
     /// Returns once entry `seq` is on disk.
@@ -824,8 +846,8 @@ mod tests {
         assert_eq!((report.entries, report.first_break.clone()), (2, None), "{report:?}");
     }
 
-    /// Entries a vault of the previous layout kept in sled move into the files once, at open,
-    /// and verify there; sled no longer holds them.
+    /// Entries a vault of the previous layout kept in sled are copied into the files once, at
+    /// open, its checkpoints moved, and the log verifies there.
     #[test]
     fn entries_kept_in_sled_move_to_the_files() {
         use crate::store::Durability;
@@ -856,7 +878,7 @@ mod tests {
         }
         let log = test_log(dir.path(), &store);
         assert_eq!(log.head(), (30, hash));
-        assert_eq!(store.legacy_audit().unwrap(), (vec![], vec![]));
+        assert!(store.legacy_checkpoints().unwrap().is_empty(), "checkpoints moved to their file");
         log.set_signer(signer);
         read(&log, &store, 31);
         let report = log.verify(&public_key, true).unwrap();
@@ -867,44 +889,46 @@ mod tests {
         );
         drop(log);
         let log = test_log(dir.path(), &store);
-        assert_eq!(log.head().0, 31, "moved once, not again");
+        assert_eq!(log.head().0, 31, "copied once, not again");
     }
 
-    /// After a power cut that kept a change in sled but lost its entry (and the entries before
-    /// it) from the log, the next open appends an entry naming what was lost.
+    /// A change carries its entry (and any read entry before it not yet synced) in its sled
+    /// batch; when the file lost its unsynced tail, the next open puts them back from sled.
     #[test]
-    fn a_change_whose_entry_was_lost_is_named_at_open() {
+    fn entries_a_crash_took_from_the_file_come_back_from_sled() {
         use crate::store::Durability;
+        use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        let public_key = signer.public_key().to_vec();
         {
             let log = test_log(dir.path(), &store);
-            for i in 1..=3 {
+            for i in 1..=2 {
                 read(&log, &store, i);
             }
+            log.sync_now().unwrap();
+            read(&log, &store, 3);
             let write = AuditEntry { rpc: "PutRecord".into(), ..AuditEntry::default() };
             assert!(matches!(log.commit(&store, write, Changes::new()).unwrap(), Committed::Done(4)));
-            log.sync_now().unwrap();
+            store.flush_now().unwrap();
         }
-        assert_eq!(store.audited_mark().unwrap(), Some(4));
-        // The log's last two lines never reached the disk.
+        let carried: Vec<u64> = store.audit_entries_after(0).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(carried, vec![3, 4], "the write carried the unsynced read before it");
+        // The file's last two lines never reached the disk.
         let (_, segment) = audit_file::segments(&dir.path().join(audit_file::DIR)).unwrap().pop().unwrap();
         let text = std::fs::read_to_string(&segment).unwrap();
         let kept: Vec<&str> = text.lines().take(2).collect();
         std::fs::write(&segment, kept.join("\n") + "\n").unwrap();
 
         let log = test_log(dir.path(), &store);
-        assert_eq!(log.head().0, 3);
-        let last = read_entries(log.dir()).last().unwrap().unwrap();
-        assert_eq!((last.seq, last.rpc.as_str(), last.outcome.as_str()), (3, "AuditRecovery", "DataLoss"));
-        assert!(
-            last.reason.contains("ended at entry 2") && last.reason.contains("entries 3 to 4"),
-            "{}",
-            last.reason
-        );
-        drop(log);
-        let log = test_log(dir.path(), &store);
-        assert_eq!(log.head().0, 3, "named once");
+        assert_eq!(log.head().0, 4);
+        let rpcs: Vec<String> = read_entries(log.dir()).map(|e| e.unwrap().rpc).collect();
+        assert_eq!(rpcs, ["GetRecord", "GetRecord", "GetRecord", "PutRecord"]);
+        log.set_signer(signer);
+        read(&log, &store, 5);
+        let report = log.verify(&public_key, true).unwrap();
+        assert_eq!((report.entries, report.first_break), (5, None));
     }
 
     /// An archival interrupted between its two renames leaves the new folder complete and the old

@@ -35,6 +35,8 @@ const ROLL_ENTRIES: u64 = 65_536;
 /// file's length has no size change to journal (measured here: 210 µs instead of 554 µs per sync
 /// of a 20 KB append). A reader stops at a line that starts with a NUL byte.
 const ZERO_AHEAD: u64 = 1 << 20;
+/// Entries made durable elsewhere that may wait in memory before the flusher is woken for them.
+const LAZY_BACKLOG: u64 = 4096;
 /// The checkpoints' file in the folder.
 const CHECKPOINTS: &str = "checkpoints.log";
 /// How long the flusher holds the door for more entries before writing a group. Measured with
@@ -611,7 +613,8 @@ impl AuditFile {
         &self.shared.dir
     }
 
-    fn check_writable(&self) -> Result<(), StoreError> {
+    /// Fails if an append would (injected failure, or the log failed earlier).
+    pub fn check_writable(&self) -> Result<(), StoreError> {
         if self.shared.inject.load(Ordering::Relaxed) {
             return Err(StoreError::Flush("injected write failure".into()));
         }
@@ -621,7 +624,12 @@ impl AuditFile {
         Ok(())
     }
 
-    fn push(&self, line: impl FnOnce(&mut Pending), entry_seq: Option<u64>) -> Result<(), StoreError> {
+    fn push(
+        &self,
+        line: impl FnOnce(&mut Pending),
+        entry_seq: Option<u64>,
+        urgent: bool,
+    ) -> Result<(), StoreError> {
         self.check_writable()?;
         let mut p = lock(&self.shared.pending);
         if let Some(seq) = entry_seq {
@@ -633,15 +641,24 @@ impl AuditFile {
             p.last_seq = seq;
         }
         line(&mut p);
-        if p.flusher_idle {
+        let backlog = p.last_seq.saturating_sub(p.synced_seq);
+        if p.flusher_idle && (urgent || backlog >= LAZY_BACKLOG) {
             p.flusher_idle = false;
             self.shared.wake.notify_one();
         }
         Ok(())
     }
 
-    /// Appends entry `seq` (call in seq order). Durable once [`AuditFile::durable`] says so.
-    pub fn append_entry(&self, seq: u64, hash: &[u8; 32], canonical: &[u8]) -> Result<(), StoreError> {
+    /// Appends entry `seq` (call in seq order). Durable once [`AuditFile::durable`] says so. An
+    /// entry made durable elsewhere (in sled, with its change) is not `urgent`: it is synced with
+    /// the next urgent one, or once `LAZY_BACKLOG` entries wait.
+    pub fn append_entry(
+        &self,
+        seq: u64,
+        hash: &[u8; 32],
+        canonical: &[u8],
+        urgent: bool,
+    ) -> Result<(), StoreError> {
         let mut hex = [0u8; 64];
         hex::encode_to_slice(hash, &mut hex).map_err(|_| StoreError::Corrupt("audit hash"))?;
         self.push(
@@ -656,6 +673,7 @@ impl AuditFile {
                 buf.push(b'\n');
             },
             Some(seq),
+            urgent,
         )
     }
 
@@ -671,11 +689,16 @@ impl AuditFile {
                 buf.push(b'\n');
             },
             None,
+            false,
         )
     }
 
-    /// Writes everything appended so far to the file (no sync): a change applied to sled after
-    /// this cannot outlive its entry in a process crash.
+    /// The newest entry synced to the file.
+    pub fn synced_seq(&self) -> u64 {
+        lock(&self.shared.pending).synced_seq
+    }
+
+    /// Writes everything appended so far to the file (no sync), so a reader of the file sees it.
     pub fn write_through(&self) -> Result<(), StoreError> {
         self.check_writable()?;
         self.shared.drain().map(|_| ())

@@ -32,8 +32,6 @@ const META_DERIVATION_KEY: &[u8] = b"derivation_key";
 const META_SHARE: &[u8] = b"share";
 /// Key of the background key job (rewrap or re-encryption) in the `vault` tree.
 const JOB_KEY: &[u8] = b"j";
-/// The seq of the audit entry of the newest change applied (see [`Changes::mark_audited`]).
-const AUDITED_KEY: &[u8] = b"m";
 /// Current encoding of [`StoredRecord`] and [`StoredIdentity`]. (Format 1, from before data keys
 /// were stored apart, is not read.)
 const RECORD_FORMAT: u8 = 2;
@@ -630,31 +628,42 @@ impl Store {
         Ok((read(b"c")?, read(b"h")?))
     }
 
-    /// Audit entries and checkpoints a vault of the previous layout kept in sled
-    /// (`a‖seq` → hash ‖ JSON, `k‖seq` → checkpoint JSON), oldest first, for moving them to the
-    /// audit log's own files once.
-    #[allow(clippy::type_complexity)]
-    pub fn legacy_audit(&self) -> Result<(Vec<(u64, sled::IVec)>, Vec<(u64, sled::IVec)>), StoreError> {
-        let read = |prefix: &[u8]| -> Result<Vec<(u64, sled::IVec)>, StoreError> {
-            self.vault
-                .scan_prefix(prefix)
-                .map(|kv| {
-                    let (k, v) = kv?;
-                    let seq: [u8; 8] = k
-                        .get(1..9)
-                        .and_then(|s| s.try_into().ok())
-                        .ok_or(StoreError::Corrupt("audit key"))?;
-                    Ok((u64::from_be_bytes(seq), v))
-                })
-                .collect()
-        };
-        Ok((read(b"a")?, read(b"k")?))
+    /// Audit entries a change carried into sled (see [`Changes::audit_entry`]) after seq `after`,
+    /// oldest first: `(seq, hash ‖ JSON)`.
+    pub fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
+        let start = [b"a".as_slice(), &after.saturating_add(1).to_be_bytes()].concat();
+        self.vault
+            .range(start..b"b".to_vec())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq: [u8; 8] =
+                    k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
+                Ok((u64::from_be_bytes(seq), v))
+            })
+            .collect()
     }
 
-    /// Removes the previous layout's audit keys (after they were moved), flushed.
-    pub fn remove_legacy_audit(&self) -> Result<(), StoreError> {
+    /// Removes the audit entries up to `last` that changes carried into sled (archival), flushed.
+    pub fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError> {
+        let end = [b"a".as_slice(), &last.saturating_add(1).to_be_bytes()].concat();
         let mut batch = sled::Batch::default();
-        for kv in self.vault.scan_prefix(b"a").chain(self.vault.scan_prefix(b"k")) {
+        for kv in self.vault.range(b"a".to_vec()..end) {
+            batch.remove(kv?.0);
+        }
+        self.vault.apply_batch(batch)?;
+        self.flush_now()
+    }
+
+    /// Signed checkpoints a vault of the previous layout kept in sled (`k‖seq` → JSON), oldest
+    /// first, for moving them to the audit log's checkpoints file once.
+    pub fn legacy_checkpoints(&self) -> Result<Vec<sled::IVec>, StoreError> {
+        self.vault.scan_prefix(b"k").map(|kv| Ok(kv?.1)).collect()
+    }
+
+    /// Removes the previous layout's checkpoints (after they were moved), flushed.
+    pub fn remove_legacy_checkpoints(&self) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.vault.scan_prefix(b"k") {
             batch.remove(kv?.0);
         }
         self.vault.apply_batch(batch)?;
@@ -719,13 +728,6 @@ impl Store {
     }
 
     // ---- the one way in -----------------------------------------------------------------------
-
-    /// The seq of the audit entry of the newest change applied, if any.
-    pub fn audited_mark(&self) -> Result<Option<u64>, StoreError> {
-        let Some(v) = self.vault.get(AUDITED_KEY)? else { return Ok(None) };
-        let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("audit mark"))?;
-        Ok(Some(u64::from_be_bytes(bytes)))
-    }
 
     /// Whether every expectation of `changes` ([`Changes::replace_record`]) still holds. The
     /// caller (the audit log) serialises commits, so this check and [`Store::apply`] cannot
@@ -799,10 +801,10 @@ impl Changes {
         self.empty
     }
 
-    /// Records, with the change, the seq of its audit entry: after a power cut, a change on disk
-    /// whose entry the audit log lost is found at open.
-    pub fn mark_audited(&mut self, seq: u64) {
-        self.batch.insert(AUDITED_KEY, &seq.to_be_bytes());
+    /// Carries an audit entry (`hash ‖ JSON`) in the change's own batch, so the change and its
+    /// entry reach disk together; the audit log's file gets it too (see `audit.rs`).
+    pub fn audit_entry(&mut self, seq: u64, value: &[u8]) {
+        self.batch.insert([b"a".as_slice(), &seq.to_be_bytes()].concat(), value);
     }
 
     /// Creates an identity, provided the name is not taken when the change is applied.

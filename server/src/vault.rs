@@ -634,10 +634,8 @@ impl Vault {
                 Committed::Done(seq) => seq,
             };
             if wrote {
-                // The entry's sync and the change's flush, side by side.
-                tokio::try_join!(self.audit.durable(seq), async {
-                    self.store.durable().await.map_err(VaultError::from)
-                })?;
+                // The entry travelled in the change's batch: sled's flush makes both durable.
+                self.store.durable().await?;
             } else {
                 self.audit.durable(seq).await?;
             }
@@ -1282,10 +1280,12 @@ impl Vault {
         filter: AuditFilter,
     ) -> impl Iterator<Item = Result<AuditEntry, VaultError>> + '_ {
         let limit = filter.limit.unwrap_or(usize::MAX);
-        crate::audit::read_entries(self.audit.dir())
+        let written = self.audit.write_through().err().map(Err);
+        written
+            .into_iter()
+            .chain(crate::audit::read_entries(self.audit.dir()).map(|r| r.map_err(VaultError::from)))
             .filter(move |r| r.as_ref().map_or(true, |e| filter.matches(e)))
             .take(limit)
-            .map(|r| r.map_err(VaultError::from))
     }
 
     /// The export's JSON Lines (call [`Vault::audit_read`] first). The head is signed first, so an
@@ -1385,6 +1385,7 @@ impl Vault {
         out.sync_all().map_err(io)?;
         // The archive is on disk; only now do the entries leave the vault.
         self.audit.remove_archived(last)?;
+        self.store.remove_audit_entries_upto(last)?;
         let mut entry = operator_entry("ArchiveAudit", Operation::AuditRead, &regs);
         entry.reason = format!(
             "entries {first} to {last} ({} entries) older than {before_ms} ms archived; checkpoint {last} anchors the rest",
