@@ -1,6 +1,6 @@
-//! The audit log: one entry for every request that reaches the vault, written in the same atomic
-//! batch as the request's changes and flushed before any plaintext leaves or any change is
-//! acknowledged. Entries form a hash chain over their canonical JSON; every N entries or T seconds,
+//! The audit log: one entry for every request that reaches the vault, on disk before any plaintext
+//! leaves or any change is acknowledged: a read's in the log's own files (`audit_file.rs`), synced;
+//! a change's in the same atomic sled batch as the change (and in the files). Entries form a hash chain over their canonical JSON; every N entries or T seconds,
 //! and at shutdown, the head is signed (Ed25519, a key derived from the derivation key).
 //!
 //! Entries name fields, never their values; the subject appears only as its blind index; strings a
@@ -282,9 +282,9 @@ impl AuditLog {
         Ok(Some(serde_json::to_vec(&cp).map_err(|_| StoreError::Corrupt("checkpoint (encode)"))?))
     }
 
-    /// Appends `entry` and applies `changes`; the entry reaches the file before the change
-    /// reaches sled. Fails (and changes nothing) if the entry cannot be written. Durable once
-    /// [`AuditLog::durable`] (and, for a change, the store's flush) returns.
+    /// Appends `entry` and applies `changes` with it in one sled batch. Fails (and changes
+    /// nothing) if the entry cannot be written. Durable once [`AuditLog::durable`] returns (for a
+    /// change, once the store's flush does).
     pub fn commit(
         &self,
         store: &Store,

@@ -11,9 +11,9 @@
 //! them all without a pass over the entries. Canonical JSON never holds a raw newline (serde_json
 //! escapes control characters).
 //!
-//! Ordering with sled: a request that also changes data writes the buffer (entry included) to
-//! the file before its change is applied to sled ([`AuditFile::write_through`]), so no change can
-//! reach disk ahead of its entry when the process dies. Its answer waits for both syncs.
+//! A request that changes data carries its entry in its own sled batch (see `audit.rs`), so its
+//! entry is appended here as not urgent: synced with the next urgent one, and taken back from sled
+//! at open if a crash lost it from the file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
