@@ -956,4 +956,42 @@ mod tests {
         assert_eq!(log.head().0, 4);
         assert!(!audit.with_extension("old").exists() && !audit.with_extension("new").exists());
     }
+
+    /// A change sled cannot store leaves neither the change nor its entry in sled; the log's entry
+    /// for the request says it failed, and the chain goes on.
+    #[test]
+    fn a_change_that_cannot_be_stored_is_logged_as_failed() {
+        use crate::store::{Durability, JobKind, StoredJob};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let log = test_log(dir.path(), &store);
+        read(&log, &store, 1);
+        let job = StoredJob {
+            format: 1,
+            kind: JobKind::Reencrypt,
+            cursor: vec![],
+            changed: 0,
+            skipped: 0,
+            total: 0,
+            started_ms: 0,
+            finished_ms: Some(1),
+            requested_by: String::new(),
+        };
+        let mut changes = Changes::new();
+        changes.put_job(&job).unwrap();
+        store.inject_apply_failure(true);
+        let write = AuditEntry { rpc: "Reencrypt".into(), outcome: "Ok".into(), ..AuditEntry::default() };
+        assert!(log.commit(&store, write, changes).is_err());
+        store.inject_apply_failure(false);
+        assert!(store.job().unwrap().is_none(), "the change was not stored");
+        assert!(store.audit_entries_after(0).unwrap().is_empty(), "nor its entry in sled");
+        assert_eq!(read(&log, &store, 3), 3, "the chain goes on");
+        let entries: Vec<AuditEntry> = {
+            log.write_through().unwrap();
+            read_entries(log.dir()).map(Result::unwrap).collect()
+        };
+        let failed = &entries[1];
+        assert_eq!((failed.seq, failed.rpc.as_str(), failed.outcome.as_str()), (2, "Reencrypt", "Internal"));
+        assert_eq!(failed.reason, "the change could not be stored");
+    }
 }

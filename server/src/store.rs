@@ -283,6 +283,8 @@ pub struct Store {
     group: GroupCommit,
     per_request_lock: Arc<std::sync::Mutex<()>>,
     stats: Arc<FlushStats>,
+    /// Fault drill (tests): every batch fails to apply, as a disk error would make it.
+    fail_applies: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -312,6 +314,7 @@ impl Store {
             group,
             per_request_lock: Arc::default(),
             stats,
+            fail_applies: false.into(),
         })
     }
 
@@ -746,8 +749,16 @@ impl Store {
         if changes.empty {
             return Ok(());
         }
+        if self.fail_applies.load(Ordering::Relaxed) {
+            return Err(StoreError::Flush("injected write failure".into()));
+        }
         self.vault.apply_batch(changes.batch)?;
         Ok(())
+    }
+
+    /// Fault drill for tests: make every following batch fail to apply (or succeed again).
+    pub fn inject_apply_failure(&self, fail: bool) {
+        self.fail_applies.store(fail, Ordering::Relaxed);
     }
 
     /// Overwrites a stored record as is. Only for tests that tamper with ciphertext, server stopped.
