@@ -157,7 +157,7 @@ fn unavailable(e: StoreError) -> VaultError {
 }
 
 /// `(seq, hash)` of a log's newest entry.
-type ChainHead = (u64, [u8; 32]);
+pub type ChainHead = (u64, [u8; 32]);
 
 /// Puts back into the log's file the entries that changes carried into sled after the file's
 /// last entry (a crash lost the file's unsynced tail, or the vault is of the layout that kept the
@@ -414,15 +414,18 @@ impl AuditLog {
     /// Verifies the stored log against `public_key`; on the live log, also that the newest entry is
     /// the head this process appended (catches a truncated tail).
     pub fn verify(&self, public_key: &[u8], live: bool) -> Result<ChainReport, StoreError> {
-        let expected_head = {
-            // Everything up to the head is in the file before reading starts.
-            let head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-            if live && !self.disabled {
-                self.file.write_through()?;
-            }
-            (head.seq, head.hash)
-        };
-        verify_dir(self.dir(), public_key, live.then_some(expected_head))
+        let expected_head = if live { Some(self.head_in_file()?) } else { None };
+        verify_dir(self.dir(), public_key, expected_head)
+    }
+
+    /// The head, with everything up to it written to the file: what a live verification of the
+    /// file (possibly on another thread, [`verify_dir`]) must reach.
+    pub fn head_in_file(&self) -> Result<ChainHead, StoreError> {
+        let head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.disabled {
+            self.file.write_through()?;
+        }
+        Ok((head.seq, head.hash))
     }
 }
 
