@@ -209,14 +209,15 @@ fn cp_seq_of(json: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl AuditLog {
-    /// Opens the log in `data_dir` (moving entries a previous layout kept in sled there first).
+    /// Opens the log in `data_dir`, first taking back from sled what a crash took from the file
+    /// (and, once, the whole log of the layout that kept it in sled).
     pub fn open(
         store: &Store,
         data_dir: &Path,
         policy: CheckpointPolicy,
         disabled: bool,
     ) -> Result<Self, StoreError> {
-        let (file, last, checkpoint) = AuditFile::open(data_dir)?;
+        let (file, (last, checkpoint)) = AuditFile::open(data_dir)?;
         let head = match last {
             Some((seq, value)) => {
                 let (hash, _) = split_stored(&value)?;
@@ -248,10 +249,6 @@ impl AuditLog {
         self.file.dir()
     }
 
-    pub fn is_disabled(&self) -> bool {
-        self.disabled
-    }
-
     pub fn set_signer(&self, signer: AuditSigner) {
         *self.signer.lock().unwrap_or_else(|p| p.into_inner()) = Some(signer);
     }
@@ -266,7 +263,7 @@ impl AuditLog {
     }
 
     /// `(seq, hash)` of the newest entry.
-    pub fn head(&self) -> (u64, [u8; 32]) {
+    pub fn head(&self) -> ChainHead {
         let head = self.head.lock().unwrap_or_else(|p| p.into_inner());
         (head.seq, head.hash)
     }
@@ -352,11 +349,7 @@ impl AuditLog {
     /// Writes every entry appended so far to the file (no sync), for a reader of the file: a
     /// change's entry otherwise waits in memory for the next sync (its durability is sled's).
     pub fn write_through(&self) -> Result<(), VaultError> {
-        let _head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        if self.disabled {
-            return Ok(());
-        }
-        self.file.write_through().map_err(unavailable)
+        self.head_in_file().map(|_| ()).map_err(unavailable)
     }
 
     /// Returns once entry `seq` is on disk.
@@ -433,15 +426,14 @@ impl AuditLog {
 pub fn verify_dir(
     dir: &Path,
     public_key: &[u8],
-    expected_head: Option<(u64, [u8; 32])>,
+    expected_head: Option<ChainHead>,
 ) -> Result<ChainReport, StoreError> {
     let live = expected_head.is_some();
-    let (tail_entry, _) = audit_file::tail(dir)?;
     // The live log is verified up to the head as it was when verification began (requests
     // keep appending meanwhile); a stored log, to its end.
     let last = match expected_head {
         Some((seq, _)) => seq,
-        None => tail_entry.map_or(0, |(seq, _)| seq),
+        None => audit_file::tail(dir)?.0.map_or(0, |(seq, _)| seq),
     };
     let checkpoints: Vec<Checkpoint> = audit_file::checkpoints(dir)?
         .iter()
@@ -852,7 +844,7 @@ mod tests {
     /// Entries a vault of the previous layout kept in sled are copied into the files once, at
     /// open, its checkpoints moved, and the log verifies there.
     #[test]
-    fn entries_kept_in_sled_move_to_the_files() {
+    fn entries_kept_in_sled_are_copied_to_the_files() {
         use crate::store::Durability;
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();

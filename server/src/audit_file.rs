@@ -318,19 +318,6 @@ pub fn first_seq(dir: &Path) -> Result<Option<u64>, StoreError> {
     entries(dir, 0).next().transpose().map(|e| e.map(|(seq, _)| seq))
 }
 
-/// Cuts a torn last line (a crash in the middle of a write) off the newest segment and the
-/// checkpoints' file.
-fn cut_torn_tails(dir: &Path) -> Result<(), StoreError> {
-    if let Some((_, path)) = segments(dir)?.pop() {
-        cut_torn_tail(&path)?;
-    }
-    let checkpoints = dir.join(CHECKPOINTS);
-    if checkpoints.exists() {
-        cut_torn_tail(&checkpoints)?;
-    }
-    Ok(())
-}
-
 /// Cuts what follows the last whole line (before any zero fill) and returns where the next line
 /// goes and how long the file is.
 fn cut_torn_tail(path: &Path) -> Result<(u64, u64), StoreError> {
@@ -369,6 +356,20 @@ fn finish_archival(dir: &Path) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Opens a segment for writing in place, its torn last line cut: the file, where the next line
+/// goes, and how far it is zero-filled.
+fn open_segment(path: &Path) -> Result<(File, u64, u64), StoreError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_error)?;
+    let (offset, zeroed) = cut_torn_tail(path)?;
+    Ok((file, offset, zeroed))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -417,15 +418,7 @@ impl Io {
     }
 
     fn switch_to(&mut self, path: &Path) -> Result<(), StoreError> {
-        self.file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io_error)?;
-        let (offset, zeroed) = cut_torn_tail(path)?;
-        (self.offset, self.zeroed) = (offset, zeroed);
+        (self.file, self.offset, self.zeroed) = open_segment(path)?;
         Ok(())
     }
 }
@@ -557,30 +550,24 @@ impl Drop for AuditFile {
 }
 
 impl AuditFile {
-    /// Opens (or creates) the log in `data_dir/audit`, cutting a torn last line. Returns the log and
+    /// Opens (or creates) the log in `data_dir/audit`, cutting torn last lines. Returns the log and
     /// its newest entry and checkpoint.
-    #[allow(clippy::type_complexity)]
-    pub fn open(data_dir: &Path) -> Result<(Self, Option<(u64, Vec<u8>)>, Option<Vec<u8>>), StoreError> {
+    pub fn open(data_dir: &Path) -> Result<(Self, Tail), StoreError> {
         let dir = data_dir.join(DIR);
         finish_archival(&dir)?;
         std::fs::create_dir_all(&dir).map_err(io_error)?;
-        cut_torn_tails(&dir)?;
+        let checkpoints_path = dir.join(CHECKPOINTS);
+        if checkpoints_path.exists() {
+            cut_torn_tail(&checkpoints_path)?;
+        }
+        // A log without segments starts at entry 1 (an archival always leaves one).
+        let (first, path) = segments(&dir)?.pop().unwrap_or_else(|| (1, segment_path(&dir, 1)));
+        let (file, offset, zeroed) = open_segment(&path)?;
         let (last, checkpoint) = tail(&dir)?;
         let last_seq = last.as_ref().map_or(0, |(s, _)| *s);
-        let (path, segment_entries) = match segments(&dir)?.pop() {
-            Some((first, path)) => (path, (last_seq + 1).saturating_sub(first)),
-            None => (segment_path(&dir, last_seq + 1), 0),
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_error)?;
-        let (offset, zeroed) = cut_torn_tail(&path)?;
+        let segment_entries = (last_seq + 1).saturating_sub(first);
         let checkpoints =
-            OpenOptions::new().create(true).append(true).open(dir.join(CHECKPOINTS)).map_err(io_error)?;
+            OpenOptions::new().create(true).append(true).open(checkpoints_path).map_err(io_error)?;
         sync_dir(&dir)?;
         let (tx, rx) = watch::channel(Ok(last_seq));
         let shared = Arc::new(Shared {
@@ -606,7 +593,7 @@ impl AuditFile {
             .name("khlang-audit".into())
             .spawn(move || flusher(for_thread))
             .map_err(io_error)?;
-        Ok((Self { shared, synced: rx, thread: Some(thread) }, last, checkpoint))
+        Ok((Self { shared, synced: rx, thread: Some(thread) }, (last, checkpoint)))
     }
 
     pub fn dir(&self) -> &Path {
