@@ -215,6 +215,12 @@ impl Iterator for Reader {
     }
 }
 
+/// The seq a garbled line stands for: the one after the previous entry (the verifier then names
+/// it as the first bad entry).
+fn garbled_seq(prev: Option<u64>, from_seq: u64) -> u64 {
+    prev.map_or(from_seq.max(1), |p| p + 1)
+}
+
 /// Calls `f(seq, hash, json)` for every entry from `from_seq` on, oldest first, without copying
 /// them (verification); `f` returns `false` to stop. A damaged line is passed as the seq after the
 /// previous entry with no hash.
@@ -236,7 +242,7 @@ pub fn scan_entries(
             }
             Line::Checkpoint(..) => continue,
             Line::Garbled => {
-                let seq = prev.map_or(from_seq.max(1), |p| p + 1);
+                let seq = garbled_seq(prev, from_seq);
                 prev = Some(seq);
                 (seq, None, &[][..])
             }
@@ -271,7 +277,7 @@ pub fn entries(
         }
         Ok(Item::Checkpoint(..)) => None,
         Ok(Item::Garbled) => {
-            let seq = prev.map_or(from_seq.max(1), |p| p + 1);
+            let seq = garbled_seq(prev, from_seq);
             prev = Some(seq);
             (seq >= from_seq).then_some(Ok((seq, Vec::new())))
         }
