@@ -297,12 +297,18 @@ pub enum AuditCommand {
         output: Option<std::path::PathBuf>,
     },
     /// Verify the live log, or (--offline) an export with only the public key.
+    /// Exit status: 0 intact, 2 broken, 3 unverified (nothing wrong found, but not everything is
+    /// covered by a signature), 1 could not verify.
     Verify {
         #[arg(long, requires = "public_key")]
         offline: Option<std::path::PathBuf>,
         /// The vault's audit public key (hex), from `khlang audit public-key`.
         #[arg(long)]
         public_key: Option<String>,
+        /// A witness file (`khlangd --audit-witness`): the log must contain every head it holds,
+        /// or it was rolled back or cut.
+        #[arg(long)]
+        witness: Option<std::path::PathBuf>,
     },
     /// Print the Ed25519 public key that verifies this vault's checkpoints.
     PublicKey,

@@ -10,7 +10,8 @@ use khlang_proto::pb::{
     operator_client::OperatorClient, records_client::RecordsClient, subjects_client::SubjectsClient,
 };
 
-pub use khlang_keys::audit_chain::{ChainBreak, ChainReport};
+pub use khlang_keys::audit_chain::{ChainBreak, ChainReport, Checkpoint, Verdict};
+use khlang_keys::audit_chain::{ChainVerifier, verify_checkpoint};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
@@ -304,23 +305,77 @@ pub enum ExportError {
     Malformed { line: usize, what: String },
     #[error("the public key is not 32 bytes of hex")]
     PublicKey,
+    #[error(
+        "not an audit export of a known format (header format {0:?}; this verifier knows khlang-audit-1 and -2)"
+    )]
+    Format(String),
+    #[error("witness line {line}: not signed by this vault's key")]
+    Witness { line: usize },
     #[error("reading the export: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Verifies an audit export (JSON Lines from `ExportAudit`) offline, with only the vault's public
-/// key: the hash chain, every checkpoint's signature, and that no signed entry was cut off.
-pub fn verify_export(
-    reader: impl std::io::BufRead,
+/// The export formats this verifier knows (`khlang-audit-2` adds chained checkpoints and
+/// carried-forward breaks; format 1 exports verify unchanged).
+pub const EXPORT_FORMATS: &[&str] = &["khlang-audit-1", "khlang-audit-2"];
+
+/// Reads a witness file (`khlangd --audit-witness`): one signed checkpoint as JSON a line.
+pub fn read_witness(reader: impl std::io::BufRead) -> Result<Vec<Checkpoint>, ExportError> {
+    let mut out = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || ExportError::Malformed { line: i + 1, what: "not a signed checkpoint".into() };
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| bad())?;
+        out.push(Checkpoint::from_json(&v).ok_or_else(bad)?);
+    }
+    Ok(out)
+}
+
+/// Checks that every witnessed checkpoint is signed by `public_key_hex` (a witness is a file
+/// anyone may have touched): the heads the log must contain, `(seq, hash)`.
+pub fn witnessed_heads(
+    witness: &[Checkpoint],
     public_key_hex: &str,
-) -> Result<ChainReport, ExportError> {
-    use khlang_keys::audit_chain::{ChainVerifier, Checkpoint, verify_checkpoint};
-    let public_key = hex::decode(public_key_hex.trim()).map_err(|_| ExportError::PublicKey)?;
+) -> Result<Vec<(u64, [u8; 32])>, ExportError> {
+    let public_key = decode_public_key(public_key_hex)?;
+    witness
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            if verify_checkpoint(&public_key, w) {
+                Ok((w.seq, w.hash))
+            } else {
+                Err(ExportError::Witness { line: i + 1 })
+            }
+        })
+        .collect()
+}
+
+fn decode_public_key(hex_key: &str) -> Result<Vec<u8>, ExportError> {
+    let public_key = hex::decode(hex_key.trim()).map_err(|_| ExportError::PublicKey)?;
     if public_key.len() != 32 {
         return Err(ExportError::PublicKey);
     }
+    Ok(public_key)
+}
+
+/// Verifies an audit export (JSON Lines from `ExportAudit`) offline, with only the vault's public
+/// key: the hash chain, every checkpoint's signature and its link to the one before, breaks the
+/// vault carried forward, that no signed entry was cut off, and that the export holds every
+/// `witness` checkpoint it reaches (a rolled-back log does not).
+pub fn verify_export(
+    reader: impl std::io::BufRead,
+    public_key_hex: &str,
+    witness: &[Checkpoint],
+) -> Result<ChainReport, ExportError> {
+    let public_key = decode_public_key(public_key_hex)?;
+    witnessed_heads(witness, public_key_hex)?;
     let mut entries = Vec::new();
     let mut checkpoints = Vec::new();
+    let mut header = false;
     for (i, line) in reader.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -329,7 +384,15 @@ pub fn verify_export(
         let bad = |what: &str| ExportError::Malformed { line: i + 1, what: what.to_owned() };
         let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| bad("not JSON"))?;
         match v["type"].as_str() {
-            Some("header") => {}
+            Some("header") if !header && entries.is_empty() && checkpoints.is_empty() => {
+                let format = v["format"].as_str().unwrap_or_default();
+                if !EXPORT_FORMATS.contains(&format) {
+                    return Err(ExportError::Format(format.chars().take(40).collect()));
+                }
+                header = true;
+            }
+            Some("header") => return Err(bad("a second header")),
+            _ if !header => return Err(bad("the export does not start with its header")),
             Some("entry") => {
                 let seq = v["seq"].as_u64().ok_or_else(|| bad("entry without seq"))?;
                 let hash =
@@ -338,28 +401,24 @@ pub fn verify_export(
                 entries.push((seq, v["entry"]["seq"].as_u64(), canonical, hash));
             }
             Some("checkpoint") => {
-                let hash =
-                    hex::decode(v["hash"].as_str().unwrap_or_default()).map_err(|_| bad("bad hash"))?;
-                checkpoints.push(Checkpoint {
-                    seq: v["seq"].as_u64().ok_or_else(|| bad("checkpoint without seq"))?,
-                    hash: hash.try_into().map_err(|_| bad("bad hash"))?,
-                    time_ms: v["time_ms"].as_u64().ok_or_else(|| bad("checkpoint without time"))?,
-                    signature: hex::decode(v["signature"].as_str().unwrap_or_default())
-                        .map_err(|_| bad("bad signature"))?,
-                });
+                checkpoints.push(Checkpoint::from_json(&v).ok_or_else(|| bad("bad checkpoint"))?)
             }
             _ => return Err(bad("unknown line type")),
         }
     }
+    if !header {
+        return Err(ExportError::Format(String::new()));
+    }
     // An archive, or an export made after one, starts after 1: the signed checkpoint just before
     // its first entry anchors it.
     let first = entries.first().map_or(1, |e| e.0);
+    checkpoints.extend(witness.iter().filter(|w| w.seq >= first).cloned());
     let mut verifier = if first > 1 {
         let anchor = checkpoints.iter().find(|c| c.seq == first - 1).cloned();
         match anchor {
-            Some(a) if verify_checkpoint(&public_key, a.seq, &a.hash, a.time_ms, &a.signature) => {
+            Some(a) if verify_checkpoint(&public_key, &a) => {
                 let later = checkpoints.into_iter().filter(|c| c.seq >= first).collect();
-                ChainVerifier::starting_at(&public_key, later, first, a.hash)
+                ChainVerifier::starting_at(&public_key, later, first, a.hash, Some(a.seq))
             }
             _ => {
                 return Ok(ChainReport {
@@ -376,11 +435,17 @@ pub fn verify_export(
     };
     for (seq, embedded, canonical, hash) in &entries {
         verifier.entry(*seq, *embedded, canonical, hash);
-        if verifier.broken() {
-            break;
-        }
     }
     Ok(verifier.finish())
+}
+
+/// What the vault's live verification reports.
+#[derive(Debug, Clone)]
+pub struct LiveVerification {
+    pub report: ChainReport,
+    pub verdict: Verdict,
+    /// The vault found damage the operator has not accepted: data requests are refused.
+    pub break_open: bool,
 }
 
 /// TLS settings: the CA that signed the vault's certificate, and optionally a client certificate
@@ -673,14 +738,37 @@ impl Client {
         Ok(n)
     }
 
-    /// Verifies the live log on the vault.
-    pub async fn verify_audit(&mut self) -> Result<ChainReport, ClientError> {
-        let r = self.audit.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
-        Ok(ChainReport {
-            entries: r.entries,
-            checkpoints: r.checkpoints,
-            last_checkpoint: r.last_checkpoint,
-            first_break: (!r.intact).then_some(ChainBreak { seq: r.first_bad_seq, reason: r.reason }),
+    /// Verifies the live log on the vault; it must also hold every `witnessed` head.
+    pub async fn verify_audit(
+        &mut self,
+        witnessed: &[(u64, [u8; 32])],
+    ) -> Result<LiveVerification, ClientError> {
+        let witnessed = witnessed
+            .iter()
+            .map(|(seq, hash)| pb::WitnessedHead { seq: *seq, hash: hex::encode(hash) })
+            .collect();
+        let r = self.audit.verify_audit(pb::VerifyAuditRequest { witnessed }).await?.into_inner();
+        let first_break = (r.verdict() == pb::Verdict::Broken)
+            .then(|| ChainBreak { seq: r.first_bad_seq, reason: r.reason.clone() });
+        let verdict = match r.verdict() {
+            pb::Verdict::Intact => Verdict::Intact,
+            pb::Verdict::Broken => {
+                Verdict::Broken(ChainBreak { seq: r.first_bad_seq, reason: r.reason.clone() })
+            }
+            _ => Verdict::Unverified(r.reason.clone()),
+        };
+        Ok(LiveVerification {
+            report: ChainReport {
+                entries: r.entries,
+                checkpoints: r.checkpoints,
+                last_checkpoint: r.last_checkpoint,
+                last_entry: r.last_entry,
+                proven: r.last_checkpoint,
+                first_break,
+                resumed_at: r.resumed_at,
+            },
+            verdict,
+            break_open: r.break_open,
         })
     }
 

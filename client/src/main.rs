@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use khlang_client::{
     AuditQuery, AuditRecord, ChainReport, Client, ConsentEntry, KeysStatus, Record, ReencryptTarget,
-    SealStatus, TlsOptions,
+    SealStatus, TlsOptions, Verdict,
 };
 use zeroize::Zeroizing;
 
@@ -210,31 +210,61 @@ fn print_audit(entries: &[AuditRecord], json: bool) {
     }
 }
 
-fn print_report(r: &ChainReport) -> anyhow::Result<()> {
+/// The exit status of `audit verify` when the log is broken or unverified.
+#[derive(Debug)]
+struct VerifyOutcome(u8);
+
+impl std::fmt::Display for VerifyOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "verification outcome {}", self.0)
+    }
+}
+
+impl std::error::Error for VerifyOutcome {}
+
+/// Exit status of `audit verify`: 0 intact, 2 broken, 3 unverified.
+const EXIT_BROKEN: u8 = 2;
+const EXIT_UNVERIFIED: u8 = 3;
+
+fn print_report(r: &ChainReport, verdict: &Verdict) -> anyhow::Result<()> {
     println!(
-        "entries {}  checkpoints {}  last verified checkpoint {}",
-        r.entries, r.checkpoints, r.last_checkpoint
+        "entries {}  checkpoints {}  last verified checkpoint {}  newest entry {}",
+        r.entries, r.checkpoints, r.last_checkpoint, r.last_entry
     );
-    match &r.first_break {
-        None => {
+    if !r.resumed_at.is_empty() {
+        let at: Vec<String> = r.resumed_at.iter().map(u64::to_string).collect();
+        println!("verified on past breaks the vault carried forward at {}", at.join(", "));
+    }
+    match verdict {
+        Verdict::Intact => {
             println!("intact");
             Ok(())
         }
-        Some(b) => anyhow::bail!("NOT intact: first untrustworthy entry {}: {}", b.seq, b.reason),
+        Verdict::Broken(b) => {
+            println!("BROKEN: first untrustworthy entry {}: {}", b.seq, b.reason);
+            Err(VerifyOutcome(EXIT_BROKEN).into())
+        }
+        Verdict::Unverified(why) => {
+            println!("UNVERIFIED: {why}");
+            Err(VerifyOutcome(EXIT_UNVERIFIED).into())
+        }
     }
+}
+
+fn load_witness(path: &std::path::Path) -> anyhow::Result<Vec<khlang_client::Checkpoint>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(khlang_client::read_witness(std::io::BufReader::new(file))?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     // Offline verification needs no vault and no credentials.
-    if let Command::Audit(AuditCommand::Verify { offline: Some(path), public_key: Some(key) }) = &cli.command
+    if let Command::Audit(AuditCommand::Verify { offline: Some(path), public_key: Some(key), witness }) =
+        &cli.command
     {
+        let witness = witness.as_deref().map(load_witness).transpose()?.unwrap_or_default();
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let report = khlang_client::verify_export(std::io::BufReader::new(file), key)?;
-        print_report(&report)?;
-        if report.entries > 0 && report.last_checkpoint == 0 {
-            anyhow::bail!("NOT verified: the export holds no checkpoint signed by this key");
-        }
-        return Ok(());
+        let report = khlang_client::verify_export(std::io::BufReader::new(file), key, &witness)?;
+        return print_report(&report, &report.verdict());
     }
     let mut client = if needs_no_token(&cli.command) && cli.token.is_none() {
         connect_as_anyone(&cli).await?
@@ -421,7 +451,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.flush()?;
                 eprintln!("exported {n} lines");
             }
-            AuditCommand::Verify { .. } => print_report(&client.verify_audit().await?)?,
+            AuditCommand::Verify { witness, .. } => {
+                let heads = match witness {
+                    Some(path) => {
+                        let key = client.audit_public_key().await?;
+                        khlang_client::witnessed_heads(&load_witness(&path)?, &key)?
+                    }
+                    None => Vec::new(),
+                };
+                let live = client.verify_audit(&heads).await?;
+                if live.break_open {
+                    println!(
+                        "the vault found its log damaged and refuses data requests until the operator accepts the break"
+                    );
+                }
+                print_report(&live.report, &live.verdict)?
+            }
             AuditCommand::PublicKey => println!("{}", client.audit_public_key().await?),
         },
         Command::Operator(cmd) => match cmd {
@@ -553,9 +598,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<VerifyOutcome>() {
+            Some(VerifyOutcome(code)) => ExitCode::from(*code),
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

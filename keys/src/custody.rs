@@ -18,7 +18,7 @@ use std::fmt;
 use rand::SeedableRng;
 use zeroize::Zeroizing;
 
-use crate::audit_chain::AuditSigner;
+use crate::audit_chain::{AuditSigner, HeadTagger};
 use crate::hierarchy::DerivedKey;
 use crate::seal::{ROOT, SealKind, random_salt, reseal_secret, seal_secret, sealed_extra, unseal_secret};
 use crate::{Key256, KeyError, RandomSource, RootKey, SealParams, aead, labels};
@@ -197,6 +197,11 @@ impl DerivationKey {
     /// The Ed25519 key that signs audit checkpoints, derived under its own label.
     pub fn audit_signer(&self) -> Result<AuditSigner, KeyError> {
         AuditSigner::from_seed(self.hkdf32(labels::AUDIT_SIGNING)?)
+    }
+
+    /// The HMAC key that tags acknowledged audit heads between signed checkpoints.
+    pub fn audit_tagger(&self) -> Result<HeadTagger, KeyError> {
+        Ok(HeadTagger::new(self.derive(labels::AUDIT_HEAD_TAG)?))
     }
 }
 

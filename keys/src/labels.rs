@@ -22,3 +22,7 @@ pub const AUDIT_CHECKPOINT: &[u8] = b"khlang/v1/audit-checkpoint";
 pub const SHARE_SEAL_AAD: &[u8] = b"khlang/v1/custodian-share-seal";
 /// Associated data prefix when the derivation key is wrapped under the root key.
 pub const DERIVATION_KEY_WRAP_AAD: &[u8] = b"khlang/v1/derivation-key-wrap";
+/// Prefix of every signed audit checkpoint message that names its predecessor (format 2).
+pub const AUDIT_CHECKPOINT_CHAINED: &[u8] = b"khlang/v2/audit-checkpoint";
+/// HKDF info: the HMAC key that tags each acknowledged audit head between signed checkpoints.
+pub const AUDIT_HEAD_TAG: &[u8] = b"khlang/v1/audit-head-tag";

@@ -7,17 +7,18 @@
 use std::time::Instant;
 
 use khlang_keys::{DerivationKey, OsRandom};
-use khlang_server::audit::{AuditEntry, AuditLog, CheckpointPolicy};
+use khlang_server::audit::{AuditEntry, AuditLog, LogOptions};
 use khlang_server::store::{Changes, Durability, Store};
 
 fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-    let log = AuditLog::open(&store, dir.path(), CheckpointPolicy::default(), false).unwrap();
-    let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
-    let public_key = signer.public_key().to_vec();
-    log.set_signer(signer);
+    let log = AuditLog::open(&store, dir.path(), &LogOptions::default()).unwrap();
+    let key = DerivationKey::generate(&OsRandom::new()).unwrap();
+    let public_key = key.audit_signer().unwrap().public_key().to_vec();
+    log.unlock(&store, key.audit_signer().unwrap(), key.audit_tagger().unwrap(), key.audit_tagger().unwrap())
+        .unwrap();
 
     let template = AuditEntry {
         rpc: "GetRecord".into(),
@@ -55,12 +56,12 @@ fn main() {
     std::hint::black_box(count);
 
     let t = Instant::now();
-    let report = log.verify(&public_key, true).unwrap();
+    let report = log.verify(&store, &public_key, &[]).unwrap();
     let verify = t.elapsed().as_secs_f64();
     assert!(report.first_break.is_none(), "{report:?}");
     println!("baseline: iterate {n} stored entries        {:>10.0} entries/s", n as f64 / scan);
     println!(
-        "verify: chain + {} checkpoints              {:>10.0} entries/s (target 1,000,000)",
+        "verify: chain + {} checkpoints + head tags  {:>10.0} entries/s (target 1,000,000)",
         report.checkpoints,
         n as f64 / verify
     );

@@ -1,32 +1,45 @@
 //! The audit log: one entry for every request that reaches the vault, on disk before any plaintext
 //! leaves or any change is acknowledged: a read's in the log's own files (`audit_file.rs`), synced;
-//! a change's in the same atomic sled batch as the change (and in the files). Entries form a hash chain over their canonical JSON; every N entries or T seconds,
-//! and at shutdown, the head is signed (Ed25519, a key derived from the derivation key).
+//! a change's in the same atomic sled batch as the change (and in the files). Entries form a hash
+//! chain over their canonical JSON; every N entries or T seconds, and at shutdown, the head is
+//! signed (Ed25519, a key derived from the derivation key), each checkpoint naming the one before;
+//! every acknowledged head in between carries an HMAC tag (a group of reads in the file, a change
+//! in its batch), so nobody without the root key can rewrite the unsigned tail either.
 //!
 //! Entries name fields, never their values; the subject appears only as its blind index; strings a
 //! caller sent are bounded and stripped of control characters, and JSON escapes the rest.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use khlang_keys::audit_chain::{
-    AuditSigner, ChainReport, ChainVerifier, Checkpoint, GENESIS, chain_hash, join_reports,
+    AUDIT_BREAK_RPC, AuditSigner, ChainBreak, ChainReport, ChainVerifier, Checkpoint, GENESIS, HeadTagger,
+    chain_hash, join_reports, verify_checkpoint,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::audit_file::{self, AuditFile};
+use crate::audit_file::{self, AuditFile, FileOptions, Scanned, TaggedHead, decode_tagged, encode_tagged};
 use crate::catalogue::printable;
-use crate::store::{Changes, Store};
+use crate::store::{AuditRecord, Changes, HeadRecorder, Store};
 use crate::vault::now_ms;
 use crate::{StoreError, VaultError};
 
 /// One audited request (PCI DSS 10.2.2). `seq` and `time_ms` are set when it is appended.
 /// Fields are declared in alphabetical order so that serialising the struct directly yields the
-/// canonical form (keys sorted) without building a map; a test holds the two equal.
+/// canonical form (keys sorted) without building a map; a test holds the two equal. The three
+/// fields of a carried-forward break are left out of every other entry.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditEntry {
+    /// `AuditBreak` only: the signed head the chain goes on from, past the damage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<StoredCheckpoint>,
+    /// `AuditBreak` only: the first and last seq that can no longer be trusted.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub damaged_from: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub damaged_to: u64,
     /// `allow`, `deny`, or `none` when the request was refused before a decision.
     pub decision: String,
     pub fields: Vec<String>,
@@ -54,6 +67,10 @@ pub struct AuditEntry {
     pub time_ms: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Bounded, printable copy of a caller's string.
 pub fn clean(s: &str) -> String {
     printable(s)
@@ -67,13 +84,16 @@ impl AuditEntry {
     }
 }
 
-/// A stored checkpoint, as JSON.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A stored checkpoint, as JSON (fields in key order: it is also embedded in `AuditBreak` entries).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoredCheckpoint {
-    pub seq: u64,
     pub hash: String,
-    pub time_ms: u64,
+    /// The seq of the checkpoint signed before it; absent in format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<u64>,
+    pub seq: u64,
     pub signature: String,
+    pub time_ms: u64,
 }
 
 impl StoredCheckpoint {
@@ -82,8 +102,23 @@ impl StoredCheckpoint {
             seq: self.seq,
             hash: hex::decode(&self.hash).ok()?.try_into().ok()?,
             time_ms: self.time_ms,
+            prev: self.prev,
             signature: hex::decode(&self.signature).ok()?,
         })
+    }
+
+    pub fn from_checkpoint(cp: &Checkpoint) -> Self {
+        Self {
+            hash: hex::encode(cp.hash),
+            prev: cp.prev,
+            seq: cp.seq,
+            signature: hex::encode(&cp.signature),
+            time_ms: cp.time_ms,
+        }
+    }
+
+    pub fn parse(json: &[u8]) -> Option<Checkpoint> {
+        serde_json::from_slice::<StoredCheckpoint>(json).ok()?.to_checkpoint()
     }
 }
 
@@ -105,20 +140,52 @@ struct Head {
     hash: [u8; 32],
     checkpointed_seq: u64,
     checkpointed_at: Instant,
+    /// The seq of the last checkpoint signed: the next one names it.
+    last_signed: u64,
     /// Entries `(seq, hash ‖ JSON)` in the file's buffer, not yet synced and not in sled: the next
     /// change carries them into sled with its own, so what sled holds never skips one.
     unsynced: VecDeque<(u64, Vec<u8>)>,
+}
+
+/// The keys of an unsealed vault's log.
+struct LogKeys {
+    signer: AuditSigner,
+    tagger: HeadTagger,
+}
+
+/// A break found in the log and carried forward, not yet accepted by the operator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BreakRecord {
+    /// The seq of the `AuditBreak` entry that carried it forward.
+    pub entry: u64,
+    pub damaged_from: u64,
+    pub damaged_to: u64,
+    pub reason: String,
+}
+
+/// What the vault knows of its log's integrity.
+#[derive(Default)]
+struct Integrity {
+    /// The file's head when the log was opened: what the first unlock verifies (entries after it
+    /// are this process's own, chained in memory).
+    opened: ChainHead,
+    /// The first unlock verified the tail.
+    checked: bool,
+    broken: Option<BreakRecord>,
 }
 
 /// Appends entries (in its own files, see `audit_file.rs`) and signs checkpoints. The mutex
 /// orders the chain and makes each commit's expectation check, entry and change one step.
 pub struct AuditLog {
     head: Mutex<Head>,
-    signer: Mutex<Option<AuditSigner>>,
+    keys: Mutex<Option<LogKeys>>,
+    integrity: Mutex<Integrity>,
     policy: CheckpointPolicy,
     /// Benchmark baseline only: apply changes without writing entries.
     disabled: bool,
     file: AuditFile,
+    recorder: HeadRecorder,
+    witness: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -208,16 +275,43 @@ fn cp_seq_of(json: &[u8]) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt("checkpoint"))
 }
 
+/// Reads a witness file (one checkpoint JSON a line, as the vault appends them).
+pub fn read_witness(path: &Path) -> Result<Vec<Checkpoint>, StoreError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StoreError::Flush(format!("audit witness {}: {e}", path.display())))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            StoredCheckpoint::parse(l.as_bytes())
+                .ok_or_else(|| StoreError::Flush(format!("audit witness line {}: not a checkpoint", i + 1)))
+        })
+        .collect()
+}
+
+/// The log's options beyond its files'.
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    pub checkpoints: CheckpointPolicy,
+    pub files: FileOptions,
+    /// Benchmark baseline only.
+    pub disabled: bool,
+}
+
+/// What the vault's log reports of itself (health, `VerifyAudit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogState {
+    Intact,
+    /// A break was found and carried forward; the operator has not accepted it.
+    Broken(BreakRecord),
+}
+
 impl AuditLog {
     /// Opens the log in `data_dir`, first taking back from sled what a crash took from the file
-    /// (and, once, the whole log of the layout that kept it in sled).
-    pub fn open(
-        store: &Store,
-        data_dir: &Path,
-        policy: CheckpointPolicy,
-        disabled: bool,
-    ) -> Result<Self, StoreError> {
-        let (file, (last, checkpoint)) = AuditFile::open(data_dir)?;
+    /// (and, once, the whole log of the layout that kept it in sled). Its integrity is checked
+    /// at the first [`AuditLog::unlock`], when the keys that prove it are there.
+    pub fn open(store: &Store, data_dir: &Path, options: &LogOptions) -> Result<Self, StoreError> {
+        let (file, (last, checkpoint)) = AuditFile::open(data_dir, &options.files)?;
         let head = match last {
             Some((seq, value)) => {
                 let (hash, _) = split_stored(&value)?;
@@ -226,21 +320,31 @@ impl AuditLog {
             None => (0, GENESIS),
         };
         let ((seq, hash), moved_checkpoint) = recover_from_sled(store, &file, head)?;
-        let checkpointed_seq = moved_checkpoint.unwrap_or_else(|| {
-            checkpoint.and_then(|c| serde_json::from_slice::<StoredCheckpoint>(&c).ok()).map_or(0, |c| c.seq)
-        });
+        let checkpointed_seq = moved_checkpoint
+            .unwrap_or_else(|| checkpoint.as_deref().map_or(0, |c| cp_seq_of(c).unwrap_or(0)));
+        // The next checkpoint names the newest one the vault signed, wherever it is recorded.
+        let recorded =
+            store.audit_record(AuditRecord::SignedHead)?.and_then(|c| cp_seq_of(&c).ok()).unwrap_or(0);
+        let broken = match store.audit_record(AuditRecord::Break)? {
+            Some(b) => serde_json::from_slice(&b).ok(),
+            None => None,
+        };
         Ok(Self {
             head: Mutex::new(Head {
                 seq,
                 hash,
                 checkpointed_seq,
                 checkpointed_at: Instant::now(),
+                last_signed: checkpointed_seq.max(recorded),
                 unsynced: VecDeque::new(),
             }),
-            signer: Mutex::new(None),
-            policy,
-            disabled,
+            keys: Mutex::new(None),
+            integrity: Mutex::new(Integrity { opened: (seq, hash), checked: false, broken }),
+            policy: options.checkpoints,
+            disabled: options.disabled,
             file,
+            recorder: store.head_recorder(),
+            witness: options.files.witness.clone(),
         })
     }
 
@@ -249,34 +353,274 @@ impl AuditLog {
         self.file.dir()
     }
 
-    pub fn set_signer(&self, signer: AuditSigner) {
-        *self.signer.lock().unwrap_or_else(|p| p.into_inner()) = Some(signer);
+    /// Unsealing: installs the keys. The first time in this process, the tail on disk since the
+    /// last signed head is verified first; damage is carried forward as an `AuditBreak` entry
+    /// that links the chain on from the newest head the vault signed, never over the damage.
+    pub fn unlock(
+        &self,
+        store: &Store,
+        signer: AuditSigner,
+        tagger: HeadTagger,
+        flusher_tagger: HeadTagger,
+    ) -> Result<(), VaultError> {
+        if self.disabled {
+            *lock(&self.keys) = Some(LogKeys { signer, tagger });
+            return Ok(());
+        }
+        let public_key = signer.public_key().to_vec();
+        let mut integrity = lock(&self.integrity);
+        let finding = if integrity.checked {
+            None
+        } else {
+            self.file.write_through()?;
+            Some(self.check_tail(store, &public_key, &tagger, integrity.opened)?)
+        };
+        *lock(&self.keys) = Some(LogKeys { signer, tagger });
+        self.file.set_sealing(Some(flusher_tagger), Some(self.recorder.clone()));
+        integrity.checked = true;
+        match finding {
+            Some(TailFinding::Damaged { report, anchor }) => {
+                let b = report.first_break.clone().unwrap_or(ChainBreak { seq: 1, reason: String::new() });
+                let record = self.carry_forward(store, &b, anchor, report.last_entry)?;
+                tracing::error!(
+                    first_untrusted = b.seq,
+                    reason = %b.reason,
+                    audit_break_entry = record.entry,
+                    "AUDIT LOG DAMAGED: entries from {} on cannot be trusted; data requests are refused until an operator \
+                     restarts with --accept-audit-break {}",
+                    b.seq,
+                    record.entry
+                );
+                integrity.broken = Some(record);
+            }
+            Some(TailFinding::Unproven { from, to }) => {
+                let mut e = notice_entry("AuditUnproven");
+                e.reason = format!(
+                    "entries {from} to {to} were on disk with neither a signature nor a head tag (written while sealed, \
+                     or just before an unclean stop): nothing proves them"
+                );
+                tracing::warn!(from, to, "audit entries on disk are not proven by a signature or tag");
+                self.append_notice(store, e)?;
+            }
+            Some(TailFinding::Sound) | None => {}
+        }
+        if let Some(b) = &integrity.broken {
+            tracing::error!(
+                audit_break_entry = b.entry,
+                "the audit log holds a break the operator has not accepted (entries {} to {}: {})",
+                b.damaged_from,
+                b.damaged_to,
+                b.reason
+            );
+        }
+        drop(integrity);
+        self.checkpoint_now()
     }
 
-    /// Sealing: the signing key is wiped; entries are still chained, and signed at the next unseal.
+    /// Accepts the carried-forward break whose `AuditBreak` entry is `entry` (the operator's
+    /// `--accept-audit-break`): recorded in the log, and data requests are served again.
+    pub fn accept_break(&self, store: &Store, entry: u64) -> Result<(), VaultError> {
+        let mut integrity = lock(&self.integrity);
+        match &integrity.broken {
+            Some(b) if b.entry == entry => {
+                let mut e = notice_entry("AcceptAuditBreak");
+                e.reason = format!(
+                    "the operator accepted the break carried forward at {entry} (entries {} to {}: {})",
+                    b.damaged_from, b.damaged_to, b.reason
+                );
+                self.append_notice(store, e)?;
+                store.remove_audit_record(AuditRecord::Break)?;
+                store.flush_now()?;
+                integrity.broken = None;
+                tracing::warn!(entry, "audit break accepted by the operator");
+                Ok(())
+            }
+            Some(b) => Err(VaultError::FailedPrecondition(format!(
+                "--accept-audit-break {entry} names no open break; the open one is carried forward at entry {}",
+                b.entry
+            ))),
+            None => Err(VaultError::FailedPrecondition(format!(
+                "--accept-audit-break {entry}: the audit log has no open break"
+            ))),
+        }
+    }
+
+    pub fn state(&self) -> LogState {
+        match &lock(&self.integrity).broken {
+            Some(b) => LogState::Broken(b.clone()),
+            None => LogState::Intact,
+        }
+    }
+
+    /// Verifies what was on disk at open, from the newest signed head the store recorded (or
+    /// from the start when that does not hold), with every proof the vault has.
+    fn check_tail(
+        &self,
+        store: &Store,
+        public_key: &[u8],
+        tagger: &HeadTagger,
+        opened: ChainHead,
+    ) -> Result<TailFinding, VaultError> {
+        let proofs = self.stored_proofs(store, tagger)?;
+        let start = match &proofs.signed {
+            Some(a) if verify_checkpoint(public_key, a) && entry_hash(self.dir(), a.seq)? == Some(a.hash) => {
+                Some(a.clone())
+            }
+            _ => None,
+        };
+        let mut report = verify_dir(
+            self.dir(),
+            public_key,
+            &VerifyWith {
+                expected_head: Some(opened),
+                tagger: Some(tagger),
+                checkpoints: proofs.checkpoints(),
+                known_heads: proofs.tagged.clone(),
+                start: start.clone(),
+            },
+        )?;
+        if let Some(b) = proofs.tamper.clone()
+            && report.first_break.as_ref().is_none_or(|f| f.seq > b.seq)
+        {
+            report.first_break = Some(b);
+        }
+        for w in &proofs.witnessed_before(start.as_ref().map_or(0, |s| s.seq)) {
+            if entry_hash(self.dir(), w.seq)? != Some(w.hash)
+                && report.first_break.as_ref().is_none_or(|f| f.seq > w.seq)
+            {
+                report.first_break = Some(ChainBreak {
+                    seq: w.seq,
+                    reason: format!(
+                        "the witness holds a signed head at {} that this log does not contain",
+                        w.seq
+                    ),
+                });
+            }
+        }
+        if report.first_break.is_some() {
+            let anchor = proofs.newest_signed(public_key, self.dir())?;
+            report.last_entry = report.last_entry.max(opened.0).max(proofs.max_seq());
+            return Ok(TailFinding::Damaged { report, anchor });
+        }
+        if report.proven < opened.0 {
+            return Ok(TailFinding::Unproven { from: report.proven + 1, to: opened.0 });
+        }
+        Ok(TailFinding::Sound)
+    }
+
+    /// The proofs kept outside the segment files: the store's records and the witness.
+    fn stored_proofs(&self, store: &Store, tagger: &HeadTagger) -> Result<Proofs, StoreError> {
+        let mut proofs = Proofs::default();
+        if let Some(json) = store.audit_record(AuditRecord::SignedHead)? {
+            match StoredCheckpoint::parse(&json) {
+                Some(cp) => proofs.signed = Some(cp),
+                None => proofs.tamper_at(1, "the store's record of the last signed head is unreadable"),
+            }
+        }
+        for which in [AuditRecord::ChangeTag, AuditRecord::ReadTag] {
+            if let Some(bytes) = store.audit_record(which)? {
+                match decode_tagged(&bytes) {
+                    Some((seq, hash, tag)) if tagger.verify(seq, &hash, &tag) => {
+                        proofs.tagged.push((seq, hash))
+                    }
+                    Some((seq, ..)) => {
+                        proofs.tamper_at(seq, "the store's tagged head does not verify (tampered)")
+                    }
+                    None => proofs.tamper_at(1, "the store's tagged head is unreadable"),
+                }
+            }
+        }
+        if let Some(path) = &self.witness
+            && path.exists()
+        {
+            proofs.witness = read_witness(path)?;
+        }
+        proofs.file_checkpoints =
+            audit_file::checkpoints(self.dir())?.iter().filter_map(|c| StoredCheckpoint::parse(c)).collect();
+        Ok(proofs)
+    }
+
+    /// Appends the `AuditBreak` entry: seq after every seq the vault knows, chained from the newest
+    /// signed head (`anchor`), so what the vault signs next extends what it signed last.
+    fn carry_forward(
+        &self,
+        store: &Store,
+        b: &ChainBreak,
+        anchor: Option<Checkpoint>,
+        last_known: u64,
+    ) -> Result<BreakRecord, VaultError> {
+        let mut head = lock(&self.head);
+        let anchor =
+            anchor.unwrap_or(Checkpoint { seq: 0, hash: GENESIS, time_ms: 0, prev: None, signature: vec![] });
+        let to = last_known.max(head.seq);
+        let mut entry = notice_entry(AUDIT_BREAK_RPC);
+        entry.seq = to + 1;
+        entry.time_ms = now_ms();
+        entry.damaged_from = b.seq.max(1);
+        entry.damaged_to = to;
+        entry.reason = clean(&b.reason);
+        entry.anchor = (anchor.seq > 0).then(|| StoredCheckpoint::from_checkpoint(&anchor));
+        let canonical = entry.canonical()?;
+        let hash = chain_hash(&anchor.hash, &canonical);
+        self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
+        self.file.sync_now().map_err(unavailable)?;
+        head.seq = entry.seq;
+        head.hash = hash;
+        head.unsynced.clear();
+        head.last_signed = anchor.seq;
+        let record = BreakRecord {
+            entry: entry.seq,
+            damaged_from: entry.damaged_from,
+            damaged_to: to,
+            reason: entry.reason,
+        };
+        let json = serde_json::to_vec(&record).map_err(|_| StoreError::Corrupt("audit break (encode)"))?;
+        store.set_audit_record(AuditRecord::Break, &json)?;
+        store.flush_now()?;
+        Ok(record)
+    }
+
+    fn append_notice(&self, store: &Store, entry: AuditEntry) -> Result<(), VaultError> {
+        match self.commit(store, entry, Changes::none())? {
+            Committed::Done(_) | Committed::Conflict => self.sync_now(),
+        }
+    }
+
+    /// Sealing: the keys are wiped; entries are still chained, and signed at the next unseal.
     pub fn clear_signer(&self) {
-        *self.signer.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(&self.keys) = None;
+        self.file.set_sealing(None, None);
     }
 
     pub fn public_key(&self) -> Option<Vec<u8>> {
-        self.signer.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.public_key().to_vec())
+        lock(&self.keys).as_ref().map(|k| k.signer.public_key().to_vec())
     }
 
     /// `(seq, hash)` of the newest entry.
     pub fn head(&self) -> ChainHead {
-        let head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let head = lock(&self.head);
         (head.seq, head.hash)
     }
 
-    /// A signed checkpoint of `(seq, hash)`, as stored JSON; `None` while sealed.
-    fn checkpoint_json(&self, seq: u64, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, VaultError> {
-        let signer = self.signer.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(signer) = signer.as_ref() else { return Ok(None) };
-        let time_ms = now_ms();
-        let signature = signer.sign_checkpoint(seq, hash, time_ms)?;
-        let cp =
-            StoredCheckpoint { seq, hash: hex::encode(hash), time_ms, signature: hex::encode(signature) };
-        Ok(Some(serde_json::to_vec(&cp).map_err(|_| StoreError::Corrupt("checkpoint (encode)"))?))
+    /// Signs `(seq, hash)` as the checkpoint after the last one; `None` while sealed.
+    fn sign(&self, head: &Head, seq: u64, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, VaultError> {
+        let keys = lock(&self.keys);
+        let Some(keys) = keys.as_ref() else { return Ok(None) };
+        let cp = keys.signer.sign_checkpoint(seq, hash, now_ms(), head.last_signed)?;
+        let json = serde_json::to_vec(&StoredCheckpoint::from_checkpoint(&cp))
+            .map_err(|_| StoreError::Corrupt("checkpoint (encode)"))?;
+        Ok(Some(json))
+    }
+
+    fn checkpoint_head(&self, head: &mut Head) -> Result<(), VaultError> {
+        let (seq, hash) = (head.seq, head.hash);
+        if let Some(cp) = self.sign(head, seq, &hash)? {
+            self.file.append_checkpoint(seq, &cp).map_err(unavailable)?;
+            head.checkpointed_seq = seq;
+            head.last_signed = seq;
+            head.checkpointed_at = Instant::now();
+        }
+        Ok(())
     }
 
     /// Appends `entry` and applies `changes` with it in one sled batch. Fails (and changes
@@ -288,7 +632,7 @@ impl AuditLog {
         mut entry: AuditEntry,
         changes: Changes,
     ) -> Result<Committed, VaultError> {
-        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let mut head = lock(&self.head);
         if !store.expectations_hold(&changes)? {
             return Ok(Committed::Conflict);
         }
@@ -302,7 +646,7 @@ impl AuditLog {
         let hash = chain_hash(&head.hash, &canonical);
         let value = [hash.as_slice(), &canonical].concat();
         if changes.is_empty() {
-            // Durable by the file's sync (the request waits for it).
+            // Durable by the file's sync (the request waits for it), which writes its group's tag.
             self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
             let synced = self.file.synced_seq();
             while head.unsynced.front().is_some_and(|(s, _)| *s <= synced) {
@@ -311,7 +655,7 @@ impl AuditLog {
             head.unsynced.push_back((entry.seq, value));
         } else {
             // Durable with the change, in its sled batch (with any entry before it that is not
-            // yet on disk); the file gets it too, synced later.
+            // yet on disk, and the tag of its head); the file gets it too, synced later.
             self.file.check_writable().map_err(unavailable)?;
             let mut changes = changes;
             let synced = self.file.synced_seq();
@@ -319,6 +663,10 @@ impl AuditLog {
                 changes.audit_entry(*seq, earlier);
             }
             changes.audit_entry(entry.seq, &value);
+            if let Some(keys) = lock(&self.keys).as_ref() {
+                let tagged: TaggedHead = (entry.seq, hash, keys.tagger.tag(entry.seq, &hash));
+                changes.audit_head_tag(&encode_tagged(&tagged));
+            }
             if let Err(e) = store.apply(changes) {
                 // Neither the change nor its entry was stored: the entry says the change failed.
                 tracing::error!(error = %e, "a change and its audit entry could not be stored");
@@ -338,10 +686,8 @@ impl AuditLog {
         head.hash = hash;
         let due = entry.seq - head.checkpointed_seq >= self.policy.every_entries
             || head.checkpointed_at.elapsed() >= self.policy.every;
-        if due && let Some(cp) = self.checkpoint_json(entry.seq, &hash)? {
-            self.file.append_checkpoint(entry.seq, &cp).map_err(unavailable)?;
-            head.checkpointed_seq = entry.seq;
-            head.checkpointed_at = Instant::now();
+        if due {
+            self.checkpoint_head(&mut head)?;
         }
         Ok(Committed::Done(entry.seq))
     }
@@ -370,24 +716,19 @@ impl AuditLog {
 
     /// Runs `f` with every commit held off (key retirement proves and destroys under it).
     pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
-        let _head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let _head = lock(&self.head);
         f()
     }
 
-    /// Signs the current head now (shutdown, export), if anything was appended since the last
-    /// checkpoint, and syncs the log.
+    /// Signs the current head now (shutdown, export, verification), if anything was appended
+    /// since the last checkpoint, and syncs the log.
     pub fn checkpoint_now(&self) -> Result<(), VaultError> {
-        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let mut head = lock(&self.head);
         if self.disabled {
             return Ok(());
         }
-        if head.seq != 0
-            && head.seq != head.checkpointed_seq
-            && let Some(cp) = self.checkpoint_json(head.seq, &head.hash)?
-        {
-            self.file.append_checkpoint(head.seq, &cp).map_err(unavailable)?;
-            head.checkpointed_seq = head.seq;
-            head.checkpointed_at = Instant::now();
+        if head.seq != 0 && head.seq != head.checkpointed_seq {
+            self.checkpoint_head(&mut head)?;
         }
         self.file.sync_now().map_err(unavailable)
     }
@@ -395,7 +736,7 @@ impl AuditLog {
     /// Removes entries `..=last` (archived) and the checkpoints before `last`, with commits held
     /// off; the checkpoint at `last` stays and anchors the rest.
     pub fn remove_archived(&self, last: u64) -> Result<(), StoreError> {
-        let _head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let _head = lock(&self.head);
         self.file.remove_archived(last)
     }
 
@@ -404,17 +745,58 @@ impl AuditLog {
         self.file.inject_failure(fail);
     }
 
-    /// Verifies the stored log against `public_key`; on the live log, also that the newest entry is
-    /// the head this process appended (catches a truncated tail).
-    pub fn verify(&self, public_key: &[u8], live: bool) -> Result<ChainReport, StoreError> {
-        let expected_head = if live { Some(self.head_in_file()?) } else { None };
-        verify_dir(self.dir(), public_key, expected_head)
+    /// Verifies the stored log against `public_key` with every proof the vault holds (head tags,
+    /// the store's records, `witnessed` heads); on the live log, up to the head this process
+    /// holds in memory (which catches a truncated tail).
+    pub fn verify(
+        &self,
+        store: &Store,
+        public_key: &[u8],
+        witnessed: &[(u64, [u8; 32])],
+    ) -> Result<ChainReport, VaultError> {
+        let head = self.head_in_file()?;
+        let keys = lock(&self.keys);
+        let tagger = keys.as_ref().map(|k| &k.tagger);
+        let proofs = match tagger {
+            Some(t) => self.stored_proofs(store, t)?,
+            None => Proofs::default(),
+        };
+        let first = audit_file::first_seq(self.dir())?.unwrap_or(1);
+        let mut known = proofs.tagged.clone();
+        known.push(head);
+        let mut report = verify_dir(
+            self.dir(),
+            public_key,
+            &VerifyWith {
+                expected_head: Some(head),
+                tagger,
+                checkpoints: proofs.checkpoints(),
+                known_heads: known
+                    .into_iter()
+                    .chain(witnessed.iter().copied().filter(|w| w.0 >= first))
+                    .collect(),
+                start: None,
+            },
+        )?;
+        if let Some(b) = proofs.tamper
+            && report.first_break.as_ref().is_none_or(|f| f.seq > b.seq)
+        {
+            report.first_break = Some(b);
+        }
+        Ok(report)
+    }
+
+    /// Verifies the stored log to its end, with only the checkpoints file (tests).
+    #[cfg(test)]
+    pub fn verify_stored(&self, public_key: &[u8]) -> Result<ChainReport, StoreError> {
+        self.head_in_file()?;
+        verify_dir(self.dir(), public_key, &VerifyWith::default())
     }
 
     /// The head, with everything up to it written to the file: what a live verification of the
     /// file (possibly on another thread, [`verify_dir`]) must reach.
     pub fn head_in_file(&self) -> Result<ChainHead, StoreError> {
-        let head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let head = lock(&self.head);
         if !self.disabled {
             self.file.write_through()?;
         }
@@ -422,38 +804,138 @@ impl AuditLog {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An entry the vault writes about its own log.
+fn notice_entry(rpc: &str) -> AuditEntry {
+    AuditEntry {
+        rpc: rpc.to_owned(),
+        identity: "khlangd".into(),
+        decision: "none".into(),
+        outcome: "Ok".into(),
+        ..AuditEntry::default()
+    }
+}
+
+/// The stored hash of entry `seq`, if the log holds it.
+fn entry_hash(dir: &Path, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+    match audit_file::entries(dir, seq).next().transpose()? {
+        Some((s, value)) if s == seq => {
+            Ok(split_stored(&value).ok().and_then(|(h, _)| <[u8; 32]>::try_from(h).ok()))
+        }
+        _ => Ok(None),
+    }
+}
+
+enum TailFinding {
+    Sound,
+    Unproven { from: u64, to: u64 },
+    Damaged { report: ChainReport, anchor: Option<Checkpoint> },
+}
+
+/// Proofs of the log kept outside its segment files.
+#[derive(Default)]
+struct Proofs {
+    /// The store's record of the newest signed head.
+    signed: Option<Checkpoint>,
+    /// Tagged heads the store recorded (already checked against the tag key).
+    tagged: Vec<(u64, [u8; 32])>,
+    witness: Vec<Checkpoint>,
+    file_checkpoints: Vec<Checkpoint>,
+    /// A record that is itself damaged.
+    tamper: Option<ChainBreak>,
+}
+
+impl Proofs {
+    fn tamper_at(&mut self, seq: u64, reason: &str) {
+        if self.tamper.as_ref().is_none_or(|t| t.seq > seq) {
+            self.tamper = Some(ChainBreak { seq, reason: reason.to_owned() });
+        }
+    }
+
+    /// Checkpoints to verify beside the checkpoints file's: the store's and the witness's newest.
+    fn checkpoints(&self) -> Vec<Checkpoint> {
+        self.signed.iter().chain(self.witness.last()).cloned().collect()
+    }
+
+    fn witnessed_before(&self, seq: u64) -> Vec<Checkpoint> {
+        self.witness.iter().filter(|w| w.seq <= seq).cloned().collect()
+    }
+
+    fn max_seq(&self) -> u64 {
+        let signed = self.signed.iter().chain(&self.witness).chain(&self.file_checkpoints).map(|c| c.seq);
+        signed.chain(self.tagged.iter().map(|t| t.0)).max().unwrap_or(0)
+    }
+
+    /// The newest head the vault signed, wherever it is recorded: a forger cannot sign one, so
+    /// every valid signature is the vault's.
+    fn newest_signed(&self, public_key: &[u8], _dir: &Path) -> Result<Option<Checkpoint>, StoreError> {
+        Ok(self
+            .signed
+            .iter()
+            .chain(&self.witness)
+            .chain(&self.file_checkpoints)
+            .filter(|c| verify_checkpoint(public_key, c))
+            .max_by_key(|c| c.seq)
+            .cloned())
+    }
+}
+
+/// What a verification checks beyond the chain and the checkpoints file.
+#[derive(Default)]
+pub struct VerifyWith<'a> {
+    /// The live log: verify up to this head, and that the log reaches it.
+    pub expected_head: Option<ChainHead>,
+    /// Check head tags (the vault's own verification).
+    pub tagger: Option<&'a HeadTagger>,
+    /// Signed heads recorded elsewhere (the store, a witness).
+    pub checkpoints: Vec<Checkpoint>,
+    /// Heads known genuine (tagged records, the head in memory, witnessed heads).
+    pub known_heads: Vec<ChainHead>,
+    /// Start after this signed head (its entry's stored hash is known to match).
+    pub start: Option<Checkpoint>,
+}
+
 /// Verifies the log in `dir`; with `expected_head`, only up to it, and that it ends there.
-pub fn verify_dir(
-    dir: &Path,
-    public_key: &[u8],
-    expected_head: Option<ChainHead>,
-) -> Result<ChainReport, StoreError> {
-    let live = expected_head.is_some();
+pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Result<ChainReport, StoreError> {
+    let live = with.expected_head.is_some();
     // The live log is verified up to the head as it was when verification began (requests
     // keep appending meanwhile); a stored log, to its end.
-    let last = match expected_head {
+    let last = match with.expected_head {
         Some((seq, _)) => seq,
         None => audit_file::tail(dir)?.0.map_or(0, |(seq, _)| seq),
     };
-    let checkpoints: Vec<Checkpoint> = audit_file::checkpoints(dir)?
+    let mut checkpoints: Vec<Checkpoint> = audit_file::checkpoints(dir)?
         .iter()
-        .filter_map(|c| serde_json::from_slice::<StoredCheckpoint>(c).ok().and_then(|c| c.to_checkpoint()))
+        .filter_map(|c| StoredCheckpoint::parse(c))
+        .chain(with.checkpoints.iter().cloned())
         .filter(|c| !live || c.seq <= last)
         .collect();
-    // After an archival the log starts at `first`, anchored by the signed checkpoint at
-    // `first - 1`, which must verify.
-    let first = audit_file::first_seq(dir)?.unwrap_or(last + 1);
+    checkpoints.sort_by_key(|c| c.seq);
+    checkpoints.dedup();
+    let known: Vec<ChainHead> = with.known_heads.iter().copied().filter(|h| !live || h.0 <= last).collect();
+    // Start: after a signed head the caller vouches for, after the anchor of an archival (the log
+    // then starts at `first`, anchored by the signed checkpoint at `first - 1`, which must
+    // verify), or at entry 1.
+    let mut first = audit_file::first_seq(dir)?.unwrap_or(last + 1);
     let mut start_hash = GENESIS;
-    if first > 1 {
+    let mut last_cp = Some(0);
+    if let Some(s) = &with.start {
+        first = s.seq + 1;
+        start_hash = s.hash;
+        last_cp = Some(s.seq);
+    } else if first > 1 {
         let anchor = checkpoints.iter().find(|c| c.seq == first - 1).cloned();
-        let ok = anchor.as_ref().is_some_and(|a| {
-            khlang_keys::audit_chain::verify_checkpoint(public_key, a.seq, &a.hash, a.time_ms, &a.signature)
-        });
         match anchor {
-            Some(a) if ok => start_hash = a.hash,
+            Some(a) if verify_checkpoint(public_key, &a) => {
+                start_hash = a.hash;
+                last_cp = Some(a.seq);
+            }
             _ => {
                 return Ok(ChainReport {
-                    first_break: Some(khlang_keys::audit_chain::ChainBreak {
+                    first_break: Some(ChainBreak {
                         seq: first - 1,
                         reason: format!(
                             "entries before {first} are gone and no valid signed checkpoint at {} anchors the rest",
@@ -466,43 +948,51 @@ pub fn verify_dir(
         }
     }
     let checkpoints: Vec<Checkpoint> = checkpoints.into_iter().filter(|c| c.seq >= first).collect();
+    let known: Vec<ChainHead> = known.into_iter().filter(|h| h.0 >= first).collect();
     // Two halves on two threads, each reading and hashing its own range: every link is
     // checked against the hash stored before it, so the halves check what one pass would.
     let split = if last >= first + 4096 { first + (last - first) / 2 } else { last + 1 };
     let (early, late): (Vec<Checkpoint>, Vec<Checkpoint>) =
         checkpoints.into_iter().partition(|c| c.seq < split);
-    let prev_of_split = match audit_file::entries(dir, split - 1).next().transpose()? {
-        Some((seq, value)) if seq == split - 1 => {
-            split_stored(&value).ok().and_then(|(hash, _)| <[u8; 32]>::try_from(hash).ok()).unwrap_or(GENESIS)
-        }
-        // Missing: the first half reports it.
-        _ => GENESIS,
-    };
+    let (known_early, known_late): (Vec<ChainHead>, Vec<ChainHead>) =
+        known.into_iter().partition(|h| h.0 < split);
+    let last_cp_early = early.last().map(|c| c.seq).or(last_cp);
+    let prev_of_split =
+        if split > first { entry_hash(dir, split - 1)?.unwrap_or(GENESIS) } else { start_hash };
     let to = if live { last } else { u64::MAX };
-    let (first, second) = std::thread::scope(|scope| {
-        let second = scope.spawn(|| {
-            verify_range(dir, ChainVerifier::starting_at(public_key, late, split, prev_of_split), split, to)
-        });
-        let first = verify_range(
-            dir,
-            ChainVerifier::starting_at(public_key, early, first, start_hash),
-            first,
-            split - 1,
-        );
-        (first, second.join())
+    let make =
+        |cps: Vec<Checkpoint>, heads: Vec<ChainHead>, seq: u64, prev: [u8; 32], last_cp: Option<u64>| {
+            let v = ChainVerifier::starting_at(public_key, cps, seq, prev, last_cp).with_known_heads(heads);
+            match with.tagger {
+                Some(t) => v.with_tagger(t),
+                None => v,
+            }
+        };
+    let (first_part, second) = std::thread::scope(|scope| {
+        let late_v =
+            make(late.clone(), known_late.clone(), split, prev_of_split, last_cp_early).unproven_start();
+        let second = scope.spawn(|| verify_range(dir, late_v, split, to));
+        let first_part =
+            verify_range(dir, make(early, known_early, first, start_hash, last_cp), first, split - 1);
+        (first_part, second.join())
     });
     let second = second.map_err(|_| StoreError::Corrupt("audit verification thread"))??;
-    let reached = if second.head().0 >= split {
-        second.head()
+    let first_part = first_part?;
+    // A first half that ended past a break: one pass would have skipped to the next carried-
+    // forward break, so the second half is read again that way.
+    let second = if first_part.is_skipping() && split <= last {
+        let v = make(late, known_late, split, prev_of_split, last_cp_early).unproven_start().skipping();
+        verify_range(dir, v, split, to)?
     } else {
-        first.as_ref().map_or((0, GENESIS), |f| f.head())
+        second
     };
-    let mut report = join_reports(first?.finish_part(split - 1), second.finish());
-    if let Some(expected_head) = expected_head
+    let reached = if second.head().0 >= split { second.head() } else { first_part.head() };
+    let mut report = join_reports(first_part.finish_part(split - 1), second.finish());
+    if let Some(expected_head) = with.expected_head
         && report.first_break.is_none()
         && reached != expected_head
     {
-        report.first_break = Some(khlang_keys::audit_chain::ChainBreak {
+        report.first_break = Some(ChainBreak {
             seq: reached.0 + 1,
             reason: format!("the log ends at {} but this vault wrote up to {}", reached.0, expected_head.0),
         });
@@ -510,22 +1000,22 @@ pub fn verify_dir(
     Ok(report)
 }
 
-/// Feeds the stored entries `from..=to` to `v`, stopping at the first break.
+/// Feeds the stored entries and tags `from..=to` to `v`.
 fn verify_range<'k>(
     dir: &Path,
     mut v: ChainVerifier<'k>,
     from: u64,
     to: u64,
 ) -> Result<ChainVerifier<'k>, StoreError> {
-    audit_file::scan_entries(dir, from, |seq, hash, json| {
-        if seq > to {
-            return false;
+    audit_file::scan_entries(dir, from, |item| {
+        match item {
+            Scanned::Entry { seq, .. } if seq > to => return false,
+            Scanned::Entry { seq, hash: Some(hash), json } => v.entry(seq, embedded_seq(json), json, &hash),
+            Scanned::Entry { seq, hash: None, .. } => v.entry(seq, None, &[], &[]),
+            Scanned::Tag { seq, .. } if seq > to => return false,
+            Scanned::Tag { seq, tag } => v.tag(seq, &tag),
         }
-        match hash {
-            Some(hash) => v.entry(seq, embedded_seq(json), json, hash),
-            None => v.entry(seq, None, &[], &[]),
-        }
-        !v.broken()
+        true
     })?;
     Ok(v)
 }
@@ -679,16 +1169,14 @@ mod tests {
         const N: u64 = 6000;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-        let log = AuditLog::open(
-            &store,
-            dir.path(),
-            CheckpointPolicy { every_entries: 700, every: Duration::from_secs(3600) },
-            false,
-        )
-        .unwrap();
-        let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        let checkpoints = CheckpointPolicy { every_entries: 700, every: Duration::from_secs(3600) };
+        let log =
+            AuditLog::open(&store, dir.path(), &LogOptions { checkpoints, ..LogOptions::default() }).unwrap();
+        let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
+        let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
-        log.set_signer(signer);
+        drop(signer);
+        unlock(&log, &store, &dkey);
         for i in 0..N {
             let entry =
                 AuditEntry { rpc: "GetRecord".into(), reason: format!("n{i}"), ..AuditEntry::default() };
@@ -711,14 +1199,14 @@ mod tests {
             }
             v.finish()
         };
-        let intact = log.verify(&public_key, true).unwrap();
+        let intact = log.verify(&store, &public_key, &[]).unwrap();
         assert_eq!(intact, sequential(log.dir()));
         assert_eq!((intact.entries, intact.first_break.clone()), (N, None));
 
         let segments = audit_file::segments(log.dir()).unwrap();
         assert_eq!(segments.len(), 1);
         let path = segments[0].1.clone();
-        let original = std::fs::read_to_string(&path).unwrap();
+        let original = std::fs::read_to_string(&path).unwrap().trim_end_matches('\0').to_owned();
         let lines: Vec<&str> = original.lines().collect();
         let at = |seq: u64| lines.iter().position(|l| l.starts_with(&format!("e {seq} "))).unwrap();
         let split = N / 2 + 1;
@@ -741,7 +1229,7 @@ mod tests {
                 forged.remove(i);
             }
             std::fs::write(&path, forged.join("\n") + "\n").unwrap();
-            let report = log.verify(&public_key, false).unwrap();
+            let report = log.verify_stored(&public_key).unwrap();
             let reference = sequential(log.dir());
             assert_eq!(report.first_break, reference.first_break, "{what} {seq}");
             assert_eq!(report.last_checkpoint, reference.last_checkpoint, "{what} {seq}");
@@ -754,14 +1242,24 @@ mod tests {
             .filter(|l| !(N - 5..=N).any(|s| l.starts_with(&format!("e {s} "))))
             .collect();
         std::fs::write(&path, kept.join("\n") + "\n").unwrap();
-        let report = log.verify(&public_key, false).unwrap();
+        let report = log.verify_stored(&public_key).unwrap();
         assert_eq!(report.first_break, sequential(log.dir()).first_break);
-        assert!(report.first_break.unwrap().reason.contains("truncated"));
+        assert!(report.first_break.as_ref().unwrap().reason.contains("truncated"), "{report:?}");
+    }
+
+    fn unlock(log: &AuditLog, store: &Store, key: &khlang_keys::DerivationKey) {
+        log.unlock(
+            store,
+            key.audit_signer().unwrap(),
+            key.audit_tagger().unwrap(),
+            key.audit_tagger().unwrap(),
+        )
+        .unwrap();
     }
 
     fn test_log(dir: &Path, store: &Store) -> AuditLog {
-        let policy = CheckpointPolicy { every_entries: 1_000_000, every: Duration::from_secs(3600) };
-        AuditLog::open(store, dir, policy, false).unwrap()
+        let checkpoints = CheckpointPolicy { every_entries: 1_000_000, every: Duration::from_secs(3600) };
+        AuditLog::open(store, dir, &LogOptions { checkpoints, ..LogOptions::default() }).unwrap()
     }
 
     fn read(log: &AuditLog, store: &Store, i: u64) -> u64 {
@@ -784,7 +1282,7 @@ mod tests {
         let public_key = key.audit_signer().unwrap().public_key().to_vec();
         {
             let log = test_log(dir.path(), &store);
-            log.set_signer(key.audit_signer().unwrap());
+            unlock(&log, &store, &key);
             for i in 1..=5 {
                 read(&log, &store, i);
             }
@@ -801,9 +1299,9 @@ mod tests {
         let log = test_log(dir.path(), &store);
         assert_eq!(log.head().0, 5);
         assert_eq!(std::fs::read(&segment).unwrap(), whole, "the torn line is gone, nothing else");
-        log.set_signer(key.audit_signer().unwrap());
+        unlock(&log, &store, &key);
         assert_eq!(read(&log, &store, 6), 6);
-        let report = log.verify(&public_key, true).unwrap();
+        let report = log.verify(&store, &public_key, &[]).unwrap();
         assert_eq!((report.entries, report.first_break), (6, None));
     }
 
@@ -816,9 +1314,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
         let log = test_log(dir.path(), &store);
-        let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
+        let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
-        log.set_signer(signer);
+        drop(signer);
+        unlock(&log, &store, &dkey);
         let n = 65_536 + 300;
         for i in 1..=n {
             read(&log, &store, i);
@@ -828,7 +1328,7 @@ mod tests {
         assert_eq!(segments.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 65_537]);
         let from: Vec<u64> = audit_file::entries(log.dir(), 65_530).map(|e| e.unwrap().0).take(10).collect();
         assert_eq!(from, (65_530..65_540).collect::<Vec<_>>());
-        let report = log.verify(&public_key, true).unwrap();
+        let report = log.verify(&store, &public_key, &[]).unwrap();
         assert_eq!((report.entries, report.first_break, report.last_checkpoint), (n, None, n));
 
         // Archive up to a checkpoint in the second segment: what is left starts after it.
@@ -837,7 +1337,7 @@ mod tests {
         log.remove_archived(n).unwrap();
         assert_eq!(audit_file::first_seq(log.dir()).unwrap(), Some(n + 1));
         read(&log, &store, n + 2);
-        let report = log.verify(&public_key, true).unwrap();
+        let report = log.verify(&store, &public_key, &[]).unwrap();
         assert_eq!((report.entries, report.first_break.clone()), (2, None), "{report:?}");
     }
 
@@ -849,7 +1349,8 @@ mod tests {
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-        let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
+        let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
         let tree = store.vault_tree_for_tests();
         let mut hash = GENESIS;
@@ -860,13 +1361,9 @@ mod tests {
             tree.insert([b"a".as_slice(), &seq.to_be_bytes()].concat(), [hash.as_slice(), &json].concat())
                 .unwrap();
             if seq % 10 == 0 {
-                let signature = signer.sign_checkpoint(seq, &hash, 7).unwrap();
-                let cp = StoredCheckpoint {
-                    seq,
-                    hash: hex::encode(hash),
-                    time_ms: 7,
-                    signature: hex::encode(signature),
-                };
+                let cp = StoredCheckpoint::from_checkpoint(
+                    &signer.sign_checkpoint(seq, &hash, 7, seq - 10).unwrap(),
+                );
                 tree.insert([b"k".as_slice(), &seq.to_be_bytes()].concat(), serde_json::to_vec(&cp).unwrap())
                     .unwrap();
             }
@@ -874,9 +1371,10 @@ mod tests {
         let log = test_log(dir.path(), &store);
         assert_eq!(log.head(), (30, hash));
         assert!(store.legacy_checkpoints().unwrap().is_empty(), "checkpoints moved to their file");
-        log.set_signer(signer);
+        drop(signer);
+        unlock(&log, &store, &dkey);
         read(&log, &store, 31);
-        let report = log.verify(&public_key, true).unwrap();
+        let report = log.verify(&store, &public_key, &[]).unwrap();
         assert_eq!(
             (report.entries, report.checkpoints, report.first_break.clone()),
             (31, 3, None),
@@ -895,7 +1393,8 @@ mod tests {
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
-        let signer = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
+        let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
         {
             let log = test_log(dir.path(), &store);
@@ -920,10 +1419,16 @@ mod tests {
         assert_eq!(log.head().0, 4);
         let rpcs: Vec<String> = read_entries(log.dir()).map(|e| e.unwrap().rpc).collect();
         assert_eq!(rpcs, ["GetRecord", "GetRecord", "GetRecord", "PutRecord"]);
-        log.set_signer(signer);
+        drop(signer);
+        unlock(&log, &store, &dkey);
         read(&log, &store, 5);
-        let report = log.verify(&public_key, true).unwrap();
-        assert_eq!((report.entries, report.first_break), (5, None));
+        let report = log.verify(&store, &public_key, &[]).unwrap();
+        let rpcs: Vec<String> = read_entries(log.dir()).map(|e| e.unwrap().rpc).collect();
+        assert_eq!(
+            rpcs[4], "AuditUnproven",
+            "entries the log held unsigned and untagged are named as unproven"
+        );
+        assert_eq!((report.entries, report.first_break), (6, None));
     }
 
     /// An archival interrupted between its two renames leaves the new folder complete and the old

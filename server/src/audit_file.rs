@@ -8,8 +8,9 @@
 //! One text line per item, so a torn tail is recognisable and an officer can read the file:
 //! `e <seq> <chain hash, hex> <canonical JSON>` for an entry; signed checkpoints go to their own
 //! small file (`audit/checkpoints.log`, lines `c <seq> <checkpoint JSON>`), so verification finds
-//! them all without a pass over the entries. Canonical JSON never holds a raw newline (serde_json
-//! escapes control characters).
+//! them all without a pass over the entries. After each group of entries it writes, the flusher
+//! writes the group's head tag, `m <seq> <HMAC hex>` (see `khlang_keys::audit_chain`), in the same
+//! write and sync. Canonical JSON never holds a raw newline (serde_json escapes control characters).
 //!
 //! A request that changes data carries its entry in its own sled batch (see `audit.rs`), so its
 //! entry is appended here as not urgent: synced with the next urgent one, and taken back from sled
@@ -25,15 +26,34 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use khlang_keys::audit_chain::HeadTagger;
+
 use crate::StoreError;
+use crate::store::{AuditRecord, HeadRecorder};
+
+/// How the log's files are kept.
+#[derive(Debug, Clone)]
+pub struct FileOptions {
+    /// Entries per segment file.
+    pub segment_entries: u64,
+    /// Where every signed checkpoint is also appended and synced (outside the data folder).
+    pub witness: Option<PathBuf>,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        Self { segment_entries: ROLL_ENTRIES, witness: None }
+    }
+}
 
 /// The folder under the data folder.
 pub const DIR: &str = "audit";
-/// Entries per segment: bounds what a reader starting at a seq skips inside one file.
-const ROLL_ENTRIES: u64 = 65_536;
+/// Entries per segment (the default): bounds what a reader starting at a seq skips inside one file.
+pub const ROLL_ENTRIES: u64 = 65_536;
 /// Segments are zero-filled this far ahead of their end: an `fdatasync` of a write inside the
 /// file's length has no size change to journal (measured here: 210 µs instead of 554 µs per sync
-/// of a 20 KB append). A reader stops at a line that starts with a NUL byte.
+/// of a 20 KB append). A file's data ends at its last non-zero byte: a NUL byte inside the data is
+/// damage to report, never the end.
 const ZERO_AHEAD: u64 = 1 << 20;
 /// Entries made durable elsewhere that may wait in memory before the flusher is woken for them.
 const LAZY_BACKLOG: u64 = 4096;
@@ -79,6 +99,8 @@ pub enum Item {
     /// does not decode is left out, so the verifier reports the entry as damaged.
     Entry(u64, Vec<u8>),
     Checkpoint(u64, Vec<u8>),
+    /// A head tag for entry `seq`; a tag that does not decode is all zeros (it fails to verify).
+    Tag(u64, [u8; 32]),
     /// An entry before the seq the reader starts at.
     Skipped(u64),
     /// A line that is neither (an edit): reported by the verifier at the next expected seq.
@@ -89,6 +111,7 @@ pub enum Item {
 enum Line<'a> {
     Entry { seq: u64, hash_hex: &'a [u8], json: &'a [u8] },
     Checkpoint(u64, &'a [u8]),
+    Tag(u64, &'a [u8]),
     Garbled,
 }
 
@@ -106,6 +129,7 @@ fn split_line(line: &[u8]) -> Line<'_> {
             Line::Entry { seq, hash_hex: &rest[..at], json: rest.get(at + 1..).unwrap_or_default() }
         }
         b"c" => Line::Checkpoint(seq, rest),
+        b"m" => Line::Tag(seq, rest),
         _ => Line::Garbled,
     }
 }
@@ -143,6 +167,7 @@ fn parse_line(line: &[u8], min_seq: u64) -> Item {
             Item::Entry(seq, value)
         }
         Line::Checkpoint(seq, json) => Item::Checkpoint(seq, json.to_vec()),
+        Line::Tag(seq, hex) => Item::Tag(seq, decode_hash(hex).unwrap_or_default()),
         Line::Garbled => Item::Garbled,
     }
 }
@@ -151,7 +176,7 @@ fn parse_line(line: &[u8], min_seq: u64) -> Item {
 /// A last line without its newline (being written, or torn by a crash) is not read.
 pub struct Reader {
     segments: std::vec::IntoIter<(u64, PathBuf)>,
-    current: Option<BufReader<File>>,
+    current: Option<BufReader<std::io::Take<File>>>,
     line: Vec<u8>,
     min_seq: u64,
 }
@@ -176,22 +201,16 @@ impl Reader {
         loop {
             if self.current.is_none() {
                 let (_, path) = self.segments.next()?;
-                match File::open(&path) {
-                    Ok(f) => self.current = Some(BufReader::with_capacity(256 * 1024, f)),
+                match File::open(&path).and_then(|f| Ok((data_end(&f)?, f))) {
+                    Ok((end, f)) => {
+                        use std::io::Read;
+                        self.current = Some(BufReader::with_capacity(256 * 1024, f.take(end)));
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Some(Err(io_error(e))),
                 }
             }
             let reader = self.current.as_mut()?;
-            match reader.fill_buf() {
-                // The zero-filled space past the last line.
-                Ok(rest) if rest.first() == Some(&0) => {
-                    self.current = None;
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => return Some(Err(io_error(e))),
-            }
             self.line.clear();
             match reader.read_until(b'\n', &mut self.line) {
                 Ok(_) if self.line.last() == Some(&b'\n') => {
@@ -221,33 +240,45 @@ fn garbled_seq(prev: Option<u64>, from_seq: u64) -> u64 {
     prev.map_or(from_seq.max(1), |p| p + 1)
 }
 
-/// Calls `f(seq, hash, json)` for every entry from `from_seq` on, oldest first, without copying
-/// them (verification); `f` returns `false` to stop. A damaged line is passed as the seq after the
-/// previous entry with no hash.
+/// What [`scan_entries`] passes on.
+pub enum Scanned<'a> {
+    /// An entry; a damaged line comes as the seq after the previous entry with no hash.
+    Entry { seq: u64, hash: Option<[u8; 32]>, json: &'a [u8] },
+    /// A head tag for entry `seq`.
+    Tag { seq: u64, tag: [u8; 32] },
+}
+
+/// Calls `f` for every entry (and head tag) from `from_seq` on, oldest first, without copying
+/// them (verification); `f` returns `false` to stop.
 pub fn scan_entries(
     dir: &Path,
     from_seq: u64,
-    mut f: impl FnMut(u64, Option<&[u8; 32]>, &[u8]) -> bool,
+    mut f: impl FnMut(Scanned<'_>) -> bool,
 ) -> Result<(), StoreError> {
     let mut reader = Reader::open(dir, from_seq)?;
     let mut prev = None::<u64>;
     while let Some(line) = reader.next_line() {
-        let (seq, hash, json) = match split_line(line?) {
+        let scanned = match split_line(line?) {
             Line::Entry { seq, hash_hex, json } => {
                 prev = Some(seq);
                 if seq < from_seq {
                     continue;
                 }
-                (seq, decode_hash(hash_hex), json)
+                Scanned::Entry { seq, hash: decode_hash(hash_hex), json }
             }
+            Line::Tag(seq, _) if seq < from_seq => continue,
+            Line::Tag(seq, hex) => Scanned::Tag { seq, tag: decode_hash(hex).unwrap_or_default() },
             Line::Checkpoint(..) => continue,
             Line::Garbled => {
                 let seq = garbled_seq(prev, from_seq);
                 prev = Some(seq);
-                (seq, None, &[][..])
+                if seq < from_seq {
+                    continue;
+                }
+                Scanned::Entry { seq, hash: None, json: &[][..] }
             }
         };
-        if seq >= from_seq && !f(seq, hash.as_ref(), json) {
+        if !f(scanned) {
             break;
         }
     }
@@ -275,7 +306,7 @@ pub fn entries(
             prev = Some(seq);
             None
         }
-        Ok(Item::Checkpoint(..)) => None,
+        Ok(Item::Checkpoint(..) | Item::Tag(..)) => None,
         Ok(Item::Garbled) => {
             let seq = garbled_seq(prev, from_seq);
             prev = Some(seq);
@@ -324,11 +355,31 @@ pub fn first_seq(dir: &Path) -> Result<Option<u64>, StoreError> {
     entries(dir, 0).next().transpose().map(|e| e.map(|(seq, _)| seq))
 }
 
-/// Cuts what follows the last whole line (before any zero fill) and returns where the next line
-/// goes and how long the file is.
+/// Where a file's data ends: after its last non-zero byte (the zero fill follows it). Reads
+/// backwards from the end, so the cost is the fill, not the file.
+fn data_end(file: &File) -> std::io::Result<u64> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = file.metadata()?.len();
+    let mut buf = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(at) = chunk.iter().rposition(|b| *b != 0) {
+            return Ok(start + at as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Cuts a torn last line — what follows the last newline, up to the zero fill — and nothing
+/// else: a NUL byte or a garbled line before it is damage for verification to report, and the
+/// next line goes after every byte of it. Returns where the next line goes and how far the file
+/// is zero-filled.
 fn cut_torn_tail(path: &Path) -> Result<(u64, u64), StoreError> {
     let bytes = std::fs::read(path).map_err(io_error)?;
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |at| at + 1);
     let keep = bytes[..end].iter().rposition(|b| *b == b'\n').map_or(0, |at| at + 1);
     if keep < end {
         tracing::warn!(bytes = end - keep, "a torn last audit line (unclean stop) removed");
@@ -382,13 +433,28 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_error)
 }
 
+/// What one drain wrote: the files to sync, the witness lines to send, the newest seq, the tag.
+struct Drained {
+    file: File,
+    checkpoints: Option<File>,
+    witness: Vec<u8>,
+    signed: Option<Vec<u8>>,
+    upto: u64,
+    tagged: Option<TaggedHead>,
+}
+
 /// What appenders fill and the writer drains.
 struct Pending {
     buf: Vec<u8>,
     /// Checkpoint lines, written after the entries they sign.
     checkpoints: Vec<u8>,
-    /// The newest entry appended (in `buf`, or written).
+    /// The same checkpoints for the witness: one JSON object a line.
+    witness: Vec<u8>,
+    /// The newest checkpoint appended, recorded in the store once synced.
+    newest_checkpoint: Option<Vec<u8>>,
+    /// The newest entry appended (in `buf`, or written), and its chain hash.
     last_seq: u64,
+    last_hash: [u8; 32],
     /// The newest entry synced: the flusher works while it is behind `last_seq`.
     synced_seq: u64,
     /// Where in `buf` a new segment starts, and its first entry's seq.
@@ -429,8 +495,35 @@ impl Io {
     }
 }
 
+/// A group's tagged head: what the flusher records in the store once the group is synced.
+pub type TaggedHead = (u64, [u8; 32], [u8; 32]);
+
+/// Encodes a tagged head for the store: `seq u64 ‖ hash ‖ tag`.
+pub fn encode_tagged(head: &TaggedHead) -> Vec<u8> {
+    [head.0.to_be_bytes().as_slice(), &head.1, &head.2].concat()
+}
+
+pub fn decode_tagged(bytes: &[u8]) -> Option<TaggedHead> {
+    if bytes.len() != 72 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+    Some((seq, bytes[8..40].try_into().ok()?, bytes[40..].try_into().ok()?))
+}
+
+/// Where the head tags of groups go besides the file, and the witness of checkpoints.
+#[derive(Default)]
+struct Sealing {
+    tagger: Option<HeadTagger>,
+    recorder: Option<HeadRecorder>,
+}
+
 struct Shared {
     dir: PathBuf,
+    roll_entries: u64,
+    sealing: Mutex<Sealing>,
+    /// A file outside the data folder that every signed checkpoint is appended to and synced.
+    witness: Option<Mutex<File>>,
     pending: Mutex<Pending>,
     io: Mutex<Io>,
     wake: Condvar,
@@ -449,11 +542,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     /// Writes what is buffered to the file (rolling to a new segment where the buffer says);
     /// returns the files to sync (the checkpoints' only if written to) and the newest seq written.
-    fn drain(&self) -> Result<(File, Option<File>, u64), StoreError> {
+    fn drain(&self) -> Result<Drained, StoreError> {
         let mut io = lock(&self.io);
-        let (buf, checkpoints, roll, upto) = {
+        let (mut buf, checkpoints, witness, signed, roll, upto, hash) = {
             let mut p = lock(&self.pending);
-            (std::mem::take(&mut p.buf), std::mem::take(&mut p.checkpoints), p.roll.take(), p.last_seq)
+            (
+                std::mem::take(&mut p.buf),
+                std::mem::take(&mut p.checkpoints),
+                std::mem::take(&mut p.witness),
+                p.newest_checkpoint.take(),
+                p.roll.take(),
+                p.last_seq,
+                p.last_hash,
+            )
+        };
+        // The group's head tag goes in the same write as its entries.
+        let tagged = match &lock(&self.sealing).tagger {
+            Some(tagger) if !buf.is_empty() => {
+                let tag = tagger.tag(upto, &hash);
+                buf.extend_from_slice(format!("m {upto} {}\n", hex::encode(tag)).as_bytes());
+                Some((upto, hash, tag))
+            }
+            _ => None,
         };
         let result = (|| {
             let rest = match roll {
@@ -477,7 +587,9 @@ impl Shared {
             Ok((io.file.try_clone().map_err(io_error)?, checkpoints_file))
         })();
         match result {
-            Ok((file, checkpoints)) => Ok((file, checkpoints, upto)),
+            Ok((file, checkpoints_file)) => {
+                Ok(Drained { file, checkpoints: checkpoints_file, witness, signed, upto, tagged })
+            }
             Err(e) => Err(self.fail(e)),
         }
     }
@@ -490,11 +602,28 @@ impl Shared {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let (file, checkpoints, upto) = self.drain()?;
+        let Drained { file, checkpoints, witness, signed, upto, tagged } = self.drain()?;
         // Entries first: a checkpoint on disk without its entry would read as a truncation.
         file.sync_data().map_err(|e| self.fail(io_error(e)))?;
         if let Some(checkpoints) = checkpoints {
             checkpoints.sync_data().map_err(|e| self.fail(io_error(e)))?;
+        }
+        if let (Some(out), false) = (&self.witness, witness.is_empty()) {
+            // A witness that cannot be written fails the log closed, as the log's own files do:
+            // the operator asked for every checkpoint to leave the folder.
+            let mut out = lock(out);
+            out.write_all(&witness)
+                .and_then(|()| out.sync_data())
+                .map_err(|e| self.fail(StoreError::Flush(format!("audit witness: {e}"))))?;
+        }
+        if let Some(recorder) = &lock(&self.sealing).recorder {
+            // After the sync: the store never names a head the file could still lose.
+            if let Some(head) = tagged {
+                recorder.record(AuditRecord::ReadTag, &encode_tagged(&head)).map_err(|e| self.fail(e))?;
+            }
+            if let Some(signed) = signed {
+                recorder.record(AuditRecord::SignedHead, &signed).map_err(|e| self.fail(e))?;
+            }
         }
         {
             let mut p = lock(&self.pending);
@@ -519,7 +648,11 @@ fn flusher(shared: Arc<Shared>) {
                 p.flusher_idle = true;
                 p = shared.wake.wait(p).unwrap_or_else(|e| e.into_inner());
             }
-            if p.synced_seq >= p.last_seq && p.buf.is_empty() && p.checkpoints.is_empty() {
+            if p.synced_seq >= p.last_seq
+                && p.buf.is_empty()
+                && p.checkpoints.is_empty()
+                && p.witness.is_empty()
+            {
                 return;
             }
         }
@@ -558,7 +691,7 @@ impl Drop for AuditFile {
 impl AuditFile {
     /// Opens (or creates) the log in `data_dir/audit`, cutting torn last lines. Returns the log and
     /// its newest entry and checkpoint.
-    pub fn open(data_dir: &Path) -> Result<(Self, Tail), StoreError> {
+    pub fn open(data_dir: &Path, options: &FileOptions) -> Result<(Self, Tail), StoreError> {
         let dir = data_dir.join(DIR);
         finish_archival(&dir)?;
         std::fs::create_dir_all(&dir).map_err(io_error)?;
@@ -571,6 +704,21 @@ impl AuditFile {
         let (file, offset, zeroed) = open_segment(&path)?;
         let (last, checkpoint) = tail(&dir)?;
         let last_seq = last.as_ref().map_or(0, |(s, _)| *s);
+        let last_hash = last
+            .as_ref()
+            .and_then(|(_, v)| v.get(..32))
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .unwrap_or([0; 32]);
+        let witness = match &options.witness {
+            Some(path) => Some(Mutex::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| StoreError::Flush(format!("audit witness {}: {e}", path.display())))?,
+            )),
+            None => None,
+        };
         let segment_entries = (last_seq + 1).saturating_sub(first);
         let checkpoints =
             OpenOptions::new().create(true).append(true).open(checkpoints_path).map_err(io_error)?;
@@ -578,10 +726,16 @@ impl AuditFile {
         let (tx, rx) = watch::channel(Ok(last_seq));
         let shared = Arc::new(Shared {
             dir,
+            roll_entries: options.segment_entries.max(1),
+            sealing: Mutex::default(),
+            witness,
             pending: Mutex::new(Pending {
                 buf: Vec::with_capacity(64 * 1024),
                 checkpoints: Vec::new(),
+                witness: Vec::new(),
+                newest_checkpoint: None,
                 last_seq,
+                last_hash,
                 synced_seq: last_seq,
                 roll: None,
                 segment_entries,
@@ -606,6 +760,11 @@ impl AuditFile {
         &self.shared.dir
     }
 
+    /// From now on each group written ends with its head tag, recorded in the store once synced.
+    pub fn set_sealing(&self, tagger: Option<HeadTagger>, recorder: Option<HeadRecorder>) {
+        *lock(&self.shared.sealing) = Sealing { tagger, recorder };
+    }
+
     /// Fails if an append would (injected failure, or the log failed earlier).
     pub fn check_writable(&self) -> Result<(), StoreError> {
         if self.shared.inject.load(Ordering::Relaxed) {
@@ -626,7 +785,7 @@ impl AuditFile {
         self.check_writable()?;
         let mut p = lock(&self.shared.pending);
         if let Some(seq) = entry_seq {
-            if p.segment_entries >= ROLL_ENTRIES && p.roll.is_none() {
+            if p.segment_entries >= self.shared.roll_entries && p.roll.is_none() {
                 p.roll = Some((p.buf.len(), seq));
                 p.segment_entries = 0;
             }
@@ -656,6 +815,7 @@ impl AuditFile {
         hex::encode_to_slice(hash, &mut hex).map_err(|_| StoreError::Corrupt("audit hash"))?;
         self.push(
             |p| {
+                p.last_hash = *hash;
                 let buf = &mut p.buf;
                 buf.extend_from_slice(b"e ");
                 buf.extend_from_slice(seq.to_string().as_bytes());
@@ -670,10 +830,16 @@ impl AuditFile {
         )
     }
 
-    /// Appends a checkpoint (after the entry it signs).
+    /// Appends a checkpoint (after the entry it signs); the witness gets it after its sync.
     pub fn append_checkpoint(&self, seq: u64, json: &[u8]) -> Result<(), StoreError> {
+        let witnessed = self.shared.witness.is_some();
         self.push(
             |p| {
+                if witnessed {
+                    p.witness.extend_from_slice(json);
+                    p.witness.push(b'\n');
+                }
+                p.newest_checkpoint = Some(json.to_vec());
                 let buf = &mut p.checkpoints;
                 buf.extend_from_slice(b"c ");
                 buf.extend_from_slice(seq.to_string().as_bytes());
@@ -737,13 +903,14 @@ impl AuditFile {
         for item in Reader::open(dir, last + 1)? {
             let (seq, value) = match item? {
                 Item::Entry(seq, value) if seq > last => (seq, value),
-                Item::Entry(..) | Item::Skipped(_) => continue,
+                // Tags are not carried over: the archiving vault signs what it keeps.
+                Item::Entry(..) | Item::Skipped(_) | Item::Tag(..) => continue,
                 _ => return Err(StoreError::Corrupt("audit line")),
             };
             if value.len() < 32 {
                 return Err(StoreError::Corrupt("audit entry"));
             }
-            if out.as_ref().is_none_or(|(_, n)| *n >= ROLL_ENTRIES) {
+            if out.as_ref().is_none_or(|(_, n)| *n >= self.shared.roll_entries) {
                 if let Some((file, _)) = out.take() {
                     file.sync_all().map_err(io_error)?;
                 }

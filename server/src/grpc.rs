@@ -501,16 +501,26 @@ impl Audit for Api {
         &self,
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        handle!(self, req, "VerifyAudit", |caller, _msg| {
-            self.vault.verify_audit(&caller).await.map(|r| {
-                let (first_bad_seq, reason) = r.first_break.map_or((0, String::new()), |b| (b.seq, b.reason));
+        handle!(self, req, "VerifyAudit", |caller, msg| {
+            let witnessed = msg.witnessed.into_iter().map(|h| (h.seq, h.hash)).collect();
+            self.vault.verify_audit(&caller, witnessed).await.map(|(r, state)| {
+                use khlang_keys::audit_chain::Verdict;
+                let (verdict, first_bad_seq, reason) = match r.verdict() {
+                    Verdict::Intact => (pb::Verdict::Intact, 0, String::new()),
+                    Verdict::Unverified(why) => (pb::Verdict::Unverified, 0, why),
+                    Verdict::Broken(b) => (pb::Verdict::Broken, b.seq, b.reason),
+                };
                 pb::VerifyAuditResponse {
                     entries: r.entries,
                     checkpoints: r.checkpoints,
                     last_checkpoint: r.last_checkpoint,
-                    intact: first_bad_seq == 0,
+                    intact: verdict == pb::Verdict::Intact,
                     first_bad_seq,
                     reason,
+                    verdict: verdict.into(),
+                    last_entry: r.last_entry,
+                    resumed_at: r.resumed_at,
+                    break_open: matches!(state, crate::audit::LogState::Broken(_)),
                 }
             })
         })

@@ -87,6 +87,8 @@ enum Command {
         output: PathBuf,
         #[arg(long, env = "KHLANG_REGULATIONS")]
         regulations: Option<PathBuf>,
+        #[command(flatten)]
+        audit: AuditArgs,
     },
     /// Run on embedded defaults: a local folder, development unseal, the sample regulations and a
     /// printed token for each sample identity. Not for real data.
@@ -172,6 +174,37 @@ struct ServerArgs {
     /// Fixed pause between steps of a background key job, in milliseconds (a floor under the rest).
     #[arg(long, default_value_t = 0)]
     key_job_pause_ms: u64,
+    #[command(flatten)]
+    audit: AuditArgs,
+    /// Accept the audit break the vault carried forward at this entry (the seq its ERROR names):
+    /// the acceptance is recorded in the log and data requests are served again.
+    #[arg(long, value_name = "SEQ")]
+    accept_audit_break: Option<u64>,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// Also append every signed audit checkpoint to this file, synced, OUTSIDE the data folder
+    /// (another disk or host): `khlang audit verify --witness FILE` then detects a rolled-back log.
+    #[arg(long, env = "KHLANG_AUDIT_WITNESS", value_name = "FILE")]
+    audit_witness: Option<PathBuf>,
+    /// Entries per audit segment file (tests use small ones).
+    #[arg(long, hide = true, default_value_t = khlang_server::audit_file::ROLL_ENTRIES)]
+    audit_segment_entries: u64,
+}
+
+impl AuditArgs {
+    fn files(&self) -> anyhow::Result<khlang_server::audit_file::FileOptions> {
+        if let Some(w) = &self.audit_witness
+            && w.parent().is_some_and(|p| !p.as_os_str().is_empty() && !p.exists())
+        {
+            bail!("the audit witness's folder {} does not exist", w.display());
+        }
+        Ok(khlang_server::audit_file::FileOptions {
+            segment_entries: self.audit_segment_entries.max(1),
+            witness: self.audit_witness.clone(),
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -210,6 +243,8 @@ impl ServerArgs {
             bench_skip_policy: false,
             bench_skip_audit: false,
             checkpoints: Default::default(),
+            audit_files: self.audit.files()?,
+            accept_audit_break: self.accept_audit_break,
             job_pacing: JobPacing {
                 batch: self.key_job_batch.max(1),
                 duty_percent: self.key_job_duty,
@@ -439,10 +474,11 @@ async fn main() -> anyhow::Result<()> {
             );
             println!("{}", token.expose_secret());
         }
-        Command::ArchiveAudit { data_dir, passphrase, older_than_days, output, regulations } => {
+        Command::ArchiveAudit { data_dir, passphrase, older_than_days, output, regulations, audit } => {
             let options = VaultOptions {
                 regulations: Arc::new(load_regulations(regulations.as_deref())?),
                 regulations_path: regulations,
+                audit_files: audit.files()?,
                 ..VaultOptions::default()
             };
             let vault = Vault::open_sealed(&data_dir, &options).with_context(|| {

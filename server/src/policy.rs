@@ -23,6 +23,12 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Operations that read, change or disclose personal data (refused while the audit log is
+    /// broken), as opposed to the log's own reading and administration.
+    pub fn touches_personal_data(self) -> bool {
+        !matches!(self, Self::AuditRead | Self::KeyAdmin | Self::IdentityAdmin | Self::RegulationsAdmin)
+    }
+
     const ALL: &[Operation] = &[
         Self::Write,
         Self::Read,

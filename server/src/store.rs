@@ -271,6 +271,41 @@ impl GroupCommit {
     }
 }
 
+/// The audit log's own records in the store, beside the entries changes carry (`a‖seq`). They are
+/// what the log's files cannot silently drop: the head the vault last signed, the newest tagged
+/// head of a change (in that change's batch) and of a group of reads, and a break the operator
+/// has not yet accepted.
+#[derive(Debug, Clone, Copy)]
+pub enum AuditRecord {
+    SignedHead,
+    ChangeTag,
+    ReadTag,
+    Break,
+}
+
+impl AuditRecord {
+    fn key(self) -> &'static [u8] {
+        match self {
+            Self::SignedHead => b"A",
+            Self::ChangeTag => b"m",
+            Self::ReadTag => b"M",
+            Self::Break => b"B",
+        }
+    }
+}
+
+/// Records the audit log's newest synced heads from its flusher thread (an insert, made durable
+/// by sled's next flush: its own timer or a write's).
+#[derive(Clone)]
+pub struct HeadRecorder(sled::Tree);
+
+impl HeadRecorder {
+    pub fn record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+        self.0.insert(which.key(), value)?;
+        Ok(())
+    }
+}
+
 pub struct Store {
     /// The data folder (the audit log's files live beside the database).
     dir: std::path::PathBuf,
@@ -320,6 +355,25 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.vault.get(which.key())?.map(|v| v.to_vec()))
+    }
+
+    /// Stores an audit record (durable with sled's next flush; [`Store::flush_now`] for at once).
+    pub fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+        self.vault.insert(which.key(), value)?;
+        Ok(())
+    }
+
+    pub fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError> {
+        self.vault.remove(which.key())?;
+        Ok(())
+    }
+
+    pub fn head_recorder(&self) -> HeadRecorder {
+        HeadRecorder(self.vault.clone())
     }
 
     pub fn flush_stats(&self) -> &FlushStats {
@@ -814,6 +868,11 @@ impl Changes {
 
     /// Carries an audit entry (`hash ‖ JSON`) in the change's own batch, so the change and its
     /// entry reach disk together; the audit log's file gets it too (see `audit.rs`).
+    /// The tagged head of this change's entry, in the same atomic batch.
+    pub fn audit_head_tag(&mut self, value: &[u8]) {
+        self.batch.insert(AuditRecord::ChangeTag.key(), value);
+    }
+
     pub fn audit_entry(&mut self, seq: u64, value: &[u8]) {
         self.batch.insert([b"a".as_slice(), &seq.to_be_bytes()].concat(), value);
     }

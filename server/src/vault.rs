@@ -87,6 +87,10 @@ pub struct VaultOptions {
     /// Benchmark baseline only: write no audit entries (and do not flush for reads).
     pub bench_skip_audit: bool,
     pub checkpoints: CheckpointPolicy,
+    /// The audit log's files: segment size, and the witness of its signed checkpoints.
+    pub audit_files: crate::audit_file::FileOptions,
+    /// The operator accepts the audit break carried forward at this entry (`--accept-audit-break`).
+    pub accept_audit_break: Option<u64>,
     /// Pacing of background key jobs (tests slow them down to interrupt them).
     pub job_pacing: crate::lifecycle::JobPacing,
     /// Argon2id cost for custodians' shares made by a rekey.
@@ -105,6 +109,8 @@ impl Default for VaultOptions {
             bench_skip_policy: false,
             bench_skip_audit: false,
             checkpoints: CheckpointPolicy::default(),
+            audit_files: Default::default(),
+            accept_audit_break: None,
             job_pacing: crate::lifecycle::JobPacing::default(),
             seal_params: SealParams::DEFAULT,
         }
@@ -209,6 +215,8 @@ pub struct Vault {
     limits: Limits,
     pub(crate) mode: CipherMode,
     bench_skip_policy: bool,
+    /// `--accept-audit-break`, used at the first unseal.
+    accept_audit_break: std::sync::Mutex<Option<u64>>,
     pub(crate) audit: AuditLog,
 }
 
@@ -354,7 +362,12 @@ impl Vault {
         if found != options.mode.as_str() {
             return Err(StoreError::ModeMismatch { found, expected: options.mode.as_str().to_owned() }.into());
         }
-        let audit = AuditLog::open(&store, store.dir(), options.checkpoints, options.bench_skip_audit)?;
+        let log_options = crate::audit::LogOptions {
+            checkpoints: options.checkpoints,
+            files: options.audit_files.clone(),
+            disabled: options.bench_skip_audit,
+        };
+        let audit = AuditLog::open(&store, store.dir(), &log_options)?;
         let vault = Self {
             store,
             keys: RwLock::new(None),
@@ -371,6 +384,7 @@ impl Vault {
             limits: options.limits,
             mode: options.mode,
             bench_skip_policy: options.bench_skip_policy,
+            accept_audit_break: std::sync::Mutex::new(options.accept_audit_break),
             audit,
         };
         for warning in &options.regulations.warnings {
@@ -398,7 +412,16 @@ impl Vault {
             Some(wrapped) => root.unwrap_derivation_key(&wrapped).map_err(|_| VaultError::RootMismatch)?,
             None => root.legacy_derivation_key()?,
         };
-        self.audit.set_signer(derivation.audit_signer()?);
+        self.audit.unlock(
+            &self.store,
+            derivation.audit_signer()?,
+            derivation.audit_tagger()?,
+            derivation.audit_tagger()?,
+        )?;
+        let accept = self.accept_audit_break.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(entry) = accept {
+            self.audit.accept_break(&self.store, entry)?;
+        }
         let unsealed = Unsealed {
             ring: RwLock::new(ring),
             token_pepper: derivation.derive(labels::TOKEN_PEPPER)?,
@@ -573,6 +596,18 @@ impl Vault {
     ) -> Result<Decision, VaultError> {
         entry.fields = ask.fields.iter().map(|f| (*f).to_owned()).collect();
         entry.purpose = ask.purpose.unwrap_or_default().to_owned();
+        if ask.op.touches_personal_data()
+            && let crate::audit::LogState::Broken(b) = self.audit.state()
+        {
+            // Fail closed: no personal data moves while the record of who saw it is in doubt.
+            entry.decision = "deny".into();
+            entry.rule = "audit-log-broken".into();
+            return Err(VaultError::FailedPrecondition(format!(
+                "the audit log is damaged (entries {} to {} cannot be trusted); data requests are refused until the \
+                 operator restarts the vault with --accept-audit-break {}",
+                b.damaged_from, b.damaged_to, b.entry
+            )));
+        }
         let decided = if self.bench_skip_policy {
             Ok(Decision { rule: "bench-skip-policy".into(), reveal: vec![Reveal::Full; ask.fields.len()] })
         } else {
@@ -619,6 +654,14 @@ impl Vault {
                 Err(e) => (Err(e), Changes::none()),
             };
             let mut record = entry.clone();
+            if record.subject.is_empty() && !record.record_id.is_empty() {
+                // A request refused before it looked the record up still names the person whose
+                // record it aimed at, so the per-subject report (PDPA access) finds it. The
+                // answer does not change: the caller learns nothing.
+                if let Ok(Some((stored, _))) = self.store.get_record(&record.record_id) {
+                    record.subject = hex::encode(stored.subject_index);
+                }
+            }
             match &result {
                 Ok(_) => record.outcome = "Ok".into(),
                 Err(e) => {
@@ -1247,6 +1290,27 @@ pub(crate) fn operator_entry(rpc: &str, op: Operation, regs: &Regulations) -> Au
 
 // ---- the audit log, for security officers ---------------------------------------------------
 
+/// Most heads a verification takes from a witness (one per 1,000 entries: a billion entries).
+const MAX_WITNESSED: usize = 1_000_000;
+
+/// Witnessed heads as the wire gives them: `(seq, hash hex)`.
+fn parse_witnessed(heads: &[(u64, String)]) -> Result<Vec<(u64, [u8; 32])>, VaultError> {
+    if heads.len() > MAX_WITNESSED {
+        return Err(VaultError::LimitExceeded(format!("more than {MAX_WITNESSED} witnessed heads")));
+    }
+    heads
+        .iter()
+        .enumerate()
+        .map(|(i, (seq, hash))| {
+            let hash =
+                hex::decode(hash).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
+                    VaultError::InvalidArgument(format!("witnessed head {i}: the hash is not 64 hex digits"))
+                })?;
+            Ok((*seq, hash))
+        })
+        .collect()
+}
+
 impl Vault {
     /// Authorises a read of the audit log (itself audited) and resolves a subject id to the blind
     /// index the entries hold.
@@ -1299,22 +1363,38 @@ impl Vault {
         Ok(crate::audit::export_lines(self.audit.dir(), public_key).map(|r| r.map_err(VaultError::from)))
     }
 
-    /// Verifies the live log: chain, checkpoint signatures, and that it ends at this vault's head.
-    pub async fn verify_audit(&self, caller: &Caller) -> Result<ChainReport, VaultError> {
-        self.audit_read(caller, "VerifyAudit", AuditFilter::default(), None).await?;
+    /// Verifies the live log: chain, checkpoint signatures and their order, head tags, the
+    /// store's records, that it ends at this vault's head, and that it holds every `witnessed`
+    /// head. The head is signed first, so an intact log is covered up to its newest entry.
+    pub async fn verify_audit(
+        self: &Arc<Self>,
+        caller: &Caller,
+        witnessed: Vec<(u64, String)>,
+    ) -> Result<(ChainReport, crate::audit::LogState), VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "VerifyAudit", Operation::AuditRead, &regs);
+        let witnessed = self
+            .audited(entry, |e| {
+                self.unsealed()?;
+                self.permit(&regs, caller, Operation::AuditRead, e)?;
+                let heads = parse_witnessed(&witnessed)?;
+                e.reason = format!("{} witnessed heads", heads.len());
+                Ok((heads, Changes::none()))
+            })
+            .await?;
         let public_key = self
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
+        self.audit.checkpoint_now()?;
         // A full read and hash of the log (about a second per million entries): on the blocking
         // pool, not on a worker that serves requests.
-        let head = self.audit.head_in_file()?;
-        let dir = self.audit.dir().to_path_buf();
+        let vault = self.clone();
         let report =
-            tokio::task::spawn_blocking(move || crate::audit::verify_dir(&dir, &public_key, Some(head)))
+            tokio::task::spawn_blocking(move || vault.audit.verify(&vault.store, &public_key, &witnessed))
                 .await
                 .map_err(|_| StoreError::Corrupt("audit verification task"))??;
-        Ok(report)
+        Ok((report, self.audit.state()))
     }
 
     /// The operator's view (no caller, nothing audited): the public key, hex, of an unsealed vault.
@@ -1331,7 +1411,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        Ok(self.audit.verify(&public_key, true)?)
+        self.audit.verify(&self.store, &public_key, &[])
     }
 
     /// The checkpoint-verifying public key, hex.
@@ -1348,7 +1428,35 @@ impl Vault {
     /// anchor what remains. Refused for anything younger than the regulations' retention (PCI DSS
     /// 10.5.1) and for a log that does not verify. The operator's command on a stopped vault
     /// (`khlangd archive-audit`), never an API. `now_ms` is the clock (tests pass a later one).
+    /// A refused or empty run is on the record too: every attempt to remove history is.
     pub fn archive_audit(
+        &self,
+        before_ms: u64,
+        now_ms: u64,
+        out: &mut std::fs::File,
+    ) -> Result<ArchiveReport, VaultError> {
+        let result = self.archive_now(before_ms, now_ms, out);
+        let not_done = match &result {
+            Err(e) => Some((e.code_name(), format!("refused: {}", clean(&e.to_string())))),
+            Ok(r) if r.entries == 0 => {
+                Some(("Ok", "nothing to archive: no signed checkpoint is old enough".into()))
+            }
+            Ok(_) => None,
+        };
+        if let Some((outcome, why)) = not_done {
+            let mut entry = operator_entry("ArchiveAudit", Operation::AuditRead, &self.regulations());
+            entry.outcome = outcome.into();
+            entry.reason = format!("archival of entries older than {before_ms} ms {why}");
+            let recorded = self.commit_now(entry, Changes::none());
+            // The refusal is the answer; failing to record it matters only when nothing else failed.
+            if result.is_ok() {
+                recorded?;
+            }
+        }
+        result
+    }
+
+    fn archive_now(
         &self,
         before_ms: u64,
         now_ms: u64,
@@ -1368,7 +1476,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        let report = self.audit.verify(&public_key, true)?;
+        let report = self.audit.verify(&self.store, &public_key, &[])?;
         if let Some(b) = report.first_break {
             return Err(VaultError::FailedPrecondition(format!(
                 "the log does not verify (first untrustworthy entry {}: {}); nothing archived",

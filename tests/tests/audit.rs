@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use khlang_client::{AuditQuery, Code};
-use khlang_server::audit::{AuditEntry, AuditFilter, verify_dir};
+use khlang_server::audit::{AuditEntry, AuditFilter, VerifyWith, verify_dir};
 use khlang_server::regulations::SAMPLE;
 use khlang_tests::*;
 use prost::Message;
@@ -159,7 +159,7 @@ async fn every_rpc_writes_exactly_one_entry() {
     );
     assert_eq!((e.operation.as_str(), e.reason.as_str()), ("audit_read", "identity=x"));
     let _ = check!("ExportAudit", "security-officer", "Ok", sec.export_audit(|_| {}).await);
-    let _ = check!("VerifyAudit", "security-officer", "Ok", sec.verify_audit().await);
+    let _ = check!("VerifyAudit", "security-officer", "Ok", sec.verify_audit(&[]).await);
     let _ = check!("AuditPublicKey", "security-officer", "Ok", sec.audit_public_key().await);
     // The audit log is not for data readers.
     let _ = check!(
@@ -275,7 +275,7 @@ async fn make_log(dir: &std::path::Path) -> (String, usize) {
 }
 
 fn verify_stored(dir: &std::path::Path, key: &str) -> Option<(u64, String)> {
-    let report = verify_dir(&dir.join("audit"), &hex::decode(key).unwrap(), None).unwrap();
+    let report = verify_dir(&dir.join("audit"), &hex::decode(key).unwrap(), &VerifyWith::default()).unwrap();
     report.first_break.map(|b| (b.seq, b.reason))
 }
 
@@ -444,8 +444,8 @@ async fn export_verifies_offline_with_the_right_key_only() {
     }
     let mut sec = server.client_as("security-officer").await;
     let key = sec.audit_public_key().await.unwrap();
-    let live = sec.verify_audit().await.unwrap();
-    assert!(live.first_break.is_none(), "{live:?}");
+    let live = sec.verify_audit(&[]).await.unwrap();
+    assert!(live.report.first_break.is_none(), "{live:?}");
     server.stop().await;
     // After the stop (and its final checkpoint), export from a restarted vault.
     let server = TestServer::start(dir.path()).await;
@@ -455,20 +455,20 @@ async fn export_verifies_offline_with_the_right_key_only() {
     let text = lines.join("\n");
     assert!(text.lines().any(|l| l.contains("\"type\":\"checkpoint\"")));
 
-    let ok = khlang_client::verify_export(text.as_bytes(), &key).unwrap();
+    let ok = khlang_client::verify_export(text.as_bytes(), &key, &[]).unwrap();
     assert!(ok.first_break.is_none(), "{ok:?}");
     assert!(ok.entries > 10 && ok.last_checkpoint > 0, "{ok:?}");
 
     let other_key = hex::encode([7u8; 32]);
-    let wrong = khlang_client::verify_export(text.as_bytes(), &other_key).unwrap();
+    let wrong = khlang_client::verify_export(text.as_bytes(), &other_key, &[]).unwrap();
     assert!(wrong.first_break.unwrap().reason.contains("invalid signature"));
 
     let altered = text.replacen("\"outcome\":\"Ok\"", "\"outcome\":\"PermissionDenied\"", 1);
-    let broken = khlang_client::verify_export(altered.as_bytes(), &key).unwrap();
+    let broken = khlang_client::verify_export(altered.as_bytes(), &key, &[]).unwrap();
     assert_eq!(broken.first_break.unwrap().seq, 1);
 
     let dropped: Vec<&str> = text.lines().filter(|l| !l.contains("\"seq\":3,\"hash\"")).collect();
-    let gap = khlang_client::verify_export(dropped.join("\n").as_bytes(), &key).unwrap();
+    let gap = khlang_client::verify_export(dropped.join("\n").as_bytes(), &key, &[]).unwrap();
     assert_eq!(gap.first_break.unwrap().seq, 3);
     server.stop().await;
 }
@@ -519,6 +519,7 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
     let archived = khlang_client::verify_export(
         std::io::BufReader::new(std::fs::File::open(&archive_path).unwrap()),
         &public_key,
+        &[],
     )
     .unwrap();
     assert_eq!(
@@ -526,7 +527,7 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
         (report.entries, report.last, None)
     );
     let export: Vec<String> = vault.audit_export().unwrap().map(Result::unwrap).collect();
-    let rest = khlang_client::verify_export(export.join("\n").as_bytes(), &public_key).unwrap();
+    let rest = khlang_client::verify_export(export.join("\n").as_bytes(), &public_key, &[]).unwrap();
     assert!(rest.first_break.is_none() && rest.entries == left.len() as u64, "{rest:?}");
     assert!(vault.verify_audit_now().unwrap().first_break.is_none());
 
