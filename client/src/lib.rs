@@ -400,6 +400,10 @@ pub fn verify_export(
                 let canonical = serde_json::to_vec(&v["entry"]).map_err(|_| bad("bad entry"))?;
                 entries.push((seq, v["entry"]["seq"].as_u64(), canonical, hash));
             }
+            Some("damaged") => {
+                let seq = v["seq"].as_u64().ok_or_else(|| bad("damaged line without seq"))?;
+                entries.push((seq, None, Vec::new(), Vec::new()));
+            }
             Some("checkpoint") => {
                 checkpoints.push(Checkpoint::from_json(&v).ok_or_else(|| bad("bad checkpoint"))?)
             }
@@ -766,6 +770,7 @@ impl Client {
                 proven: r.last_checkpoint,
                 first_break,
                 resumed_at: r.resumed_at,
+                uncarried: None,
             },
             verdict,
             break_open: r.break_open,

@@ -163,6 +163,8 @@ pub struct ChainReport {
     pub first_break: Option<ChainBreak>,
     /// Where verification went on after a break the vault carried forward (`AuditBreak` entries).
     pub resumed_at: Vec<u64>,
+    /// The first break after the last carried-forward one: damage the vault has not yet recorded.
+    pub uncarried: Option<ChainBreak>,
 }
 
 impl ChainReport {
@@ -332,8 +334,12 @@ impl<'a> ChainVerifier<'a> {
     }
 
     fn fail(&mut self, seq: u64, reason: impl Into<String>) {
+        let b = ChainBreak { seq, reason: reason.into() };
         if self.report.first_break.is_none() {
-            self.report.first_break = Some(ChainBreak { seq, reason: reason.into() });
+            self.report.first_break = Some(b.clone());
+        }
+        if self.report.uncarried.is_none() {
+            self.report.uncarried = Some(b);
         }
         self.skipping = true;
     }
@@ -503,6 +509,7 @@ impl<'a> ChainVerifier<'a> {
         }
         self.report.entries += 1;
         self.report.resumed_at.push(seq);
+        self.report.uncarried = None;
         self.skipping = false;
         self.prev = linked;
         self.expected_seq = seq + 1;
@@ -571,6 +578,11 @@ pub fn join_reports(first: ChainReport, second: ChainReport) -> ChainReport {
         last_checkpoint: first.last_checkpoint.max(second.last_checkpoint),
         last_entry,
         proven: if first.first_break.is_some() { first.proven } else { first.proven.max(second.proven) },
+        uncarried: if second.resumed_at.is_empty() {
+            first.uncarried.or(second.uncarried)
+        } else {
+            second.uncarried
+        },
         first_break: first.first_break.or(second.first_break),
         resumed_at,
     }

@@ -150,7 +150,8 @@ struct Head {
 /// The keys of an unsealed vault's log.
 struct LogKeys {
     signer: AuditSigner,
-    tagger: HeadTagger,
+    /// Shared so a long verification holds no lock that commits need.
+    tagger: std::sync::Arc<HeadTagger>,
 }
 
 /// A break found in the log and carried forward, not yet accepted by the operator.
@@ -364,7 +365,7 @@ impl AuditLog {
         flusher_tagger: HeadTagger,
     ) -> Result<(), VaultError> {
         if self.disabled {
-            *lock(&self.keys) = Some(LogKeys { signer, tagger });
+            *lock(&self.keys) = Some(LogKeys { signer, tagger: tagger.into() });
             return Ok(());
         }
         let public_key = signer.public_key().to_vec();
@@ -375,12 +376,12 @@ impl AuditLog {
             self.file.write_through()?;
             Some(self.check_tail(store, &public_key, &tagger, integrity.opened)?)
         };
-        *lock(&self.keys) = Some(LogKeys { signer, tagger });
+        *lock(&self.keys) = Some(LogKeys { signer, tagger: tagger.into() });
         self.file.set_sealing(Some(flusher_tagger), Some(self.recorder.clone()));
         integrity.checked = true;
         match finding {
             Some(TailFinding::Damaged { report, anchor }) => {
-                let b = report.first_break.clone().unwrap_or(ChainBreak { seq: 1, reason: String::new() });
+                let b = report.uncarried.clone().unwrap_or(ChainBreak { seq: 1, reason: String::new() });
                 let record = self.carry_forward(store, &b, anchor, report.last_entry)?;
                 tracing::error!(
                     first_untrusted = b.seq,
@@ -754,13 +755,14 @@ impl AuditLog {
         public_key: &[u8],
         witnessed: &[(u64, [u8; 32])],
     ) -> Result<ChainReport, VaultError> {
-        let head = self.head_in_file()?;
-        let keys = lock(&self.keys);
-        let tagger = keys.as_ref().map(|k| &k.tagger);
+        let tagger = lock(&self.keys).as_ref().map(|k| k.tagger.clone());
+        let tagger = tagger.as_deref();
+        // The proofs first, then the head: every proof then precedes the head verified up to.
         let proofs = match tagger {
             Some(t) => self.stored_proofs(store, t)?,
             None => Proofs::default(),
         };
+        let head = self.head_in_file()?;
         let first = audit_file::first_seq(self.dir())?.unwrap_or(1);
         let mut known = proofs.tagged.clone();
         known.push(head);
@@ -778,12 +780,47 @@ impl AuditLog {
                 start: None,
             },
         )?;
-        if let Some(b) = proofs.tamper
-            && report.first_break.as_ref().is_none_or(|f| f.seq > b.seq)
-        {
-            report.first_break = Some(b);
+        if let Some(b) = proofs.tamper {
+            add_break(&mut report, b);
+        }
+        if let Some(&(seq, _)) = witnessed.iter().filter(|w| w.0 > head.0).min_by_key(|w| w.0) {
+            let reason = format!(
+                "the witness holds a signed head at {seq}, beyond this log's end {}: rolled back or cut",
+                head.0
+            );
+            add_break(&mut report, ChainBreak { seq: head.0 + 1, reason });
         }
         Ok(report)
+    }
+
+    /// Verifies the whole log with every proof the vault has (the tail was verified at unlock;
+    /// this runs beside serving) and carries any damage not yet recorded forward: the head is
+    /// signed first, so the `AuditBreak` entry links from it and nothing genuine after the damage
+    /// is left unsigned.
+    pub fn check_history(&self, store: &Store) -> Result<Option<BreakRecord>, VaultError> {
+        let Some(public_key) = self.public_key() else { return Ok(None) };
+        if self.disabled {
+            return Ok(None);
+        }
+        let report = self.verify(store, &public_key, &[])?;
+        let Some(b) = report.uncarried.clone() else { return Ok(None) };
+        let mut integrity = lock(&self.integrity);
+        self.checkpoint_now()?;
+        let Some(tagger) = lock(&self.keys).as_ref().map(|k| k.tagger.clone()) else { return Ok(None) };
+        let proofs = self.stored_proofs(store, &tagger)?;
+        let anchor = proofs.newest_signed(&public_key, self.dir())?;
+        let record = self.carry_forward(store, &b, anchor, report.last_entry)?;
+        tracing::error!(
+            first_untrusted = b.seq,
+            reason = %b.reason,
+            audit_break_entry = record.entry,
+            "AUDIT LOG DAMAGED: entries from {} on cannot be trusted; data requests are refused until an operator \
+             restarts with --accept-audit-break {}",
+            b.seq,
+            record.entry
+        );
+        integrity.broken = Some(record.clone());
+        Ok(Some(record))
     }
 
     /// Verifies the stored log to its end, with only the checkpoints file (tests).
@@ -801,6 +838,16 @@ impl AuditLog {
             self.file.write_through()?;
         }
         Ok((head.seq, head.hash))
+    }
+}
+
+/// Adds a break found beside the chain (a record, a witness) to a report.
+fn add_break(report: &mut ChainReport, b: ChainBreak) {
+    if report.uncarried.as_ref().is_none_or(|u| u.seq > b.seq) {
+        report.uncarried = Some(b.clone());
+    }
+    if report.first_break.as_ref().is_none_or(|f| f.seq > b.seq) {
+        report.first_break = Some(b);
     }
 }
 
@@ -907,15 +954,17 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
         Some((seq, _)) => seq,
         None => audit_file::tail(dir)?.0.map_or(0, |(seq, _)| seq),
     };
+    // Checkpoints the file gained after the live head was taken are left for the next time; the
+    // caller's proofs all precede it, so one beyond the end means entries were cut.
     let mut checkpoints: Vec<Checkpoint> = audit_file::checkpoints(dir)?
         .iter()
         .filter_map(|c| StoredCheckpoint::parse(c))
-        .chain(with.checkpoints.iter().cloned())
         .filter(|c| !live || c.seq <= last)
+        .chain(with.checkpoints.iter().cloned())
         .collect();
     checkpoints.sort_by_key(|c| c.seq);
     checkpoints.dedup();
-    let known: Vec<ChainHead> = with.known_heads.iter().copied().filter(|h| !live || h.0 <= last).collect();
+    let known: Vec<ChainHead> = with.known_heads.clone();
     // Start: after a signed head the caller vouches for, after the anchor of an archival (the log
     // then starts at `first`, anchored by the signed checkpoint at `first - 1`, which must
     // verify), or at entry 1.
@@ -989,13 +1038,11 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
     let reached = if second.head().0 >= split { second.head() } else { first_part.head() };
     let mut report = join_reports(first_part.finish_part(split - 1), second.finish());
     if let Some(expected_head) = with.expected_head
-        && report.first_break.is_none()
+        && report.uncarried.is_none()
         && reached != expected_head
     {
-        report.first_break = Some(ChainBreak {
-            seq: reached.0 + 1,
-            reason: format!("the log ends at {} but this vault wrote up to {}", reached.0, expected_head.0),
-        });
+        let reason = format!("the log ends at {} but this vault wrote up to {}", reached.0, expected_head.0);
+        add_break(&mut report, ChainBreak { seq: reached.0 + 1, reason });
     }
     Ok(report)
 }
@@ -1075,12 +1122,15 @@ impl AuditFilter {
     }
 }
 
-/// Reads entries back, oldest first, parsed.
+/// Reads entries back, oldest first, parsed. A damaged line is not an entry: it is left out here
+/// (verification names it), so the rest of the log stays readable.
 pub fn read_entries(dir: &Path) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + use<> {
-    audit_file::entries(dir, 0).map(|item| {
-        let (_, value) = item?;
-        let (_, json) = split_stored(&value)?;
-        serde_json::from_slice(json).map_err(|_| StoreError::Corrupt("audit entry"))
+    audit_file::entries(dir, 0).filter_map(|item| match item {
+        Ok((_, value)) => {
+            let (_, json) = split_stored(&value).ok()?;
+            serde_json::from_slice(json).ok().map(Ok)
+        }
+        Err(e) => Some(Err(e)),
     })
 }
 
@@ -1108,14 +1158,24 @@ fn lines_up_to(
     public_key: Vec<u8>,
     last: u64,
 ) -> impl Iterator<Item = Result<String, StoreError>> + use<> {
-    let header = serde_json::json!({"type": "header", "format": "khlang-audit-1", "public_key": hex::encode(&public_key)});
+    let header = serde_json::json!({"type": "header", "format": "khlang-audit-2", "public_key": hex::encode(&public_key)});
     let entries = audit_file::entries(dir, 0)
         .take_while(move |item| item.as_ref().map_or(true, |(seq, _)| *seq <= last))
         .map(|item| {
             let (seq, value) = item?;
-            let (hash, json) = split_stored(&value)?;
-            let json = std::str::from_utf8(json).map_err(|_| StoreError::Corrupt("audit entry"))?;
-            Ok(format!(r#"{{"type":"entry","seq":{seq},"hash":"{}","entry":{json}}}"#, hex::encode(hash)))
+            // A damaged line goes out as what it is, so an offline verifier names it too.
+            let damaged = format!(r#"{{"type":"damaged","seq":{seq}}}"#);
+            let Ok((hash, json)) = split_stored(&value) else { return Ok(damaged) };
+            match std::str::from_utf8(json)
+                .ok()
+                .filter(|j| serde_json::from_str::<serde_json::Value>(j).is_ok())
+            {
+                Some(json) => Ok(format!(
+                    r#"{{"type":"entry","seq":{seq},"hash":"{}","entry":{json}}}"#,
+                    hex::encode(hash)
+                )),
+                None => Ok(damaged),
+            }
         });
     let checkpoints = audit_file::checkpoints(dir).map(|cps| {
         cps.into_iter().filter_map(move |c| {

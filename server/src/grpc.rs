@@ -777,9 +777,51 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(khlang_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    // Health tells the truth about the audit log: while it holds a break the operator has not
+    // accepted, the data services (and the server as a whole) answer NOT_SERVING. Once unsealed,
+    // the whole log's history is verified here too, beside serving.
+    let (stop_watch, mut stopped) = tokio::sync::watch::channel(false);
+    let watcher = {
+        let (health, vault) = (health.clone(), vault.clone());
+        tokio::spawn(async move {
+            let mut shown = None;
+            let mut history_checked = false;
+            loop {
+                let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));
+                if shown != Some(broken) {
+                    use tonic_health::ServingStatus::{NotServing, Serving};
+                    health.set_service_status("", if broken { NotServing } else { Serving }).await;
+                    if broken {
+                        health.set_not_serving::<RecordsServer<Api>>().await;
+                        health.set_not_serving::<SubjectsServer<Api>>().await;
+                    } else {
+                        health.set_serving::<RecordsServer<Api>>().await;
+                        health.set_serving::<SubjectsServer<Api>>().await;
+                    }
+                    shown = Some(broken);
+                }
+                if !history_checked && !vault.is_sealed() {
+                    // About a second per million entries, on the blocking pool.
+                    history_checked = true;
+                    let vault = vault.clone();
+                    let checked = tokio::task::spawn_blocking(move || vault.check_audit_history()).await;
+                    if let Ok(Err(e)) = checked {
+                        tracing::error!(error = %e, "the audit log's history could not be verified");
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        })
+    };
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
+        let _ = stop_watch.send(true);
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         health.set_not_serving::<RecordsServer<Api>>().await;
         health.set_not_serving::<SubjectsServer<Api>>().await;
         health.set_not_serving::<AdminServer<Api>>().await;
@@ -811,6 +853,8 @@ pub async fn serve(
         }
     }
     key_jobs.stop().await;
+    // The watcher holds the vault: it must let go before the final flush and the store's release.
+    let _ = watcher.await;
     vault.flush().map_err(|e| tracing::error!(error = %e, "final flush failed")).ok();
     let stats = vault.flush_stats();
     tracing::info!(

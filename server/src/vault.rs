@@ -1397,6 +1397,17 @@ impl Vault {
         Ok((report, self.audit.state()))
     }
 
+    /// Verifies the whole audit log beside serving and carries damage forward (the tail since the
+    /// last signed head was verified at unseal). Started once by the server after unsealing.
+    pub fn check_audit_history(&self) -> Result<(), VaultError> {
+        self.audit.check_history(&self.store).map(|_| ())
+    }
+
+    /// Whether the audit log holds a break the operator has not accepted (health).
+    pub fn audit_state(&self) -> crate::audit::LogState {
+        self.audit.state()
+    }
+
     /// The operator's view (no caller, nothing audited): the public key, hex, of an unsealed vault.
     pub fn audit_public_key_now(&self) -> Result<String, VaultError> {
         self.audit

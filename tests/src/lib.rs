@@ -3,9 +3,13 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failure here is a test failure
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use khlang_client::Client;
 use khlang_keys::SealParams;
@@ -214,4 +218,69 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// Whether `haystack` contains `needle` anywhere.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A running `khlangd`, killed when dropped, so a failing test leaves no server behind.
+pub struct Daemon(pub Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `khlangd` with stderr piped, and waits for the address it logs.
+pub fn spawn_khlangd(args: &[&str]) -> (Daemon, Result<String, String>) {
+    let (child, url, _log) = spawn_khlangd_logged(args, "info");
+    (child, url)
+}
+
+/// Like [`spawn_khlangd`], also returning the receiver of the whole log (sent when stderr closes).
+pub fn spawn_khlangd_logged(
+    args: &[&str],
+    level: &str,
+) -> (Daemon, Result<String, String>, mpsc::Receiver<Result<String, String>>) {
+    let mut child = Command::new(bin("khlangd"))
+        .args(args)
+        .env("KHLANG_LOG", level)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("address=").nth(1) {
+                let _ = tx.send(Ok(addr.split_whitespace().next().unwrap_or_default().to_owned()));
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        let _ = tx.send(Err(all));
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| Err("timed out".into()));
+    (Daemon(child), addr.map(|a| format!("http://{a}")), rx)
+}
+
+/// A token from a development vault's credentials file.
+pub fn dev_token(data: &Path, identity: &str) -> String {
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("dev-credentials.json")).unwrap()).unwrap();
+    creds[identity].as_str().unwrap().to_owned()
 }

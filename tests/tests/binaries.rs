@@ -1,10 +1,8 @@
 //! The real binaries: `khlang` against a server, and `khlangd` init / serve / dev across restarts.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use khlang_tests::*;
@@ -93,64 +91,6 @@ async fn cli_round_trip() {
     .unwrap();
     assert!(out);
     server.stop().await;
-}
-
-/// A running `khlangd`, killed when dropped, so a failing test leaves no server behind.
-struct Daemon(Child);
-
-impl std::ops::Deref for Daemon {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Daemon {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `khlangd` with stderr piped, and waits for the address it logs.
-fn spawn_khlangd(args: &[&str]) -> (Daemon, Result<String, String>) {
-    let (child, url, _log) = spawn_khlangd_logged(args, "info");
-    (child, url)
-}
-
-/// Like [`spawn_khlangd`], also returning the receiver of the whole log (sent when stderr closes).
-fn spawn_khlangd_logged(
-    args: &[&str],
-    level: &str,
-) -> (Daemon, Result<String, String>, mpsc::Receiver<Result<String, String>>) {
-    let mut child = Command::new(bin("khlangd"))
-        .args(args)
-        .env("KHLANG_LOG", level)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("address=").nth(1) {
-                let _ = tx.send(Ok(addr.split_whitespace().next().unwrap_or_default().to_owned()));
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        let _ = tx.send(Err(all));
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| Err("timed out".into()));
-    (Daemon(child), addr.map(|a| format!("http://{a}")), rx)
 }
 
 fn write_passphrase(dir: &Path, pass: &str) -> String {
@@ -422,12 +362,6 @@ fn audit_cli_and_no_personal_data_in_the_server_log() {
         assert!(!text.contains(canary), "the audit export holds '{canary}'");
     }
     assert!(server_log.contains("serving khlang.v1"), "the log was captured");
-}
-
-fn dev_token(data: &Path, identity: &str) -> String {
-    let creds: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("dev-credentials.json")).unwrap()).unwrap();
-    creds[identity].as_str().unwrap().to_owned()
 }
 
 /// Pseudo-random milliseconds in `lo..hi` (no RNG crate needed for test timing).
