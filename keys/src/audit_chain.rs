@@ -335,7 +335,9 @@ impl<'a> ChainVerifier<'a> {
 
     fn fail(&mut self, seq: u64, reason: impl Into<String>) {
         let b = ChainBreak { seq, reason: reason.into() };
-        if self.report.first_break.is_none() {
+        // The earliest seq named wins: a carried-forward break may name damage before the place
+        // where this verifier first noticed it.
+        if self.report.first_break.as_ref().is_none_or(|f| f.seq > seq) {
             self.report.first_break = Some(b.clone());
         }
         if self.report.uncarried.is_none() {
@@ -583,7 +585,7 @@ pub fn join_reports(first: ChainReport, second: ChainReport) -> ChainReport {
         } else {
             second.uncarried
         },
-        first_break: first.first_break.or(second.first_break),
+        first_break: [first.first_break, second.first_break].into_iter().flatten().min_by_key(|b| b.seq),
         resumed_at,
     }
 }

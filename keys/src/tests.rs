@@ -302,3 +302,175 @@ fn derivation_key_survives_a_rekey_and_its_wrap_is_bound() {
     assert!(new_root.unwrap_derivation_key(&kek_wrap).is_err());
     assert_eq!(format!("{back:?}"), "DerivationKey { .. }");
 }
+
+mod audit_chain_tests {
+    use crate::audit_chain::*;
+    use crate::*;
+
+    fn legacy_key() -> DerivationKey {
+        RootKey::from_key(Key256::from_slice(&[0x44; 32]).unwrap()).legacy_derivation_key().unwrap()
+    }
+
+    #[test]
+    fn head_tag_known_answer_and_tamper() {
+        let tagger = legacy_key().audit_tagger().unwrap();
+        let hash = [0xab; 32];
+        let tag = tagger.tag(7, &hash);
+        // The construction is standard: HKDF-SHA256(salt, derivation key, info) then HMAC-SHA256
+        // over seq (u64 BE) ‖ hash, recomputed here with ring directly.
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(&[0x44; 32]);
+        let mut key = [0u8; 32];
+        prk.expand(&[labels::AUDIT_HEAD_TAG], ring::hkdf::HKDF_SHA256).unwrap().fill(&mut key).unwrap();
+        let msg = [7u64.to_be_bytes().as_slice(), &hash].concat();
+        let expected = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), &msg);
+        assert_eq!(tag.as_slice(), expected.as_ref());
+        assert_eq!(hex::encode(tag), include_str!("../testdata/audit_head_tag.hex").trim_ascii());
+        assert!(tagger.verify(7, &hash, &tag));
+        assert!(!tagger.verify(8, &hash, &tag), "bound to the seq");
+        let mut other = hash;
+        other[31] ^= 1;
+        assert!(!tagger.verify(7, &other, &tag), "bound to the hash");
+        let mut flipped = tag;
+        flipped[0] ^= 0x80;
+        assert!(!tagger.verify(7, &hash, &flipped));
+        // A key for another purpose never makes a valid tag.
+        let pepper = legacy_key().derive(labels::TOKEN_PEPPER).unwrap();
+        assert!(!tagger.verify(7, &hash, &pepper.mac(&msg)));
+    }
+
+    #[test]
+    fn chained_checkpoint_known_answer_and_tamper() {
+        let signer = legacy_key().audit_signer().unwrap();
+        let cp = signer.sign_checkpoint(5, &[1; 32], 9, 3).unwrap();
+        // Ed25519 is deterministic: the same key and message give these bytes.
+        assert_eq!(
+            hex::encode(&cp.signature),
+            include_str!("../testdata/audit_checkpoint_v2.hex").trim_ascii()
+        );
+        let pk = signer.public_key();
+        assert!(verify_checkpoint(pk, &cp));
+        for tampered in [
+            Checkpoint { prev: Some(4), ..cp.clone() },
+            Checkpoint { prev: None, ..cp.clone() },
+            Checkpoint { seq: 6, ..cp.clone() },
+            Checkpoint { time_ms: 10, ..cp.clone() },
+            Checkpoint { hash: [2; 32], ..cp.clone() },
+        ] {
+            assert!(!verify_checkpoint(pk, &tampered), "{tampered:?}");
+        }
+    }
+
+    /// A chain of `n` entries with canonical bytes `{"n":i,"seq":i}`, checkpoints signed at `at`.
+    fn chain(n: u64, at: &[u64]) -> (Vec<(u64, Vec<u8>, [u8; 32])>, Vec<Checkpoint>, AuditSigner) {
+        let signer = legacy_key().audit_signer().unwrap();
+        let (mut prev, mut out, mut cps, mut last_cp) = (GENESIS, Vec::new(), Vec::new(), 0);
+        for seq in 1..=n {
+            let json = format!(r#"{{"n":{seq},"seq":{seq}}}"#).into_bytes();
+            prev = chain_hash(&prev, &json);
+            out.push((seq, json, prev));
+            if at.contains(&seq) {
+                cps.push(signer.sign_checkpoint(seq, &prev, 1, last_cp).unwrap());
+                last_cp = seq;
+            }
+        }
+        (out, cps, signer)
+    }
+
+    fn run(v: &mut ChainVerifier<'_>, entries: &[(u64, Vec<u8>, [u8; 32])]) {
+        for (seq, json, hash) in entries {
+            v.entry(*seq, Some(*seq), json, hash);
+        }
+    }
+
+    #[test]
+    fn deleting_a_middle_checkpoint_is_caught() {
+        let (entries, cps, signer) = chain(10, &[3, 6, 9]);
+        let mut v = ChainVerifier::new(signer.public_key(), cps.clone());
+        run(&mut v, &entries);
+        let report = v.finish();
+        assert_eq!(
+            (report.verdict(), report.last_checkpoint),
+            (Verdict::Unverified("entries 10 to 10 are not covered by a signed checkpoint".into()), 9)
+        );
+        let without_6: Vec<Checkpoint> = cps.into_iter().filter(|c| c.seq != 6).collect();
+        let mut v = ChainVerifier::new(signer.public_key(), without_6);
+        run(&mut v, &entries);
+        let b = v.finish().first_break.unwrap();
+        assert_eq!(b.seq, 6, "{b:?}");
+        assert!(b.reason.contains("missing"), "{b:?}");
+    }
+
+    #[test]
+    fn a_rechain_is_named_after_the_last_proof_and_tags_narrow_it() {
+        let (mut entries, cps, signer) = chain(10, &[3, 10]);
+        let tagger = legacy_key().audit_tagger().unwrap();
+        let tag5 = tagger.tag(5, &entries[4].2);
+        // Entry 7 edited and everything after it rechained.
+        let mut prev = entries[5].2;
+        for e in entries.iter_mut().skip(6) {
+            if e.0 == 7 {
+                e.1 = br#"{"n":70,"seq":7}"#.to_vec();
+            }
+            prev = chain_hash(&prev, &e.1);
+            e.2 = prev;
+        }
+        let feed = |with_tag: bool| {
+            let mut v = ChainVerifier::new(signer.public_key(), cps.clone()).with_tagger(&tagger);
+            for (seq, json, hash) in &entries {
+                v.entry(*seq, Some(*seq), json, hash);
+                if with_tag && *seq == 5 {
+                    v.tag(5, &tag5);
+                }
+            }
+            v.finish().first_break.unwrap().seq
+        };
+        assert_eq!(feed(false), 4, "only the checkpoint at 3 proves anything before the edit");
+        assert_eq!(feed(true), 6, "the tag at 5 proves up to 5");
+        // A forged tag does not verify.
+        let mut v = ChainVerifier::new(signer.public_key(), vec![]).with_tagger(&tagger);
+        run(&mut v, &entries[..5]);
+        v.tag(5, &[0; 32]);
+        assert_eq!(v.finish().first_break.unwrap().seq, 1);
+    }
+
+    #[test]
+    fn a_carried_forward_break_resumes_only_from_a_signed_anchor() {
+        let (mut entries, cps, signer) = chain(6, &[3, 6]);
+        // Entry 5 is damaged; the vault carries it forward at 7, linking from its signed head 6.
+        entries[4].1 = b"garbage".to_vec();
+        let anchor = cps[1].clone();
+        let declaration = format!(
+            r#"{{"anchor":{{"hash":"{}","prev":3,"seq":6,"signature":"{}","time_ms":1}},"damaged_from":4,"damaged_to":6,"reason":"x","rpc":"AuditBreak","seq":7}}"#,
+            hex::encode(anchor.hash),
+            hex::encode(&anchor.signature)
+        );
+        let linked = chain_hash(&anchor.hash, declaration.as_bytes());
+        let after = br#"{"n":8,"seq":8}"#.to_vec();
+        let after_hash = chain_hash(&linked, &after);
+        let cp8 = signer.sign_checkpoint(8, &after_hash, 1, 6).unwrap();
+        entries.push((7, declaration.clone().into_bytes(), linked));
+        entries.push((8, after.clone(), after_hash));
+        let mut all = cps.clone();
+        all.push(cp8);
+        let mut v = ChainVerifier::new(signer.public_key(), all.clone());
+        run(&mut v, &entries);
+        let report = v.finish();
+        assert_eq!(
+            report.first_break.as_ref().map(|b| b.seq),
+            Some(4),
+            "the declared damage is the first break"
+        );
+        assert_eq!(
+            (report.resumed_at.clone(), report.last_checkpoint, report.uncarried.clone()),
+            (vec![7], 8, None)
+        );
+        // A forger's AuditBreak naming an anchor with a bad signature does not resume anything.
+        let forged = declaration.replace(&hex::encode(&anchor.signature)[..8], "00000000");
+        let mut entries2 = entries.clone();
+        entries2[6] = (7, forged.clone().into_bytes(), chain_hash(&anchor.hash, forged.as_bytes()));
+        let mut v = ChainVerifier::new(signer.public_key(), all);
+        run(&mut v, &entries2);
+        let report = v.finish();
+        assert!(report.resumed_at.is_empty() && report.uncarried.is_some(), "{report:?}");
+    }
+}

@@ -216,6 +216,15 @@ async fn subject_report_and_no_personal_data_in_the_log() {
     // A caller's string built to break a log line or forge an entry.
     let forged = "billing\n{\"seq\":1,\"identity\":\"root\"}\u{7}";
     let _ = app.get(&id, &[], Some(forged)).await;
+    // Reads of this person's record refused before the record was looked up (no purpose, an
+    // unknown field) still belong in the person's report.
+    let clerk = &mut server.client_as("billing-clerk").await;
+    assert_eq!(
+        clerk.get(&id, &["card_number".into()], None).await.unwrap_err().code(),
+        Some(Code::InvalidArgument)
+    );
+    let unknown = clerk.get(&id, &["no_such_field".into()], Some("billing")).await.unwrap_err();
+    assert_eq!(unknown.code(), Some(Code::InvalidArgument));
 
     let mut sec = server.client_as("security-officer").await;
     let report = sec
@@ -230,6 +239,9 @@ async fn subject_report_and_no_personal_data_in_the_log() {
     assert!(who.contains(&("billing-clerk", "billing", "allow")), "{who:?}");
     assert!(who.contains(&("marketing-officer", "marketing", "deny")), "{who:?}");
     assert!(who.contains(&("data-protection-officer", "", "allow")), "{who:?}");
+    let refused: Vec<_> =
+        report.iter().filter(|e| e.identity == "billing-clerk" && e.outcome == "InvalidArgument").collect();
+    assert_eq!(refused.len(), 2, "refused reads of the record are in the subject's report: {report:?}");
     assert!(
         !report.iter().any(|e| e.identity == "registration-app" && e.fields == ["age"]),
         "other subjects' entries stay out"
@@ -504,6 +516,10 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
     // Today's entries are within the 365-day retention: refused, nothing removed.
     let err = vault.archive_audit(now, now, &mut file).unwrap_err();
     assert!(err.to_string().contains("younger than 365 days are kept"), "{err}");
+    // The refused attempt to remove history is itself on the record.
+    let refused = vault.audit_entries(AuditFilter::default()).map(Result::unwrap).last().unwrap();
+    assert_eq!((refused.rpc.as_str(), refused.outcome.as_str()), ("ArchiveAudit", "FailedPrecondition"));
+    assert!(refused.reason.contains("refused"), "{refused:?}");
     let before = vault.audit_entries(AuditFilter::default()).count();
     // 400 days on, the same entries may go.
     let report = vault.archive_audit(now + 1, now + 400 * day, &mut file).unwrap();

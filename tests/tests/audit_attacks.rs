@@ -11,6 +11,9 @@ use khlang_server::VaultOptions;
 use khlang_server::audit::{AuditFilter, LogState, VerifyWith, verify_dir};
 use khlang_server::audit_file::FileOptions;
 use khlang_tests::*;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn options(dir: &Path, files: FileOptions, accept: Option<u64>) -> VaultOptions {
     VaultOptions { audit_files: files, accept_audit_break: accept, ..TestServer::options(dir) }
@@ -143,6 +146,22 @@ fn verify_files(data: &Path, key: &str) -> Verdict {
     verify_dir(&data.join("audit"), &hex::decode(key).unwrap(), &VerifyWith::default()).unwrap().verdict()
 }
 
+/// A service's health as the server reports it, once it has had time to see the log's state.
+async fn health(url: String, service: &str) -> ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+    let mut client = HealthClient::new(channel);
+    let mut status = ServingStatus::Unknown;
+    for _ in 0..40 {
+        let request = HealthCheckRequest { service: service.into() };
+        status = client.check(request).await.unwrap().into_inner().status();
+        if status != ServingStatus::Serving || service == "khlang.v1.Audit" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    status
+}
+
 /// The break the vault reports: at once for its tail, within seconds for older history (verified
 /// beside serving).
 async fn broken_soon(server: &TestServer) -> khlang_server::audit::BreakRecord {
@@ -167,6 +186,10 @@ async fn assert_caught(
     let server = TestServer::start_with(data, options(data, files.clone(), None)).await;
     let b = broken_soon(&server).await;
     assert_eq!(b.damaged_from, first_bad, "{b:?}");
+    // Health says so: the server and its data services answer NOT_SERVING, the audit service serves.
+    assert_eq!(health(server.url(), "").await, ServingStatus::NotServing);
+    assert_eq!(health(server.url(), "khlang.v1.Records").await, ServingStatus::NotServing);
+    assert_eq!(health(server.url(), "khlang.v1.Audit").await, ServingStatus::Serving);
     // Fail closed: no personal data moves while the record of who saw it is in doubt.
     let e = server.client().await.put("after-the-break", [("age", "40")]).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");

@@ -292,8 +292,18 @@ fn plaintext_is_refused_off_loopback() {
 fn audit_cli_and_no_personal_data_in_the_server_log() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("dev");
+    let witness = tmp.path().join("witness.jsonl");
+    let witness_s = witness.to_str().unwrap();
     let (mut child, url, log) = spawn_khlangd_logged(
-        &["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()],
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--audit-witness",
+            witness_s,
+        ],
         "debug",
     );
     let url = url.unwrap();
@@ -322,6 +332,12 @@ fn audit_cli_and_no_personal_data_in_the_server_log() {
     let table = stdout(&khlang(&url, &sec, &["audit", "query", "--identity", "billing-clerk"]));
     assert!(table.lines().count() >= 3, "{table}");
     assert!(stdout(&khlang(&url, &sec, &["audit", "verify"])).contains("intact"));
+    // Every signed checkpoint also went to the witness outside the data folder.
+    let witnessed = std::fs::read_to_string(&witness).unwrap();
+    let signed = std::fs::read_to_string(data.join("audit").join("checkpoints.log")).unwrap();
+    assert!(witnessed.lines().count() >= 1);
+    assert!(witnessed.lines().all(|w| signed.contains(w)), "{witnessed}");
+    assert!(stdout(&khlang(&url, &sec, &["audit", "verify", "--witness", witness_s])).contains("intact"));
     let key = stdout(&khlang(&url, &sec, &["audit", "public-key"])).trim().to_owned();
     let export = tmp.path().join("audit.jsonl");
     let out = khlang(&url, &sec, &["audit", "export", "--output", export.to_str().unwrap()]);
@@ -354,6 +370,27 @@ fn audit_cli_and_no_personal_data_in_the_server_log() {
     let bad = offline(&edited, &key);
     assert_eq!(bad.status.code(), Some(2), "broken exits 2");
     assert!(String::from_utf8_lossy(&bad.stdout).contains("BROKEN"));
+    // Without its checkpoints nothing is proven: unverified, exit 3, never "intact".
+    let unsigned = tmp.path().join("unsigned.jsonl");
+    let kept: Vec<&str> = text.lines().filter(|l| !l.contains("\"type\":\"checkpoint\"")).collect();
+    std::fs::write(&unsigned, kept.join("\n")).unwrap();
+    let unverified = offline(&unsigned, &key);
+    assert_eq!(unverified.status.code(), Some(3), "unverified exits 3");
+    assert!(String::from_utf8_lossy(&unverified.stdout).contains("UNVERIFIED"));
+    // A format this verifier does not know is refused, not guessed at.
+    let future = tmp.path().join("future.jsonl");
+    std::fs::write(&future, text.replacen("khlang-audit-2", "khlang-audit-9", 1)).unwrap();
+    let refused = offline(&future, &key);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not an audit export of a known format"));
+    // Offline against the witness too: every head it holds is in the export (the export signed
+    // the head it ends at, and the daemon was killed before signing another).
+    let with_witness = Command::new(bin("khlang"))
+        .args(["audit", "verify", "--offline", export.to_str().unwrap(), "--public-key", &key])
+        .args(["--witness", witness_s])
+        .output()
+        .unwrap();
+    assert_eq!(with_witness.status.code(), Some(0), "{}", String::from_utf8_lossy(&with_witness.stdout));
 
     for canary in
         [CANARY_CARD, CANARY_NAME_TH, CANARY_ADDRESS_TH, CANARY_EMAIL, "canary-person", "4111111111111112"]
