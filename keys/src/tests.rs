@@ -360,8 +360,11 @@ mod audit_chain_tests {
         }
     }
 
+    /// `(seq, canonical bytes, stored hash)`.
+    type Entries = Vec<(u64, Vec<u8>, [u8; 32])>;
+
     /// A chain of `n` entries with canonical bytes `{"n":i,"seq":i}`, checkpoints signed at `at`.
-    fn chain(n: u64, at: &[u64]) -> (Vec<(u64, Vec<u8>, [u8; 32])>, Vec<Checkpoint>, AuditSigner) {
+    fn chain(n: u64, at: &[u64]) -> (Entries, Vec<Checkpoint>, AuditSigner) {
         let signer = legacy_key().audit_signer().unwrap();
         let (mut prev, mut out, mut cps, mut last_cp) = (GENESIS, Vec::new(), Vec::new(), 0);
         for seq in 1..=n {
