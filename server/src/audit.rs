@@ -480,25 +480,20 @@ impl AuditLog {
                 start: start.clone(),
             },
         )?;
-        if let Some(b) = proofs.tamper.clone()
-            && report.first_break.as_ref().is_none_or(|f| f.seq > b.seq)
-        {
-            report.first_break = Some(b);
+        if let Some(b) = proofs.tamper.clone() {
+            add_break(&mut report, b);
         }
-        for w in &proofs.witnessed_before(start.as_ref().map_or(0, |s| s.seq)) {
-            if entry_hash(self.dir(), w.seq)? != Some(w.hash)
-                && report.first_break.as_ref().is_none_or(|f| f.seq > w.seq)
-            {
-                report.first_break = Some(ChainBreak {
-                    seq: w.seq,
-                    reason: format!(
-                        "the witness holds a signed head at {} that this log does not contain",
-                        w.seq
-                    ),
-                });
+        // Witnessed heads before the log's first entry were archived (the archive holds them).
+        let first = audit_file::first_seq(self.dir())?.unwrap_or(1);
+        let before = proofs.witnessed_before(start.as_ref().map_or(0, |s| s.seq));
+        for w in before.iter().filter(|w| w.seq >= first) {
+            if entry_hash(self.dir(), w.seq)? != Some(w.hash) {
+                let reason =
+                    format!("the witness holds a signed head at {} that this log does not contain", w.seq);
+                add_break(&mut report, ChainBreak { seq: w.seq, reason });
             }
         }
-        if report.first_break.is_some() {
+        if report.uncarried.is_some() {
             let anchor = proofs.newest_signed(public_key, self.dir())?;
             report.last_entry = report.last_entry.max(opened.0).max(proofs.max_seq());
             return Ok(TailFinding::Damaged { report, anchor });

@@ -254,6 +254,17 @@ async fn a_rechained_log_without_its_checkpoints_is_caught() {
     assert!(matches!(&live.verdict, Verdict::Broken(x) if x.seq == first_bad), "{live:?}");
     assert_eq!(live.report.resumed_at, vec![entry]);
     server.stop().await;
+    // Carried forward and accepted once: later starts (and their history check) do not raise it again.
+    let server = TestServer::start_with(&data, options(&data, files.clone(), None)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(server.vault().audit_state(), LogState::Intact);
+    let breaks = server
+        .vault()
+        .audit_entries(AuditFilter::default())
+        .filter(|e| e.as_ref().unwrap().rpc == "AuditBreak");
+    assert_eq!(breaks.count(), 1);
+    server.client().await.put("later", [("age", "42")]).await.unwrap();
+    server.stop().await;
 }
 
 /// (a') The same, with the head tags stripped too: the store's record of the last signed head
