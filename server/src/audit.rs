@@ -383,15 +383,6 @@ impl AuditLog {
             Some(TailFinding::Damaged { report, anchor }) => {
                 let b = report.uncarried.clone().unwrap_or(ChainBreak { seq: 1, reason: String::new() });
                 let record = self.carry_forward(store, &b, anchor, report.last_entry)?;
-                tracing::error!(
-                    first_untrusted = b.seq,
-                    reason = %b.reason,
-                    audit_break_entry = record.entry,
-                    "AUDIT LOG DAMAGED: entries from {} on cannot be trusted; data requests are refused until an operator \
-                     restarts with --accept-audit-break {}",
-                    b.seq,
-                    record.entry
-                );
                 integrity.broken = Some(record);
             }
             Some(TailFinding::Unproven { from, to }) => {
@@ -494,7 +485,7 @@ impl AuditLog {
             }
         }
         if report.uncarried.is_some() {
-            let anchor = proofs.newest_signed(public_key, self.dir())?;
+            let anchor = proofs.newest_signed(public_key);
             report.last_entry = report.last_entry.max(opened.0).max(proofs.max_seq());
             return Ok(TailFinding::Damaged { report, anchor });
         }
@@ -573,6 +564,15 @@ impl AuditLog {
         let json = serde_json::to_vec(&record).map_err(|_| StoreError::Corrupt("audit break (encode)"))?;
         store.set_audit_record(AuditRecord::Break, &json)?;
         store.flush_now()?;
+        tracing::error!(
+            first_untrusted = b.seq,
+            reason = %b.reason,
+            audit_break_entry = record.entry,
+            "AUDIT LOG DAMAGED: entries from {} on cannot be trusted; data requests are refused until an operator \
+             restarts with --accept-audit-break {}",
+            b.seq,
+            record.entry
+        );
         Ok(record)
     }
 
@@ -803,17 +803,8 @@ impl AuditLog {
         self.checkpoint_now()?;
         let Some(tagger) = lock(&self.keys).as_ref().map(|k| k.tagger.clone()) else { return Ok(None) };
         let proofs = self.stored_proofs(store, &tagger)?;
-        let anchor = proofs.newest_signed(&public_key, self.dir())?;
+        let anchor = proofs.newest_signed(&public_key);
         let record = self.carry_forward(store, &b, anchor, report.last_entry)?;
-        tracing::error!(
-            first_untrusted = b.seq,
-            reason = %b.reason,
-            audit_break_entry = record.entry,
-            "AUDIT LOG DAMAGED: entries from {} on cannot be trusted; data requests are refused until an operator \
-             restarts with --accept-audit-break {}",
-            b.seq,
-            record.entry
-        );
         integrity.broken = Some(record.clone());
         Ok(Some(record))
     }
@@ -913,15 +904,14 @@ impl Proofs {
 
     /// The newest head the vault signed, wherever it is recorded: a forger cannot sign one, so
     /// every valid signature is the vault's.
-    fn newest_signed(&self, public_key: &[u8], _dir: &Path) -> Result<Option<Checkpoint>, StoreError> {
-        Ok(self
-            .signed
+    fn newest_signed(&self, public_key: &[u8]) -> Option<Checkpoint> {
+        self.signed
             .iter()
             .chain(&self.witness)
             .chain(&self.file_checkpoints)
             .filter(|c| verify_checkpoint(public_key, c))
             .max_by_key(|c| c.seq)
-            .cloned())
+            .cloned()
     }
 }
 

@@ -291,14 +291,6 @@ fn verify_stored(dir: &std::path::Path, key: &str) -> Option<(u64, String)> {
     report.first_break.map(|b| (b.seq, b.reason))
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for f in files_under(from) {
-        let dest = to.join(f.strip_prefix(from).unwrap());
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(&f, &dest).unwrap();
-    }
-}
-
 /// A forger's edit: the entry says the request was refused.
 fn edit(json: &str) -> String {
     assert!(json.contains("\"outcome\":\"Ok\""), "{json}");
@@ -416,7 +408,7 @@ async fn verify_names_the_first_bad_entry_for_every_kind_of_tampering() {
     ];
     for (name, tamper, first_bad) in cases {
         let copy = tempfile::tempdir().unwrap();
-        copy_dir(original.path(), copy.path());
+        copy_tree(original.path(), copy.path());
         let mut lines = Lines::open(copy.path());
         tamper(&mut lines);
         lines.save();
@@ -428,7 +420,7 @@ async fn verify_names_the_first_bad_entry_for_every_kind_of_tampering() {
     // An attacker who edits entry 10 and recomputes every hash after it is caught by the signed
     // checkpoint (the final one, written at shutdown).
     let copy = tempfile::tempdir().unwrap();
-    copy_dir(original.path(), copy.path());
+    copy_tree(original.path(), copy.path());
     let mut lines = Lines::open(copy.path());
     let mut prev: [u8; 32] = hex::decode(lines.entry(9).0).unwrap().try_into().unwrap();
     for seq in 10..=(n as u64) {

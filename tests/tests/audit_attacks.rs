@@ -417,14 +417,6 @@ async fn a_rolled_back_folder_is_caught_only_with_the_witness() {
     log.assert_still_on_disk();
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    for f in files_under(from) {
-        let dest = to.join(f.strip_prefix(from).unwrap());
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(&f, &dest).unwrap();
-    }
-}
-
 /// (b) After a crash (kill -9: no final checkpoint), rewrite only the entries after the last
 /// signed checkpoint: the head tags written with each acknowledged group catch it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
