@@ -6,8 +6,8 @@
 #
 #   bench/ab.sh BASE_REV [SECONDS_PER_RUN=5] [ROUNDS=5]
 #
-# BASE_REV is checked out into a temporary worktree and built into target/ab-base (kept between
-# runs, so a second A/B against the same base builds only the working tree). Both servers are
+# BASE_REV is checked out into a worktree under target/ab-src and built into target/ab-base (both
+# kept between runs, so a second A/B against the same base builds only the working tree). Both servers are
 # `khlangd dev` on their own temporary folders; the load generator is the working tree's `khlang
 # bench` (the Records API it drives is the same in both).
 set -euo pipefail
@@ -20,13 +20,13 @@ PIDS=()
 cleanup() {
   kill "${PIDS[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
-  git worktree remove --force "$WORK/base-src" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 cargo build --release --bins --quiet
-git worktree add --detach --quiet "$WORK/base-src" "$BASE_REV"
-CARGO_TARGET_DIR="$(pwd)/target/ab-base" cargo build --release --bins --quiet --manifest-path "$WORK/base-src/Cargo.toml"
+SRC="target/ab-src/$(git rev-parse --short "$BASE_REV")"
+[ -d "$SRC" ] || git worktree add --detach --quiet "$SRC" "$BASE_REV"
+CARGO_TARGET_DIR="$(pwd)/target/ab-base" cargo build --release --bins --quiet --manifest-path "$SRC/Cargo.toml"
 
 start() { # name, khlangd binary
   "$2" dev --listen 127.0.0.1:0 --data-dir "$WORK/$1" >"$WORK/$1.out" 2>"$WORK/$1.log" &

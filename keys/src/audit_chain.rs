@@ -236,14 +236,14 @@ pub struct BreakDeclaration {
 }
 
 /// The declaration of an `AuditBreak` entry, if `canonical` is one. Found without parsing other
-/// entries: compact JSON cannot hold an unescaped `"rpc":"` inside a caller's string, and with
-/// keys sorted only `rule`, `seq`, `subject` and `time_ms` follow it, so the search runs from the end.
+/// entries, in constant time: with keys sorted, only an entry with an `anchor` (which only
+/// `AuditBreak` entries have) starts with that key; a caller's string cannot come first.
 pub fn break_declaration(canonical: &[u8]) -> Option<Result<BreakDeclaration, ()>> {
-    const KEY: &[u8] = b"\"rpc\":\"";
-    const VALUE: &[u8] = b"AuditBreak\"";
-    let at = canonical.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
-    canonical[at..].starts_with(VALUE).then(|| {
+    canonical.starts_with(b"{\"anchor\":").then(|| {
         let v: serde_json::Value = serde_json::from_slice(canonical).map_err(|_| ())?;
+        if v["rpc"].as_str() != Some(AUDIT_BREAK_RPC) {
+            return Err(());
+        }
         Ok(BreakDeclaration {
             damaged_from: v["damaged_from"].as_u64().ok_or(())?,
             damaged_to: v["damaged_to"].as_u64().ok_or(())?,
