@@ -76,7 +76,58 @@ pub fn clean(s: &str) -> String {
     printable(s)
 }
 
+/// Most field names an entry records; the rest are counted (`(+N more)`), so no request, however
+/// many names it sends, makes an entry large enough to stop query or export.
+pub const MAX_FIELDS_RECORDED: usize = 64;
+/// Longest a recorded field name, and any other string of an entry, may be (bytes; cut at a
+/// character boundary): with the names bound, an entry stays under ~20 KB.
+const MAX_NAME_BYTES: usize = 128;
+const MAX_TEXT_BYTES: usize = 512;
+
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut at = max - '…'.len_utf8();
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push('…');
+    }
+}
+
 impl AuditEntry {
+    /// Bounds what callers put in: the first [`MAX_FIELDS_RECORDED`] names and a count, every
+    /// string cut to its limit. Applied to every entry as it is appended.
+    pub fn bound(&mut self) {
+        if self.fields.len() > MAX_FIELDS_RECORDED {
+            let more = self.fields.len() - MAX_FIELDS_RECORDED;
+            self.fields.truncate(MAX_FIELDS_RECORDED);
+            self.fields.push(format!("(+{more} more)"));
+        }
+        for f in &mut self.fields {
+            cut(f, MAX_NAME_BYTES);
+        }
+        for text in [
+            &mut self.decision,
+            &mut self.identity,
+            &mut self.key_versions,
+            &mut self.operation,
+            &mut self.outcome,
+            &mut self.peer,
+            &mut self.purpose,
+            &mut self.reason,
+            &mut self.record_id,
+            &mut self.regulations_version,
+            &mut self.request_id,
+            &mut self.role,
+            &mut self.rpc,
+            &mut self.rule,
+            &mut self.subject,
+        ] {
+            cut(text, MAX_TEXT_BYTES);
+        }
+    }
+
     /// The bytes the chain hashes: compact JSON with keys sorted — what an offline verifier gets by
     /// re-serialising a parsed entry (serde_json's default map is sorted).
     pub fn canonical(&self) -> Result<Vec<u8>, StoreError> {
@@ -638,6 +689,7 @@ impl AuditLog {
         }
         entry.seq = head.seq + 1;
         entry.time_ms = now_ms();
+        entry.bound();
         let canonical = entry.canonical()?;
         let hash = chain_hash(&head.hash, &canonical);
         let value = [hash.as_slice(), &canonical].concat();

@@ -18,7 +18,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -419,6 +419,7 @@ fn finish_archival(dir: &Path) -> Result<(), StoreError> {
 /// goes, and how far it is zero-filled.
 fn open_segment(path: &Path) -> Result<(File, u64, u64), StoreError> {
     let file = OpenOptions::new()
+        .mode(0o600)
         .create(true)
         .truncate(false)
         .read(true)
@@ -720,8 +721,12 @@ impl AuditFile {
             None => None,
         };
         let segment_entries = (last_seq + 1).saturating_sub(first);
-        let checkpoints =
-            OpenOptions::new().create(true).append(true).open(checkpoints_path).map_err(io_error)?;
+        let checkpoints = OpenOptions::new()
+            .mode(0o600)
+            .create(true)
+            .append(true)
+            .open(checkpoints_path)
+            .map_err(io_error)?;
         sync_dir(&dir)?;
         let (tx, rx) = watch::channel(Ok(last_seq));
         let shared = Arc::new(Shared {

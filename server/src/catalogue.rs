@@ -90,10 +90,39 @@ const PROHIBITED: &[&str] = &[
     "fulltrack",
 ];
 
+/// Words that mark a name as sensitive authentication data wherever they stand in it
+/// (`card_cvv`, `pinCode`, `track2`, `card-verification`): matched by word, so `shipping` is not a
+/// PIN and `attracted` is not track data.
+const PROHIBITED_WORDS: &[&str] =
+    &["cvv", "cvc", "cvn", "cid", "cav", "csc", "pin", "pinblock", "track", "verification", "magstripe"];
+
+/// The words of a field name: split at anything not a letter or digit and where a lower-case
+/// letter meets an upper-case one; lower-cased, trailing digits dropped (`cvv2` is `cvv`).
+fn words(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let mut prev_lower = false;
+    for c in name.chars() {
+        let boundary = !c.is_ascii_alphanumeric() || (prev_lower && c.is_ascii_uppercase());
+        if boundary && !word.is_empty() {
+            out.push(std::mem::take(&mut word));
+        }
+        if c.is_ascii_alphanumeric() {
+            word.push(c.to_ascii_lowercase());
+        }
+        prev_lower = c.is_ascii_lowercase();
+    }
+    if !word.is_empty() {
+        out.push(word);
+    }
+    out.into_iter().map(|w| w.trim_end_matches(|c: char| c.is_ascii_digit()).to_owned()).collect()
+}
+
 fn is_prohibited(name: &str) -> bool {
     let folded: String =
         name.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect();
     PROHIBITED.contains(&folded.as_str())
+        || words(name).iter().any(|w| PROHIBITED_WORDS.contains(&w.as_str()))
 }
 
 /// Refuses card verification codes, PINs and track data by name, in requests and in regulations.
@@ -131,6 +160,11 @@ pub fn validate(n: &str, kind: FieldKind, value: &str) -> Result<String, VaultEr
     let multiline = matches!(kind, K::Address | K::FreeText);
     if v.chars().any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t'))) {
         return Err(invalid(n, "value contains control characters"));
+    }
+    if matches!(kind, K::Name | K::Address | K::FreeText | K::Email | K::Url | K::DomainName)
+        && let Some(what) = card_data_in(v)
+    {
+        return Err(invalid(n, what));
     }
     match kind {
         K::Name | K::Address | K::FreeText => Ok(v.to_owned()),
@@ -235,6 +269,50 @@ fn digits_only(v: &str, separators: &[char]) -> Option<String> {
 }
 
 /// The Luhn (mod 10) check that every payment card number passes.
+/// Card data in a value that is not a card field (PCI DSS 3.5.1: a PAN is stored only where it is
+/// protected as one; 3.3.1: track data never): a run of 13 to 19 digits (single spaces or dashes
+/// between them) that passes the Luhn check, or such a run followed by track data's separators
+/// (`=YYMM` of track 2, `^` of track 1) whatever its check digit. Says what, never the value.
+pub fn card_data_in(value: &str) -> Option<&'static str> {
+    let bytes = value.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let mut digits = String::new();
+        let mut j = i;
+        while j < bytes.len() {
+            if bytes[j].is_ascii_digit() {
+                digits.push(char::from(bytes[j]));
+                j += 1;
+            } else if matches!(bytes[j], b' ' | b'-') && bytes.get(j + 1).is_some_and(u8::is_ascii_digit) {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        if (13..=19).contains(&digits.len()) {
+            let rest = &bytes[j..];
+            let track2 =
+                rest.first() == Some(&b'=') && rest.len() >= 5 && rest[1..5].iter().all(u8::is_ascii_digit);
+            if track2 || rest.first() == Some(&b'^') {
+                return Some(
+                    "holds what looks like magnetic-stripe track data, which PCI DSS 3.3.1 forbids storing",
+                );
+            }
+            if luhn_valid(&digits) {
+                return Some(
+                    "holds what looks like a card number (PAN); store card numbers only in card fields (PCI DSS 3.5.1)",
+                );
+            }
+        }
+        i = j.max(i + 1);
+    }
+    None
+}
+
 pub fn luhn_valid(digits: &str) -> bool {
     let mut sum = 0u32;
     for (i, b) in digits.bytes().rev().enumerate() {
@@ -390,12 +468,46 @@ mod tests {
     }
 
     #[test]
+    fn card_data_outside_card_fields_is_refused() {
+        for v in [
+            "my card is 4111 1111 1111 1111, expires 12/27, cvv 123",
+            "4111-1111-1111-1111",
+            "pay with 378282246310005 please",
+            ";4111111111111112=27121010000000000000?",
+            "%B4111111111111112^SOMCHAI/J^2712101",
+        ] {
+            let e = check("name", v).unwrap_err().to_string();
+            assert!(e.contains("PCI DSS") && !e.contains("4111") && !e.contains("3782"), "{v}: {e}");
+            assert!(check("home_address", v).is_err(), "{v}");
+        }
+        // Numbers that are not card data stay: a phone, an id, a Luhn-failing run, a short one.
+        for v in
+            ["call 081 234 5678", "ref 4111111111111112", "order 123456789012", "1 2 3 4 5 6 7 8 9 0 1 2 3"]
+        {
+            assert!(check("home_address", v).is_ok(), "{v}");
+        }
+        // A card field still takes a card number.
+        assert_eq!(check("card_number", "4111 1111 1111 1111").unwrap(), "4111111111111111");
+    }
+
+    #[test]
     fn prohibited_names() {
         for name in ["cvv", "CVV2", "card_verification_code", "pin", "track-2", "Track_Data"] {
             let e = check_field_name_allowed(name).unwrap_err();
             assert!(e.contains("PCI DSS 3.3.1"), "{name}: {e}");
         }
         assert!(check_field_name_allowed("card_number").is_ok());
+        // By word, wherever it stands, in any case or spelling a regulations file might use.
+        for name in
+            ["card_cvv", "pin_code", "card_verification", "cvn", "track", "cardCvc2", "security-pin", "CID"]
+        {
+            assert!(check_field_name_allowed(name).is_err(), "{name}");
+        }
+        for name in
+            ["shipping_address", "attracted_by", "pinned_note", "acid_test", "card_number", "national_id"]
+        {
+            assert!(check_field_name_allowed(name).is_ok(), "{name}");
+        }
         for name in FieldKind::NAMES {
             assert!(FieldKind::parse(name).is_some());
         }

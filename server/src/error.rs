@@ -59,6 +59,11 @@ pub enum StoreError {
     AlreadyInitialised,
     #[error("this data folder was created in {found} mode; this server runs in {expected} mode")]
     ModeMismatch { found: String, expected: String },
+    /// The data folder's permissions let others change it.
+    #[error("{0}")]
+    Insecure(String),
+    #[error("data folder: {0}")]
+    Io(String),
 }
 
 impl From<sled::transaction::TransactionError<StoreError>> for StoreError {

@@ -229,8 +229,23 @@ impl std::fmt::Debug for Vault {
     }
 }
 
+/// Characters that print as nothing (or reorder what follows): a look-alike subject id could hide
+/// one.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{ad}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The subject index names a record whose sealed subject id is another person's.
+fn foreign_record(record_id: &str) -> VaultError {
+    VaultError::Integrity {
+        record_id: record_id.to_owned(),
+        what: "its owner (the subject index names it for another subject)".into(),
+    }
 }
 
 fn integrity(record_id: &str, what: impl Into<String>) -> impl FnOnce(KeyError) -> VaultError {
@@ -264,9 +279,8 @@ impl Vault {
         Self::from_store(store, options)
     }
 
+    /// The store creates the folder itself (0700, whatever the umask).
     fn open_store(dir: &Path, durability: Durability) -> Result<Store, VaultError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| VaultError::FailedPrecondition(format!("cannot create data folder: {e}")))?;
         Ok(Store::open(dir, durability)?)
     }
 
@@ -368,6 +382,7 @@ impl Vault {
             disabled: options.bench_skip_audit,
         };
         let audit = AuditLog::open(&store, store.dir(), &log_options)?;
+        crate::store::tighten(store.dir())?;
         let vault = Self {
             store,
             keys: RwLock::new(None),
@@ -481,6 +496,11 @@ impl Vault {
 
     // ---- validate -------------------------------------------------------------------------
 
+    /// A subject id is compared byte for byte (its blind index is an HMAC of the bytes), so two
+    /// spellings of one person would be two people, and an erasure of one would miss the other.
+    /// The rule: no leading or trailing whitespace; no whitespace but single ASCII spaces; no
+    /// control characters; no invisible formatting characters (zero-width, bidi controls, BOM,
+    /// soft hyphen); no fullwidth forms of ASCII characters.
     pub(crate) fn check_subject(&self, subject: &str) -> Result<(), VaultError> {
         if subject.trim().is_empty() {
             return Err(VaultError::InvalidArgument("subject_id is empty".into()));
@@ -491,8 +511,21 @@ impl Vault {
                 self.limits.max_subject_bytes
             )));
         }
+        let refuse = |why: &str| Err(VaultError::InvalidArgument(format!("subject_id {why}")));
         if subject.chars().any(char::is_control) {
-            return Err(VaultError::InvalidArgument("subject_id contains control characters".into()));
+            return refuse("contains control characters");
+        }
+        if subject.trim() != subject {
+            return refuse("starts or ends with whitespace");
+        }
+        if subject.contains("  ") || subject.chars().any(|c| c.is_whitespace() && c != ' ') {
+            return refuse("holds whitespace other than single spaces");
+        }
+        if subject.chars().any(is_invisible) {
+            return refuse("holds an invisible formatting character (zero-width, bidi control, BOM)");
+        }
+        if subject.chars().any(|c| ('\u{ff01}'..='\u{ff5e}').contains(&c)) {
+            return refuse("holds fullwidth forms of ASCII characters; use the ASCII ones");
         }
         Ok(())
     }
@@ -1041,7 +1074,12 @@ impl Vault {
                 .iter()
                 .map(|(id, r)| {
                     let names: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
-                    self.open_record(&keys, &regs, id, r, &names, &[])
+                    let view = self.open_record(&keys, &regs, id, r, &names, &[])?;
+                    // The index is not authenticated; the sealed subject id is.
+                    if view.subject_id.expose_secret() != subject.as_bytes() {
+                        return Err(foreign_record(id));
+                    }
+                    Ok(view)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             e.reason = format!("{} records exported", views.len());
@@ -1055,11 +1093,17 @@ impl Vault {
         let regs = self.regulations();
         let entry = self.draft(caller, "EraseSubject", Operation::Erase, &regs);
         self.audited(entry, |e| {
-            let (_, index) = self.subject_op(&regs, caller, Operation::Erase, subject, e)?;
+            let (keys, index) = self.subject_op(&regs, caller, Operation::Erase, subject, e)?;
             let mut changes = Changes::new();
             let mut n = 0;
             for (id, _) in self.store.records_of_subject(&index)? {
                 if let Some((record, read)) = self.store.get_record(&id)? {
+                    // Never erase someone else's record because the (unauthenticated) index says so.
+                    let dek = self.unwrap_dek(&keys, &id, &record.wrapped_key)?;
+                    let owner = self.open_value(dek.as_ref(), &id, SUBJECT_CONTEXT, &record.subject)?;
+                    if owner.expose_secret() != subject.as_bytes() {
+                        return Err(foreign_record(&id));
+                    }
                     changes.delete_record(&id, &record, read);
                     n += 1;
                 }

@@ -1,0 +1,191 @@
+//! Hardening (issue 11), each attack sent as an attacker would over real gRPC (or by editing the
+//! data folder of a stopped vault): the exact status, that nothing changed, and that the log has it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
+
+use khlang_client::Code;
+use khlang_server::audit::AuditFilter;
+use khlang_server::store::{Durability, Store};
+use khlang_tests::*;
+
+/// `citizen-777` and a look-alike of it cannot be two people: every look-alike is refused
+/// (InvalidArgument, never echoed), on writes and on erasure, and each refusal is on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_subject_ids_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    c.put("citizen-777", [("age", "30")]).await.unwrap();
+    let look_alikes = [
+        "citizen-777 ",
+        " citizen-777",
+        "citizen-777\t",
+        "citizen\u{200b}-777",
+        "citizen-777\u{feff}",
+        "citizen-\u{202e}777",
+        "citizen\u{a0}777",
+        "citizen  777",
+        "\u{ff43}itizen-777",
+        "citizen-7\u{ad}77",
+    ];
+    for bad in look_alikes {
+        let e = c.put(bad, [("age", "31")]).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{bad:?}: {e}");
+        assert!(e.to_string().contains("subject_id") && !e.to_string().contains(bad), "{e}");
+        let e = c.erase_subject(bad).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{bad:?}: {e}");
+    }
+    assert_eq!(c.list("citizen-777").await.unwrap().len(), 1, "nothing else stored");
+    let refused = server
+        .vault()
+        .audit_entries(AuditFilter::default())
+        .map(Result::unwrap)
+        .filter(|e| e.outcome == "InvalidArgument" && e.reason.contains("subject_id"))
+        .count();
+    assert_eq!(refused, 2 * look_alikes.len());
+    server.stop().await;
+}
+
+/// The subject index is not authenticated: an intruder who adds another person's record under
+/// someone's index gets neither an export of it nor its erasure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_altered_subject_index_cannot_export_or_erase_someone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    let alice = c.put("alice-1", [("age", "30")]).await.unwrap();
+    let bob = c.put("bob-1", [("email", CANARY_EMAIL)]).await.unwrap();
+    server.stop().await;
+    {
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let (record, _) = store.get_record(&alice).unwrap().unwrap();
+        let key = [b"s".as_slice(), &record.subject_index, bob.as_bytes()].concat();
+        store.vault_tree_for_tests().insert(key, &[][..]).unwrap();
+        store.flush_now().unwrap();
+    }
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    let e = c.export_subject("alice-1").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::DataLoss), "{e}");
+    assert!(e.to_string().contains(&bob) && !e.to_string().contains(CANARY_EMAIL), "{e}");
+    let e = c.erase_subject("alice-1").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::DataLoss), "{e}");
+    // Nothing was erased: Bob's record and Alice's are both still there.
+    assert_eq!(c.get(&bob, &[], PURPOSE).await.unwrap().fields["email"].expose_secret(), CANARY_EMAIL);
+    c.get(&alice, &[], PURPOSE).await.unwrap();
+    let logged: Vec<_> = server
+        .vault()
+        .audit_entries(AuditFilter::default())
+        .map(Result::unwrap)
+        .filter(|e| e.outcome == "DataLoss")
+        .map(|e| e.rpc)
+        .collect();
+    assert_eq!(logged, ["ExportSubject", "EraseSubject"]);
+    server.stop().await;
+}
+
+/// One refused read naming 300,000 one-letter fields: its entry records the first 64 names and a
+/// count, stays small, and unfiltered query and export keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_naming_300000_fields_writes_a_bounded_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    let id = c.put("many-names", [("age", "30")]).await.unwrap();
+    let names: Vec<String> = (0..300_000u32).map(|i| char::from(b'a' + (i % 26) as u8).to_string()).collect();
+    let e = c.get(&id, &names, PURPOSE).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+    let entry = server
+        .vault()
+        .audit_entries(AuditFilter::default())
+        .map(Result::unwrap)
+        .filter(|e| e.rpc == "GetRecord")
+        .last()
+        .unwrap();
+    assert_eq!(entry.fields.len(), 65, "64 names and a count");
+    assert_eq!(entry.fields.last().unwrap(), "(+299936 more)");
+    assert!(entry.canonical().unwrap().len() < 20_000);
+    let mut sec = server.client_as("security-officer").await;
+    assert!(sec.query_audit(&khlang_client::AuditQuery::default()).await.unwrap().len() > 3);
+    let mut lines = 0;
+    sec.export_audit(|_| lines += 1).await.unwrap();
+    assert!(lines > 3);
+    server.stop().await;
+}
+
+/// A full card number (or track data) typed into a field that is not a card field is refused,
+/// naming the field and never echoing the value; nothing is stored, the refusal is on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn card_data_in_a_non_card_field_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    for value in [
+        "card 4111 1111 1111 1111 exp 12/27 cvv 123",
+        "%B4111111111111112^SOMCHAI/J^2712101000000",
+        ";4111111111111112=2712101000000000?",
+    ] {
+        let e = c.put("pan-in-text", [("preferences", value)]).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("preferences") && msg.contains("PCI DSS") && !msg.contains("4111"), "{msg}");
+    }
+    assert!(c.list("pan-in-text").await.unwrap().is_empty());
+    c.put("pan-in-text", [("preferences", "call me on 081 234 5678")]).await.unwrap();
+    let refused = server
+        .vault()
+        .audit_entries(AuditFilter::default())
+        .map(Result::unwrap)
+        .filter(|e| e.rpc == "PutRecord" && e.outcome == "InvalidArgument")
+        .count();
+    assert_eq!(refused, 3);
+    server.stop().await;
+}
+
+/// Sensitive authentication data by any name: a field `card_cvv` or `pin_code` is refused when a
+/// regulations file defines it (the rules in force stay) and when a request names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensitive_authentication_data_is_refused_by_any_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut admin = server.client_as("key-admin").await;
+    let before = admin.regulations().await.unwrap().version;
+    for name in ["card_cvv", "pin_code", "cardVerification", "track_2"] {
+        let rules = format!(
+            "{}\n[fields.{name}]\nkind = \"free_text\"\nclass = \"restricted\"\nmask = \"redact\"\n",
+            test_regulations()
+        );
+        std::fs::write(&server.regulations_path, rules).unwrap();
+        let e = admin.reload_regulations().await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{name}: {e}");
+        assert!(e.to_string().contains("PCI DSS 3.3.1"), "{name}: {e}");
+        assert_eq!(admin.regulations().await.unwrap().version, before);
+        let e = server.client().await.put("sad", [(name, "123")]).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{name}: {e}");
+        assert!(e.to_string().contains("PCI DSS 3.3.1"), "{name}: {e}");
+    }
+    server.stop().await;
+}
+
+/// The data folder is created 0700 with every file 0600 whatever the umask; a folder others can
+/// write is refused.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_folder_is_private_and_an_open_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    // The rules live elsewhere, so the vault creates its folder itself.
+    let options = TestServer::options(&tmp.path().join("rules"));
+    let server = TestServer::start_with(&data, options.clone()).await;
+    server.client().await.put("perm", [("age", "30")]).await.unwrap();
+    server.stop().await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for f in files_under(&data) {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+        assert_eq!(mode(f.parent().unwrap()), 0o700, "{}", f.display());
+    }
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = khlang_server::Vault::open(&data, PASSPHRASE.as_bytes(), &options).unwrap_err();
+    assert!(e.to_string().contains("can be written by others"), "{e}");
+}
