@@ -178,8 +178,31 @@ fn audit_json(e: &AuditRecord) -> serde_json::Value {
 }
 
 /// A caller's string made safe for a terminal: no control characters, bounded.
+/// Text as it may reach a terminal: a stored value or log field could otherwise fake another line
+/// (a newline) or reorder what is shown (bidi overrides). Newlines and tabs are escaped, other
+/// control characters become `?`, and invisible formatting characters (zero-width, bidi controls,
+/// BOM) are dropped.
+fn terminal_safe(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}'
+            | '\u{180e}' => {}
+            c if c.is_control() => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn cell(s: &str, width: usize) -> String {
-    let clean: String = s.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+    let clean = terminal_safe(s);
     if clean.chars().count() > width { clean.chars().take(width - 1).chain(['…']).collect() } else { clean }
 }
 
@@ -286,7 +309,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let width = record.fields.keys().map(String::len).max().unwrap_or(0);
                 for (name, value) in &record.fields {
-                    println!("{name:<width$}  {}", value.expose_secret());
+                    let shown = Zeroizing::new(terminal_safe(value.expose_secret()));
+                    println!("{:<width$}  {}", terminal_safe(name), shown.as_str());
                 }
             }
         }

@@ -229,6 +229,38 @@ impl Vault {
         result
     }
 
+    /// Runs a passphrase's key derivation: in one of the gate's few slots, counted as a failure of
+    /// its address before the derivation starts (an address at its limit gets `LockedOut` without
+    /// one), and forgiven only when the passphrase was right.
+    fn passphrase_check<T>(
+        &self,
+        ip: Option<std::net::IpAddr>,
+        custodian: u8,
+        derive: impl FnOnce() -> Result<T, KeyError>,
+    ) -> Result<T, VaultError> {
+        let _slot = self.derivations.enter()?;
+        if let Some(ip) = ip {
+            let now = Instant::now();
+            if self.auth_guard.locked(ip, now) {
+                return Err(VaultError::LockedOut);
+            }
+            self.auth_guard.failed(ip, now);
+            if self.auth_guard.locked(ip, now) {
+                return Err(VaultError::LockedOut);
+            }
+        }
+        match derive() {
+            Ok(v) => {
+                if let Some(ip) = ip {
+                    self.auth_guard.forgive_one(ip);
+                }
+                Ok(v)
+            }
+            Err(KeyError::WrongPassphrase) => Err(wrong_passphrase(custodian)),
+            Err(other) => Err(VaultError::Key(other)),
+        }
+    }
+
     fn try_unseal(
         &self,
         custodian: u8,
@@ -239,18 +271,6 @@ impl Vault {
             return Err(VaultError::FailedPrecondition("the vault is already unsealed".into()));
         }
         let ip = peer.map(|p| p.ip());
-        if ip.is_some_and(|ip| self.auth_guard.locked(ip, Instant::now())) {
-            return Err(VaultError::LockedOut);
-        }
-        let wrong = |e: KeyError| match e {
-            KeyError::WrongPassphrase => {
-                if let Some(ip) = ip {
-                    self.auth_guard.failed(ip, Instant::now());
-                }
-                wrong_passphrase(custodian)
-            }
-            other => VaultError::Key(other),
-        };
         match self.store.custody()? {
             Custody::Single { sealed_root } => {
                 if custodian != 1 {
@@ -258,7 +278,8 @@ impl Vault {
                         "this vault has a single custodian, number 1".into(),
                     ));
                 }
-                let root = unseal_root_key(&sealed_root, passphrase).map_err(wrong)?;
+                let root =
+                    self.passphrase_check(ip, custodian, || unseal_root_key(&sealed_root, passphrase))?;
                 self.install_root(root)?;
             }
             Custody::Shares { threshold, sealed } => {
@@ -269,7 +290,7 @@ impl Vault {
                             sealed.len()
                         ))
                     })?;
-                let share = unseal_share(stored, passphrase).map_err(wrong)?;
+                let share = self.passphrase_check(ip, custodian, || unseal_share(stored, passphrase))?;
                 let root = {
                     let mut pending = self.pending_shares.lock().unwrap_or_else(|p| p.into_inner());
                     pending.retain(|p| p.index() != share.index());
@@ -284,9 +305,6 @@ impl Vault {
                     }
                 };
                 if let Some(root) = root {
-                    if let Some(ip) = ip {
-                        self.auth_guard.succeeded(ip);
-                    }
                     self.install_root(root)?;
                 }
             }
@@ -326,9 +344,6 @@ impl Vault {
         entry.request_id = clean(request_id);
         let ip = peer.map(|p| p.ip());
         let resealed = (|| {
-            if ip.is_some_and(|ip| self.auth_guard.locked(ip, Instant::now())) {
-                return Err(VaultError::LockedOut);
-            }
             check_new_passphrase(new)?;
             let sealed = match self.store.custody()? {
                 Custody::Single { sealed_root } if custodian == 1 => sealed_root,
@@ -339,15 +354,7 @@ impl Vault {
                     return Err(VaultError::InvalidArgument(format!("custodian {custodian} does not exist")));
                 }
             };
-            reseal(&sealed, old, new, &self.rng).map_err(|e| match e {
-                KeyError::WrongPassphrase => {
-                    if let Some(ip) = ip {
-                        self.auth_guard.failed(ip, Instant::now());
-                    }
-                    wrong_passphrase(custodian)
-                }
-                other => VaultError::Key(other),
-            })
+            self.passphrase_check(ip, custodian, || reseal(&sealed, old, new, &self.rng))
         })();
         match &resealed {
             Ok(_) => entry.reason = "passphrase changed".into(),

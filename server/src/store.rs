@@ -941,6 +941,14 @@ impl Changes {
     }
 
     /// Creates an identity, provided the name is not taken when the change is applied.
+    /// Commits only if `identity` is still stored exactly as read (a decision that counted on it,
+    /// e.g. "another administrator remains", holds at the commit).
+    pub fn expect_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
+        let key = [b"i".as_slice(), identity.name.as_bytes()].concat();
+        self.expect.push((key, Some(sled::IVec::from(Store::encode(identity, "identity")?))));
+        Ok(())
+    }
+
     pub fn create_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
         self.expect.push(([b"i".as_slice(), identity.name.as_bytes()].concat(), None));
         self.put_identity(identity)

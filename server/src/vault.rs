@@ -196,6 +196,9 @@ impl Unsealed {
 }
 
 pub struct Vault {
+    /// Declared (so dropped) before the store: the log holds handles on the store's tree, and
+    /// sled releases its folder lock only when the database itself is dropped last.
+    pub(crate) audit: AuditLog,
     pub(crate) store: Store,
     keys: RwLock<Option<Arc<Unsealed>>>,
     /// Custodians' shares received while sealed, until there are enough.
@@ -212,12 +215,13 @@ pub struct Vault {
     regulations_path: Option<PathBuf>,
     pub(crate) rng: OsRandom,
     pub(crate) auth_guard: AuthGuard,
+    /// Bounds concurrent passphrase derivations (Argon2id).
+    pub(crate) derivations: crate::auth::DerivationGate,
     limits: Limits,
     pub(crate) mode: CipherMode,
     bench_skip_policy: bool,
     /// `--accept-audit-break`, used at the first unseal.
     accept_audit_break: std::sync::Mutex<Option<u64>>,
-    pub(crate) audit: AuditLog,
 }
 
 impl std::fmt::Debug for Vault {
@@ -396,6 +400,7 @@ impl Vault {
             regulations_path: options.regulations_path.clone(),
             rng: OsRandom::new(),
             auth_guard: AuthGuard::new(options.auth),
+            derivations: Default::default(),
             limits: options.limits,
             mode: options.mode,
             bench_skip_policy: options.bench_skip_policy,
@@ -1242,9 +1247,36 @@ impl Vault {
         self.audited(entry, |e| {
             e.reason = format!("identity '{}'", clean(name));
             self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
+            if name == caller.identity.name {
+                return Err(VaultError::PermissionDenied("an identity cannot revoke itself".into()));
+            }
             let mut identity = self.store.get_identity(name)?.ok_or(VaultError::NotFound("identity"))?;
-            identity.revoked_ms.get_or_insert(now_ms());
             let mut changes = Changes::new();
+            let administers = |i: &StoredIdentity| {
+                let who = Identity { name: i.name.clone(), role: i.role.clone() };
+                let ask = Ask { op: Operation::IdentityAdmin, fields: &[], purpose: None, consent: None };
+                i.revoked_ms.is_none() && policy::decide(&regs, &who, ask).is_ok()
+            };
+            if administers(&identity) {
+                // Someone must remain who can create and revoke identities; the commit re-checks
+                // that the ones counted on were not revoked meanwhile.
+                let others: Vec<StoredIdentity> = self
+                    .store
+                    .list_identities()?
+                    .into_iter()
+                    .filter(|i| i.name != name && administers(i))
+                    .collect();
+                if others.is_empty() {
+                    return Err(VaultError::FailedPrecondition(format!(
+                        "'{}' is the last identity that can administer identities; create another first",
+                        clean(name)
+                    )));
+                }
+                for other in &others {
+                    changes.expect_identity(other)?;
+                }
+            }
+            identity.revoked_ms.get_or_insert(now_ms());
             changes.put_identity(&identity)?;
             for (token_id, _) in self.store.tokens_of(name)? {
                 changes.remove_token(&token_id);
@@ -1564,6 +1596,11 @@ impl Vault {
         );
         self.commit_now(entry, Changes::none())?;
         Ok(ArchiveReport { first, last, entries: last + 1 - first })
+    }
+
+    /// The most passphrase derivations that ever ran at once (at most `auth::MAX_DERIVATIONS`).
+    pub fn derivations_at_once_peak(&self) -> usize {
+        self.derivations.peak()
     }
 
     /// Fault drill for tests: make every following audit append (and so every request) fail.

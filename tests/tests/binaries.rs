@@ -93,6 +93,28 @@ async fn cli_round_trip() {
     server.stop().await;
 }
 
+/// A stored value cannot fake another field's line or reorder the table the CLI prints: newlines
+/// are escaped and bidi overrides and zero-width characters dropped (JSON keeps the value as is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_text_output_cannot_be_faked_by_a_stored_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let forged = "1 Main St\nemail     root@evil.example\u{202e}moc.elpmaxe\u{200b}";
+    let id = server.client().await.put("cli-fake", [("home_address", forged)]).await.unwrap();
+    let (url, token) = (server.url(), server.token.clone());
+    let text = tokio::task::spawn_blocking(move || {
+        stdout(&khlang(&url, &token, &["get", &id, "--purpose", "service_delivery"]))
+    })
+    .await
+    .unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains("1 Main St\\nemail") && !text.contains('\u{202e}') && !text.contains('\u{200b}'),
+        "{text}"
+    );
+    server.stop().await;
+}
+
 fn write_passphrase(dir: &Path, pass: &str) -> String {
     let path = dir.join(format!("pass-{}", pass.len()));
     std::fs::write(&path, format!("{pass}\n")).unwrap();
