@@ -284,3 +284,38 @@ async fn passphrase_guesses_lock_out_and_a_success_does_not_reset_them() {
     assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
     server.stop().await;
 }
+
+/// An identity cannot revoke itself, and the last identity able to administer identities cannot
+/// be revoked: two administrators revoking each other at once leave one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_identity_administrator_cannot_be_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut admin = server.client_as("key-admin").await;
+    let e = admin.revoke_identity("key-admin").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("cannot revoke itself"), "{e}");
+    let a = admin.create_identity("admin-a", "key-admin").await.unwrap();
+    let b = admin.create_identity("admin-b", "key-admin").await.unwrap();
+    let mut a = server.client_with_token(a.expose_secret()).await;
+    let mut b = server.client_with_token(b.expose_secret()).await;
+    a.revoke_identity("key-admin").await.unwrap();
+    let (ra, rb) = tokio::join!(a.revoke_identity("admin-b"), b.revoke_identity("admin-a"));
+    let oks = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+    assert!(oks <= 1, "both administrators revoked: {ra:?} {rb:?}");
+    for r in [&ra, &rb].into_iter().filter_map(|r| r.as_ref().err()) {
+        assert!(matches!(r.code(), Some(Code::FailedPrecondition | Code::Unauthenticated)), "{r}");
+    }
+    let listed = match a.list_identities().await {
+        Ok(l) => l,
+        Err(_) => b.list_identities().await.unwrap(),
+    };
+    let live: Vec<_> =
+        listed.into_iter().filter(|i| i.role == "key-admin" && i.revoked_ms.is_none()).collect();
+    assert_eq!(live.len(), 1, "{live:?}");
+    // The survivor cannot revoke itself either.
+    let survivor = if live[0].name == "admin-a" { &mut a } else { &mut b };
+    let e = survivor.revoke_identity(&live[0].name).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied));
+    server.stop().await;
+}
