@@ -219,8 +219,24 @@ fn load_regulations(path: Option<&Path>) -> anyhow::Result<Regulations> {
     Regulations::parse(&text).with_context(|| format!("in {}", path.display()))
 }
 
+/// PCI DSS 8.3.4: lock out after at most 10 failed attempts, for at least 30 minutes.
+const MAX_FAILURES_BOUND: u32 = 10;
+const MIN_LOCKOUT_SECS: u64 = 1800;
+
 impl ServerArgs {
     fn options(&self, mode: CipherMode) -> anyhow::Result<VaultOptions> {
+        if !(1..=MAX_FAILURES_BOUND).contains(&self.auth_max_failures) {
+            bail!(
+                "--auth-max-failures {} is out of bounds: 1 to {MAX_FAILURES_BOUND} (PCI DSS 8.3.4)",
+                self.auth_max_failures
+            );
+        }
+        if self.auth_lockout_secs < MIN_LOCKOUT_SECS {
+            bail!(
+                "--auth-lockout-secs {} is too short: at least {MIN_LOCKOUT_SECS} (30 minutes, PCI DSS 8.3.4)",
+                self.auth_lockout_secs
+            );
+        }
         Ok(VaultOptions {
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
@@ -234,7 +250,7 @@ impl ServerArgs {
             },
             mode,
             auth: AuthLimits {
-                max_failures: self.auth_max_failures.max(1),
+                max_failures: self.auth_max_failures,
                 lockout: Duration::from_secs(self.auth_lockout_secs),
                 ..AuthLimits::default()
             },

@@ -915,13 +915,24 @@ impl Vault {
             e.record_id = record_id.to_owned();
             let requested = Self::check_names(&regs, only)?;
             let purpose = Self::check_purpose(&regs, purpose)?;
+            // Decided before the record is looked up, on the fields as asked and the most consent
+            // any subject could give: a caller who may not read them learns nothing of whether
+            // the record exists or which fields it holds.
+            let before = Ask {
+                op: Operation::Read,
+                fields: &requested,
+                purpose: Some(purpose),
+                consent: Some(ConsentState::Granted),
+            };
+            self.decide(&regs, caller, before, e)?;
             let (record, _) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
             e.subject = hex::encode(record.subject_index);
             e.key_versions = Self::key_versions(&record.wrapped_key);
+            // Asked fields the record does not hold are decided on too, and simply not returned.
             let names: Vec<&str> = if requested.is_empty() {
                 record.fields.iter().map(|f| f.name.as_str()).collect()
             } else {
-                requested.iter().copied().filter(|n| record.fields.iter().any(|f| f.name == *n)).collect()
+                requested
             };
             let consent = if policy::consults_consent(&regs, purpose) {
                 Some(self.consent_state(&record.subject_index, purpose)?)
@@ -973,15 +984,16 @@ impl Vault {
                     both.name
                 )));
             }
-            let (mut record, read_bytes) =
-                self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
-            e.subject = hex::encode(record.subject_index);
-            e.key_versions = Self::key_versions(&record.wrapped_key);
+            // Decided before the record is looked up: no existence oracle for who may not update.
             let mut names: Vec<&str> =
                 set.iter().map(|f| f.name.as_str()).chain(remove.iter().copied()).collect();
             names.sort_unstable();
             let ask = Ask { op: Operation::Update, fields: &names, purpose: None, consent: None };
             self.decide(&regs, caller, ask, e)?;
+            let (mut record, read_bytes) =
+                self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
+            e.subject = hex::encode(record.subject_index);
+            e.key_versions = Self::key_versions(&record.wrapped_key);
 
             // Encrypt under the key the record holds; the commit applies only if the record is
             // still exactly as read, otherwise this runs again.

@@ -39,3 +39,26 @@ fn serve_on_an_empty_folder_says_it_is_not_initialised() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not initialised"));
 }
+
+#[test]
+fn lockout_flags_outside_their_bounds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for (flag, value, says) in [
+        ("--auth-max-failures", "0", "out of bounds: 1 to 10"),
+        ("--auth-max-failures", "11", "out of bounds: 1 to 10"),
+        ("--auth-lockout-secs", "60", "too short: at least 1800"),
+    ] {
+        let out = khlangd()
+            .args(["dev", "--data-dir", data, "--listen", "127.0.0.1:0", flag, value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created");
+}

@@ -319,3 +319,30 @@ async fn the_last_identity_administrator_cannot_be_revoked() {
     assert_eq!(e.code(), Some(Code::PermissionDenied));
     server.stop().await;
 }
+
+/// A role that may not read a field learns neither whether a record exists nor which fields it
+/// holds: the decision comes before the lookup and is made on the fields as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_not_read_learns_nothing_of_records_or_their_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut app = server.client_as("registration-app").await;
+    let with_email = app.put("oracle-1", [("name", "สมหญิง"), ("email", CANARY_EMAIL)]).await.unwrap();
+    let without_email = app.put("oracle-2", [("name", "สมศรี")]).await.unwrap();
+    let missing = "00000000-0000-4000-8000-000000000000";
+    let mut clerk = server.client_as("billing-clerk").await;
+    let email = ["email".to_owned()];
+    for id in [with_email.as_str(), without_email.as_str(), missing] {
+        let e = clerk.get(id, &email, Some("billing")).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::PermissionDenied), "{id}: {e}");
+    }
+    // Who may read gets NotFound for a record that does not exist, and no error for an asked
+    // field the record lacks.
+    let mut tester = server.client().await;
+    assert_eq!(tester.get(missing, &email, PURPOSE).await.unwrap_err().code(), Some(Code::NotFound));
+    assert!(tester.get(&without_email, &email, PURPOSE).await.unwrap().fields.is_empty());
+    // Updates too: refused before the record is looked up.
+    let e = clerk.update(missing, [("name", "x")], &[]).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    server.stop().await;
+}
