@@ -59,6 +59,10 @@ pub enum StoreError {
     AlreadyInitialised,
     #[error("this data folder was created in {found} mode; this server runs in {expected} mode")]
     ModeMismatch { found: String, expected: String },
+    /// A stored record, or the index entry naming it, does not decode: damage to report as lost
+    /// data naming the record, not an internal error.
+    #[error("record {record_id}: its stored {what} is damaged")]
+    Damaged { record_id: String, what: &'static str },
     /// The data folder's permissions let others change it.
     #[error("{0}")]
     Insecure(String),
@@ -88,6 +92,7 @@ impl VaultError {
             Self::Integrity { .. } => "DataLoss",
             Self::FailedPrecondition(_) | Self::RootMismatch => "FailedPrecondition",
             Self::AuditUnavailable => "Unavailable",
+            Self::Storage(StoreError::Damaged { .. }) => "DataLoss",
             Self::Storage(_) | Self::Key(_) => "Internal",
         }
     }

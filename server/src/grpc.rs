@@ -43,7 +43,7 @@ pub fn status(err: VaultError, request_id: &str) -> Status {
         VaultError::PermissionDenied(m) => Status::permission_denied(m),
         VaultError::NotFound(_) => Status::not_found(err.to_string()),
         VaultError::AlreadyExists(m) => Status::already_exists(m),
-        VaultError::Integrity { .. } => {
+        VaultError::Integrity { .. } | VaultError::Storage(crate::StoreError::Damaged { .. }) => {
             tracing::error!(request_id, error = %err, "stored data failed its integrity check");
             Status::data_loss(format!("{err}; no data returned"))
         }

@@ -683,7 +683,8 @@ impl Store {
         let mut attempts = 0;
         loop {
             let Some(bytes) = self.vault.get(Self::record_key(record_id))? else { return Ok(None) };
-            let mut record = StoredRecord::decode(&bytes)?;
+            let mut record = StoredRecord::decode(&bytes)
+                .map_err(|_| StoreError::Damaged { record_id: record_id.to_owned(), what: "record" })?;
             record.wrapped_key =
                 self.vault.get(Self::data_key_key(record_id))?.map(|k| k.to_vec()).unwrap_or_default();
             attempts += 1;
@@ -704,8 +705,10 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.vault.scan_prefix(&prefix) {
             let (k, _) = kv?;
-            let id =
-                std::str::from_utf8(&k[prefix.len()..]).map_err(|_| StoreError::Corrupt("subject index"))?;
+            let id = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| StoreError::Damaged {
+                record_id: String::from_utf8_lossy(&k[prefix.len()..]).chars().take(64).collect(),
+                what: "subject index entry",
+            })?;
             if let Some((record, _)) = self.get_record(id)? {
                 out.push((id.to_owned(), record));
             }

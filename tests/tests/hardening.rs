@@ -346,3 +346,33 @@ async fn a_role_that_may_not_read_learns_nothing_of_records_or_their_fields() {
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     server.stop().await;
 }
+
+/// A stored record that no longer decodes (damage on disk) answers DataLoss naming the record,
+/// not Internal, and the refusal is on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_stored_record_is_data_loss_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let id = server.client().await.put("damaged", [("age", "30")]).await.unwrap();
+    server.stop().await;
+    {
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let key = [b"r".as_slice(), id.as_bytes()].concat();
+        store.vault_tree_for_tests().insert(key, &b"\xff\xfe not a record"[..]).unwrap();
+        store.flush_now().unwrap();
+    }
+    let server = TestServer::start(dir.path()).await;
+    let mut c = server.client().await;
+    let e = c.get(&id, &[], PURPOSE).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::DataLoss), "{e}");
+    assert!(e.to_string().contains(&id), "{e}");
+    assert_eq!(c.list("damaged").await.unwrap_err().code(), Some(Code::DataLoss));
+    let logged = server
+        .vault()
+        .audit_entries(AuditFilter::default())
+        .map(Result::unwrap)
+        .filter(|e| e.outcome == "DataLoss")
+        .count();
+    assert_eq!(logged, 2);
+    server.stop().await;
+}
