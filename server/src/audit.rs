@@ -35,6 +35,9 @@ pub struct AuditEntry {
     /// `AuditBreak` only: the signed head the chain goes on from, past the damage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anchor: Option<StoredCheckpoint>,
+    /// The caller's own `x-request-id`, when it sent one (beside the server's `request_id`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_request_id: String,
     /// `AuditBreak` only: the first and last seq that can no longer be trusted.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub damaged_from: u64,
@@ -108,6 +111,7 @@ impl AuditEntry {
             cut(f, MAX_NAME_BYTES);
         }
         for text in [
+            &mut self.client_request_id,
             &mut self.decision,
             &mut self.identity,
             &mut self.key_versions,

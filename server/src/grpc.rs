@@ -60,16 +60,23 @@ pub fn status(err: VaultError, request_id: &str) -> Status {
     }
 }
 
-fn request_id<T>(req: &Request<T>) -> String {
+/// Every request gets an id of the server's own, on its response and its audit entry: a caller
+/// cannot make two requests look like one in the log.
+fn request_id<T>(_req: &Request<T>) -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The caller's `x-request-id`, recorded beside the server's (bounded, plain characters only).
+fn client_request_id<T>(req: &Request<T>) -> String {
     req.metadata()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         })
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn bearer<T>(req: &Request<T>) -> Option<&str> {
@@ -102,6 +109,7 @@ impl Api {
     async fn caller<T>(&self, req: &Request<T>, rpc: &str) -> Result<Caller, Status> {
         let started = Instant::now();
         let request_id = request_id(req);
+        let client_request_id = client_request_id(req);
         let peer = req.remote_addr();
         let cert_name = certificate_name(req);
         let creds = Credentials {
@@ -110,13 +118,15 @@ impl Api {
             peer: peer.map(|p| p.ip()),
         };
         match self.vault.authenticate(creds) {
-            Ok(identity) => Ok(Caller { identity, peer, request_id }),
+            Ok(identity) => Ok(Caller { identity, peer, request_id, client_request_id }),
             Err(e) => {
                 if matches!(e, VaultError::Unauthenticated | VaultError::LockedOut) {
                     tracing::warn!(target: "khlang::auth", request_id, peer = ?peer, "authentication failed");
                 }
                 // Refused either way; if even this cannot be recorded, the server log says so.
-                if let Err(audit) = self.vault.audit_refused(rpc, peer, &request_id, &e).await {
+                if let Err(audit) =
+                    self.vault.audit_refused(rpc, peer, &request_id, &client_request_id, &e).await
+                {
                     tracing::error!(request_id, error = %audit, "could not audit a refused request");
                 }
                 if matches!(e, VaultError::Unauthenticated | VaultError::LockedOut) {
@@ -129,8 +139,13 @@ impl Api {
 }
 
 fn respond<T>(msg: T, caller: &Caller) -> Response<T> {
+    stamped(msg, &caller.request_id)
+}
+
+/// A response carrying the server's request id.
+fn stamped<T>(msg: T, request_id: &str) -> Response<T> {
     let mut resp = Response::new(msg);
-    if let Ok(v) = MetadataValue::try_from(caller.request_id.as_str()) {
+    if let Ok(v) = MetadataValue::try_from(request_id) {
         resp.metadata_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
@@ -618,24 +633,25 @@ impl Operator for Api {
         &self,
         req: Request<pb::SealStatusRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
-        let (request_id, peer) = (request_id(&req), req.remote_addr());
+        let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
         let rid = request_id.clone();
         let out =
-            custodian_call(&self.vault, &request_id, move |v| v.seal_status_audited(peer, &rid)).await?;
-        Ok(Response::new(out.into()))
+            custodian_call(&self.vault, &request_id, move |v| v.seal_status_audited(peer, &rid, &client_id))
+                .await?;
+        Ok(stamped(out.into(), &request_id))
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "Unseal"))]
     async fn unseal(&self, req: Request<pb::UnsealRequest>) -> Result<Response<pb::SealStatus>, Status> {
-        let (request_id, peer) = (request_id(&req), req.remote_addr());
+        let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
         let msg = req.into_inner();
         let passphrase = Zeroizing::new(msg.passphrase);
         let rid = request_id.clone();
         let out = custodian_call(&self.vault, &request_id, move |v| {
-            v.unseal_with(custodian_in(msg.custodian)?, passphrase.as_bytes(), peer, &rid)
+            v.unseal_with(custodian_in(msg.custodian)?, passphrase.as_bytes(), peer, &rid, &client_id)
         })
         .await?;
-        Ok(Response::new(out.into()))
+        Ok(stamped(out.into(), &request_id))
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "ChangePassphrase"))]
@@ -643,15 +659,22 @@ impl Operator for Api {
         &self,
         req: Request<pb::ChangePassphraseRequest>,
     ) -> Result<Response<pb::ChangePassphraseResponse>, Status> {
-        let (request_id, peer) = (request_id(&req), req.remote_addr());
+        let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
         let msg = req.into_inner();
         let (old, new) = (Zeroizing::new(msg.old_passphrase), Zeroizing::new(msg.new_passphrase));
         let rid = request_id.clone();
         custodian_call(&self.vault, &request_id, move |v| {
-            v.change_passphrase(custodian_in(msg.custodian)?, old.as_bytes(), new.as_bytes(), peer, &rid)
+            v.change_passphrase(
+                custodian_in(msg.custodian)?,
+                old.as_bytes(),
+                new.as_bytes(),
+                peer,
+                &rid,
+                &client_id,
+            )
         })
         .await?;
-        Ok(Response::new(pb::ChangePassphraseResponse {}))
+        Ok(stamped(pb::ChangePassphraseResponse {}, &request_id))
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "Seal"))]

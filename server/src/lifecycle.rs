@@ -163,11 +163,13 @@ impl Vault {
         &self,
         peer: Option<SocketAddr>,
         request_id: &str,
+        client_request_id: &str,
     ) -> Result<SealStatus, VaultError> {
         let mut entry = operator_entry("SealStatus", Operation::KeyAdmin, &self.regulations());
         entry.identity = String::new();
         entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
         entry.request_id = clean(request_id);
+        entry.client_request_id = clean(client_request_id);
         let status = self.seal_status()?;
         entry.reason = if status.sealed { "sealed".into() } else { "unsealed".into() };
         self.commit_now(entry, Changes::none())?;
@@ -199,11 +201,13 @@ impl Vault {
         passphrase: &[u8],
         peer: Option<SocketAddr>,
         request_id: &str,
+        client_request_id: &str,
     ) -> Result<SealStatus, VaultError> {
         let mut entry = operator_entry("Unseal", Operation::KeyAdmin, &self.regulations());
         entry.identity = format!("custodian-{custodian}");
         entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
         entry.request_id = clean(request_id);
+        entry.client_request_id = clean(client_request_id);
         let was_sealed = self.is_sealed();
         let result = self.try_unseal(custodian, passphrase, peer);
         match &result {
@@ -337,11 +341,13 @@ impl Vault {
         new: &[u8],
         peer: Option<SocketAddr>,
         request_id: &str,
+        client_request_id: &str,
     ) -> Result<(), VaultError> {
         let mut entry = operator_entry("ChangePassphrase", Operation::KeyAdmin, &self.regulations());
         entry.identity = format!("custodian-{custodian}");
         entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
         entry.request_id = clean(request_id);
+        entry.client_request_id = clean(client_request_id);
         let ip = peer.map(|p| p.ip());
         let resealed = (|| {
             check_new_passphrase(new)?;

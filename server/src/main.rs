@@ -478,7 +478,7 @@ async fn main() -> anyhow::Result<()> {
             let vault = Vault::init_custodians(&data_dir, threshold, &refs, params, &options)
                 .with_context(|| format!("cannot initialise a vault in {}", data_dir.display()))?;
             for (i, pass) in passes.iter().enumerate().take(threshold.max(1) as usize) {
-                vault.unseal_with(i as u8 + 1, pass.as_bytes(), None, "")?;
+                vault.unseal_with(i as u8 + 1, pass.as_bytes(), None, "", "")?;
             }
             let token = vault.bootstrap_identity(&initial_identity, &initial_role).await?;
             println!("Initialised a vault in {}", data_dir.display());
@@ -501,7 +501,7 @@ async fn main() -> anyhow::Result<()> {
                 format!("cannot open the vault in {} (is it still running?)", data_dir.display())
             })?;
             for (custodian, pass) in &serve_passphrases(&passphrase)? {
-                vault.unseal_with(*custodian, pass.as_bytes(), None, "")?;
+                vault.unseal_with(*custodian, pass.as_bytes(), None, "", "")?;
             }
             if vault.is_sealed() {
                 bail!(
@@ -545,7 +545,7 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open the vault in {}", data_dir.display()))?;
             for (custodian, pass) in &passes {
                 vault
-                    .unseal_with(*custodian, pass.as_bytes(), None, "")
+                    .unseal_with(*custodian, pass.as_bytes(), None, "", "")
                     .with_context(|| format!("cannot unseal with custodian {custodian}'s passphrase"))?;
             }
             drop(passes);

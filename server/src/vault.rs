@@ -129,7 +129,10 @@ pub struct Identity {
 pub struct Caller {
     pub identity: Identity,
     pub peer: Option<SocketAddr>,
+    /// The id the server gave this request (on the response and its audit entry).
     pub request_id: String,
+    /// The caller's own `x-request-id`, if it sent one: recorded beside the server's, never instead.
+    pub client_request_id: String,
 }
 
 /// A named field value as it enters or leaves the vault.
@@ -346,7 +349,7 @@ impl Vault {
     }
 
     fn unsealed_with(vault: Self, passphrase: &[u8]) -> Result<Self, VaultError> {
-        vault.unseal_with(1, passphrase, None, "")?;
+        vault.unseal_with(1, passphrase, None, "", "")?;
         vault.unsealed()?;
         Ok(vault)
     }
@@ -617,6 +620,7 @@ impl Vault {
             role: caller.identity.role.clone(),
             peer: caller.peer.map(|p| p.to_string()).unwrap_or_default(),
             request_id: clean(&caller.request_id),
+            client_request_id: clean(&caller.client_request_id),
             decision: "none".into(),
             regulations_version: regs.version.clone(),
             ..AuditEntry::default()
@@ -730,6 +734,7 @@ impl Vault {
         rpc: &str,
         peer: Option<SocketAddr>,
         request_id: &str,
+        client_request_id: &str,
         error: &VaultError,
     ) -> Result<(), VaultError> {
         let regs = self.regulations();
@@ -737,6 +742,7 @@ impl Vault {
             rpc: rpc.to_owned(),
             peer: peer.map(|p| p.to_string()).unwrap_or_default(),
             request_id: clean(request_id),
+            client_request_id: clean(client_request_id),
             decision: "none".into(),
             reason: clean(&error.to_string()),
             regulations_version: regs.version.clone(),

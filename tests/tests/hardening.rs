@@ -376,3 +376,47 @@ async fn a_damaged_stored_record_is_data_loss_naming_it() {
     assert_eq!(logged, 2);
     server.stop().await;
 }
+
+/// Every response and audit entry carries a request id of the server's own; a caller's
+/// `x-request-id` is recorded beside it, so two requests sent with the same id stay two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_the_servers_and_the_callers_is_kept_beside() {
+    use khlang_proto::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let id = server.client().await.put("rid", [("age", "30")]).await.unwrap();
+    let mut raw = pb::records_client::RecordsClient::connect(server.url()).await.unwrap();
+    let mut operator = pb::operator_client::OperatorClient::connect(server.url()).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut req = tonic::Request::new(pb::GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "service_delivery".into(),
+            ..Default::default()
+        });
+        req.metadata_mut().insert("authorization", format!("Bearer {}", server.token).parse().unwrap());
+        req.metadata_mut().insert("x-request-id", "same-id-twice".parse().unwrap());
+        let resp = raw.get_record(req).await.unwrap();
+        seen.push(resp.metadata().get("x-request-id").unwrap().to_str().unwrap().to_owned());
+        let mut req = tonic::Request::new(pb::SealStatusRequest {});
+        req.metadata_mut().insert("x-request-id", "same-id-twice".parse().unwrap());
+        let resp = operator.seal_status(req).await.unwrap();
+        seen.push(resp.metadata().get("x-request-id").unwrap().to_str().unwrap().to_owned());
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "{seen:?}");
+    assert!(seen.iter().all(|s| s != "same-id-twice" && s.len() == 36), "{seen:?}");
+    let entries: Vec<_> = server
+        .vault()
+        .audit_entries(AuditFilter::default())
+        .map(Result::unwrap)
+        .filter(|e| e.client_request_id == "same-id-twice")
+        .collect();
+    assert_eq!(entries.len(), 4);
+    for e in &entries {
+        assert!(seen.contains(&e.request_id), "{e:?}");
+    }
+    server.stop().await;
+}
