@@ -247,6 +247,22 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// The catalogue's name for a record's subject id: personal data too, so a read returns it only
+/// where a grant names it (data minimisation); never writable as a field.
+pub const SUBJECT_FIELD: &str = "subject_id";
+
+/// A value as the decision says to show it.
+fn shown(regs: &Regulations, name: &str, how: Reveal, plain: Plaintext) -> Plaintext {
+    match (how, regs.field(name)) {
+        (Reveal::Masked, Some(rule)) => {
+            let text = Zeroizing::new(String::from_utf8_lossy(plain.expose_secret()).into_owned());
+            Plaintext::new(policy::mask(rule.mask, &text).into_bytes())
+        }
+        (Reveal::Masked, None) => Plaintext::from_str_copy("***"),
+        (Reveal::Full, _) => plain,
+    }
+}
+
 /// The subject index names a record whose sealed subject id is another person's.
 fn foreign_record(record_id: &str) -> VaultError {
     VaultError::Integrity {
@@ -581,6 +597,11 @@ impl Vault {
         }
         let mut out = Vec::with_capacity(fields.len());
         for field in fields {
+            if field.name == SUBJECT_FIELD {
+                return Err(VaultError::InvalidArgument(
+                    "subject_id is the record's subject, given as such, not as a field".into(),
+                ));
+            }
             let name = Self::check_field_name(regs, &field.name)?;
             if field.value.len() > self.limits.max_field_bytes {
                 return Err(VaultError::LimitExceeded(format!(
@@ -814,7 +835,9 @@ impl Vault {
             .unwrap_or_default()
     }
 
-    /// Opens the named fields of a record, applying `reveal` in order (full when absent).
+    /// Opens the named fields of a record, applying `reveal` in order (full when absent), and its
+    /// subject id as `subject` says (`None`: withheld, returned empty).
+    #[allow(clippy::too_many_arguments)] // one read's whole context; a struct would only rename it
     fn open_record(
         &self,
         keys: &Unsealed,
@@ -823,23 +846,22 @@ impl Vault {
         record: &StoredRecord,
         names: &[&str],
         reveal: &[Reveal],
+        subject: Option<Reveal>,
     ) -> Result<RecordView, VaultError> {
         let dek = self.unwrap_dek(keys, record_id, &record.wrapped_key)?;
         let mut fields = Vec::with_capacity(names.len());
         for (name, how) in names.iter().zip(reveal.iter().chain(std::iter::repeat(&Reveal::Full))) {
             let Some(f) = record.fields.iter().find(|f| f.name == *name) else { continue };
             let plain = self.open_value(dek.as_ref(), record_id, &f.name, &f.envelope)?;
-            let value = match (how, regs.field(name)) {
-                (Reveal::Masked, Some(rule)) => {
-                    let text = Zeroizing::new(String::from_utf8_lossy(plain.expose_secret()).into_owned());
-                    Plaintext::new(policy::mask(rule.mask, &text).into_bytes())
-                }
-                (Reveal::Masked, None) => Plaintext::from_str_copy("***"),
-                (Reveal::Full, _) => plain,
-            };
-            fields.push(FieldValue { name: f.name.clone(), value });
+            fields.push(FieldValue { name: f.name.clone(), value: shown(regs, name, *how, plain) });
         }
-        let subject_id = self.open_value(dek.as_ref(), record_id, SUBJECT_CONTEXT, &record.subject)?;
+        let subject_id = match subject {
+            Some(how) => {
+                let plain = self.open_value(dek.as_ref(), record_id, SUBJECT_CONTEXT, &record.subject)?;
+                shown(regs, SUBJECT_FIELD, how, plain)
+            }
+            None => Plaintext::new(Vec::new()),
+        };
         Ok(RecordView { record_id: record_id.to_owned(), subject_id, fields })
     }
 
@@ -947,7 +969,19 @@ impl Vault {
             };
             let ask = Ask { op: Operation::Read, fields: &names, purpose: Some(purpose), consent };
             let decision = self.decide(&regs, caller, ask, e)?;
-            let view = self.open_record(&keys, &regs, record_id, &record, &names, &decision.reveal)?;
+            // The subject id is shown only where a grant names it, as that grant says.
+            let subject = if self.bench_skip_policy {
+                Some(Reveal::Full)
+            } else {
+                let ask =
+                    Ask { op: Operation::Read, fields: &[SUBJECT_FIELD], purpose: Some(purpose), consent };
+                policy::decide(&regs, &caller.identity, ask).ok().and_then(|d| d.reveal.first().copied())
+            };
+            if subject.is_some() && !e.fields.iter().any(|f| f == SUBJECT_FIELD) {
+                e.fields.push(SUBJECT_FIELD.into());
+            }
+            let view =
+                self.open_record(&keys, &regs, record_id, &record, &names, &decision.reveal, subject)?;
             Ok((view, Changes::none()))
         })
         .await
@@ -1097,7 +1131,7 @@ impl Vault {
                 .iter()
                 .map(|(id, r)| {
                     let names: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
-                    let view = self.open_record(&keys, &regs, id, r, &names, &[])?;
+                    let view = self.open_record(&keys, &regs, id, r, &names, &[], Some(Reveal::Full))?;
                     // The index is not authenticated; the sealed subject id is.
                     if view.subject_id.expose_secret() != subject.as_bytes() {
                         return Err(foreign_record(id));

@@ -420,3 +420,64 @@ async fn request_ids_are_the_servers_and_the_callers_is_kept_beside() {
     }
     server.stop().await;
 }
+
+/// The subject id is personal data too: a read returns it only to a role whose grant names it
+/// (masked if the grant masks), and the statistics and postal contractors get none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_roles_granted_the_subject_id_are_shown_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut app = server.client_as("registration-app").await;
+    let id = app
+        .put("citizen-000991", [("name", "สมใจ ดีมาก"), ("home_address", "1 ถนนราชดำเนิน"), ("age", "41")])
+        .await
+        .unwrap();
+    let stats = server
+        .client_as("statistics-contractor")
+        .await
+        .get(&id, &["age".into()], Some("statistics"))
+        .await
+        .unwrap();
+    assert!(stats.subject_id.expose_secret().is_empty(), "the statistics contractor got a subject id");
+    assert_eq!(stats.fields["age"].expose_secret(), "41");
+    let postal = server
+        .client_as("postal-contractor")
+        .await
+        .get(&id, &["name".into()], Some("postal_delivery"))
+        .await
+        .unwrap();
+    assert!(postal.subject_id.expose_secret().is_empty());
+    // The registration app's grant covers every field, masked: the last four characters show.
+    let masked = app.get(&id, &[], Some("contact")).await.unwrap();
+    assert_eq!(masked.subject_id.expose_secret(), "**********0991");
+    // In full for a role granted it in full.
+    assert_eq!(
+        server.client().await.get(&id, &[], PURPOSE).await.unwrap().subject_id.expose_secret(),
+        "citizen-000991"
+    );
+    // Asking for it explicitly without a grant refuses the read; writing it as a field is refused.
+    let e = server
+        .client_as("statistics-contractor")
+        .await
+        .get(&id, &["subject_id".into()], Some("statistics"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    let e = app.put("citizen-000992", [("subject_id", "someone-else")]).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+    // Who was shown it is on the record: the field list names it.
+    let entries: Vec<_> = server
+        .vault()
+        .audit_entries(AuditFilter::default())
+        .map(Result::unwrap)
+        .filter(|e| e.rpc == "GetRecord" && e.outcome == "Ok")
+        .collect();
+    let named: Vec<(String, bool)> =
+        entries.iter().map(|e| (e.identity.clone(), e.fields.iter().any(|f| f == "subject_id"))).collect();
+    assert!(
+        named.contains(&("statistics-contractor".into(), false))
+            && named.contains(&("registration-app".into(), true)),
+        "{named:?}"
+    );
+    server.stop().await;
+}
