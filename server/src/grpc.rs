@@ -66,17 +66,18 @@ fn request_id<T>(_req: &Request<T>) -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// The caller's `x-request-id`, recorded beside the server's (bounded, plain characters only).
+/// The caller's `x-request-id`, recorded beside the server's.
 fn client_request_id<T>(req: &Request<T>) -> String {
     req.metadata()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            v.len() <= 64
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        })
+        .map(sanitize_client_id)
         .unwrap_or_default()
-        .to_owned()
+}
+
+/// A caller's request id as an audit entry may hold it: 64 plain characters at most.
+fn sanitize_client_id(v: &str) -> String {
+    v.chars().take(64).filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect()
 }
 
 fn bearer<T>(req: &Request<T>) -> Option<&str> {
@@ -768,6 +769,150 @@ pub enum ServeError {
 /// How long open requests may take to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Requests whose message does not decode (invalid UTF-8 in a string, a wrong wire type) never
+/// reach a handler: tonic answers `Internal` for them, unaudited. This layer turns that answer
+/// into `InvalidArgument` and records the request like any other refused one.
+#[derive(Clone)]
+struct UndecodableRequests {
+    vault: Arc<Vault>,
+}
+
+impl<S> tower::Layer<S> for UndecodableRequests {
+    type Service = UndecodableService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        UndecodableService { inner, vault: self.vault.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct UndecodableService<S> {
+    inner: S,
+    vault: Arc<Vault>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for UndecodableService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let rpc = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .or_else(|| {
+                req.extensions()
+                    .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+                    .and_then(|i| i.get_ref().remote_addr())
+            });
+        let client_id = req
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(sanitize_client_id)
+            .unwrap_or_default();
+        let vault = self.vault.clone();
+        // The clone that was made ready is the one to call (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let resp = inner.call(req).await?;
+            let refuse = move || {
+                let request_id = uuid::Uuid::new_v4().to_string();
+                tokio::spawn(async move {
+                    let err = undecodable();
+                    if let Err(e) = vault.audit_refused(&rpc, peer, &request_id, &client_id, &err).await {
+                        tracing::error!(request_id, error = %e, "could not audit an undecodable request");
+                    }
+                });
+            };
+            // The status comes in the headers (trailers-only answer) or in the trailers.
+            if failed_to_decode(resp.headers()) {
+                refuse();
+                return Ok(status(undecodable(), "").into_http::<tonic::body::Body>());
+            }
+            let (parts, body) = resp.into_parts();
+            let body = WatchTrailers { inner: body, on_failure: Some(Box::new(refuse)) };
+            Ok(http::Response::from_parts(parts, tonic::body::Body::new(body)))
+        })
+    }
+}
+
+fn undecodable() -> VaultError {
+    VaultError::InvalidArgument(
+        "the request does not decode as this RPC's message (invalid UTF-8 in a string, or a wrong wire type)"
+            .into(),
+    )
+}
+
+fn failed_to_decode(headers: &http::HeaderMap) -> bool {
+    headers.get("grpc-status").is_some_and(|s| s == "13")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.replace("%20", " ").contains("decode Protobuf message"))
+}
+
+/// A response body whose trailers are checked for tonic's decode failure, rewritten to
+/// `InvalidArgument`, and reported once.
+struct WatchTrailers {
+    inner: tonic::body::Body,
+    on_failure: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl http_body::Body for WatchTrailers {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    if failed_to_decode(&trailers) {
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("3"));
+                        if let Ok(m) =
+                            http::HeaderValue::from_str(&undecodable().to_string().replace(' ', "%20"))
+                        {
+                            trailers.insert("grpc-message", m);
+                        }
+                        if let Some(report) = this.on_failure.take() {
+                            report();
+                        }
+                    }
+                    std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+                }
+                Err(frame) => std::task::Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.inner)
+    }
+}
+
 /// Serves the vault's gRPC API, health and reflection on `listener` until `shutdown` resolves;
 /// over TLS when `tls` is given (with client certificates if it names a client CA).
 pub async fn serve(
@@ -853,7 +998,7 @@ pub async fn serve(
         health.set_not_serving::<KeysServer<Api>>().await;
         let _ = stopping_tx.send(());
     };
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder().layer(UndecodableRequests { vault: vault.clone() });
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

@@ -481,3 +481,71 @@ async fn only_roles_granted_the_subject_id_are_shown_it() {
     );
     server.stop().await;
 }
+
+/// Field 1 as bytes (GetRecordRequest has a string there).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawBytes {
+    #[prost(bytes = "vec", tag = "1")]
+    value: Vec<u8>,
+}
+
+/// Field 1 as a varint (PutRecordRequest has a string there).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawVarint {
+    #[prost(uint64, tag = "1")]
+    value: u64,
+}
+
+/// Messages that do not decode — invalid UTF-8 in a string, a wrong wire type — answer
+/// InvalidArgument (not Internal) and are audited like any refused request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_requests_are_invalid_argument_and_audited() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    // Field 1 of GetRecordRequest is the record id, a string: here bytes that are not UTF-8...
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<RawBytes, khlang_proto::pb::GetRecordResponse>::default();
+    let bad_utf8 = RawBytes { value: vec![0xff, 0xfe, 0xfd] };
+    let e = grpc
+        .unary(
+            tonic::Request::new(bad_utf8),
+            PathAndQuery::from_static("/khlang.v1.Records/GetRecord"),
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // ...and a varint where a string belongs.
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<RawVarint, khlang_proto::pb::PutRecordResponse>::default();
+    let e = grpc
+        .unary(
+            tonic::Request::new(RawVarint { value: 7 }),
+            PathAndQuery::from_static("/khlang.v1.Records/PutRecord"),
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // Recorded as the answer goes out (the refusal is written beside it).
+    let mut refused = Vec::new();
+    for _ in 0..50 {
+        refused = server
+            .vault()
+            .audit_entries(AuditFilter::default())
+            .map(Result::unwrap)
+            .filter(|e| e.outcome == "InvalidArgument" && e.reason.contains("does not decode"))
+            .map(|e| e.rpc)
+            .collect();
+        if refused.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    refused.sort();
+    assert_eq!(refused, ["GetRecord", "PutRecord"]);
+    server.stop().await;
+}
