@@ -225,6 +225,9 @@ pub struct Vault {
     bench_skip_policy: bool,
     /// `--accept-audit-break`, used at the first unseal.
     accept_audit_break: std::sync::Mutex<Option<u64>>,
+    /// Dropped last, after the store: whoever waits on [`Vault::released`] learns the data
+    /// folder's lock is free.
+    released: std::sync::Mutex<Vec<std::sync::mpsc::Sender<()>>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -424,6 +427,7 @@ impl Vault {
             mode: options.mode,
             bench_skip_policy: options.bench_skip_policy,
             accept_audit_break: std::sync::Mutex::new(options.accept_audit_break),
+            released: Default::default(),
             audit,
         };
         for warning in &options.regulations.warnings {
@@ -1529,6 +1533,14 @@ impl Vault {
     /// last signed head was verified at unseal). Started once by the server after unsealing.
     pub fn check_audit_history(&self) -> Result<(), VaultError> {
         self.audit.check_history(&self.store).map(|_| ())
+    }
+
+    /// A receiver that disconnects once this vault is dropped, store and all (its data folder's
+    /// lock free): the last `Arc` may be let go by a server task a moment after `serve` returns.
+    pub fn released(&self) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.released.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        rx
     }
 
     /// Whether the audit log holds a break the operator has not accepted (health).

@@ -178,13 +178,24 @@ impl TestServer {
         self.client_with_token(token).await
     }
 
-    /// Stops serving and waits until the vault (and its database lock) is released.
+    /// Stops serving and waits until the vault (and its database lock) is released: connection
+    /// tasks the server spawned hold the vault until they wind down, a moment after `serve` returns.
     pub async fn stop(mut self) {
+        let released = self.vault.as_ref().map(|v| v.released());
         self.vault.take();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         self.handle.await.expect("server task");
+        if let Some(rx) = released {
+            let waited = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+                .await
+                .expect("waiting for the vault");
+            assert!(
+                matches!(waited, Err(mpsc::RecvTimeoutError::Disconnected)),
+                "the vault is still held 20 s after the server stopped"
+            );
+        }
     }
 }
 
