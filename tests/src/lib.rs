@@ -155,6 +155,11 @@ impl TestServer {
         }
     }
 
+    /// Every audit entry the vault's log holds, oldest first.
+    pub fn audit_entries(&self) -> Vec<khlang_server::audit::AuditEntry> {
+        self.vault().audit_entries(khlang_server::audit::AuditFilter::default()).map(Result::unwrap).collect()
+    }
+
     /// The vault behind the server, for white-box checks (flush counts).
     pub fn vault(&self) -> &Vault {
         self.vault.as_ref().unwrap()
