@@ -1,4 +1,4 @@
-//! Crypto cost of one 8-field record: `cargo bench -p khlang-keys`.
+//! Crypto cost of one 8-field record, and of the audit log's proofs: `cargo bench -p khlang-keys`.
 //! Prints absolute times and the ratio to copying the same bytes (measured in the same run).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a panic is its failure report
 
@@ -64,4 +64,19 @@ fn main() {
             .collect::<Vec<_>>()
     });
     println!("put crypto = {:.1}x a plain copy; get crypto = {:.1}x", put / copy, get / copy);
+
+    // The audit log's proofs: what a head tag costs against a signed checkpoint (issue 10 chose
+    // tags for every group commit, signatures every 1000 entries).
+    let key = DerivationKey::generate(&rng).unwrap();
+    let (tagger, signer) = (key.audit_tagger().unwrap(), key.audit_signer().unwrap());
+    let hash = [7u8; 32];
+    let tag = time("audit: head tag (HMAC-SHA256)", n, || tagger.tag(42, &hash));
+    let sign = time("audit: sign a checkpoint (Ed25519)", n / 10, || {
+        signer.sign_checkpoint(42, &hash, 1, 41).unwrap()
+    });
+    let cp = signer.sign_checkpoint(42, &hash, 1, 41).unwrap();
+    let verify = time("audit: verify a checkpoint", n / 10, || {
+        audit_chain::verify_checkpoint(signer.public_key(), &cp)
+    });
+    println!("signing = {:.0}x a tag; verifying = {:.0}x a tag", sign / tag, verify / tag);
 }
