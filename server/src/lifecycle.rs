@@ -891,7 +891,7 @@ fn next_kek(record: &StoredRecord) -> Result<u32, VaultError> {
     Ok(WrappedDataKey::from_bytes(record.wrapped_key.clone()).kek_version()?)
 }
 
-fn check_new_passphrase(p: &[u8]) -> Result<(), VaultError> {
+pub(crate) fn check_new_passphrase(p: &[u8]) -> Result<(), VaultError> {
     let chars = String::from_utf8_lossy(p).chars().count();
     if chars < MIN_PASSPHRASE_CHARS {
         return Err(VaultError::InvalidArgument(format!(

@@ -321,6 +321,14 @@ impl Vault {
         if passphrases.iter().any(|p| p.is_empty()) {
             return Err(VaultError::InvalidArgument("a custodian's passphrase is empty".into()));
         }
+        // The rule ChangePassphrase enforces holds from the start, and no two custodians share a
+        // passphrase (that would be one person's knowledge twice, not split knowledge).
+        for p in passphrases {
+            crate::lifecycle::check_new_passphrase(p)?;
+        }
+        if passphrases.iter().enumerate().any(|(i, p)| passphrases[..i].contains(p)) {
+            return Err(VaultError::InvalidArgument("two custodians were given the same passphrase".into()));
+        }
         match passphrases {
             [] => Err(VaultError::InvalidArgument("at least one custodian is needed".into())),
             [one] if threshold <= 1 => {

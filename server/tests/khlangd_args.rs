@@ -62,3 +62,45 @@ fn lockout_flags_outside_their_bounds_are_refused() {
     }
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created");
 }
+
+#[test]
+fn init_refuses_short_or_shared_custodian_passphrases() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pass: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{pass}\n")).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (short, long_a, long_b) = (
+        write("s", "too short"),
+        write("a", "custodian a: a long one"),
+        write("b", "custodian a: a long one"),
+    );
+    let data = dir.path().join("vault");
+    let data = data.to_str().unwrap();
+    let init = |files: &[&str]| {
+        let mut c = khlangd();
+        c.args(["init", "--data-dir", data, "--argon2-memory-kib", "19456", "--argon2-passes", "2"]);
+        if files.len() > 1 {
+            c.args(["--custodians", &files.len().to_string(), "--threshold", "2"]);
+        }
+        for f in files {
+            c.args(["--passphrase-file", f]);
+        }
+        c.output().unwrap()
+    };
+    let out = init(&[&short]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at least 12 characters"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = init(&[&long_a, &long_b]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the same passphrase"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

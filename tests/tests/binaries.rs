@@ -116,7 +116,9 @@ async fn cli_text_output_cannot_be_faked_by_a_stored_value() {
 }
 
 fn write_passphrase(dir: &Path, pass: &str) -> String {
-    let path = dir.join(format!("pass-{}", pass.len()));
+    // Named by the passphrase's own letters: two passphrases never share a file.
+    let name: String = pass.chars().filter(char::is_ascii_alphanumeric).collect();
+    let path = dir.join(format!("pass-{name}-{}", pass.len()));
     std::fs::write(&path, format!("{pass}\n")).unwrap();
     path.to_str().unwrap().to_owned()
 }
