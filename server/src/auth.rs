@@ -305,6 +305,11 @@ impl Vault {
     pub fn token_is_valid(&self, token: &str) -> bool {
         self.verify(Credentials { token: Some(token), certificate_name: None, peer: None }).is_ok()
     }
+
+    /// Whether identity `name` exists and was revoked (the operator's view, unaudited).
+    pub fn identity_is_revoked(&self, name: &str) -> Result<bool, VaultError> {
+        Ok(self.store.get_identity(name)?.is_some_and(|i| i.revoked_ms.is_some()))
+    }
 }
 
 #[cfg(test)]

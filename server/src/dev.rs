@@ -54,24 +54,43 @@ pub async fn open_dev_vault(
 ) -> Result<(Vault, DevCredentials), VaultError> {
     let vault = Vault::open_or_init(dir, DEV_PASSPHRASE.as_bytes(), SealParams::MINIMUM, options)?;
     let path = dir.join(CREDENTIALS_FILE);
-    if let Some(existing) = read_credentials(&path) {
+    let revoked = |name: &str| vault.identity_is_revoked(name).unwrap_or(false);
+    let written = |creds: &DevCredentials| {
+        write_credentials(&path, creds)
+            .map_err(|e| VaultError::FailedPrecondition(format!("cannot write {}: {e}", path.display())))
+    };
+    if let Some(mut existing) = read_credentials(&path) {
+        let dropped: Vec<String> = existing.0.keys().filter(|name| revoked(name)).cloned().collect();
+        existing.0.retain(|name, _| !dropped.contains(name));
         let all_valid = DEV_IDENTITIES
             .iter()
+            .filter(|(name, _)| !revoked(name))
             .all(|(name, _)| existing.0.get(*name).is_some_and(|t| vault.token_is_valid(t)));
         if all_valid {
+            if !dropped.is_empty() {
+                tracing::warn!(
+                    identities = %dropped.join(","),
+                    "a development identity was revoked; starting without it, its token gone from the credentials file"
+                );
+                written(&existing)?;
+            }
             return Ok((vault, existing));
         }
     }
     let mut creds = DevCredentials::default();
     for (name, role) in DEV_IDENTITIES {
+        if revoked(name) {
+            // A revocation stands, in development too: start without that identity, and say so.
+            tracing::warn!(identity = name, "this development identity was revoked; starting without it");
+            continue;
+        }
         let token = match vault.bootstrap_identity(name, role).await {
             Err(VaultError::AlreadyExists(_)) => vault.issue_token(name).await?,
             other => other?,
         };
         creds.0.insert((*name).to_owned(), token.expose_secret().to_owned());
     }
-    write_credentials(&path, &creds)
-        .map_err(|e| VaultError::FailedPrecondition(format!("cannot write {}: {e}", path.display())))?;
+    written(&creds)?;
     Ok((vault, creds))
 }
 

@@ -253,8 +253,23 @@ fn khlangd_dev_writes_credentials_and_reuses_its_folder() {
     // The registration app reads masked: the record is there, its postal code is not shown.
     let shown = stdout(&khlang(&url, &token, &["get", &id, "--purpose", "contact"]));
     assert!(shown.contains("postal_code") && shown.contains("***") && !shown.contains("80000"), "{shown}");
+    // A sample identity revoked: the next start goes on without it and says so.
+    let admin = creds2["key-admin"].as_str().unwrap().to_owned();
+    stdout(&khlang(&url, &admin, &["identity", "revoke", "marketing-officer"]));
     child.kill().unwrap();
     child.wait().unwrap();
+    let (mut child, url, log) = spawn_khlangd_logged(&args, "info");
+    url.unwrap();
+    let creds3: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds_path).unwrap()).unwrap();
+    assert!(creds3.get("marketing-officer").is_none(), "{creds3}");
+    assert_eq!(creds3["registration-app"], creds2["registration-app"]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logged = log.recv_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
+    assert!(
+        logged.contains("development identity was revoked") && logged.contains("marketing-officer"),
+        "{logged}"
+    );
 }
 
 #[test]
