@@ -121,7 +121,8 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum IdentityCommand {
-    /// Create an identity with a role; prints its token once.
+    /// Create an identity with a role; prints its token once, or, for a privileged role, the id
+    /// of the request a second identity must approve.
     Create {
         name: String,
         #[arg(long)]
@@ -134,6 +135,19 @@ pub enum IdentityCommand {
     },
     /// Revoke an identity: its tokens stop working at once.
     Revoke { name: String },
+    /// Requests for privileged identities waiting for a second identity's approval.
+    Requests {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve another identity's request; prints the new identity's token once.
+    Approve { request_id: String },
+    /// Refuse a request (or withdraw your own); nothing is created.
+    Refuse {
+        request_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -107,6 +107,57 @@ impl From<pb::ConsentEntry> for ConsentEntry {
     }
 }
 
+/// A request to create an identity that waits for a second identity's approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRequest {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub requested_by: String,
+    pub requested_ms: u64,
+    pub expires_ms: u64,
+}
+
+impl From<pb::IdentityRequest> for IdentityRequest {
+    fn from(r: pb::IdentityRequest) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            role: r.role,
+            requested_by: r.requested_by,
+            requested_ms: r.requested_ms,
+            expires_ms: r.expires_ms,
+        }
+    }
+}
+
+/// What creating an identity did.
+#[derive(Debug)]
+pub enum IdentityCreation {
+    /// The identity exists; its first token, shown once.
+    Created(SecretText),
+    /// The role needs a second identity's approval (two-person rule); nothing exists yet.
+    Pending(IdentityRequest),
+}
+
+impl IdentityCreation {
+    /// The token, for a role that needed no approval.
+    pub fn token(self) -> Option<SecretText> {
+        match self {
+            Self::Created(t) => Some(t),
+            Self::Pending(_) => None,
+        }
+    }
+
+    /// The request, for a role that needs approval.
+    pub fn pending(self) -> Option<IdentityRequest> {
+        match self {
+            Self::Created(_) => None,
+            Self::Pending(r) => Some(r),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityInfo {
     pub name: String,
@@ -674,10 +725,34 @@ impl Client {
         Ok(resp.into_inner().records_erased)
     }
 
-    /// Creates an identity; returns its token (shown once).
-    pub async fn create_identity(&mut self, name: &str, role: &str) -> Result<SecretText, ClientError> {
+    /// Creates an identity (its token, shown once) or, for a privileged role, files a request a
+    /// second identity must approve.
+    pub async fn create_identity(&mut self, name: &str, role: &str) -> Result<IdentityCreation, ClientError> {
         let req = pb::CreateIdentityRequest { name: name.to_owned(), role: role.to_owned() };
-        Ok(SecretText::new(self.admin.create_identity(req).await?.into_inner().token))
+        let resp = self.admin.create_identity(req).await?.into_inner();
+        Ok(match resp.pending {
+            Some(r) => IdentityCreation::Pending(r.into()),
+            None => IdentityCreation::Created(SecretText::new(resp.token)),
+        })
+    }
+
+    /// Approves another identity's request; returns the new identity's token (shown once).
+    pub async fn approve_identity(&mut self, request_id: &str) -> Result<SecretText, ClientError> {
+        let req = pb::ApproveIdentityRequest { request_id: request_id.to_owned() };
+        Ok(SecretText::new(self.admin.approve_identity(req).await?.into_inner().token))
+    }
+
+    /// Refuses a request (or withdraws one's own).
+    pub async fn refuse_identity(&mut self, request_id: &str, reason: &str) -> Result<(), ClientError> {
+        let req = pb::RefuseIdentityRequest { request_id: request_id.to_owned(), reason: reason.to_owned() };
+        self.admin.refuse_identity(req).await?;
+        Ok(())
+    }
+
+    /// Requests waiting for approval.
+    pub async fn identity_requests(&mut self) -> Result<Vec<IdentityRequest>, ClientError> {
+        let resp = self.admin.list_identity_requests(pb::ListIdentityRequestsRequest {}).await?;
+        Ok(resp.into_inner().requests.into_iter().map(Into::into).collect())
     }
 
     pub async fn list_identities(&mut self) -> Result<Vec<IdentityInfo>, ClientError> {

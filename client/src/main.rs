@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use khlang_client::{
-    AuditQuery, AuditRecord, ChainReport, Client, ConsentEntry, KeysStatus, Record, ReencryptTarget,
-    SealStatus, TlsOptions, Verdict,
+    AuditQuery, AuditRecord, ChainReport, Client, ConsentEntry, IdentityCreation, KeysStatus, Record,
+    ReencryptTarget, SealStatus, TlsOptions, Verdict,
 };
 use zeroize::Zeroizing;
 
@@ -337,10 +337,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Identity(cmd) => match cmd {
-            IdentityCommand::Create { name, role } => {
-                let token = client.create_identity(&name, &role).await?;
-                eprintln!("Token for identity '{name}' (role {role}), shown once:");
+            IdentityCommand::Create { name, role } => match client.create_identity(&name, &role).await? {
+                IdentityCreation::Created(token) => {
+                    eprintln!("Token for identity '{name}' (role {role}), shown once:");
+                    println!("{}", token.expose_secret());
+                }
+                IdentityCreation::Pending(r) => {
+                    eprintln!(
+                        "Role '{role}' needs a second identity's approval: `khlang identity approve {}` \
+                             (expires at {} ms)",
+                        r.id, r.expires_ms
+                    );
+                    println!("{}", r.id);
+                }
+            },
+            IdentityCommand::Requests { json } => {
+                let list = client.identity_requests().await?;
+                if json {
+                    let rows: Vec<_> = list
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({"id": r.id, "name": r.name, "role": r.role,
+                                "requested_by": r.requested_by, "requested_ms": r.requested_ms,
+                                "expires_ms": r.expires_ms})
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(rows));
+                } else {
+                    for r in &list {
+                        println!(
+                            "{}  {:<28} {:<24} requested by {}",
+                            r.id,
+                            terminal_safe(&r.name),
+                            terminal_safe(&r.role),
+                            terminal_safe(&r.requested_by)
+                        );
+                    }
+                }
+            }
+            IdentityCommand::Approve { request_id } => {
+                let token = client.approve_identity(&request_id).await?;
+                eprintln!("Request {request_id} approved; the new identity's token, shown once:");
                 println!("{}", token.expose_secret());
+            }
+            IdentityCommand::Refuse { request_id, reason } => {
+                client.refuse_identity(&request_id, &reason).await?;
+                println!("refused {request_id}");
             }
             IdentityCommand::List { json } => {
                 let ids = client.list_identities().await?;

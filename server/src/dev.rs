@@ -25,6 +25,8 @@ pub const DEV_IDENTITIES: &[(&str, &str)] = &[
     ("marketing-officer", "marketing-officer"),
     ("security-officer", "security-officer"),
     ("key-admin", "key-admin"),
+    // A second administrator: privileged identities need another's approval (two-person rule).
+    ("key-admin-2", "key-admin"),
     ("data-protection-officer", "data-protection-officer"),
 ];
 

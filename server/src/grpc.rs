@@ -22,6 +22,7 @@ use x509_cert::der::Decode;
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditEntry, AuditFilter};
+use crate::identities::{IdentityCreation, IdentityRequest};
 use crate::lifecycle::{JobStatus, KeyStatus, ReencryptTarget, SealStatus};
 use crate::store::JobKind;
 use crate::store::StoredConsent;
@@ -334,10 +335,58 @@ impl Admin for Api {
         req: Request<pb::CreateIdentityRequest>,
     ) -> Result<Response<pb::CreateIdentityResponse>, Status> {
         handle!(self, req, "CreateIdentity", |caller, msg| {
-            let token = self.vault.create_identity(&caller, &msg.name, &msg.role).await;
+            let created = self.vault.create_identity(&caller, &msg.name, &msg.role).await;
+            created.map(|c| match c {
+                IdentityCreation::Created(t) => pb::CreateIdentityResponse {
+                    token: t.expose_secret().to_owned(),
+                    name: msg.name.clone(),
+                    pending: None,
+                },
+                IdentityCreation::Pending(r) => pb::CreateIdentityResponse {
+                    token: String::new(),
+                    name: msg.name.clone(),
+                    pending: Some(r.into()),
+                },
+            })
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ApproveIdentity"))]
+    async fn approve_identity(
+        &self,
+        req: Request<pb::ApproveIdentityRequest>,
+    ) -> Result<Response<pb::CreateIdentityResponse>, Status> {
+        handle!(self, req, "ApproveIdentity", |caller, msg| {
+            let token = self.vault.approve_identity(&caller, &msg.request_id).await;
             token.map(|t| pb::CreateIdentityResponse {
                 token: t.expose_secret().to_owned(),
-                name: msg.name.clone(),
+                name: String::new(),
+                pending: None,
+            })
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "RefuseIdentity"))]
+    async fn refuse_identity(
+        &self,
+        req: Request<pb::RefuseIdentityRequest>,
+    ) -> Result<Response<pb::RefuseIdentityResponse>, Status> {
+        handle!(self, req, "RefuseIdentity", |caller, msg| {
+            self.vault
+                .refuse_identity(&caller, &msg.request_id, &msg.reason)
+                .await
+                .map(|()| pb::RefuseIdentityResponse {})
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ListIdentityRequests"))]
+    async fn list_identity_requests(
+        &self,
+        req: Request<pb::ListIdentityRequestsRequest>,
+    ) -> Result<Response<pb::ListIdentityRequestsResponse>, Status> {
+        handle!(self, req, "ListIdentityRequests", |caller, _msg| {
+            self.vault.identity_requests(&caller).await.map(|list| pb::ListIdentityRequestsResponse {
+                requests: list.into_iter().map(Into::into).collect(),
             })
         })
     }
@@ -605,6 +654,19 @@ impl From<KeyStatus> for pb::KeysStatus {
                 .collect(),
             job: k.job.map(Into::into),
             cryptoperiod_days: k.cryptoperiod_days,
+        }
+    }
+}
+
+impl From<IdentityRequest> for pb::IdentityRequest {
+    fn from(r: IdentityRequest) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            role: r.role,
+            requested_by: r.requested_by,
+            requested_ms: r.requested_ms,
+            expires_ms: r.expires_ms,
         }
     }
 }

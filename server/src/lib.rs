@@ -9,6 +9,7 @@ pub mod catalogue;
 pub mod dev;
 mod error;
 pub mod grpc;
+pub mod identities;
 pub mod lifecycle;
 pub mod policy;
 pub mod regulations;

@@ -54,10 +54,11 @@ enum Command {
         /// The regulations file the vault will serve (default: the embedded municipal sample).
         #[arg(long, env = "KHLANG_REGULATIONS")]
         regulations: Option<PathBuf>,
-        /// Name of the first identity.
-        #[arg(long, default_value = "admin")]
-        initial_identity: String,
-        /// Its role: one of the regulations' roles.
+        /// Names of the first identities, all of `--initial-role` (repeat the flag). Two by
+        /// default: creating a privileged identity later needs a second administrator's approval.
+        #[arg(long, default_values_t = [String::from("admin"), String::from("admin-2")])]
+        initial_identity: Vec<String>,
+        /// Their role: one of the regulations' roles.
         #[arg(long, default_value = "key-admin")]
         initial_role: String,
     },
@@ -267,6 +268,7 @@ impl ServerArgs {
                 pause: Duration::from_millis(self.key_job_pause_ms),
             },
             seal_params: SealParams::DEFAULT,
+            ..VaultOptions::default()
         })
     }
 
@@ -480,15 +482,21 @@ async fn main() -> anyhow::Result<()> {
             for (i, pass) in passes.iter().enumerate().take(threshold.max(1) as usize) {
                 vault.unseal_with(i as u8 + 1, pass.as_bytes(), None, "", "")?;
             }
-            let token = vault.bootstrap_identity(&initial_identity, &initial_role).await?;
+            let mut tokens = Vec::new();
+            for name in &initial_identity {
+                tokens.push((name, vault.bootstrap_identity(name, &initial_role).await?));
+            }
             println!("Initialised a vault in {}", data_dir.display());
             if custodians > 1 {
                 println!("Its root key is split among {custodians} custodians; any {threshold} unseal it.");
             }
-            println!(
-                "Token for identity '{initial_identity}' (role {initial_role}; shown once, store it safely):"
-            );
-            println!("{}", token.expose_secret());
+            if tokens.len() > 1 {
+                println!("Give each token to a different person: one approves what the other requests.");
+            }
+            for (name, token) in &tokens {
+                println!("Token for identity '{name}' (role {initial_role}; shown once, store it safely):");
+                println!("{}", token.expose_secret());
+            }
         }
         Command::ArchiveAudit { data_dir, passphrase, older_than_days, output, regulations, audit } => {
             let options = VaultOptions {

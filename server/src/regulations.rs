@@ -102,6 +102,27 @@ pub struct Role {
     pub operations: BTreeSet<Operation>,
     pub reads: Vec<ReadGrant>,
     pub write_fields: BTreeSet<String>,
+    /// Roles an identity of this role may create identities with (`assigns`; deny by default).
+    pub assigns: BTreeSet<String>,
+}
+
+impl Role {
+    /// Whether creating an identity of this role needs a second identity's approval (two-person
+    /// rule): roles that read, export or read the audit log, and every administrative role
+    /// (an administrator who could create another alone would create their own approver).
+    pub fn needs_approval(&self) -> bool {
+        self.operations.iter().any(|o| {
+            matches!(
+                o,
+                Operation::Read
+                    | Operation::Export
+                    | Operation::AuditRead
+                    | Operation::KeyAdmin
+                    | Operation::IdentityAdmin
+                    | Operation::RegulationsAdmin
+            )
+        })
+    }
 }
 
 /// Validated regulations, immutable once loaded; a reload swaps in a whole new value.
@@ -201,6 +222,8 @@ struct RawRole {
     write_fields: Vec<String>,
     #[serde(default)]
     read: Vec<RawReadGrant>,
+    #[serde(default)]
+    assigns: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -346,23 +369,24 @@ impl Regulations {
                     "roles.{name}.read: the 'read' operation needs at least one read grant"
                 )));
             }
-            let admin =
-                operations.iter().any(|o| matches!(o, Operation::KeyAdmin | Operation::IdentityAdmin));
-            let data = operations.iter().any(|o| matches!(o, Operation::Read | Operation::Export));
-            if admin && data {
-                warnings.push(format!(
-                    "separation of duties: role '{name}' has key or identity administration and also reads personal data"
-                ));
+            if !r.assigns.is_empty() && !operations.contains(&Operation::IdentityAdmin) {
+                return Err(err(format!(
+                    "roles.{name}.assigns: given, but the role does not have the 'identity_admin' operation"
+                )));
             }
-            if operations.contains(&Operation::AuditRead) && data {
-                warnings.push(format!(
-                    "separation of duties: role '{name}' reads the audit log and personal data"
-                ));
-            }
+            let assigns: BTreeSet<String> = r.assigns.iter().cloned().collect();
             roles.insert(
                 name.clone(),
-                Role { name, description: r.description, operations, reads, write_fields },
+                Role { name, description: r.description, operations, reads, write_fields, assigns },
             );
+        }
+        for role in roles.values() {
+            if let Some(unknown) = role.assigns.iter().find(|a| !roles.contains_key(*a)) {
+                return Err(err(format!("roles.{}.assigns: unknown role '{unknown}'", role.name)));
+            }
+        }
+        for role in roles.values() {
+            warnings.extend(separation_of_duties(role, &roles));
         }
         let cryptoperiod_days = raw.keys.and_then(|k| k.cryptoperiod_days);
         if cryptoperiod_days == Some(0) {
@@ -396,6 +420,49 @@ impl Regulations {
     pub fn sample() -> Self {
         Self::parse(SAMPLE).expect("the embedded sample regulations are valid")
     }
+}
+
+/// Separation-of-duties warnings for `role`, which holds its own powers and every power of the
+/// roles it can assign alone. A role whose assignment needs a second identity's approval is not
+/// held alone, so its powers are not counted: two people must agree to them. (A role that itself
+/// assigns administers identities and so needs approval: no chain of `assigns` is held alone.)
+fn separation_of_duties(role: &Role, roles: &BTreeMap<String, Role>) -> Vec<String> {
+    let mut held: BTreeSet<Operation> = role.operations.clone();
+    let mut via: BTreeSet<&str> = BTreeSet::new();
+    for r in role.assigns.iter().filter_map(|a| roles.get(a)) {
+        if !r.needs_approval() && r.name != role.name {
+            held.extend(r.operations.iter().copied());
+            via.insert(r.name.as_str());
+        }
+    }
+    let through = if via.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (through the roles it may assign alone: {})",
+            via.into_iter().collect::<Vec<_>>().join(", ")
+        )
+    };
+    let name = &role.name;
+    let has = |ops: &[Operation]| ops.iter().any(|o| held.contains(o));
+    let admin = has(&[Operation::KeyAdmin, Operation::IdentityAdmin]);
+    let mut out = Vec::new();
+    if admin && has(&[Operation::Read, Operation::Export]) {
+        out.push(format!(
+            "separation of duties: role '{name}' has key or identity administration and also reads personal data{through}"
+        ));
+    }
+    if admin && has(&[Operation::Write, Operation::Update, Operation::Delete, Operation::Erase]) {
+        out.push(format!(
+            "separation of duties: role '{name}' has key or identity administration and also changes personal data{through}"
+        ));
+    }
+    if held.contains(&Operation::AuditRead) && has(&[Operation::Read, Operation::Export]) {
+        out.push(format!(
+            "separation of duties: role '{name}' reads the audit log and personal data{through}"
+        ));
+    }
+    out
 }
 
 /// The municipality's regulations, shipped with the product and loaded by `khlangd dev`.
@@ -482,6 +549,51 @@ reveal = "full"
         let r = Regulations::parse(&text).unwrap();
         assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
         assert!(r.warnings[0].contains("role 'reader'"));
+    }
+
+    /// A helpdesk that may assign a writer alone holds the writer's power to change data; one
+    /// that assigns only a reader (which needs a second identity's approval) does not read alone.
+    #[test]
+    fn assigned_roles_count_as_held_powers_unless_they_need_approval() {
+        let base = format!(
+            "{MINI}
+[roles.writer]
+operations = [\"write\"]
+write_fields = [\"name\"]
+[roles.helpdesk]
+operations = [\"identity_admin\"]
+"
+        );
+        let alone = Regulations::parse(&format!("{base}assigns = [\"writer\"]\n")).unwrap();
+        assert_eq!(alone.warnings.len(), 1, "{:?}", alone.warnings);
+        assert!(alone.warnings[0].contains("role 'helpdesk'"), "{:?}", alone.warnings);
+        assert!(alone.warnings[0].contains("changes personal data"), "{:?}", alone.warnings);
+        assert!(
+            alone.warnings[0].contains("through the roles it may assign alone: writer"),
+            "{:?}",
+            alone.warnings
+        );
+        assert!(!alone.roles["writer"].needs_approval());
+
+        let approved = Regulations::parse(&format!("{base}assigns = [\"reader\"]\n")).unwrap();
+        assert!(approved.warnings.is_empty(), "{:?}", approved.warnings);
+        assert!(approved.roles["reader"].needs_approval());
+        assert!(approved.roles["helpdesk"].needs_approval(), "administrators need approval too");
+    }
+
+    #[test]
+    fn assigns_names_known_roles_and_needs_identity_admin() {
+        let unknown =
+            format!("{MINI}[roles.helpdesk]\noperations = [\"identity_admin\"]\nassigns = [\"nobody\"]\n");
+        let e = Regulations::parse(&unknown).unwrap_err().to_string();
+        assert!(e.contains("roles.helpdesk.assigns: unknown role 'nobody'"), "{e}");
+        let no_admin =
+            MINI.replace("operations = [\"read\"]", "operations = [\"read\"]\nassigns = [\"reader\"]");
+        let e = Regulations::parse(&no_admin).unwrap_err().to_string();
+        assert!(
+            e.contains("roles.reader.assigns: given, but the role does not have the 'identity_admin'"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -141,6 +141,18 @@ impl StoredIdentity {
     }
 }
 
+/// A request to create an identity of a role that needs a second identity's approval.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredIdentityRequest {
+    pub format: u8,
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub requested_by: String,
+    pub requested_ms: u64,
+    pub expires_ms: u64,
+}
+
 /// A bearer token: never the token itself, only an HMAC of its secret part.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredToken {
@@ -725,6 +737,15 @@ impl Store {
         self.vault.scan_prefix(b"i").map(|kv| Self::decode(&kv?.1, "identity")).collect()
     }
 
+    pub fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
+        let key = [b"p".as_slice(), id.as_bytes()].concat();
+        self.vault.get(key)?.map(|b| Self::decode(&b, "identity request")).transpose()
+    }
+
+    pub fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
+        self.vault.scan_prefix(b"p").map(|kv| Self::decode(&kv?.1, "identity request")).collect()
+    }
+
     pub fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
         let key = [b"t".as_slice(), token_id.as_bytes()].concat();
         self.vault.get(key)?.map(|b| Self::decode(&b, "token")).transpose()
@@ -1031,6 +1052,23 @@ impl Changes {
             [b"i".as_slice(), identity.name.as_bytes()].concat(),
             Store::encode(identity, "identity")?,
         );
+        Ok(())
+    }
+
+    /// Files a request, provided its id is not taken when the change is applied.
+    pub fn add_identity_request(&mut self, request: &StoredIdentityRequest) -> Result<(), StoreError> {
+        let key = [b"p".as_slice(), request.id.as_bytes()].concat();
+        self.expect.push((key.clone(), None));
+        self.batch.insert(key, Store::encode(request, "identity request")?);
+        Ok(())
+    }
+
+    /// Closes a request, provided it is still stored as read: two approvals of one request cannot
+    /// both create the identity.
+    pub fn close_identity_request(&mut self, request: &StoredIdentityRequest) -> Result<(), StoreError> {
+        let key = [b"p".as_slice(), request.id.as_bytes()].concat();
+        self.expect.push((key.clone(), Some(sled::IVec::from(Store::encode(request, "identity request")?))));
+        self.batch.remove(key);
         Ok(())
     }
 

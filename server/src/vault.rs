@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use khlang_keys::{
     DataKey, DerivationKey, DerivedKey, FieldContext, Kek, KeyError, KeyRing, KeyShare, OsRandom, Plaintext,
@@ -95,6 +95,8 @@ pub struct VaultOptions {
     pub job_pacing: crate::lifecycle::JobPacing,
     /// Argon2id cost for custodians' shares made by a rekey.
     pub seal_params: SealParams,
+    /// How long a request to create a privileged identity waits for its approval.
+    pub identity_request_ttl: Duration,
 }
 
 impl Default for VaultOptions {
@@ -113,6 +115,7 @@ impl Default for VaultOptions {
             accept_audit_break: None,
             job_pacing: crate::lifecycle::JobPacing::default(),
             seal_params: SealParams::DEFAULT,
+            identity_request_ttl: crate::identities::IDENTITY_REQUEST_TTL,
         }
     }
 }
@@ -214,6 +217,7 @@ pub struct Vault {
     /// Benchmark and test pacing of the background key job.
     pub(crate) job_pacing: crate::lifecycle::JobPacing,
     seal_params: SealParams,
+    pub(crate) identity_request_ttl: Duration,
     regulations: RwLock<Arc<Regulations>>,
     regulations_path: Option<PathBuf>,
     pub(crate) rng: OsRandom,
@@ -426,6 +430,7 @@ impl Vault {
             requests: Default::default(),
             job_pacing: options.job_pacing,
             seal_params: options.seal_params,
+            identity_request_ttl: options.identity_request_ttl,
             regulations: RwLock::new(options.regulations.clone()),
             regulations_path: options.regulations_path.clone(),
             rng: OsRandom::new(),
@@ -1239,22 +1244,6 @@ impl Vault {
         e: &mut AuditEntry,
     ) -> Result<(), VaultError> {
         self.decide(regs, caller, Ask { op, fields: &[], purpose: None, consent: None }, e).map(|_| ())
-    }
-
-    pub async fn create_identity(
-        &self,
-        caller: &Caller,
-        name: &str,
-        role: &str,
-    ) -> Result<IssuedToken, VaultError> {
-        let regs = self.regulations();
-        let entry = self.draft(caller, "CreateIdentity", Operation::IdentityAdmin, &regs);
-        self.audited(entry, |e| {
-            e.reason = format!("identity '{}' with role '{}'", clean(name), clean(role));
-            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
-            self.stage_identity(&regs, name, role, &caller.identity.name)
-        })
-        .await
     }
 
     /// Validates a new identity and stages it with its first token.

@@ -183,6 +183,25 @@ impl TestServer {
         self.client_with_token(token).await
     }
 
+    /// The second key administrator ("key-admin-2", created on first use) that approves requests.
+    pub async fn second_admin(&self) -> Client {
+        let vault = self.vault.as_ref().expect("serving");
+        let token = match vault.bootstrap_identity("key-admin-2", "key-admin").await {
+            Ok(t) => t,
+            Err(_) => vault.issue_token("key-admin-2").await.expect("issue token"),
+        };
+        self.client_with_token(token.expose_secret()).await
+    }
+
+    /// Creates an identity through the two-person rule: "key-admin" requests it, "key-admin-2"
+    /// approves it. Returns the new identity's token.
+    pub async fn approved_identity(&self, name: &str, role: &str) -> String {
+        let mut admin = self.client_as("key-admin").await;
+        let request = admin.create_identity(name, role).await.expect("request").pending().expect("pending");
+        let token = self.second_admin().await.approve_identity(&request.id).await.expect("approve");
+        token.expose_secret().to_owned()
+    }
+
     /// Stops serving and waits until the vault (and its database lock) is released: connection
     /// tasks the server spawned hold the vault until they wind down, a moment after `serve` returns.
     pub async fn stop(mut self) {

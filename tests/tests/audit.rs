@@ -115,7 +115,14 @@ async fn every_rpc_writes_exactly_one_entry() {
     let _ =
         check!("ExportSubject", "data-protection-officer", "Ok", dpo.export_subject("audit-subject").await);
     let _ = check!("EraseSubject", "data-protection-officer", "Ok", dpo.erase_subject("nobody-here").await);
+    let mut second = server.second_admin().await;
     let _ = check!("CreateIdentity", "key-admin", "Ok", admin.create_identity("temp", "billing-clerk").await);
+    let _ = check!("ListIdentityRequests", "key-admin", "Ok", admin.identity_requests().await);
+    let request_id =
+        admin.identity_requests().await.unwrap().into_iter().find(|r| r.name == "temp").unwrap().id;
+    let _ = check!("ApproveIdentity", "key-admin-2", "Ok", second.approve_identity(&request_id).await);
+    let _ =
+        check!("RefuseIdentity", "key-admin", "NotFound", admin.refuse_identity(&request_id, "done").await);
     let _ = check!("ListIdentities", "key-admin", "Ok", admin.list_identities().await);
     let _ = check!("RevokeIdentity", "key-admin", "Ok", admin.revoke_identity("temp").await);
     let _ = check!("ReloadRegulations", "key-admin", "Ok", admin.reload_regulations().await);

@@ -239,7 +239,17 @@ fn khlangd_dev_writes_credentials_and_reuses_its_folder() {
     let mode = std::fs::metadata(&creds_path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds_path).unwrap()).unwrap();
-    assert_eq!(creds.as_object().unwrap().len(), 8, "one identity per sample role: {creds}");
+    assert_eq!(
+        creds.as_object().unwrap().len(),
+        9,
+        "one identity per sample role and a second key admin: {creds}"
+    );
+    // The two-person rule works out of the box: one key admin requests, the other approves.
+    let admin = creds["key-admin"].as_str().unwrap();
+    let request = stdout(&khlang(&url, admin, &["identity", "create", "clerk-2", "--role", "billing-clerk"]));
+    let approved =
+        khlang(&url, creds["key-admin-2"].as_str().unwrap(), &["identity", "approve", request.trim()]);
+    assert!(stdout(&approved).trim().starts_with("khl_"), "{approved:?}");
     let token = creds["registration-app"].as_str().unwrap().to_owned();
     let id =
         stdout(&khlang(&url, &token, &["put", "--subject", "dev", "postal_code=80000"])).trim().to_owned();

@@ -276,11 +276,12 @@ async fn the_last_identity_administrator_cannot_be_revoked() {
     let e = admin.revoke_identity("key-admin").await.unwrap_err();
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     assert!(e.to_string().contains("cannot revoke itself"), "{e}");
-    let a = admin.create_identity("admin-a", "key-admin").await.unwrap();
-    let b = admin.create_identity("admin-b", "key-admin").await.unwrap();
-    let mut a = server.client_with_token(a.expose_secret()).await;
-    let mut b = server.client_with_token(b.expose_secret()).await;
+    let a = server.approved_identity("admin-a", "key-admin").await;
+    let b = server.approved_identity("admin-b", "key-admin").await;
+    let mut a = server.client_with_token(&a).await;
+    let mut b = server.client_with_token(&b).await;
     a.revoke_identity("key-admin").await.unwrap();
+    a.revoke_identity("key-admin-2").await.unwrap();
     let (ra, rb) = tokio::join!(a.revoke_identity("admin-b"), b.revoke_identity("admin-a"));
     let oks = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
     assert!(oks <= 1, "both administrators revoked: {ra:?} {rb:?}");
@@ -514,5 +515,142 @@ async fn undecodable_requests_are_invalid_argument_and_audited() {
     }
     refused.sort();
     assert_eq!(refused, ["GetRecord", "PutRecord"]);
+    server.stop().await;
+}
+
+/// Roles for the separation-of-duties attacks: a helpdesk that may assign only a postal
+/// contractor (needs approval) and an intake clerk (needs none).
+fn helpdesk_regulations() -> String {
+    format!(
+        "{}
+[roles.helpdesk]
+operations = [\"identity_admin\"]
+assigns = [\"postal-contractor\", \"intake\"]
+[roles.intake]
+operations = [\"write\"]
+write_fields = [\"name\"]
+",
+        test_regulations()
+    )
+}
+
+/// The key administrator cannot mint a data-protection officer alone: creating a privileged
+/// identity only files a request, nobody approves their own, a role may assign only what its
+/// `assigns` lists (approving included), two approvals of one request create one identity, a
+/// refused request and a revoked requester's request cannot be approved, and every step is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_admin_cannot_create_a_privileged_identity_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("regulations.toml"), helpdesk_regulations()).unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut app = server.client().await;
+    app.put("citizen-sod", [("name", CANARY_NAME_TH)]).await.unwrap();
+    let mut admin = server.client_as("key-admin").await;
+    let mut helpdesk = server.client_as("helpdesk").await;
+    let exists = |list: &[khlang_client::IdentityInfo], name: &str| list.iter().any(|i| i.name == name);
+
+    // A privileged role: a request, no token, no identity.
+    let request =
+        admin.create_identity("rogue-dpo", "data-protection-officer").await.unwrap().pending().unwrap();
+    assert_eq!((request.name.as_str(), request.requested_by.as_str()), ("rogue-dpo", "key-admin"));
+    assert!(!exists(&admin.list_identities().await.unwrap(), "rogue-dpo"));
+    // Approving one's own request is refused, and recorded as the two-person rule.
+    let e = admin.approve_identity(&request.id).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("nobody approves their own request"), "{e}");
+    let refused = server.audit_entries().into_iter().rev().find(|e| e.rpc == "ApproveIdentity").unwrap();
+    assert_eq!(
+        (refused.decision.as_str(), refused.rule.as_str()),
+        ("deny", "two-person-rule"),
+        "{refused:?}"
+    );
+    // A role may assign only what `assigns` lists, and approve only that too.
+    let e = helpdesk.create_identity("rogue-clerk", "billing-clerk").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("roles.helpdesk.assigns"), "{e}");
+    let e = helpdesk.approve_identity(&request.id).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    let listed = admin.list_identities().await.unwrap();
+    assert!(!exists(&listed, "rogue-dpo") && !exists(&listed, "rogue-clerk"), "nothing created");
+    assert_eq!(admin.identity_requests().await.unwrap().len(), 1, "the request still waits");
+    // A role that reads nothing and administers nothing needs no approval.
+    let intake = helpdesk.create_identity("intake-1", "intake").await.unwrap().token().unwrap();
+    server.client_with_token(intake.expose_secret()).await.put("citizen-sod", [("name", "x")]).await.unwrap();
+    // The loader says the helpdesk changes personal data through the intake role it assigns alone.
+    let info = admin.regulations().await.unwrap();
+    assert!(
+        info.warnings.iter().any(|w| w.contains("role 'helpdesk'") && w.contains("assign alone: intake")),
+        "{:?}",
+        info.warnings
+    );
+
+    // Two approvals at once by a second administrator: one identity, one token.
+    let second = server.second_admin().await;
+    let (mut s1, mut s2) = (second.clone(), second.clone());
+    let (r1, r2) = tokio::join!(s1.approve_identity(&request.id), s2.approve_identity(&request.id));
+    let tokens: Vec<_> = [r1, r2].into_iter().filter_map(Result::ok).collect();
+    assert_eq!(tokens.len(), 1, "exactly one approval creates the identity");
+    let mut dpo = server.client_with_token(tokens[0].expose_secret()).await;
+    assert_eq!(dpo.export_subject("citizen-sod").await.unwrap().len(), 2);
+    let listed = admin.list_identities().await.unwrap();
+    let created = listed.iter().find(|i| i.name == "rogue-dpo").unwrap();
+    assert_eq!(created.created_by, "key-admin (approved by key-admin-2)");
+    assert!(admin.identity_requests().await.unwrap().is_empty());
+
+    // Refused: it cannot be approved afterwards.
+    let mut second = server.second_admin().await;
+    let r = admin.create_identity("temp-sec", "security-officer").await.unwrap().pending().unwrap();
+    second.refuse_identity(&r.id, "not on the staff list").await.unwrap();
+    assert_eq!(second.approve_identity(&r.id).await.unwrap_err().code(), Some(Code::NotFound));
+    let entry = server.audit_entries().into_iter().rev().find(|e| e.rpc == "RefuseIdentity").unwrap();
+    assert!(entry.reason.contains("not on the staff list") && entry.identity == "key-admin-2", "{entry:?}");
+    // The requester is revoked before the approval: the request dies with them.
+    let r = second.create_identity("late-sec", "security-officer").await.unwrap().pending().unwrap();
+    admin.revoke_identity("key-admin-2").await.unwrap();
+    let e = admin.approve_identity(&r.id).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
+    assert!(!exists(&admin.list_identities().await.unwrap(), "late-sec"));
+
+    let rpcs: Vec<(String, String)> = server
+        .audit_entries()
+        .into_iter()
+        .filter(|e| e.rpc.contains("Identit") && e.identity != "operator")
+        .map(|e| (e.rpc, e.outcome))
+        .collect();
+    for (rpc, outcome) in [
+        ("CreateIdentity", "Ok"),
+        ("CreateIdentity", "PermissionDenied"),
+        ("ApproveIdentity", "PermissionDenied"),
+        ("ApproveIdentity", "Ok"),
+        ("ApproveIdentity", "NotFound"),
+        ("RefuseIdentity", "Ok"),
+        ("ApproveIdentity", "FailedPrecondition"),
+    ] {
+        assert!(rpcs.iter().any(|(r, o)| r == rpc && o == outcome), "{rpc} {outcome} not audited: {rpcs:?}");
+    }
+    server.stop().await;
+}
+
+/// A request waits a bounded time: once expired it cannot be approved and no longer blocks the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_identity_request_cannot_be_approved() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = khlang_server::VaultOptions {
+        identity_request_ttl: std::time::Duration::from_millis(500),
+        ..TestServer::options(dir.path())
+    };
+    let server = TestServer::start_with(dir.path(), options).await;
+    let mut admin = server.client_as("key-admin").await;
+    let mut second = server.second_admin().await;
+    let r = admin.create_identity("slow-clerk", "billing-clerk").await.unwrap().pending().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let e = second.approve_identity(&r.id).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
+    assert!(e.to_string().contains("expired"), "{e}");
+    assert!(second.identity_requests().await.unwrap().is_empty());
+    assert!(!second.list_identities().await.unwrap().iter().any(|i| i.name == "slow-clerk"));
+    let again = admin.create_identity("slow-clerk", "billing-clerk").await.unwrap().pending().unwrap();
+    assert_ne!(again.id, r.id);
+    second.approve_identity(&again.id).await.unwrap();
     server.stop().await;
 }

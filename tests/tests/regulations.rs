@@ -295,15 +295,15 @@ async fn identities_revocation_and_impersonation() {
     let id = app.put("citizen-6", RECORD.iter().copied()).await.unwrap();
     let mut admin = server.client_as("key-admin").await;
 
-    let token = admin.create_identity("billing-clerk-2", "billing-clerk").await.unwrap();
-    let mut clerk2 = server.client_with_token(token.expose_secret()).await;
+    let token = server.approved_identity("billing-clerk-2", "billing-clerk").await;
+    let mut clerk2 = server.client_with_token(&token).await;
     let r = clerk2.get(&id, &["card_number".into()], Some("billing")).await.unwrap();
     assert_eq!(r.fields["card_number"].expose_secret(), "4111111111111111");
     let listed = admin.list_identities().await.unwrap();
     let entry = listed.iter().find(|i| i.name == "billing-clerk-2").unwrap();
     assert_eq!(
         (entry.role.as_str(), entry.created_by.as_str(), entry.revoked_ms),
-        ("billing-clerk", "key-admin", None)
+        ("billing-clerk", "key-admin (approved by key-admin-2)", None)
     );
     assert_eq!(
         admin.create_identity("billing-clerk-2", "billing-clerk").await.unwrap_err().code(),
