@@ -206,16 +206,38 @@ pub enum OperatorCommand {
         #[arg(long)]
         passphrase_file: Option<std::path::PathBuf>,
     },
-    /// A new root key split among new custodians: one passphrase each (needs key_admin).
+    /// Start a rekey ceremony: a new root key split among new custodians (needs key_admin).
+    /// Prints the nonce to hand to the custodians; nothing changes until they finish.
     Rekey {
         #[arg(long)]
         custodians: u32,
         #[arg(long)]
         threshold: u32,
-        /// One passphrase per line, in custodian order (instead of prompts).
+    },
+    /// A new custodian sets their own new passphrase in a rekey ceremony (no token needed).
+    RekeyPassphrase {
+        #[arg(long, env = "KHLANG_REKEY_NONCE")]
+        nonce: String,
+        /// New custodian number, 1..N.
+        #[arg(long)]
+        custodian: u32,
+        /// Read the passphrase from this file (first line) instead of a prompt.
         #[arg(long)]
         passphrase_file: Option<std::path::PathBuf>,
     },
+    /// A current custodian approves a rekey ceremony with their current passphrase (no token
+    /// needed); the approval that reaches the unseal threshold replaces the root key.
+    RekeyApprove {
+        #[arg(long, env = "KHLANG_REKEY_NONCE")]
+        nonce: String,
+        /// Current custodian number, 1..N.
+        #[arg(long)]
+        custodian: u32,
+        #[arg(long)]
+        passphrase_file: Option<std::path::PathBuf>,
+    },
+    /// Abandon the rekey ceremony in progress (needs key_admin).
+    RekeyCancel,
 }
 
 #[derive(Subcommand)]

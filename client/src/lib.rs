@@ -260,11 +260,64 @@ pub struct SealStatus {
     pub threshold: u32,
     pub custodians: u32,
     pub received: Vec<u32>,
+    /// The rekey ceremony in progress, if any.
+    pub rekey: Option<RekeyStatus>,
 }
 
-impl From<pb::SealStatus> for SealStatus {
-    fn from(s: pb::SealStatus) -> Self {
-        Self { sealed: s.sealed, threshold: s.threshold, custodians: s.custodians, received: s.received }
+impl From<pb::SealState> for SealStatus {
+    fn from(s: pb::SealState) -> Self {
+        Self {
+            sealed: s.sealed,
+            threshold: s.threshold,
+            custodians: s.custodians,
+            received: s.received,
+            rekey: s.rekey.map(Into::into),
+        }
+    }
+}
+
+/// A rekey ceremony's progress.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RekeyStatus {
+    /// Only in the answer to the key admin who started the ceremony.
+    pub nonce: Option<SecretText>,
+    pub threshold: u32,
+    pub custodians: u32,
+    pub passphrases_set: Vec<u32>,
+    pub approved: Vec<u32>,
+    pub approvals_needed: u32,
+    pub started_by: String,
+    pub expires_ms: u64,
+    /// The root key was replaced.
+    pub done: bool,
+}
+
+impl std::fmt::Debug for RekeyStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RekeyStatus")
+            .field("threshold", &self.threshold)
+            .field("custodians", &self.custodians)
+            .field("passphrases_set", &self.passphrases_set)
+            .field("approved", &self.approved)
+            .field("approvals_needed", &self.approvals_needed)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<pb::RekeyStatus> for RekeyStatus {
+    fn from(s: pb::RekeyStatus) -> Self {
+        Self {
+            nonce: (!s.nonce.is_empty()).then(|| SecretText::new(s.nonce)),
+            threshold: s.threshold,
+            custodians: s.custodians,
+            passphrases_set: s.passphrases_set,
+            approved: s.approved,
+            approvals_needed: s.approvals_needed,
+            started_by: s.started_by,
+            expires_ms: s.expires_ms,
+            done: s.done,
+        }
     }
 }
 
@@ -890,13 +943,44 @@ impl Client {
         Ok(())
     }
 
-    /// New root key and new shares, one per passphrase given (in custodian order).
-    pub async fn rekey(&mut self, threshold: u32, passphrases: &[&str]) -> Result<SealStatus, ClientError> {
-        let req = pb::RekeyRequest {
-            threshold,
-            passphrases: passphrases.iter().map(|p| (*p).to_owned()).collect(),
-        };
+    /// Starts a rekey ceremony (key admin): a new root key for any `threshold` of `custodians`.
+    /// The answer's nonce goes to the custodians.
+    pub async fn rekey(&mut self, threshold: u32, custodians: u32) -> Result<RekeyStatus, ClientError> {
+        let req = pb::RekeyRequest { threshold, custodians };
         Ok(self.operator.rekey(req).await?.into_inner().into())
+    }
+
+    /// A new custodian sets the passphrase of their own new share (needs no token).
+    pub async fn rekey_passphrase(
+        &mut self,
+        nonce: &str,
+        custodian: u32,
+        passphrase: &str,
+    ) -> Result<RekeyStatus, ClientError> {
+        let req = pb::RekeyPassphraseRequest {
+            nonce: nonce.to_owned(),
+            custodian,
+            passphrase: passphrase.to_owned(),
+        };
+        Ok(self.operator.rekey_passphrase(req).await?.into_inner().into())
+    }
+
+    /// A current custodian approves with their current passphrase (needs no token); the approval
+    /// that reaches the threshold replaces the root key.
+    pub async fn rekey_approve(
+        &mut self,
+        nonce: &str,
+        custodian: u32,
+        passphrase: &str,
+    ) -> Result<RekeyStatus, ClientError> {
+        let req =
+            pb::RekeyApproveRequest { nonce: nonce.to_owned(), custodian, passphrase: passphrase.to_owned() };
+        Ok(self.operator.rekey_approve(req).await?.into_inner().into())
+    }
+
+    /// Abandons the ceremony in progress (key admin).
+    pub async fn rekey_cancel(&mut self) -> Result<RekeyStatus, ClientError> {
+        Ok(self.operator.rekey_cancel(pb::RekeyCancelRequest {}).await?.into_inner().into())
     }
 
     pub async fn rotate_key(&mut self) -> Result<KeysStatus, ClientError> {

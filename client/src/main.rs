@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use khlang_client::{
     AuditQuery, AuditRecord, ChainReport, Client, ConsentEntry, IdentityCreation, KeysStatus, Record,
-    ReencryptTarget, SealStatus, TlsOptions, Verdict,
+    ReencryptTarget, RekeyStatus, SealStatus, TlsOptions, Verdict,
 };
 use zeroize::Zeroizing;
 
@@ -51,7 +51,11 @@ fn needs_no_token(command: &Command) -> bool {
     matches!(
         command,
         Command::Operator(
-            OperatorCommand::Status | OperatorCommand::Unseal { .. } | OperatorCommand::Passwd { .. }
+            OperatorCommand::Status
+                | OperatorCommand::Unseal { .. }
+                | OperatorCommand::Passwd { .. }
+                | OperatorCommand::RekeyPassphrase { .. }
+                | OperatorCommand::RekeyApprove { .. }
         )
     )
 }
@@ -88,6 +92,37 @@ fn print_seal(s: &SealStatus) {
     } else {
         println!("unsealed ({} of {} custodians unseal)", s.threshold, s.custodians);
     }
+    if let Some(r) = &s.rekey {
+        print_rekey(r);
+    }
+}
+
+fn numbers(list: &[u32]) -> String {
+    if list.is_empty() {
+        "none yet".into()
+    } else {
+        list.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn print_rekey(r: &RekeyStatus) {
+    if r.done {
+        println!(
+            "rekey done: a new root key, any {} of {} custodians unseal; the old shares no longer do",
+            r.threshold, r.custodians
+        );
+        return;
+    }
+    println!(
+        "rekey in progress (started by {}): new split {} of {}; new passphrases set: {}; approvals: {} of {} needed: {}",
+        terminal_safe(&r.started_by),
+        r.threshold,
+        r.custodians,
+        numbers(&r.passphrases_set),
+        r.approved.len(),
+        r.approvals_needed,
+        numbers(&r.approved)
+    );
 }
 
 fn age(created_ms: u64) -> String {
@@ -558,13 +593,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client.change_passphrase(custodian, &p[0], &p[1]).await?;
                 println!("custodian {custodian}'s passphrase changed");
             }
-            OperatorCommand::Rekey { custodians, threshold, passphrase_file } => {
-                let prompts: Vec<String> =
-                    (1..=custodians).map(|i| format!("Custodian {i}'s new passphrase")).collect();
-                let p = passphrases(passphrase_file.as_deref(), &prompts)?;
-                let refs: Vec<&str> = p.iter().map(|s| s.as_str()).collect();
-                print_seal(&client.rekey(threshold, &refs).await?);
-                println!("new root key: the old shares and passphrases no longer unseal this vault");
+            OperatorCommand::Rekey { custodians, threshold } => {
+                let r = client.rekey(threshold, custodians).await?;
+                eprintln!(
+                    "Rekey ceremony started. Give this nonce to the custodians: each new custodian runs \
+                     `khlang operator rekey-passphrase --nonce N --custodian J`, then {} current custodians \
+                     run `khlang operator rekey-approve --nonce N --custodian I`.",
+                    r.approvals_needed
+                );
+                println!("{}", r.nonce.as_ref().map(|n| n.expose_secret()).unwrap_or_default());
+            }
+            OperatorCommand::RekeyPassphrase { nonce, custodian, passphrase_file } => {
+                let p = passphrases(
+                    passphrase_file.as_deref(),
+                    &[format!("New custodian {custodian}'s passphrase")],
+                )?;
+                if passphrase_file.is_none() {
+                    let again = Zeroizing::new(rpassword::prompt_password("Repeat it: ")?);
+                    if *again != *p[0] {
+                        anyhow::bail!("the passphrases differ");
+                    }
+                }
+                print_rekey(&client.rekey_passphrase(&nonce, custodian, &p[0]).await?);
+            }
+            OperatorCommand::RekeyApprove { nonce, custodian, passphrase_file } => {
+                let p = passphrases(
+                    passphrase_file.as_deref(),
+                    &[format!("Custodian {custodian}'s current passphrase")],
+                )?;
+                print_rekey(&client.rekey_approve(&nonce, custodian, &p[0]).await?);
+            }
+            OperatorCommand::RekeyCancel => {
+                client.rekey_cancel().await?;
+                println!("rekey ceremony cancelled; nothing changed");
             }
         },
         Command::Keys(cmd) => match cmd {

@@ -24,6 +24,7 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditEntry, AuditFilter};
 use crate::identities::{IdentityCreation, IdentityRequest};
 use crate::lifecycle::{JobStatus, KeyStatus, ReencryptTarget, SealStatus};
+use crate::rekey::RekeyStatus;
 use crate::store::JobKind;
 use crate::store::StoredConsent;
 use crate::{Caller, Credentials, FieldValue, RecordView, RegulationsInfo, Vault, VaultError};
@@ -605,13 +606,30 @@ impl Audit for Api {
     }
 }
 
-impl From<SealStatus> for pb::SealStatus {
+impl From<SealStatus> for pb::SealState {
     fn from(s: SealStatus) -> Self {
         Self {
             sealed: s.sealed,
             threshold: s.threshold.into(),
             custodians: s.custodians.into(),
             received: s.received.into_iter().map(u32::from).collect(),
+            rekey: s.rekey.map(Into::into),
+        }
+    }
+}
+
+impl From<RekeyStatus> for pb::RekeyStatus {
+    fn from(s: RekeyStatus) -> Self {
+        Self {
+            nonce: s.nonce.unwrap_or_default(),
+            threshold: s.threshold.into(),
+            custodians: s.custodians.into(),
+            passphrases_set: s.passphrases_set.into_iter().map(u32::from).collect(),
+            approved: s.approved.into_iter().map(u32::from).collect(),
+            approvals_needed: s.approvals_needed.into(),
+            started_by: s.started_by,
+            expires_ms: s.expires_ms,
+            done: s.done,
         }
     }
 }
@@ -695,7 +713,7 @@ impl Operator for Api {
     async fn seal_status(
         &self,
         req: Request<pb::SealStatusRequest>,
-    ) -> Result<Response<pb::SealStatus>, Status> {
+    ) -> Result<Response<pb::SealState>, Status> {
         let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
         let rid = request_id.clone();
         let out =
@@ -705,7 +723,7 @@ impl Operator for Api {
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "Unseal"))]
-    async fn unseal(&self, req: Request<pb::UnsealRequest>) -> Result<Response<pb::SealStatus>, Status> {
+    async fn unseal(&self, req: Request<pb::UnsealRequest>) -> Result<Response<pb::SealState>, Status> {
         let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
         let msg = req.into_inner();
         let passphrase = Zeroizing::new(msg.passphrase);
@@ -741,25 +759,83 @@ impl Operator for Api {
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "Seal"))]
-    async fn seal(&self, req: Request<pb::SealRequest>) -> Result<Response<pb::SealStatus>, Status> {
+    async fn seal(&self, req: Request<pb::SealRequest>) -> Result<Response<pb::SealState>, Status> {
         handle!(self, req, "Seal", |caller, _msg| self.vault.seal(&caller).await.map(Into::into))
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "Rekey"))]
-    async fn rekey(&self, req: Request<pb::RekeyRequest>) -> Result<Response<pb::SealStatus>, Status> {
+    async fn rekey(&self, req: Request<pb::RekeyRequest>) -> Result<Response<pb::RekeyStatus>, Status> {
         handle!(self, req, "Rekey", |caller, msg| {
-            let passphrases: Vec<Zeroizing<String>> =
-                msg.passphrases.into_iter().map(Zeroizing::new).collect();
-            let refs: Vec<&[u8]> = passphrases.iter().map(|p| p.as_bytes()).collect();
-            match u8::try_from(msg.threshold) {
-                Ok(threshold) => self
-                    .vault
-                    .rekey(&caller, threshold, &refs, self.vault.seal_params())
-                    .await
-                    .map(Into::into),
-                Err(_) => Err(VaultError::InvalidArgument("threshold is too large".into())),
+            match (u8::try_from(msg.threshold), u8::try_from(msg.custodians)) {
+                (Ok(threshold), Ok(custodians)) => {
+                    self.vault.start_rekey(&caller, threshold, custodians).await.map(Into::into)
+                }
+                _ => Err(VaultError::InvalidArgument("at most 255 custodians".into())),
             }
         })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "RekeyPassphrase"))]
+    async fn rekey_passphrase(
+        &self,
+        req: Request<pb::RekeyPassphraseRequest>,
+    ) -> Result<Response<pb::RekeyStatus>, Status> {
+        let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
+        let msg = req.into_inner();
+        let passphrase = Zeroizing::new(msg.passphrase);
+        let nonce = Zeroizing::new(msg.nonce);
+        let rid = request_id.clone();
+        let out = custodian_call(&self.vault, &request_id, move |v| {
+            v.rekey_passphrase(
+                &nonce,
+                custodian_in(msg.custodian)?,
+                passphrase.as_bytes(),
+                peer,
+                &rid,
+                &client_id,
+            )
+        })
+        .await?;
+        Ok(stamped(out.into(), &request_id))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "RekeyApprove"))]
+    async fn rekey_approve(
+        &self,
+        req: Request<pb::RekeyApproveRequest>,
+    ) -> Result<Response<pb::RekeyStatus>, Status> {
+        let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
+        let msg = req.into_inner();
+        let passphrase = Zeroizing::new(msg.passphrase);
+        let nonce = Zeroizing::new(msg.nonce);
+        let rid = request_id.clone();
+        let out = custodian_call(&self.vault, &request_id, move |v| {
+            v.rekey_approve(
+                &nonce,
+                custodian_in(msg.custodian)?,
+                passphrase.as_bytes(),
+                peer,
+                &rid,
+                &client_id,
+            )
+        })
+        .await?;
+        if out.done {
+            self.vault.job_signal.notify_one();
+        }
+        Ok(stamped(out.into(), &request_id))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "RekeyCancel"))]
+    async fn rekey_cancel(
+        &self,
+        req: Request<pb::RekeyCancelRequest>,
+    ) -> Result<Response<pb::RekeyStatus>, Status> {
+        handle!(self, req, "RekeyCancel", |caller, _msg| self
+            .vault
+            .cancel_rekey(&caller)
+            .await
+            .map(Into::into))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod identities;
 pub mod lifecycle;
 pub mod policy;
 pub mod regulations;
+pub mod rekey;
 pub mod store;
 mod vault;
 

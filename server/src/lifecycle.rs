@@ -10,15 +10,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use zeroize::Zeroizing;
-
 use khlang_keys::{
-    DataKey, Kek, KeyError, KeyShare, OsRandom, Plaintext, RootKey, SealParams, WrappedDataKey,
-    combine_root_key, reseal, unseal_root_key, unseal_share,
+    DataKey, Kek, KeyError, KeyShare, Plaintext, WrappedDataKey, combine_root_key, reseal, unseal_root_key,
+    unseal_share,
 };
 
 use crate::audit::{Committed, clean};
-use crate::policy::{self, Ask, Operation};
+use crate::policy::Operation;
 use crate::store::{Changes, Custody, JobKind, StoredField, StoredJob, StoredRecord};
 use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, now_ms, operator_entry};
 use crate::{Caller, CipherMode, StoreError, Vault, VaultError};
@@ -62,6 +60,8 @@ pub struct SealStatus {
     pub custodians: u8,
     /// Custodians whose shares have arrived since the vault was sealed.
     pub received: Vec<u8>,
+    /// The rekey ceremony in progress, if any (without its nonce).
+    pub rekey: Option<crate::rekey::RekeyStatus>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +189,13 @@ impl Vault {
             .map(KeyShare::index)
             .collect();
         received.sort_unstable();
-        Ok(SealStatus { sealed: self.is_sealed(), threshold, custodians, received })
+        Ok(SealStatus {
+            sealed: self.is_sealed(),
+            threshold,
+            custodians,
+            received,
+            rekey: self.rekey_progress()?,
+        })
     }
 
     /// A custodian's passphrase opens their share; once the threshold is reached the root key is
@@ -236,7 +242,7 @@ impl Vault {
     /// Runs a passphrase's key derivation: in one of the gate's few slots, counted as a failure of
     /// its address before the derivation starts (an address at its limit gets `LockedOut` without
     /// one), and forgiven only when the passphrase was right.
-    fn passphrase_check<T>(
+    pub(crate) fn passphrase_check<T>(
         &self,
         ip: Option<std::net::IpAddr>,
         custodian: u8,
@@ -373,76 +379,6 @@ impl Vault {
         self.commit_now(entry, Changes::none())?;
         self.store.replace_sealed(custodian, &resealed?)?;
         Ok(())
-    }
-
-    /// A new root key, split anew among `passphrases.len()` custodians (any `threshold` unseal);
-    /// every KEK and the derivation key are rewrapped in one transaction. Tokens, blind indexes and
-    /// the audit key stay valid (they come from the derivation key).
-    pub async fn rekey(
-        &self,
-        caller: &Caller,
-        threshold: u8,
-        passphrases: &[&[u8]],
-        params: SealParams,
-    ) -> Result<SealStatus, VaultError> {
-        let regs = self.regulations();
-        // Sealing N shares is N Argon2id runs: do it on the blocking pool, and only for a caller
-        // the regulations allow with acceptable passphrases (the audited step below decides again
-        // and records the decision; a refused caller costs no Argon2id work).
-        let allowed = policy::decide(
-            &regs,
-            &caller.identity,
-            Ask { op: Operation::KeyAdmin, fields: &[], purpose: None, consent: None },
-        )
-        .is_ok();
-        let mut prepared = None;
-        if allowed && passphrases.iter().all(|p| check_new_passphrase(p).is_ok()) {
-            let owned: Vec<Zeroizing<Vec<u8>>> =
-                passphrases.iter().map(|p| Zeroizing::new(p.to_vec())).collect();
-            prepared = Some(
-                tokio::task::spawn_blocking(move || -> Result<(RootKey, Custody), VaultError> {
-                    let refs: Vec<&[u8]> = owned.iter().map(|p| p.as_slice()).collect();
-                    let rng = OsRandom::new();
-                    let root = RootKey::generate(&rng)?;
-                    let custody = Vault::custody_for(&root, threshold, &refs, params, &rng)?;
-                    Ok((root, custody))
-                })
-                .await
-                .map_err(|_| VaultError::FailedPrecondition("rekey was interrupted".into()))?,
-            );
-        }
-        let entry = self.draft(caller, "Rekey", Operation::KeyAdmin, &regs);
-        self.audited(entry, |e| {
-            let keys = self.unsealed()?;
-            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
-            for p in passphrases {
-                check_new_passphrase(p)?;
-            }
-            let (root, custody) = prepared
-                .take()
-                .ok_or_else(|| VaultError::FailedPrecondition("rekey was not prepared".into()))??;
-            let rng = OsRandom::new();
-            let derivation = match self.store.derivation_key()? {
-                Some(wrapped) => keys.root.unwrap_derivation_key(&wrapped)?,
-                None => keys.root.legacy_derivation_key()?,
-            };
-            let wrapped_derivation = root.wrap_derivation_key(&derivation, &rng)?;
-            let keks = self
-                .store
-                .keks()?
-                .into_iter()
-                .map(|(version, wrapped)| {
-                    Ok((version, root.wrap_kek(&keys.root.unwrap_kek(&wrapped)?, &rng)?))
-                })
-                .collect::<Result<Vec<_>, KeyError>>()?;
-            self.store.replace_root(&custody, &wrapped_derivation, &keks)?;
-            self.install_root(root)?;
-            e.reason =
-                format!("new root key; {} custodians, threshold {}", passphrases.len(), threshold.max(1));
-            Ok(((), Changes::none()))
-        })
-        .await?;
-        self.seal_status()
     }
 
     // ---- KEK rotation and retirement ----------------------------------------------------------

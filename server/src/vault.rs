@@ -209,6 +209,8 @@ pub struct Vault {
     keys: RwLock<Option<Arc<Unsealed>>>,
     /// Custodians' shares received while sealed, until there are enough.
     pub(crate) pending_shares: std::sync::Mutex<Vec<KeyShare>>,
+    /// The rekey ceremony in progress (memory only: a restart or a seal abandons it).
+    pub(crate) rekey: std::sync::Mutex<Option<crate::rekey::Ceremony>>,
     /// Wakes the background key job (rotation, re-encryption).
     pub(crate) job_signal: Arc<tokio::sync::Notify>,
     pub(crate) job_meter: crate::lifecycle::JobMeter,
@@ -425,6 +427,7 @@ impl Vault {
             store,
             keys: RwLock::new(None),
             pending_shares: std::sync::Mutex::new(Vec::new()),
+            rekey: std::sync::Mutex::new(None),
             job_signal: Arc::default(),
             job_meter: Default::default(),
             requests: Default::default(),
@@ -494,6 +497,7 @@ impl Vault {
     pub(crate) fn drop_keys(&self) {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.pending_shares.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.rekey.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.audit.clear_signer();
     }
 

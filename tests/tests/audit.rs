@@ -152,7 +152,25 @@ async fn every_rpc_writes_exactly_one_entry() {
         "Ok",
         anon.change_passphrase(1, PASSPHRASE, new_pass).await
     );
-    let _ = check!("Rekey", "key-admin", "Ok", admin.rekey(1, &[new_pass]).await);
+    // Rekey: the key admin starts, the one new custodian sets their passphrase, the current one approves.
+    let fresh = "the new custodian's own passphrase";
+    let _ = check!("Rekey", "key-admin", "Ok", admin.rekey(1, 1).await);
+    let _ = check!("RekeyCancel", "key-admin", "Ok", admin.rekey_cancel().await);
+    let nonce = admin.rekey(1, 1).await.unwrap().nonce.unwrap();
+    let _ = check!(
+        "RekeyPassphrase",
+        "new-custodian-1",
+        "Ok",
+        anon.rekey_passphrase(nonce.expose_secret(), 1, fresh).await
+    );
+    let e = check!(
+        "RekeyApprove",
+        "custodian-1",
+        "Ok",
+        anon.rekey_approve(nonce.expose_secret(), 1, new_pass).await
+    );
+    assert!(e.reason.contains("root key replaced") && !e.reason.contains(nonce.expose_secret()), "{e:?}");
+    let new_pass = fresh;
     let _ = check!("Seal", "key-admin", "Ok", admin.seal().await);
     let e = check!("Unseal", "custodian-1", "PermissionDenied", anon.unseal(1, PASSPHRASE).await);
     assert!(!e.reason.contains(PASSPHRASE));

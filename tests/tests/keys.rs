@@ -94,11 +94,21 @@ async fn custodians_unseal_k_of_n_seal_change_passphrase_and_rekey() {
     // Rekey: a new root key for two new custodians (2 of 2). Tokens, blind indexes and the audit
     // key survive (they come from the derivation key, rewrapped, not from the root key).
     let fresh = ["new custodian A: pad see ew", "new custodian B: khao soi gai"];
-    assert_eq!(code(tester.rekey(2, &fresh).await).0, Code::PermissionDenied);
-    assert_eq!(code(admin.rekey(2, &["short", fresh[1]]).await).0, Code::InvalidArgument);
-    assert_eq!(code(admin.rekey(3, &fresh).await).0, Code::InvalidArgument);
-    let s = admin.rekey(2, &fresh).await.unwrap();
-    assert_eq!((s.sealed, s.threshold, s.custodians), (false, 2, 2));
+    assert_eq!(code(tester.rekey(2, 2).await).0, Code::PermissionDenied);
+    assert_eq!(code(admin.rekey(3, 2).await).0, Code::InvalidArgument);
+    let nonce = admin.rekey(2, 2).await.unwrap().nonce.unwrap();
+    let nonce = nonce.expose_secret();
+    assert_eq!(code(anon.rekey_passphrase(nonce, 1, "short").await).0, Code::InvalidArgument);
+    let s = anon.rekey_passphrase(nonce, 1, fresh[0]).await.unwrap();
+    assert_eq!((s.passphrases_set.clone(), s.approvals_needed, s.done), (vec![1], 2, false));
+    let s = anon.rekey_passphrase(nonce, 2, fresh[1]).await.unwrap();
+    assert_eq!(s.passphrases_set, vec![1, 2]);
+    let s = anon.rekey_approve(nonce, 1, new_one).await.unwrap();
+    assert_eq!((s.approved.clone(), s.done), (vec![1], false));
+    let s = anon.rekey_approve(nonce, 3, CUSTODIANS[2]).await.unwrap();
+    assert!(s.done, "{s:?}");
+    let st = anon.seal_status().await.unwrap();
+    assert_eq!((st.sealed, st.threshold, st.custodians, st.rekey.is_none()), (false, 2, 2, true));
     assert_eq!(tester.list("custody-subject").await.unwrap().len(), 1);
     assert_eq!(sec.audit_public_key().await.unwrap(), public_key);
     assert!(admin.seal().await.unwrap().sealed);
@@ -115,6 +125,8 @@ async fn custodians_unseal_k_of_n_seal_change_passphrase_and_rekey() {
     assert_eq!(count("ChangePassphrase", "Ok"), 1);
     assert_eq!(count("Seal", "Ok"), 2);
     assert_eq!(count("Rekey", "Ok"), 1);
+    assert_eq!(count("RekeyPassphrase", "Ok"), 2);
+    assert_eq!(count("RekeyApprove", "Ok"), 2);
     assert!(sec.verify_audit(&[]).await.unwrap().report.first_break.is_none());
     let all = format!("{log:?}");
     for secret in CUSTODIANS.iter().chain(&fresh).chain([&new_one]) {
@@ -398,20 +410,11 @@ async fn malformed_key_requests_are_refused_precisely() {
         let e = operator.change_passphrase(req).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "custodian {custodian}: {e:?}");
     }
-    // Rekey with no custodians, or a threshold over 255.
-    let e = operator
-        .rekey(with(pb::RekeyRequest { threshold: 1, passphrases: vec![] }, &bearer))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let e = operator
-        .rekey(with(
-            pb::RekeyRequest { threshold: 300, passphrases: vec!["a long passphrase".into(); 2] },
-            &bearer,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // Rekey with no custodians, or more than 255.
+    for (threshold, custodians) in [(1, 0), (2, 300), (300, 2)] {
+        let e = operator.rekey(with(pb::RekeyRequest { threshold, custodians }, &bearer)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{threshold} of {custodians}: {e:?}");
+    }
     server.stop().await;
 }
 

@@ -1,0 +1,434 @@
+//! Rekeying under dual control (PCI DSS 3.6.1.2, 3.7.6). A key admin only starts a ceremony: a
+//! new root key, split at once among the new custodians. Each new custodian seals their own share
+//! under a passphrase only they give (one call per custodian; no call sets two); then as many
+//! current custodians as unsealing needs approve, each with their current passphrase. The approval
+//! that reaches the threshold proves the current root key (the approving shares combine to it)
+//! and replaces it: every KEK and the derivation key are rewrapped, every share replaced.
+//!
+//! The ceremony lives in memory only: a restart or a seal abandons it, and nothing was changed.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use khlang_keys::{
+    KeyError, KeyShare, RandomSource, RootKey, combine_root_key, seal_root_key, seal_share, split_root_key,
+    unseal_root_key, unseal_share,
+};
+use zeroize::Zeroizing;
+
+use crate::audit::clean;
+use crate::lifecycle::check_new_passphrase;
+use crate::policy::Operation;
+use crate::store::{Changes, Custody};
+use crate::vault::{now_ms, operator_entry};
+use crate::{Caller, Vault, VaultError};
+
+/// How long a ceremony may take before it is abandoned.
+pub const REKEY_TTL: Duration = Duration::from_secs(60 * 60);
+const NONCE_BYTES: usize = 16;
+
+/// A ceremony's progress, as custodians and the key admin see it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RekeyStatus {
+    /// Only in the answer to the key admin who started it: the custodians' calls need it.
+    pub nonce: Option<String>,
+    pub threshold: u8,
+    pub custodians: u8,
+    pub passphrases_set: Vec<u8>,
+    pub approved: Vec<u8>,
+    pub approvals_needed: u8,
+    pub started_by: String,
+    pub expires_ms: u64,
+    pub done: bool,
+}
+
+impl fmt::Debug for RekeyStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RekeyStatus")
+            .field("nonce", &self.nonce.as_ref().map(|_| ".."))
+            .field("threshold", &self.threshold)
+            .field("custodians", &self.custodians)
+            .field("passphrases_set", &self.passphrases_set)
+            .field("approved", &self.approved)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The new split waiting for its passphrases and approvals. Shares leave memory sealed.
+pub(crate) struct Ceremony {
+    nonce: Zeroizing<String>,
+    threshold: u8,
+    custodians: u8,
+    root: RootKey,
+    /// Per new custodian: the share not yet sealed (`None` for a whole-key custody).
+    shares: Vec<Option<KeyShare>>,
+    /// Per new custodian: their share (or the whole root key) sealed under their passphrase.
+    sealed: Vec<Option<Vec<u8>>>,
+    /// Keyed digests of the passphrases given, so two custodians cannot share one.
+    digest_key: ring::hmac::Key,
+    digests: Vec<ring::hmac::Tag>,
+    /// Current custodians' shares that approved (a whole-key custody approves at once).
+    approvals: Vec<KeyShare>,
+    started_by: String,
+    expires_ms: u64,
+}
+
+impl fmt::Debug for Ceremony {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ceremony").field("custodians", &self.custodians).finish_non_exhaustive()
+    }
+}
+
+impl Ceremony {
+    fn status(&self, approvals_needed: u8) -> RekeyStatus {
+        let set = (1..=self.custodians).filter(|j| self.sealed[*j as usize - 1].is_some()).collect();
+        let mut approved: Vec<u8> = self.approvals.iter().map(KeyShare::index).collect();
+        approved.sort_unstable();
+        RekeyStatus {
+            nonce: None,
+            threshold: self.threshold,
+            custodians: self.custodians,
+            passphrases_set: set,
+            approved,
+            approvals_needed,
+            started_by: self.started_by.clone(),
+            expires_ms: self.expires_ms,
+            done: false,
+        }
+    }
+
+    fn nonce_matches(&self, nonce: &str) -> bool {
+        // A MAC comparison is constant-time; the nonce is a credential of the ceremony.
+        let tag = ring::hmac::sign(&self.digest_key, self.nonce.as_bytes());
+        ring::hmac::verify(&self.digest_key, nonce.as_bytes(), tag.as_ref()).is_ok()
+    }
+
+    fn missing(&self) -> Vec<String> {
+        (1..=self.custodians)
+            .filter(|j| self.sealed[*j as usize - 1].is_none())
+            .map(|j| j.to_string())
+            .collect()
+    }
+}
+
+/// The current split's threshold.
+fn approvals_needed(custody: &Custody) -> u8 {
+    match custody {
+        Custody::Single { .. } => 1,
+        Custody::Shares { threshold, .. } => *threshold,
+    }
+}
+
+fn no_ceremony() -> VaultError {
+    VaultError::FailedPrecondition("no rekey ceremony is in progress (a key admin starts one)".into())
+}
+
+impl Vault {
+    /// Starts a ceremony for a new split, any `threshold` of `custodians`. The answer carries the
+    /// nonce the custodians' calls need; nothing changes until the ceremony completes.
+    pub async fn start_rekey(
+        &self,
+        caller: &Caller,
+        threshold: u8,
+        custodians: u8,
+    ) -> Result<RekeyStatus, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "Rekey", Operation::KeyAdmin, &regs);
+        self.audited(entry, |e| {
+            self.unsealed()?;
+            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+            if custodians == 0 || threshold > custodians || (custodians > 1 && threshold < 2) {
+                return Err(VaultError::InvalidArgument(
+                    "the threshold must be between 2 and the number of custodians (or both 1)".into(),
+                ));
+            }
+            let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = slot.as_ref().filter(|c| now_ms() < c.expires_ms) {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "a rekey ceremony started by '{}' is in progress; cancel it first",
+                    c.started_by
+                )));
+            }
+            let root = RootKey::generate(&self.rng)?;
+            let shares: Vec<Option<KeyShare>> = if custodians == 1 {
+                vec![None]
+            } else {
+                split_root_key(&root, threshold, custodians, &self.rng)?.into_iter().map(Some).collect()
+            };
+            let mut nonce = [0u8; NONCE_BYTES];
+            self.rng.fill(&mut nonce)?;
+            let mut digest = [0u8; 32];
+            self.rng.fill(&mut digest)?;
+            let ceremony = Ceremony {
+                nonce: Zeroizing::new(hex::encode(nonce)),
+                threshold: threshold.max(1),
+                custodians,
+                root,
+                shares,
+                sealed: vec![None; custodians as usize],
+                digest_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &digest),
+                digests: Vec::new(),
+                approvals: Vec::new(),
+                started_by: caller.identity.name.clone(),
+                expires_ms: now_ms().saturating_add(REKEY_TTL.as_millis() as u64),
+            };
+            let mut status = ceremony.status(approvals_needed(&self.store.custody()?));
+            status.nonce = Some(ceremony.nonce.to_string());
+            e.reason = format!(
+                "rekey ceremony started: {custodians} new custodians, threshold {}; waiting for their passphrases",
+                threshold.max(1)
+            );
+            *slot = Some(ceremony);
+            Ok((status, Changes::none()))
+        })
+        .await
+    }
+
+    /// Abandons the ceremony in progress; nothing had changed.
+    pub async fn cancel_rekey(&self, caller: &Caller) -> Result<RekeyStatus, VaultError> {
+        let regs = self.regulations();
+        let entry = self.draft(caller, "RekeyCancel", Operation::KeyAdmin, &regs);
+        self.audited(entry, |e| {
+            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+            let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+            let ceremony = slot.take().ok_or_else(no_ceremony)?;
+            e.reason = format!("rekey ceremony started by '{}' cancelled", ceremony.started_by);
+            Ok((ceremony.status(approvals_needed(&self.store.custody()?)), Changes::none()))
+        })
+        .await
+    }
+
+    /// The ceremony's progress for the seal status (never its nonce).
+    pub(crate) fn rekey_progress(&self) -> Result<Option<RekeyStatus>, VaultError> {
+        let slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref().filter(|c| now_ms() < c.expires_ms) {
+            Some(c) => Ok(Some(c.status(approvals_needed(&self.store.custody()?)))),
+            None => Ok(None),
+        }
+    }
+
+    /// New custodian `custodian` seals their share under their own passphrase. Slow on purpose
+    /// (Argon2id): call it off the async runtime. Audited as `new-custodian-N`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rekey_passphrase(
+        &self,
+        nonce: &str,
+        custodian: u8,
+        passphrase: &[u8],
+        peer: Option<SocketAddr>,
+        request_id: &str,
+        client_request_id: &str,
+    ) -> Result<RekeyStatus, VaultError> {
+        let mut entry = operator_entry("RekeyPassphrase", Operation::KeyAdmin, &self.regulations());
+        entry.identity = format!("new-custodian-{custodian}");
+        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        entry.request_id = clean(request_id);
+        entry.client_request_id = clean(client_request_id);
+        let needed = approvals_needed(&self.store.custody()?);
+        let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+        let sealed = (|| {
+            let ceremony = slot.as_mut().filter(|c| now_ms() < c.expires_ms).ok_or_else(no_ceremony)?;
+            if !ceremony.nonce_matches(nonce) {
+                self.count_wrong_nonce(peer);
+                return Err(VaultError::PermissionDenied("wrong rekey nonce".into()));
+            }
+            let index = (custodian as usize)
+                .checked_sub(1)
+                .filter(|i| *i < ceremony.sealed.len())
+                .ok_or_else(|| {
+                    VaultError::InvalidArgument(format!(
+                        "new custodian {custodian} does not exist (the new custodians are 1 to {})",
+                        ceremony.custodians
+                    ))
+                })?;
+            if ceremony.sealed[index].is_some() {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "new custodian {custodian} already set their passphrase; if that was not them, cancel the ceremony"
+                )));
+            }
+            check_new_passphrase(passphrase)?;
+            let digest = ring::hmac::sign(&ceremony.digest_key, passphrase);
+            if ceremony.digests.iter().any(|d| d.as_ref() == digest.as_ref()) {
+                return Err(VaultError::InvalidArgument(
+                    "two custodians were given the same passphrase".into(),
+                ));
+            }
+            let _slot = self.derivations.enter()?;
+            let sealed = match &ceremony.shares[index] {
+                Some(share) => seal_share(share, passphrase, self.seal_params(), &self.rng)?,
+                None => seal_root_key(&ceremony.root, passphrase, self.seal_params(), &self.rng)?,
+            };
+            Ok((index, digest, sealed))
+        })();
+        match &sealed {
+            Ok(_) => entry.reason = format!("new custodian {custodian} set their passphrase"),
+            Err(e) => {
+                entry.outcome = e.code_name().into();
+                entry.reason = clean(&e.to_string());
+            }
+        }
+        // Audited before it counts: an unauditable step is not taken.
+        self.commit_now(entry, Changes::none())?;
+        let (index, digest, sealed) = sealed?;
+        let ceremony = slot.as_mut().ok_or_else(no_ceremony)?;
+        ceremony.sealed[index] = Some(sealed);
+        ceremony.shares[index] = None;
+        ceremony.digests.push(digest);
+        Ok(ceremony.status(needed))
+    }
+
+    /// Current custodian `custodian` approves with their current passphrase; the approval that
+    /// reaches the current threshold replaces the root key. Slow on purpose: off the runtime.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rekey_approve(
+        &self,
+        nonce: &str,
+        custodian: u8,
+        passphrase: &[u8],
+        peer: Option<SocketAddr>,
+        request_id: &str,
+        client_request_id: &str,
+    ) -> Result<RekeyStatus, VaultError> {
+        let mut entry = operator_entry("RekeyApprove", Operation::KeyAdmin, &self.regulations());
+        entry.identity = format!("custodian-{custodian}");
+        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        entry.request_id = clean(request_id);
+        entry.client_request_id = clean(client_request_id);
+        let custody = self.store.custody()?;
+        let needed = approvals_needed(&custody);
+        let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+        let step = (|| {
+            self.unsealed()?;
+            let ceremony = slot.as_mut().filter(|c| now_ms() < c.expires_ms).ok_or_else(no_ceremony)?;
+            if !ceremony.nonce_matches(nonce) {
+                self.count_wrong_nonce(peer);
+                return Err(VaultError::PermissionDenied("wrong rekey nonce".into()));
+            }
+            let missing = ceremony.missing();
+            if !missing.is_empty() {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "new custodians {} have not set their passphrases yet; approve once every new share is sealed",
+                    missing.join(", ")
+                )));
+            }
+            let ip = peer.map(|p| p.ip());
+            // The current root key, proven by this approval (with the others before it).
+            let proven: Option<RootKey> = match &custody {
+                Custody::Single { sealed_root } => {
+                    if custodian != 1 {
+                        return Err(VaultError::InvalidArgument(
+                            "this vault has a single custodian, number 1".into(),
+                        ));
+                    }
+                    Some(self.passphrase_check(ip, custodian, || unseal_root_key(sealed_root, passphrase))?)
+                }
+                Custody::Shares { threshold, sealed } => {
+                    let stored =
+                        (custodian as usize).checked_sub(1).and_then(|i| sealed.get(i)).ok_or_else(|| {
+                            VaultError::InvalidArgument(format!(
+                                "custodian {custodian} does not exist (custodians are 1 to {})",
+                                sealed.len()
+                            ))
+                        })?;
+                    let share = self.passphrase_check(ip, custodian, || unseal_share(stored, passphrase))?;
+                    ceremony.approvals.retain(|s| s.index() != share.index());
+                    ceremony.approvals.push(share);
+                    if ceremony.approvals.len() < *threshold as usize {
+                        None
+                    } else {
+                        let shares: Vec<&KeyShare> = ceremony.approvals.iter().collect();
+                        let root = combine_root_key(&shares);
+                        Some(root.map_err(|_| VaultError::RootMismatch)?)
+                    }
+                }
+            };
+            let Some(current) = proven else { return Ok(None) };
+            if !self.is_current_root(&current)? {
+                ceremony.approvals.clear();
+                return Err(VaultError::RootMismatch);
+            }
+            Ok(Some(current))
+        })();
+        let ceremony_status = slot.as_ref().map(|c| c.status(needed));
+        match &step {
+            Ok(None) => {
+                let got = ceremony_status.as_ref().map_or(0, |s| s.approved.len());
+                entry.reason = format!("approval {got} of {needed} needed")
+            }
+            Ok(Some(_)) => {
+                let c = slot.as_ref().ok_or_else(no_ceremony)?;
+                entry.reason = format!(
+                    "approval {needed} of {needed}: root key replaced; {} custodians, threshold {}",
+                    c.custodians, c.threshold
+                )
+            }
+            Err(e) => {
+                entry.outcome = e.code_name().into();
+                entry.reason = clean(&e.to_string());
+            }
+        }
+        self.commit_now(entry, Changes::none())?;
+        if step?.is_none() {
+            return ceremony_status.ok_or_else(no_ceremony);
+        }
+        let ceremony = slot.take().ok_or_else(no_ceremony)?;
+        self.replace_root_with(ceremony, needed)
+    }
+
+    /// Whether `root` is the root key the vault runs under (it opens the stored derivation key,
+    /// or for a vault from before derivation keys, every KEK).
+    fn is_current_root(&self, root: &RootKey) -> Result<bool, VaultError> {
+        if let Some(wrapped) = self.store.derivation_key()? {
+            return Ok(root.unwrap_derivation_key(&wrapped).is_ok());
+        }
+        Ok(self.store.keks()?.iter().all(|(_, w)| root.unwrap_kek(w).is_ok()))
+    }
+
+    /// Rewraps the derivation key and every KEK under the ceremony's root key and stores the
+    /// new custody, all in one transaction; then serves under the new root key.
+    fn replace_root_with(&self, ceremony: Ceremony, needed: u8) -> Result<RekeyStatus, VaultError> {
+        let keys = self.unsealed()?;
+        let mut status = ceremony.status(needed);
+        let sealed: Vec<Vec<u8>> = ceremony.sealed.into_iter().flatten().collect();
+        let custody = if ceremony.custodians == 1 {
+            let sealed_root = sealed.into_iter().next().ok_or_else(no_ceremony)?;
+            Custody::Single { sealed_root }
+        } else {
+            Custody::Shares { threshold: ceremony.threshold, sealed }
+        };
+        let root = ceremony.root;
+        let derivation = match self.store.derivation_key()? {
+            Some(wrapped) => keys.root.unwrap_derivation_key(&wrapped)?,
+            None => keys.root.legacy_derivation_key()?,
+        };
+        let wrapped_derivation = root.wrap_derivation_key(&derivation, &self.rng)?;
+        let keks = self
+            .store
+            .keks()?
+            .into_iter()
+            .map(|(version, wrapped)| {
+                Ok((version, root.wrap_kek(&keys.root.unwrap_kek(&wrapped)?, &self.rng)?))
+            })
+            .collect::<Result<Vec<_>, KeyError>>()?;
+        drop(keys);
+        self.store.replace_root(&custody, &wrapped_derivation, &keks)?;
+        self.install_root(root)?;
+        tracing::warn!(
+            custodians = status.custodians,
+            threshold = status.threshold,
+            "root key replaced by rekey"
+        );
+        status.approved.clear();
+        status.done = true;
+        Ok(status)
+    }
+
+    /// A wrong nonce is a failed credential of its address.
+    fn count_wrong_nonce(&self, peer: Option<SocketAddr>) {
+        if let Some(ip) = peer.map(|p| p.ip()) {
+            self.auth_guard.failed(ip, std::time::Instant::now());
+        }
+    }
+}
