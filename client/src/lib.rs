@@ -226,6 +226,8 @@ pub struct AuditRecord {
     pub regulations_version: String,
     pub key_versions: String,
     pub outcome: String,
+    /// A summary entry: how many identical unauthenticated events from one address it stands for.
+    pub repeated: u64,
 }
 
 impl From<pb::AuditEntry> for AuditRecord {
@@ -249,6 +251,7 @@ impl From<pb::AuditEntry> for AuditRecord {
             regulations_version: e.regulations_version,
             key_versions: e.key_versions,
             outcome: e.outcome,
+            repeated: e.repeated,
         }
     }
 }

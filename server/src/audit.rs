@@ -59,6 +59,10 @@ pub struct AuditEntry {
     pub reason: String,
     pub record_id: String,
     pub regulations_version: String,
+    /// How many identical unauthenticated events from this address followed the one recorded
+    /// first within its interval: counted, not written one by one (absent on every other entry).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeated: u64,
     pub request_id: String,
     pub role: String,
     /// The RPC (`GetRecord`) or operator action (`Unseal`, `SIGHUP`).

@@ -58,11 +58,13 @@ impl fmt::Debug for Credentials<'_> {
     }
 }
 
-/// Failed-authentication limits per peer address.
+/// Failed-authentication limits (PCI DSS 8.3.4).
 #[derive(Debug, Clone, Copy)]
 pub struct AuthLimits {
-    /// Failures allowed within `window` before the address is locked out.
+    /// Failures of one credential within `window` that lock it out; failures of one address
+    /// beyond it slow that address's failed answers down (it is throttled, not locked).
     pub max_failures: u32,
+    /// Each failure counts for this long, then drops out of the count (failures decay).
     pub window: Duration,
     pub lockout: Duration,
 }
@@ -74,60 +76,173 @@ impl Default for AuthLimits {
     }
 }
 
-#[derive(Debug)]
-struct PeerFailures {
-    count: u32,
-    window_start: Instant,
-    locked_until: Option<Instant>,
+/// Spacing of a throttled address's failed answers: one per interval, however many it sends at once.
+pub const THROTTLE_INTERVAL: Duration = Duration::from_millis(500);
+/// A throttled address waiting longer than this for its next failed answer gets
+/// `ResourceExhausted` at once (its queue is full); valid credentials are never held back.
+pub const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(10);
+/// Addresses tracked at once: a spray of addresses cannot grow memory without bound.
+const MAX_ADDRESSES: usize = 100_000;
+const FAILURE_FORMAT: u8 = 1;
+
+/// A credential whose failures are counted wherever they come from, and which locks out.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Credential {
+    /// A token, by its id (the public half).
+    Token(String),
+    /// A custodian's passphrase, by custodian number.
+    Custodian(u8),
 }
 
-/// Counts failures per address; locks an address out once it exceeds the limit.
+impl Credential {
+    /// Its key in the store's lockout records.
+    pub fn key(&self) -> Vec<u8> {
+        match self {
+            Self::Token(id) => [b"t".as_slice(), id.as_bytes()].concat(),
+            Self::Custodian(n) => vec![b'c', *n],
+        }
+    }
+
+    pub fn from_key(key: &[u8]) -> Option<Self> {
+        match key.split_first()? {
+            (b't', id) => Some(Self::Token(String::from_utf8(id.to_vec()).ok()?)),
+            (b'c', [n]) => Some(Self::Custodian(*n)),
+            _ => None,
+        }
+    }
+}
+
+/// A credential's recent failures (wall-clock ms, so a record survives a restart) and its lockout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailureRecord {
+    pub format: u8,
+    pub failures: Vec<u64>,
+    pub locked_until_ms: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct AddressFailures {
+    failures: std::collections::VecDeque<u64>,
+    /// When the next throttled answer may leave (ms).
+    next_answer_ms: u64,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Counts failures per credential (locking it) and per address (throttling it).
 #[derive(Debug)]
 pub(crate) struct AuthGuard {
     limits: AuthLimits,
-    peers: Mutex<HashMap<IpAddr, PeerFailures>>,
+    addresses: Mutex<HashMap<IpAddr, AddressFailures>>,
+    credentials: Mutex<HashMap<Credential, FailureRecord>>,
 }
 
 impl AuthGuard {
     pub(crate) fn new(limits: AuthLimits) -> Self {
-        Self { limits, peers: Mutex::new(HashMap::new()) }
+        Self { limits, addresses: Mutex::new(HashMap::new()), credentials: Mutex::new(HashMap::new()) }
     }
 
-    pub(crate) fn locked(&self, ip: IpAddr, now: Instant) -> bool {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(&ip).and_then(|p| p.locked_until).is_some_and(|until| now < until)
+    /// Lockouts kept in the store from before a restart.
+    pub(crate) fn restore(&self, records: Vec<(Credential, FailureRecord)>) {
+        let mut creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        creds.extend(records);
     }
 
-    pub(crate) fn failed(&self, ip: IpAddr, now: Instant) {
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if peers.len() > 100_000 {
-            // Bounded memory under a spray of addresses: forget entries that no longer matter.
-            peers.retain(|_, p| {
-                p.locked_until.is_some_and(|u| now < u) || now - p.window_start < self.limits.window
-            });
-        }
-        let p = peers.entry(ip).or_insert(PeerFailures { count: 0, window_start: now, locked_until: None });
-        if now - p.window_start >= self.limits.window {
-            p.count = 0;
-            p.window_start = now;
-        }
-        p.count += 1;
-        if p.count >= self.limits.max_failures {
-            p.locked_until = Some(now + self.limits.lockout);
-            tracing::warn!(target: "khlang::auth", peer = %ip, "too many failed authentications; address locked out");
-        }
+    pub(crate) fn credential_locked(&self, c: &Credential, now_ms: u64) -> bool {
+        let creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        creds.get(c).and_then(|r| r.locked_until_ms).is_some_and(|until| now_ms < until)
     }
 
-    /// Takes back one failure counted ahead of a check that then succeeded (passphrases are
-    /// counted before their slow derivation). A success never clears the other failures: nine
-    /// guesses and one valid call must not start the count again.
-    pub(crate) fn forgive_one(&self, ip: IpAddr) {
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = peers.get_mut(&ip)
-            && p.locked_until.is_none()
+    /// Counts one failure of `c`. Returns its record when this failure locked it out: the
+    /// lockout is what must survive a restart (stored once per lockout, not once per failure,
+    /// so a flood of wrong guesses writes nothing).
+    pub(crate) fn credential_failed(&self, c: &Credential, now_ms: u64) -> Option<FailureRecord> {
+        let mut creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        let r = creds
+            .entry(c.clone())
+            .or_insert_with(|| FailureRecord { format: FAILURE_FORMAT, ..Default::default() });
+        let window = ms(self.limits.window);
+        r.failures.retain(|t| now_ms.saturating_sub(*t) < window);
+        if r.locked_until_ms.is_some_and(|u| now_ms >= u) {
+            r.locked_until_ms = None;
+        }
+        if r.locked_until_ms.is_some() {
+            return None;
+        }
+        r.failures.push(now_ms);
+        if r.failures.len() < self.limits.max_failures as usize {
+            return None;
+        }
+        r.locked_until_ms = Some(now_ms.saturating_add(ms(self.limits.lockout)));
+        r.failures.clear();
+        tracing::warn!(target: "khlang::auth", credential = %redacted(c), "too many failures; credential locked out");
+        Some(r.clone())
+    }
+
+    /// Takes back the failure counted ahead of a check that then succeeded (a passphrase is
+    /// counted before its slow derivation). The other failures stay: a success resets nothing.
+    pub(crate) fn credential_forgive(&self, c: &Credential) {
+        let mut creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = creds.get_mut(c)
+            && r.locked_until_ms.is_none()
         {
-            p.count = p.count.saturating_sub(1);
+            r.failures.pop();
         }
+    }
+
+    /// Counts a failed answer for `ip` and says when it may leave: at once while the address is
+    /// within its limit, then one per [`THROTTLE_INTERVAL`]; `None` when its queue is longer than
+    /// [`MAX_THROTTLE_WAIT`] (answer `ResourceExhausted` now).
+    pub(crate) fn address_failed(&self, ip: IpAddr, now_ms: u64) -> Option<Duration> {
+        let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let window = ms(self.limits.window);
+        if addresses.len() >= MAX_ADDRESSES && !addresses.contains_key(&ip) {
+            addresses.retain(|_, a| a.failures.back().is_some_and(|t| now_ms.saturating_sub(*t) < window));
+            if addresses.len() >= MAX_ADDRESSES {
+                return None;
+            }
+        }
+        let a = addresses.entry(ip).or_default();
+        while a.failures.front().is_some_and(|t| now_ms.saturating_sub(*t) >= window) {
+            a.failures.pop_front();
+        }
+        if a.failures.len() < self.limits.max_failures as usize {
+            a.failures.push_back(now_ms);
+            return Some(Duration::ZERO);
+        }
+        let at = a.next_answer_ms.max(now_ms);
+        let wait = at - now_ms;
+        if wait > ms(MAX_THROTTLE_WAIT) {
+            return None;
+        }
+        a.next_answer_ms = at + ms(THROTTLE_INTERVAL);
+        // Keep the count bounded: the newest failures are the ones that decide throttling.
+        a.failures.push_back(now_ms);
+        if a.failures.len() > self.limits.max_failures as usize * 4 {
+            a.failures.pop_front();
+        }
+        Some(Duration::from_millis(wait))
+    }
+
+    /// Whether `ip` is throttled now (its failures within the window reached the limit).
+    #[cfg(test)]
+    pub(crate) fn address_throttled(&self, ip: IpAddr, now_ms: u64) -> bool {
+        let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let window = ms(self.limits.window);
+        addresses.get(&ip).is_some_and(|a| {
+            a.failures.iter().filter(|t| now_ms.saturating_sub(**t) < window).count()
+                >= self.limits.max_failures as usize
+        })
+    }
+}
+
+/// A credential as logs may show it: the custodian number, or only that it was a token.
+fn redacted(c: &Credential) -> String {
+    match c {
+        Credential::Token(_) => "token".into(),
+        Credential::Custodian(n) => format!("custodian {n}"),
     }
 }
 
@@ -250,20 +365,46 @@ impl Vault {
         Ok(IssuedToken(Zeroizing::new(format!("{PREFIX}{token_id}_{}", secret_hex.as_str()))))
     }
 
-    /// Resolves what the caller presented to an active identity, or `Unauthenticated`.
+    /// Resolves what the caller presented to an active identity, or `Unauthenticated`. A token
+    /// that failed too often is locked out (`LockedOut`) even when right; an address that failed
+    /// too often is only slowed down ([`Vault::failure_answer_delay`]), never refused valid credentials.
     pub fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
-        let now = Instant::now();
-        if let Some(ip) = creds.peer
-            && self.auth_guard.locked(ip, now)
+        let now = now_ms();
+        let token_id = creds.token.and_then(parse).map(|(id, _)| id.to_owned());
+        if let Some(id) = &token_id
+            && self.auth_guard.credential_locked(&Credential::Token(id.clone()), now)
         {
             return Err(VaultError::LockedOut);
         }
         let result = self.verify(creds);
-        // A success clears nothing: failures decay with their window only.
-        if let (Some(ip), Err(VaultError::Unauthenticated)) = (creds.peer, &result) {
-            self.auth_guard.failed(ip, now);
+        if let (Some(id), Err(VaultError::Unauthenticated)) = (token_id, &result)
+            && self.store.get_token(&id).ok().flatten().is_some()
+        {
+            // A wrong secret for a real token: count it against that token, from any address.
+            let credential = Credential::Token(id);
+            if let Some(record) = self.auth_guard.credential_failed(&credential, now) {
+                self.persist_lockout(&credential, &record);
+            }
         }
         result
+    }
+
+    /// How long the answer to a failed authentication from `peer` waits (the address's
+    /// throttle), or `ResourceExhausted` when its queue is full. Valid credentials never wait.
+    pub fn failure_answer_delay(&self, peer: Option<IpAddr>) -> Result<Duration, VaultError> {
+        match peer {
+            Some(ip) => self.auth_guard.address_failed(ip, now_ms()).ok_or_else(|| {
+                VaultError::LimitExceeded("too many failed attempts from this address; slow down".into())
+            }),
+            None => Ok(Duration::ZERO),
+        }
+    }
+
+    /// Stores a lockout, so it survives a restart. Best effort: it holds in memory either way.
+    pub(crate) fn persist_lockout(&self, c: &Credential, record: &FailureRecord) {
+        if let Err(e) = self.store.put_failures(&c.key(), record) {
+            tracing::error!(target: "khlang::auth", error = %e, "could not store a lockout record");
+        }
     }
 
     fn verify(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
@@ -328,21 +469,65 @@ mod tests {
         assert!(parse(&format!("{good}00")).is_none());
     }
 
-    #[test]
-    fn guard_locks_out_after_the_limit_and_only_that_address() {
-        let guard = AuthGuard::new(AuthLimits {
-            max_failures: 3,
+    fn guard(max: u32) -> AuthGuard {
+        AuthGuard::new(AuthLimits {
+            max_failures: max,
             window: Duration::from_secs(60),
-            lockout: Duration::from_secs(60),
-        });
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let now = Instant::now();
-        guard.failed(a, now);
-        guard.failed(a, now);
-        assert!(!guard.locked(a, now));
-        guard.failed(a, now);
-        assert!(guard.locked(a, now));
-        assert!(!guard.locked(b, now));
-        assert!(!guard.locked(a, now + Duration::from_secs(61)), "lockout ends");
+            lockout: Duration::from_secs(120),
+        })
+    }
+
+    #[test]
+    fn a_credential_locks_after_the_limit_and_failures_decay() {
+        let g = guard(3);
+        let (c1, c2) = (Credential::Custodian(1), Credential::Token("ab".into()));
+        assert!(g.credential_failed(&c1, 0).is_none());
+        assert!(g.credential_failed(&c1, 30_000).is_none());
+        assert!(!g.credential_locked(&c1, 30_000));
+        // The first failure has decayed by 61 s: three within the window are needed.
+        assert!(g.credential_failed(&c1, 61_000).is_none());
+        assert!(!g.credential_locked(&c1, 61_000));
+        let r = g.credential_failed(&c1, 62_000).expect("locked now: stored");
+        assert!(g.credential_locked(&c1, 62_000));
+        assert_eq!(r.locked_until_ms, Some(182_000));
+        assert!(g.credential_failed(&c1, 63_000).is_none(), "stored once per lockout");
+        assert!(!g.credential_locked(&c2, 62_000), "only that credential");
+        assert!(!g.credential_locked(&c1, 182_000), "the lockout ends");
+        // A success takes back only the failure counted ahead of it.
+        g.credential_failed(&c2, 0);
+        g.credential_failed(&c2, 1);
+        g.credential_forgive(&c2);
+        assert!(g.credential_failed(&c2, 2).is_none(), "two failures left, not three");
+        assert!(g.credential_failed(&c2, 3).is_some());
+    }
+
+    #[test]
+    fn a_restored_lockout_holds() {
+        let g = guard(3);
+        let c = Credential::Custodian(2);
+        let record = FailureRecord { format: 1, failures: vec![], locked_until_ms: Some(10_000) };
+        assert_eq!(Credential::from_key(&c.key()), Some(c.clone()));
+        let t = Credential::Token("ff".into());
+        assert_eq!(Credential::from_key(&t.key()), Some(t));
+        g.restore(vec![(c.clone(), record)]);
+        assert!(g.credential_locked(&c, 9_999));
+    }
+
+    #[test]
+    fn an_address_is_throttled_not_locked() {
+        let g = guard(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(g.address_failed(ip, 0), Some(Duration::ZERO));
+        assert_eq!(g.address_failed(ip, 0), Some(Duration::ZERO));
+        assert!(g.address_throttled(ip, 0));
+        // Beyond the limit, answers leave one per interval, however many arrive at once.
+        assert_eq!(g.address_failed(ip, 0), Some(Duration::ZERO));
+        assert_eq!(g.address_failed(ip, 0), Some(THROTTLE_INTERVAL));
+        assert_eq!(g.address_failed(ip, 0), Some(THROTTLE_INTERVAL * 2));
+        let queued = (0..100).filter_map(|_| g.address_failed(ip, 0)).count();
+        assert!(queued <= (MAX_THROTTLE_WAIT.as_millis() / THROTTLE_INTERVAL.as_millis()) as usize);
+        assert_eq!(g.address_failed(ip, 0), None, "queue full");
+        assert!(!g.address_throttled("10.0.0.2".parse().unwrap(), 0));
+        assert!(!g.address_throttled(ip, 10 * 60_000), "failures decay");
     }
 }

@@ -22,8 +22,8 @@ pub enum VaultError {
     NotFound(&'static str),
     #[error("{0}")]
     AlreadyExists(String),
-    /// Too many failed authentications from this address (PCI DSS 8.3.4).
-    #[error("too many failed authentication attempts from this address; try again later")]
+    /// Too many failed attempts with this credential, from anywhere (PCI DSS 8.3.4).
+    #[error("this credential is locked after too many failed attempts; try again later")]
     LockedOut,
     /// Stored ciphertext failed to authenticate: moved, altered, or its key is gone.
     #[error("record {record_id}: {what} failed its integrity check")]

@@ -122,9 +122,15 @@ impl Api {
         };
         match self.vault.authenticate(creds) {
             Ok(identity) => Ok(Caller { identity, peer, request_id, client_request_id }),
-            Err(e) => {
+            Err(mut e) => {
+                let mut answer_at = started + FAILED_AUTH_FLOOR;
                 if matches!(e, VaultError::Unauthenticated | VaultError::LockedOut) {
                     tracing::warn!(target: "khlang::auth", request_id, peer = ?peer, "authentication failed");
+                    // The address is throttled, not locked: its failed answers wait their turn.
+                    match self.vault.failure_answer_delay(peer.map(|p| p.ip())) {
+                        Ok(d) => answer_at = answer_at.max(Instant::now() + d),
+                        Err(full) => e = full,
+                    }
                 }
                 // Refused either way; if even this cannot be recorded, the server log says so.
                 if let Err(audit) =
@@ -132,9 +138,7 @@ impl Api {
                 {
                     tracing::error!(request_id, error = %audit, "could not audit a refused request");
                 }
-                if matches!(e, VaultError::Unauthenticated | VaultError::LockedOut) {
-                    tokio::time::sleep_until(started + FAILED_AUTH_FLOOR).await;
-                }
+                tokio::time::sleep_until(answer_at).await;
                 Err(status(e, &request_id))
             }
         }
@@ -469,6 +473,7 @@ impl From<AuditEntry> for pb::AuditEntry {
             regulations_version: e.regulations_version,
             key_versions: e.key_versions,
             outcome: e.outcome,
+            repeated: e.repeated,
         }
     }
 }
@@ -695,16 +700,26 @@ fn custodian_in(n: u32) -> Result<u8, VaultError> {
 
 /// Runs a custodian's call (Argon2id, slow on purpose) off the async runtime. These calls carry
 /// no token: the passphrase is the credential, and the vault audits each attempt itself.
+/// A wrong passphrase or nonce is a failure of its address too: the answer waits its turn.
 async fn custodian_call<T: Send + 'static>(
     vault: &Arc<Vault>,
     request_id: &str,
+    peer: Option<std::net::SocketAddr>,
     call: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
 ) -> Result<T, Status> {
-    let vault = vault.clone();
-    tokio::task::spawn_blocking(move || call(&vault))
+    let v = vault.clone();
+    let result = tokio::task::spawn_blocking(move || call(&v))
         .await
-        .map_err(|_| Status::internal(format!("internal error (request id {request_id})")))?
-        .map_err(|e| status(e, request_id))
+        .map_err(|_| Status::internal(format!("internal error (request id {request_id})")))?;
+    match result {
+        Ok(value) => Ok(value),
+        Err(VaultError::PermissionDenied(m)) => {
+            let wait = vault.failure_answer_delay(peer.map(|p| p.ip())).map_err(|e| status(e, request_id))?;
+            tokio::time::sleep(wait).await;
+            Err(status(VaultError::PermissionDenied(m), request_id))
+        }
+        Err(e) => Err(status(e, request_id)),
+    }
 }
 
 #[tonic::async_trait]
@@ -716,9 +731,10 @@ impl Operator for Api {
     ) -> Result<Response<pb::SealState>, Status> {
         let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
         let rid = request_id.clone();
-        let out =
-            custodian_call(&self.vault, &request_id, move |v| v.seal_status_audited(peer, &rid, &client_id))
-                .await?;
+        let out = custodian_call(&self.vault, &request_id, peer, move |v| {
+            v.seal_status_audited(peer, &rid, &client_id)
+        })
+        .await?;
         Ok(stamped(out.into(), &request_id))
     }
 
@@ -728,7 +744,7 @@ impl Operator for Api {
         let msg = req.into_inner();
         let passphrase = Zeroizing::new(msg.passphrase);
         let rid = request_id.clone();
-        let out = custodian_call(&self.vault, &request_id, move |v| {
+        let out = custodian_call(&self.vault, &request_id, peer, move |v| {
             v.unseal_with(custodian_in(msg.custodian)?, passphrase.as_bytes(), peer, &rid, &client_id)
         })
         .await?;
@@ -744,7 +760,7 @@ impl Operator for Api {
         let msg = req.into_inner();
         let (old, new) = (Zeroizing::new(msg.old_passphrase), Zeroizing::new(msg.new_passphrase));
         let rid = request_id.clone();
-        custodian_call(&self.vault, &request_id, move |v| {
+        custodian_call(&self.vault, &request_id, peer, move |v| {
             v.change_passphrase(
                 custodian_in(msg.custodian)?,
                 old.as_bytes(),
@@ -785,7 +801,7 @@ impl Operator for Api {
         let passphrase = Zeroizing::new(msg.passphrase);
         let nonce = Zeroizing::new(msg.nonce);
         let rid = request_id.clone();
-        let out = custodian_call(&self.vault, &request_id, move |v| {
+        let out = custodian_call(&self.vault, &request_id, peer, move |v| {
             v.rekey_passphrase(
                 &nonce,
                 custodian_in(msg.custodian)?,
@@ -809,7 +825,7 @@ impl Operator for Api {
         let passphrase = Zeroizing::new(msg.passphrase);
         let nonce = Zeroizing::new(msg.nonce);
         let rid = request_id.clone();
-        let out = custodian_call(&self.vault, &request_id, move |v| {
+        let out = custodian_call(&self.vault, &request_id, peer, move |v| {
             v.rekey_approve(
                 &nonce,
                 custodian_in(msg.custodian)?,
@@ -1105,6 +1121,14 @@ pub async fn serve(
                         health.set_serving::<SubjectsServer<Api>>().await;
                     }
                     shown = Some(broken);
+                }
+                {
+                    // Summaries of repeated unauthenticated events, once their interval ends.
+                    let vault = vault.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || vault.write_repeats(false)).await
+                    {
+                        tracing::error!(error = %e, "could not write the summaries of repeated events");
+                    }
                 }
                 if !history_checked && !vault.is_sealed() {
                     // About a second per million entries, on the blocking pool.

@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod policy;
 pub mod regulations;
 pub mod rekey;
+mod repeats;
 pub mod store;
 mod vault;
 

@@ -172,7 +172,7 @@ impl Vault {
         entry.client_request_id = clean(client_request_id);
         let status = self.seal_status()?;
         entry.reason = if status.sealed { "sealed".into() } else { "unsealed".into() };
-        self.commit_now(entry, Changes::none())?;
+        self.commit_repeatable_now(entry)?;
         Ok(status)
     }
 
@@ -215,7 +215,7 @@ impl Vault {
         entry.request_id = clean(request_id);
         entry.client_request_id = clean(client_request_id);
         let was_sealed = self.is_sealed();
-        let result = self.try_unseal(custodian, passphrase, peer);
+        let result = self.try_unseal(custodian, passphrase);
         match &result {
             Ok(s) if s.sealed => {
                 entry.reason = format!("share {} of {} needed received", s.received.len(), s.threshold)
@@ -226,7 +226,7 @@ impl Vault {
                 entry.reason = clean(&e.to_string());
             }
         }
-        if let Err(e) = self.commit_now(entry, Changes::none()) {
+        if let Err(e) = self.commit_custodian(entry) {
             // Unaudited, so undone: a vault this call unsealed goes back to sealed.
             if was_sealed {
                 self.drop_keys();
@@ -240,30 +240,26 @@ impl Vault {
     }
 
     /// Runs a passphrase's key derivation: in one of the gate's few slots, counted as a failure of
-    /// its address before the derivation starts (an address at its limit gets `LockedOut` without
-    /// one), and forgiven only when the passphrase was right.
+    /// the custodian before the derivation starts (a custodian locked out gets `LockedOut` without
+    /// one, from any address, even with the right passphrase), and taken back only when right.
     pub(crate) fn passphrase_check<T>(
         &self,
-        ip: Option<std::net::IpAddr>,
         custodian: u8,
         derive: impl FnOnce() -> Result<T, KeyError>,
     ) -> Result<T, VaultError> {
         let _slot = self.derivations.enter()?;
-        if let Some(ip) = ip {
-            let now = Instant::now();
-            if self.auth_guard.locked(ip, now) {
-                return Err(VaultError::LockedOut);
-            }
-            self.auth_guard.failed(ip, now);
-            if self.auth_guard.locked(ip, now) {
-                return Err(VaultError::LockedOut);
-            }
+        let credential = crate::auth::Credential::Custodian(custodian);
+        let now = now_ms();
+        if self.auth_guard.credential_locked(&credential, now) {
+            return Err(VaultError::LockedOut);
+        }
+        if let Some(record) = self.auth_guard.credential_failed(&credential, now) {
+            self.persist_lockout(&credential, &record);
+            return Err(VaultError::LockedOut);
         }
         match derive() {
             Ok(v) => {
-                if let Some(ip) = ip {
-                    self.auth_guard.forgive_one(ip);
-                }
+                self.auth_guard.credential_forgive(&credential);
                 Ok(v)
             }
             Err(KeyError::WrongPassphrase) => Err(wrong_passphrase(custodian)),
@@ -271,16 +267,10 @@ impl Vault {
         }
     }
 
-    fn try_unseal(
-        &self,
-        custodian: u8,
-        passphrase: &[u8],
-        peer: Option<SocketAddr>,
-    ) -> Result<SealStatus, VaultError> {
+    fn try_unseal(&self, custodian: u8, passphrase: &[u8]) -> Result<SealStatus, VaultError> {
         if !self.is_sealed() {
             return Err(VaultError::FailedPrecondition("the vault is already unsealed".into()));
         }
-        let ip = peer.map(|p| p.ip());
         match self.store.custody()? {
             Custody::Single { sealed_root } => {
                 if custodian != 1 {
@@ -288,8 +278,7 @@ impl Vault {
                         "this vault has a single custodian, number 1".into(),
                     ));
                 }
-                let root =
-                    self.passphrase_check(ip, custodian, || unseal_root_key(&sealed_root, passphrase))?;
+                let root = self.passphrase_check(custodian, || unseal_root_key(&sealed_root, passphrase))?;
                 self.install_root(root)?;
             }
             Custody::Shares { threshold, sealed } => {
@@ -300,7 +289,7 @@ impl Vault {
                             sealed.len()
                         ))
                     })?;
-                let share = self.passphrase_check(ip, custodian, || unseal_share(stored, passphrase))?;
+                let share = self.passphrase_check(custodian, || unseal_share(stored, passphrase))?;
                 let root = {
                     let mut pending = self.pending_shares.lock().unwrap_or_else(|p| p.into_inner());
                     pending.retain(|p| p.index() != share.index());
@@ -354,7 +343,6 @@ impl Vault {
         entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
         entry.request_id = clean(request_id);
         entry.client_request_id = clean(client_request_id);
-        let ip = peer.map(|p| p.ip());
         let resealed = (|| {
             check_new_passphrase(new)?;
             let sealed = match self.store.custody()? {
@@ -366,7 +354,7 @@ impl Vault {
                     return Err(VaultError::InvalidArgument(format!("custodian {custodian} does not exist")));
                 }
             };
-            self.passphrase_check(ip, custodian, || reseal(&sealed, old, new, &self.rng))
+            self.passphrase_check(custodian, || reseal(&sealed, old, new, &self.rng))
         })();
         match &resealed {
             Ok(_) => entry.reason = "passphrase changed".into(),
@@ -376,7 +364,7 @@ impl Vault {
             }
         }
         // Audited before it takes effect: an unauditable change is not made.
-        self.commit_now(entry, Changes::none())?;
+        self.commit_custodian(entry)?;
         self.store.replace_sealed(custodian, &resealed?)?;
         Ok(())
     }

@@ -147,10 +147,13 @@ struct ServerArgs {
     /// Allow plaintext (no TLS) on an address other than loopback.
     #[arg(long)]
     allow_plaintext: bool,
-    /// Failed authentications from one address before it is locked out (PCI DSS 8.3.4: at most 10).
+    /// Failures of one credential (a token, a custodian's passphrase) within 15 minutes that lock
+    /// it out, from any address (PCI DSS 8.3.4: at most 10); an address failing more than this is
+    /// throttled, never locked.
     #[arg(long, default_value_t = AuthLimits::default().max_failures)]
     auth_max_failures: u32,
-    /// How long a locked-out address stays locked, in seconds (PCI DSS 8.3.4: at least 1800).
+    /// How long a locked-out credential stays locked, in seconds (PCI DSS 8.3.4: at least 1800);
+    /// a lockout survives a restart.
     #[arg(long, default_value_t = AuthLimits::default().lockout.as_secs())]
     auth_lockout_secs: u64,
     /// Largest gRPC message accepted, in bytes.

@@ -231,7 +231,6 @@ impl Vault {
         let sealed = (|| {
             let ceremony = slot.as_mut().filter(|c| now_ms() < c.expires_ms).ok_or_else(no_ceremony)?;
             if !ceremony.nonce_matches(nonce) {
-                self.count_wrong_nonce(peer);
                 return Err(VaultError::PermissionDenied("wrong rekey nonce".into()));
             }
             let index = (custodian as usize)
@@ -270,7 +269,7 @@ impl Vault {
             }
         }
         // Audited before it counts: an unauditable step is not taken.
-        self.commit_now(entry, Changes::none())?;
+        self.commit_custodian(entry)?;
         let (index, digest, sealed) = sealed?;
         let ceremony = slot.as_mut().ok_or_else(no_ceremony)?;
         ceremony.sealed[index] = Some(sealed);
@@ -303,7 +302,6 @@ impl Vault {
             self.unsealed()?;
             let ceremony = slot.as_mut().filter(|c| now_ms() < c.expires_ms).ok_or_else(no_ceremony)?;
             if !ceremony.nonce_matches(nonce) {
-                self.count_wrong_nonce(peer);
                 return Err(VaultError::PermissionDenied("wrong rekey nonce".into()));
             }
             let missing = ceremony.missing();
@@ -313,7 +311,6 @@ impl Vault {
                     missing.join(", ")
                 )));
             }
-            let ip = peer.map(|p| p.ip());
             // The current root key, proven by this approval (with the others before it).
             let proven: Option<RootKey> = match &custody {
                 Custody::Single { sealed_root } => {
@@ -322,7 +319,7 @@ impl Vault {
                             "this vault has a single custodian, number 1".into(),
                         ));
                     }
-                    Some(self.passphrase_check(ip, custodian, || unseal_root_key(sealed_root, passphrase))?)
+                    Some(self.passphrase_check(custodian, || unseal_root_key(sealed_root, passphrase))?)
                 }
                 Custody::Shares { threshold, sealed } => {
                     let stored =
@@ -332,7 +329,7 @@ impl Vault {
                                 sealed.len()
                             ))
                         })?;
-                    let share = self.passphrase_check(ip, custodian, || unseal_share(stored, passphrase))?;
+                    let share = self.passphrase_check(custodian, || unseal_share(stored, passphrase))?;
                     ceremony.approvals.retain(|s| s.index() != share.index());
                     ceremony.approvals.push(share);
                     if ceremony.approvals.len() < *threshold as usize {
@@ -369,7 +366,7 @@ impl Vault {
                 entry.reason = clean(&e.to_string());
             }
         }
-        self.commit_now(entry, Changes::none())?;
+        self.commit_custodian(entry)?;
         if step?.is_none() {
             return ceremony_status.ok_or_else(no_ceremony);
         }
@@ -423,12 +420,5 @@ impl Vault {
         status.approved.clear();
         status.done = true;
         Ok(status)
-    }
-
-    /// A wrong nonce is a failed credential of its address.
-    fn count_wrong_nonce(&self, peer: Option<SocketAddr>) {
-        if let Some(ip) = peer.map(|p| p.ip()) {
-            self.auth_guard.failed(ip, std::time::Instant::now());
-        }
     }
 }

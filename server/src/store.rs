@@ -746,6 +746,24 @@ impl Store {
         self.vault.scan_prefix(b"p").map(|kv| Self::decode(&kv?.1, "identity request")).collect()
     }
 
+    /// A credential's failure record (`L` ‖ credential key), written outside any request's batch:
+    /// a lockout holds whether or not the request that caused it commits.
+    pub fn put_failures<T: Serialize>(&self, credential: &[u8], record: &T) -> Result<(), StoreError> {
+        self.vault.insert([b"L".as_slice(), credential].concat(), Self::encode(record, "lockout record")?)?;
+        Ok(())
+    }
+
+    /// Every credential's failure record, `(credential key, record)`.
+    pub fn failure_records<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        self.vault
+            .scan_prefix(b"L")
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k[1..].to_vec(), Self::decode(&v, "lockout record")?))
+            })
+            .collect()
+    }
+
     pub fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
         let key = [b"t".as_slice(), token_id.as_bytes()].concat();
         self.vault.get(key)?.map(|b| Self::decode(&b, "token")).transpose()

@@ -97,6 +97,9 @@ pub struct VaultOptions {
     pub seal_params: SealParams,
     /// How long a request to create a privileged identity waits for its approval.
     pub identity_request_ttl: Duration,
+    /// The interval over which identical unauthenticated events from one address are counted
+    /// into one summary entry instead of written one by one.
+    pub audit_repeat_interval: Duration,
 }
 
 impl Default for VaultOptions {
@@ -116,6 +119,7 @@ impl Default for VaultOptions {
             job_pacing: crate::lifecycle::JobPacing::default(),
             seal_params: SealParams::DEFAULT,
             identity_request_ttl: crate::identities::IDENTITY_REQUEST_TTL,
+            audit_repeat_interval: crate::repeats::REPEAT_INTERVAL,
         }
     }
 }
@@ -220,6 +224,7 @@ pub struct Vault {
     pub(crate) job_pacing: crate::lifecycle::JobPacing,
     seal_params: SealParams,
     pub(crate) identity_request_ttl: Duration,
+    repeats: crate::repeats::Repeats,
     regulations: RwLock<Arc<Regulations>>,
     regulations_path: Option<PathBuf>,
     pub(crate) rng: OsRandom,
@@ -434,6 +439,7 @@ impl Vault {
             job_pacing: options.job_pacing,
             seal_params: options.seal_params,
             identity_request_ttl: options.identity_request_ttl,
+            repeats: crate::repeats::Repeats::new(options.audit_repeat_interval),
             regulations: RwLock::new(options.regulations.clone()),
             regulations_path: options.regulations_path.clone(),
             rng: OsRandom::new(),
@@ -449,6 +455,14 @@ impl Vault {
         for warning in &options.regulations.warnings {
             tracing::warn!(version = %options.regulations.version, "regulations: {warning}");
         }
+        // Lockouts survive a restart: a custodian locked before it is locked after.
+        let records: Vec<(Vec<u8>, crate::auth::FailureRecord)> = vault.store.failure_records()?;
+        vault.auth_guard.restore(
+            records
+                .into_iter()
+                .filter_map(|(k, r)| Some((crate::auth::Credential::from_key(&k)?, r)))
+                .collect(),
+        );
         Ok(vault)
     }
 
@@ -531,6 +545,7 @@ impl Vault {
 
     /// Signs the audit log's head and flushes everything to disk (shutdown).
     pub fn flush(&self) -> Result<(), VaultError> {
+        self.write_repeats(true)?;
         self.audit.checkpoint_now()?;
         Ok(self.store.flush_now()?)
     }
@@ -770,6 +785,57 @@ impl Vault {
         }
     }
 
+    /// Writes an unauthenticated event unless it repeats one from its address within the
+    /// interval (then it is counted into that kind's summary); writes the summaries that are due
+    /// first. Returns the seq to wait for, if anything was written.
+    fn commit_repeatable(&self, entry: AuditEntry) -> Result<Option<u64>, VaultError> {
+        let (admit, due) = self.repeats.admit(&entry, now_ms());
+        let mut last = None;
+        for summary in due {
+            if let Committed::Done(seq) = self.audit.commit(&self.store, summary, Changes::none())? {
+                last = Some(seq);
+            }
+        }
+        if let crate::repeats::Admit::Write = admit
+            && let Committed::Done(seq) = self.audit.commit(&self.store, entry, Changes::none())?
+        {
+            last = Some(seq);
+        }
+        Ok(last)
+    }
+
+    /// [`Vault::commit_repeatable`], then durable (off the async runtime: it syncs).
+    pub(crate) fn commit_repeatable_now(&self, entry: AuditEntry) -> Result<(), VaultError> {
+        if self.commit_repeatable(entry)?.is_some() {
+            self.audit.sync_now()?;
+        }
+        Ok(())
+    }
+
+    /// A custodian call's entry: refusals for load (busy, locked out, throttled) repeat by the
+    /// thousand and are counted; every other outcome is written and synced.
+    pub(crate) fn commit_custodian(&self, entry: AuditEntry) -> Result<(), VaultError> {
+        if entry.outcome == "ResourceExhausted" {
+            self.commit_repeatable_now(entry)
+        } else {
+            self.commit_now(entry, Changes::none())
+        }
+    }
+
+    /// Writes the summaries of repeated events whose interval ended (`all`: every one, at
+    /// shutdown). Returns how many.
+    pub fn write_repeats(&self, all: bool) -> Result<usize, VaultError> {
+        let due = if all { self.repeats.all() } else { self.repeats.ended(now_ms()) };
+        let n = due.len();
+        for summary in due {
+            self.audit.commit(&self.store, summary, Changes::none())?;
+        }
+        if n > 0 {
+            self.audit.sync_now()?;
+        }
+        Ok(n)
+    }
+
     /// Records a request refused before it had an identity (failed authentication, lockout).
     pub async fn audit_refused(
         &self,
@@ -791,9 +857,9 @@ impl Vault {
             outcome: error.code_name().into(),
             ..AuditEntry::default()
         };
-        match self.audit.commit(&self.store, entry, Changes::none())? {
-            Committed::Done(seq) => self.audit.durable(seq).await,
-            Committed::Conflict => Ok(()),
+        match self.commit_repeatable(entry)? {
+            Some(seq) => self.audit.durable(seq).await,
+            None => Ok(()),
         }
     }
 

@@ -328,3 +328,22 @@ pub fn dev_token(data: &Path, identity: &str) -> String {
         serde_json::from_slice(&std::fs::read(data.join("dev-credentials.json")).unwrap()).unwrap();
     creds[identity].as_str().unwrap().to_owned()
 }
+
+/// A client whose connection leaves from `local` (any 127.x.y.z works on loopback), so a test can
+/// be several addresses at once.
+pub async fn client_from(url: &str, local: std::net::IpAddr, token: Option<&str>) -> Client {
+    let target: SocketAddr = url.trim_start_matches("http://").parse().expect("a http://ip:port url");
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(local, 0))?;
+        let stream = socket.connect(target).await?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("endpoint")
+        .connect_with_connector(connector)
+        .await
+        .expect("connect");
+    Client::with_channel(channel, token).expect("client")
+}

@@ -318,7 +318,13 @@ async fn a_damaged_stored_record_is_data_loss_naming_it() {
 async fn request_ids_are_the_servers_and_the_callers_is_kept_beside() {
     use khlang_proto::pb;
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    // Repeated unauthenticated calls are counted, not written, within an interval
+    // (`unauthenticated_floods_are_counted_not_written`); here each is written.
+    let options = khlang_server::VaultOptions {
+        audit_repeat_interval: std::time::Duration::ZERO,
+        ..TestServer::options(dir.path())
+    };
+    let server = TestServer::start_with(dir.path(), options).await;
     let id = server.client().await.put("rid", [("age", "30")]).await.unwrap();
     let mut raw = pb::records_client::RecordsClient::connect(server.url()).await.unwrap();
     let mut operator = pb::operator_client::OperatorClient::connect(server.url()).await.unwrap();
@@ -713,5 +719,173 @@ async fn a_key_admin_cannot_rekey_alone() {
     ] {
         assert!(outcomes.iter().any(|(r, o)| r == rpc && o == outcome), "{rpc} {outcome}: {outcomes:?}");
     }
+    server.stop().await;
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+/// Options with a small failure limit (the harness's default is high so other tests' bad tokens
+/// lock nothing).
+fn strict(dir: &std::path::Path, max_failures: u32) -> khlang_server::VaultOptions {
+    khlang_server::VaultOptions {
+        auth: khlang_server::AuthLimits { max_failures, ..Default::default() },
+        ..TestServer::options(dir)
+    }
+}
+
+/// Unauthenticated failures throttle their address but lock nobody out: after twenty bad tokens
+/// from one address its failed answers are spaced out, while a valid token from that same address
+/// is answered at once, and custodians there still unseal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_failures_throttle_the_address_but_lock_out_no_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), strict(dir.path(), 5)).await;
+    let attacker = ip("127.0.0.5");
+    let mut bad = client_from(&server.url(), attacker, Some("khl_not_a_token")).await;
+    for _ in 0..6 {
+        assert_eq!(bad.list("x").await.unwrap_err().code(), Some(Code::Unauthenticated));
+    }
+    let started = std::time::Instant::now();
+    for _ in 0..4 {
+        let code = bad.list("x").await.unwrap_err().code();
+        assert!(matches!(code, Some(Code::Unauthenticated)), "{code:?}");
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1400),
+        "throttled: {:?}",
+        started.elapsed()
+    );
+    let mut good = client_from(&server.url(), attacker, Some(&server.token)).await;
+    let started = std::time::Instant::now();
+    good.put("throttle", [("age", "30")]).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_millis(400), "a valid token is not held back");
+    server.stop().await;
+}
+
+/// A custodian's passphrase locks after its limit of wrong tries, from any mix of addresses; the
+/// right passphrase is then refused from anywhere, other custodians are unaffected, wrong tries
+/// for one custodian do not stop another's unseal from the same address, and the lockout
+/// survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custodian_locks_out_from_any_address_and_stays_locked_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = strict(dir.path(), 3);
+    let passes: Vec<&[u8]> = CUSTODIANS.iter().map(|p| p.as_bytes()).collect();
+    let vault = khlang_server::Vault::init_custodians(
+        dir.path(),
+        2,
+        &passes,
+        khlang_keys::SealParams::MINIMUM,
+        &options,
+    )
+    .unwrap();
+    let server = TestServer::start_vault(dir.path(), options.clone(), vault).await;
+    let url = server.url();
+    for (n, from) in ["127.0.0.6", "127.0.0.7"].into_iter().enumerate() {
+        let mut c = client_from(&url, ip(from), None).await;
+        let e = c.unseal(1, &format!("wrong guess number {n} here")).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    }
+    let mut third = client_from(&url, ip("127.0.0.8"), None).await;
+    let e = third.unseal(1, "wrong guess number 3 here").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "the third try locks, before deriving: {e}");
+    let e = third.unseal(1, CUSTODIANS[0]).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "locked even with the right passphrase: {e}");
+    // Custodian 2, from an address that just failed for custodian 1, is not held back.
+    assert_eq!(
+        client_from(&url, ip("127.0.0.6"), None).await.unseal(2, CUSTODIANS[1]).await.unwrap().received,
+        vec![2]
+    );
+    server.stop().await;
+
+    let vault = khlang_server::Vault::open_sealed(dir.path(), &options).unwrap();
+    let server = TestServer::start_vault(dir.path(), options, vault).await;
+    let e =
+        client_from(&server.url(), ip("127.0.0.9"), None).await.unseal(1, CUSTODIANS[0]).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "the lockout survives a restart: {e}");
+    let locked = server.audit_entries().into_iter().filter(|e| e.identity == "custodian-1").count();
+    assert!(locked >= 4, "every try is on the record");
+    server.stop().await;
+}
+
+/// A real token's id with wrong secrets locks that token (from any address), not another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secrets_for_a_real_token_lock_that_token_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), strict(dir.path(), 3)).await;
+    let real = server.token.clone();
+    let (id, secret) = real.trim_start_matches("khl_").split_once('_').unwrap();
+    let forged = format!("khl_{id}_{}", "0".repeat(secret.len()));
+    for (n, from) in ["127.0.0.10", "127.0.0.11", "127.0.0.12"].into_iter().enumerate() {
+        let e = client_from(&server.url(), ip(from), Some(&forged)).await.list("x").await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::Unauthenticated), "try {n}: {e}");
+    }
+    let e = server.client().await.list("x").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "the real token is locked: {e}");
+    let mut other = server.client_as("registration-app").await;
+    other.list("x").await.unwrap();
+    server.stop().await;
+}
+
+/// A flood of unauthenticated calls writes at most a first entry and a summary per address, RPC,
+/// outcome and interval, and the summaries' counts add up to every call made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_floods_are_counted_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = khlang_server::VaultOptions {
+        audit_repeat_interval: std::time::Duration::from_millis(300),
+        ..TestServer::options(dir.path())
+    };
+    let server = TestServer::start_with(dir.path(), options).await;
+    let before = server.audit_entries().len();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let url = server.url();
+        tasks.push(tokio::spawn(async move {
+            let mut status = client_from(&url, ip("127.0.0.20"), None).await;
+            let mut bad = client_from(&url, ip("127.0.0.21"), Some("khl_garbage")).await;
+            for _ in 0..250 {
+                status.seal_status().await.unwrap();
+            }
+            for _ in 0..if t == 0 { 100 } else { 0 } {
+                bad.list("x").await.unwrap_err();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    client_from(&server.url(), ip("127.0.0.22"), None).await.seal_status().await.unwrap();
+    let elapsed_intervals = started.elapsed().as_millis() as usize / 300 + 2;
+    let counted = |rpc: &str, peer: &str| {
+        let entries = server.audit_entries();
+        let mine: Vec<_> =
+            entries[before..].iter().filter(|e| e.rpc == rpc && e.peer.starts_with(peer)).cloned().collect();
+        (mine.len(), mine.iter().map(|e| if e.repeated > 0 { e.repeated } else { 1 }).sum::<u64>())
+    };
+    let mut waited = 0;
+    while (counted("SealStatus", "127.0.0.20").1, counted("ListRecords", "127.0.0.21").1) != (1000, 100) {
+        assert!(
+            waited < 50,
+            "counts never added up: {:?} {:?}",
+            counted("SealStatus", "127.0.0.20"),
+            counted("ListRecords", "127.0.0.21")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    let (written, total) = counted("SealStatus", "127.0.0.20");
+    assert_eq!(total, 1000);
+    assert!(
+        written <= 2 * elapsed_intervals,
+        "{written} entries for 1000 calls over {elapsed_intervals} intervals"
+    );
+    assert!(counted("ListRecords", "127.0.0.21").0 <= 2 * elapsed_intervals);
+    assert_eq!(counted("SealStatus", "127.0.0.22"), (1, 1), "another address is another event, written");
+    let summary = server.audit_entries().into_iter().find(|e| e.repeated > 0).unwrap();
+    assert!(summary.reason.contains("more like this from 127.0.0."), "{summary:?}");
     server.stop().await;
 }
