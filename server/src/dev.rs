@@ -54,8 +54,22 @@ pub async fn open_dev_vault(
     dir: &Path,
     options: &VaultOptions,
 ) -> Result<(Vault, DevCredentials), VaultError> {
-    let vault = Vault::open_or_init(dir, DEV_PASSPHRASE.as_bytes(), SealParams::MINIMUM, options)?;
+    let vault = Vault::open_or_init_sealed(dir, DEV_PASSPHRASE.as_bytes(), SealParams::MINIMUM, options)?;
     let path = dir.join(CREDENTIALS_FILE);
+    match vault.unseal_with(1, DEV_PASSPHRASE.as_bytes(), None, "", "") {
+        Ok(_) => {}
+        Err(VaultError::PermissionDenied(_)) => {
+            // The custodian changed the development passphrase: the vault cannot unseal itself,
+            // so it serves sealed with the credentials it had, and says how to go on.
+            tracing::warn!(
+                "the development passphrase was changed (khlang operator passwd): serving SEALED; \
+                 unseal with `khlang operator unseal --custodian 1`; tokens are those of {}",
+                path.display()
+            );
+            return Ok((vault, read_credentials(&path).unwrap_or_default()));
+        }
+        Err(e) => return Err(e),
+    }
     let revoked = |name: &str| vault.identity_is_revoked(name).unwrap_or(false);
     let written = |creds: &DevCredentials| {
         write_credentials(&path, creds)

@@ -609,6 +609,12 @@ async fn main() -> anyhow::Result<()> {
                 bench_plaintext_baseline,
                 tls.is_some(),
             );
+            if vault.is_sealed() {
+                println!(
+                    "SEALED: the development passphrase was changed; unseal with \
+                     `khlang operator unseal --custodian 1` and your new passphrase."
+                );
+            }
             if bench_skip_policy {
                 println!("!! BENCHMARK BASELINE: the regulations are NOT enforced !!");
             }

@@ -399,12 +399,23 @@ impl Vault {
         params: SealParams,
         options: &VaultOptions,
     ) -> Result<Self, VaultError> {
+        Self::unsealed_with(Self::open_or_init_sealed(dir, passphrase, params, options)?, passphrase)
+    }
+
+    /// Opens the vault in `dir` sealed, creating it first (sealed under `passphrase`) if the
+    /// folder holds none.
+    pub fn open_or_init_sealed(
+        dir: &Path,
+        passphrase: &[u8],
+        params: SealParams,
+        options: &VaultOptions,
+    ) -> Result<Self, VaultError> {
         // One open of the store: sled releases its lock only after its own threads let go.
         let store = Self::open_store(dir, options.durability)?;
         if !store.is_initialised()? {
             Self::init_store(&store, 1, &[passphrase], params, options.mode)?;
         }
-        Self::unsealed_with(Self::from_store(store, options)?, passphrase)
+        Self::from_store(store, options)
     }
 
     /// Opens an initialised vault without unsealing it: only status and unseal answer until

@@ -712,3 +712,36 @@ fn archive_audit_command_keeps_what_the_retention_keeps() {
     assert_eq!(stdout(&none).trim(), "nothing to archive: no signed checkpoint is older than 400 days");
     assert!(!out.exists());
 }
+
+/// `khlangd dev` restarts after its custodian changed the development passphrase: it cannot
+/// unseal itself, so it serves sealed, says so, and unseals with the new passphrase.
+#[test]
+fn khlangd_dev_restarts_sealed_after_its_passphrase_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let args = ["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
+    let (mut child, url) = spawn_khlangd(&args);
+    let url = url.unwrap();
+    let new_pass = "a passphrase only this custodian knows";
+    let change = tmp.path().join("change");
+    std::fs::write(&change, format!("{}\n{new_pass}\n", khlang_server::dev::DEV_PASSPHRASE)).unwrap();
+    let changed = khlang_anon(&url, &["operator", "passwd", "--passphrase-file", change.to_str().unwrap()]);
+    assert!(changed.status.success(), "{changed:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, url, log) = spawn_khlangd_logged(&args, "info");
+    let url = url.unwrap();
+    let status = stdout(&khlang_anon(&url, &["operator", "status"]));
+    assert!(status.starts_with("SEALED"), "{status}");
+    let unseal_file = write_passphrase(tmp.path(), new_pass);
+    let unsealed = stdout(&khlang_anon(&url, &["operator", "unseal", "--passphrase-file", &unseal_file]));
+    assert!(unsealed.starts_with("unsealed"), "{unsealed}");
+    let token = dev_token(&data, "registration-app");
+    let put = khlang(&url, &token, &["put", "--subject", "dev-sealed", "postal_code=80000"]);
+    assert!(put.status.success(), "the credentials file's tokens still work: {put:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let all = log.recv_timeout(std::time::Duration::from_secs(10)).unwrap().unwrap_err();
+    assert!(all.contains("the development passphrase was changed"), "{all}");
+}
