@@ -345,6 +345,12 @@ impl Vault {
         entry.client_request_id = clean(client_request_id);
         let resealed = (|| {
             check_new_passphrase(new)?;
+            if old == new {
+                // Refused before any derivation: `old = new = guess` tells nothing about a guess.
+                return Err(VaultError::InvalidArgument(
+                    "the new passphrase must differ from the old one".into(),
+                ));
+            }
             let sealed = match self.store.custody()? {
                 Custody::Single { sealed_root } if custodian == 1 => sealed_root,
                 Custody::Shares { sealed, .. } if custodian >= 1 && (custodian as usize) <= sealed.len() => {

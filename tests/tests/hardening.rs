@@ -189,7 +189,7 @@ async fn sealed_server(dir: &std::path::Path, auth: khlang_server::AuthLimits) -
 }
 
 /// Guesses are counted before their derivation and a success clears nothing: ChangePassphrase
-/// with guessed old passphrases locks the address at the limit, after which even the right
+/// with guessed old passphrases locks the custodian at the limit, after which even the right
 /// passphrase gets no answer about itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passphrase_guesses_lock_out_and_a_success_does_not_reset_them() {
@@ -197,22 +197,24 @@ async fn passphrase_guesses_lock_out_and_a_success_does_not_reset_them() {
     let limits = khlang_server::AuthLimits { max_failures: 5, ..Default::default() };
     let server = sealed_server(dir.path(), limits).await;
     let mut anon = khlang_client::Client::connect_with(&server.url(), None, None).await.unwrap();
+    // `old = new = guess` is refused before any derivation: it tells nothing and counts nothing.
+    for i in 0..20 {
+        let guess = format!("same guess {i}: twice");
+        let e = anon.change_passphrase(1, &guess, &guess).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+        assert!(e.to_string().contains("must differ from the old one"), "{e}");
+    }
+    let fresh = "a fresh passphrase to set";
     for i in 0..3 {
         let guess = format!("guess {i}: not the passphrase");
-        let e = anon.change_passphrase(1, &guess, &guess).await.unwrap_err();
+        let e = anon.change_passphrase(1, &guess, fresh).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     }
     // One right answer in between does not start the count again...
     anon.unseal(1, CUSTODIANS[0]).await.unwrap();
-    let e = anon
-        .change_passphrase(1, "guess 4: not the passphrase", "guess 4: not the passphrase")
-        .await
-        .unwrap_err();
+    let e = anon.change_passphrase(1, "guess 4: not the passphrase", fresh).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
-    let e = anon
-        .change_passphrase(1, "guess 5: not the passphrase", "guess 5: not the passphrase")
-        .await
-        .unwrap_err();
+    let e = anon.change_passphrase(1, "guess 5: not the passphrase", fresh).await.unwrap_err();
     assert_eq!(
         e.code(),
         Some(Code::ResourceExhausted),
