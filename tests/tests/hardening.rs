@@ -891,3 +891,24 @@ async fn unauthenticated_floods_are_counted_not_written() {
     assert!(summary.reason.contains("more like this from 127.0.0."), "{summary:?}");
     server.stop().await;
 }
+
+/// An administrator cannot fill the store with requests: at most 256 wait at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_requests_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut admin = server.client_as("key-admin").await;
+    for i in 0..khlang_server::identities::MAX_PENDING_REQUESTS {
+        admin.create_identity(&format!("clerk-{i}"), "billing-clerk").await.unwrap().pending().unwrap();
+    }
+    let e = admin.create_identity("one-too-many", "billing-clerk").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+    // A second request for a name already waiting is refused too.
+    let e = admin.create_identity("clerk-0", "billing-clerk").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::AlreadyExists), "{e}");
+    assert_eq!(
+        admin.identity_requests().await.unwrap().len(),
+        khlang_server::identities::MAX_PENDING_REQUESTS
+    );
+    server.stop().await;
+}
