@@ -307,6 +307,17 @@ pub fn seal_fields(
         .collect()
 }
 
+/// The data-key generation a field envelope was sealed under, from its header, without any key
+/// (a reader compares it with the wrapped data key's to see a re-encryption between two reads).
+pub fn envelope_generation(envelope: &[u8]) -> Result<u32, KeyError> {
+    const WHAT: &str = "field envelope";
+    match envelope.first() {
+        Some(&FIELD_ENVELOPE_V1) => be_u32(envelope, 1, WHAT),
+        Some(&v) => Err(KeyError::UnsupportedFormat { what: WHAT, version: v }),
+        None => Err(KeyError::Malformed(WHAT)),
+    }
+}
+
 /// Opens one field envelope. Fails closed (no partial plaintext) if anything was moved or altered.
 pub fn open_field(dek: &DataKey, ctx: FieldContext<'_>, envelope: &[u8]) -> Result<Plaintext, KeyError> {
     const WHAT: &str = "field envelope";

@@ -31,8 +31,8 @@ pub use custody::{
 };
 pub use error::KeyError;
 pub use hierarchy::{
-    DataKey, DerivedKey, FIELD_ENVELOPE_V1, FieldContext, Kek, KeyRing, RootKey, WrappedDataKey, open_field,
-    seal_field, seal_fields,
+    DataKey, DerivedKey, FIELD_ENVELOPE_V1, FieldContext, Kek, KeyRing, RootKey, WrappedDataKey,
+    envelope_generation, open_field, seal_field, seal_fields,
 };
 pub use random::{OsRandom, RandomSource};
 pub use seal::{SealParams, seal_root_key, unseal_root_key};

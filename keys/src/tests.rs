@@ -38,6 +38,23 @@ fn field_envelope_known_answer() {
     assert_eq!(hex_env, FIELD_ENVELOPE_KAT_FULL);
 }
 
+/// The header reader gives the generation of the known-answer envelope (1) and refuses what is
+/// not a version-1 envelope, without any key.
+#[test]
+fn envelope_generation_reads_the_header_only() {
+    let env = kat_envelope();
+    assert_eq!(envelope_generation(&env).unwrap(), 1);
+    let mut later = env.clone();
+    later[1..5].copy_from_slice(&7u32.to_be_bytes());
+    assert_eq!(envelope_generation(&later).unwrap(), 7);
+    assert!(matches!(envelope_generation(&[]), Err(KeyError::Malformed(_))));
+    assert!(matches!(
+        envelope_generation(&[2, 0, 0, 0, 1]),
+        Err(KeyError::UnsupportedFormat { version: 2, .. })
+    ));
+    assert!(envelope_generation(&[1, 0, 0]).is_err(), "a cut header");
+}
+
 const FIELD_ENVELOPE_KAT_FULL: &str = include_str!("../testdata/field_envelope_v1.hex").trim_ascii();
 
 #[test]

@@ -797,6 +797,7 @@ impl AuditLog {
     }
 
     /// Fault drill for tests: make every following append fail (or succeed again).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn inject_failure(&self, fail: bool) {
         self.file.inject_failure(fail);
     }

@@ -888,6 +888,7 @@ impl AuditFile {
     }
 
     /// Fault drill for tests: make every following append fail (or succeed again).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn inject_failure(&self, fail: bool) {
         self.shared.inject.store(fail, Ordering::Relaxed);
     }

@@ -43,12 +43,13 @@ pub enum VaultError {
     Key(#[from] KeyError),
 }
 
-/// Errors of the storage layer (sled and the on-disk encodings).
+/// Errors of the storage layer (the engine and the on-disk encodings).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The storage engine failed (its own message; the engine's types stay in its module).
     #[error("database: {0}")]
-    Sled(#[from] sled::Error),
+    Backend(String),
     #[error("corrupt stored {0}")]
     Corrupt(&'static str),
     #[error("durable flush failed: {0}")]
@@ -68,15 +69,6 @@ pub enum StoreError {
     Insecure(String),
     #[error("data folder: {0}")]
     Io(String),
-}
-
-impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
-    fn from(e: sled::transaction::TransactionError<StoreError>) -> Self {
-        match e {
-            sled::transaction::TransactionError::Abort(inner) => inner,
-            sled::transaction::TransactionError::Storage(s) => StoreError::Sled(s),
-        }
-    }
 }
 
 impl VaultError {

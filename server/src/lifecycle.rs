@@ -17,9 +17,9 @@ use khlang_keys::{
 
 use crate::audit::{Committed, clean};
 use crate::policy::Operation;
-use crate::store::{Changes, Custody, JobKind, StoredField, StoredJob, StoredRecord};
+use crate::store::{Changes, Cursor, Custody, JobKind, KeySpace, StoredField, StoredJob, StoredRecord};
 use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, now_ms, operator_entry};
-use crate::{Caller, CipherMode, StoreError, Vault, VaultError};
+use crate::{Caller, CipherMode, Vault, VaultError};
 
 /// How a background key job paces itself, so the vault keeps serving while it runs: records per
 /// step; the share of its time the job may spend working while requests are being served (after
@@ -655,10 +655,11 @@ impl Vault {
         }
         // A rewrap walks the data keys (`d‖id`, 61 bytes each); a re-encryption walks the records.
         let space = match job.kind {
-            JobKind::Rewrap { .. } => b'd',
-            JobKind::Reencrypt => b'r',
+            JobKind::Rewrap { .. } => KeySpace::DataKeys,
+            JobKind::Reencrypt => KeySpace::Records,
         };
-        let batch = self.store.scan_after(space, &job.cursor, self.job_pacing.batch.max(1))?;
+        let cursor = Cursor::from_bytes(job.cursor.clone());
+        let batch = self.store.walk(space, &cursor, self.job_pacing.batch.max(1))?;
         let regs = self.regulations();
         let mut entry = operator_entry("KeyJob", Operation::KeyAdmin, &regs);
         entry.identity = JOB_IDENTITY.into();
@@ -696,27 +697,24 @@ impl Vault {
             tracing::info!("{reason}");
             return Ok(false);
         }
-        let first = batch.first().map(|(k, _)| k.clone()).unwrap_or_default();
+        let first = batch.first().map(|w| w.record_id.clone()).unwrap_or_default();
         let mut changed = 0u64;
-        for (key, bytes) in &batch {
-            let id = std::str::from_utf8(&key[1..]).map_err(|_| StoreError::Corrupt("record key"))?;
+        for walked in &batch {
+            let id = walked.record_id.as_str();
             match job.kind {
                 JobKind::Rewrap { target } => {
-                    let version = StoredRecord::kek_version_of(bytes)?;
-                    if version == target {
+                    let stored = WrappedDataKey::from_bytes(walked.value.clone());
+                    let integrity =
+                        |_| VaultError::Integrity { record_id: id.to_owned(), what: "data key".into() };
+                    if stored.kek_version().map_err(integrity)? == target {
                         job.skipped += 1;
                         continue;
                     }
                     let ring = keys.ring();
-                    let dek = ring
-                        .unwrap_data_key(&WrappedDataKey::from_bytes(bytes.to_vec()), id.as_bytes())
-                        .map_err(|_| VaultError::Integrity {
-                            record_id: id.to_owned(),
-                            what: "data key".into(),
-                        })?;
+                    let dek = ring.unwrap_data_key(&stored, id.as_bytes()).map_err(integrity)?;
                     let wrapped = ring.wrap_data_key(&dek, id.as_bytes(), &self.rng)?;
                     changes.expect_kek_live(wrapped.kek_version()?);
-                    changes.replace_data_key(key.clone(), bytes.clone(), wrapped.as_bytes());
+                    changes.replace_data_key(id, walked.version.clone(), wrapped.as_bytes());
                 }
                 JobKind::Reencrypt => {
                     // Read with its data key (a consistent pair) rather than from the scan.
@@ -733,13 +731,13 @@ impl Vault {
             job.changed += 1;
             changed += 1;
         }
-        job.cursor = batch.last().map(|(k, _)| k.clone()).unwrap_or_default();
+        job.cursor = batch.last().map(|w| w.cursor.as_bytes().to_vec()).unwrap_or_default();
         changes.put_job(&job)?;
         entry.reason = format!(
             "{}: {changed} of {} records from {} changed",
             job_kind_name(job.kind),
             batch.len(),
-            clean(&String::from_utf8_lossy(&first[1..]))
+            clean(&first)
         );
         match self.audit.commit(&self.store, entry, changes)? {
             // A request changed one of these records meanwhile: the step runs again from the same

@@ -99,19 +99,18 @@ impl StoredRecord {
         postcard::to_stdvec(self).map_err(|_| StoreError::Corrupt("record (encode)"))
     }
 
-    /// The KEK version named in a stored wrapped data key's header (`0x01 | kek_version u32 |
-    /// ...`), read without any key.
-    pub fn kek_version_of(wrapped: &[u8]) -> Result<u32, StoreError> {
-        match wrapped {
-            [1, a, b, c, d, ..] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
-            _ => Err(StoreError::Corrupt("wrapped data key")),
-        }
-    }
-
     /// Whether the wrapped data key and the sealed subject id name the same data-key generation
     /// (always true without encryption). A mismatch means a re-encryption ran between two reads.
+    /// The formats are the key hierarchy's: it reads both headers.
     fn key_matches(&self) -> bool {
-        self.wrapped_key.is_empty() || self.wrapped_key.get(5..9) == self.subject.get(1..5)
+        if self.wrapped_key.is_empty() {
+            return true;
+        }
+        let wrapped = khlang_keys::WrappedDataKey::from_bytes(self.wrapped_key.clone());
+        match (wrapped.header(), khlang_keys::envelope_generation(&self.subject)) {
+            (Ok((_, a)), Ok(b)) => a == b,
+            _ => false,
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
@@ -399,6 +398,75 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("durability", &self.durability).finish_non_exhaustive()
     }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
+    fn from(e: sled::transaction::TransactionError<StoreError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(inner) => inner,
+            sled::transaction::TransactionError::Storage(s) => s.into(),
+        }
+    }
+}
+
+/// A stored value as it was read: a change that expects it applies only if nothing changed it
+/// meanwhile (optimistic concurrency). Opaque: only the store makes and compares versions.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Version(sled::IVec);
+
+impl std::fmt::Debug for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Version(..)")
+    }
+}
+
+/// Where a walk over a key space resumes: after the entry it names (empty: from the start).
+/// A job keeps it in its stored progress as bytes ([`Cursor::as_bytes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor(Vec<u8>);
+
+impl Cursor {
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The key spaces a background job walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySpace {
+    /// Every record (re-encryption).
+    Records,
+    /// Every wrapped data key (rewrap after a rotation).
+    DataKeys,
+}
+
+impl KeySpace {
+    fn prefix(self) -> u8 {
+        match self {
+            Self::Records => b'r',
+            Self::DataKeys => b'd',
+        }
+    }
+}
+
+/// One entry of a walk: the record it belongs to, its value's bytes (a record, or a wrapped data
+/// key), the version a change of it expects, and the cursor that resumes after it.
+#[derive(Debug, Clone)]
+pub struct Walked {
+    pub record_id: String,
+    pub value: Vec<u8>,
+    pub version: Version,
+    pub cursor: Cursor,
 }
 
 fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
@@ -691,7 +759,7 @@ impl Store {
     /// The record (with its wrapped data key) and the exact bytes of the record it was read from
     /// (for [`Changes::replace_record`]). The record and its key are two reads; if a concurrent
     /// re-encryption slipped between them (their generations differ), both are read again.
-    pub fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, sled::IVec)>, StoreError> {
+    pub fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError> {
         let mut attempts = 0;
         loop {
             let Some(bytes) = self.vault.get(Self::record_key(record_id))? else { return Ok(None) };
@@ -703,7 +771,7 @@ impl Store {
             // Still different after several reads: not a race but damage, which opening the
             // record reports as an integrity failure.
             if record.key_matches() || attempts >= 8 {
-                return Ok(Some((record, bytes)));
+                return Ok(Some((record, Version(bytes))));
             }
         }
     }
@@ -792,7 +860,7 @@ impl Store {
 
     /// Audit entries a change carried into sled (see [`Changes::audit_entry`]) after seq `after`,
     /// oldest first: `(seq, hash ‖ JSON)`.
-    pub fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
+    pub fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let start = [b"a".as_slice(), &after.saturating_add(1).to_be_bytes()].concat();
         self.vault
             .range(start..b"b".to_vec())
@@ -800,7 +868,7 @@ impl Store {
                 let (k, v) = kv?;
                 let seq: [u8; 8] =
                     k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
-                Ok((u64::from_be_bytes(seq), v))
+                Ok((u64::from_be_bytes(seq), v.to_vec()))
             })
             .collect()
     }
@@ -818,8 +886,8 @@ impl Store {
 
     /// Signed checkpoints a vault of the previous layout kept in sled (`k‖seq` → JSON), oldest
     /// first, for moving them to the audit log's checkpoints file once.
-    pub fn legacy_checkpoints(&self) -> Result<Vec<sled::IVec>, StoreError> {
-        self.vault.scan_prefix(b"k").map(|kv| Ok(kv?.1)).collect()
+    pub fn legacy_checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.vault.scan_prefix(b"k").map(|kv| Ok(kv?.1.to_vec())).collect()
     }
 
     /// Removes the previous layout's checkpoints (after they were moved), flushed.
@@ -849,23 +917,30 @@ impl Store {
         self.vault.get(JOB_KEY)?.map(|b| Self::decode(&b, "key job")).transpose()
     }
 
-    /// Up to `limit` entries of the key space `prefix` (`r`: records, `d`: wrapped data keys) after
-    /// `cursor` (a full key; empty: from the first), with their keys and the exact bytes read.
-    pub fn scan_after(
-        &self,
-        prefix: u8,
-        cursor: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, sled::IVec)>, StoreError> {
+    /// Up to `limit` entries of `space` after `cursor`, each with the exact bytes read.
+    pub fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError> {
         use std::ops::Bound;
-        let start =
-            if cursor.is_empty() { Bound::Included(vec![prefix]) } else { Bound::Excluded(cursor.to_vec()) };
+        let prefix = space.prefix();
+        let start = if cursor.0.is_empty() {
+            Bound::Included(vec![prefix])
+        } else {
+            Bound::Excluded(cursor.0.clone())
+        };
         self.vault
             .range::<Vec<u8>, _>((start, Bound::Excluded(vec![prefix + 1])))
             .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;
-                Ok((k.to_vec(), v))
+                let record_id = std::str::from_utf8(&k[1..]).map_err(|_| StoreError::Damaged {
+                    record_id: String::from_utf8_lossy(&k[1..]).chars().take(64).collect(),
+                    what: "key",
+                })?;
+                Ok(Walked {
+                    record_id: record_id.to_owned(),
+                    value: v.to_vec(),
+                    version: Version(v),
+                    cursor: Cursor(k.to_vec()),
+                })
             })
             .collect()
     }
@@ -875,7 +950,9 @@ impl Store {
         let mut out = std::collections::BTreeMap::new();
         for kv in self.vault.scan_prefix(b"d") {
             let (_, v) = kv?;
-            let version = StoredRecord::kek_version_of(&v)?;
+            let version = khlang_keys::WrappedDataKey::from_bytes(v.to_vec())
+                .kek_version()
+                .map_err(|_| StoreError::Corrupt("wrapped data key"))?;
             *out.entry(version).or_insert(0) += 1;
         }
         Ok(out)
@@ -916,11 +993,13 @@ impl Store {
     }
 
     /// Fault drill for tests: make every following batch fail to apply (or succeed again).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn inject_apply_failure(&self, fail: bool) {
         self.fail_applies.store(fail, Ordering::Relaxed);
     }
 
     /// Overwrites a stored record as is. Only for tests that tamper with ciphertext, server stopped.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn overwrite_record_for_tests(
         &self,
         record_id: &str,
@@ -932,6 +1011,7 @@ impl Store {
     }
 
     /// Raw access to the `vault` tree, for tests that tamper with the audit log (server stopped).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn vault_tree_for_tests(&self) -> &sled::Tree {
         &self.vault
     }
@@ -1010,12 +1090,12 @@ impl Changes {
     pub fn replace_record(
         &mut self,
         record_id: &str,
-        expected: sled::IVec,
+        expected: Version,
         next: &StoredRecord,
     ) -> Result<(), StoreError> {
         let key = Store::record_key(record_id);
         self.batch.insert(key.clone(), next.encode()?);
-        self.expect.push((key, Some(expected)));
+        self.expect.push((key, Some(expected.0)));
         Ok(())
     }
 
@@ -1024,7 +1104,7 @@ impl Changes {
     pub fn replace_record_and_key(
         &mut self,
         record_id: &str,
-        expected: sled::IVec,
+        expected: Version,
         read: &StoredRecord,
         next: &StoredRecord,
     ) -> Result<(), StoreError> {
@@ -1035,19 +1115,20 @@ impl Changes {
         Ok(())
     }
 
-    /// Rewraps a data key (KEK rotation), provided it still holds `expected`.
-    pub fn replace_data_key(&mut self, key: Vec<u8>, expected: sled::IVec, wrapped: &[u8]) {
+    /// Rewraps a record's data key (KEK rotation), provided it still holds `expected`.
+    pub fn replace_data_key(&mut self, record_id: &str, expected: Version, wrapped: &[u8]) {
+        let key = Store::data_key_key(record_id);
         self.batch.insert(key.clone(), wrapped);
-        self.expect.push((key, Some(expected)));
+        self.expect.push((key, Some(expected.0)));
     }
 
     /// Removes a record, its data key and its index entry, provided it is still as read.
-    pub fn delete_record(&mut self, record_id: &str, record: &StoredRecord, read: sled::IVec) {
+    pub fn delete_record(&mut self, record_id: &str, record: &StoredRecord, read: Version) {
         let key = Store::record_key(record_id);
         self.batch.remove(key.clone());
         self.batch.remove(Store::data_key_key(record_id));
         self.batch.remove(Store::subject_key(&record.subject_index, record_id));
-        self.expect.push((key, Some(read)));
+        self.expect.push((key, Some(read.0)));
     }
 
     /// Applies only if KEK `version` is still live: a data key wrapped under a version retired

@@ -1746,6 +1746,7 @@ impl Vault {
     }
 
     /// Fault drill for tests: make every following audit append (and so every request) fail.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn inject_audit_failure(&self, fail: bool) {
         self.audit.inject_failure(fail);
     }
