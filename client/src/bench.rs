@@ -77,6 +77,7 @@ async fn one(
             .get(&ids[(n * 7919 + worker * 104_729) % ids.len()], fields, Some(purpose))
             .await
             .map(|_| ()),
+        BenchOp::List => client.list("bench-nobody").await.map(|_| ()),
     }
 }
 
@@ -93,12 +94,16 @@ pub struct Plan {
     pub fields: Vec<String>,
 }
 
-/// Runs `plan` with `client`; `prefill` (default: `client`) writes the records a `get` run reads.
-pub async fn run(client: Client, plan: Plan, prefill: Option<Client>) -> Result<Report, ClientError> {
+/// Runs `plan` with `clients` (one per connection; worker `w` uses connection `w mod n`);
+/// `prefill` (default: the first) writes the records a `get` run reads.
+pub async fn run(clients: Vec<Client>, plan: Plan, prefill: Option<Client>) -> Result<Report, ClientError> {
     let Plan { op, concurrency, warmup, duration, records, purpose, fields } = plan;
     let concurrency = concurrency.max(1);
+    let Some(first) = clients.first().cloned() else {
+        return Err(ClientError::InvalidAddress("no connection to benchmark".into()));
+    };
     let ids = if op == BenchOp::Get {
-        let mut c = prefill.unwrap_or_else(|| client.clone());
+        let mut c = prefill.unwrap_or_else(|| first.clone());
         let mut ids = Vec::with_capacity(records.max(1));
         for i in 0..records.max(1) {
             ids.push(c.put(&format!("bench-get-{i}"), SAMPLE_FIELDS.iter().copied()).await?);
@@ -113,7 +118,7 @@ pub async fn run(client: Client, plan: Plan, prefill: Option<Client>) -> Result<
     let stop_at = measure_from + duration;
     let mut tasks = Vec::with_capacity(concurrency);
     for worker in 0..concurrency {
-        let mut client = client.clone();
+        let mut client = clients[worker % clients.len()].clone();
         let ids = ids.clone();
         let purpose = purpose.clone();
         let fields = fields.clone();

@@ -94,6 +94,10 @@ pub enum Command {
         /// Requests in flight at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// HTTP/2 connections the requests are spread over (one connection caps what a
+        /// multi-core server can be shown to do).
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
         /// Measured seconds (after the warm-up).
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -273,6 +277,9 @@ pub enum KeysCommand {
 pub enum BenchOp {
     Put,
     Get,
+    /// The baseline: `ListRecords` of a subject that has none — authenticated, decided and
+    /// audited like a read, with no record and no crypto. Put and Get are reported against it.
+    List,
 }
 
 fn parse_assignment(s: &str) -> Result<(String, String), String> {

@@ -333,6 +333,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { prefill_token: Some(t), .. } => Some(connect_as(&cli, Some(t)).await?),
         _ => None,
     };
+    let mut extra_connections = Vec::new();
+    if let Command::Bench { connections, .. } = &cli.command {
+        for _ in 1..(*connections).max(1) {
+            extra_connections.push(connect(&cli).await?);
+        }
+    }
     match cli.command {
         Command::Put { subject, fields } => {
             println!("{}", client.put(&subject, fields).await?);
@@ -681,6 +687,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             op,
             concurrency,
+            connections: _,
             duration,
             warmup,
             records,
@@ -698,7 +705,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 purpose,
                 fields,
             };
-            let report = bench::run(client, plan, prefill).await?;
+            let mut clients = vec![client];
+            clients.extend(extra_connections);
+            let report = bench::run(clients, plan, prefill).await?;
             if json {
                 println!("{}", report.to_json());
             } else {

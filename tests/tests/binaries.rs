@@ -745,3 +745,42 @@ fn khlangd_dev_restarts_sealed_after_its_passphrase_changed() {
     let all = log.recv_timeout(std::time::Duration::from_secs(10)).unwrap().unwrap_err();
     assert!(all.contains("the development passphrase was changed"), "{all}");
 }
+
+/// `khlang bench` spreads its requests over several connections, and its `list` baseline (an
+/// authenticated, audited read of an empty subject) runs without errors beside put and get.
+#[test]
+fn bench_runs_over_several_connections_with_its_baseline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let (mut child, url) =
+        spawn_khlangd(&["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
+    let url = url.unwrap();
+    let token = dev_token(&data, "registration-app");
+    for op in ["list", "put", "get"] {
+        let out = khlang(
+            &url,
+            &token,
+            &[
+                "bench",
+                op,
+                "--duration",
+                "0.3",
+                "--warmup",
+                "0",
+                "--concurrency",
+                "6",
+                "--connections",
+                "3",
+                "--records",
+                "10",
+                "--json",
+            ],
+        );
+        let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        assert!(report["ok"].as_u64().unwrap() > 0 && report["errors"].as_u64() == Some(0), "{op}: {report}");
+    }
+    let audited = khlang(&url, &dev_token(&data, "security-officer"), &["audit", "query", "--json"]);
+    assert!(stdout(&audited).contains("\"rpc\":\"ListRecords\""), "the baseline is audited like any read");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
