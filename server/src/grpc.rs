@@ -1068,7 +1068,9 @@ impl http_body::Body for WatchTrailers {
 }
 
 /// Serves the vault's gRPC API, health and reflection on `listener` until `shutdown` resolves;
-/// over TLS when `tls` is given (with client certificates if it names a client CA).
+/// over TLS when `tls` is given (with client certificates if it names a client CA). The
+/// background key jobs and the final flush are the caller's (the daemon's): see
+/// [`crate::lifecycle::spawn_key_jobs`] and [`Vault::shut_down`].
 pub async fn serve(
     vault: Arc<Vault>,
     listener: TcpListener,
@@ -1086,7 +1088,6 @@ pub async fn serve(
     let operator =
         OperatorServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
     let keys = KeysServer::new(api).max_decoding_message_size(max).max_encoding_message_size(max);
-    let key_jobs = crate::lifecycle::spawn_key_jobs(&vault);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RecordsServer<Api>>().await;
     health.set_serving::<SubjectsServer<Api>>().await;
@@ -1182,15 +1183,8 @@ pub async fn serve(
             tracing::warn!("drain timeout: closing with requests still open");
         }
     }
-    key_jobs.stop().await;
-    // The watcher holds the vault: it must let go before the final flush and the store's release.
+    // The watcher holds the vault: it lets go before serve returns, so the caller's final flush
+    // (`Vault::shut_down`) runs with nothing else writing.
     let _ = watcher.await;
-    vault.flush().map_err(|e| tracing::error!(error = %e, "final flush failed")).ok();
-    let stats = vault.flush_stats();
-    tracing::info!(
-        flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
-        durable_writes = stats.writes.load(std::sync::atomic::Ordering::Relaxed),
-        "durability: writes acknowledged after a shared flush"
-    );
     Ok(())
 }

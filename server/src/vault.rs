@@ -555,6 +555,22 @@ impl Vault {
     }
 
     /// Signs the audit log's head and flushes everything to disk (shutdown).
+    /// The last step of a daemon's life, after serving stopped and the key jobs with it: the
+    /// final flush (repeat summaries, a signed checkpoint, the store), and the durability figures.
+    pub fn shut_down(&self) -> Result<(), VaultError> {
+        let flushed = self.flush();
+        let stats = self.flush_stats();
+        tracing::info!(
+            flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
+            durable_writes = stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+            "durability: writes acknowledged after a shared flush"
+        );
+        if let Err(e) = &flushed {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        flushed
+    }
+
     pub fn flush(&self) -> Result<(), VaultError> {
         self.write_repeats(true)?;
         self.audit.checkpoint_now()?;

@@ -137,11 +137,15 @@ impl TestServer {
         let vault = Arc::new(vault);
         let serving = vault.clone();
         let handle = tokio::spawn(async move {
-            grpc::serve(serving, listener, tls, async {
+            // As the daemon does: key jobs beside serving, the final flush after it.
+            let key_jobs = khlang_server::lifecycle::spawn_key_jobs(&serving);
+            grpc::serve(serving.clone(), listener, tls, async {
                 let _ = rx.await;
             })
             .await
             .expect("serve");
+            key_jobs.stop().await;
+            serving.shut_down().ok();
         });
         Self {
             addr,

@@ -387,7 +387,14 @@ async fn run(
     tracing::info!(address = %listener.local_addr()?, scheme, "serving khlang.v1");
     let vault = Arc::new(vault);
     reload_on_sighup(vault.clone());
-    grpc::serve(vault, listener, tls, shutdown_signal()).await?;
+    // The daemon owns the process's lifecycle: key jobs start with serving and stop after it,
+    // then the final flush.
+    let key_jobs = khlang_server::lifecycle::spawn_key_jobs(&vault);
+    let served = grpc::serve(vault.clone(), listener, tls, shutdown_signal()).await;
+    key_jobs.stop().await;
+    let flushed = vault.shut_down();
+    served?;
+    flushed?;
     tracing::info!("stopped");
     Ok(())
 }
