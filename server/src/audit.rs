@@ -688,12 +688,8 @@ impl AuditLog {
         changes: Changes,
     ) -> Result<Committed, VaultError> {
         let mut head = lock(&self.head);
-        if !store.expectations_hold(&changes)? {
-            return Ok(Committed::Conflict);
-        }
         if self.disabled {
-            store.apply(changes)?;
-            return Ok(Committed::Done(0));
+            return Ok(if store.commit(changes)? { Committed::Done(0) } else { Committed::Conflict });
         }
         entry.seq = head.seq + 1;
         entry.time_ms = now_ms();
@@ -723,7 +719,13 @@ impl AuditLog {
                 let tagged: TaggedHead = (entry.seq, hash, keys.tagger.tag(entry.seq, &hash));
                 changes.audit_head_tag(&encode_tagged(&tagged));
             }
-            if let Err(e) = store.apply(changes) {
+            let stored = store.commit(changes);
+            if let Ok(false) = stored {
+                // A record it read changed meanwhile: nothing was written and no seq was used;
+                // the request prepares again.
+                return Ok(Committed::Conflict);
+            }
+            if let Err(e) = stored {
                 // Neither the change nor its entry was stored: the entry says the change failed.
                 tracing::error!(error = %e, "a change and its audit entry could not be stored");
                 entry.outcome = "Internal".into();

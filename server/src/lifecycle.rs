@@ -797,7 +797,8 @@ impl Vault {
                 changes.insert_record(&id, &record)?;
                 done += 1;
             }
-            self.store.apply(changes)?;
+            // Fresh ids, no expectations: the commit cannot conflict.
+            self.store.commit(changes)?;
             progress(done);
         }
         self.store.flush_now()?;

@@ -389,6 +389,8 @@ pub struct Store {
     durability: Durability,
     group: GroupCommit,
     per_request_lock: Arc<std::sync::Mutex<()>>,
+    /// Held around checking a change's expectations and applying it.
+    commit_lock: std::sync::Mutex<()>,
     stats: Arc<FlushStats>,
     /// Fault drill (tests): every batch fails to apply, as a disk error would make it.
     fail_applies: std::sync::atomic::AtomicBool,
@@ -491,6 +493,7 @@ impl Store {
             durability,
             group,
             per_request_lock: Arc::default(),
+            commit_lock: std::sync::Mutex::new(()),
             stats,
             fail_applies: false.into(),
         })
@@ -968,10 +971,21 @@ impl Store {
 
     // ---- the one way in -----------------------------------------------------------------------
 
-    /// Whether every expectation of `changes` ([`Changes::replace_record`]) still holds. The
-    /// caller (the audit log) serialises commits, so this check and [`Store::apply`] cannot
-    /// interleave with another commit.
-    pub fn expectations_hold(&self, changes: &Changes) -> Result<bool, StoreError> {
+    /// Applies `changes` atomically if every expectation it carries still holds (record, data key,
+    /// identity or request unchanged since read, KEK version live); `Ok(false)`, nothing written,
+    /// if one does not. Checked and applied under the store's own lock: compare-and-swap does not
+    /// depend on any caller's lock.
+    pub fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
+        let _commit = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.expectations_hold(&changes)? {
+            return Ok(false);
+        }
+        self.apply(changes)?;
+        Ok(true)
+    }
+
+    /// Whether every expectation of `changes` ([`Changes::replace_record`]) still holds.
+    fn expectations_hold(&self, changes: &Changes) -> Result<bool, StoreError> {
         for (key, expected) in &changes.expect {
             if self.vault.get(key)?.as_ref() != expected.as_ref() {
                 return Ok(false);
@@ -980,8 +994,8 @@ impl Store {
         Ok(true)
     }
 
-    /// Applies staged changes atomically (after [`Store::expectations_hold`]).
-    pub fn apply(&self, changes: Changes) -> Result<(), StoreError> {
+    /// Applies staged changes atomically, unchecked: only under the commit lock.
+    fn apply(&self, changes: Changes) -> Result<(), StoreError> {
         if changes.empty {
             return Ok(());
         }
@@ -1207,5 +1221,37 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(age: &[u8]) -> StoredRecord {
+        let field = StoredField { name: "age".into(), envelope: age.to_vec() };
+        StoredRecord::new(Vec::new(), [7; 32], b"subject".to_vec(), vec![field], 1)
+    }
+
+    /// Two changes prepared from one read: the first commits, the second finds the record changed
+    /// and writes nothing — the store checks its own expectations, whoever calls it.
+    #[test]
+    fn a_commit_expecting_a_changed_version_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let mut first = Changes::new();
+        first.insert_record("r1", &record(b"30")).unwrap();
+        assert!(store.commit(first).unwrap());
+        let (_, read) = store.get_record("r1").unwrap().unwrap();
+        let (mut a, mut b) = (Changes::new(), Changes::new());
+        a.replace_record("r1", read.clone(), &record(b"31")).unwrap();
+        b.replace_record("r1", read, &record(b"32")).unwrap();
+        assert!(store.commit(a).unwrap());
+        assert!(!store.commit(b).unwrap(), "the second expected what the first replaced");
+        let (now, _) = store.get_record("r1").unwrap().unwrap();
+        assert_eq!(now.fields[0].envelope, b"31");
+        let walked = store.walk(KeySpace::Records, &Cursor::default(), 10).unwrap();
+        assert_eq!(walked.iter().map(|w| w.record_id.as_str()).collect::<Vec<_>>(), ["r1"]);
+        assert!(store.walk(KeySpace::Records, &walked[0].cursor, 10).unwrap().is_empty(), "resumes after it");
     }
 }
