@@ -195,18 +195,23 @@ impl WrappedDataKey {
 
     /// `(kek_version, generation)` from the header, without any key.
     pub fn header(&self) -> Result<(u32, u32), KeyError> {
+        Self::header_of(&self.0)
+    }
+
+    /// [`WrappedDataKey::header`] of stored bytes, without copying them.
+    pub fn header_of(bytes: &[u8]) -> Result<(u32, u32), KeyError> {
         const WHAT: &str = "wrapped data key";
-        match self.0.first() {
+        match bytes.first() {
             Some(&WRAP_V1) => {}
             Some(&v) => {
                 return Err(KeyError::UnsupportedFormat { what: WHAT, version: v });
             }
             None => return Err(KeyError::Malformed(WHAT)),
         }
-        if self.0.len() != 9 + aead::NONCE_LEN + Key256::LEN + aead::TAG_LEN {
+        if bytes.len() != 9 + aead::NONCE_LEN + Key256::LEN + aead::TAG_LEN {
             return Err(KeyError::Malformed(WHAT));
         }
-        Ok((be_u32(&self.0, 1, WHAT)?, be_u32(&self.0, 5, WHAT)?))
+        Ok((be_u32(bytes, 1, WHAT)?, be_u32(bytes, 5, WHAT)?))
     }
 
     pub fn kek_version(&self) -> Result<u32, KeyError> {

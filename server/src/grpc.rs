@@ -700,6 +700,44 @@ fn custodian_in(n: u32) -> Result<u8, VaultError> {
 
 /// Runs a custodian's call (Argon2id, slow on purpose) off the async runtime. These calls carry
 /// no token: the passphrase is the credential, and the vault audits each attempt itself.
+/// A custodian's step of the rekey ceremony (nonce, custodian number, passphrase; no token).
+struct CeremonyCall {
+    request_id: String,
+    client_id: String,
+    peer: Option<std::net::SocketAddr>,
+}
+
+type CeremonyStep =
+    fn(&Vault, &str, u8, &[u8], Option<std::net::SocketAddr>, &str, &str) -> Result<RekeyStatus, VaultError>;
+
+impl CeremonyCall {
+    fn of<T>(req: &Request<T>) -> Self {
+        Self { request_id: request_id(req), client_id: client_request_id(req), peer: req.remote_addr() }
+    }
+
+    async fn run(
+        self,
+        vault: &Arc<Vault>,
+        nonce: String,
+        custodian: u32,
+        passphrase: String,
+        step: CeremonyStep,
+    ) -> Result<Response<pb::RekeyStatus>, Status> {
+        let (nonce, passphrase) = (Zeroizing::new(nonce), Zeroizing::new(passphrase));
+        let Self { request_id, client_id, peer } = self;
+        let rid = request_id.clone();
+        let out = custodian_call(vault, &request_id, peer, move |v| {
+            step(v, &nonce, custodian_in(custodian)?, passphrase.as_bytes(), peer, &rid, &client_id)
+        })
+        .await?;
+        if out.done {
+            // A new root key: a key job waiting for the keys may go on.
+            vault.job_signal.notify_one();
+        }
+        Ok(stamped(out.into(), &request_id))
+    }
+}
+
 /// A wrong passphrase or nonce is a failure of its address too: the answer waits its turn.
 async fn custodian_call<T: Send + 'static>(
     vault: &Arc<Vault>,
@@ -796,23 +834,9 @@ impl Operator for Api {
         &self,
         req: Request<pb::RekeyPassphraseRequest>,
     ) -> Result<Response<pb::RekeyStatus>, Status> {
-        let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
+        let call = CeremonyCall::of(&req);
         let msg = req.into_inner();
-        let passphrase = Zeroizing::new(msg.passphrase);
-        let nonce = Zeroizing::new(msg.nonce);
-        let rid = request_id.clone();
-        let out = custodian_call(&self.vault, &request_id, peer, move |v| {
-            v.rekey_passphrase(
-                &nonce,
-                custodian_in(msg.custodian)?,
-                passphrase.as_bytes(),
-                peer,
-                &rid,
-                &client_id,
-            )
-        })
-        .await?;
-        Ok(stamped(out.into(), &request_id))
+        call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, Vault::rekey_passphrase).await
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "RekeyApprove"))]
@@ -820,26 +844,9 @@ impl Operator for Api {
         &self,
         req: Request<pb::RekeyApproveRequest>,
     ) -> Result<Response<pb::RekeyStatus>, Status> {
-        let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
+        let call = CeremonyCall::of(&req);
         let msg = req.into_inner();
-        let passphrase = Zeroizing::new(msg.passphrase);
-        let nonce = Zeroizing::new(msg.nonce);
-        let rid = request_id.clone();
-        let out = custodian_call(&self.vault, &request_id, peer, move |v| {
-            v.rekey_approve(
-                &nonce,
-                custodian_in(msg.custodian)?,
-                passphrase.as_bytes(),
-                peer,
-                &rid,
-                &client_id,
-            )
-        })
-        .await?;
-        if out.done {
-            self.vault.job_signal.notify_one();
-        }
-        Ok(stamped(out.into(), &request_id))
+        call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, Vault::rekey_approve).await
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "RekeyCancel"))]

@@ -18,7 +18,7 @@ use khlang_keys::{
 use crate::audit::{Committed, clean};
 use crate::policy::Operation;
 use crate::store::{Changes, Cursor, Custody, JobKind, KeySpace, StoredField, StoredJob, StoredRecord};
-use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, now_ms, operator_entry};
+use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, custodian_entry, now_ms, operator_entry};
 use crate::{Caller, CipherMode, Vault, VaultError};
 
 /// How a background key job paces itself, so the vault keeps serving while it runs: records per
@@ -165,11 +165,14 @@ impl Vault {
         request_id: &str,
         client_request_id: &str,
     ) -> Result<SealStatus, VaultError> {
-        let mut entry = operator_entry("SealStatus", Operation::KeyAdmin, &self.regulations());
-        entry.identity = String::new();
-        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
-        entry.request_id = clean(request_id);
-        entry.client_request_id = clean(client_request_id);
+        let mut entry = custodian_entry(
+            "SealStatus",
+            String::new(),
+            &self.regulations(),
+            peer,
+            request_id,
+            client_request_id,
+        );
         let status = self.seal_status()?;
         entry.reason = if status.sealed { "sealed".into() } else { "unsealed".into() };
         self.commit_repeatable_now(entry)?;
@@ -209,11 +212,14 @@ impl Vault {
         request_id: &str,
         client_request_id: &str,
     ) -> Result<SealStatus, VaultError> {
-        let mut entry = operator_entry("Unseal", Operation::KeyAdmin, &self.regulations());
-        entry.identity = format!("custodian-{custodian}");
-        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
-        entry.request_id = clean(request_id);
-        entry.client_request_id = clean(client_request_id);
+        let mut entry = custodian_entry(
+            "Unseal",
+            format!("custodian-{custodian}"),
+            &self.regulations(),
+            peer,
+            request_id,
+            client_request_id,
+        );
         let was_sealed = self.is_sealed();
         let result = self.try_unseal(custodian, passphrase);
         match &result {
@@ -338,11 +344,14 @@ impl Vault {
         request_id: &str,
         client_request_id: &str,
     ) -> Result<(), VaultError> {
-        let mut entry = operator_entry("ChangePassphrase", Operation::KeyAdmin, &self.regulations());
-        entry.identity = format!("custodian-{custodian}");
-        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
-        entry.request_id = clean(request_id);
-        entry.client_request_id = clean(client_request_id);
+        let mut entry = custodian_entry(
+            "ChangePassphrase",
+            format!("custodian-{custodian}"),
+            &self.regulations(),
+            peer,
+            request_id,
+            client_request_id,
+        );
         let resealed = (|| {
             check_new_passphrase(new)?;
             if old == new {

@@ -21,7 +21,7 @@ use crate::audit::clean;
 use crate::lifecycle::check_new_passphrase;
 use crate::policy::Operation;
 use crate::store::{Changes, Custody};
-use crate::vault::{now_ms, operator_entry};
+use crate::vault::{custodian_entry, now_ms};
 use crate::{Caller, Vault, VaultError};
 
 /// How long a ceremony may take before it is abandoned.
@@ -221,11 +221,14 @@ impl Vault {
         request_id: &str,
         client_request_id: &str,
     ) -> Result<RekeyStatus, VaultError> {
-        let mut entry = operator_entry("RekeyPassphrase", Operation::KeyAdmin, &self.regulations());
-        entry.identity = format!("new-custodian-{custodian}");
-        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
-        entry.request_id = clean(request_id);
-        entry.client_request_id = clean(client_request_id);
+        let mut entry = custodian_entry(
+            "RekeyPassphrase",
+            format!("new-custodian-{custodian}"),
+            &self.regulations(),
+            peer,
+            request_id,
+            client_request_id,
+        );
         let needed = approvals_needed(&self.store.custody()?);
         let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
         let sealed = (|| {
@@ -290,11 +293,14 @@ impl Vault {
         request_id: &str,
         client_request_id: &str,
     ) -> Result<RekeyStatus, VaultError> {
-        let mut entry = operator_entry("RekeyApprove", Operation::KeyAdmin, &self.regulations());
-        entry.identity = format!("custodian-{custodian}");
-        entry.peer = peer.map(|p| p.to_string()).unwrap_or_default();
-        entry.request_id = clean(request_id);
-        entry.client_request_id = clean(client_request_id);
+        let mut entry = custodian_entry(
+            "RekeyApprove",
+            format!("custodian-{custodian}"),
+            &self.regulations(),
+            peer,
+            request_id,
+            client_request_id,
+        );
         let custody = self.store.custody()?;
         let needed = approvals_needed(&custody);
         let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());

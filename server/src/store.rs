@@ -106,8 +106,10 @@ impl StoredRecord {
         if self.wrapped_key.is_empty() {
             return true;
         }
-        let wrapped = khlang_keys::WrappedDataKey::from_bytes(self.wrapped_key.clone());
-        match (wrapped.header(), khlang_keys::envelope_generation(&self.subject)) {
+        match (
+            khlang_keys::WrappedDataKey::header_of(&self.wrapped_key),
+            khlang_keys::envelope_generation(&self.subject),
+        ) {
             (Ok((_, a)), Ok(b)) => a == b,
             _ => false,
         }
@@ -953,8 +955,7 @@ impl Store {
         let mut out = std::collections::BTreeMap::new();
         for kv in self.vault.scan_prefix(b"d") {
             let (_, v) = kv?;
-            let version = khlang_keys::WrappedDataKey::from_bytes(v.to_vec())
-                .kek_version()
+            let (version, _) = khlang_keys::WrappedDataKey::header_of(&v)
                 .map_err(|_| StoreError::Corrupt("wrapped data key"))?;
             *out.entry(version).or_insert(0) += 1;
         }

@@ -1514,6 +1514,25 @@ pub(crate) fn operator_entry(rpc: &str, op: Operation, regs: &Regulations) -> Au
     }
 }
 
+/// The entry of a custodian's call: no token, so who it is is what the call says (`custodian-N`),
+/// with the peer and both request ids.
+pub(crate) fn custodian_entry(
+    rpc: &str,
+    identity: String,
+    regs: &Regulations,
+    peer: Option<SocketAddr>,
+    request_id: &str,
+    client_request_id: &str,
+) -> AuditEntry {
+    AuditEntry {
+        identity,
+        peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+        request_id: clean(request_id),
+        client_request_id: clean(client_request_id),
+        ..operator_entry(rpc, Operation::KeyAdmin, regs)
+    }
+}
+
 // ---- the audit log, for security officers ---------------------------------------------------
 
 /// Most heads a verification takes from a witness (one per 1,000 entries: a billion entries).

@@ -351,3 +351,14 @@ pub async fn client_from(url: &str, local: std::net::IpAddr, token: Option<&str>
         .expect("connect");
     Client::with_channel(channel, token).expect("client")
 }
+
+/// Two custodians' passphrases for the sealed test vaults.
+pub const TWO_CUSTODIANS: [&str; 2] = ["custodian one: mango sticky rice", "custodian two: tom yum goong"];
+
+/// A sealed 2-of-2 vault ([`TWO_CUSTODIANS`]) served with `auth`.
+pub async fn sealed_server(dir: &Path, auth: AuthLimits) -> TestServer {
+    let options = VaultOptions { auth, ..TestServer::options(dir) };
+    let passes: Vec<&[u8]> = TWO_CUSTODIANS.iter().map(|p| p.as_bytes()).collect();
+    let vault = Vault::init_custodians(dir, 2, &passes, khlang_keys::SealParams::MINIMUM, &options).unwrap();
+    TestServer::start_vault(dir, options, vault).await
+}

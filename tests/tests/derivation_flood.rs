@@ -5,18 +5,6 @@
 use khlang_client::Code;
 use khlang_tests::*;
 
-const CUSTODIANS: [&str; 2] = ["custodian one: mango sticky rice", "custodian two: tom yum goong"];
-
-/// A sealed 2-of-2 vault served with `auth`.
-async fn sealed_server(dir: &std::path::Path, auth: khlang_server::AuthLimits) -> TestServer {
-    let options = khlang_server::VaultOptions { auth, ..TestServer::options(dir) };
-    let passes: Vec<&[u8]> = CUSTODIANS.iter().map(|p| p.as_bytes()).collect();
-    let vault =
-        khlang_server::Vault::init_custodians(dir, 2, &passes, khlang_keys::SealParams::MINIMUM, &options)
-            .unwrap();
-    TestServer::start_vault(dir, options, vault).await
-}
-
 fn peak_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status

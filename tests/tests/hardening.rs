@@ -176,17 +176,7 @@ async fn the_data_folder_is_private_and_an_open_one_is_refused() {
     assert!(e.to_string().contains("can be written by others"), "{e}");
 }
 
-const CUSTODIANS: [&str; 2] = ["custodian one: mango sticky rice", "custodian two: tom yum goong"];
-
-/// A sealed 2-of-2 vault served with `auth`.
-async fn sealed_server(dir: &std::path::Path, auth: khlang_server::AuthLimits) -> TestServer {
-    let options = khlang_server::VaultOptions { auth, ..TestServer::options(dir) };
-    let passes: Vec<&[u8]> = CUSTODIANS.iter().map(|p| p.as_bytes()).collect();
-    let vault =
-        khlang_server::Vault::init_custodians(dir, 2, &passes, khlang_keys::SealParams::MINIMUM, &options)
-            .unwrap();
-    TestServer::start_vault(dir, options, vault).await
-}
+const CUSTODIANS: [&str; 2] = TWO_CUSTODIANS;
 
 /// Guesses are counted before their derivation and a success clears nothing: ChangePassphrase
 /// with guessed old passphrases locks the custodian at the limit, after which even the right
