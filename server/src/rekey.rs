@@ -24,7 +24,7 @@ use crate::store::{Changes, Custody};
 use crate::vault::{custodian_entry, now_ms};
 use crate::{Caller, Vault, VaultError};
 
-/// How long a ceremony may take before it is abandoned.
+/// How long a ceremony may take before it is abandoned, by default (`VaultOptions::rekey_ttl`).
 pub const REKEY_TTL: Duration = Duration::from_secs(60 * 60);
 const NONCE_BYTES: usize = 16;
 
@@ -172,7 +172,7 @@ impl Vault {
                 digests: Vec::new(),
                 approvals: Vec::new(),
                 started_by: caller.identity.name.clone(),
-                expires_ms: now_ms().saturating_add(REKEY_TTL.as_millis() as u64),
+                expires_ms: now_ms().saturating_add(u64::try_from(self.rekey_ttl.as_millis()).unwrap_or(u64::MAX)),
             };
             let mut status = ceremony.status(approvals_needed(&self.store.custody()?));
             status.nonce = Some(ceremony.nonce.to_string());

@@ -100,6 +100,8 @@ pub struct VaultOptions {
     /// The interval over which identical unauthenticated events from one address are counted
     /// into one summary entry instead of written one by one.
     pub audit_repeat_interval: Duration,
+    /// How long a rekey ceremony may take before it is abandoned.
+    pub rekey_ttl: Duration,
 }
 
 impl Default for VaultOptions {
@@ -120,6 +122,7 @@ impl Default for VaultOptions {
             seal_params: SealParams::DEFAULT,
             identity_request_ttl: crate::identities::IDENTITY_REQUEST_TTL,
             audit_repeat_interval: crate::repeats::REPEAT_INTERVAL,
+            rekey_ttl: crate::rekey::REKEY_TTL,
         }
     }
 }
@@ -225,6 +228,7 @@ pub struct Vault {
     seal_params: SealParams,
     pub(crate) identity_request_ttl: Duration,
     repeats: crate::repeats::Repeats,
+    pub(crate) rekey_ttl: Duration,
     regulations: RwLock<Arc<Regulations>>,
     regulations_path: Option<PathBuf>,
     pub(crate) rng: OsRandom,
@@ -451,6 +455,7 @@ impl Vault {
             seal_params: options.seal_params,
             identity_request_ttl: options.identity_request_ttl,
             repeats: crate::repeats::Repeats::new(options.audit_repeat_interval),
+            rekey_ttl: options.rekey_ttl,
             regulations: RwLock::new(options.regulations.clone()),
             regulations_path: options.regulations_path.clone(),
             rng: OsRandom::new(),

@@ -902,3 +902,26 @@ async fn identity_requests_are_bounded() {
     );
     server.stop().await;
 }
+
+/// A rekey ceremony left unfinished expires: its nonce then opens nothing, the status no longer
+/// shows it, and a new ceremony can start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_rekey_ceremony_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = khlang_server::VaultOptions {
+        rekey_ttl: std::time::Duration::from_millis(300),
+        ..TestServer::options(dir.path())
+    };
+    let server = TestServer::start_with(dir.path(), options).await;
+    let mut admin = server.client_as("key-admin").await;
+    let mut anon = khlang_client::Client::connect_with(&server.url(), None, None).await.unwrap();
+    let nonce = admin.rekey(1, 1).await.unwrap().nonce.unwrap();
+    assert!(anon.seal_status().await.unwrap().rekey.is_some());
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let e = anon.rekey_passphrase(nonce.expose_secret(), 1, "a passphrase set too late").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
+    assert!(e.to_string().contains("no rekey ceremony is in progress"), "{e}");
+    assert!(anon.seal_status().await.unwrap().rekey.is_none());
+    admin.rekey(1, 1).await.unwrap();
+    server.stop().await;
+}
