@@ -66,7 +66,7 @@ import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def ops(server, label): return [r["ops_per_sec"] for r in rows if r["server"] == server and r["label"] == label]
 print(f"base = {sys.argv[2]}, new = working tree; ops/s per round, then the median")
-for label in ("put", "get"):
+for label in ("put", "get", "list"):
     b, n = ops("base", label), ops("new", label)
     print(f"{label}: base {[round(x) for x in b]} median {statistics.median(b):.0f}")
     print(f"{label}: new  {[round(x) for x in n]} median {statistics.median(n):.0f}")
