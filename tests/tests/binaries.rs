@@ -633,11 +633,49 @@ fn custodians_and_key_admin_on_the_command_line() {
     );
     let table = stdout(&khlang(&url, &token, &["keys", "status"]));
     assert!(table.lines().any(|l| l.trim_start().starts_with("1  retired")), "{table}");
+
+    // Rekey on the command line: the key admin starts, each new custodian sets their own
+    // passphrase, two current custodians approve.
+    let nonce =
+        stdout(&khlang(&url, &token, &["operator", "rekey", "--custodians", "2", "--threshold", "2"]));
+    let nonce = nonce.trim();
+    assert_eq!(nonce.len(), 32, "{nonce}");
+    let fresh = [
+        write_passphrase(tmp.path(), "new custodian A: khao pad"),
+        write_passphrase(tmp.path(), "new custodian B: pad thai"),
+    ];
+    for (j, file) in fresh.iter().enumerate() {
+        let n = (j + 1).to_string();
+        let set = khlang_anon(
+            &url,
+            &["operator", "rekey-passphrase", "--nonce", nonce, "--custodian", &n, "--passphrase-file", file],
+        );
+        assert!(set.status.success(), "{set:?}");
+    }
+    let status = stdout(&khlang_anon(&url, &["operator", "status"]));
+    assert!(status.contains("rekey in progress") && status.contains("new passphrases set: 1, 2"), "{status}");
+    let first = stdout(&khlang_anon(
+        &url,
+        &["operator", "rekey-approve", "--nonce", nonce, "--custodian", "1", "--passphrase-file", &passes[0]],
+    ));
+    assert!(first.contains("approvals: 1 of 2 needed: 1"), "{first}");
+    let done = stdout(&khlang_anon(
+        &url,
+        &["operator", "rekey-approve", "--nonce", nonce, "--custodian", "3", "--passphrase-file", &passes[2]],
+    ));
+    assert!(done.starts_with("rekey done"), "{done}");
+
     let sealed = stdout(&khlang(&url, &token, &["operator", "seal"]));
     assert!(
-        sealed.starts_with("SEALED: 0 of 2 needed custodians' shares given (custodians: none yet; 3 in all)"),
+        sealed.starts_with("SEALED: 0 of 2 needed custodians' shares given (custodians: none yet; 2 in all)"),
         "{sealed}"
     );
+    stdout(&khlang_anon(&url, &["operator", "unseal", "--custodian", "1", "--passphrase-file", &fresh[0]]));
+    let unsealed = stdout(&khlang_anon(
+        &url,
+        &["operator", "unseal", "--custodian", "2", "--passphrase-file", &fresh[1]],
+    ));
+    assert!(unsealed.starts_with("unsealed"), "the new custodians unseal: {unsealed}");
     child.kill().unwrap();
     child.wait().unwrap();
 }
