@@ -296,8 +296,8 @@ impl DerivationGate {
     }
 }
 
-/// Splits a token into (id, secret bytes) if it has the right shape.
-fn parse(token: &str) -> Option<(&str, Zeroizing<Vec<u8>>)> {
+/// A token's (id, secret hex) if it has the right shape; nothing decoded.
+fn split(token: &str) -> Option<(&str, &str)> {
     let rest = token.strip_prefix(PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
     if id.len() != ID_BYTES * 2
@@ -306,6 +306,12 @@ fn parse(token: &str) -> Option<(&str, Zeroizing<Vec<u8>>)> {
     {
         return None;
     }
+    Some((id, secret))
+}
+
+/// Splits a token into (id, secret bytes) if it has the right shape.
+fn parse(token: &str) -> Option<(&str, Zeroizing<Vec<u8>>)> {
+    let (id, secret) = split(token)?;
     Some((id, Zeroizing::new(hex::decode(secret).ok()?)))
 }
 
@@ -370,7 +376,8 @@ impl Vault {
     /// too often is only slowed down ([`Vault::failure_answer_delay`]), never refused valid credentials.
     pub fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
         let now = now_ms();
-        let token_id = creds.token.and_then(parse).map(|(id, _)| id.to_owned());
+        // Only the id, for the lockout: the secret is decoded once, by `verify`.
+        let token_id = creds.token.and_then(split).map(|(id, _)| id.to_owned());
         if let Some(id) = &token_id
             && self.auth_guard.credential_locked(&Credential::Token(id.clone()), now)
         {

@@ -1130,7 +1130,7 @@ pub async fn serve(
                     }
                     shown = Some(broken);
                 }
-                {
+                if vault.repeats_counting() {
                     // Summaries of repeated unauthenticated events, once their interval ends.
                     let vault = vault.clone();
                     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || vault.write_repeats(false)).await

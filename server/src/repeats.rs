@@ -59,10 +59,10 @@ impl Repeats {
     }
 
     /// Admits one event at `now_ms`; also returns the summaries of intervals that have ended
-    /// (write them before the event, so the log stays in time order).
+    /// (written before the event; the log stamps each entry's time as it appends it).
     pub(crate) fn admit(&self, entry: &AuditEntry, now_ms: u64) -> (Admit, Vec<AuditEntry>) {
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-        let mut ended = Self::take_ended(&mut kinds, now_ms, self.interval_ms);
+        let ended = Self::take_ended(&mut kinds, now_ms, self.interval_ms);
         let mut kind = Kind {
             address: address(&entry.peer),
             rpc: entry.rpc.clone(),
@@ -79,7 +79,6 @@ impl Repeats {
             return (Admit::Counted, ended);
         }
         kinds.insert(kind, Counting { since_ms: now_ms, last_ms: now_ms, count: 0, first: entry.clone() });
-        ended.sort_by_key(|e| e.time_ms);
         (Admit::Write, ended)
     }
 
@@ -87,6 +86,11 @@ impl Repeats {
     pub(crate) fn ended(&self, now_ms: u64) -> Vec<AuditEntry> {
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
         Self::take_ended(&mut kinds, now_ms, self.interval_ms)
+    }
+
+    /// Whether any kind is counting (nothing to summarise otherwise).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.kinds.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 
     /// Every summary still counting (at shutdown).

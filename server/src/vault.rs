@@ -854,9 +854,18 @@ impl Vault {
         }
     }
 
+    /// Whether repeated unauthenticated events are being counted (the watcher writes their
+    /// summaries only then, off the runtime).
+    pub(crate) fn repeats_counting(&self) -> bool {
+        !self.repeats.is_empty()
+    }
+
     /// Writes the summaries of repeated events whose interval ended (`all`: every one, at
     /// shutdown). Returns how many.
     pub fn write_repeats(&self, all: bool) -> Result<usize, VaultError> {
+        if self.repeats.is_empty() {
+            return Ok(0);
+        }
         let due = if all { self.repeats.all() } else { self.repeats.ended(now_ms()) };
         let n = due.len();
         for summary in due {

@@ -526,6 +526,9 @@ async fn an_identity_admin_cannot_create_a_privileged_identity_alone() {
     assert!(e.to_string().contains("roles.helpdesk.assigns"), "{e}");
     let e = helpdesk.approve_identity(&request.id).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    // Nor can it kill a request it could not approve.
+    let e = helpdesk.refuse_identity(&request.id, "not mine to refuse").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     let listed = admin.list_identities().await.unwrap();
     assert!(!exists(&listed, "rogue-dpo") && !exists(&listed, "rogue-clerk"), "nothing created");
     assert_eq!(admin.identity_requests().await.unwrap().len(), 1, "the request still waits");
@@ -560,6 +563,10 @@ async fn an_identity_admin_cannot_create_a_privileged_identity_alone() {
     assert_eq!(second.approve_identity(&r.id).await.unwrap_err().code(), Some(Code::NotFound));
     let entry = server.audit_entries().into_iter().rev().find(|e| e.rpc == "RefuseIdentity").unwrap();
     assert!(entry.reason.contains("not on the staff list") && entry.identity == "key-admin-2", "{entry:?}");
+    // The requester may withdraw their own request; it cannot be approved afterwards.
+    let r = admin.create_identity("withdrawn-sec", "security-officer").await.unwrap().pending().unwrap();
+    admin.refuse_identity(&r.id, "filed by mistake").await.unwrap();
+    assert_eq!(second.approve_identity(&r.id).await.unwrap_err().code(), Some(Code::NotFound));
     // The requester is revoked before the approval: the request dies with them.
     let r = second.create_identity("late-sec", "security-officer").await.unwrap().pending().unwrap();
     admin.revoke_identity("key-admin-2").await.unwrap();
