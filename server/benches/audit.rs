@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use khlang_keys::{DerivationKey, OsRandom};
 use khlang_server::audit::{AuditEntry, AuditLog, LogOptions};
-use khlang_server::store::{Changes, Durability, Store};
+use khlang_server::storage::{Changes, Durability, SledStore};
 
 fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+    let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
     let log = AuditLog::open(&store, dir.path(), &LogOptions::default()).unwrap();
     let key = DerivationKey::generate(&OsRandom::new()).unwrap();
     let public_key = key.audit_signer().unwrap().public_key().to_vec();

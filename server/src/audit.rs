@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit_file::{self, AuditFile, FileOptions, Scanned, TaggedHead, decode_tagged, encode_tagged};
 use crate::catalogue::printable;
-use crate::store::{AuditRecord, Changes, HeadRecorder, Store};
+use crate::storage::{AuditHead, AuditRecord, Changes, HeadRecorder, Storage};
 use crate::vault::now_ms;
 use crate::{StoreError, VaultError};
 
@@ -204,6 +204,9 @@ struct Head {
     /// Entries `(seq, hash ‖ JSON)` in the file's buffer, not yet synced and not in sled: the next
     /// change carries them into sled with its own, so what sled holds never skips one.
     unsynced: VecDeque<(u64, Vec<u8>)>,
+    /// The chain head the store holds (the newest entry a change carried): the next change's
+    /// commit expects it, so two writers can never both extend it.
+    stored: Option<AuditHead>,
 }
 
 /// The keys of an unsealed vault's log.
@@ -291,7 +294,7 @@ pub type ChainHead = (u64, [u8; 32]);
 /// whole log in sled), each checked against the chain; and moves that layout's checkpoints.
 /// Returns the new head and the newest checkpoint moved.
 fn recover_from_sled(
-    store: &Store,
+    store: &dyn Storage,
     file: &AuditFile,
     head: ChainHead,
 ) -> Result<(ChainHead, Option<u64>), StoreError> {
@@ -370,7 +373,7 @@ impl AuditLog {
     /// Opens the log in `data_dir`, first taking back from sled what a crash took from the file
     /// (and, once, the whole log of the layout that kept it in sled). Its integrity is checked
     /// at the first [`AuditLog::unlock`], when the keys that prove it are there.
-    pub fn open(store: &Store, data_dir: &Path, options: &LogOptions) -> Result<Self, StoreError> {
+    pub fn open(store: &dyn Storage, data_dir: &Path, options: &LogOptions) -> Result<Self, StoreError> {
         let (file, (last, checkpoint)) = AuditFile::open(data_dir, &options.files)?;
         let head = match last {
             Some((seq, value)) => {
@@ -397,6 +400,7 @@ impl AuditLog {
                 checkpointed_at: Instant::now(),
                 last_signed: checkpointed_seq.max(recorded),
                 unsynced: VecDeque::new(),
+                stored: store.audit_head()?,
             }),
             keys: Mutex::new(None),
             integrity: Mutex::new(Integrity { opened: (seq, hash), checked: false, broken }),
@@ -418,7 +422,7 @@ impl AuditLog {
     /// that links the chain on from the newest head the vault signed, never over the damage.
     pub fn unlock(
         &self,
-        store: &Store,
+        store: &dyn Storage,
         signer: AuditSigner,
         tagger: HeadTagger,
         flusher_tagger: HeadTagger,
@@ -470,7 +474,7 @@ impl AuditLog {
 
     /// Accepts the carried-forward break whose `AuditBreak` entry is `entry` (the operator's
     /// `--accept-audit-break`): recorded in the log, and data requests are served again.
-    pub fn accept_break(&self, store: &Store, entry: u64) -> Result<(), VaultError> {
+    pub fn accept_break(&self, store: &dyn Storage, entry: u64) -> Result<(), VaultError> {
         let mut integrity = lock(&self.integrity);
         match &integrity.broken {
             Some(b) if b.entry == entry => {
@@ -507,7 +511,7 @@ impl AuditLog {
     /// from the start when that does not hold), with every proof the vault has.
     fn check_tail(
         &self,
-        store: &Store,
+        store: &dyn Storage,
         public_key: &[u8],
         tagger: &HeadTagger,
         opened: ChainHead,
@@ -555,7 +559,7 @@ impl AuditLog {
     }
 
     /// The proofs kept outside the segment files: the store's records and the witness.
-    fn stored_proofs(&self, store: &Store, tagger: &HeadTagger) -> Result<Proofs, StoreError> {
+    fn stored_proofs(&self, store: &dyn Storage, tagger: &HeadTagger) -> Result<Proofs, StoreError> {
         let mut proofs = Proofs::default();
         if let Some(json) = store.audit_record(AuditRecord::SignedHead)? {
             match StoredCheckpoint::parse(&json) {
@@ -590,7 +594,7 @@ impl AuditLog {
     /// signed head (`anchor`), so what the vault signs next extends what it signed last.
     fn carry_forward(
         &self,
-        store: &Store,
+        store: &dyn Storage,
         b: &ChainBreak,
         anchor: Option<Checkpoint>,
         last_known: u64,
@@ -635,7 +639,7 @@ impl AuditLog {
         Ok(record)
     }
 
-    fn append_notice(&self, store: &Store, entry: AuditEntry) -> Result<(), VaultError> {
+    fn append_notice(&self, store: &dyn Storage, entry: AuditEntry) -> Result<(), VaultError> {
         match self.commit(store, entry, Changes::none())? {
             Committed::Done(_) | Committed::Conflict => self.sync_now(),
         }
@@ -683,7 +687,7 @@ impl AuditLog {
     /// change, once the store's flush does).
     pub fn commit(
         &self,
-        store: &Store,
+        store: &dyn Storage,
         mut entry: AuditEntry,
         changes: Changes,
     ) -> Result<Committed, VaultError> {
@@ -719,8 +723,16 @@ impl AuditLog {
                 let tagged: TaggedHead = (entry.seq, hash, keys.tagger.tag(entry.seq, &hash));
                 changes.audit_head_tag(&encode_tagged(&tagged));
             }
+            let next = AuditHead { seq: entry.seq, hash };
+            changes.extend_audit_head(head.stored, next);
             let stored = store.commit(changes);
             if let Ok(false) = stored {
+                if store.audit_head()? != head.stored {
+                    // Someone else extended the chain in the store: this log's view of it is
+                    // stale, and appending would fork it. Fail closed.
+                    tracing::error!("the audit chain head in the store moved under this vault");
+                    return Err(VaultError::AuditUnavailable);
+                }
                 // A record it read changed meanwhile: nothing was written and no seq was used;
                 // the request prepares again.
                 return Ok(Committed::Conflict);
@@ -738,6 +750,7 @@ impl AuditLog {
                 return Err(e.into());
             }
             head.unsynced.clear();
+            head.stored = Some(next);
             self.file.append_entry(entry.seq, &hash, &canonical, false).map_err(unavailable)?;
         }
         head.seq = entry.seq;
@@ -809,7 +822,7 @@ impl AuditLog {
     /// holds in memory (which catches a truncated tail).
     pub fn verify(
         &self,
-        store: &Store,
+        store: &dyn Storage,
         public_key: &[u8],
         witnessed: &[(u64, [u8; 32])],
     ) -> Result<ChainReport, VaultError> {
@@ -855,7 +868,7 @@ impl AuditLog {
     /// this runs beside serving) and carries any damage not yet recorded forward: the head is
     /// signed first, so the `AuditBreak` entry links from it and nothing genuine after the damage
     /// is left unsigned.
-    pub fn check_history(&self, store: &Store) -> Result<Option<BreakRecord>, VaultError> {
+    pub fn check_history(&self, store: &dyn Storage) -> Result<Option<BreakRecord>, VaultError> {
         let Some(public_key) = self.public_key() else { return Ok(None) };
         if self.disabled {
             return Ok(None);
@@ -1272,11 +1285,11 @@ mod tests {
     /// damage in either half and right at the seam.
     #[test]
     fn split_verification_matches_a_sequential_pass() {
-        use crate::store::Durability;
+        use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         const N: u64 = 6000;
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let checkpoints = CheckpointPolicy { every_entries: 700, every: Duration::from_secs(3600) };
         let log =
             AuditLog::open(&store, dir.path(), &LogOptions { checkpoints, ..LogOptions::default() }).unwrap();
@@ -1355,7 +1368,7 @@ mod tests {
         assert!(report.first_break.as_ref().unwrap().reason.contains("truncated"), "{report:?}");
     }
 
-    fn unlock(log: &AuditLog, store: &Store, key: &khlang_keys::DerivationKey) {
+    fn unlock(log: &AuditLog, store: &dyn Storage, key: &khlang_keys::DerivationKey) {
         log.unlock(
             store,
             key.audit_signer().unwrap(),
@@ -1365,12 +1378,12 @@ mod tests {
         .unwrap();
     }
 
-    fn test_log(dir: &Path, store: &Store) -> AuditLog {
+    fn test_log(dir: &Path, store: &dyn Storage) -> AuditLog {
         let checkpoints = CheckpointPolicy { every_entries: 1_000_000, every: Duration::from_secs(3600) };
         AuditLog::open(store, dir, &LogOptions { checkpoints, ..LogOptions::default() }).unwrap()
     }
 
-    fn read(log: &AuditLog, store: &Store, i: u64) -> u64 {
+    fn read(log: &AuditLog, store: &dyn Storage, i: u64) -> u64 {
         let entry = AuditEntry { rpc: "GetRecord".into(), reason: format!("r{i}"), ..AuditEntry::default() };
         match log.commit(store, entry, Changes::none()).unwrap() {
             Committed::Done(seq) => seq,
@@ -1382,10 +1395,10 @@ mod tests {
     /// on from the last whole entry, and the log verifies.
     #[test]
     fn a_torn_last_line_is_cut_at_open() {
-        use crate::store::Durability;
+        use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let key = DerivationKey::generate(&OsRandom::new()).unwrap();
         let public_key = key.audit_signer().unwrap().public_key().to_vec();
         {
@@ -1417,10 +1430,10 @@ mod tests {
     /// two-thread verification and archival across the seam all see one log.
     #[test]
     fn segments_roll_and_read_as_one_log() {
-        use crate::store::Durability;
+        use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let log = test_log(dir.path(), &store);
         let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
         let signer = dkey.audit_signer().unwrap();
@@ -1453,10 +1466,10 @@ mod tests {
     /// open, its checkpoints moved, and the log verifies there.
     #[test]
     fn entries_kept_in_sled_are_copied_to_the_files() {
-        use crate::store::Durability;
+        use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
         let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
@@ -1497,10 +1510,10 @@ mod tests {
     /// batch; when the file lost its unsynced tail, the next open puts them back from sled.
     #[test]
     fn entries_a_crash_took_from_the_file_come_back_from_sled() {
-        use crate::store::Durability;
+        use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
         let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
@@ -1543,9 +1556,9 @@ mod tests {
     /// one moved aside: the next open finishes the swap instead of starting an empty log.
     #[test]
     fn an_interrupted_archival_is_finished_at_open() {
-        use crate::store::Durability;
+        use crate::storage::{Durability, SledStore};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         {
             let log = test_log(dir.path(), &store);
             for i in 1..=4 {
@@ -1569,9 +1582,9 @@ mod tests {
     /// for the request says it failed, and the chain goes on.
     #[test]
     fn a_change_that_cannot_be_stored_is_logged_as_failed() {
-        use crate::store::{Durability, JobKind, StoredJob};
+        use crate::storage::{Durability, JobKind, SledStore, StoredJob};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let log = test_log(dir.path(), &store);
         read(&log, &store, 1);
         let job = StoredJob {
@@ -1586,7 +1599,7 @@ mod tests {
             requested_by: String::new(),
         };
         let mut changes = Changes::new();
-        changes.put_job(&job).unwrap();
+        changes.put_job(&job);
         store.inject_apply_failure(true);
         let write = AuditEntry { rpc: "Reencrypt".into(), outcome: "Ok".into(), ..AuditEntry::default() };
         assert!(log.commit(&store, write, changes).is_err());

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use khlang_keys::audit_chain::HeadTagger;
 
 use crate::StoreError;
-use crate::store::{AuditRecord, HeadRecorder};
+use crate::storage::{AuditRecord, HeadRecorder};
 
 /// How the log's files are kept.
 #[derive(Debug, Clone)]

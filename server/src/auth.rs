@@ -16,7 +16,7 @@ use khlang_keys::RandomSource;
 use zeroize::Zeroizing;
 
 use crate::policy::Operation;
-use crate::store::{Changes, StoredToken};
+use crate::storage::{Changes, StoredToken};
 use crate::vault::{now_ms, operator_entry};
 use crate::{Identity, Vault, VaultError};
 
@@ -112,13 +112,7 @@ impl Credential {
     }
 }
 
-/// A credential's recent failures (wall-clock ms, so a record survives a restart) and its lockout.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FailureRecord {
-    pub format: u8,
-    pub failures: Vec<u64>,
-    pub locked_until_ms: Option<u64>,
-}
+pub use crate::storage::FailureRecord;
 
 #[derive(Debug, Default)]
 struct AddressFailures {
@@ -366,7 +360,7 @@ impl Vault {
         changes.put_token(
             &token_id,
             &StoredToken { format: 1, identity: name.to_owned(), mac, created_ms: now_ms() },
-        )?;
+        );
         let secret_hex = Zeroizing::new(hex::encode(secret.as_slice()));
         Ok(IssuedToken(Zeroizing::new(format!("{PREFIX}{token_id}_{}", secret_hex.as_str()))))
     }

@@ -25,8 +25,8 @@ use crate::audit::{AuditEntry, AuditFilter};
 use crate::identities::{IdentityCreation, IdentityRequest};
 use crate::lifecycle::{JobStatus, KeyStatus, ReencryptTarget, SealStatus};
 use crate::rekey::RekeyStatus;
-use crate::store::JobKind;
-use crate::store::StoredConsent;
+use crate::storage::JobKind;
+use crate::storage::StoredConsent;
 use crate::{Caller, Credentials, FieldValue, RecordView, RegulationsInfo, Vault, VaultError};
 
 /// Metadata key of the request id, echoed back on every response.

@@ -12,7 +12,7 @@ use crate::audit::{AuditEntry, clean};
 use crate::auth::IssuedToken;
 use crate::policy::Operation;
 use crate::regulations::{Regulations, Role};
-use crate::store::{Changes, StoredIdentityRequest};
+use crate::storage::{Changes, StoredIdentityRequest};
 use crate::vault::now_ms;
 use crate::{Caller, Vault, VaultError};
 
@@ -134,7 +134,7 @@ impl Vault {
                 expires_ms: now.saturating_add(ttl),
             };
             let mut changes = Changes::new();
-            changes.add_identity_request(&request)?;
+            changes.add_identity_request(&request);
             e.reason = format!(
                 "identity '{name}' with role '{role}': request {} waits for a second identity's approval",
                 request.id
@@ -184,8 +184,8 @@ impl Vault {
             let created_by = format!("{} (approved by {})", request.requested_by, caller.identity.name);
             let (token, mut changes) =
                 self.stage_identity(&regs, &request.name, &request.role, &created_by)?;
-            changes.close_identity_request(&request)?;
-            changes.expect_identity(&requester)?;
+            changes.close_identity_request(&request);
+            changes.expect_identity(&requester);
             Ok((token, changes))
         })
         .await
@@ -215,7 +215,7 @@ impl Vault {
                 request.id, request.name, request.role, request.requested_by
             );
             let mut changes = Changes::new();
-            changes.close_identity_request(&request)?;
+            changes.close_identity_request(&request);
             Ok(((), changes))
         })
         .await

@@ -7,6 +7,8 @@ pub mod audit_file;
 mod auth;
 pub mod catalogue;
 pub mod dev;
+#[cfg(test)]
+mod domain_tests;
 mod error;
 pub mod grpc;
 pub mod identities;
@@ -15,7 +17,7 @@ pub mod policy;
 pub mod regulations;
 pub mod rekey;
 mod repeats;
-pub mod store;
+pub mod storage;
 mod vault;
 
 pub use auth::{AuthLimits, Credentials, IssuedToken};

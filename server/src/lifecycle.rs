@@ -17,7 +17,7 @@ use khlang_keys::{
 
 use crate::audit::{Committed, clean};
 use crate::policy::Operation;
-use crate::store::{Changes, Cursor, Custody, JobKind, KeySpace, StoredField, StoredJob, StoredRecord};
+use crate::storage::{Changes, Cursor, Custody, JobKind, KeySpace, StoredField, StoredJob, StoredRecord};
 use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, custodian_entry, now_ms, operator_entry};
 use crate::{Caller, CipherMode, Vault, VaultError};
 
@@ -402,11 +402,11 @@ impl Vault {
             self.store.add_kek(version, &keys.root.wrap_kek(&kek, &self.rng)?, now_ms())?;
             self.store.mark_kek_live(version)?;
             keys.ring.write().unwrap_or_else(|p| p.into_inner()).insert(kek);
-            let job = self.new_job(JobKind::Rewrap { target: version }, caller);
+            let job = self.new_job(JobKind::Rewrap { target: version }, caller)?;
             e.key_versions = format!("kek={version}");
             e.reason = format!("KEK v{version} active; rewrapping {} data keys", job.total);
             let mut changes = Changes::new();
-            changes.put_job(&job)?;
+            changes.put_job(&job);
             Ok(((), changes))
         })
         .await?;
@@ -423,21 +423,21 @@ impl Vault {
         }
     }
 
-    fn new_job(&self, kind: JobKind, caller: &Caller) -> StoredJob {
-        StoredJob {
+    fn new_job(&self, kind: JobKind, caller: &Caller) -> Result<StoredJob, VaultError> {
+        Ok(StoredJob {
             format: 1,
             kind,
             cursor: Vec::new(),
             changed: 0,
             skipped: 0,
             total: match kind {
-                JobKind::Rewrap { .. } => self.store.data_key_count(),
-                JobKind::Reencrypt => self.store.record_count(),
+                JobKind::Rewrap { .. } => self.store.count(KeySpace::DataKeys)?,
+                JobKind::Reencrypt => self.store.count(KeySpace::Records)?,
             },
             started_ms: now_ms(),
             finished_ms: None,
             requested_by: caller.identity.name.clone(),
-        }
+        })
     }
 
     /// Versions, their state and age, and the job's progress; `counts` also counts the data keys
@@ -454,7 +454,8 @@ impl Vault {
 
     fn key_status_now(&self, counts: bool) -> Result<KeyStatus, VaultError> {
         let regs = self.regulations();
-        let per_kek = if counts { Some(self.store.data_keys_per_kek()?) } else { None };
+        let per_kek =
+            if counts { Some(crate::storage::data_keys_per_kek(self.store.as_ref())?) } else { None };
         let infos = self.store.kek_infos()?;
         let active = infos.iter().filter(|i| i.retired_ms.is_none()).map(|i| i.version).max();
         let now = now_ms();
@@ -545,7 +546,8 @@ impl Vault {
     /// Runs with commits held off: counts references and destroys the key, so no write can add a
     /// reference in between (and every write that wraps a data key expects its version live).
     pub(crate) fn retire_now(&self, version: u32) -> Result<(), VaultError> {
-        let refs = self.store.data_keys_per_kek()?.get(&version).copied().unwrap_or(0);
+        let refs =
+            crate::storage::data_keys_per_kek(self.store.as_ref())?.get(&version).copied().unwrap_or(0);
         if refs > 0 {
             return Err(VaultError::FailedPrecondition(format!(
                 "{refs} data keys still reference KEK v{version}; wait for the rewrap to finish \
@@ -578,9 +580,9 @@ impl Vault {
                         if let Some(job) = self.store.job()?.filter(|j| j.finished_ms.is_none()) {
                             return Err(running(&job));
                         }
-                        let job = self.new_job(JobKind::Reencrypt, caller);
+                        let job = self.new_job(JobKind::Reencrypt, caller)?;
                         e.reason = format!("re-encrypting all {} records in the background", job.total);
-                        changes.put_job(&job)?;
+                        changes.put_job(&job);
                         return Ok((job.total, changes));
                     }
                     ReencryptTarget::Record(id) => {
@@ -601,7 +603,7 @@ impl Vault {
                     let next = self.reencrypted(&keys, id, &record)?;
                     e.key_versions = Vault::key_versions(&next.wrapped_key);
                     changes.expect_kek_live(next_kek(&next)?);
-                    changes.replace_record_and_key(id, read, &record, &next)?;
+                    changes.replace_record_and_key(id, read, &record, &next);
                 }
                 e.reason = format!("{} records re-encrypted", ids.len());
                 Ok((ids.len() as u64, changes))
@@ -675,9 +677,7 @@ impl Vault {
         let mut changes = Changes::new();
         if batch.is_empty() {
             if let JobKind::Rewrap { target } = job.kind {
-                let left: u64 = self
-                    .store
-                    .data_keys_per_kek()?
+                let left: u64 = crate::storage::data_keys_per_kek(self.store.as_ref())?
                     .iter()
                     .filter(|(v, _)| **v != target)
                     .map(|(_, n)| n)
@@ -686,14 +686,14 @@ impl Vault {
                     // A write that wrapped under the old version just before the rotation landed
                     // behind the cursor: go round again (done records are skipped quickly).
                     job.cursor.clear();
-                    changes.put_job(&job)?;
+                    changes.put_job(&job);
                     entry.reason = format!("{left} data keys still under older versions; another pass");
                     self.commit_now(entry, changes)?;
                     return Ok(true);
                 }
             }
             job.finished_ms = Some(now_ms());
-            changes.put_job(&job)?;
+            changes.put_job(&job);
             entry.reason = format!(
                 "{} finished: {} records changed, {} already current, {} at the start",
                 job_kind_name(job.kind),
@@ -734,21 +734,21 @@ impl Vault {
                     }
                     let next = self.reencrypted(&keys, id, &record)?;
                     changes.expect_kek_live(next_kek(&next)?);
-                    changes.replace_record_and_key(id, read, &record, &next)?;
+                    changes.replace_record_and_key(id, read, &record, &next);
                 }
             }
             job.changed += 1;
             changed += 1;
         }
         job.cursor = batch.last().map(|w| w.cursor.as_bytes().to_vec()).unwrap_or_default();
-        changes.put_job(&job)?;
+        changes.put_job(&job);
         entry.reason = format!(
             "{}: {changed} of {} records from {} changed",
             job_kind_name(job.kind),
             batch.len(),
             clean(&first)
         );
-        match self.audit.commit(&self.store, entry, changes)? {
+        match self.audit.commit(self.store.as_ref(), entry, changes)? {
             // A request changed one of these records meanwhile: the step runs again from the same
             // cursor (nothing of it was written).
             Committed::Conflict | Committed::Done(_) => Ok(true),
@@ -803,7 +803,7 @@ impl Vault {
                     fields,
                     now_ms(),
                 );
-                changes.insert_record(&id, &record)?;
+                changes.insert_record(&id, &record);
                 done += 1;
             }
             // Fresh ids, no expectations: the commit cannot conflict.
@@ -814,8 +814,8 @@ impl Vault {
         Ok(())
     }
 
-    pub fn record_count(&self) -> u64 {
-        self.store.record_count()
+    pub fn record_count(&self) -> Result<u64, VaultError> {
+        Ok(self.store.count(KeySpace::Records)?)
     }
 }
 

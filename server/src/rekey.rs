@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 use crate::audit::clean;
 use crate::lifecycle::check_new_passphrase;
 use crate::policy::Operation;
-use crate::store::{Changes, Custody};
+use crate::storage::{Changes, Custody};
 use crate::vault::{custodian_entry, now_ms};
 use crate::{Caller, Vault, VaultError};
 

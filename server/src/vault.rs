@@ -20,8 +20,9 @@ use crate::auth::{AuthGuard, AuthLimits};
 use crate::catalogue;
 use crate::policy::{self, Ask, ConsentState, Decision, Operation};
 use crate::regulations::{Regulations, Reveal};
-use crate::store::{
-    Changes, Custody, Durability, FlushStats, Store, StoredConsent, StoredField, StoredIdentity, StoredRecord,
+use crate::storage::{
+    Changes, Custody, Durability, FlushStats, SledStore, Storage, StoredConsent, StoredField, StoredIdentity,
+    StoredRecord,
 };
 use crate::{StoreError, VaultError};
 use khlang_keys::audit_chain::ChainReport;
@@ -212,7 +213,7 @@ pub struct Vault {
     /// Declared (so dropped) before the store: the log holds handles on the store's tree, and
     /// sled releases its folder lock only when the database itself is dropped last.
     pub(crate) audit: AuditLog,
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn Storage>,
     keys: RwLock<Option<Arc<Unsealed>>>,
     /// Custodians' shares received while sealed, until there are enough.
     pub(crate) pending_shares: std::sync::Mutex<Vec<KeyShare>>,
@@ -317,12 +318,12 @@ impl Vault {
     ) -> Result<Self, VaultError> {
         let store = Self::open_store(dir, options.durability)?;
         Self::init_store(&store, threshold, passphrases, params, options.mode)?;
-        Self::from_store(store, options)
+        Self::from_sled(store, options)
     }
 
     /// The store creates the folder itself (0700, whatever the umask).
-    fn open_store(dir: &Path, durability: Durability) -> Result<Store, VaultError> {
-        Ok(Store::open(dir, durability)?)
+    fn open_store(dir: &Path, durability: Durability) -> Result<SledStore, VaultError> {
+        Ok(SledStore::open(dir, durability)?)
     }
 
     /// Seals `root` for its custodians: whole under one passphrase, or as K-of-N shares.
@@ -364,8 +365,8 @@ impl Vault {
         }
     }
 
-    fn init_store(
-        store: &Store,
+    pub(crate) fn init_store(
+        store: &dyn Storage,
         threshold: u8,
         passphrases: &[&[u8]],
         params: SealParams,
@@ -419,16 +420,26 @@ impl Vault {
         if !store.is_initialised()? {
             Self::init_store(&store, 1, &[passphrase], params, options.mode)?;
         }
-        Self::from_store(store, options)
+        Self::from_sled(store, options)
     }
 
     /// Opens an initialised vault without unsealing it: only status and unseal answer until
     /// enough custodians have given their passphrases ([`Vault::unseal_with`]).
     pub fn open_sealed(dir: &Path, options: &VaultOptions) -> Result<Self, VaultError> {
-        Self::from_store(Self::open_store(dir, options.durability)?, options)
+        Self::from_sled(Self::open_store(dir, options.durability)?, options)
     }
 
-    fn from_store(store: Store, options: &VaultOptions) -> Result<Self, VaultError> {
+    fn from_sled(store: SledStore, options: &VaultOptions) -> Result<Self, VaultError> {
+        let dir = store.dir().to_path_buf();
+        Self::from_store(Arc::new(store), &dir, options)
+    }
+
+    /// Opens the vault `store` holds (sealed), its audit log's files in `dir`.
+    pub fn from_store(
+        store: Arc<dyn Storage>,
+        dir: &Path,
+        options: &VaultOptions,
+    ) -> Result<Self, VaultError> {
         if !store.is_initialised()? {
             return Err(StoreError::NotInitialised.into());
         }
@@ -441,8 +452,8 @@ impl Vault {
             files: options.audit_files.clone(),
             disabled: options.bench_skip_audit,
         };
-        let audit = AuditLog::open(&store, store.dir(), &log_options)?;
-        crate::store::tighten(store.dir())?;
+        let audit = AuditLog::open(store.as_ref(), dir, &log_options)?;
+        crate::storage::tighten(dir)?;
         let vault = Self {
             store,
             keys: RwLock::new(None),
@@ -472,7 +483,7 @@ impl Vault {
             tracing::warn!(version = %options.regulations.version, "regulations: {warning}");
         }
         // Lockouts survive a restart: a custodian locked before it is locked after.
-        let records: Vec<(Vec<u8>, crate::auth::FailureRecord)> = vault.store.failure_records()?;
+        let records = vault.store.failure_records()?;
         vault.auth_guard.restore(
             records
                 .into_iter()
@@ -502,14 +513,14 @@ impl Vault {
             None => root.legacy_derivation_key()?,
         };
         self.audit.unlock(
-            &self.store,
+            self.store.as_ref(),
             derivation.audit_signer()?,
             derivation.audit_tagger()?,
             derivation.audit_tagger()?,
         )?;
         let accept = self.accept_audit_break.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(entry) = accept {
-            self.audit.accept_break(&self.store, entry)?;
+            self.audit.accept_break(self.store.as_ref(), entry)?;
         }
         let unsealed = Unsealed {
             ring: RwLock::new(ring),
@@ -760,7 +771,7 @@ impl Vault {
 
     /// Appends an entry with its changes now, and waits until both are durable.
     pub(crate) fn commit_now(&self, entry: AuditEntry, changes: Changes) -> Result<(), VaultError> {
-        match self.audit.commit(&self.store, entry, changes)? {
+        match self.audit.commit(self.store.as_ref(), entry, changes)? {
             Committed::Done(_) => {
                 self.audit.sync_now()?;
                 Ok(self.store.flush_now()?)
@@ -803,7 +814,7 @@ impl Vault {
                 }
             }
             let wrote = !changes.is_empty();
-            let seq = match self.audit.commit(&self.store, record, changes)? {
+            let seq = match self.audit.commit(self.store.as_ref(), record, changes)? {
                 Committed::Conflict => continue,
                 Committed::Done(seq) => seq,
             };
@@ -824,12 +835,12 @@ impl Vault {
         let (admit, due) = self.repeats.admit(&entry, now_ms());
         let mut last = None;
         for summary in due {
-            if let Committed::Done(seq) = self.audit.commit(&self.store, summary, Changes::none())? {
+            if let Committed::Done(seq) = self.audit.commit(self.store.as_ref(), summary, Changes::none())? {
                 last = Some(seq);
             }
         }
         if let crate::repeats::Admit::Write = admit
-            && let Committed::Done(seq) = self.audit.commit(&self.store, entry, Changes::none())?
+            && let Committed::Done(seq) = self.audit.commit(self.store.as_ref(), entry, Changes::none())?
         {
             last = Some(seq);
         }
@@ -869,7 +880,7 @@ impl Vault {
         let due = if all { self.repeats.all() } else { self.repeats.ended(now_ms()) };
         let n = due.len();
         for summary in due {
-            self.audit.commit(&self.store, summary, Changes::none())?;
+            self.audit.commit(self.store.as_ref(), summary, Changes::none())?;
         }
         if n > 0 {
             self.audit.sync_now()?;
@@ -1046,7 +1057,7 @@ impl Vault {
                 stored,
                 now_ms(),
             );
-            changes.insert_record(&record_id, &record)?;
+            changes.insert_record(&record_id, &record);
             Ok((record_id.clone(), changes))
         })
         .await
@@ -1185,7 +1196,7 @@ impl Vault {
             }
             record.updated_ms = now_ms();
             let mut changes = Changes::new();
-            changes.replace_record(record_id, read_bytes, &record)?;
+            changes.replace_record(record_id, read_bytes, &record);
             Ok((record.field_names(), changes))
         })
         .await
@@ -1327,7 +1338,7 @@ impl Vault {
                 by: caller.identity.name.clone(),
             };
             let mut changes = Changes::new();
-            changes.set_consent(&index, self.store.generate_id()?, &consent)?;
+            changes.set_consent(&index, self.store.generate_id()?, &consent);
             Ok((consent, changes))
         })
         .await
@@ -1377,7 +1388,7 @@ impl Vault {
         }
         let identity = StoredIdentity::new(name.to_owned(), role.to_owned(), created_by.to_owned(), now_ms());
         let mut changes = Changes::new();
-        changes.create_identity(&identity)?;
+        changes.create_identity(&identity);
         let token = self.stage_token(name, &mut changes)?;
         Ok((token, changes))
     }
@@ -1437,11 +1448,11 @@ impl Vault {
                     )));
                 }
                 for other in &others {
-                    changes.expect_identity(other)?;
+                    changes.expect_identity(other);
                 }
             }
             identity.revoked_ms.get_or_insert(now_ms());
-            changes.put_identity(&identity)?;
+            changes.put_identity(&identity);
             for (token_id, _) in self.store.tokens_of(name)? {
                 changes.remove_token(&token_id);
             }
@@ -1649,17 +1660,18 @@ impl Vault {
         // A full read and hash of the log (about a second per million entries): on the blocking
         // pool, not on a worker that serves requests.
         let vault = self.clone();
-        let report =
-            tokio::task::spawn_blocking(move || vault.audit.verify(&vault.store, &public_key, &witnessed))
-                .await
-                .map_err(|_| StoreError::Corrupt("audit verification task"))??;
+        let report = tokio::task::spawn_blocking(move || {
+            vault.audit.verify(vault.store.as_ref(), &public_key, &witnessed)
+        })
+        .await
+        .map_err(|_| StoreError::Corrupt("audit verification task"))??;
         Ok((report, self.audit.state()))
     }
 
     /// Verifies the whole audit log beside serving and carries damage forward (the tail since the
     /// last signed head was verified at unseal). Started once by the server after unsealing.
     pub fn check_audit_history(&self) -> Result<(), VaultError> {
-        self.audit.check_history(&self.store).map(|_| ())
+        self.audit.check_history(self.store.as_ref()).map(|_| ())
     }
 
     /// A receiver that disconnects once this vault is dropped, store and all (its data folder's
@@ -1689,7 +1701,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        self.audit.verify(&self.store, &public_key, &[])
+        self.audit.verify(self.store.as_ref(), &public_key, &[])
     }
 
     /// The checkpoint-verifying public key, hex.
@@ -1754,7 +1766,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        let report = self.audit.verify(&self.store, &public_key, &[])?;
+        let report = self.audit.verify(self.store.as_ref(), &public_key, &[])?;
         if let Some(b) = report.first_break {
             return Err(VaultError::FailedPrecondition(format!(
                 "the log does not verify (first untrustworthy entry {}: {}); nothing archived",

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
 
 use khlang_client::Code;
-use khlang_server::store::{Durability, Store, StoredRecord};
+use khlang_server::storage::{Durability, SledStore, Storage, StoredRecord};
 use khlang_server::{StoreError, Vault, VaultError, VaultOptions};
 use khlang_tests::*;
 
@@ -56,7 +56,7 @@ async fn no_plaintext_at_rest() {
 
 /// Edits a stored record through the store directly (the server must be stopped).
 fn edit_record(dir: &std::path::Path, id: &str, edit: impl FnOnce(&mut StoredRecord)) {
-    let store = Store::open(dir, Durability::PerRequest).unwrap();
+    let store = SledStore::open(dir, Durability::PerRequest).unwrap();
     let (mut record, _) = store.get_record(id).unwrap().unwrap();
     edit(&mut record);
     store.overwrite_record_for_tests(id, &record).unwrap();
@@ -68,7 +68,7 @@ fn envelope(r: &StoredRecord, field: &str) -> Vec<u8> {
 }
 
 fn read_record(dir: &std::path::Path, id: &str) -> StoredRecord {
-    let store = Store::open(dir, Durability::PerRequest).unwrap();
+    let store = SledStore::open(dir, Durability::PerRequest).unwrap();
     store.get_record(id).unwrap().unwrap().0
 }
 

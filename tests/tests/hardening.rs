@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
 
 use khlang_client::Code;
-use khlang_server::store::{Durability, Store};
+use khlang_server::storage::{Durability, SledStore, Storage};
 use khlang_tests::*;
 
 /// `citizen-777` and a look-alike of it cannot be two people: every look-alike is refused
@@ -54,7 +54,7 @@ async fn an_altered_subject_index_cannot_export_or_erase_someone_else() {
     let bob = c.put("bob-1", [("email", CANARY_EMAIL)]).await.unwrap();
     server.stop().await;
     {
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let (record, _) = store.get_record(&alice).unwrap().unwrap();
         let key = [b"s".as_slice(), &record.subject_index, bob.as_bytes()].concat();
         store.vault_tree_for_tests().insert(key, &[][..]).unwrap();
@@ -288,7 +288,7 @@ async fn a_damaged_stored_record_is_data_loss_naming_it() {
     let id = server.client().await.put("damaged", [("age", "30")]).await.unwrap();
     server.stop().await;
     {
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let key = [b"r".as_slice(), id.as_bytes()].concat();
         store.vault_tree_for_tests().insert(key, &b"\xff\xfe not a record"[..]).unwrap();
         store.flush_now().unwrap();

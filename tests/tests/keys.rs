@@ -10,7 +10,7 @@ use std::time::Duration;
 use khlang_client::{Client, Code, KeysStatus, ReencryptTarget};
 use khlang_keys::{SealParams, WrappedDataKey};
 use khlang_server::lifecycle::JobPacing;
-use khlang_server::store::{Durability, Store, StoredRecord};
+use khlang_server::storage::{Durability, SledStore, Storage, StoredRecord};
 use khlang_server::{Vault, VaultOptions};
 use khlang_tests::*;
 
@@ -137,7 +137,7 @@ async fn custodians_unseal_k_of_n_seal_change_passphrase_and_rekey() {
 
 /// Every stored record (server stopped), by id.
 fn stored_records(dir: &std::path::Path) -> BTreeMap<String, StoredRecord> {
-    let store = Store::open(dir, Durability::PerRequest).unwrap();
+    let store = SledStore::open(dir, Durability::PerRequest).unwrap();
     let ids: Vec<String> = store
         .vault_tree_for_tests()
         .scan_prefix(b"r")
@@ -271,7 +271,7 @@ async fn rotation_under_load_then_retirement_by_proof() {
     // Restore a copy of a record taken before the rotation (a backup): its data key is under the
     // destroyed v1, so nothing can open it — and the KEK is gone from the store.
     {
-        let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         assert!(store.keks().unwrap().iter().all(|(v, _)| *v == 2));
         store.overwrite_record_for_tests(&backup_id, &backup).unwrap();
         store.flush_now().unwrap();
@@ -431,7 +431,7 @@ async fn erasure_and_deletion_destroy_the_data_keys() {
     assert_eq!(tester.erase_subject("erase-me").await.unwrap(), 2);
     tester.delete(&c).await.unwrap();
     server.stop().await;
-    let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+    let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
     let tree = store.vault_tree_for_tests();
     for id in [&a, &b, &c] {
         for prefix in [b"r", b"d"] {
@@ -440,5 +440,5 @@ async fn erasure_and_deletion_destroy_the_data_keys() {
         }
     }
     assert!(tree.get([b"d".as_slice(), kept.as_bytes()].concat()).unwrap().is_some());
-    assert_eq!(store.data_key_count(), 1);
+    assert_eq!(store.count(khlang_server::storage::KeySpace::DataKeys).unwrap(), 1);
 }

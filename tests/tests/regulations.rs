@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use khlang_client::{Client, Code};
 use khlang_server::VaultOptions;
 use khlang_server::regulations::{Regulations, SAMPLE};
-use khlang_server::store::{Durability, Store};
+use khlang_server::storage::{Durability, SledStore, Storage};
 use khlang_tests::*;
 
 /// Every field of the catalogue, with a valid value.
@@ -281,7 +281,7 @@ async fn export_and_erase_a_subject() {
     server.stop().await;
 
     // On disk: the records, and with them their wrapped data keys, are gone.
-    let store = Store::open(dir.path(), Durability::PerRequest).unwrap();
+    let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
     assert!(store.get_record(&a).unwrap().is_none());
     assert!(store.get_record(&b).unwrap().is_none());
     assert!(store.get_record(&other).unwrap().is_some());

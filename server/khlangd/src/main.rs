@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use khlang_keys::SealParams;
 use khlang_server::lifecycle::JobPacing;
 use khlang_server::regulations::Regulations;
-use khlang_server::store::Durability;
+use khlang_server::storage::Durability;
 use khlang_server::{AuthLimits, CipherMode, Limits, Vault, VaultOptions, dev, grpc};
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use zeroize::Zeroizing;
@@ -593,7 +593,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot open the development vault in {}", data_dir.display()))?;
             if let Some(target) = bench_populate {
-                let have = vault.record_count();
+                let have = vault.record_count()?;
                 if have < target {
                     let started = std::time::Instant::now();
                     vault.bench_populate(target - have, |done| {

@@ -1,0 +1,494 @@
+//! The storage port: what the domain needs from a database, in the domain's own types.
+//!
+//! The vault holds its store as `Arc<dyn Storage>`. Nothing outside this folder sees a backend's
+//! types (no `sled::` outside `sled_store.rs`), builds a stored key or compares stored bytes:
+//! reads hand out an opaque [`Version`], walks a [`Cursor`], and every change is a [`Changes`] —
+//! a list of typed operations with the expectations they depend on — applied by one
+//! [`Storage::commit`] that checks the expectations and applies the operations atomically, or
+//! writes nothing. The backend owns its own durability (sled's group flush).
+//!
+//! Backends: [`SledStore`] (the embedded default, the on-disk layout of every earlier build) and
+//! [`MemoryStore`] (a test double, for the domain's unit tests through the port).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use crate::StoreError;
+
+#[cfg(test)]
+mod conformance;
+#[cfg(any(test, feature = "test-util"))]
+mod memory;
+pub mod models;
+mod sled_store;
+
+#[cfg(any(test, feature = "test-util"))]
+pub use memory::MemoryStore;
+pub use models::{
+    Custody, FailureRecord, JobKind, KekInfo, RECORD_FORMAT, StoredConsent, StoredField, StoredIdentity,
+    StoredIdentityRequest, StoredJob, StoredRecord, StoredToken,
+};
+pub use sled_store::{Durability, SledStore, tighten};
+
+/// A stored value as it was read: a change that expects it applies only if nothing changed it
+/// meanwhile (optimistic concurrency). Opaque: only the backend that made it interprets it (sled:
+/// the bytes read; the memory store: a revision number).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Version(Vec<u8>);
+
+impl Version {
+    fn new(token: Vec<u8>) -> Self {
+        Self(token)
+    }
+
+    fn token(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Version(..)")
+    }
+}
+
+/// Where a walk over a key space resumes: after the entry it names (empty: from the start).
+/// A job keeps it in its stored progress as bytes ([`Cursor::as_bytes`]); only the backend that
+/// made it interprets them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor(Vec<u8>);
+
+impl Cursor {
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The key spaces a background job walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySpace {
+    /// Every record (re-encryption).
+    Records,
+    /// Every wrapped data key (rewrap after a rotation).
+    DataKeys,
+}
+
+/// One entry of a walk: the record it belongs to, its value's bytes (an encoded record, or a
+/// wrapped data key), the version a change of it expects, and the cursor that resumes after it.
+#[derive(Debug, Clone)]
+pub struct Walked {
+    pub record_id: String,
+    pub value: Vec<u8>,
+    pub version: Version,
+    pub cursor: Cursor,
+}
+
+/// The audit log's own records in the store, beside the entries changes carry. They are what the
+/// log's files cannot silently drop: the head the vault last signed, the newest tagged head of a
+/// change (in that change's commit) and of a group of reads, and a break the operator has not yet
+/// accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AuditRecord {
+    SignedHead,
+    ChangeTag,
+    ReadTag,
+    Break,
+}
+
+/// Counts for the benchmark report: how many writes each flush carried.
+#[derive(Debug, Default)]
+pub struct FlushStats {
+    pub flushes: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// Records the audit log's newest synced heads from its flusher thread, outside any request
+/// (durable with the backend's next flush).
+#[derive(Clone)]
+pub struct HeadRecorder(Arc<RecordFn>);
+
+type RecordFn = dyn Fn(AuditRecord, &[u8]) -> Result<(), StoreError> + Send + Sync;
+
+impl HeadRecorder {
+    pub fn new(
+        record: impl Fn(AuditRecord, &[u8]) -> Result<(), StoreError> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(record))
+    }
+
+    pub fn record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+        (self.0)(which, value)
+    }
+}
+
+/// The chain head the audit log last committed to the store: the newest entry a commit carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// One typed write of a change set.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A new record, its wrapped data key (unless empty: the plaintext baseline) and its subject
+    /// index entry.
+    InsertRecord {
+        id: String,
+        record: StoredRecord,
+    },
+    /// A record's fields and times; its data key unchanged.
+    ReplaceRecord {
+        id: String,
+        record: StoredRecord,
+    },
+    /// A record's wrapped data key (rotation, re-encryption).
+    ReplaceDataKey {
+        id: String,
+        wrapped: Vec<u8>,
+    },
+    /// A record, its data key and its subject index entry (crypto-shredding).
+    DeleteRecord {
+        id: String,
+        subject_index: [u8; 32],
+    },
+    PutIdentity(StoredIdentity),
+    PutIdentityRequest(StoredIdentityRequest),
+    RemoveIdentityRequest(String),
+    PutToken {
+        id: String,
+        token: StoredToken,
+    },
+    RemoveToken(String),
+    /// A subject's current choice for a purpose, and its place `seq` in the subject's history.
+    SetConsent {
+        subject_index: [u8; 32],
+        seq: u64,
+        consent: StoredConsent,
+    },
+    PutJob(StoredJob),
+    /// An audit entry (`hash ‖ canonical JSON`) carried with the change it records.
+    AuditEntry {
+        seq: u64,
+        value: Vec<u8>,
+    },
+    /// One of the audit log's records (the tagged head of a change), in the same commit.
+    AuditRecord {
+        which: AuditRecord,
+        value: Vec<u8>,
+    },
+    /// The chain head the store holds after this commit.
+    AuditHead(AuditHead),
+}
+
+/// What must still hold when a change set is applied.
+#[derive(Debug, Clone)]
+pub enum Expect {
+    /// The record is still the version read.
+    Record { id: String, version: Version },
+    /// The record's wrapped data key is still the version read (a walk's version).
+    DataKey { id: String, version: Version },
+    /// The record's wrapped data key still holds exactly these bytes.
+    DataKeyIs { id: String, wrapped: Vec<u8> },
+    /// The identity is stored exactly so (`None`: the name is free).
+    Identity { name: String, is: Option<StoredIdentity> },
+    /// The request is stored exactly so (`None`: the id is free).
+    IdentityRequest { id: String, is: Option<StoredIdentityRequest> },
+    /// The KEK version is still live (not retired).
+    KekLive(u32),
+    /// The store's audit chain head is still this one (`None`: no entry was ever carried), so two
+    /// writers can never both extend the same head.
+    AuditHead(Option<AuditHead>),
+}
+
+/// Changes a request wants to make, applied with its audit entry in one commit by the audit log.
+#[derive(Debug, Default)]
+pub struct Changes {
+    ops: Vec<Op>,
+    expect: Vec<Expect>,
+    /// KEK versions already expected live (a change usually names one).
+    live_keks: Vec<u32>,
+    empty: bool,
+}
+
+impl Changes {
+    pub fn none() -> Self {
+        Self { empty: true, ..Self::default() }
+    }
+
+    pub fn new() -> Self {
+        Self { empty: false, ..Self::default() }
+    }
+
+    /// No change: the request only carries its audit entry (to the log's files).
+    pub fn is_empty(&self) -> bool {
+        self.empty
+    }
+
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    pub fn expectations(&self) -> &[Expect] {
+        &self.expect
+    }
+
+    /// Takes the operations and expectations apart (a backend applying them).
+    pub fn into_parts(self) -> (Vec<Op>, Vec<Expect>) {
+        (self.ops, self.expect)
+    }
+
+    /// Carries an audit entry (`hash ‖ JSON`) in the change's own commit, so the change and its
+    /// entry reach disk together; the audit log's file gets it too (see `audit.rs`).
+    pub fn audit_entry(&mut self, seq: u64, value: &[u8]) {
+        self.ops.push(Op::AuditEntry { seq, value: value.to_vec() });
+    }
+
+    /// The tagged head of this change's entry, in the same commit.
+    pub fn audit_head_tag(&mut self, value: &[u8]) {
+        self.ops.push(Op::AuditRecord { which: AuditRecord::ChangeTag, value: value.to_vec() });
+    }
+
+    /// The commit applies only if the store's chain head is still `previous`, and leaves `next`.
+    pub fn extend_audit_head(&mut self, previous: Option<AuditHead>, next: AuditHead) {
+        self.expect.push(Expect::AuditHead(previous));
+        self.ops.push(Op::AuditHead(next));
+    }
+
+    /// Commits only if `identity` is still stored exactly as read (a decision that counted on it,
+    /// e.g. "another administrator remains", holds at the commit).
+    pub fn expect_identity(&mut self, identity: &StoredIdentity) {
+        self.expect.push(Expect::Identity { name: identity.name.clone(), is: Some(identity.clone()) });
+    }
+
+    /// Creates an identity, provided the name is not taken when the change is applied.
+    pub fn create_identity(&mut self, identity: &StoredIdentity) {
+        self.expect.push(Expect::Identity { name: identity.name.clone(), is: None });
+        self.put_identity(identity);
+    }
+
+    pub fn insert_record(&mut self, record_id: &str, record: &StoredRecord) {
+        self.ops.push(Op::InsertRecord { id: record_id.to_owned(), record: record.clone() });
+    }
+
+    /// Replaces a record's fields (its data key unchanged), provided it still holds `expected`
+    /// when the change is applied.
+    pub fn replace_record(&mut self, record_id: &str, expected: Version, next: &StoredRecord) {
+        self.ops.push(Op::ReplaceRecord { id: record_id.to_owned(), record: next.clone() });
+        self.expect.push(Expect::Record { id: record_id.to_owned(), version: expected });
+    }
+
+    /// Replaces a record and its data key together (re-encryption), provided neither changed
+    /// since they were read (`read` is the record as [`Storage::get_record`] returned it).
+    pub fn replace_record_and_key(
+        &mut self,
+        record_id: &str,
+        expected: Version,
+        read: &StoredRecord,
+        next: &StoredRecord,
+    ) {
+        self.replace_record(record_id, expected, next);
+        self.ops.push(Op::ReplaceDataKey { id: record_id.to_owned(), wrapped: next.wrapped_key.clone() });
+        self.expect.push(Expect::DataKeyIs { id: record_id.to_owned(), wrapped: read.wrapped_key.clone() });
+    }
+
+    /// Rewraps a record's data key (KEK rotation), provided it still holds `expected`.
+    pub fn replace_data_key(&mut self, record_id: &str, expected: Version, wrapped: &[u8]) {
+        self.ops.push(Op::ReplaceDataKey { id: record_id.to_owned(), wrapped: wrapped.to_vec() });
+        self.expect.push(Expect::DataKey { id: record_id.to_owned(), version: expected });
+    }
+
+    /// Removes a record, its data key and its index entry, provided it is still as read.
+    pub fn delete_record(&mut self, record_id: &str, record: &StoredRecord, read: Version) {
+        self.ops.push(Op::DeleteRecord { id: record_id.to_owned(), subject_index: record.subject_index });
+        self.expect.push(Expect::Record { id: record_id.to_owned(), version: read });
+    }
+
+    /// Applies only if KEK `version` is still live: a data key wrapped under a version retired
+    /// meanwhile is never stored (the request runs again under the active version).
+    pub fn expect_kek_live(&mut self, version: u32) {
+        if !self.live_keks.contains(&version) {
+            self.live_keks.push(version);
+            self.expect.push(Expect::KekLive(version));
+        }
+    }
+
+    /// Saves a key job's progress in the same commit as the records it changed.
+    pub fn put_job(&mut self, job: &StoredJob) {
+        self.ops.push(Op::PutJob(job.clone()));
+    }
+
+    pub fn put_identity(&mut self, identity: &StoredIdentity) {
+        self.ops.push(Op::PutIdentity(identity.clone()));
+    }
+
+    /// Files a request, provided its id is not taken when the change is applied.
+    pub fn add_identity_request(&mut self, request: &StoredIdentityRequest) {
+        self.expect.push(Expect::IdentityRequest { id: request.id.clone(), is: None });
+        self.ops.push(Op::PutIdentityRequest(request.clone()));
+    }
+
+    /// Closes a request, provided it is still stored as read: two approvals of one request cannot
+    /// both create the identity.
+    pub fn close_identity_request(&mut self, request: &StoredIdentityRequest) {
+        self.expect.push(Expect::IdentityRequest { id: request.id.clone(), is: Some(request.clone()) });
+        self.ops.push(Op::RemoveIdentityRequest(request.id.clone()));
+    }
+
+    pub fn put_token(&mut self, token_id: &str, token: &StoredToken) {
+        self.ops.push(Op::PutToken { id: token_id.to_owned(), token: token.clone() });
+    }
+
+    pub fn remove_token(&mut self, token_id: &str) {
+        self.ops.push(Op::RemoveToken(token_id.to_owned()));
+    }
+
+    /// A subject's choice, and its place in the subject's history (`seq` from
+    /// [`Storage::generate_id`]).
+    pub fn set_consent(&mut self, subject_index: &[u8; 32], seq: u64, consent: &StoredConsent) {
+        self.ops.push(Op::SetConsent { subject_index: *subject_index, seq, consent: consent.clone() });
+    }
+}
+
+/// The storage port. Every method is one backend round trip (or a scan); none of them interprets
+/// a key format (the key hierarchy reads headers, see [`data_keys_per_kek`]).
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    // ---- custody and KEKs (init, unseal, rotation, rekey) ------------------------------------
+
+    /// `"encrypted"`, or the plaintext benchmark baseline's mode; `None` before init.
+    fn mode(&self) -> Result<Option<String>, StoreError>;
+    /// Writes the custody of the root key, the derivation key and the first KEK at once, durable;
+    /// refuses an initialised vault ([`StoreError::AlreadyInitialised`]).
+    fn initialise(
+        &self,
+        custody: &Custody,
+        mode: &str,
+        wrapped_derivation_key: &[u8],
+        kek: (u32, &[u8]),
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+    fn is_initialised(&self) -> Result<bool, StoreError>;
+    fn custody(&self) -> Result<Custody, StoreError>;
+    /// Replaces one custodian's sealed share (or the single sealed root key), durable.
+    fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError>;
+    /// A rekey: new custody, every KEK and the derivation key rewrapped, all or nothing, durable.
+    fn replace_root(
+        &self,
+        custody: &Custody,
+        wrapped_derivation_key: &[u8],
+        keks: &[(u32, Vec<u8>)],
+    ) -> Result<(), StoreError>;
+    /// The wrapped derivation key; `None` for a vault created before there was one.
+    fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Adds a KEK version (a rotation), durable before it wraps anything; refuses a used version.
+    fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError>;
+    /// Destroys a KEK version's wrapped key; its history stays, marked retired. Durable.
+    fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError>;
+    /// Every KEK version ever created, oldest first.
+    fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError>;
+    /// Every stored KEK, `(version, wrapped bytes)`.
+    fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError>;
+    /// Marks a KEK version live, so writes can expect it ([`Expect::KekLive`]).
+    fn mark_kek_live(&self, version: u32) -> Result<(), StoreError>;
+    fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError>;
+
+    // ---- records ------------------------------------------------------------------------------
+
+    /// The record with its wrapped data key, and the version a change of it expects. The two
+    /// belong together (same data-key generation) even if a re-encryption runs meanwhile.
+    fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError>;
+    /// A subject's records, by blind index.
+    fn records_of_subject(&self, subject_index: &[u8; 32])
+    -> Result<Vec<(String, StoredRecord)>, StoreError>;
+    /// Up to `limit` entries of `space` after `cursor`, in a stable order, each with its version.
+    fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError>;
+    /// How many entries `space` holds.
+    fn count(&self, space: KeySpace) -> Result<u64, StoreError>;
+
+    // ---- identities, tokens, lockouts, consent, jobs -----------------------------------------
+
+    fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError>;
+    fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError>;
+    fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError>;
+    fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError>;
+    fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError>;
+    /// Every token of an identity, `(token id, token)`.
+    fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError>;
+    /// A credential's failure record, written outside any request's commit: a lockout holds
+    /// whether or not the request that caused it commits.
+    fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError>;
+    /// Every credential's failure record, `(credential key, record)`.
+    fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError>;
+    fn get_consent(
+        &self,
+        subject_index: &[u8; 32],
+        purpose: &str,
+    ) -> Result<Option<StoredConsent>, StoreError>;
+    /// `(current choices, full history oldest first)`.
+    fn consent_of(
+        &self,
+        subject_index: &[u8; 32],
+    ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError>;
+    /// The background key job, if one was ever started.
+    fn job(&self) -> Result<Option<StoredJob>, StoreError>;
+    /// A number never handed out before by this store (consent history order).
+    fn generate_id(&self) -> Result<u64, StoreError>;
+
+    // ---- the audit log's records ------------------------------------------------------------
+
+    fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores an audit record (durable with the next flush; [`Storage::flush_now`] for at once).
+    fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError>;
+    fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError>;
+    /// A writer for the log's flusher thread.
+    fn head_recorder(&self) -> HeadRecorder;
+    /// The chain head the last commit carrying an entry left (see [`Changes::extend_audit_head`]).
+    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+    /// Entries changes carried ([`Op::AuditEntry`]) after seq `after`, oldest first.
+    fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Removes the carried entries up to `last` (archival), durable.
+    fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError>;
+    /// Signed checkpoints a vault of an earlier layout kept in its store, for moving them to the
+    /// log's checkpoints file once (only sled ever had them).
+    fn legacy_checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(Vec::new())
+    }
+    fn remove_legacy_checkpoints(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    // ---- the one way in -----------------------------------------------------------------------
+
+    /// Applies `changes` atomically if every expectation it carries still holds; `Ok(false)`,
+    /// nothing written, if one does not. The backend checks and applies under its own
+    /// serialisation: compare-and-swap does not depend on any caller's lock.
+    fn commit(&self, changes: Changes) -> Result<bool, StoreError>;
+    /// Returns once everything committed before the call is durable.
+    fn durable(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>;
+    /// Makes everything committed so far durable now (init, shutdown, operator commands).
+    fn flush_now(&self) -> Result<(), StoreError>;
+    fn flush_stats(&self) -> &FlushStats;
+}
+
+/// The KEK version of every stored data key, counted from the wrapped keys' headers (read by the
+/// key hierarchy, not the store).
+pub fn data_keys_per_kek(store: &dyn Storage) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut cursor = Cursor::default();
+    loop {
+        let batch = store.walk(KeySpace::DataKeys, &cursor, 4096)?;
+        let Some(last) = batch.last() else { return Ok(out) };
+        cursor = last.cursor.clone();
+        for w in &batch {
+            let (version, _) = khlang_keys::WrappedDataKey::header_of(&w.value)
+                .map_err(|_| StoreError::Corrupt("wrapped data key"))?;
+            *out.entry(version).or_insert(0) += 1;
+        }
+    }
+}

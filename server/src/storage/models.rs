@@ -1,0 +1,192 @@
+//! The domain's stored types, shared by every backend. Encoded with postcard where a backend
+//! stores bytes (sled); a backend with columns may store their fields apart.
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// Current encoding of [`StoredRecord`] and [`StoredIdentity`]. (Format 1, from before data keys
+/// were stored apart, is not read.)
+pub const RECORD_FORMAT: u8 = 2;
+
+/// A record as stored: envelopes (ciphertext), field names and, beside it at `d‖id`, its wrapped
+/// data key. The key is stored apart so a KEK rotation rewrites 61 bytes per record, not the
+/// record; a read checks the two belong together (same data-key generation).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub format: u8,
+    /// The record's data key, wrapped by a KEK (empty in the plaintext benchmark baseline).
+    /// Stored at `d‖id`, not in the record's own bytes.
+    #[serde(skip)]
+    pub wrapped_key: Vec<u8>,
+    /// HMAC of the subject id (blind index), so a subject's records can be found without its id.
+    pub subject_index: [u8; 32],
+    /// The subject id, sealed under the record's data key like a field.
+    pub subject: Vec<u8>,
+    /// Sorted by name.
+    pub fields: Vec<StoredField>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredField {
+    pub name: String,
+    pub envelope: Vec<u8>,
+}
+
+impl StoredRecord {
+    pub fn new(
+        wrapped_key: Vec<u8>,
+        subject_index: [u8; 32],
+        subject: Vec<u8>,
+        fields: Vec<StoredField>,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            format: RECORD_FORMAT,
+            wrapped_key,
+            subject_index,
+            subject,
+            fields,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+        }
+    }
+
+    pub fn field_names(&self) -> Vec<String> {
+        self.fields.iter().map(|f| f.name.clone()).collect()
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(self).map_err(|_| StoreError::Corrupt("record (encode)"))
+    }
+
+    /// Whether the wrapped data key and the sealed subject id name the same data-key generation
+    /// (always true without encryption). A mismatch means a re-encryption ran between two reads.
+    /// The formats are the key hierarchy's: it reads both headers.
+    pub(crate) fn key_matches(&self) -> bool {
+        if self.wrapped_key.is_empty() {
+            return true;
+        }
+        match (
+            khlang_keys::WrappedDataKey::header_of(&self.wrapped_key),
+            khlang_keys::envelope_generation(&self.subject),
+        ) {
+            (Ok((_, a)), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let r: Self = postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt("record"))?;
+        if r.format != RECORD_FORMAT {
+            return Err(StoreError::Corrupt("record (unknown format)"));
+        }
+        Ok(r)
+    }
+}
+
+/// An identity the regulations' roles apply to. Credentials (tokens, client certificates) point here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredIdentity {
+    pub format: u8,
+    pub name: String,
+    pub role: String,
+    pub created_ms: u64,
+    pub created_by: String,
+    /// Set when revoked; a revoked identity's tokens are deleted and it can never authenticate again.
+    pub revoked_ms: Option<u64>,
+}
+
+impl StoredIdentity {
+    pub fn new(name: String, role: String, created_by: String, created_ms: u64) -> Self {
+        Self { format: RECORD_FORMAT, name, role, created_ms, created_by, revoked_ms: None }
+    }
+}
+
+/// A request to create an identity of a role that needs a second identity's approval.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredIdentityRequest {
+    pub format: u8,
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub requested_by: String,
+    pub requested_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// A bearer token: never the token itself, only an HMAC of its secret part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredToken {
+    pub format: u8,
+    pub identity: String,
+    /// HMAC-SHA256 of the token's secret part under the token pepper.
+    pub mac: [u8; 32],
+    pub created_ms: u64,
+}
+
+/// A data subject's current choice for one purpose.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredConsent {
+    pub format: u8,
+    pub purpose: String,
+    pub granted: bool,
+    pub at_ms: u64,
+    /// The identity that recorded it.
+    pub by: String,
+}
+
+/// How the root key is held: sealed whole under one passphrase, or split among custodians.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Custody {
+    /// One custodian (the development default): the root key sealed under their passphrase.
+    Single { sealed_root: Vec<u8> },
+    /// K of N custodians, each holding a sealed share (index 1..=N, in order).
+    Shares { threshold: u8, sealed: Vec<Vec<u8>> },
+}
+
+/// A KEK version's life: created, and retired (destroyed) once no data key referenced it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KekInfo {
+    pub version: u32,
+    pub created_ms: u64,
+    pub retired_ms: Option<u64>,
+}
+
+/// What a background key job does to every record.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum JobKind {
+    /// Rewrap each data key under KEK `target`; fields are not touched.
+    Rewrap { target: u32 },
+    /// Fresh data key and fresh ciphertexts for every record.
+    Reencrypt,
+}
+
+/// A background key job, persisted with every batch it applies so it resumes exactly where it
+/// stopped: `cursor` is the last record key whose batch committed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredJob {
+    pub format: u8,
+    pub kind: JobKind,
+    pub cursor: Vec<u8>,
+    /// Records this job changed.
+    pub changed: u64,
+    /// Records it found already done (written under the target after the job began).
+    pub skipped: u64,
+    /// Records present when it began.
+    pub total: u64,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// The identity that started it.
+    pub requested_by: String,
+}
+
+/// A credential's recent failures (wall-clock ms, so a record survives a restart) and its lockout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    pub format: u8,
+    pub failures: Vec<u64>,
+    pub locked_until_ms: Option<u64>,
+}

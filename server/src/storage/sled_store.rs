@@ -1,0 +1,890 @@
+//! Storage on sled 0.34, with durable acknowledgements through a group-commit flusher.
+//!
+//! Trees: `meta` (sealed root key, mode) and `keks` (version → wrapped KEK), written only at init
+//! and by key operations; and `vault`, which holds every key space that requests change, so a change
+//! and its audit entry are applied together in one atomic batch:
+//! - `r` ‖ record id → record (field envelopes, sealed subject id); `d` ‖ record id → its wrapped
+//!   data key; `s` ‖ subject index ‖ id → ();
+//! - `i` ‖ name → identity; `t` ‖ token id → token (HMAC of its secret);
+//! - `c` ‖ subject index ‖ purpose → current consent; `h` ‖ subject index ‖ seq → consent history;
+//! - `a` ‖ seq → audit entry (its chain hash ‖ canonical JSON); `k` ‖ seq → signed checkpoint;
+//! - `v` ‖ KEK version → marker while that version is live; `j` → the background key job.
+//!
+//! - `H` → the audit chain head the last change carried; `A`, `m`, `M`, `B` → the audit log's records.
+//!
+//! Requests stage their changes in [`Changes`]; only the audit log commits them (see `audit.rs`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::ConflictableTransactionError;
+use tokio::sync::oneshot;
+
+use super::{
+    AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
+    KekInfo, KeySpace, Op, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest, StoredJob,
+    StoredRecord, StoredToken, Version, Walked,
+};
+use crate::StoreError;
+
+const META_SEALED_ROOT: &[u8] = b"sealed_root";
+const META_MODE: &[u8] = b"mode";
+const META_CUSTODIANS: &[u8] = b"custodians";
+const META_DERIVATION_KEY: &[u8] = b"derivation_key";
+/// `share` ‖ custodian index (u8) → that custodian's sealed share.
+const META_SHARE: &[u8] = b"share";
+/// Key of the background key job (rewrap or re-encryption) in the `vault` tree.
+const JOB_KEY: &[u8] = b"j";
+/// Key of the audit chain head the last change carried (see [`Changes::extend_audit_head`]).
+const AUDIT_HEAD_KEY: &[u8] = b"H";
+
+/// How the custodians' shares are counted in `meta`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StoredCustodians {
+    threshold: u8,
+    count: u8,
+}
+
+/// How a write becomes durable before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Concurrent writers share one `fsync` (the default).
+    #[default]
+    Group,
+    /// One flush per write, never shared with another write; kept as the benchmark's baseline.
+    PerRequest,
+}
+
+type FlushWaiter = oneshot::Sender<Result<(), String>>;
+
+/// How long a group flush waits for more writers after the first, and how many it takes at most.
+const GROUP_WINDOW: std::time::Duration = std::time::Duration::from_micros(500);
+const GROUP_MAX: usize = 256;
+
+/// Writers insert, then wait here; one thread flushes once for everyone who arrived meanwhile.
+/// (sled's own `flush_async` deadlocks under concurrency in 0.34.7.)
+struct GroupCommit {
+    tx: Option<mpsc::Sender<FlushWaiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for GroupCommit {
+    /// Stops the flusher and waits for it, so the database lock is free once the store is dropped.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl GroupCommit {
+    fn start(db: sled::Db, stats: Arc<FlushStats>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<FlushWaiter>();
+        let thread = std::thread::Builder::new().name("khlang-flusher".into()).spawn(move || {
+            // Ends when the store (the only sender) is dropped.
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                // Hold the door briefly for writers already on their way: every flush costs sled a
+                // log write and a sync on this machine's only two cores.
+                let deadline = std::time::Instant::now() + GROUP_WINDOW;
+                while batch.len() < GROUP_MAX {
+                    match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
+                }
+                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                stats.flushes.fetch_add(1, Ordering::Relaxed);
+                stats.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for waiter in batch {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+        })?;
+        Ok(Self { tx: Some(tx), thread: Some(thread) })
+    }
+}
+
+/// Creates the data folder 0700 whatever the umask, and refuses one that others (group or world)
+/// can write: they could replace the database or the log. One others can read holds only
+/// ciphertext, but is warned about.
+#[cfg(unix)]
+fn secure_folder(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", dir.display()));
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(StoreError::Insecure(format!(
+            "the data folder {} can be written by others (mode {mode:o}): refusing to serve from it; `chmod 700` it",
+            dir.display()
+        )));
+    }
+    if mode & 0o044 != 0 {
+        tracing::warn!(folder = %dir.display(), mode = format!("{mode:o}"), "the data folder can be read by others; `chmod 700` it");
+    }
+    Ok(())
+}
+
+/// Every file under the data folder 0600 and every folder 0700, whatever the umask made them
+/// (sled's files, the audit log's).
+#[cfg(unix)]
+pub fn tighten(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", dir.display()));
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let kind = entry.file_type().map_err(io)?;
+            let mode = if kind.is_dir() {
+                stack.push(entry.path());
+                0o700
+            } else if kind.is_file() {
+                0o600
+            } else {
+                continue;
+            };
+            if entry.metadata().map_err(io)?.permissions().mode() & 0o777 != mode {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode)).map_err(io)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn secure_folder(_dir: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
+#[cfg(not(unix))]
+pub fn tighten(_dir: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
+fn audit_record_key(which: AuditRecord) -> &'static [u8] {
+    match which {
+        AuditRecord::SignedHead => b"A",
+        AuditRecord::ChangeTag => b"m",
+        AuditRecord::ReadTag => b"M",
+        AuditRecord::Break => b"B",
+    }
+}
+
+/// The embedded store: sled trees in `<data>/db`, with its own group commit.
+pub struct SledStore {
+    /// The data folder (the audit log's files live beside the database).
+    dir: std::path::PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    keks: sled::Tree,
+    kek_info: sled::Tree,
+    vault: sled::Tree,
+    durability: Durability,
+    group: GroupCommit,
+    per_request_lock: Arc<std::sync::Mutex<()>>,
+    /// Held around checking a change's expectations and applying it.
+    commit_lock: std::sync::Mutex<()>,
+    stats: Arc<FlushStats>,
+    /// Fault drill (tests): every batch fails to apply, as a disk error would make it.
+    fail_applies: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").field("durability", &self.durability).finish_non_exhaustive()
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
+    fn from(e: sled::transaction::TransactionError<StoreError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(inner) => inner,
+            sled::transaction::TransactionError::Storage(s) => s.into(),
+        }
+    }
+}
+
+fn space_prefix(space: KeySpace) -> u8 {
+    match space {
+        KeySpace::Records => b'r',
+        KeySpace::DataKeys => b'd',
+    }
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+impl SledStore {
+    pub fn open(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
+        secure_folder(dir)?;
+        let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
+        tighten(dir)?;
+        let stats = Arc::new(FlushStats::default());
+        let group =
+            GroupCommit::start(db.clone(), stats.clone()).map_err(|e| StoreError::Flush(e.to_string()))?;
+        Ok(Self {
+            meta: db.open_tree("meta")?,
+            keks: db.open_tree("keks")?,
+            kek_info: db.open_tree("kek_info")?,
+            vault: db.open_tree("vault")?,
+            db,
+            dir: dir.to_path_buf(),
+            durability,
+            group,
+            per_request_lock: Arc::default(),
+            commit_lock: std::sync::Mutex::new(()),
+            stats,
+            fail_applies: false.into(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn write_custody(
+        meta: &sled::transaction::TransactionalTree,
+        custody: &Custody,
+    ) -> Result<(), ConflictableTransactionError<StoreError>> {
+        match custody {
+            Custody::Single { sealed_root } => {
+                meta.insert(META_SEALED_ROOT, sealed_root.as_slice())?;
+                meta.remove(META_CUSTODIANS)?;
+            }
+            Custody::Shares { threshold, sealed } => {
+                meta.remove(META_SEALED_ROOT)?;
+                let count =
+                    u8::try_from(sealed.len()).map_err(|_| abort(StoreError::Corrupt("custodians")))?;
+                let json = serde_json::to_vec(&StoredCustodians { threshold: *threshold, count })
+                    .map_err(|_| abort(StoreError::Corrupt("custodians")))?;
+                meta.insert(META_CUSTODIANS, json)?;
+                for (i, share) in sealed.iter().enumerate() {
+                    meta.insert([META_SHARE, &[i as u8 + 1]].concat(), share.as_slice())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn record_key(record_id: &str) -> Vec<u8> {
+        [b"r".as_slice(), record_id.as_bytes()].concat()
+    }
+
+    fn subject_key(subject_index: &[u8; 32], record_id: &str) -> Vec<u8> {
+        [b"s".as_slice(), subject_index.as_slice(), record_id.as_bytes()].concat()
+    }
+
+    fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(value).map_err(|_| StoreError::Corrupt(what))
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+        postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
+    }
+
+    // ---- reads ------------------------------------------------------------------------------
+
+    fn data_key_key(record_id: &str) -> Vec<u8> {
+        [b"d".as_slice(), record_id.as_bytes()].concat()
+    }
+
+    /// Whether one expectation still holds: the stored bytes it names are what it expects
+    /// (sled's versions are the bytes read).
+    fn holds(&self, expect: &Expect) -> Result<bool, StoreError> {
+        let (key, expected): (Vec<u8>, Option<Vec<u8>>) = match expect {
+            Expect::Record { id, version } => (Self::record_key(id), Some(version.token().to_vec())),
+            Expect::DataKey { id, version } => (Self::data_key_key(id), Some(version.token().to_vec())),
+            Expect::DataKeyIs { id, wrapped } => (Self::data_key_key(id), Some(wrapped.clone())),
+            Expect::Identity { name, is } => {
+                (Self::identity_key(name), is.as_ref().map(|i| Self::encode(i, "identity")).transpose()?)
+            }
+            Expect::IdentityRequest { id, is } => {
+                (Self::request_key(id), is.as_ref().map(|r| Self::encode(r, "identity request")).transpose()?)
+            }
+            Expect::KekLive(version) => (kek_live_key(*version), Some(KEK_LIVE.to_vec())),
+            Expect::AuditHead(head) => (AUDIT_HEAD_KEY.to_vec(), head.map(encode_head)),
+        };
+        Ok(self.vault.get(key)?.as_deref() == expected.as_deref())
+    }
+
+    /// The typed operations as one sled batch on the `vault` tree (this layout's atomic unit).
+    fn batch(ops: Vec<Op>) -> Result<sled::Batch, StoreError> {
+        let mut batch = sled::Batch::default();
+        for op in ops {
+            match op {
+                Op::InsertRecord { id, record } => {
+                    batch.insert(Self::record_key(&id), record.encode()?);
+                    if !record.wrapped_key.is_empty() {
+                        batch.insert(Self::data_key_key(&id), record.wrapped_key);
+                    }
+                    batch.insert(Self::subject_key(&record.subject_index, &id), &[] as &[u8]);
+                }
+                Op::ReplaceRecord { id, record } => batch.insert(Self::record_key(&id), record.encode()?),
+                Op::ReplaceDataKey { id, wrapped } => batch.insert(Self::data_key_key(&id), wrapped),
+                Op::DeleteRecord { id, subject_index } => {
+                    batch.remove(Self::record_key(&id));
+                    batch.remove(Self::data_key_key(&id));
+                    batch.remove(Self::subject_key(&subject_index, &id));
+                }
+                Op::PutIdentity(identity) => {
+                    batch.insert(Self::identity_key(&identity.name), Self::encode(&identity, "identity")?);
+                }
+                Op::PutIdentityRequest(request) => {
+                    batch.insert(Self::request_key(&request.id), Self::encode(&request, "identity request")?);
+                }
+                Op::RemoveIdentityRequest(id) => batch.remove(Self::request_key(&id)),
+                Op::PutToken { id, token } => {
+                    batch.insert(Self::token_key(&id), Self::encode(&token, "token")?)
+                }
+                Op::RemoveToken(id) => batch.remove(Self::token_key(&id)),
+                Op::SetConsent { subject_index, seq, consent } => {
+                    let encoded = Self::encode(&consent, "consent")?;
+                    batch.insert(
+                        [b"c".as_slice(), &subject_index, consent.purpose.as_bytes()].concat(),
+                        encoded.clone(),
+                    );
+                    batch.insert([b"h".as_slice(), &subject_index, &seq.to_be_bytes()].concat(), encoded);
+                }
+                Op::PutJob(job) => batch.insert(JOB_KEY, Self::encode(&job, "key job")?),
+                Op::AuditEntry { seq, value } => batch.insert(audit_entry_key(seq), value),
+                Op::AuditRecord { which, value } => batch.insert(audit_record_key(which), value),
+                Op::AuditHead(head) => batch.insert(AUDIT_HEAD_KEY, encode_head(head)),
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Returns once everything written before the call is on disk.
+    async fn durable_now(&self) -> Result<(), StoreError> {
+        match self.durability {
+            Durability::Group => {
+                let (tx, rx) = oneshot::channel();
+                let sender =
+                    self.group.tx.as_ref().ok_or_else(|| StoreError::Flush("flusher stopped".into()))?;
+                sender.send(tx).map_err(|_| StoreError::Flush("flusher stopped".into()))?;
+                rx.await.map_err(|_| StoreError::Flush("flusher stopped".into()))?.map_err(StoreError::Flush)
+            }
+            Durability::PerRequest => {
+                // One flush of its own for every write: flushes are serialised, so none is shared.
+                let db = self.db.clone();
+                let lock = self.per_request_lock.clone();
+                self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                tokio::task::spawn_blocking(move || {
+                    let _one_at_a_time =
+                        lock.lock().map_err(|_| StoreError::Flush("flush lock poisoned".into()))?;
+                    db.flush().map(|_| ()).map_err(StoreError::from)
+                })
+                .await
+                .map_err(|e| StoreError::Flush(e.to_string()))??;
+                Ok(())
+            }
+        }
+    }
+
+    fn identity_key(name: &str) -> Vec<u8> {
+        [b"i".as_slice(), name.as_bytes()].concat()
+    }
+
+    fn request_key(id: &str) -> Vec<u8> {
+        [b"p".as_slice(), id.as_bytes()].concat()
+    }
+
+    fn token_key(id: &str) -> Vec<u8> {
+        [b"t".as_slice(), id.as_bytes()].concat()
+    }
+
+    /// Fault drill for tests: make every following batch fail to apply (or succeed again).
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn inject_apply_failure(&self, fail: bool) {
+        self.fail_applies.store(fail, Ordering::Relaxed);
+    }
+
+    /// Overwrites a stored record as is. Only for tests that tamper with ciphertext, server stopped.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn overwrite_record_for_tests(
+        &self,
+        record_id: &str,
+        record: &StoredRecord,
+    ) -> Result<(), StoreError> {
+        self.vault.insert(Self::record_key(record_id), record.encode()?)?;
+        self.vault.insert(Self::data_key_key(record_id), record.wrapped_key.as_slice())?;
+        Ok(())
+    }
+
+    /// Raw access to the `vault` tree, for tests that tamper with the audit log (server stopped).
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn vault_tree_for_tests(&self) -> &sled::Tree {
+        &self.vault
+    }
+}
+
+impl Storage for SledStore {
+    fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.vault.get(audit_record_key(which))?.map(|v| v.to_vec()))
+    }
+
+    fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+        self.vault.insert(audit_record_key(which), value)?;
+        Ok(())
+    }
+
+    fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError> {
+        self.vault.remove(audit_record_key(which))?;
+        Ok(())
+    }
+
+    fn head_recorder(&self) -> HeadRecorder {
+        let vault = self.vault.clone();
+        HeadRecorder::new(move |which, value| {
+            vault.insert(audit_record_key(which), value)?;
+            Ok(())
+        })
+    }
+
+    fn flush_stats(&self) -> &FlushStats {
+        &self.stats
+    }
+
+    fn durable(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>> {
+        Box::pin(self.durable_now())
+    }
+
+    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        self.vault.get(AUDIT_HEAD_KEY)?.map(|b| decode_head(&b)).transpose()
+    }
+
+    fn count(&self, space: KeySpace) -> Result<u64, StoreError> {
+        Ok(self.vault.scan_prefix([space_prefix(space)]).count() as u64)
+    }
+
+    /// Flushes synchronously (init, shutdown).
+    fn flush_now(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn mode(&self) -> Result<Option<String>, StoreError> {
+        self.meta
+            .get(META_MODE)?
+            .map(|v| String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt("mode")))
+            .transpose()
+    }
+
+    /// Writes the custody of the root key, the derivation key and the first KEK in one
+    /// transaction; refuses an initialised vault.
+    fn initialise(
+        &self,
+        custody: &Custody,
+        mode: &str,
+        wrapped_derivation_key: &[u8],
+        kek: (u32, &[u8]),
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let info =
+            Self::encode(&KekInfo { version: kek.0, created_ms: now_ms, retired_ms: None }, "kek info")?;
+        (&self.meta, &self.keks, &self.kek_info).transaction(|(meta, keks, kek_info)| {
+            if meta.get(META_SEALED_ROOT)?.is_some() || meta.get(META_CUSTODIANS)?.is_some() {
+                return Err(abort(StoreError::AlreadyInitialised));
+            }
+            Self::write_custody(meta, custody)?;
+            meta.insert(META_DERIVATION_KEY, wrapped_derivation_key)?;
+            meta.insert(META_MODE, mode.as_bytes())?;
+            keks.insert(&kek.0.to_be_bytes(), kek.1)?;
+            kek_info.insert(&kek.0.to_be_bytes(), info.as_slice())?;
+            Ok(())
+        })?;
+        self.flush_now()
+    }
+
+    fn is_initialised(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get(META_SEALED_ROOT)?.is_some() || self.meta.get(META_CUSTODIANS)?.is_some())
+    }
+
+    fn custody(&self) -> Result<Custody, StoreError> {
+        if let Some(sealed_root) = self.meta.get(META_SEALED_ROOT)? {
+            return Ok(Custody::Single { sealed_root: sealed_root.to_vec() });
+        }
+        let raw = self.meta.get(META_CUSTODIANS)?.ok_or(StoreError::NotInitialised)?;
+        let c: StoredCustodians =
+            serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("custodians"))?;
+        let sealed = (1..=c.count)
+            .map(|i| {
+                self.meta
+                    .get([META_SHARE, &[i]].concat())?
+                    .map(|v| v.to_vec())
+                    .ok_or(StoreError::Corrupt("custodian share"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Custody::Shares { threshold: c.threshold, sealed })
+    }
+
+    /// Replaces one custodian's sealed share (or the single sealed root key): a passphrase change.
+    fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError> {
+        match self.custody()? {
+            Custody::Single { .. } => self.meta.insert(META_SEALED_ROOT, sealed)?,
+            Custody::Shares { .. } => self.meta.insert([META_SHARE, &[custodian]].concat(), sealed)?,
+        };
+        self.flush_now()
+    }
+
+    /// A rekey: new custody, every KEK rewrapped under the new root key, and the derivation key
+    /// rewrapped, in one transaction (a crash leaves the old or the new root key, never a mix).
+    fn replace_root(
+        &self,
+        custody: &Custody,
+        wrapped_derivation_key: &[u8],
+        keks: &[(u32, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        (&self.meta, &self.keks).transaction(|(meta, kek_tree)| {
+            let old_count = match meta.get(META_CUSTODIANS)? {
+                Some(raw) => serde_json::from_slice::<StoredCustodians>(&raw).map_or(0, |c| c.count),
+                None => 0,
+            };
+            for i in 1..=old_count {
+                meta.remove([META_SHARE, &[i]].concat())?;
+            }
+            Self::write_custody(meta, custody)?;
+            meta.insert(META_DERIVATION_KEY, wrapped_derivation_key)?;
+            for (version, wrapped) in keks {
+                kek_tree.insert(&version.to_be_bytes(), wrapped.as_slice())?;
+            }
+            Ok(())
+        })?;
+        self.flush_now()
+    }
+
+    /// The wrapped derivation key; `None` for a vault created before there was one.
+    fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(META_DERIVATION_KEY)?.map(|v| v.to_vec()))
+    }
+
+    /// Adds a KEK version (a rotation), durable before it wraps anything.
+    fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
+        let info = Self::encode(&KekInfo { version, created_ms: now_ms, retired_ms: None }, "kek info")?;
+        (&self.keks, &self.kek_info).transaction(|(keks, kek_info)| {
+            if keks.get(version.to_be_bytes())?.is_some() || kek_info.get(version.to_be_bytes())?.is_some() {
+                return Err(abort(StoreError::Corrupt("kek version reused")));
+            }
+            keks.insert(&version.to_be_bytes(), wrapped)?;
+            kek_info.insert(&version.to_be_bytes(), info.as_slice())?;
+            Ok(())
+        })?;
+        self.flush_now()
+    }
+
+    /// Destroys a KEK version: its wrapped key is removed; its history stays, marked retired.
+    fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError> {
+        let mut info = self.kek_infos()?.into_iter().find(|i| i.version == version).unwrap_or(KekInfo {
+            version,
+            created_ms: 0,
+            retired_ms: None,
+        });
+        info.retired_ms = Some(now_ms);
+        let info = Self::encode(&info, "kek info")?;
+        (&self.keks, &self.kek_info).transaction(|(keks, kek_info)| {
+            keks.remove(&version.to_be_bytes())?;
+            kek_info.insert(&version.to_be_bytes(), info.as_slice())?;
+            Ok(())
+        })?;
+        self.flush_now()
+    }
+
+    /// Every KEK version ever created, oldest first (versions from before this table existed
+    /// appear with `created_ms` 0).
+    fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError> {
+        let mut out: Vec<KekInfo> =
+            self.kek_info.iter().map(|kv| Self::decode(&kv?.1, "kek info")).collect::<Result<_, _>>()?;
+        for (version, _) in self.keks()? {
+            if !out.iter().any(|i| i.version == version) {
+                out.push(KekInfo { version, created_ms: 0, retired_ms: None });
+            }
+        }
+        out.sort_by_key(|i| i.version);
+        Ok(out)
+    }
+
+    /// Every stored KEK, `(version, wrapped bytes)`.
+    fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        self.keks
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let version: [u8; 4] =
+                    k.as_ref().try_into().map_err(|_| StoreError::Corrupt("kek version"))?;
+                Ok((u32::from_be_bytes(version), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// The record (with its wrapped data key) and the exact bytes of the record it was read from
+    /// (for [`Changes::replace_record`]). The record and its key are two reads; if a concurrent
+    /// re-encryption slipped between them (their generations differ), both are read again.
+    fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError> {
+        let mut attempts = 0;
+        loop {
+            let Some(bytes) = self.vault.get(Self::record_key(record_id))? else { return Ok(None) };
+            let mut record = StoredRecord::decode(&bytes)
+                .map_err(|_| StoreError::Damaged { record_id: record_id.to_owned(), what: "record" })?;
+            record.wrapped_key =
+                self.vault.get(Self::data_key_key(record_id))?.map(|k| k.to_vec()).unwrap_or_default();
+            attempts += 1;
+            // Still different after several reads: not a race but damage, which opening the
+            // record reports as an integrity failure.
+            if record.key_matches() || attempts >= 8 {
+                return Ok(Some((record, Version::new(bytes.to_vec()))));
+            }
+        }
+    }
+
+    /// A subject's records, by blind index.
+    fn records_of_subject(
+        &self,
+        subject_index: &[u8; 32],
+    ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
+        let prefix = [b"s".as_slice(), subject_index.as_slice()].concat();
+        let mut out = Vec::new();
+        for kv in self.vault.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let id = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| StoreError::Damaged {
+                record_id: String::from_utf8_lossy(&k[prefix.len()..]).chars().take(64).collect(),
+                what: "subject index entry",
+            })?;
+            if let Some((record, _)) = self.get_record(id)? {
+                out.push((id.to_owned(), record));
+            }
+        }
+        Ok(out)
+    }
+
+    fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
+        let key = [b"i".as_slice(), name.as_bytes()].concat();
+        self.vault.get(key)?.map(|b| Self::decode(&b, "identity")).transpose()
+    }
+
+    fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
+        self.vault.scan_prefix(b"i").map(|kv| Self::decode(&kv?.1, "identity")).collect()
+    }
+
+    fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
+        let key = [b"p".as_slice(), id.as_bytes()].concat();
+        self.vault.get(key)?.map(|b| Self::decode(&b, "identity request")).transpose()
+    }
+
+    fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
+        self.vault.scan_prefix(b"p").map(|kv| Self::decode(&kv?.1, "identity request")).collect()
+    }
+
+    /// A credential's failure record (`L` ‖ credential key), written outside any request's batch:
+    /// a lockout holds whether or not the request that caused it commits.
+    fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
+        self.vault.insert([b"L".as_slice(), credential].concat(), Self::encode(record, "lockout record")?)?;
+        Ok(())
+    }
+
+    /// Every credential's failure record, `(credential key, record)`.
+    fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
+        self.vault
+            .scan_prefix(b"L")
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k[1..].to_vec(), Self::decode(&v, "lockout record")?))
+            })
+            .collect()
+    }
+
+    fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
+        let key = [b"t".as_slice(), token_id.as_bytes()].concat();
+        self.vault.get(key)?.map(|b| Self::decode(&b, "token")).transpose()
+    }
+
+    fn get_consent(
+        &self,
+        subject_index: &[u8; 32],
+        purpose: &str,
+    ) -> Result<Option<StoredConsent>, StoreError> {
+        let key = [b"c".as_slice(), subject_index, purpose.as_bytes()].concat();
+        self.vault.get(key)?.map(|b| Self::decode(&b, "consent")).transpose()
+    }
+
+    /// `(current choices, full history oldest first)`.
+    fn consent_of(
+        &self,
+        subject_index: &[u8; 32],
+    ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError> {
+        let read = |prefix: &[u8]| -> Result<Vec<StoredConsent>, StoreError> {
+            let key = [prefix, subject_index.as_slice()].concat();
+            self.vault.scan_prefix(key).map(|kv| Self::decode(&kv?.1, "consent")).collect()
+        };
+        Ok((read(b"c")?, read(b"h")?))
+    }
+
+    /// Audit entries a change carried into sled (see [`Changes::audit_entry`]) after seq `after`,
+    /// oldest first: `(seq, hash ‖ JSON)`.
+    fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let start = [b"a".as_slice(), &after.saturating_add(1).to_be_bytes()].concat();
+        self.vault
+            .range(start..b"b".to_vec())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq: [u8; 8] =
+                    k.get(1..9).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit key"))?;
+                Ok((u64::from_be_bytes(seq), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Removes the audit entries up to `last` that changes carried into sled (archival), flushed.
+    fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError> {
+        let end = [b"a".as_slice(), &last.saturating_add(1).to_be_bytes()].concat();
+        let mut batch = sled::Batch::default();
+        for kv in self.vault.range(b"a".to_vec()..end) {
+            batch.remove(kv?.0);
+        }
+        self.vault.apply_batch(batch)?;
+        self.flush_now()
+    }
+
+    /// Signed checkpoints a vault of the previous layout kept in sled (`k‖seq` → JSON), oldest
+    /// first, for moving them to the audit log's checkpoints file once.
+    fn legacy_checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.vault.scan_prefix(b"k").map(|kv| Ok(kv?.1.to_vec())).collect()
+    }
+
+    /// Removes the previous layout's checkpoints (after they were moved), flushed.
+    fn remove_legacy_checkpoints(&self) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.vault.scan_prefix(b"k") {
+            batch.remove(kv?.0);
+        }
+        self.vault.apply_batch(batch)?;
+        self.flush_now()
+    }
+
+    /// Marks a KEK version live in the `vault` tree, where writes can expect it (see
+    /// [`Changes::expect_kek_live`]).
+    fn mark_kek_live(&self, version: u32) -> Result<(), StoreError> {
+        self.vault.insert(kek_live_key(version), KEK_LIVE)?;
+        Ok(())
+    }
+
+    fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError> {
+        self.vault.remove(kek_live_key(version))?;
+        Ok(())
+    }
+
+    /// The background key job, if one was ever started.
+    fn job(&self) -> Result<Option<StoredJob>, StoreError> {
+        self.vault.get(JOB_KEY)?.map(|b| Self::decode(&b, "key job")).transpose()
+    }
+
+    /// Up to `limit` entries of `space` after `cursor`, each with the exact bytes read.
+    fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError> {
+        use std::ops::Bound;
+        let prefix = space_prefix(space);
+        let start = if cursor.as_bytes().is_empty() {
+            Bound::Included(vec![prefix])
+        } else {
+            Bound::Excluded(cursor.as_bytes().to_vec())
+        };
+        self.vault
+            .range::<Vec<u8>, _>((start, Bound::Excluded(vec![prefix + 1])))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let record_id = std::str::from_utf8(&k[1..]).map_err(|_| StoreError::Damaged {
+                    record_id: String::from_utf8_lossy(&k[1..]).chars().take(64).collect(),
+                    what: "key",
+                })?;
+                Ok(Walked {
+                    record_id: record_id.to_owned(),
+                    value: v.to_vec(),
+                    version: Version::new(v.to_vec()),
+                    cursor: Cursor::from_bytes(k.to_vec()),
+                })
+            })
+            .collect()
+    }
+
+    // ---- the one way in -----------------------------------------------------------------------
+
+    /// Applies `changes` atomically if every expectation it carries still holds (record, data key,
+    /// identity or request unchanged since read, KEK version live); `Ok(false)`, nothing written,
+    /// if one does not. Checked and applied under the store's own lock: compare-and-swap does not
+    /// depend on any caller's lock.
+    fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
+        let _commit = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if changes.is_empty() {
+            return Ok(true);
+        }
+        let (ops, expect) = changes.into_parts();
+        for e in &expect {
+            if !self.holds(e)? {
+                return Ok(false);
+            }
+        }
+        let batch = Self::batch(ops)?;
+        if self.fail_applies.load(Ordering::Relaxed) {
+            return Err(StoreError::Flush("injected write failure".into()));
+        }
+        self.vault.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Every token of an identity, `(token id, token)`.
+    fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.vault.scan_prefix(b"t") {
+            let (k, v) = kv?;
+            let token: StoredToken = Self::decode(&v, "token")?;
+            if token.identity == name {
+                out.push((String::from_utf8_lossy(&k[1..]).into_owned(), token));
+            }
+        }
+        Ok(out)
+    }
+}
+
+const KEK_LIVE: &[u8] = b"live";
+
+fn audit_entry_key(seq: u64) -> Vec<u8> {
+    [b"a".as_slice(), &seq.to_be_bytes()].concat()
+}
+
+/// `seq u64 ‖ hash32`.
+fn encode_head(head: AuditHead) -> Vec<u8> {
+    [head.seq.to_be_bytes().as_slice(), &head.hash].concat()
+}
+
+fn decode_head(bytes: &[u8]) -> Result<AuditHead, StoreError> {
+    let seq = bytes.get(..8).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("audit head"))?;
+    let hash = bytes.get(8..40).and_then(|h| h.try_into().ok()).ok_or(StoreError::Corrupt("audit head"))?;
+    Ok(AuditHead { seq: u64::from_be_bytes(seq), hash })
+}
+
+fn kek_live_key(version: u32) -> Vec<u8> {
+    [b"v".as_slice(), &version.to_be_bytes()].concat()
+}
