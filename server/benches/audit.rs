@@ -7,17 +7,19 @@
 use std::time::Instant;
 
 use khlang_keys::{DerivationKey, OsRandom};
-use khlang_server::audit::{AuditEntry, AuditLog, LogOptions};
+use khlang_server::audit::{AuditEntry, AuditLog, LogOptions, StoredRecords};
 use khlang_server::storage::{Changes, Durability, SledStore};
 
-fn main() {
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
-    let log = AuditLog::open(&store, dir.path(), &LogOptions::default()).unwrap();
+    let log = AuditLog::open(&store, dir.path(), &LogOptions::default()).await.unwrap();
     let key = DerivationKey::generate(&OsRandom::new()).unwrap();
     let public_key = key.audit_signer().unwrap().public_key().to_vec();
     log.unlock(&store, key.audit_signer().unwrap(), key.audit_tagger().unwrap(), key.audit_tagger().unwrap())
+        .await
         .unwrap();
 
     let template = AuditEntry {
@@ -40,7 +42,7 @@ fn main() {
     };
     let t = Instant::now();
     for _ in 0..n {
-        let _ = log.commit(&store, template.clone(), Changes::none()).unwrap();
+        let _ = log.commit(&store, template.clone(), Changes::none()).await.unwrap();
     }
     log.checkpoint_now().unwrap();
     let bytes = template.canonical().unwrap().len();
@@ -55,8 +57,9 @@ fn main() {
     let scan = t.elapsed().as_secs_f64();
     std::hint::black_box(count);
 
+    let records = StoredRecords::read(&store).await.unwrap();
     let t = Instant::now();
-    let report = log.verify(&store, &public_key, &[]).unwrap();
+    let report = log.verify(&records, &public_key, &[]).unwrap();
     let verify = t.elapsed().as_secs_f64();
     assert!(report.first_break.is_none(), "{report:?}");
     println!("baseline: iterate {n} stored entries        {:>10.0} entries/s", n as f64 / scan);

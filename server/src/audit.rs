@@ -237,9 +237,13 @@ struct Integrity {
     broken: Option<BreakRecord>,
 }
 
-/// Appends entries (in its own files, see `audit_file.rs`) and signs checkpoints. The mutex
-/// orders the chain and makes each commit's expectation check, entry and change one step.
+/// Appends entries (in its own files, see `audit_file.rs`) and signs checkpoints. `order` is
+/// held by one committer at a time, across its store commit, so the chain is appended in the
+/// order seqs are given; `head` is only ever held briefly (never across an await).
 pub struct AuditLog {
+    order: tokio::sync::Mutex<()>,
+    /// Serialises the rare integrity procedures (unlock, accepting a break, the history check).
+    procedure: tokio::sync::Mutex<()>,
     head: Mutex<Head>,
     keys: Mutex<Option<LogKeys>>,
     integrity: Mutex<Integrity>,
@@ -289,18 +293,36 @@ fn unavailable(e: StoreError) -> VaultError {
 /// `(seq, hash)` of a log's newest entry.
 pub type ChainHead = (u64, [u8; 32]);
 
+/// The audit log's records as the store holds them, read before the (synchronous) checks that
+/// use them.
+#[derive(Debug, Default, Clone)]
+pub struct StoredRecords {
+    signed: Option<Vec<u8>>,
+    tags: Vec<Vec<u8>>,
+}
+
+impl StoredRecords {
+    pub async fn read(store: &dyn Storage) -> Result<Self, StoreError> {
+        let mut tags = Vec::new();
+        for which in [AuditRecord::ChangeTag, AuditRecord::ReadTag] {
+            tags.extend(store.audit_record(which).await?);
+        }
+        Ok(Self { signed: store.audit_record(AuditRecord::SignedHead).await?, tags })
+    }
+}
+
 /// Puts back into the log's file the entries that changes carried into sled after the file's
 /// last entry (a crash lost the file's unsynced tail, or the vault is of the layout that kept the
 /// whole log in sled), each checked against the chain; and moves that layout's checkpoints.
 /// Returns the new head and the newest checkpoint moved.
-fn recover_from_sled(
+async fn recover_from_sled(
     store: &dyn Storage,
     file: &AuditFile,
     head: ChainHead,
 ) -> Result<(ChainHead, Option<u64>), StoreError> {
     let (mut seq, mut hash) = head;
     let mut recovered = 0u64;
-    for (next, value) in store.audit_entries_after(seq)? {
+    for (next, value) in store.audit_entries_after(seq).await? {
         let (stored, json) = split_stored(&value)?;
         let stored: [u8; 32] = stored.try_into().map_err(|_| StoreError::Corrupt("audit entry"))?;
         if next != seq + 1 || embedded_seq(json) != Some(next) || chain_hash(&hash, json) != stored {
@@ -311,7 +333,7 @@ fn recover_from_sled(
         (seq, hash) = (next, stored);
         recovered += 1;
     }
-    let checkpoints = store.legacy_checkpoints()?;
+    let checkpoints = store.legacy_checkpoints().await?;
     let mut newest_checkpoint = None;
     for cp in &checkpoints {
         let cp_seq = cp_seq_of(cp)?;
@@ -327,7 +349,7 @@ fn recover_from_sled(
         );
     }
     if !checkpoints.is_empty() {
-        store.remove_legacy_checkpoints()?;
+        store.remove_legacy_checkpoints().await?;
     }
     Ok(((seq, hash), newest_checkpoint))
 }
@@ -373,7 +395,11 @@ impl AuditLog {
     /// Opens the log in `data_dir`, first taking back from sled what a crash took from the file
     /// (and, once, the whole log of the layout that kept it in sled). Its integrity is checked
     /// at the first [`AuditLog::unlock`], when the keys that prove it are there.
-    pub fn open(store: &dyn Storage, data_dir: &Path, options: &LogOptions) -> Result<Self, StoreError> {
+    pub async fn open(
+        store: &dyn Storage,
+        data_dir: &Path,
+        options: &LogOptions,
+    ) -> Result<Self, StoreError> {
         let (file, (last, checkpoint)) = AuditFile::open(data_dir, &options.files)?;
         let head = match last {
             Some((seq, value)) => {
@@ -382,17 +408,19 @@ impl AuditLog {
             }
             None => (0, GENESIS),
         };
-        let ((seq, hash), moved_checkpoint) = recover_from_sled(store, &file, head)?;
+        let ((seq, hash), moved_checkpoint) = recover_from_sled(store, &file, head).await?;
         let checkpointed_seq = moved_checkpoint
             .unwrap_or_else(|| checkpoint.as_deref().map_or(0, |c| cp_seq_of(c).unwrap_or(0)));
         // The next checkpoint names the newest one the vault signed, wherever it is recorded.
         let recorded =
-            store.audit_record(AuditRecord::SignedHead)?.and_then(|c| cp_seq_of(&c).ok()).unwrap_or(0);
-        let broken = match store.audit_record(AuditRecord::Break)? {
+            store.audit_record(AuditRecord::SignedHead).await?.and_then(|c| cp_seq_of(&c).ok()).unwrap_or(0);
+        let broken = match store.audit_record(AuditRecord::Break).await? {
             Some(b) => serde_json::from_slice(&b).ok(),
             None => None,
         };
         Ok(Self {
+            order: tokio::sync::Mutex::new(()),
+            procedure: tokio::sync::Mutex::new(()),
             head: Mutex::new(Head {
                 seq,
                 hash,
@@ -400,7 +428,7 @@ impl AuditLog {
                 checkpointed_at: Instant::now(),
                 last_signed: checkpointed_seq.max(recorded),
                 unsynced: VecDeque::new(),
-                stored: store.audit_head()?,
+                stored: store.audit_head().await?,
             }),
             keys: Mutex::new(None),
             integrity: Mutex::new(Integrity { opened: (seq, hash), checked: false, broken }),
@@ -420,7 +448,7 @@ impl AuditLog {
     /// Unsealing: installs the keys. The first time in this process, the tail on disk since the
     /// last signed head is verified first; damage is carried forward as an `AuditBreak` entry
     /// that links the chain on from the newest head the vault signed, never over the damage.
-    pub fn unlock(
+    pub async fn unlock(
         &self,
         store: &dyn Storage,
         signer: AuditSigner,
@@ -431,22 +459,27 @@ impl AuditLog {
             *lock(&self.keys) = Some(LogKeys { signer, tagger: tagger.into() });
             return Ok(());
         }
+        let _procedure = self.procedure.lock().await;
         let public_key = signer.public_key().to_vec();
-        let mut integrity = lock(&self.integrity);
-        let finding = if integrity.checked {
+        let (checked, opened) = {
+            let integrity = lock(&self.integrity);
+            (integrity.checked, integrity.opened)
+        };
+        let finding = if checked {
             None
         } else {
+            let records = StoredRecords::read(store).await?;
             self.file.write_through()?;
-            Some(self.check_tail(store, &public_key, &tagger, integrity.opened)?)
+            Some(self.check_tail(&records, &public_key, &tagger, opened)?)
         };
         *lock(&self.keys) = Some(LogKeys { signer, tagger: tagger.into() });
         self.file.set_sealing(Some(flusher_tagger), Some(self.recorder.clone()));
-        integrity.checked = true;
+        lock(&self.integrity).checked = true;
         match finding {
             Some(TailFinding::Damaged { report, anchor }) => {
                 let b = report.uncarried.clone().unwrap_or(ChainBreak { seq: 1, reason: String::new() });
-                let record = self.carry_forward(store, &b, anchor, report.last_entry)?;
-                integrity.broken = Some(record);
+                let record = self.carry_forward(store, &b, anchor, report.last_entry).await?;
+                lock(&self.integrity).broken = Some(record);
             }
             Some(TailFinding::Unproven { from, to }) => {
                 let mut e = notice_entry("AuditUnproven");
@@ -455,11 +488,11 @@ impl AuditLog {
                      or just before an unclean stop): nothing proves them"
                 );
                 tracing::warn!(from, to, "audit entries on disk are not proven by a signature or tag");
-                self.append_notice(store, e)?;
+                self.append_notice(store, e).await?;
             }
             Some(TailFinding::Sound) | None => {}
         }
-        if let Some(b) = &integrity.broken {
+        if let Some(b) = &lock(&self.integrity).broken {
             tracing::error!(
                 audit_break_entry = b.entry,
                 "the audit log holds a break the operator has not accepted (entries {} to {}: {})",
@@ -468,25 +501,25 @@ impl AuditLog {
                 b.reason
             );
         }
-        drop(integrity);
         self.checkpoint_now()
     }
 
     /// Accepts the carried-forward break whose `AuditBreak` entry is `entry` (the operator's
     /// `--accept-audit-break`): recorded in the log, and data requests are served again.
-    pub fn accept_break(&self, store: &dyn Storage, entry: u64) -> Result<(), VaultError> {
-        let mut integrity = lock(&self.integrity);
-        match &integrity.broken {
+    pub async fn accept_break(&self, store: &dyn Storage, entry: u64) -> Result<(), VaultError> {
+        let _procedure = self.procedure.lock().await;
+        let broken = lock(&self.integrity).broken.clone();
+        match &broken {
             Some(b) if b.entry == entry => {
                 let mut e = notice_entry("AcceptAuditBreak");
                 e.reason = format!(
                     "the operator accepted the break carried forward at {entry} (entries {} to {}: {})",
                     b.damaged_from, b.damaged_to, b.reason
                 );
-                self.append_notice(store, e)?;
-                store.remove_audit_record(AuditRecord::Break)?;
-                store.flush_now()?;
-                integrity.broken = None;
+                self.append_notice(store, e).await?;
+                store.remove_audit_record(AuditRecord::Break).await?;
+                store.flush_now().await?;
+                lock(&self.integrity).broken = None;
                 tracing::warn!(entry, "audit break accepted by the operator");
                 Ok(())
             }
@@ -511,12 +544,12 @@ impl AuditLog {
     /// from the start when that does not hold), with every proof the vault has.
     fn check_tail(
         &self,
-        store: &dyn Storage,
+        records: &StoredRecords,
         public_key: &[u8],
         tagger: &HeadTagger,
         opened: ChainHead,
     ) -> Result<TailFinding, VaultError> {
-        let proofs = self.stored_proofs(store, tagger)?;
+        let proofs = self.stored_proofs(records, tagger)?;
         let start = match &proofs.signed {
             Some(a) if verify_checkpoint(public_key, a) && entry_hash(self.dir(), a.seq)? == Some(a.hash) => {
                 Some(a.clone())
@@ -559,17 +592,17 @@ impl AuditLog {
     }
 
     /// The proofs kept outside the segment files: the store's records and the witness.
-    fn stored_proofs(&self, store: &dyn Storage, tagger: &HeadTagger) -> Result<Proofs, StoreError> {
+    fn stored_proofs(&self, records: &StoredRecords, tagger: &HeadTagger) -> Result<Proofs, StoreError> {
         let mut proofs = Proofs::default();
-        if let Some(json) = store.audit_record(AuditRecord::SignedHead)? {
-            match StoredCheckpoint::parse(&json) {
+        if let Some(json) = &records.signed {
+            match StoredCheckpoint::parse(json) {
                 Some(cp) => proofs.signed = Some(cp),
                 None => proofs.tamper_at(1, "the store's record of the last signed head is unreadable"),
             }
         }
-        for which in [AuditRecord::ChangeTag, AuditRecord::ReadTag] {
-            if let Some(bytes) = store.audit_record(which)? {
-                match decode_tagged(&bytes) {
+        for bytes in &records.tags {
+            {
+                match decode_tagged(bytes) {
                     Some((seq, hash, tag)) if tagger.verify(seq, &hash, &tag) => {
                         proofs.tagged.push((seq, hash))
                     }
@@ -592,9 +625,33 @@ impl AuditLog {
 
     /// Appends the `AuditBreak` entry: seq after every seq the vault knows, chained from the newest
     /// signed head (`anchor`), so what the vault signs next extends what it signed last.
-    fn carry_forward(
+    async fn carry_forward(
         &self,
         store: &dyn Storage,
+        b: &ChainBreak,
+        anchor: Option<Checkpoint>,
+        last_known: u64,
+    ) -> Result<BreakRecord, VaultError> {
+        let _order = self.order.lock().await;
+        let record = self.append_break(b, anchor, last_known)?;
+        let json = serde_json::to_vec(&record).map_err(|_| StoreError::Corrupt("audit break (encode)"))?;
+        store.set_audit_record(AuditRecord::Break, &json).await?;
+        store.flush_now().await?;
+        tracing::error!(
+            first_untrusted = b.seq,
+            reason = %b.reason,
+            audit_break_entry = record.entry,
+            "AUDIT LOG DAMAGED: entries from {} on cannot be trusted; data requests are refused until an operator \
+             restarts with --accept-audit-break {}",
+            b.seq,
+            record.entry
+        );
+        Ok(record)
+    }
+
+    /// The file part of [`AuditLog::carry_forward`], under the head's lock.
+    fn append_break(
+        &self,
         b: &ChainBreak,
         anchor: Option<Checkpoint>,
         last_known: u64,
@@ -624,23 +681,11 @@ impl AuditLog {
             damaged_to: to,
             reason: entry.reason,
         };
-        let json = serde_json::to_vec(&record).map_err(|_| StoreError::Corrupt("audit break (encode)"))?;
-        store.set_audit_record(AuditRecord::Break, &json)?;
-        store.flush_now()?;
-        tracing::error!(
-            first_untrusted = b.seq,
-            reason = %b.reason,
-            audit_break_entry = record.entry,
-            "AUDIT LOG DAMAGED: entries from {} on cannot be trusted; data requests are refused until an operator \
-             restarts with --accept-audit-break {}",
-            b.seq,
-            record.entry
-        );
         Ok(record)
     }
 
-    fn append_notice(&self, store: &dyn Storage, entry: AuditEntry) -> Result<(), VaultError> {
-        match self.commit(store, entry, Changes::none())? {
+    async fn append_notice(&self, store: &dyn Storage, entry: AuditEntry) -> Result<(), VaultError> {
+        match self.commit(store, entry, Changes::none()).await? {
             Committed::Done(_) | Committed::Conflict => self.sync_now(),
         }
     }
@@ -682,36 +727,44 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Appends `entry` and applies `changes` with it in one sled batch. Fails (and changes
+    /// Appends `entry` and commits `changes` with it in one store commit. Fails (and changes
     /// nothing) if the entry cannot be written. Durable once [`AuditLog::durable`] returns (for a
     /// change, once the store's flush does).
-    pub fn commit(
+    pub async fn commit(
         &self,
         store: &dyn Storage,
         mut entry: AuditEntry,
         changes: Changes,
     ) -> Result<Committed, VaultError> {
-        let mut head = lock(&self.head);
+        let _order = self.order.lock().await;
         if self.disabled {
-            return Ok(if store.commit(changes)? { Committed::Done(0) } else { Committed::Conflict });
+            return Ok(if store.commit(changes).await? { Committed::Done(0) } else { Committed::Conflict });
         }
-        entry.seq = head.seq + 1;
-        entry.time_ms = now_ms();
-        entry.bound();
-        let canonical = entry.canonical()?;
-        let hash = chain_hash(&head.hash, &canonical);
-        let value = [hash.as_slice(), &canonical].concat();
-        if changes.is_empty() {
-            // Durable by the file's sync (the request waits for it), which writes its group's tag.
-            self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
-            let synced = self.file.synced_seq();
-            while head.unsynced.front().is_some_and(|(s, _)| *s <= synced) {
-                head.unsynced.pop_front();
+        // Phase 1, under the head's lock: the entry's seq and link; a read's entry goes to the
+        // file's buffer at once (durable by the file's sync, which writes its group's tag).
+        let (changes, next, stored_head, canonical, hash) = {
+            let mut head = lock(&self.head);
+            entry.seq = head.seq + 1;
+            entry.time_ms = now_ms();
+            entry.bound();
+            let canonical = entry.canonical()?;
+            let hash = chain_hash(&head.hash, &canonical);
+            let value = [hash.as_slice(), &canonical].concat();
+            if changes.is_empty() {
+                self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
+                let synced = self.file.synced_seq();
+                while head.unsynced.front().is_some_and(|(s, _)| *s <= synced) {
+                    head.unsynced.pop_front();
+                }
+                head.unsynced.push_back((entry.seq, value));
+                head.seq = entry.seq;
+                head.hash = hash;
+                self.checkpoint_if_due(&mut head)?;
+                return Ok(Committed::Done(entry.seq));
             }
-            head.unsynced.push_back((entry.seq, value));
-        } else {
-            // Durable with the change, in its sled batch (with any entry before it that is not
-            // yet on disk, and the tag of its head); the file gets it too, synced later.
+            // A change carries its entry (with any entry before it not yet on disk, and the tag
+            // of its head) in its own commit, which expects the store's chain head unmoved; the
+            // file gets the entry too, synced later.
             self.file.check_writable().map_err(unavailable)?;
             let mut changes = changes;
             let synced = self.file.synced_seq();
@@ -725,42 +778,50 @@ impl AuditLog {
             }
             let next = AuditHead { seq: entry.seq, hash };
             changes.extend_audit_head(head.stored, next);
-            let stored = store.commit(changes);
-            if let Ok(false) = stored {
-                if store.audit_head()? != head.stored {
-                    // Someone else extended the chain in the store: this log's view of it is
-                    // stale, and appending would fork it. Fail closed.
-                    tracing::error!("the audit chain head in the store moved under this vault");
-                    return Err(VaultError::AuditUnavailable);
-                }
-                // A record it read changed meanwhile: nothing was written and no seq was used;
-                // the request prepares again.
-                return Ok(Committed::Conflict);
+            (changes, next, head.stored, canonical, hash)
+        };
+        // Phase 2: the store commit, with no lock but `order` held.
+        let stored = store.commit(changes).await;
+        if let Ok(false) = stored {
+            if store.audit_head().await? != stored_head {
+                // Someone else extended the chain in the store: this log's view of it is stale,
+                // and appending would fork it. Fail closed.
+                tracing::error!("the audit chain head in the store moved under this vault");
+                return Err(VaultError::AuditUnavailable);
             }
-            if let Err(e) = stored {
-                // Neither the change nor its entry was stored: the entry says the change failed.
-                tracing::error!(error = %e, "a change and its audit entry could not be stored");
-                entry.outcome = "Internal".into();
-                entry.reason = "the change could not be stored".into();
-                let canonical = entry.canonical()?;
-                let hash = chain_hash(&head.hash, &canonical);
-                self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
-                head.seq = entry.seq;
-                head.hash = hash;
-                return Err(e.into());
-            }
-            head.unsynced.clear();
-            head.stored = Some(next);
-            self.file.append_entry(entry.seq, &hash, &canonical, false).map_err(unavailable)?;
+            // A record it read changed meanwhile: nothing was written and no seq was used; the
+            // request prepares again.
+            return Ok(Committed::Conflict);
         }
+        let mut head = lock(&self.head);
+        if let Err(e) = stored {
+            // Neither the change nor its entry was stored: the entry says the change failed.
+            tracing::error!(error = %e, "a change and its audit entry could not be stored");
+            entry.outcome = "Internal".into();
+            entry.reason = "the change could not be stored".into();
+            let canonical = entry.canonical()?;
+            let hash = chain_hash(&head.hash, &canonical);
+            self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
+            head.seq = entry.seq;
+            head.hash = hash;
+            return Err(e.into());
+        }
+        head.unsynced.clear();
+        head.stored = Some(next);
+        self.file.append_entry(entry.seq, &hash, &canonical, false).map_err(unavailable)?;
         head.seq = entry.seq;
         head.hash = hash;
-        let due = entry.seq - head.checkpointed_seq >= self.policy.every_entries
+        self.checkpoint_if_due(&mut head)?;
+        Ok(Committed::Done(entry.seq))
+    }
+
+    fn checkpoint_if_due(&self, head: &mut Head) -> Result<(), VaultError> {
+        let due = head.seq - head.checkpointed_seq >= self.policy.every_entries
             || head.checkpointed_at.elapsed() >= self.policy.every;
         if due {
-            self.checkpoint_head(&mut head)?;
+            self.checkpoint_head(head)?;
         }
-        Ok(Committed::Done(entry.seq))
+        Ok(())
     }
 
     /// Writes every entry appended so far to the file (no sync), for a reader of the file: a
@@ -785,10 +846,10 @@ impl AuditLog {
         self.file.sync_now().map_err(unavailable)
     }
 
-    /// Runs `f` with every commit held off (key retirement proves and destroys under it).
-    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
-        let _head = lock(&self.head);
-        f()
+    /// Holds every commit off while the guard lives (key retirement proves and destroys under
+    /// it).
+    pub async fn hold_commits(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.order.lock().await
     }
 
     /// Signs the current head now (shutdown, export, verification), if anything was appended
@@ -822,7 +883,7 @@ impl AuditLog {
     /// holds in memory (which catches a truncated tail).
     pub fn verify(
         &self,
-        store: &dyn Storage,
+        records: &StoredRecords,
         public_key: &[u8],
         witnessed: &[(u64, [u8; 32])],
     ) -> Result<ChainReport, VaultError> {
@@ -830,7 +891,7 @@ impl AuditLog {
         let tagger = tagger.as_deref();
         // The proofs first, then the head: every proof then precedes the head verified up to.
         let proofs = match tagger {
-            Some(t) => self.stored_proofs(store, t)?,
+            Some(t) => self.stored_proofs(records, t)?,
             None => Proofs::default(),
         };
         let head = self.head_in_file()?;
@@ -868,20 +929,24 @@ impl AuditLog {
     /// this runs beside serving) and carries any damage not yet recorded forward: the head is
     /// signed first, so the `AuditBreak` entry links from it and nothing genuine after the damage
     /// is left unsigned.
-    pub fn check_history(&self, store: &dyn Storage) -> Result<Option<BreakRecord>, VaultError> {
+    /// `report` is the whole log's verification, run on a blocking thread ([`AuditLog::verify`]).
+    pub async fn check_history(
+        &self,
+        store: &dyn Storage,
+        report: &ChainReport,
+    ) -> Result<Option<BreakRecord>, VaultError> {
         let Some(public_key) = self.public_key() else { return Ok(None) };
         if self.disabled {
             return Ok(None);
         }
-        let report = self.verify(store, &public_key, &[])?;
         let Some(b) = report.uncarried.clone() else { return Ok(None) };
-        let mut integrity = lock(&self.integrity);
+        let _procedure = self.procedure.lock().await;
         self.checkpoint_now()?;
         let Some(tagger) = lock(&self.keys).as_ref().map(|k| k.tagger.clone()) else { return Ok(None) };
-        let proofs = self.stored_proofs(store, &tagger)?;
+        let proofs = self.stored_proofs(&StoredRecords::read(store).await?, &tagger)?;
         let anchor = proofs.newest_signed(&public_key);
-        let record = self.carry_forward(store, &b, anchor, report.last_entry)?;
-        integrity.broken = Some(record.clone());
+        let record = self.carry_forward(store, &b, anchor, report.last_entry).await?;
+        lock(&self.integrity).broken = Some(record.clone());
         Ok(Some(record))
     }
 
@@ -1264,8 +1329,8 @@ fn lines_up_to(
 mod tests {
     use super::*;
 
-    #[test]
-    fn canonical_bytes_are_the_sorted_key_form() {
+    #[tokio::test]
+    async fn canonical_bytes_are_the_sorted_key_form() {
         let e = AuditEntry {
             decision: "deny".into(),
             fields: vec!["card_number".into()],
@@ -1283,25 +1348,26 @@ mod tests {
 
     /// The two-thread verification must name exactly the break one sequential pass names, for
     /// damage in either half and right at the seam.
-    #[test]
-    fn split_verification_matches_a_sequential_pass() {
+    #[tokio::test]
+    async fn split_verification_matches_a_sequential_pass() {
         use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         const N: u64 = 6000;
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let checkpoints = CheckpointPolicy { every_entries: 700, every: Duration::from_secs(3600) };
-        let log =
-            AuditLog::open(&store, dir.path(), &LogOptions { checkpoints, ..LogOptions::default() }).unwrap();
+        let log = AuditLog::open(&store, dir.path(), &LogOptions { checkpoints, ..LogOptions::default() })
+            .await
+            .unwrap();
         let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
         let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
         drop(signer);
-        unlock(&log, &store, &dkey);
+        unlock(&log, &store, &dkey).await;
         for i in 0..N {
             let entry =
                 AuditEntry { rpc: "GetRecord".into(), reason: format!("n{i}"), ..AuditEntry::default() };
-            assert!(matches!(log.commit(&store, entry, Changes::none()).unwrap(), Committed::Done(_)));
+            assert!(matches!(log.commit(&store, entry, Changes::none()).await.unwrap(), Committed::Done(_)));
         }
         log.checkpoint_now().unwrap();
         let sequential = |dir: &Path| {
@@ -1320,7 +1386,7 @@ mod tests {
             }
             v.finish()
         };
-        let intact = log.verify(&store, &public_key, &[]).unwrap();
+        let intact = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
         assert_eq!(intact, sequential(log.dir()));
         assert_eq!((intact.entries, intact.first_break.clone()), (N, None));
 
@@ -1368,24 +1434,25 @@ mod tests {
         assert!(report.first_break.as_ref().unwrap().reason.contains("truncated"), "{report:?}");
     }
 
-    fn unlock(log: &AuditLog, store: &dyn Storage, key: &khlang_keys::DerivationKey) {
+    async fn unlock(log: &AuditLog, store: &dyn Storage, key: &khlang_keys::DerivationKey) {
         log.unlock(
             store,
             key.audit_signer().unwrap(),
             key.audit_tagger().unwrap(),
             key.audit_tagger().unwrap(),
         )
+        .await
         .unwrap();
     }
 
-    fn test_log(dir: &Path, store: &dyn Storage) -> AuditLog {
+    async fn test_log(dir: &Path, store: &dyn Storage) -> AuditLog {
         let checkpoints = CheckpointPolicy { every_entries: 1_000_000, every: Duration::from_secs(3600) };
-        AuditLog::open(store, dir, &LogOptions { checkpoints, ..LogOptions::default() }).unwrap()
+        AuditLog::open(store, dir, &LogOptions { checkpoints, ..LogOptions::default() }).await.unwrap()
     }
 
-    fn read(log: &AuditLog, store: &dyn Storage, i: u64) -> u64 {
+    async fn read(log: &AuditLog, store: &dyn Storage, i: u64) -> u64 {
         let entry = AuditEntry { rpc: "GetRecord".into(), reason: format!("r{i}"), ..AuditEntry::default() };
-        match log.commit(store, entry, Changes::none()).unwrap() {
+        match log.commit(store, entry, Changes::none()).await.unwrap() {
             Committed::Done(seq) => seq,
             Committed::Conflict => panic!("conflict"),
         }
@@ -1393,8 +1460,8 @@ mod tests {
 
     /// A crash in the middle of a write leaves a torn last line: it is cut at open, the chain goes
     /// on from the last whole entry, and the log verifies.
-    #[test]
-    fn a_torn_last_line_is_cut_at_open() {
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut_at_open() {
         use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
@@ -1402,10 +1469,10 @@ mod tests {
         let key = DerivationKey::generate(&OsRandom::new()).unwrap();
         let public_key = key.audit_signer().unwrap().public_key().to_vec();
         {
-            let log = test_log(dir.path(), &store);
-            unlock(&log, &store, &key);
+            let log = test_log(dir.path(), &store).await;
+            unlock(&log, &store, &key).await;
             for i in 1..=5 {
-                read(&log, &store, i);
+                read(&log, &store, i).await;
             }
             log.checkpoint_now().unwrap();
         }
@@ -1417,55 +1484,55 @@ mod tests {
         torn[end..end + 8].copy_from_slice(b"e 6 00ff");
         std::fs::write(&segment, &torn).unwrap();
 
-        let log = test_log(dir.path(), &store);
+        let log = test_log(dir.path(), &store).await;
         assert_eq!(log.head().0, 5);
         assert_eq!(std::fs::read(&segment).unwrap(), whole, "the torn line is gone, nothing else");
-        unlock(&log, &store, &key);
-        assert_eq!(read(&log, &store, 6), 6);
-        let report = log.verify(&store, &public_key, &[]).unwrap();
+        unlock(&log, &store, &key).await;
+        assert_eq!(read(&log, &store, 6).await, 6);
+        let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
         assert_eq!((report.entries, report.first_break), (6, None));
     }
 
     /// Past 65,536 entries the log goes on in a new segment; readers starting anywhere, the
     /// two-thread verification and archival across the seam all see one log.
-    #[test]
-    fn segments_roll_and_read_as_one_log() {
+    #[tokio::test]
+    async fn segments_roll_and_read_as_one_log() {
         use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
-        let log = test_log(dir.path(), &store);
+        let log = test_log(dir.path(), &store).await;
         let dkey = DerivationKey::generate(&OsRandom::new()).unwrap();
         let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
         drop(signer);
-        unlock(&log, &store, &dkey);
+        unlock(&log, &store, &dkey).await;
         let n = 65_536 + 300;
         for i in 1..=n {
-            read(&log, &store, i);
+            read(&log, &store, i).await;
         }
         log.checkpoint_now().unwrap();
         let segments = audit_file::segments(log.dir()).unwrap();
         assert_eq!(segments.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 65_537]);
         let from: Vec<u64> = audit_file::entries(log.dir(), 65_530).map(|e| e.unwrap().0).take(10).collect();
         assert_eq!(from, (65_530..65_540).collect::<Vec<_>>());
-        let report = log.verify(&store, &public_key, &[]).unwrap();
+        let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
         assert_eq!((report.entries, report.first_break, report.last_checkpoint), (n, None, n));
 
         // Archive up to a checkpoint in the second segment: what is left starts after it.
-        read(&log, &store, n + 1);
+        read(&log, &store, n + 1).await;
         log.checkpoint_now().unwrap();
         log.remove_archived(n).unwrap();
         assert_eq!(audit_file::first_seq(log.dir()).unwrap(), Some(n + 1));
-        read(&log, &store, n + 2);
-        let report = log.verify(&store, &public_key, &[]).unwrap();
+        read(&log, &store, n + 2).await;
+        let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
         assert_eq!((report.entries, report.first_break.clone()), (2, None), "{report:?}");
     }
 
     /// Entries a vault of the previous layout kept in sled are copied into the files once, at
     /// open, its checkpoints moved, and the log verifies there.
-    #[test]
-    fn entries_kept_in_sled_are_copied_to_the_files() {
+    #[tokio::test]
+    async fn entries_kept_in_sled_are_copied_to_the_files() {
         use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
@@ -1489,27 +1556,27 @@ mod tests {
                     .unwrap();
             }
         }
-        let log = test_log(dir.path(), &store);
+        let log = test_log(dir.path(), &store).await;
         assert_eq!(log.head(), (30, hash));
-        assert!(store.legacy_checkpoints().unwrap().is_empty(), "checkpoints moved to their file");
+        assert!(store.legacy_checkpoints().await.unwrap().is_empty(), "checkpoints moved to their file");
         drop(signer);
-        unlock(&log, &store, &dkey);
-        read(&log, &store, 31);
-        let report = log.verify(&store, &public_key, &[]).unwrap();
+        unlock(&log, &store, &dkey).await;
+        read(&log, &store, 31).await;
+        let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
         assert_eq!(
             (report.entries, report.checkpoints, report.first_break.clone()),
             (31, 3, None),
             "{report:?}"
         );
         drop(log);
-        let log = test_log(dir.path(), &store);
+        let log = test_log(dir.path(), &store).await;
         assert_eq!(log.head().0, 31, "copied once, not again");
     }
 
     /// A change carries its entry (and any read entry before it not yet synced) in its sled
     /// batch; when the file lost its unsynced tail, the next open puts them back from sled.
-    #[test]
-    fn entries_a_crash_took_from_the_file_come_back_from_sled() {
+    #[tokio::test]
+    async fn entries_a_crash_took_from_the_file_come_back_from_sled() {
         use crate::storage::{Durability, SledStore};
         use khlang_keys::{DerivationKey, OsRandom};
         let dir = tempfile::tempdir().unwrap();
@@ -1518,17 +1585,18 @@ mod tests {
         let signer = dkey.audit_signer().unwrap();
         let public_key = signer.public_key().to_vec();
         {
-            let log = test_log(dir.path(), &store);
+            let log = test_log(dir.path(), &store).await;
             for i in 1..=2 {
-                read(&log, &store, i);
+                read(&log, &store, i).await;
             }
             log.sync_now().unwrap();
-            read(&log, &store, 3);
+            read(&log, &store, 3).await;
             let write = AuditEntry { rpc: "PutRecord".into(), ..AuditEntry::default() };
-            assert!(matches!(log.commit(&store, write, Changes::new()).unwrap(), Committed::Done(4)));
-            store.flush_now().unwrap();
+            assert!(matches!(log.commit(&store, write, Changes::new()).await.unwrap(), Committed::Done(4)));
+            store.flush_now().await.unwrap();
         }
-        let carried: Vec<u64> = store.audit_entries_after(0).unwrap().into_iter().map(|(s, _)| s).collect();
+        let carried: Vec<u64> =
+            store.audit_entries_after(0).await.unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(carried, vec![3, 4], "the write carried the unsynced read before it");
         // The file's last two lines never reached the disk.
         let (_, segment) = audit_file::segments(&dir.path().join(audit_file::DIR)).unwrap().pop().unwrap();
@@ -1536,14 +1604,14 @@ mod tests {
         let kept: Vec<&str> = text.lines().take(2).collect();
         std::fs::write(&segment, kept.join("\n") + "\n").unwrap();
 
-        let log = test_log(dir.path(), &store);
+        let log = test_log(dir.path(), &store).await;
         assert_eq!(log.head().0, 4);
         let rpcs: Vec<String> = read_entries(log.dir()).map(|e| e.unwrap().rpc).collect();
         assert_eq!(rpcs, ["GetRecord", "GetRecord", "GetRecord", "PutRecord"]);
         drop(signer);
-        unlock(&log, &store, &dkey);
-        read(&log, &store, 5);
-        let report = log.verify(&store, &public_key, &[]).unwrap();
+        unlock(&log, &store, &dkey).await;
+        read(&log, &store, 5).await;
+        let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
         let rpcs: Vec<String> = read_entries(log.dir()).map(|e| e.unwrap().rpc).collect();
         assert_eq!(
             rpcs[4], "AuditUnproven",
@@ -1554,39 +1622,39 @@ mod tests {
 
     /// An archival interrupted between its two renames leaves the new folder complete and the old
     /// one moved aside: the next open finishes the swap instead of starting an empty log.
-    #[test]
-    fn an_interrupted_archival_is_finished_at_open() {
+    #[tokio::test]
+    async fn an_interrupted_archival_is_finished_at_open() {
         use crate::storage::{Durability, SledStore};
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         {
-            let log = test_log(dir.path(), &store);
+            let log = test_log(dir.path(), &store).await;
             for i in 1..=4 {
-                read(&log, &store, i);
+                read(&log, &store, i).await;
             }
             log.sync_now().unwrap();
         }
         let audit = dir.path().join(audit_file::DIR);
         std::fs::rename(&audit, audit.with_extension("new")).unwrap();
-        let log = test_log(dir.path(), &store);
+        let log = test_log(dir.path(), &store).await;
         assert_eq!(log.head().0, 4, "the complete new folder took the log's place");
         drop(log);
         std::fs::create_dir_all(audit.with_extension("old")).unwrap();
         std::fs::create_dir_all(audit.with_extension("new")).unwrap();
-        let log = test_log(dir.path(), &store);
+        let log = test_log(dir.path(), &store).await;
         assert_eq!(log.head().0, 4);
         assert!(!audit.with_extension("old").exists() && !audit.with_extension("new").exists());
     }
 
     /// A change sled cannot store leaves neither the change nor its entry in sled; the log's entry
     /// for the request says it failed, and the chain goes on.
-    #[test]
-    fn a_change_that_cannot_be_stored_is_logged_as_failed() {
+    #[tokio::test]
+    async fn a_change_that_cannot_be_stored_is_logged_as_failed() {
         use crate::storage::{Durability, JobKind, SledStore, StoredJob};
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
-        let log = test_log(dir.path(), &store);
-        read(&log, &store, 1);
+        let log = test_log(dir.path(), &store).await;
+        read(&log, &store, 1).await;
         let job = StoredJob {
             format: 1,
             kind: JobKind::Reencrypt,
@@ -1602,11 +1670,11 @@ mod tests {
         changes.put_job(&job);
         store.inject_apply_failure(true);
         let write = AuditEntry { rpc: "Reencrypt".into(), outcome: "Ok".into(), ..AuditEntry::default() };
-        assert!(log.commit(&store, write, changes).is_err());
+        assert!(log.commit(&store, write, changes).await.is_err());
         store.inject_apply_failure(false);
-        assert!(store.job().unwrap().is_none(), "the change was not stored");
-        assert!(store.audit_entries_after(0).unwrap().is_empty(), "nor its entry in sled");
-        assert_eq!(read(&log, &store, 3), 3, "the chain goes on");
+        assert!(store.job().await.unwrap().is_none(), "the change was not stored");
+        assert!(store.audit_entries_after(0).await.unwrap().is_empty(), "nor its entry in sled");
+        assert_eq!(read(&log, &store, 3).await, 3, "the chain goes on");
         let entries: Vec<AuditEntry> = {
             log.write_through().unwrap();
             read_entries(log.dir()).map(Result::unwrap).collect()

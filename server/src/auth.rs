@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::policy::Operation;
 use crate::storage::{Changes, StoredToken};
+use crate::vault::prepare;
 use crate::vault::{now_ms, operator_entry};
 use crate::{Identity, Vault, VaultError};
 
@@ -328,7 +329,8 @@ impl Vault {
         let regs = self.regulations();
         let mut entry = operator_entry("CreateIdentity", Operation::IdentityAdmin, &regs);
         entry.reason = format!("identity '{name}' with role '{role}'");
-        self.audited(entry, |_| self.stage_identity(&regs, name, role, "operator")).await
+        let regs = &regs;
+        self.audited(entry, prepare!(|_| { self.stage_identity(regs, name, role, "operator").await })).await
     }
 
     /// Issues another token for an existing, unrevoked identity, on behalf of the local operator.
@@ -336,15 +338,19 @@ impl Vault {
         let regs = self.regulations();
         let mut entry = operator_entry("IssueToken", Operation::IdentityAdmin, &regs);
         entry.reason = format!("identity '{name}'");
-        self.audited(entry, |_| {
-            let identity = self.store.get_identity(name)?.ok_or(VaultError::NotFound("identity"))?;
-            if identity.revoked_ms.is_some() {
-                return Err(VaultError::FailedPrecondition(format!("identity '{name}' is revoked")));
-            }
-            let mut changes = Changes::new();
-            let token = self.stage_token(name, &mut changes)?;
-            Ok((token, changes))
-        })
+        self.audited(
+            entry,
+            prepare!(|_| {
+                let identity =
+                    self.store.get_identity(name).await?.ok_or(VaultError::NotFound("identity"))?;
+                if identity.revoked_ms.is_some() {
+                    return Err(VaultError::FailedPrecondition(format!("identity '{name}' is revoked")));
+                }
+                let mut changes = Changes::new();
+                let token = self.stage_token(name, &mut changes)?;
+                Ok((token, changes))
+            }),
+        )
         .await
     }
 
@@ -368,7 +374,7 @@ impl Vault {
     /// Resolves what the caller presented to an active identity, or `Unauthenticated`. A token
     /// that failed too often is locked out (`LockedOut`) even when right; an address that failed
     /// too often is only slowed down ([`Vault::failure_answer_delay`]), never refused valid credentials.
-    pub fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
+    pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
         let now = now_ms();
         // Only the id, for the lockout: the secret is decoded once, by `verify`.
         let token_id = creds.token.and_then(split).map(|(id, _)| id.to_owned());
@@ -377,14 +383,14 @@ impl Vault {
         {
             return Err(VaultError::LockedOut);
         }
-        let result = self.verify(creds);
+        let result = self.verify(creds).await;
         if let (Some(id), Err(VaultError::Unauthenticated)) = (token_id, &result)
-            && self.store.get_token(&id).ok().flatten().is_some()
+            && self.store.get_token(&id).await.ok().flatten().is_some()
         {
             // A wrong secret for a real token: count it against that token, from any address.
             let credential = Credential::Token(id);
             if let Some(record) = self.auth_guard.credential_failed(&credential, now) {
-                self.persist_lockout(&credential, &record);
+                self.persist_lockout(&credential, &record).await;
             }
         }
         result
@@ -402,20 +408,20 @@ impl Vault {
     }
 
     /// Stores a lockout, so it survives a restart. Best effort: it holds in memory either way.
-    pub(crate) fn persist_lockout(&self, c: &Credential, record: &FailureRecord) {
-        if let Err(e) = self.store.put_failures(&c.key(), record) {
+    pub(crate) async fn persist_lockout(&self, c: &Credential, record: &FailureRecord) {
+        if let Err(e) = self.store.put_failures(&c.key(), record).await {
             tracing::error!(target: "khlang::auth", error = %e, "could not store a lockout record");
         }
     }
 
-    fn verify(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
+    async fn verify(&self, creds: Credentials<'_>) -> Result<Identity, VaultError> {
         let keys = self.unsealed()?;
         let by_token = match creds.token {
             Some(token) => {
                 let dummy = [0u8; SECRET_BYTES];
                 let parsed = parse(token);
                 let stored = match &parsed {
-                    Some((id, _)) => self.store.get_token(id)?,
+                    Some((id, _)) => self.store.get_token(id).await?,
                     None => None,
                 };
                 let secret: &[u8] = parsed.as_ref().map_or(&dummy[..], |(_, s)| s.as_slice());
@@ -435,7 +441,7 @@ impl Vault {
             (None, Some(c)) => c.to_owned(),
             (None, None) => return Err(VaultError::Unauthenticated),
         };
-        match self.store.get_identity(&name)? {
+        match self.store.get_identity(&name).await? {
             Some(identity) if identity.revoked_ms.is_none() => {
                 Ok(Identity { name: identity.name, role: identity.role })
             }
@@ -444,13 +450,13 @@ impl Vault {
     }
 
     /// Whether a token is currently valid (used to reuse development credentials across restarts).
-    pub fn token_is_valid(&self, token: &str) -> bool {
-        self.verify(Credentials { token: Some(token), certificate_name: None, peer: None }).is_ok()
+    pub async fn token_is_valid(&self, token: &str) -> bool {
+        self.verify(Credentials { token: Some(token), certificate_name: None, peer: None }).await.is_ok()
     }
 
     /// Whether identity `name` exists and was revoked (the operator's view, unaudited).
-    pub fn identity_is_revoked(&self, name: &str) -> Result<bool, VaultError> {
-        Ok(self.store.get_identity(name)?.is_some_and(|i| i.revoked_ms.is_some()))
+    pub async fn identity_is_revoked(&self, name: &str) -> Result<bool, VaultError> {
+        Ok(self.store.get_identity(name).await?.is_some_and(|i| i.revoked_ms.is_some()))
     }
 }
 

@@ -54,9 +54,10 @@ pub async fn open_dev_vault(
     dir: &Path,
     options: &VaultOptions,
 ) -> Result<(Vault, DevCredentials), VaultError> {
-    let vault = Vault::open_or_init_sealed(dir, DEV_PASSPHRASE.as_bytes(), SealParams::MINIMUM, options)?;
+    let vault =
+        Vault::open_or_init_sealed(dir, DEV_PASSPHRASE.as_bytes(), SealParams::MINIMUM, options).await?;
     let path = dir.join(CREDENTIALS_FILE);
-    match vault.unseal_with(1, DEV_PASSPHRASE.as_bytes(), None, "", "") {
+    match vault.unseal_with(1, DEV_PASSPHRASE.as_bytes(), None, "", "").await {
         Ok(_) => {}
         Err(VaultError::PermissionDenied(_)) => {
             // The custodian changed the development passphrase: the vault cannot unseal itself,
@@ -70,7 +71,14 @@ pub async fn open_dev_vault(
         }
         Err(e) => return Err(e),
     }
-    let revoked = |name: &str| vault.identity_is_revoked(name).unwrap_or(false);
+    // Which development identities were revoked, asked once (the store is async).
+    let mut revoked_names = Vec::new();
+    for (name, _) in DEV_IDENTITIES {
+        if vault.identity_is_revoked(name).await.unwrap_or(false) {
+            revoked_names.push(*name);
+        }
+    }
+    let revoked = |name: &str| revoked_names.contains(&name);
     let written = |creds: &DevCredentials| {
         write_credentials(&path, creds)
             .map_err(|e| VaultError::FailedPrecondition(format!("cannot write {}: {e}", path.display())))
@@ -78,10 +86,13 @@ pub async fn open_dev_vault(
     if let Some(mut existing) = read_credentials(&path) {
         let dropped: Vec<String> = existing.0.keys().filter(|name| revoked(name)).cloned().collect();
         existing.0.retain(|name, _| !dropped.contains(name));
-        let all_valid = DEV_IDENTITIES
-            .iter()
-            .filter(|(name, _)| !revoked(name))
-            .all(|(name, _)| existing.0.get(*name).is_some_and(|t| vault.token_is_valid(t)));
+        let mut all_valid = true;
+        for (name, _) in DEV_IDENTITIES.iter().filter(|(name, _)| !revoked(name)) {
+            all_valid &= match existing.0.get(*name) {
+                Some(t) => vault.token_is_valid(t).await,
+                None => false,
+            };
+        }
         if all_valid {
             if !dropped.is_empty() {
                 tracing::warn!(

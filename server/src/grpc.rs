@@ -120,7 +120,7 @@ impl Api {
             certificate_name: cert_name.as_deref(),
             peer: peer.map(|p| p.ip()),
         };
-        match self.vault.authenticate(creds) {
+        match self.vault.authenticate(creds).await {
             Ok(identity) => Ok(Caller { identity, peer, request_id, client_request_id }),
             Err(mut e) => {
                 let mut answer_at = started + FAILED_AUTH_FLOOR;
@@ -707,8 +707,12 @@ struct CeremonyCall {
     peer: Option<std::net::SocketAddr>,
 }
 
-type CeremonyStep =
-    fn(&Vault, &str, u8, &[u8], Option<std::net::SocketAddr>, &str, &str) -> Result<RekeyStatus, VaultError>;
+/// The ceremony step a custodian takes with their passphrase.
+#[derive(Clone, Copy)]
+enum CeremonyStep {
+    Passphrase,
+    Approve,
+}
 
 impl CeremonyCall {
     fn of<T>(req: &Request<T>) -> Self {
@@ -726,8 +730,16 @@ impl CeremonyCall {
         let (nonce, passphrase) = (Zeroizing::new(nonce), Zeroizing::new(passphrase));
         let Self { request_id, client_id, peer } = self;
         let rid = request_id.clone();
-        let out = custodian_call(vault, &request_id, peer, move |v| {
-            step(v, &nonce, custodian_in(custodian)?, passphrase.as_bytes(), peer, &rid, &client_id)
+        let out = custodian_call(vault, &request_id, peer, move |v| async move {
+            let custodian = custodian_in(custodian)?;
+            match step {
+                CeremonyStep::Passphrase => {
+                    v.rekey_passphrase(&nonce, custodian, passphrase.as_bytes(), peer, &rid, &client_id).await
+                }
+                CeremonyStep::Approve => {
+                    v.rekey_approve(&nonce, custodian, passphrase.as_bytes(), peer, &rid, &client_id).await
+                }
+            }
         })
         .await?;
         if out.done {
@@ -738,15 +750,18 @@ impl CeremonyCall {
     }
 }
 
-/// A wrong passphrase or nonce is a failure of its address too: the answer waits its turn.
-async fn custodian_call<T: Send + 'static>(
+/// A wrong passphrase or nonce is a failure of its address too: the answer waits its turn. The
+/// call derives from a passphrase (Argon2id, tens of milliseconds of CPU), so it runs on the
+/// blocking pool, driving its own store calls there.
+async fn custodian_call<T: Send + 'static, F: std::future::Future<Output = Result<T, VaultError>>>(
     vault: &Arc<Vault>,
     request_id: &str,
     peer: Option<std::net::SocketAddr>,
-    call: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
+    call: impl FnOnce(Arc<Vault>) -> F + Send + 'static,
 ) -> Result<T, Status> {
     let v = vault.clone();
-    let result = tokio::task::spawn_blocking(move || call(&v))
+    let runtime = tokio::runtime::Handle::current();
+    let result = tokio::task::spawn_blocking(move || runtime.block_on(call(v)))
         .await
         .map_err(|_| Status::internal(format!("internal error (request id {request_id})")))?;
     match result {
@@ -769,8 +784,8 @@ impl Operator for Api {
     ) -> Result<Response<pb::SealState>, Status> {
         let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
         let rid = request_id.clone();
-        let out = custodian_call(&self.vault, &request_id, peer, move |v| {
-            v.seal_status_audited(peer, &rid, &client_id)
+        let out = custodian_call(&self.vault, &request_id, peer, move |v| async move {
+            v.seal_status_audited(peer, &rid, &client_id).await
         })
         .await?;
         Ok(stamped(out.into(), &request_id))
@@ -782,8 +797,8 @@ impl Operator for Api {
         let msg = req.into_inner();
         let passphrase = Zeroizing::new(msg.passphrase);
         let rid = request_id.clone();
-        let out = custodian_call(&self.vault, &request_id, peer, move |v| {
-            v.unseal_with(custodian_in(msg.custodian)?, passphrase.as_bytes(), peer, &rid, &client_id)
+        let out = custodian_call(&self.vault, &request_id, peer, move |v| async move {
+            v.unseal_with(custodian_in(msg.custodian)?, passphrase.as_bytes(), peer, &rid, &client_id).await
         })
         .await?;
         Ok(stamped(out.into(), &request_id))
@@ -798,7 +813,7 @@ impl Operator for Api {
         let msg = req.into_inner();
         let (old, new) = (Zeroizing::new(msg.old_passphrase), Zeroizing::new(msg.new_passphrase));
         let rid = request_id.clone();
-        custodian_call(&self.vault, &request_id, peer, move |v| {
+        custodian_call(&self.vault, &request_id, peer, move |v| async move {
             v.change_passphrase(
                 custodian_in(msg.custodian)?,
                 old.as_bytes(),
@@ -807,6 +822,7 @@ impl Operator for Api {
                 &rid,
                 &client_id,
             )
+            .await
         })
         .await?;
         Ok(stamped(pb::ChangePassphraseResponse {}, &request_id))
@@ -836,7 +852,7 @@ impl Operator for Api {
     ) -> Result<Response<pb::RekeyStatus>, Status> {
         let call = CeremonyCall::of(&req);
         let msg = req.into_inner();
-        call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, Vault::rekey_passphrase).await
+        call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, CeremonyStep::Passphrase).await
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "RekeyApprove"))]
@@ -846,7 +862,7 @@ impl Operator for Api {
     ) -> Result<Response<pb::RekeyStatus>, Status> {
         let call = CeremonyCall::of(&req);
         let msg = req.into_inner();
-        call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, Vault::rekey_approve).await
+        call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, CeremonyStep::Approve).await
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "RekeyCancel"))]
@@ -1133,8 +1149,7 @@ pub async fn serve(
                 if vault.repeats_counting() {
                     // Summaries of repeated unauthenticated events, once their interval ends.
                     let vault = vault.clone();
-                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || vault.write_repeats(false)).await
-                    {
+                    if let Err(e) = vault.write_repeats(false).await {
                         tracing::error!(error = %e, "could not write the summaries of repeated events");
                     }
                 }
@@ -1142,8 +1157,7 @@ pub async fn serve(
                     // About a second per million entries, on the blocking pool.
                     history_checked = true;
                     let vault = vault.clone();
-                    let checked = tokio::task::spawn_blocking(move || vault.check_audit_history()).await;
-                    if let Ok(Err(e)) = checked {
+                    if let Err(e) = vault.check_audit_history().await {
                         tracing::error!(error = %e, "the audit log's history could not be verified");
                     }
                     continue;

@@ -14,6 +14,7 @@ use crate::policy::Operation;
 use crate::regulations::{Regulations, Role};
 use crate::storage::{Changes, StoredIdentityRequest};
 use crate::vault::now_ms;
+use crate::vault::prepare;
 use crate::{Caller, Vault, VaultError};
 
 /// How long a request waits for its approval by default.
@@ -95,52 +96,62 @@ impl Vault {
     ) -> Result<IdentityCreation, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "CreateIdentity", Operation::IdentityAdmin, &regs);
-        self.audited(entry, |e| {
-            e.reason = format!("identity '{}' with role '{}'", clean(name), clean(role));
-            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
-            crate::auth::check_identity_name(name)?;
-            let target = may_assign(&regs, caller, role, e)?;
-            if !target.needs_approval() {
-                let (token, changes) = self.stage_identity(&regs, name, role, &caller.identity.name)?;
-                return Ok((IdentityCreation::Created(token), changes));
-            }
-            if self.store.get_identity(name)?.is_some() {
-                return Err(VaultError::AlreadyExists(format!("identity '{name}' already exists")));
-            }
-            let now = now_ms();
-            let waiting: Vec<StoredIdentityRequest> =
-                self.store.list_identity_requests()?.into_iter().filter(|r| !expired(r, now)).collect();
-            if let Some(other) = waiting.iter().find(|r| r.name == name) {
-                return Err(VaultError::AlreadyExists(format!(
-                    "a request for identity '{name}' is already waiting for approval (request {})",
-                    other.id
-                )));
-            }
-            if waiting.len() >= MAX_PENDING_REQUESTS {
-                return Err(VaultError::LimitExceeded(format!(
-                    "{MAX_PENDING_REQUESTS} identity requests are waiting; approve or refuse some first"
-                )));
-            }
-            let mut id = [0u8; 16];
-            self.rng.fill(&mut id)?;
-            let ttl = u64::try_from(self.identity_request_ttl.as_millis()).unwrap_or(u64::MAX);
-            let request = StoredIdentityRequest {
-                format: REQUEST_FORMAT,
-                id: hex::encode(id),
-                name: name.to_owned(),
-                role: role.to_owned(),
-                requested_by: caller.identity.name.clone(),
-                requested_ms: now,
-                expires_ms: now.saturating_add(ttl),
-            };
-            let mut changes = Changes::new();
-            changes.add_identity_request(&request);
-            e.reason = format!(
-                "identity '{name}' with role '{role}': request {} waits for a second identity's approval",
-                request.id
-            );
-            Ok((IdentityCreation::Pending(request.into()), changes))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                e.reason = format!("identity '{}' with role '{}'", clean(name), clean(role));
+                self.permit(regs, caller, Operation::IdentityAdmin, e)?;
+                crate::auth::check_identity_name(name)?;
+                let target = may_assign(regs, caller, role, e)?;
+                if !target.needs_approval() {
+                    let (token, changes) =
+                        self.stage_identity(regs, name, role, &caller.identity.name).await?;
+                    return Ok((IdentityCreation::Created(token), changes));
+                }
+                if self.store.get_identity(name).await?.is_some() {
+                    return Err(VaultError::AlreadyExists(format!("identity '{name}' already exists")));
+                }
+                let now = now_ms();
+                let waiting: Vec<StoredIdentityRequest> = self
+                    .store
+                    .list_identity_requests()
+                    .await?
+                    .into_iter()
+                    .filter(|r| !expired(r, now))
+                    .collect();
+                if let Some(other) = waiting.iter().find(|r| r.name == name) {
+                    return Err(VaultError::AlreadyExists(format!(
+                        "a request for identity '{name}' is already waiting for approval (request {})",
+                        other.id
+                    )));
+                }
+                if waiting.len() >= MAX_PENDING_REQUESTS {
+                    return Err(VaultError::LimitExceeded(format!(
+                        "{MAX_PENDING_REQUESTS} identity requests are waiting; approve or refuse some first"
+                    )));
+                }
+                let mut id = [0u8; 16];
+                self.rng.fill(&mut id)?;
+                let ttl = u64::try_from(self.identity_request_ttl.as_millis()).unwrap_or(u64::MAX);
+                let request = StoredIdentityRequest {
+                    format: REQUEST_FORMAT,
+                    id: hex::encode(id),
+                    name: name.to_owned(),
+                    role: role.to_owned(),
+                    requested_by: caller.identity.name.clone(),
+                    requested_ms: now,
+                    expires_ms: now.saturating_add(ttl),
+                };
+                let mut changes = Changes::new();
+                changes.add_identity_request(&request);
+                e.reason = format!(
+                    "identity '{name}' with role '{role}': request {} waits for a second identity's approval",
+                    request.id
+                );
+                Ok((IdentityCreation::Pending(request.into()), changes))
+            }),
+        )
         .await
     }
 
@@ -154,40 +165,45 @@ impl Vault {
     ) -> Result<IssuedToken, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "ApproveIdentity", Operation::IdentityAdmin, &regs);
-        self.audited(entry, |e| {
-            e.reason = format!("request '{}'", clean(request_id));
-            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
-            let request = self.open_request(request_id)?;
-            e.reason = format!(
-                "request {}: identity '{}' with role '{}', requested by '{}'",
-                request.id, request.name, request.role, request.requested_by
-            );
-            if request.requested_by == caller.identity.name {
-                e.decision = "deny".into();
-                e.rule = "two-person-rule".into();
-                return Err(VaultError::PermissionDenied(
-                    "nobody approves their own request: a second identity must approve it".into(),
-                ));
-            }
-            may_assign(&regs, caller, &request.role, e)?;
-            // The requester must still be active: a revoked administrator's requests die with them.
-            let requester = self
-                .store
-                .get_identity(&request.requested_by)?
-                .filter(|i| i.revoked_ms.is_none())
-                .ok_or_else(|| {
-                    VaultError::FailedPrecondition(format!(
-                        "the requester '{}' was revoked; the request cannot be approved",
-                        request.requested_by
-                    ))
-                })?;
-            let created_by = format!("{} (approved by {})", request.requested_by, caller.identity.name);
-            let (token, mut changes) =
-                self.stage_identity(&regs, &request.name, &request.role, &created_by)?;
-            changes.close_identity_request(&request);
-            changes.expect_identity(&requester);
-            Ok((token, changes))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                e.reason = format!("request '{}'", clean(request_id));
+                self.permit(regs, caller, Operation::IdentityAdmin, e)?;
+                let request = self.open_request(request_id).await?;
+                e.reason = format!(
+                    "request {}: identity '{}' with role '{}', requested by '{}'",
+                    request.id, request.name, request.role, request.requested_by
+                );
+                if request.requested_by == caller.identity.name {
+                    e.decision = "deny".into();
+                    e.rule = "two-person-rule".into();
+                    return Err(VaultError::PermissionDenied(
+                        "nobody approves their own request: a second identity must approve it".into(),
+                    ));
+                }
+                may_assign(regs, caller, &request.role, e)?;
+                // The requester must still be active: a revoked administrator's requests die with them.
+                let requester = self
+                    .store
+                    .get_identity(&request.requested_by)
+                    .await?
+                    .filter(|i| i.revoked_ms.is_none())
+                    .ok_or_else(|| {
+                        VaultError::FailedPrecondition(format!(
+                            "the requester '{}' was revoked; the request cannot be approved",
+                            request.requested_by
+                        ))
+                    })?;
+                let created_by = format!("{} (approved by {})", request.requested_by, caller.identity.name);
+                let (token, mut changes) =
+                    self.stage_identity(regs, &request.name, &request.role, &created_by).await?;
+                changes.close_identity_request(&request);
+                changes.expect_identity(&requester);
+                Ok((token, changes))
+            }),
+        )
         .await
     }
 
@@ -200,24 +216,28 @@ impl Vault {
     ) -> Result<(), VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "RefuseIdentity", Operation::IdentityAdmin, &regs);
-        self.audited(entry, |e| {
-            e.reason = format!("request '{}'", clean(request_id));
-            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
-            let Some(request) = self.store.get_identity_request(request_id)? else {
-                return Err(VaultError::NotFound("identity request"));
-            };
-            if request.requested_by != caller.identity.name {
-                may_assign(&regs, caller, &request.role, e)?;
-            }
-            let why: String = clean(why).chars().take(200).collect();
-            e.reason = format!(
-                "request {}: identity '{}' with role '{}', requested by '{}', refused: {why}",
-                request.id, request.name, request.role, request.requested_by
-            );
-            let mut changes = Changes::new();
-            changes.close_identity_request(&request);
-            Ok(((), changes))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                e.reason = format!("request '{}'", clean(request_id));
+                self.permit(regs, caller, Operation::IdentityAdmin, e)?;
+                let Some(request) = self.store.get_identity_request(request_id).await? else {
+                    return Err(VaultError::NotFound("identity request"));
+                };
+                if request.requested_by != caller.identity.name {
+                    may_assign(regs, caller, &request.role, e)?;
+                }
+                let why: String = clean(why).chars().take(200).collect();
+                e.reason = format!(
+                    "request {}: identity '{}' with role '{}', requested by '{}', refused: {why}",
+                    request.id, request.name, request.role, request.requested_by
+                );
+                let mut changes = Changes::new();
+                changes.close_identity_request(&request);
+                Ok(((), changes))
+            }),
+        )
         .await
     }
 
@@ -225,25 +245,33 @@ impl Vault {
     pub async fn identity_requests(&self, caller: &Caller) -> Result<Vec<IdentityRequest>, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "ListIdentityRequests", Operation::IdentityAdmin, &regs);
-        self.audited(entry, |e| {
-            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
-            let now = now_ms();
-            let list = self
-                .store
-                .list_identity_requests()?
-                .into_iter()
-                .filter(|r| !expired(r, now))
-                .map(IdentityRequest::from)
-                .collect();
-            Ok((list, Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                self.permit(regs, caller, Operation::IdentityAdmin, e)?;
+                let now = now_ms();
+                let list = self
+                    .store
+                    .list_identity_requests()
+                    .await?
+                    .into_iter()
+                    .filter(|r| !expired(r, now))
+                    .map(IdentityRequest::from)
+                    .collect();
+                Ok((list, Changes::none()))
+            }),
+        )
         .await
     }
 
     /// A request that can still be approved.
-    fn open_request(&self, request_id: &str) -> Result<StoredIdentityRequest, VaultError> {
-        let request =
-            self.store.get_identity_request(request_id)?.ok_or(VaultError::NotFound("identity request"))?;
+    async fn open_request(&self, request_id: &str) -> Result<StoredIdentityRequest, VaultError> {
+        let request = self
+            .store
+            .get_identity_request(request_id)
+            .await?
+            .ok_or(VaultError::NotFound("identity request"))?;
         if expired(&request, now_ms()) {
             return Err(VaultError::FailedPrecondition(format!(
                 "request {} expired; file a new one",

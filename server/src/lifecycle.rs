@@ -18,6 +18,7 @@ use khlang_keys::{
 use crate::audit::{Committed, clean};
 use crate::policy::Operation;
 use crate::storage::{Changes, Cursor, Custody, JobKind, KeySpace, StoredField, StoredJob, StoredRecord};
+use crate::vault::prepare;
 use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, custodian_entry, now_ms, operator_entry};
 use crate::{Caller, CipherMode, Vault, VaultError};
 
@@ -159,7 +160,7 @@ impl Vault {
 
     /// Status for anyone who asks (it is how custodians see unsealing progress), audited like
     /// every request.
-    pub fn seal_status_audited(
+    pub async fn seal_status_audited(
         &self,
         peer: Option<SocketAddr>,
         request_id: &str,
@@ -173,14 +174,14 @@ impl Vault {
             request_id,
             client_request_id,
         );
-        let status = self.seal_status()?;
+        let status = self.seal_status().await?;
         entry.reason = if status.sealed { "sealed".into() } else { "unsealed".into() };
-        self.commit_repeatable_now(entry)?;
+        self.commit_repeatable_now(entry).await?;
         Ok(status)
     }
 
-    pub fn seal_status(&self) -> Result<SealStatus, VaultError> {
-        let (threshold, custodians) = match self.store.custody()? {
+    pub async fn seal_status(&self) -> Result<SealStatus, VaultError> {
+        let (threshold, custodians) = match self.store.custody().await? {
             Custody::Single { .. } => (1, 1),
             Custody::Shares { threshold, sealed } => (threshold, sealed.len() as u8),
         };
@@ -197,14 +198,14 @@ impl Vault {
             threshold,
             custodians,
             received,
-            rekey: self.rekey_progress()?,
+            rekey: self.rekey_progress().await?,
         })
     }
 
     /// A custodian's passphrase opens their share; once the threshold is reached the root key is
     /// rebuilt and the vault serves. Slow on purpose (Argon2id): call it off the async runtime.
     /// Every attempt is audited; wrong passphrases count towards the address's lockout.
-    pub fn unseal_with(
+    pub async fn unseal_with(
         &self,
         custodian: u8,
         passphrase: &[u8],
@@ -221,7 +222,7 @@ impl Vault {
             client_request_id,
         );
         let was_sealed = self.is_sealed();
-        let result = self.try_unseal(custodian, passphrase);
+        let result = self.try_unseal(custodian, passphrase).await;
         match &result {
             Ok(s) if s.sealed => {
                 entry.reason = format!("share {} of {} needed received", s.received.len(), s.threshold)
@@ -232,10 +233,10 @@ impl Vault {
                 entry.reason = clean(&e.to_string());
             }
         }
-        if let Err(e) = self.commit_custodian(entry) {
+        if let Err(e) = self.commit_custodian(entry).await {
             // Unaudited, so undone: a vault this call unsealed goes back to sealed.
             if was_sealed {
-                self.drop_keys();
+                self.drop_keys().await;
             }
             return Err(e);
         }
@@ -248,7 +249,7 @@ impl Vault {
     /// Runs a passphrase's key derivation: in one of the gate's few slots, counted as a failure of
     /// the custodian before the derivation starts (a custodian locked out gets `LockedOut` without
     /// one, from any address, even with the right passphrase), and taken back only when right.
-    pub(crate) fn passphrase_check<T>(
+    pub(crate) async fn passphrase_check<T>(
         &self,
         custodian: u8,
         derive: impl FnOnce() -> Result<T, KeyError>,
@@ -260,7 +261,7 @@ impl Vault {
             return Err(VaultError::LockedOut);
         }
         if let Some(record) = self.auth_guard.credential_failed(&credential, now) {
-            self.persist_lockout(&credential, &record);
+            self.persist_lockout(&credential, &record).await;
             return Err(VaultError::LockedOut);
         }
         match derive() {
@@ -273,19 +274,20 @@ impl Vault {
         }
     }
 
-    fn try_unseal(&self, custodian: u8, passphrase: &[u8]) -> Result<SealStatus, VaultError> {
+    async fn try_unseal(&self, custodian: u8, passphrase: &[u8]) -> Result<SealStatus, VaultError> {
         if !self.is_sealed() {
             return Err(VaultError::FailedPrecondition("the vault is already unsealed".into()));
         }
-        match self.store.custody()? {
+        match self.store.custody().await? {
             Custody::Single { sealed_root } => {
                 if custodian != 1 {
                     return Err(VaultError::InvalidArgument(
                         "this vault has a single custodian, number 1".into(),
                     ));
                 }
-                let root = self.passphrase_check(custodian, || unseal_root_key(&sealed_root, passphrase))?;
-                self.install_root(root)?;
+                let root =
+                    self.passphrase_check(custodian, || unseal_root_key(&sealed_root, passphrase)).await?;
+                self.install_root(root).await?;
             }
             Custody::Shares { threshold, sealed } => {
                 let stored =
@@ -295,7 +297,7 @@ impl Vault {
                             sealed.len()
                         ))
                     })?;
-                let share = self.passphrase_check(custodian, || unseal_share(stored, passphrase))?;
+                let share = self.passphrase_check(custodian, || unseal_share(stored, passphrase)).await?;
                 let root = {
                     let mut pending = self.pending_shares.lock().unwrap_or_else(|p| p.into_inner());
                     pending.retain(|p| p.index() != share.index());
@@ -310,32 +312,36 @@ impl Vault {
                     }
                 };
                 if let Some(root) = root {
-                    self.install_root(root)?;
+                    self.install_root(root).await?;
                 }
             }
         }
-        self.seal_status()
+        self.seal_status().await
     }
 
     /// Wipes the keys from memory: until custodians unseal again only status and unseal answer.
     pub async fn seal(&self, caller: &Caller) -> Result<SealStatus, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "Seal", Operation::KeyAdmin, &regs);
-        self.audited(entry, |e| {
-            self.unsealed()?;
-            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
-            e.reason = "keys wiped from memory".into();
-            Ok(((), Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                self.unsealed()?;
+                self.permit(regs, caller, Operation::KeyAdmin, e)?;
+                e.reason = "keys wiped from memory".into();
+                Ok(((), Changes::none()))
+            }),
+        )
         .await?;
         self.audit.checkpoint_now()?;
-        self.drop_keys();
+        self.drop_keys().await;
         tracing::warn!(by = %caller.identity.name, "vault sealed");
-        self.seal_status()
+        self.seal_status().await
     }
 
     /// A custodian replaces their passphrase; the old one is the credential. Works sealed or not.
-    pub fn change_passphrase(
+    pub async fn change_passphrase(
         &self,
         custodian: u8,
         old: &[u8],
@@ -352,7 +358,7 @@ impl Vault {
             request_id,
             client_request_id,
         );
-        let resealed = (|| {
+        let resealed = async {
             check_new_passphrase(new)?;
             if old == new {
                 // Refused before any derivation: `old = new = guess` tells nothing about a guess.
@@ -360,7 +366,7 @@ impl Vault {
                     "the new passphrase must differ from the old one".into(),
                 ));
             }
-            let sealed = match self.store.custody()? {
+            let sealed = match self.store.custody().await? {
                 Custody::Single { sealed_root } if custodian == 1 => sealed_root,
                 Custody::Shares { sealed, .. } if custodian >= 1 && (custodian as usize) <= sealed.len() => {
                     sealed[custodian as usize - 1].clone()
@@ -369,8 +375,9 @@ impl Vault {
                     return Err(VaultError::InvalidArgument(format!("custodian {custodian} does not exist")));
                 }
             };
-            self.passphrase_check(custodian, || reseal(&sealed, old, new, &self.rng))
-        })();
+            self.passphrase_check(custodian, || reseal(&sealed, old, new, &self.rng)).await
+        }
+        .await;
         match &resealed {
             Ok(_) => entry.reason = "passphrase changed".into(),
             Err(e) => {
@@ -379,8 +386,8 @@ impl Vault {
             }
         }
         // Audited before it takes effect: an unauditable change is not made.
-        self.commit_custodian(entry)?;
-        self.store.replace_sealed(custodian, &resealed?)?;
+        self.commit_custodian(entry).await?;
+        self.store.replace_sealed(custodian, &resealed?).await?;
         Ok(())
     }
 
@@ -390,28 +397,32 @@ impl Vault {
     pub async fn rotate(&self, caller: &Caller) -> Result<KeyStatus, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "RotateKey", Operation::KeyAdmin, &regs);
-        self.audited(entry, |e| {
-            let keys = self.unsealed()?;
-            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
-            self.require_encryption()?;
-            if let Some(job) = self.store.job()?.filter(|j| j.finished_ms.is_none()) {
-                return Err(running(&job));
-            }
-            let version = self.store.kek_infos()?.last().map_or(1, |i| i.version + 1);
-            let kek = Kek::generate(version, &self.rng)?;
-            self.store.add_kek(version, &keys.root.wrap_kek(&kek, &self.rng)?, now_ms())?;
-            self.store.mark_kek_live(version)?;
-            keys.ring.write().unwrap_or_else(|p| p.into_inner()).insert(kek);
-            let job = self.new_job(JobKind::Rewrap { target: version }, caller)?;
-            e.key_versions = format!("kek={version}");
-            e.reason = format!("KEK v{version} active; rewrapping {} data keys", job.total);
-            let mut changes = Changes::new();
-            changes.put_job(&job);
-            Ok(((), changes))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let keys = self.unsealed()?;
+                self.permit(regs, caller, Operation::KeyAdmin, e)?;
+                self.require_encryption()?;
+                if let Some(job) = self.store.job().await?.filter(|j| j.finished_ms.is_none()) {
+                    return Err(running(&job));
+                }
+                let version = self.store.kek_infos().await?.last().map_or(1, |i| i.version + 1);
+                let kek = Kek::generate(version, &self.rng)?;
+                self.store.add_kek(version, &keys.root.wrap_kek(&kek, &self.rng)?, now_ms()).await?;
+                self.store.mark_kek_live(version).await?;
+                keys.ring.write().unwrap_or_else(|p| p.into_inner()).insert(kek);
+                let job = self.new_job(JobKind::Rewrap { target: version }, caller).await?;
+                e.key_versions = format!("kek={version}");
+                e.reason = format!("KEK v{version} active; rewrapping {} data keys", job.total);
+                let mut changes = Changes::new();
+                changes.put_job(&job);
+                Ok(((), changes))
+            }),
+        )
         .await?;
         self.job_signal.notify_one();
-        self.key_status_now(false)
+        self.key_status_now(false).await
     }
 
     fn require_encryption(&self) -> Result<(), VaultError> {
@@ -423,7 +434,7 @@ impl Vault {
         }
     }
 
-    fn new_job(&self, kind: JobKind, caller: &Caller) -> Result<StoredJob, VaultError> {
+    async fn new_job(&self, kind: JobKind, caller: &Caller) -> Result<StoredJob, VaultError> {
         Ok(StoredJob {
             format: 1,
             kind,
@@ -431,8 +442,8 @@ impl Vault {
             changed: 0,
             skipped: 0,
             total: match kind {
-                JobKind::Rewrap { .. } => self.store.count(KeySpace::DataKeys)?,
-                JobKind::Reencrypt => self.store.count(KeySpace::Records)?,
+                JobKind::Rewrap { .. } => self.store.count(KeySpace::DataKeys).await?,
+                JobKind::Reencrypt => self.store.count(KeySpace::Records).await?,
             },
             started_ms: now_ms(),
             finished_ms: None,
@@ -445,18 +456,22 @@ impl Vault {
     pub async fn key_status(&self, caller: &Caller, counts: bool) -> Result<KeyStatus, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "KeyStatus", Operation::KeyAdmin, &regs);
-        self.audited(entry, |e| {
-            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
-            Ok((self.key_status_now(counts)?, Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                self.permit(regs, caller, Operation::KeyAdmin, e)?;
+                Ok((self.key_status_now(counts).await?, Changes::none()))
+            }),
+        )
         .await
     }
 
-    fn key_status_now(&self, counts: bool) -> Result<KeyStatus, VaultError> {
+    async fn key_status_now(&self, counts: bool) -> Result<KeyStatus, VaultError> {
         let regs = self.regulations();
         let per_kek =
-            if counts { Some(crate::storage::data_keys_per_kek(self.store.as_ref())?) } else { None };
-        let infos = self.store.kek_infos()?;
+            if counts { Some(crate::storage::data_keys_per_kek(self.store.as_ref()).await?) } else { None };
+        let infos = self.store.kek_infos().await?;
         let active = infos.iter().filter(|i| i.retired_ms.is_none()).map(|i| i.version).max();
         let now = now_ms();
         let versions = infos
@@ -477,7 +492,7 @@ impl Vault {
                 }
             })
             .collect();
-        let job = self.store.job()?.map(|j| self.job_status(&j));
+        let job = self.store.job().await?.map(|j| self.job_status(&j));
         Ok(KeyStatus { versions, job, cryptoperiod_days: regs.cryptoperiod_days })
     }
 
@@ -516,46 +531,54 @@ impl Vault {
     pub async fn retire(&self, caller: &Caller, version: u32) -> Result<(), VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "RetireKey", Operation::KeyAdmin, &regs);
-        self.audited(entry, |e| {
-            let keys = self.unsealed()?;
-            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
-            e.key_versions = format!("kek={version}");
-            let info = self
-                .store
-                .kek_infos()?
-                .into_iter()
-                .find(|i| i.version == version)
-                .ok_or(VaultError::NotFound("key version"))?;
-            if info.retired_ms.is_some() {
-                return Err(VaultError::FailedPrecondition(format!("KEK v{version} is already retired")));
-            }
-            if keys.ring().active_version() == Some(version) {
-                return Err(VaultError::FailedPrecondition(format!(
-                    "KEK v{version} is the active version; rotate first (`khlang keys rotate`)"
-                )));
-            }
-            // The proof and the destruction run with commits held off (see `retire_now`).
-            self.audit.exclusive(|| self.retire_now(version))?;
-            e.reason = format!("KEK v{version} destroyed; no data key referenced it");
-            Ok(((), Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let keys = self.unsealed()?;
+                self.permit(regs, caller, Operation::KeyAdmin, e)?;
+                e.key_versions = format!("kek={version}");
+                let info = self
+                    .store
+                    .kek_infos()
+                    .await?
+                    .into_iter()
+                    .find(|i| i.version == version)
+                    .ok_or(VaultError::NotFound("key version"))?;
+                if info.retired_ms.is_some() {
+                    return Err(VaultError::FailedPrecondition(format!("KEK v{version} is already retired")));
+                }
+                if keys.ring().active_version() == Some(version) {
+                    return Err(VaultError::FailedPrecondition(format!(
+                        "KEK v{version} is the active version; rotate first (`khlang keys rotate`)"
+                    )));
+                }
+                // The proof and the destruction run with commits held off (see `retire_now`).
+                {
+                    let _held = self.audit.hold_commits().await;
+                    self.retire_now(version).await?;
+                }
+                e.reason = format!("KEK v{version} destroyed; no data key referenced it");
+                Ok(((), Changes::none()))
+            }),
+        )
         .await?;
         Ok(())
     }
 
     /// Runs with commits held off: counts references and destroys the key, so no write can add a
     /// reference in between (and every write that wraps a data key expects its version live).
-    pub(crate) fn retire_now(&self, version: u32) -> Result<(), VaultError> {
+    pub(crate) async fn retire_now(&self, version: u32) -> Result<(), VaultError> {
         let refs =
-            crate::storage::data_keys_per_kek(self.store.as_ref())?.get(&version).copied().unwrap_or(0);
+            crate::storage::data_keys_per_kek(self.store.as_ref()).await?.get(&version).copied().unwrap_or(0);
         if refs > 0 {
             return Err(VaultError::FailedPrecondition(format!(
                 "{refs} data keys still reference KEK v{version}; wait for the rewrap to finish \
                  (`khlang keys status`) and try again"
             )));
         }
-        self.store.retire_kek(version, now_ms())?;
-        self.store.unmark_kek_live(version)?;
+        self.store.retire_kek(version, now_ms()).await?;
+        self.store.unmark_kek_live(version).await?;
         if let Ok(keys) = self.unsealed() {
             keys.ring.write().unwrap_or_else(|p| p.into_inner()).remove(version);
         }
@@ -569,45 +592,55 @@ impl Vault {
     pub async fn reencrypt(&self, caller: &Caller, target: ReencryptTarget) -> Result<u64, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "Reencrypt", Operation::KeyAdmin, &regs);
+        let (regs, target) = (&regs, &target);
         let n = self
-            .audited(entry, |e| {
-                let keys = self.unsealed()?;
-                self.permit(&regs, caller, Operation::KeyAdmin, e)?;
-                self.require_encryption()?;
-                let mut changes = Changes::new();
-                let ids: Vec<String> = match &target {
-                    ReencryptTarget::All => {
-                        if let Some(job) = self.store.job()?.filter(|j| j.finished_ms.is_none()) {
-                            return Err(running(&job));
+            .audited(
+                entry,
+                prepare!(|e| {
+                    let keys = self.unsealed()?;
+                    self.permit(regs, caller, Operation::KeyAdmin, e)?;
+                    self.require_encryption()?;
+                    let mut changes = Changes::new();
+                    let ids: Vec<String> = match &target {
+                        ReencryptTarget::All => {
+                            if let Some(job) = self.store.job().await?.filter(|j| j.finished_ms.is_none()) {
+                                return Err(running(&job));
+                            }
+                            let job = self.new_job(JobKind::Reencrypt, caller).await?;
+                            e.reason = format!("re-encrypting all {} records in the background", job.total);
+                            changes.put_job(&job);
+                            return Ok((job.total, changes));
                         }
-                        let job = self.new_job(JobKind::Reencrypt, caller)?;
-                        e.reason = format!("re-encrypting all {} records in the background", job.total);
-                        changes.put_job(&job);
-                        return Ok((job.total, changes));
+                        ReencryptTarget::Record(id) => {
+                            Vault::check_record_id(id)?;
+                            e.record_id.clone_from(id);
+                            vec![id.clone()]
+                        }
+                        ReencryptTarget::Subject(subject) => {
+                            self.check_subject(subject)?;
+                            let index = Vault::subject_index(&keys, subject);
+                            e.subject = hex::encode(index);
+                            self.store
+                                .records_of_subject(&index)
+                                .await?
+                                .into_iter()
+                                .map(|(id, _)| id)
+                                .collect()
+                        }
+                    };
+                    for id in &ids {
+                        let (record, read) =
+                            self.store.get_record(id).await?.ok_or(VaultError::NotFound("record"))?;
+                        e.subject = hex::encode(record.subject_index);
+                        let next = self.reencrypted(&keys, id, &record)?;
+                        e.key_versions = Vault::key_versions(&next.wrapped_key);
+                        changes.expect_kek_live(next_kek(&next)?);
+                        changes.replace_record_and_key(id, read, &record, &next);
                     }
-                    ReencryptTarget::Record(id) => {
-                        Vault::check_record_id(id)?;
-                        e.record_id.clone_from(id);
-                        vec![id.clone()]
-                    }
-                    ReencryptTarget::Subject(subject) => {
-                        self.check_subject(subject)?;
-                        let index = Vault::subject_index(&keys, subject);
-                        e.subject = hex::encode(index);
-                        self.store.records_of_subject(&index)?.into_iter().map(|(id, _)| id).collect()
-                    }
-                };
-                for id in &ids {
-                    let (record, read) = self.store.get_record(id)?.ok_or(VaultError::NotFound("record"))?;
-                    e.subject = hex::encode(record.subject_index);
-                    let next = self.reencrypted(&keys, id, &record)?;
-                    e.key_versions = Vault::key_versions(&next.wrapped_key);
-                    changes.expect_kek_live(next_kek(&next)?);
-                    changes.replace_record_and_key(id, read, &record, &next);
-                }
-                e.reason = format!("{} records re-encrypted", ids.len());
-                Ok((ids.len() as u64, changes))
-            })
+                    e.reason = format!("{} records re-encrypted", ids.len());
+                    Ok((ids.len() as u64, changes))
+                }),
+            )
             .await?;
         self.job_signal.notify_one();
         Ok(n)
@@ -654,8 +687,8 @@ impl Vault {
 
     /// One step of the job: up to `pacing.batch` records, committed with the job's new cursor and
     /// counters and an audit entry in one atomic batch. `Ok(true)`: more to do.
-    pub(crate) fn job_step(&self) -> Result<bool, VaultError> {
-        let Some(mut job) = self.store.job()?.filter(|j| j.finished_ms.is_none()) else {
+    pub(crate) async fn job_step(&self) -> Result<bool, VaultError> {
+        let Some(mut job) = self.store.job().await?.filter(|j| j.finished_ms.is_none()) else {
             *self.job_meter.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Ok(false);
         };
@@ -670,14 +703,15 @@ impl Vault {
             JobKind::Reencrypt => KeySpace::Records,
         };
         let cursor = Cursor::from_bytes(job.cursor.clone());
-        let batch = self.store.walk(space, &cursor, self.job_pacing.batch.max(1))?;
+        let batch = self.store.walk(space, &cursor, self.job_pacing.batch.max(1)).await?;
         let regs = self.regulations();
         let mut entry = operator_entry("KeyJob", Operation::KeyAdmin, &regs);
         entry.identity = JOB_IDENTITY.into();
         let mut changes = Changes::new();
         if batch.is_empty() {
             if let JobKind::Rewrap { target } = job.kind {
-                let left: u64 = crate::storage::data_keys_per_kek(self.store.as_ref())?
+                let left: u64 = crate::storage::data_keys_per_kek(self.store.as_ref())
+                    .await?
                     .iter()
                     .filter(|(v, _)| **v != target)
                     .map(|(_, n)| n)
@@ -688,7 +722,7 @@ impl Vault {
                     job.cursor.clear();
                     changes.put_job(&job);
                     entry.reason = format!("{left} data keys still under older versions; another pass");
-                    self.commit_now(entry, changes)?;
+                    self.commit_now(entry, changes).await?;
                     return Ok(true);
                 }
             }
@@ -702,7 +736,7 @@ impl Vault {
                 job.total
             );
             let reason = entry.reason.clone();
-            self.commit_now(entry, changes)?;
+            self.commit_now(entry, changes).await?;
             tracing::info!("{reason}");
             return Ok(false);
         }
@@ -727,7 +761,7 @@ impl Vault {
                 }
                 JobKind::Reencrypt => {
                     // Read with its data key (a consistent pair) rather than from the scan.
-                    let Some((record, read)) = self.store.get_record(id)? else { continue };
+                    let Some((record, read)) = self.store.get_record(id).await? else { continue };
                     if record.created_ms > job.started_ms {
                         job.skipped += 1;
                         continue;
@@ -748,7 +782,7 @@ impl Vault {
             batch.len(),
             clean(&first)
         );
-        match self.audit.commit(self.store.as_ref(), entry, changes)? {
+        match self.audit.commit(self.store.as_ref(), entry, changes).await? {
             // A request changed one of these records meanwhile: the step runs again from the same
             // cursor (nothing of it was written).
             Committed::Conflict | Committed::Done(_) => Ok(true),
@@ -773,7 +807,7 @@ impl Vault {
     /// Benchmark setup only: stores `n` encrypted records (real data keys, wrapped by the active
     /// KEK) straight into the store in large batches, without the API or the audit log, so a
     /// rotation can be measured over a million records. Reports progress through `progress`.
-    pub fn bench_populate(&self, n: u64, progress: impl Fn(u64)) -> Result<(), VaultError> {
+    pub async fn bench_populate(&self, n: u64, progress: impl Fn(u64)) -> Result<(), VaultError> {
         let keys = self.unsealed()?;
         self.require_encryption()?;
         let values: Vec<(&str, Plaintext)> =
@@ -807,15 +841,15 @@ impl Vault {
                 done += 1;
             }
             // Fresh ids, no expectations: the commit cannot conflict.
-            self.store.commit(changes)?;
+            self.store.commit(changes).await?;
             progress(done);
         }
-        self.store.flush_now()?;
+        self.store.flush_now().await?;
         Ok(())
     }
 
-    pub fn record_count(&self) -> Result<u64, VaultError> {
-        Ok(self.store.count(KeySpace::Records)?)
+    pub async fn record_count(&self) -> Result<u64, VaultError> {
+        Ok(self.store.count(KeySpace::Records).await?)
     }
 }
 
@@ -870,7 +904,10 @@ pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
             let requests_before = vault.requests_seen();
             let counter = vault.clone();
             let started = Instant::now();
-            let step = tokio::task::spawn_blocking(move || vault.job_step()).await;
+            // A step unwraps and wraps hundreds of keys: on the blocking pool, driving its store
+            // calls there, so the workers keep serving requests.
+            let runtime = tokio::runtime::Handle::current();
+            let step = tokio::task::spawn_blocking(move || runtime.block_on(vault.job_step())).await;
             // Rest only while requests are being served: an idle vault rotates at full speed.
             let busy = counter.requests_seen() != requests_before;
             drop(counter);

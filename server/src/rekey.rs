@@ -21,6 +21,7 @@ use crate::audit::clean;
 use crate::lifecycle::check_new_passphrase;
 use crate::policy::Operation;
 use crate::storage::{Changes, Custody};
+use crate::vault::prepare;
 use crate::vault::{custodian_entry, now_ms};
 use crate::{Caller, Vault, VaultError};
 
@@ -136,15 +137,16 @@ impl Vault {
     ) -> Result<RekeyStatus, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "Rekey", Operation::KeyAdmin, &regs);
-        self.audited(entry, |e| {
-            self.unsealed()?;
-            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
+        let regs = &regs;
+        self.audited(entry, prepare!(|e| {
+self.unsealed()?;
+            self.permit(regs, caller, Operation::KeyAdmin, e)?;
             if custodians == 0 || threshold > custodians || (custodians > 1 && threshold < 2) {
                 return Err(VaultError::InvalidArgument(
                     "the threshold must be between 2 and the number of custodians (or both 1)".into(),
                 ));
             }
-            let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = self.rekey.lock().await;
             if let Some(c) = slot.as_ref().filter(|c| now_ms() < c.expires_ms) {
                 return Err(VaultError::FailedPrecondition(format!(
                     "a rekey ceremony started by '{}' is in progress; cancel it first",
@@ -174,7 +176,7 @@ impl Vault {
                 started_by: caller.identity.name.clone(),
                 expires_ms: now_ms().saturating_add(u64::try_from(self.rekey_ttl.as_millis()).unwrap_or(u64::MAX)),
             };
-            let mut status = ceremony.status(approvals_needed(&self.store.custody()?));
+            let mut status = ceremony.status(approvals_needed(&self.store.custody().await?));
             status.nonce = Some(ceremony.nonce.to_string());
             e.reason = format!(
                 "rekey ceremony started: {custodians} new custodians, threshold {}; waiting for their passphrases",
@@ -182,7 +184,7 @@ impl Vault {
             );
             *slot = Some(ceremony);
             Ok((status, Changes::none()))
-        })
+         }))
         .await
     }
 
@@ -190,21 +192,25 @@ impl Vault {
     pub async fn cancel_rekey(&self, caller: &Caller) -> Result<RekeyStatus, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "RekeyCancel", Operation::KeyAdmin, &regs);
-        self.audited(entry, |e| {
-            self.permit(&regs, caller, Operation::KeyAdmin, e)?;
-            let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
-            let ceremony = slot.take().ok_or_else(no_ceremony)?;
-            e.reason = format!("rekey ceremony started by '{}' cancelled", ceremony.started_by);
-            Ok((ceremony.status(approvals_needed(&self.store.custody()?)), Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                self.permit(regs, caller, Operation::KeyAdmin, e)?;
+                let mut slot = self.rekey.lock().await;
+                let ceremony = slot.take().ok_or_else(no_ceremony)?;
+                e.reason = format!("rekey ceremony started by '{}' cancelled", ceremony.started_by);
+                Ok((ceremony.status(approvals_needed(&self.store.custody().await?)), Changes::none()))
+            }),
+        )
         .await
     }
 
     /// The ceremony's progress for the seal status (never its nonce).
-    pub(crate) fn rekey_progress(&self) -> Result<Option<RekeyStatus>, VaultError> {
-        let slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+    pub(crate) async fn rekey_progress(&self) -> Result<Option<RekeyStatus>, VaultError> {
+        let slot = self.rekey.lock().await;
         match slot.as_ref().filter(|c| now_ms() < c.expires_ms) {
-            Some(c) => Ok(Some(c.status(approvals_needed(&self.store.custody()?)))),
+            Some(c) => Ok(Some(c.status(approvals_needed(&self.store.custody().await?)))),
             None => Ok(None),
         }
     }
@@ -212,7 +218,7 @@ impl Vault {
     /// New custodian `custodian` seals their share under their own passphrase. Slow on purpose
     /// (Argon2id): call it off the async runtime. Audited as `new-custodian-N`.
     #[allow(clippy::too_many_arguments)]
-    pub fn rekey_passphrase(
+    pub async fn rekey_passphrase(
         &self,
         nonce: &str,
         custodian: u8,
@@ -229,8 +235,8 @@ impl Vault {
             request_id,
             client_request_id,
         );
-        let needed = approvals_needed(&self.store.custody()?);
-        let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+        let needed = approvals_needed(&self.store.custody().await?);
+        let mut slot = self.rekey.lock().await;
         let sealed = (|| {
             let ceremony = slot.as_mut().filter(|c| now_ms() < c.expires_ms).ok_or_else(no_ceremony)?;
             if !ceremony.nonce_matches(nonce) {
@@ -272,7 +278,7 @@ impl Vault {
             }
         }
         // Audited before it counts: an unauditable step is not taken.
-        self.commit_custodian(entry)?;
+        self.commit_custodian(entry).await?;
         let (index, digest, sealed) = sealed?;
         let ceremony = slot.as_mut().ok_or_else(no_ceremony)?;
         ceremony.sealed[index] = Some(sealed);
@@ -284,7 +290,7 @@ impl Vault {
     /// Current custodian `custodian` approves with their current passphrase; the approval that
     /// reaches the current threshold replaces the root key. Slow on purpose: off the runtime.
     #[allow(clippy::too_many_arguments)]
-    pub fn rekey_approve(
+    pub async fn rekey_approve(
         &self,
         nonce: &str,
         custodian: u8,
@@ -301,10 +307,10 @@ impl Vault {
             request_id,
             client_request_id,
         );
-        let custody = self.store.custody()?;
+        let custody = self.store.custody().await?;
         let needed = approvals_needed(&custody);
-        let mut slot = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
-        let step = (|| {
+        let mut slot = self.rekey.lock().await;
+        let step = async {
             self.unsealed()?;
             let ceremony = slot.as_mut().filter(|c| now_ms() < c.expires_ms).ok_or_else(no_ceremony)?;
             if !ceremony.nonce_matches(nonce) {
@@ -325,7 +331,7 @@ impl Vault {
                             "this vault has a single custodian, number 1".into(),
                         ));
                     }
-                    Some(self.passphrase_check(custodian, || unseal_root_key(sealed_root, passphrase))?)
+                    Some(self.passphrase_check(custodian, || unseal_root_key(sealed_root, passphrase)).await?)
                 }
                 Custody::Shares { threshold, sealed } => {
                     let stored =
@@ -335,7 +341,7 @@ impl Vault {
                                 sealed.len()
                             ))
                         })?;
-                    let share = self.passphrase_check(custodian, || unseal_share(stored, passphrase))?;
+                    let share = self.passphrase_check(custodian, || unseal_share(stored, passphrase)).await?;
                     ceremony.approvals.retain(|s| s.index() != share.index());
                     ceremony.approvals.push(share);
                     if ceremony.approvals.len() < *threshold as usize {
@@ -348,12 +354,13 @@ impl Vault {
                 }
             };
             let Some(current) = proven else { return Ok(None) };
-            if !self.is_current_root(&current)? {
+            if !self.is_current_root(&current).await? {
                 ceremony.approvals.clear();
                 return Err(VaultError::RootMismatch);
             }
             Ok(Some(current))
-        })();
+        }
+        .await;
         let ceremony_status = slot.as_ref().map(|c| c.status(needed));
         match &step {
             Ok(None) => {
@@ -372,26 +379,26 @@ impl Vault {
                 entry.reason = clean(&e.to_string());
             }
         }
-        self.commit_custodian(entry)?;
+        self.commit_custodian(entry).await?;
         if step?.is_none() {
             return ceremony_status.ok_or_else(no_ceremony);
         }
         let ceremony = slot.take().ok_or_else(no_ceremony)?;
-        self.replace_root_with(ceremony, needed)
+        self.replace_root_with(ceremony, needed).await
     }
 
     /// Whether `root` is the root key the vault runs under (it opens the stored derivation key,
     /// or for a vault from before derivation keys, every KEK).
-    fn is_current_root(&self, root: &RootKey) -> Result<bool, VaultError> {
-        if let Some(wrapped) = self.store.derivation_key()? {
+    async fn is_current_root(&self, root: &RootKey) -> Result<bool, VaultError> {
+        if let Some(wrapped) = self.store.derivation_key().await? {
             return Ok(root.unwrap_derivation_key(&wrapped).is_ok());
         }
-        Ok(self.store.keks()?.iter().all(|(_, w)| root.unwrap_kek(w).is_ok()))
+        Ok(self.store.keks().await?.iter().all(|(_, w)| root.unwrap_kek(w).is_ok()))
     }
 
     /// Rewraps the derivation key and every KEK under the ceremony's root key and stores the
     /// new custody, all in one transaction; then serves under the new root key.
-    fn replace_root_with(&self, ceremony: Ceremony, needed: u8) -> Result<RekeyStatus, VaultError> {
+    async fn replace_root_with(&self, ceremony: Ceremony, needed: u8) -> Result<RekeyStatus, VaultError> {
         let keys = self.unsealed()?;
         let mut status = ceremony.status(needed);
         let sealed: Vec<Vec<u8>> = ceremony.sealed.into_iter().flatten().collect();
@@ -402,22 +409,23 @@ impl Vault {
             Custody::Shares { threshold: ceremony.threshold, sealed }
         };
         let root = ceremony.root;
-        let derivation = match self.store.derivation_key()? {
+        let derivation = match self.store.derivation_key().await? {
             Some(wrapped) => keys.root.unwrap_derivation_key(&wrapped)?,
             None => keys.root.legacy_derivation_key()?,
         };
         let wrapped_derivation = root.wrap_derivation_key(&derivation, &self.rng)?;
         let keks = self
             .store
-            .keks()?
+            .keks()
+            .await?
             .into_iter()
             .map(|(version, wrapped)| {
                 Ok((version, root.wrap_kek(&keys.root.unwrap_kek(&wrapped)?, &self.rng)?))
             })
             .collect::<Result<Vec<_>, KeyError>>()?;
         drop(keys);
-        self.store.replace_root(&custody, &wrapped_derivation, &keks)?;
-        self.install_root(root)?;
+        self.store.replace_root(&custody, &wrapped_derivation, &keks).await?;
+        self.install_root(root).await?;
         tracing::warn!(
             custodians = status.custodians,
             threshold = status.threshold,

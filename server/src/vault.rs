@@ -27,6 +27,35 @@ use crate::storage::{
 use crate::{StoreError, VaultError};
 use khlang_keys::audit_chain::ChainReport;
 
+/// A request's preparation for [`Vault::audited`]: runs `body` with `e`, the request's
+/// `&mut AuditEntry`, and hands the entry back with the result. (A plain async closure borrowing
+/// the entry is not provably `Send`; the boxed future is, by its type.)
+macro_rules! prepare {
+    (|$e:ident| $body:block) => {
+        |mut entry| {
+            Box::pin(async move {
+                let result: Result<_, VaultError> = async {
+                    let $e = &mut entry;
+                    $body
+                }
+                .await;
+                (entry, result)
+            })
+        }
+    };
+    (|_| $body:block) => {
+        |entry| Box::pin(async move { (entry, async { $body }.await) })
+    };
+}
+pub(crate) use prepare;
+
+/// What a request's preparation returns (see [`Vault::audited`]): the entry it filled in, and its
+/// result with the changes to commit with that entry. Boxed so the future is `Send` by its type
+/// (an async closure's future is not provably `Send` for every lifetime it borrows).
+pub(crate) type Prepared<'s, T> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (AuditEntry, Result<(T, Changes), VaultError>)> + Send + 's>,
+>;
+
 /// Associated-data name of the sealed subject id; cannot collide with a catalogue name.
 pub(crate) const SUBJECT_CONTEXT: &str = "@subject";
 /// Generation of a record's first data key (re-encryption increments it).
@@ -218,7 +247,7 @@ pub struct Vault {
     /// Custodians' shares received while sealed, until there are enough.
     pub(crate) pending_shares: std::sync::Mutex<Vec<KeyShare>>,
     /// The rekey ceremony in progress (memory only: a restart or a seal abandons it).
-    pub(crate) rekey: std::sync::Mutex<Option<crate::rekey::Ceremony>>,
+    pub(crate) rekey: tokio::sync::Mutex<Option<crate::rekey::Ceremony>>,
     /// Wakes the background key job (rotation, re-encryption).
     pub(crate) job_signal: Arc<tokio::sync::Notify>,
     pub(crate) job_meter: crate::lifecycle::JobMeter,
@@ -298,18 +327,18 @@ fn integrity(record_id: &str, what: impl Into<String>) -> impl FnOnce(KeyError) 
 
 impl Vault {
     /// Creates a new vault in `dir`: a random root key sealed under `passphrase`, and KEK version 1.
-    pub fn init(
+    pub async fn init(
         dir: &Path,
         passphrase: &[u8],
         params: SealParams,
         options: &VaultOptions,
     ) -> Result<(), VaultError> {
-        Self::init_custodians(dir, 1, &[passphrase], params, options).map(drop)
+        Self::init_custodians(dir, 1, &[passphrase], params, options).await.map(drop)
     }
 
     /// Creates a new vault whose root key is split among custodians, one passphrase each; any
     /// `threshold` of them unseal it (one custodian: the root key sealed whole). Returns it sealed.
-    pub fn init_custodians(
+    pub async fn init_custodians(
         dir: &Path,
         threshold: u8,
         passphrases: &[&[u8]],
@@ -317,8 +346,8 @@ impl Vault {
         options: &VaultOptions,
     ) -> Result<Self, VaultError> {
         let store = Self::open_store(dir, options.durability)?;
-        Self::init_store(&store, threshold, passphrases, params, options.mode)?;
-        Self::from_sled(store, options)
+        Self::init_store(&store, threshold, passphrases, params, options.mode).await?;
+        Self::from_sled(store, options).await
     }
 
     /// The store creates the folder itself (0700, whatever the umask).
@@ -365,14 +394,14 @@ impl Vault {
         }
     }
 
-    pub(crate) fn init_store(
+    pub(crate) async fn init_store(
         store: &dyn Storage,
         threshold: u8,
         passphrases: &[&[u8]],
         params: SealParams,
         mode: CipherMode,
     ) -> Result<(), VaultError> {
-        if store.is_initialised()? {
+        if store.is_initialised().await? {
             return Err(StoreError::AlreadyInitialised.into());
         }
         let rng = OsRandom::new();
@@ -381,35 +410,36 @@ impl Vault {
         let derivation = root.wrap_derivation_key(&DerivationKey::generate(&rng)?, &rng)?;
         let kek = Kek::generate(1, &rng)?;
         let wrapped = root.wrap_kek(&kek, &rng)?;
-        store.initialise(&custody, mode.as_str(), &derivation, (kek.version(), &wrapped), now_ms())?;
+        store.initialise(&custody, mode.as_str(), &derivation, (kek.version(), &wrapped), now_ms()).await?;
         Ok(())
     }
 
     /// Opens an initialised vault and unseals it with `passphrase` (a single-custodian vault, or
     /// custodian 1 of a 1-of-N one).
-    pub fn open(dir: &Path, passphrase: &[u8], options: &VaultOptions) -> Result<Self, VaultError> {
-        Self::unsealed_with(Self::open_sealed(dir, options)?, passphrase)
+    pub async fn open(dir: &Path, passphrase: &[u8], options: &VaultOptions) -> Result<Self, VaultError> {
+        Self::unsealed_with(Self::open_sealed(dir, options).await?, passphrase).await
     }
 
-    fn unsealed_with(vault: Self, passphrase: &[u8]) -> Result<Self, VaultError> {
-        vault.unseal_with(1, passphrase, None, "", "")?;
+    async fn unsealed_with(vault: Self, passphrase: &[u8]) -> Result<Self, VaultError> {
+        vault.unseal_with(1, passphrase, None, "", "").await?;
         vault.unsealed()?;
         Ok(vault)
     }
 
     /// Opens the vault in `dir`, creating it first if the folder holds none.
-    pub fn open_or_init(
+    pub async fn open_or_init(
         dir: &Path,
         passphrase: &[u8],
         params: SealParams,
         options: &VaultOptions,
     ) -> Result<Self, VaultError> {
-        Self::unsealed_with(Self::open_or_init_sealed(dir, passphrase, params, options)?, passphrase)
+        Self::unsealed_with(Self::open_or_init_sealed(dir, passphrase, params, options).await?, passphrase)
+            .await
     }
 
     /// Opens the vault in `dir` sealed, creating it first (sealed under `passphrase`) if the
     /// folder holds none.
-    pub fn open_or_init_sealed(
+    pub async fn open_or_init_sealed(
         dir: &Path,
         passphrase: &[u8],
         params: SealParams,
@@ -417,33 +447,33 @@ impl Vault {
     ) -> Result<Self, VaultError> {
         // One open of the store: sled releases its lock only after its own threads let go.
         let store = Self::open_store(dir, options.durability)?;
-        if !store.is_initialised()? {
-            Self::init_store(&store, 1, &[passphrase], params, options.mode)?;
+        if !store.is_initialised().await? {
+            Self::init_store(&store, 1, &[passphrase], params, options.mode).await?;
         }
-        Self::from_sled(store, options)
+        Self::from_sled(store, options).await
     }
 
     /// Opens an initialised vault without unsealing it: only status and unseal answer until
     /// enough custodians have given their passphrases ([`Vault::unseal_with`]).
-    pub fn open_sealed(dir: &Path, options: &VaultOptions) -> Result<Self, VaultError> {
-        Self::from_sled(Self::open_store(dir, options.durability)?, options)
+    pub async fn open_sealed(dir: &Path, options: &VaultOptions) -> Result<Self, VaultError> {
+        Self::from_sled(Self::open_store(dir, options.durability)?, options).await
     }
 
-    fn from_sled(store: SledStore, options: &VaultOptions) -> Result<Self, VaultError> {
+    async fn from_sled(store: SledStore, options: &VaultOptions) -> Result<Self, VaultError> {
         let dir = store.dir().to_path_buf();
-        Self::from_store(Arc::new(store), &dir, options)
+        Self::from_store(Arc::new(store), &dir, options).await
     }
 
     /// Opens the vault `store` holds (sealed), its audit log's files in `dir`.
-    pub fn from_store(
+    pub async fn from_store(
         store: Arc<dyn Storage>,
         dir: &Path,
         options: &VaultOptions,
     ) -> Result<Self, VaultError> {
-        if !store.is_initialised()? {
+        if !store.is_initialised().await? {
             return Err(StoreError::NotInitialised.into());
         }
-        let found = store.mode()?.unwrap_or_else(|| MODE_ENCRYPTED.to_owned());
+        let found = store.mode().await?.unwrap_or_else(|| MODE_ENCRYPTED.to_owned());
         if found != options.mode.as_str() {
             return Err(StoreError::ModeMismatch { found, expected: options.mode.as_str().to_owned() }.into());
         }
@@ -452,13 +482,13 @@ impl Vault {
             files: options.audit_files.clone(),
             disabled: options.bench_skip_audit,
         };
-        let audit = AuditLog::open(store.as_ref(), dir, &log_options)?;
+        let audit = AuditLog::open(store.as_ref(), dir, &log_options).await?;
         crate::storage::tighten(dir)?;
         let vault = Self {
             store,
             keys: RwLock::new(None),
             pending_shares: std::sync::Mutex::new(Vec::new()),
-            rekey: std::sync::Mutex::new(None),
+            rekey: tokio::sync::Mutex::new(None),
             job_signal: Arc::default(),
             job_meter: Default::default(),
             requests: Default::default(),
@@ -483,7 +513,7 @@ impl Vault {
             tracing::warn!(version = %options.regulations.version, "regulations: {warning}");
         }
         // Lockouts survive a restart: a custodian locked before it is locked after.
-        let records = vault.store.failure_records()?;
+        let records = vault.store.failure_records().await?;
         vault.auth_guard.restore(
             records
                 .into_iter()
@@ -495,9 +525,9 @@ impl Vault {
 
     /// Installs the keys `root` unlocks. Fails, changing nothing, if `root` is not this vault's
     /// root key (it must open every stored KEK).
-    pub(crate) fn install_root(&self, root: RootKey) -> Result<(), VaultError> {
+    pub(crate) async fn install_root(&self, root: RootKey) -> Result<(), VaultError> {
         let mut ring = KeyRing::new();
-        for (version, wrapped) in self.store.keks()? {
+        for (version, wrapped) in self.store.keks().await? {
             let kek = root.unwrap_kek(&wrapped).map_err(|_| VaultError::RootMismatch)?;
             if kek.version() != version {
                 return Err(StoreError::Corrupt("kek version").into());
@@ -506,21 +536,23 @@ impl Vault {
         }
         for version in ring.versions() {
             // Vaults from before live markers existed get theirs here.
-            self.store.mark_kek_live(version)?;
+            self.store.mark_kek_live(version).await?;
         }
-        let derivation = match self.store.derivation_key()? {
+        let derivation = match self.store.derivation_key().await? {
             Some(wrapped) => root.unwrap_derivation_key(&wrapped).map_err(|_| VaultError::RootMismatch)?,
             None => root.legacy_derivation_key()?,
         };
-        self.audit.unlock(
-            self.store.as_ref(),
-            derivation.audit_signer()?,
-            derivation.audit_tagger()?,
-            derivation.audit_tagger()?,
-        )?;
+        self.audit
+            .unlock(
+                self.store.as_ref(),
+                derivation.audit_signer()?,
+                derivation.audit_tagger()?,
+                derivation.audit_tagger()?,
+            )
+            .await?;
         let accept = self.accept_audit_break.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(entry) = accept {
-            self.audit.accept_break(self.store.as_ref(), entry)?;
+            self.audit.accept_break(self.store.as_ref(), entry).await?;
         }
         let unsealed = Unsealed {
             ring: RwLock::new(ring),
@@ -535,10 +567,10 @@ impl Vault {
     }
 
     /// Wipes every key from memory (they drop, and zeroize, once in-flight requests finish).
-    pub(crate) fn drop_keys(&self) {
+    pub(crate) async fn drop_keys(&self) {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.pending_shares.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.rekey.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.rekey.lock().await.take();
         self.audit.clear_signer();
     }
 
@@ -573,8 +605,8 @@ impl Vault {
     /// Signs the audit log's head and flushes everything to disk (shutdown).
     /// The last step of a daemon's life, after serving stopped and the key jobs with it: the
     /// final flush (repeat summaries, a signed checkpoint, the store), and the durability figures.
-    pub fn shut_down(&self) -> Result<(), VaultError> {
-        let flushed = self.flush();
+    pub async fn shut_down(&self) -> Result<(), VaultError> {
+        let flushed = self.flush().await;
         let stats = self.flush_stats();
         tracing::info!(
             flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
@@ -587,10 +619,10 @@ impl Vault {
         flushed
     }
 
-    pub fn flush(&self) -> Result<(), VaultError> {
-        self.write_repeats(true)?;
+    pub async fn flush(&self) -> Result<(), VaultError> {
+        self.write_repeats(true).await?;
         self.audit.checkpoint_now()?;
-        Ok(self.store.flush_now()?)
+        Ok(self.store.flush_now().await?)
     }
 
     pub fn regulations(&self) -> Arc<Regulations> {
@@ -770,11 +802,11 @@ impl Vault {
     }
 
     /// Appends an entry with its changes now, and waits until both are durable.
-    pub(crate) fn commit_now(&self, entry: AuditEntry, changes: Changes) -> Result<(), VaultError> {
-        match self.audit.commit(self.store.as_ref(), entry, changes)? {
+    pub(crate) async fn commit_now(&self, entry: AuditEntry, changes: Changes) -> Result<(), VaultError> {
+        match self.audit.commit(self.store.as_ref(), entry, changes).await? {
             Committed::Done(_) => {
                 self.audit.sync_now()?;
-                Ok(self.store.flush_now()?)
+                Ok(self.store.flush_now().await?)
             }
             Committed::Conflict => Err(VaultError::FailedPrecondition("concurrent change; try again".into())),
         }
@@ -784,14 +816,16 @@ impl Vault {
     /// entry are committed together and flushed before the result is returned. If the entry cannot
     /// be written, the request fails and its result (plaintext included) is dropped. `run` is called
     /// again if a change it prepared conflicts with a concurrent one.
-    pub(crate) async fn audited<T>(
-        &self,
+    pub(crate) async fn audited<'s, T>(
+        &'s self,
         mut entry: AuditEntry,
-        mut run: impl FnMut(&mut AuditEntry) -> Result<(T, Changes), VaultError>,
+        mut run: impl FnMut(AuditEntry) -> Prepared<'s, T>,
     ) -> Result<T, VaultError> {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
-            let (result, changes) = match run(&mut entry) {
+            let (back, prepared) = run(entry).await;
+            entry = back;
+            let (result, changes) = match prepared {
                 Ok((value, changes)) => (Ok(value), changes),
                 Err(e) => (Err(e), Changes::none()),
             };
@@ -800,7 +834,7 @@ impl Vault {
                 // A request refused before it looked the record up still names the person whose
                 // record it aimed at, so the per-subject report (PDPA access) finds it. The
                 // answer does not change: the caller learns nothing.
-                if let Ok(Some((stored, _))) = self.store.get_record(&record.record_id) {
+                if let Ok(Some((stored, _))) = self.store.get_record(&record.record_id).await {
                     record.subject = hex::encode(stored.subject_index);
                 }
             }
@@ -814,7 +848,7 @@ impl Vault {
                 }
             }
             let wrote = !changes.is_empty();
-            let seq = match self.audit.commit(self.store.as_ref(), record, changes)? {
+            let seq = match self.audit.commit(self.store.as_ref(), record, changes).await? {
                 Committed::Conflict => continue,
                 Committed::Done(seq) => seq,
             };
@@ -831,16 +865,19 @@ impl Vault {
     /// Writes an unauthenticated event unless it repeats one from its address within the
     /// interval (then it is counted into that kind's summary); writes the summaries that are due
     /// first. Returns the seq to wait for, if anything was written.
-    fn commit_repeatable(&self, entry: AuditEntry) -> Result<Option<u64>, VaultError> {
+    async fn commit_repeatable(&self, entry: AuditEntry) -> Result<Option<u64>, VaultError> {
         let (admit, due) = self.repeats.admit(&entry, now_ms());
         let mut last = None;
         for summary in due {
-            if let Committed::Done(seq) = self.audit.commit(self.store.as_ref(), summary, Changes::none())? {
+            if let Committed::Done(seq) =
+                self.audit.commit(self.store.as_ref(), summary, Changes::none()).await?
+            {
                 last = Some(seq);
             }
         }
         if let crate::repeats::Admit::Write = admit
-            && let Committed::Done(seq) = self.audit.commit(self.store.as_ref(), entry, Changes::none())?
+            && let Committed::Done(seq) =
+                self.audit.commit(self.store.as_ref(), entry, Changes::none()).await?
         {
             last = Some(seq);
         }
@@ -848,8 +885,8 @@ impl Vault {
     }
 
     /// [`Vault::commit_repeatable`], then durable (off the async runtime: it syncs).
-    pub(crate) fn commit_repeatable_now(&self, entry: AuditEntry) -> Result<(), VaultError> {
-        if self.commit_repeatable(entry)?.is_some() {
+    pub(crate) async fn commit_repeatable_now(&self, entry: AuditEntry) -> Result<(), VaultError> {
+        if self.commit_repeatable(entry).await?.is_some() {
             self.audit.sync_now()?;
         }
         Ok(())
@@ -857,11 +894,11 @@ impl Vault {
 
     /// A custodian call's entry: refusals for load (busy, locked out, throttled) repeat by the
     /// thousand and are counted; every other outcome is written and synced.
-    pub(crate) fn commit_custodian(&self, entry: AuditEntry) -> Result<(), VaultError> {
+    pub(crate) async fn commit_custodian(&self, entry: AuditEntry) -> Result<(), VaultError> {
         if entry.outcome == "ResourceExhausted" {
-            self.commit_repeatable_now(entry)
+            self.commit_repeatable_now(entry).await
         } else {
-            self.commit_now(entry, Changes::none())
+            self.commit_now(entry, Changes::none()).await
         }
     }
 
@@ -873,14 +910,14 @@ impl Vault {
 
     /// Writes the summaries of repeated events whose interval ended (`all`: every one, at
     /// shutdown). Returns how many.
-    pub fn write_repeats(&self, all: bool) -> Result<usize, VaultError> {
+    pub async fn write_repeats(&self, all: bool) -> Result<usize, VaultError> {
         if self.repeats.is_empty() {
             return Ok(0);
         }
         let due = if all { self.repeats.all() } else { self.repeats.ended(now_ms()) };
         let n = due.len();
         for summary in due {
-            self.audit.commit(self.store.as_ref(), summary, Changes::none())?;
+            self.audit.commit(self.store.as_ref(), summary, Changes::none()).await?;
         }
         if n > 0 {
             self.audit.sync_now()?;
@@ -909,7 +946,7 @@ impl Vault {
             outcome: error.code_name().into(),
             ..AuditEntry::default()
         };
-        match self.commit_repeatable(entry)? {
+        match self.commit_repeatable(entry).await? {
             Some(seq) => self.audit.durable(seq).await,
             None => Ok(()),
         }
@@ -1014,52 +1051,56 @@ impl Vault {
         let regs = self.regulations();
         let record_id = uuid::Uuid::new_v4().to_string();
         let entry = self.draft(caller, "PutRecord", Operation::Write, &regs);
-        self.audited(entry, |e| {
-            let keys = self.unsealed()?;
-            e.record_id.clone_from(&record_id);
-            self.check_subject(subject)?;
-            e.subject = hex::encode(Self::subject_index(&keys, subject));
-            if fields.is_empty() {
-                return Err(VaultError::InvalidArgument("a record needs at least one field".into()));
-            }
-            e.fields = fields.iter().map(|f| clean(&f.name)).collect();
-            let fields = self.check_fields(&regs, &fields)?;
-            let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
-            let ask = Ask { op: Operation::Write, fields: &names, purpose: None, consent: None };
-            self.decide(&regs, caller, ask, e)?;
-
-            let mut changes = Changes::new();
-            let (dek, wrapped) = match self.mode {
-                CipherMode::Encrypted => {
-                    let dek = DataKey::generate(FIRST_GENERATION, &self.rng)?;
-                    let wrapped = keys.ring().wrap_data_key(&dek, record_id.as_bytes(), &self.rng)?;
-                    changes.expect_kek_live(wrapped.kek_version()?);
-                    (Some(dek), wrapped.as_bytes().to_vec())
+        let (fields, record_id, regs) = (&fields, &record_id, &regs);
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let keys = self.unsealed()?;
+                e.record_id.clone_from(record_id);
+                self.check_subject(subject)?;
+                e.subject = hex::encode(Self::subject_index(&keys, subject));
+                if fields.is_empty() {
+                    return Err(VaultError::InvalidArgument("a record needs at least one field".into()));
                 }
-                CipherMode::PlaintextBaseline => (None, Vec::new()),
-            };
-            e.key_versions = Self::key_versions(&wrapped);
-            let subject_plain = Plaintext::from_str_copy(subject);
-            let mut to_seal: Vec<(&str, &Plaintext)> =
-                fields.iter().map(|f| (f.name.as_str(), &f.value)).collect();
-            to_seal.push((SUBJECT_CONTEXT, &subject_plain));
-            let mut envelopes = self.seal_values(dek.as_ref(), &record_id, &to_seal)?;
-            let subject_env = envelopes.pop().unwrap_or_default();
-            let stored: Vec<StoredField> = fields
-                .iter()
-                .zip(envelopes)
-                .map(|(f, envelope)| StoredField { name: f.name.clone(), envelope })
-                .collect();
-            let record = StoredRecord::new(
-                wrapped,
-                Self::subject_index(&keys, subject),
-                subject_env,
-                stored,
-                now_ms(),
-            );
-            changes.insert_record(&record_id, &record);
-            Ok((record_id.clone(), changes))
-        })
+                e.fields = fields.iter().map(|f| clean(&f.name)).collect();
+                let fields = self.check_fields(regs, fields)?;
+                let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+                let ask = Ask { op: Operation::Write, fields: &names, purpose: None, consent: None };
+                self.decide(regs, caller, ask, e)?;
+
+                let mut changes = Changes::new();
+                let (dek, wrapped) = match self.mode {
+                    CipherMode::Encrypted => {
+                        let dek = DataKey::generate(FIRST_GENERATION, &self.rng)?;
+                        let wrapped = keys.ring().wrap_data_key(&dek, record_id.as_bytes(), &self.rng)?;
+                        changes.expect_kek_live(wrapped.kek_version()?);
+                        (Some(dek), wrapped.as_bytes().to_vec())
+                    }
+                    CipherMode::PlaintextBaseline => (None, Vec::new()),
+                };
+                e.key_versions = Self::key_versions(&wrapped);
+                let subject_plain = Plaintext::from_str_copy(subject);
+                let mut to_seal: Vec<(&str, &Plaintext)> =
+                    fields.iter().map(|f| (f.name.as_str(), &f.value)).collect();
+                to_seal.push((SUBJECT_CONTEXT, &subject_plain));
+                let mut envelopes = self.seal_values(dek.as_ref(), record_id, &to_seal)?;
+                let subject_env = envelopes.pop().unwrap_or_default();
+                let stored: Vec<StoredField> = fields
+                    .iter()
+                    .zip(envelopes)
+                    .map(|(f, envelope)| StoredField { name: f.name.clone(), envelope })
+                    .collect();
+                let record = StoredRecord::new(
+                    wrapped,
+                    Self::subject_index(&keys, subject),
+                    subject_env,
+                    stored,
+                    now_ms(),
+                );
+                changes.insert_record(record_id, &record);
+                Ok((record_id.clone(), changes))
+            }),
+        )
         .await
     }
 
@@ -1074,60 +1115,73 @@ impl Vault {
     ) -> Result<RecordView, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "GetRecord", Operation::Read, &regs);
-        self.audited(entry, |e| {
-            let keys = self.unsealed()?;
-            e.fields = only.iter().map(|f| clean(f)).collect();
-            e.purpose = clean(purpose.unwrap_or_default());
-            Self::check_record_id(record_id)?;
-            e.record_id = record_id.to_owned();
-            let requested = Self::check_names(&regs, only)?;
-            let purpose = Self::check_purpose(&regs, purpose)?;
-            // Decided before the record is looked up, on the fields as asked and the most consent
-            // any subject could give: a caller who may not read them learns nothing of whether
-            // the record exists or which fields it holds.
-            let before = Ask {
-                op: Operation::Read,
-                fields: &requested,
-                purpose: Some(purpose),
-                consent: Some(ConsentState::Granted),
-            };
-            self.decide(&regs, caller, before, e)?;
-            let (record, _) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
-            e.subject = hex::encode(record.subject_index);
-            e.key_versions = Self::key_versions(&record.wrapped_key);
-            // Asked fields the record does not hold are decided on too, and simply not returned.
-            let names: Vec<&str> = if requested.is_empty() {
-                record.fields.iter().map(|f| f.name.as_str()).collect()
-            } else {
-                requested
-            };
-            let consent = if policy::consults_consent(&regs, purpose) {
-                Some(self.consent_state(&record.subject_index, purpose)?)
-            } else {
-                None
-            };
-            let ask = Ask { op: Operation::Read, fields: &names, purpose: Some(purpose), consent };
-            let decision = self.decide(&regs, caller, ask, e)?;
-            // The subject id is shown only where a grant names it, as that grant says.
-            let subject = if self.bench_skip_policy {
-                Some(Reveal::Full)
-            } else {
-                let ask =
-                    Ask { op: Operation::Read, fields: &[SUBJECT_FIELD], purpose: Some(purpose), consent };
-                policy::decide(&regs, &caller.identity, ask).ok().and_then(|d| d.reveal.first().copied())
-            };
-            if subject.is_some() && !e.fields.iter().any(|f| f == SUBJECT_FIELD) {
-                e.fields.push(SUBJECT_FIELD.into());
-            }
-            let view =
-                self.open_record(&keys, &regs, record_id, &record, &names, &decision.reveal, subject)?;
-            Ok((view, Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let keys = self.unsealed()?;
+                e.fields = only.iter().map(|f| clean(f)).collect();
+                e.purpose = clean(purpose.unwrap_or_default());
+                Self::check_record_id(record_id)?;
+                e.record_id = record_id.to_owned();
+                let requested = Self::check_names(regs, only)?;
+                let purpose = Self::check_purpose(regs, purpose)?;
+                // Decided before the record is looked up, on the fields as asked and the most consent
+                // any subject could give: a caller who may not read them learns nothing of whether
+                // the record exists or which fields it holds.
+                let before = Ask {
+                    op: Operation::Read,
+                    fields: &requested,
+                    purpose: Some(purpose),
+                    consent: Some(ConsentState::Granted),
+                };
+                self.decide(regs, caller, before, e)?;
+                let (record, _) =
+                    self.store.get_record(record_id).await?.ok_or(VaultError::NotFound("record"))?;
+                e.subject = hex::encode(record.subject_index);
+                e.key_versions = Self::key_versions(&record.wrapped_key);
+                // Asked fields the record does not hold are decided on too, and simply not returned.
+                let names: Vec<&str> = if requested.is_empty() {
+                    record.fields.iter().map(|f| f.name.as_str()).collect()
+                } else {
+                    requested
+                };
+                let consent = if policy::consults_consent(regs, purpose) {
+                    Some(self.consent_state(&record.subject_index, purpose).await?)
+                } else {
+                    None
+                };
+                let ask = Ask { op: Operation::Read, fields: &names, purpose: Some(purpose), consent };
+                let decision = self.decide(regs, caller, ask, e)?;
+                // The subject id is shown only where a grant names it, as that grant says.
+                let subject = if self.bench_skip_policy {
+                    Some(Reveal::Full)
+                } else {
+                    let ask = Ask {
+                        op: Operation::Read,
+                        fields: &[SUBJECT_FIELD],
+                        purpose: Some(purpose),
+                        consent,
+                    };
+                    policy::decide(regs, &caller.identity, ask).ok().and_then(|d| d.reveal.first().copied())
+                };
+                if subject.is_some() && !e.fields.iter().any(|f| f == SUBJECT_FIELD) {
+                    e.fields.push(SUBJECT_FIELD.into());
+                }
+                let view =
+                    self.open_record(&keys, regs, record_id, &record, &names, &decision.reveal, subject)?;
+                Ok((view, Changes::none()))
+            }),
+        )
         .await
     }
 
-    fn consent_state(&self, subject_index: &[u8; 32], purpose: &str) -> Result<ConsentState, VaultError> {
-        Ok(match self.store.get_consent(subject_index, purpose)? {
+    async fn consent_state(
+        &self,
+        subject_index: &[u8; 32],
+        purpose: &str,
+    ) -> Result<ConsentState, VaultError> {
+        Ok(match self.store.get_consent(subject_index, purpose).await? {
             Some(c) if c.granted => ConsentState::Granted,
             Some(_) => ConsentState::Withdrawn,
             None => ConsentState::Unknown,
@@ -1145,60 +1199,66 @@ impl Vault {
         let regs = self.regulations();
         let entry = self.draft(caller, "UpdateRecord", Operation::Update, &regs);
         let max = self.limits.max_fields_per_record;
-        self.audited(entry, |e| {
-            let keys = self.unsealed()?;
-            e.fields = set.iter().map(|f| clean(&f.name)).chain(remove.iter().map(|r| clean(r))).collect();
-            Self::check_record_id(record_id)?;
-            e.record_id = record_id.to_owned();
-            if set.is_empty() && remove.is_empty() {
-                return Err(VaultError::InvalidArgument(
-                    "an update sets or removes at least one field".into(),
-                ));
-            }
-            let set = self.check_fields(&regs, &set)?;
-            let remove = Self::check_names(&regs, remove)?;
-            if let Some(both) = set.iter().find(|f| remove.contains(&f.name.as_str())) {
-                return Err(VaultError::InvalidArgument(format!(
-                    "field '{}' is both set and removed",
-                    both.name
-                )));
-            }
-            // Decided before the record is looked up: no existence oracle for who may not update.
-            let mut names: Vec<&str> =
-                set.iter().map(|f| f.name.as_str()).chain(remove.iter().copied()).collect();
-            names.sort_unstable();
-            let ask = Ask { op: Operation::Update, fields: &names, purpose: None, consent: None };
-            self.decide(&regs, caller, ask, e)?;
-            let (mut record, read_bytes) =
-                self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
-            e.subject = hex::encode(record.subject_index);
-            e.key_versions = Self::key_versions(&record.wrapped_key);
+        let (regs, set) = (&regs, &set);
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let keys = self.unsealed()?;
+                e.fields =
+                    set.iter().map(|f| clean(&f.name)).chain(remove.iter().map(|r| clean(r))).collect();
+                Self::check_record_id(record_id)?;
+                e.record_id = record_id.to_owned();
+                if set.is_empty() && remove.is_empty() {
+                    return Err(VaultError::InvalidArgument(
+                        "an update sets or removes at least one field".into(),
+                    ));
+                }
+                let set = self.check_fields(regs, set)?;
+                let remove = Self::check_names(regs, remove)?;
+                if let Some(both) = set.iter().find(|f| remove.contains(&f.name.as_str())) {
+                    return Err(VaultError::InvalidArgument(format!(
+                        "field '{}' is both set and removed",
+                        both.name
+                    )));
+                }
+                // Decided before the record is looked up: no existence oracle for who may not update.
+                let mut names: Vec<&str> =
+                    set.iter().map(|f| f.name.as_str()).chain(remove.iter().copied()).collect();
+                names.sort_unstable();
+                let ask = Ask { op: Operation::Update, fields: &names, purpose: None, consent: None };
+                self.decide(regs, caller, ask, e)?;
+                let (mut record, read_bytes) =
+                    self.store.get_record(record_id).await?.ok_or(VaultError::NotFound("record"))?;
+                e.subject = hex::encode(record.subject_index);
+                e.key_versions = Self::key_versions(&record.wrapped_key);
 
-            // Encrypt under the key the record holds; the commit applies only if the record is
-            // still exactly as read, otherwise this runs again.
-            let dek = self.unwrap_dek(&keys, record_id, &record.wrapped_key)?;
-            record
-                .fields
-                .retain(|f| !remove.contains(&f.name.as_str()) && !set.iter().any(|s| s.name == f.name));
-            let to_seal: Vec<(&str, &Plaintext)> = set.iter().map(|f| (f.name.as_str(), &f.value)).collect();
-            let envelopes = self.seal_values(dek.as_ref(), record_id, &to_seal)?;
-            for (f, envelope) in set.iter().zip(envelopes) {
-                record.fields.push(StoredField { name: f.name.clone(), envelope });
-            }
-            record.fields.sort_by(|a, b| a.name.cmp(&b.name));
-            if record.fields.len() > max {
-                return Err(VaultError::LimitExceeded(format!("a record holds at most {max} fields")));
-            }
-            if record.fields.is_empty() {
-                return Err(VaultError::InvalidArgument(
-                    "an update may not remove every field; delete the record instead".into(),
-                ));
-            }
-            record.updated_ms = now_ms();
-            let mut changes = Changes::new();
-            changes.replace_record(record_id, read_bytes, &record);
-            Ok((record.field_names(), changes))
-        })
+                // Encrypt under the key the record holds; the commit applies only if the record is
+                // still exactly as read, otherwise this runs again.
+                let dek = self.unwrap_dek(&keys, record_id, &record.wrapped_key)?;
+                record
+                    .fields
+                    .retain(|f| !remove.contains(&f.name.as_str()) && !set.iter().any(|s| s.name == f.name));
+                let to_seal: Vec<(&str, &Plaintext)> =
+                    set.iter().map(|f| (f.name.as_str(), &f.value)).collect();
+                let envelopes = self.seal_values(dek.as_ref(), record_id, &to_seal)?;
+                for (f, envelope) in set.iter().zip(envelopes) {
+                    record.fields.push(StoredField { name: f.name.clone(), envelope });
+                }
+                record.fields.sort_by(|a, b| a.name.cmp(&b.name));
+                if record.fields.len() > max {
+                    return Err(VaultError::LimitExceeded(format!("a record holds at most {max} fields")));
+                }
+                if record.fields.is_empty() {
+                    return Err(VaultError::InvalidArgument(
+                        "an update may not remove every field; delete the record instead".into(),
+                    ));
+                }
+                record.updated_ms = now_ms();
+                let mut changes = Changes::new();
+                changes.replace_record(record_id, read_bytes, &record);
+                Ok((record.field_names(), changes))
+            }),
+        )
         .await
     }
 
@@ -1206,19 +1266,24 @@ impl Vault {
     pub async fn delete(&self, caller: &Caller, record_id: &str) -> Result<(), VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "DeleteRecord", Operation::Delete, &regs);
-        self.audited(entry, |e| {
-            self.unsealed()?;
-            Self::check_record_id(record_id)?;
-            e.record_id = record_id.to_owned();
-            let ask = Ask { op: Operation::Delete, fields: &[], purpose: None, consent: None };
-            self.decide(&regs, caller, ask, e)?;
-            let (record, read) = self.store.get_record(record_id)?.ok_or(VaultError::NotFound("record"))?;
-            e.subject = hex::encode(record.subject_index);
-            e.key_versions = Self::key_versions(&record.wrapped_key);
-            let mut changes = Changes::new();
-            changes.delete_record(record_id, &record, read);
-            Ok(((), changes))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                self.unsealed()?;
+                Self::check_record_id(record_id)?;
+                e.record_id = record_id.to_owned();
+                let ask = Ask { op: Operation::Delete, fields: &[], purpose: None, consent: None };
+                self.decide(regs, caller, ask, e)?;
+                let (record, read) =
+                    self.store.get_record(record_id).await?.ok_or(VaultError::NotFound("record"))?;
+                e.subject = hex::encode(record.subject_index);
+                e.key_versions = Self::key_versions(&record.wrapped_key);
+                let mut changes = Changes::new();
+                changes.delete_record(record_id, &record, read);
+                Ok(((), changes))
+            }),
+        )
         .await
     }
 
@@ -1243,15 +1308,19 @@ impl Vault {
     pub async fn list(&self, caller: &Caller, subject: &str) -> Result<Vec<RecordSummary>, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "ListRecords", Operation::List, &regs);
-        self.audited(entry, |e| {
-            let (_, index) = self.subject_op(&regs, caller, Operation::List, subject, e)?;
-            let records = self.store.records_of_subject(&index)?;
-            let out = records
-                .into_iter()
-                .map(|(record_id, r)| RecordSummary { record_id, field_names: r.field_names() })
-                .collect();
-            Ok((out, Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let (_, index) = self.subject_op(regs, caller, Operation::List, subject, e)?;
+                let records = self.store.records_of_subject(&index).await?;
+                let out = records
+                    .into_iter()
+                    .map(|(record_id, r)| RecordSummary { record_id, field_names: r.field_names() })
+                    .collect();
+                Ok((out, Changes::none()))
+            }),
+        )
         .await
     }
 
@@ -1263,24 +1332,28 @@ impl Vault {
     ) -> Result<Vec<RecordView>, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "ExportSubject", Operation::Export, &regs);
-        self.audited(entry, |e| {
-            let (keys, index) = self.subject_op(&regs, caller, Operation::Export, subject, e)?;
-            let records = self.store.records_of_subject(&index)?;
-            let views = records
-                .iter()
-                .map(|(id, r)| {
-                    let names: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
-                    let view = self.open_record(&keys, &regs, id, r, &names, &[], Some(Reveal::Full))?;
-                    // The index is not authenticated; the sealed subject id is.
-                    if view.subject_id.expose_secret() != subject.as_bytes() {
-                        return Err(foreign_record(id));
-                    }
-                    Ok(view)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            e.reason = format!("{} records exported", views.len());
-            Ok((views, Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let (keys, index) = self.subject_op(regs, caller, Operation::Export, subject, e)?;
+                let records = self.store.records_of_subject(&index).await?;
+                let views = records
+                    .iter()
+                    .map(|(id, r)| {
+                        let names: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
+                        let view = self.open_record(&keys, regs, id, r, &names, &[], Some(Reveal::Full))?;
+                        // The index is not authenticated; the sealed subject id is.
+                        if view.subject_id.expose_secret() != subject.as_bytes() {
+                            return Err(foreign_record(id));
+                        }
+                        Ok(view)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                e.reason = format!("{} records exported", views.len());
+                Ok((views, Changes::none()))
+            }),
+        )
         .await
     }
 
@@ -1288,25 +1361,29 @@ impl Vault {
     pub async fn erase_subject(&self, caller: &Caller, subject: &str) -> Result<usize, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "EraseSubject", Operation::Erase, &regs);
-        self.audited(entry, |e| {
-            let (keys, index) = self.subject_op(&regs, caller, Operation::Erase, subject, e)?;
-            let mut changes = Changes::new();
-            let mut n = 0;
-            for (id, _) in self.store.records_of_subject(&index)? {
-                if let Some((record, read)) = self.store.get_record(&id)? {
-                    // Never erase someone else's record because the (unauthenticated) index says so.
-                    let dek = self.unwrap_dek(&keys, &id, &record.wrapped_key)?;
-                    let owner = self.open_value(dek.as_ref(), &id, SUBJECT_CONTEXT, &record.subject)?;
-                    if owner.expose_secret() != subject.as_bytes() {
-                        return Err(foreign_record(&id));
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let (keys, index) = self.subject_op(regs, caller, Operation::Erase, subject, e)?;
+                let mut changes = Changes::new();
+                let mut n = 0;
+                for (id, _) in self.store.records_of_subject(&index).await? {
+                    if let Some((record, read)) = self.store.get_record(&id).await? {
+                        // Never erase someone else's record because the (unauthenticated) index says so.
+                        let dek = self.unwrap_dek(&keys, &id, &record.wrapped_key)?;
+                        let owner = self.open_value(dek.as_ref(), &id, SUBJECT_CONTEXT, &record.subject)?;
+                        if owner.expose_secret() != subject.as_bytes() {
+                            return Err(foreign_record(&id));
+                        }
+                        changes.delete_record(&id, &record, read);
+                        n += 1;
                     }
-                    changes.delete_record(&id, &record, read);
-                    n += 1;
                 }
-            }
-            e.reason = format!("{n} records erased");
-            Ok((n, changes))
-        })
+                e.reason = format!("{n} records erased");
+                Ok((n, changes))
+            }),
+        )
         .await
     }
 
@@ -1320,38 +1397,46 @@ impl Vault {
     ) -> Result<StoredConsent, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "SetConsent", Operation::Consent, &regs);
-        self.audited(entry, |e| {
-            let keys = self.unsealed()?;
-            e.purpose = clean(purpose);
-            self.check_subject(subject)?;
-            let index = Self::subject_index(&keys, subject);
-            e.subject = hex::encode(index);
-            let purpose = Self::check_purpose(&regs, Some(purpose))?;
-            let ask = Ask { op: Operation::Consent, fields: &[], purpose: Some(purpose), consent: None };
-            self.decide(&regs, caller, ask, e)?;
-            e.reason = if granted { "consent granted".into() } else { "consent withdrawn".into() };
-            let consent = StoredConsent {
-                format: 1,
-                purpose: purpose.to_owned(),
-                granted,
-                at_ms: now_ms(),
-                by: caller.identity.name.clone(),
-            };
-            let mut changes = Changes::new();
-            changes.set_consent(&index, self.store.generate_id()?, &consent);
-            Ok((consent, changes))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let keys = self.unsealed()?;
+                e.purpose = clean(purpose);
+                self.check_subject(subject)?;
+                let index = Self::subject_index(&keys, subject);
+                e.subject = hex::encode(index);
+                let purpose = Self::check_purpose(regs, Some(purpose))?;
+                let ask = Ask { op: Operation::Consent, fields: &[], purpose: Some(purpose), consent: None };
+                self.decide(regs, caller, ask, e)?;
+                e.reason = if granted { "consent granted".into() } else { "consent withdrawn".into() };
+                let consent = StoredConsent {
+                    format: 1,
+                    purpose: purpose.to_owned(),
+                    granted,
+                    at_ms: now_ms(),
+                    by: caller.identity.name.clone(),
+                };
+                let mut changes = Changes::new();
+                changes.set_consent(&index, self.store.generate_id().await?, &consent);
+                Ok((consent, changes))
+            }),
+        )
         .await
     }
 
     pub async fn consent(&self, caller: &Caller, subject: &str) -> Result<ConsentReport, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "GetConsent", Operation::Consent, &regs);
-        self.audited(entry, |e| {
-            let (_, index) = self.subject_op(&regs, caller, Operation::Consent, subject, e)?;
-            let (current, history) = self.store.consent_of(&index)?;
-            Ok((ConsentReport { current, history }, Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let (_, index) = self.subject_op(regs, caller, Operation::Consent, subject, e)?;
+                let (current, history) = self.store.consent_of(&index).await?;
+                Ok((ConsentReport { current, history }, Changes::none()))
+            }),
+        )
         .await
     }
 
@@ -1369,7 +1454,7 @@ impl Vault {
     }
 
     /// Validates a new identity and stages it with its first token.
-    pub(crate) fn stage_identity(
+    pub(crate) async fn stage_identity(
         &self,
         regs: &Regulations,
         name: &str,
@@ -1383,7 +1468,7 @@ impl Vault {
                 clean(role)
             )));
         }
-        if self.store.get_identity(name)?.is_some() {
+        if self.store.get_identity(name).await?.is_some() {
             return Err(VaultError::AlreadyExists(format!("identity '{name}' already exists")));
         }
         let identity = StoredIdentity::new(name.to_owned(), role.to_owned(), created_by.to_owned(), now_ms());
@@ -1396,22 +1481,27 @@ impl Vault {
     pub async fn list_identities(&self, caller: &Caller) -> Result<Vec<IdentityInfo>, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "ListIdentities", Operation::IdentityAdmin, &regs);
-        self.audited(entry, |e| {
-            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
-            let list = self
-                .store
-                .list_identities()?
-                .into_iter()
-                .map(|i| IdentityInfo {
-                    name: i.name,
-                    role: i.role,
-                    created_ms: i.created_ms,
-                    created_by: i.created_by,
-                    revoked_ms: i.revoked_ms,
-                })
-                .collect();
-            Ok((list, Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                self.permit(regs, caller, Operation::IdentityAdmin, e)?;
+                let list = self
+                    .store
+                    .list_identities()
+                    .await?
+                    .into_iter()
+                    .map(|i| IdentityInfo {
+                        name: i.name,
+                        role: i.role,
+                        created_ms: i.created_ms,
+                        created_by: i.created_by,
+                        revoked_ms: i.revoked_ms,
+                    })
+                    .collect();
+                Ok((list, Changes::none()))
+            }),
+        )
         .await
     }
 
@@ -1419,55 +1509,65 @@ impl Vault {
     pub async fn revoke_identity(&self, caller: &Caller, name: &str) -> Result<(), VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "RevokeIdentity", Operation::IdentityAdmin, &regs);
-        self.audited(entry, |e| {
-            e.reason = format!("identity '{}'", clean(name));
-            self.permit(&regs, caller, Operation::IdentityAdmin, e)?;
-            if name == caller.identity.name {
-                return Err(VaultError::PermissionDenied("an identity cannot revoke itself".into()));
-            }
-            let mut identity = self.store.get_identity(name)?.ok_or(VaultError::NotFound("identity"))?;
-            let mut changes = Changes::new();
-            let administers = |i: &StoredIdentity| {
-                let who = Identity { name: i.name.clone(), role: i.role.clone() };
-                let ask = Ask { op: Operation::IdentityAdmin, fields: &[], purpose: None, consent: None };
-                i.revoked_ms.is_none() && policy::decide(&regs, &who, ask).is_ok()
-            };
-            if administers(&identity) {
-                // Someone must remain who can create and revoke identities; the commit re-checks
-                // that the ones counted on were not revoked meanwhile.
-                let others: Vec<StoredIdentity> = self
-                    .store
-                    .list_identities()?
-                    .into_iter()
-                    .filter(|i| i.name != name && administers(i))
-                    .collect();
-                if others.is_empty() {
-                    return Err(VaultError::FailedPrecondition(format!(
-                        "'{}' is the last identity that can administer identities; create another first",
-                        clean(name)
-                    )));
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                e.reason = format!("identity '{}'", clean(name));
+                self.permit(regs, caller, Operation::IdentityAdmin, e)?;
+                if name == caller.identity.name {
+                    return Err(VaultError::PermissionDenied("an identity cannot revoke itself".into()));
                 }
-                for other in &others {
-                    changes.expect_identity(other);
+                let mut identity =
+                    self.store.get_identity(name).await?.ok_or(VaultError::NotFound("identity"))?;
+                let mut changes = Changes::new();
+                let administers = |i: &StoredIdentity| {
+                    let who = Identity { name: i.name.clone(), role: i.role.clone() };
+                    let ask = Ask { op: Operation::IdentityAdmin, fields: &[], purpose: None, consent: None };
+                    i.revoked_ms.is_none() && policy::decide(regs, &who, ask).is_ok()
+                };
+                if administers(&identity) {
+                    // Someone must remain who can create and revoke identities; the commit re-checks
+                    // that the ones counted on were not revoked meanwhile.
+                    let others: Vec<StoredIdentity> = self
+                        .store
+                        .list_identities()
+                        .await?
+                        .into_iter()
+                        .filter(|i| i.name != name && administers(i))
+                        .collect();
+                    if others.is_empty() {
+                        return Err(VaultError::FailedPrecondition(format!(
+                            "'{}' is the last identity that can administer identities; create another first",
+                            clean(name)
+                        )));
+                    }
+                    for other in &others {
+                        changes.expect_identity(other);
+                    }
                 }
-            }
-            identity.revoked_ms.get_or_insert(now_ms());
-            changes.put_identity(&identity);
-            for (token_id, _) in self.store.tokens_of(name)? {
-                changes.remove_token(&token_id);
-            }
-            Ok(((), changes))
-        })
+                identity.revoked_ms.get_or_insert(now_ms());
+                changes.put_identity(&identity);
+                for (token_id, _) in self.store.tokens_of(name).await? {
+                    changes.remove_token(&token_id);
+                }
+                Ok(((), changes))
+            }),
+        )
         .await
     }
 
     pub async fn regulations_info(&self, caller: &Caller) -> Result<RegulationsInfo, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "GetRegulations", Operation::RegulationsAdmin, &regs);
-        self.audited(entry, |e| {
-            self.permit(&regs, caller, Operation::RegulationsAdmin, e)?;
-            Ok((Self::info(&regs), Changes::none()))
-        })
+        let regs = &regs;
+        self.audited(
+            entry,
+            prepare!(|e| {
+                self.permit(regs, caller, Operation::RegulationsAdmin, e)?;
+                Ok((Self::info(regs), Changes::none()))
+            }),
+        )
         .await
     }
 
@@ -1490,10 +1590,11 @@ impl Vault {
             Some(c) => self.draft(c, "ReloadRegulations", Operation::RegulationsAdmin, &regs),
             None => operator_entry("SIGHUP", Operation::RegulationsAdmin, &regs),
         };
+        let regs = &regs;
         let next = self
-            .audited(entry, |e| {
-                if let Some(caller) = caller {
-                    self.permit(&regs, caller, Operation::RegulationsAdmin, e)?;
+            .audited(entry, prepare!(|e| {
+if let Some(caller) = caller {
+                    self.permit(regs, caller, Operation::RegulationsAdmin, e)?;
                 }
                 let Some(path) = &self.regulations_path else {
                     return Err(VaultError::FailedPrecondition(
@@ -1506,7 +1607,7 @@ impl Vault {
                 let next = Regulations::parse(&text).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
                 e.reason = format!("regulations {} replace {}", next.version, regs.version);
                 Ok((next, Changes::none()))
-            })
+             }))
             .await?;
         for warning in &next.warnings {
             tracing::warn!(version = %next.version, "regulations: {warning}");
@@ -1588,23 +1689,28 @@ impl Vault {
         &self,
         caller: &Caller,
         rpc: &str,
-        mut filter: AuditFilter,
+        filter: AuditFilter,
         subject_id: Option<&str>,
     ) -> Result<AuditFilter, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, rpc, Operation::AuditRead, &regs);
-        self.audited(entry, |e| {
-            let keys = self.unsealed()?;
-            if let Some(subject) = subject_id.filter(|s| !s.is_empty()) {
-                self.check_subject(subject)?;
-                let index = hex::encode(Self::subject_index(&keys, subject));
-                e.subject.clone_from(&index);
-                filter.subject = Some(index);
-            }
-            e.reason = filter.describe();
-            self.permit(&regs, caller, Operation::AuditRead, e)?;
-            Ok((filter.clone(), Changes::none()))
-        })
+        let (filter, regs) = (&filter, &regs);
+        self.audited(
+            entry,
+            prepare!(|e| {
+                let keys = self.unsealed()?;
+                let mut filter = filter.clone();
+                if let Some(subject) = subject_id.filter(|s| !s.is_empty()) {
+                    self.check_subject(subject)?;
+                    let index = hex::encode(Self::subject_index(&keys, subject));
+                    e.subject.clone_from(&index);
+                    filter.subject = Some(index);
+                }
+                e.reason = filter.describe();
+                self.permit(regs, caller, Operation::AuditRead, e)?;
+                Ok((filter, Changes::none()))
+            }),
+        )
         .await
     }
 
@@ -1643,14 +1749,18 @@ impl Vault {
     ) -> Result<(ChainReport, crate::audit::LogState), VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, "VerifyAudit", Operation::AuditRead, &regs);
+        let (regs, witnessed) = (&regs, &witnessed);
         let witnessed = self
-            .audited(entry, |e| {
-                self.unsealed()?;
-                self.permit(&regs, caller, Operation::AuditRead, e)?;
-                let heads = parse_witnessed(&witnessed)?;
-                e.reason = format!("{} witnessed heads", heads.len());
-                Ok((heads, Changes::none()))
-            })
+            .audited(
+                entry,
+                prepare!(|e| {
+                    self.unsealed()?;
+                    self.permit(regs, caller, Operation::AuditRead, e)?;
+                    let heads = parse_witnessed(witnessed)?;
+                    e.reason = format!("{} witnessed heads", heads.len());
+                    Ok((heads, Changes::none()))
+                }),
+            )
             .await?;
         let public_key = self
             .audit
@@ -1659,19 +1769,26 @@ impl Vault {
         self.audit.checkpoint_now()?;
         // A full read and hash of the log (about a second per million entries): on the blocking
         // pool, not on a worker that serves requests.
+        let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;
         let vault = self.clone();
-        let report = tokio::task::spawn_blocking(move || {
-            vault.audit.verify(vault.store.as_ref(), &public_key, &witnessed)
-        })
-        .await
-        .map_err(|_| StoreError::Corrupt("audit verification task"))??;
+        let report =
+            tokio::task::spawn_blocking(move || vault.audit.verify(&records, &public_key, &witnessed))
+                .await
+                .map_err(|_| StoreError::Corrupt("audit verification task"))??;
         Ok((report, self.audit.state()))
     }
 
     /// Verifies the whole audit log beside serving and carries damage forward (the tail since the
     /// last signed head was verified at unseal). Started once by the server after unsealing.
-    pub fn check_audit_history(&self) -> Result<(), VaultError> {
-        self.audit.check_history(self.store.as_ref()).map(|_| ())
+    pub async fn check_audit_history(self: &Arc<Self>) -> Result<(), VaultError> {
+        let Some(public_key) = self.audit.public_key() else { return Ok(()) };
+        let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;
+        // About a second per million entries: on the blocking pool, not on a serving worker.
+        let vault = self.clone();
+        let report = tokio::task::spawn_blocking(move || vault.audit.verify(&records, &public_key, &[]))
+            .await
+            .map_err(|_| StoreError::Corrupt("audit verification task"))??;
+        self.audit.check_history(self.store.as_ref(), &report).await.map(|_| ())
     }
 
     /// A receiver that disconnects once this vault is dropped, store and all (its data folder's
@@ -1696,12 +1813,13 @@ impl Vault {
     }
 
     /// The operator's verification of the live log (no caller): `khlangd archive-audit` and tests.
-    pub fn verify_audit_now(&self) -> Result<ChainReport, VaultError> {
+    pub async fn verify_audit_now(&self) -> Result<ChainReport, VaultError> {
         let public_key = self
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        self.audit.verify(self.store.as_ref(), &public_key, &[])
+        let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;
+        self.audit.verify(&records, &public_key, &[])
     }
 
     /// The checkpoint-verifying public key, hex.
@@ -1719,13 +1837,13 @@ impl Vault {
     /// 10.5.1) and for a log that does not verify. The operator's command on a stopped vault
     /// (`khlangd archive-audit`), never an API. `now_ms` is the clock (tests pass a later one).
     /// A refused or empty run is on the record too: every attempt to remove history is.
-    pub fn archive_audit(
+    pub async fn archive_audit(
         &self,
         before_ms: u64,
         now_ms: u64,
         out: &mut std::fs::File,
     ) -> Result<ArchiveReport, VaultError> {
-        let result = self.archive_now(before_ms, now_ms, out);
+        let result = self.archive_now(before_ms, now_ms, out).await;
         let not_done = match &result {
             Err(e) => Some((e.code_name(), format!("refused: {}", clean(&e.to_string())))),
             Ok(r) if r.entries == 0 => {
@@ -1737,7 +1855,7 @@ impl Vault {
             let mut entry = operator_entry("ArchiveAudit", Operation::AuditRead, &self.regulations());
             entry.outcome = outcome.into();
             entry.reason = format!("archival of entries older than {before_ms} ms {why}");
-            let recorded = self.commit_now(entry, Changes::none());
+            let recorded = self.commit_now(entry, Changes::none()).await;
             // The refusal is the answer; failing to record it matters only when nothing else failed.
             if result.is_ok() {
                 recorded?;
@@ -1746,7 +1864,7 @@ impl Vault {
         result
     }
 
-    fn archive_now(
+    async fn archive_now(
         &self,
         before_ms: u64,
         now_ms: u64,
@@ -1766,7 +1884,8 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        let report = self.audit.verify(self.store.as_ref(), &public_key, &[])?;
+        let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;
+        let report = self.audit.verify(&records, &public_key, &[])?;
         if let Some(b) = report.first_break {
             return Err(VaultError::FailedPrecondition(format!(
                 "the log does not verify (first untrustworthy entry {}: {}); nothing archived",
@@ -1791,13 +1910,13 @@ impl Vault {
         out.sync_all().map_err(io)?;
         // The archive is on disk; only now do the entries leave the vault.
         self.audit.remove_archived(last)?;
-        self.store.remove_audit_entries_upto(last)?;
+        self.store.remove_audit_entries_upto(last).await?;
         let mut entry = operator_entry("ArchiveAudit", Operation::AuditRead, &regs);
         entry.reason = format!(
             "entries {first} to {last} ({} entries) older than {before_ms} ms archived; checkpoint {last} anchors the rest",
             last + 1 - first
         );
-        self.commit_now(entry, Changes::none())?;
+        self.commit_now(entry, Changes::none()).await?;
         Ok(ArchiveReport { first, last, entries: last + 1 - first })
     }
 

@@ -105,6 +105,7 @@ impl TestServer {
         tls: Option<tonic::transport::ServerTlsConfig>,
     ) -> Self {
         let vault = Vault::open_or_init(dir, PASSPHRASE.as_bytes(), SealParams::MINIMUM, &options)
+            .await
             .expect("open test vault");
         Self::serve(dir, options, vault, tls).await
     }
@@ -145,7 +146,7 @@ impl TestServer {
             .await
             .expect("serve");
             key_jobs.stop().await;
-            serving.shut_down().ok();
+            serving.shut_down().await.ok();
         });
         Self {
             addr,
@@ -359,6 +360,7 @@ pub const TWO_CUSTODIANS: [&str; 2] = ["custodian one: mango sticky rice", "cust
 pub async fn sealed_server(dir: &Path, auth: AuthLimits) -> TestServer {
     let options = VaultOptions { auth, ..TestServer::options(dir) };
     let passes: Vec<&[u8]> = TWO_CUSTODIANS.iter().map(|p| p.as_bytes()).collect();
-    let vault = Vault::init_custodians(dir, 2, &passes, khlang_keys::SealParams::MINIMUM, &options).unwrap();
+    let vault =
+        Vault::init_custodians(dir, 2, &passes, khlang_keys::SealParams::MINIMUM, &options).await.unwrap();
     TestServer::start_vault(dir, options, vault).await
 }

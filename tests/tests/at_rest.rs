@@ -55,21 +55,21 @@ async fn no_plaintext_at_rest() {
 }
 
 /// Edits a stored record through the store directly (the server must be stopped).
-fn edit_record(dir: &std::path::Path, id: &str, edit: impl FnOnce(&mut StoredRecord)) {
+async fn edit_record(dir: &std::path::Path, id: &str, edit: impl FnOnce(&mut StoredRecord)) {
     let store = SledStore::open(dir, Durability::PerRequest).unwrap();
-    let (mut record, _) = store.get_record(id).unwrap().unwrap();
+    let (mut record, _) = store.get_record(id).await.unwrap().unwrap();
     edit(&mut record);
     store.overwrite_record_for_tests(id, &record).unwrap();
-    store.flush_now().unwrap();
+    store.flush_now().await.unwrap();
 }
 
 fn envelope(r: &StoredRecord, field: &str) -> Vec<u8> {
     r.fields.iter().find(|f| f.name == field).unwrap().envelope.clone()
 }
 
-fn read_record(dir: &std::path::Path, id: &str) -> StoredRecord {
+async fn read_record(dir: &std::path::Path, id: &str) -> StoredRecord {
     let store = SledStore::open(dir, Durability::PerRequest).unwrap();
-    store.get_record(id).unwrap().unwrap().0
+    store.get_record(id).await.unwrap().unwrap().0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,22 +86,25 @@ async fn tampered_ciphertext_fails_closed() {
     let untouched = c.put("subject-e", [("name", "ไม่แตะต้อง")]).await.unwrap();
     server.stop().await;
 
-    let rec_a = read_record(dir.path(), &a);
+    let rec_a = read_record(dir.path(), &a).await;
     // 1. A's card number envelope copied into record B.
     edit_record(dir.path(), &b, |r| {
         r.fields.iter_mut().find(|f| f.name == "card_number").unwrap().envelope =
             envelope(&rec_a, "card_number");
-    });
+    })
+    .await;
     // 2. A's card number envelope copied into A's email field.
     edit_record(dir.path(), &a, |r| {
         r.fields.iter_mut().find(|f| f.name == "email").unwrap().envelope = envelope(&rec_a, "card_number");
-    });
+    })
+    .await;
     // 3. One flipped bit in D's name.
     edit_record(dir.path(), &d, |r| {
         let f = r.fields.iter_mut().find(|f| f.name == "name").unwrap();
         let last = f.envelope.len() - 20;
         f.envelope[last] ^= 0x04;
-    });
+    })
+    .await;
 
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
@@ -132,8 +135,8 @@ async fn data_key_swapped_between_records_fails_closed() {
     let a = c.put("subject-a", [("card_number", CANARY_CARD)]).await.unwrap();
     let b = c.put("subject-b", [("card_number", "5555555555554444")]).await.unwrap();
     server.stop().await;
-    let key_a = read_record(dir.path(), &a).wrapped_key;
-    edit_record(dir.path(), &b, |r| r.wrapped_key = key_a);
+    let key_a = read_record(dir.path(), &a).await.wrapped_key;
+    edit_record(dir.path(), &b, |r| r.wrapped_key = key_a).await;
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
     let err = c.get(&b, &[], PURPOSE).await.unwrap_err();
@@ -143,9 +146,9 @@ async fn data_key_swapped_between_records_fails_closed() {
     server.stop().await;
 
     // A data key of another generation (as if from a re-encryption) is refused the same way.
-    let mut newer = read_record(dir.path(), &a).wrapped_key;
+    let mut newer = read_record(dir.path(), &a).await.wrapped_key;
     newer[8] ^= 2; // generation 1 -> 3 in the header
-    edit_record(dir.path(), &a, |r| r.wrapped_key = newer);
+    edit_record(dir.path(), &a, |r| r.wrapped_key = newer).await;
     let server = TestServer::start(dir.path()).await;
     let err = server.client().await.get(&a, &[], PURPOSE).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::DataLoss), "{err}");
@@ -161,14 +164,14 @@ async fn restart_keeps_data_and_wrong_passphrase_is_refused() {
     server.stop().await;
 
     let options = TestServer::options(dir.path());
-    let err = Vault::open(dir.path(), b"not the passphrase", &options).unwrap_err();
+    let err = Vault::open(dir.path(), b"not the passphrase", &options).await.unwrap_err();
     assert_eq!(err.to_string(), "wrong passphrase for custodian 1's share");
     // A baseline (unencrypted) server refuses an encrypted folder, and vice versa.
     let baseline = VaultOptions {
         mode: khlang_server::CipherMode::PlaintextBaseline,
         ..TestServer::options(dir.path())
     };
-    let err = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &baseline).unwrap_err();
+    let err = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &baseline).await.unwrap_err();
     assert!(matches!(err, VaultError::Storage(StoreError::ModeMismatch { .. })), "{err}");
 
     let server = TestServer::start(dir.path()).await;

@@ -524,14 +524,15 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
     }
     server.stop().await; // signs a checkpoint at the head
 
-    let vault = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).unwrap();
+    let vault =
+        Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).await.unwrap();
     let public_key = vault.audit_public_key_now().unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let day = 86_400_000;
     let archive_path = dir.path().join("archive.jsonl");
     let mut file = std::fs::File::create(&archive_path).unwrap();
     // Today's entries are within the 365-day retention: refused, nothing removed.
-    let err = vault.archive_audit(now, now, &mut file).unwrap_err();
+    let err = vault.archive_audit(now, now, &mut file).await.unwrap_err();
     assert!(err.to_string().contains("younger than 365 days are kept"), "{err}");
     // The refused attempt to remove history is itself on the record.
     let refused = vault.audit_entries(AuditFilter::default()).map(Result::unwrap).last().unwrap();
@@ -539,7 +540,7 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
     assert!(refused.reason.contains("refused"), "{refused:?}");
     let before = vault.audit_entries(AuditFilter::default()).count();
     // 400 days on, the same entries may go.
-    let report = vault.archive_audit(now + 1, now + 400 * day, &mut file).unwrap();
+    let report = vault.archive_audit(now + 1, now + 400 * day, &mut file).await.unwrap();
     assert_eq!(report.first, 1);
     assert!(report.entries >= 12 && report.last == report.entries, "{report:?}");
     let left: Vec<AuditEntry> = vault.audit_entries(AuditFilter::default()).map(Result::unwrap).collect();
@@ -562,7 +563,7 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
     let export: Vec<String> = vault.audit_export().unwrap().map(Result::unwrap).collect();
     let rest = khlang_client::verify_export(export.join("\n").as_bytes(), &public_key, &[]).unwrap();
     assert!(rest.first_break.is_none() && rest.entries == left.len() as u64, "{rest:?}");
-    assert!(vault.verify_audit_now().unwrap().first_break.is_none());
+    assert!(vault.verify_audit_now().await.unwrap().first_break.is_none());
 
     // Without its anchor the rest no longer verifies.
     drop(vault);
@@ -571,7 +572,8 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
     assert!(lines.lines.iter().any(|l| l.starts_with(&anchor)));
     lines.lines.retain(|l| !l.starts_with(&anchor));
     lines.save();
-    let vault = Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).unwrap();
-    let broken = vault.verify_audit_now().unwrap().first_break.unwrap();
+    let vault =
+        Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).await.unwrap();
+    let broken = vault.verify_audit_now().await.unwrap().first_break.unwrap();
     assert_eq!(broken.seq, report.last, "{broken:?}");
 }

@@ -55,10 +55,10 @@ async fn an_altered_subject_index_cannot_export_or_erase_someone_else() {
     server.stop().await;
     {
         let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
-        let (record, _) = store.get_record(&alice).unwrap().unwrap();
+        let (record, _) = store.get_record(&alice).await.unwrap().unwrap();
         let key = [b"s".as_slice(), &record.subject_index, bob.as_bytes()].concat();
         store.vault_tree_for_tests().insert(key, &[][..]).unwrap();
-        store.flush_now().unwrap();
+        store.flush_now().await.unwrap();
     }
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
@@ -172,7 +172,7 @@ async fn the_data_folder_is_private_and_an_open_one_is_refused() {
         assert_eq!(mode(f.parent().unwrap()), 0o700, "{}", f.display());
     }
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let e = khlang_server::Vault::open(&data, PASSPHRASE.as_bytes(), &options).unwrap_err();
+    let e = khlang_server::Vault::open(&data, PASSPHRASE.as_bytes(), &options).await.unwrap_err();
     assert!(e.to_string().contains("can be written by others"), "{e}");
 }
 
@@ -291,7 +291,7 @@ async fn a_damaged_stored_record_is_data_loss_naming_it() {
         let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
         let key = [b"r".as_slice(), id.as_bytes()].concat();
         store.vault_tree_for_tests().insert(key, &b"\xff\xfe not a record"[..]).unwrap();
-        store.flush_now().unwrap();
+        store.flush_now().await.unwrap();
     }
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
@@ -638,9 +638,10 @@ async fn a_key_admin_cannot_rekey_alone() {
         khlang_keys::SealParams::MINIMUM,
         &options,
     )
+    .await
     .unwrap();
-    vault.unseal_with(1, THREE[0].as_bytes(), None, "", "").unwrap();
-    vault.unseal_with(2, THREE[1].as_bytes(), None, "", "").unwrap();
+    vault.unseal_with(1, THREE[0].as_bytes(), None, "", "").await.unwrap();
+    vault.unseal_with(2, THREE[1].as_bytes(), None, "", "").await.unwrap();
     let server = TestServer::start_vault(dir.path(), options, vault).await;
     let mut admin = server.client_as("key-admin").await;
     let mut anon = khlang_client::Client::connect_with(&server.url(), None, None).await.unwrap();
@@ -779,6 +780,7 @@ async fn a_custodian_locks_out_from_any_address_and_stays_locked_after_a_restart
         khlang_keys::SealParams::MINIMUM,
         &options,
     )
+    .await
     .unwrap();
     let server = TestServer::start_vault(dir.path(), options.clone(), vault).await;
     let url = server.url();
@@ -799,7 +801,7 @@ async fn a_custodian_locks_out_from_any_address_and_stays_locked_after_a_restart
     );
     server.stop().await;
 
-    let vault = khlang_server::Vault::open_sealed(dir.path(), &options).unwrap();
+    let vault = khlang_server::Vault::open_sealed(dir.path(), &options).await.unwrap();
     let server = TestServer::start_vault(dir.path(), options, vault).await;
     let e =
         client_from(&server.url(), ip("127.0.0.9"), None).await.unseal(1, CUSTODIANS[0]).await.unwrap_err();

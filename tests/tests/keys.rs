@@ -39,7 +39,7 @@ async fn custodians_unseal_k_of_n_seal_change_passphrase_and_rekey() {
     let dir = tempfile::tempdir().unwrap();
     let options = TestServer::options(dir.path());
     let passes: Vec<&[u8]> = CUSTODIANS.iter().map(|p| p.as_bytes()).collect();
-    let vault = Vault::init_custodians(dir.path(), 2, &passes, SealParams::MINIMUM, &options).unwrap();
+    let vault = Vault::init_custodians(dir.path(), 2, &passes, SealParams::MINIMUM, &options).await.unwrap();
     let server = TestServer::start_vault(dir.path(), options.clone(), vault).await;
     let mut anon = anonymous(&server).await;
     let s = anon.seal_status().await.unwrap();
@@ -136,14 +136,19 @@ async fn custodians_unseal_k_of_n_seal_change_passphrase_and_rekey() {
 }
 
 /// Every stored record (server stopped), by id.
-fn stored_records(dir: &std::path::Path) -> BTreeMap<String, StoredRecord> {
+async fn stored_records(dir: &std::path::Path) -> BTreeMap<String, StoredRecord> {
     let store = SledStore::open(dir, Durability::PerRequest).unwrap();
     let ids: Vec<String> = store
         .vault_tree_for_tests()
         .scan_prefix(b"r")
         .map(|kv| String::from_utf8(kv.unwrap().0[1..].to_vec()).unwrap())
         .collect();
-    ids.into_iter().map(|id| (id.clone(), store.get_record(&id).unwrap().unwrap().0)).collect()
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let record = store.get_record(&id).await.unwrap().unwrap().0;
+        out.insert(id, record);
+    }
+    out
 }
 
 async fn wait_for_job(admin: &mut Client) -> KeysStatus {
@@ -179,7 +184,7 @@ async fn rotation_under_load_then_retirement_by_proof() {
     }
     let backup_id = ids[0].clone();
     server.stop().await;
-    let backup = stored_records(dir.path()).remove(&backup_id).unwrap();
+    let backup = stored_records(dir.path()).await.remove(&backup_id).unwrap();
     assert_eq!(WrappedDataKey::from_bytes(backup.wrapped_key.clone()).kek_version().unwrap(), 1);
 
     let server = TestServer::start_with(dir.path(), options.clone()).await;
@@ -272,9 +277,9 @@ async fn rotation_under_load_then_retirement_by_proof() {
     // destroyed v1, so nothing can open it — and the KEK is gone from the store.
     {
         let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
-        assert!(store.keks().unwrap().iter().all(|(v, _)| *v == 2));
+        assert!(store.keks().await.unwrap().iter().all(|(v, _)| *v == 2));
         store.overwrite_record_for_tests(&backup_id, &backup).unwrap();
-        store.flush_now().unwrap();
+        store.flush_now().await.unwrap();
     }
     let server = TestServer::start_with(dir.path(), options).await;
     let mut tester = server.client().await;
@@ -294,7 +299,7 @@ async fn reencryption_renews_every_key_and_ciphertext_and_keeps_values() {
     let b = tester.put("reenc-b", canary_fields()).await.unwrap();
     let c = tester.put("reenc-c", [("age", "40")]).await.unwrap();
     server.stop().await;
-    let before = stored_records(dir.path());
+    let before = stored_records(dir.path()).await;
 
     let server = TestServer::start(dir.path()).await;
     let mut admin = server.client_as("key-admin").await;
@@ -309,7 +314,7 @@ async fn reencryption_renews_every_key_and_ciphertext_and_keeps_values() {
     let mut tester = server.client().await;
     assert_eq!(code(tester.reencrypt(ReencryptTarget::All).await).0, Code::PermissionDenied);
     server.stop().await;
-    let after = stored_records(dir.path());
+    let after = stored_records(dir.path()).await;
 
     let renewed = |id: &str, old: &BTreeMap<String, StoredRecord>, new: &BTreeMap<String, StoredRecord>| {
         let (o, n) = (&old[id], &new[id]);
@@ -346,7 +351,7 @@ async fn reencryption_renews_every_key_and_ciphertext_and_keeps_values() {
     assert_eq!(rec.subject_id.expose_secret(), "reenc-a");
     assert_eq!(tester.get(&c, &[], PURPOSE).await.unwrap().fields["age"].expose_secret(), "40");
     server.stop().await;
-    let last = stored_records(dir.path());
+    let last = stored_records(dir.path()).await;
     for id in [&a1, &a2, &b, &c] {
         renewed(id, &after, &last);
     }
@@ -440,5 +445,5 @@ async fn erasure_and_deletion_destroy_the_data_keys() {
         }
     }
     assert!(tree.get([b"d".as_slice(), kept.as_bytes()].concat()).unwrap().is_some());
-    assert_eq!(store.count(khlang_server::storage::KeySpace::DataKeys).unwrap(), 1);
+    assert_eq!(store.count(khlang_server::storage::KeySpace::DataKeys).await.unwrap(), 1);
 }

@@ -282,9 +282,9 @@ async fn export_and_erase_a_subject() {
 
     // On disk: the records, and with them their wrapped data keys, are gone.
     let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
-    assert!(store.get_record(&a).unwrap().is_none());
-    assert!(store.get_record(&b).unwrap().is_none());
-    assert!(store.get_record(&other).unwrap().is_some());
+    assert!(store.get_record(&a).await.unwrap().is_none());
+    assert!(store.get_record(&b).await.unwrap().is_none());
+    assert!(store.get_record(&other).await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

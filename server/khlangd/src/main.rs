@@ -392,7 +392,7 @@ async fn run(
     let key_jobs = khlang_server::lifecycle::spawn_key_jobs(&vault);
     let served = grpc::serve(vault.clone(), listener, tls, shutdown_signal()).await;
     key_jobs.stop().await;
-    let flushed = vault.shut_down();
+    let flushed = vault.shut_down().await;
     served?;
     flushed?;
     tracing::info!("stopped");
@@ -488,9 +488,10 @@ async fn main() -> anyhow::Result<()> {
             let params = SealParams { m_cost: argon2_memory_kib, t_cost: argon2_passes, p_cost: 1 };
             let options = VaultOptions { regulations: Arc::new(regs), ..VaultOptions::default() };
             let vault = Vault::init_custodians(&data_dir, threshold, &refs, params, &options)
+                .await
                 .with_context(|| format!("cannot initialise a vault in {}", data_dir.display()))?;
             for (i, pass) in passes.iter().enumerate().take(threshold.max(1) as usize) {
-                vault.unseal_with(i as u8 + 1, pass.as_bytes(), None, "", "")?;
+                vault.unseal_with(i as u8 + 1, pass.as_bytes(), None, "", "").await?;
             }
             let mut tokens = Vec::new();
             for name in &initial_identity {
@@ -515,11 +516,11 @@ async fn main() -> anyhow::Result<()> {
                 audit_files: audit.files()?,
                 ..VaultOptions::default()
             };
-            let vault = Vault::open_sealed(&data_dir, &options).with_context(|| {
+            let vault = Vault::open_sealed(&data_dir, &options).await.with_context(|| {
                 format!("cannot open the vault in {} (is it still running?)", data_dir.display())
             })?;
             for (custodian, pass) in &serve_passphrases(&passphrase)? {
-                vault.unseal_with(*custodian, pass.as_bytes(), None, "", "")?;
+                vault.unseal_with(*custodian, pass.as_bytes(), None, "", "").await?;
             }
             if vault.is_sealed() {
                 bail!(
@@ -533,7 +534,7 @@ async fn main() -> anyhow::Result<()> {
                 .create_new(true)
                 .open(&output)
                 .with_context(|| format!("cannot create {}", output.display()))?;
-            let report = match vault.archive_audit(before, now, &mut file) {
+            let report = match vault.archive_audit(before, now, &mut file).await {
                 Ok(r) => r,
                 Err(e) => {
                     drop(file);
@@ -541,7 +542,7 @@ async fn main() -> anyhow::Result<()> {
                     return Err(e.into());
                 }
             };
-            vault.flush()?;
+            vault.flush().await?;
             if report.entries == 0 {
                 std::fs::remove_file(&output).ok();
                 println!("nothing to archive: no signed checkpoint is older than {older_than_days} days");
@@ -560,14 +561,16 @@ async fn main() -> anyhow::Result<()> {
             let tls = server.tls()?;
             let passes = serve_passphrases(&passphrase)?;
             let vault = Vault::open_sealed(&data_dir, &options)
+                .await
                 .with_context(|| format!("cannot open the vault in {}", data_dir.display()))?;
             for (custodian, pass) in &passes {
                 vault
                     .unseal_with(*custodian, pass.as_bytes(), None, "", "")
+                    .await
                     .with_context(|| format!("cannot unseal with custodian {custodian}'s passphrase"))?;
             }
             drop(passes);
-            let status = vault.seal_status()?;
+            let status = vault.seal_status().await?;
             if status.sealed {
                 tracing::warn!(
                     threshold = status.threshold,
@@ -593,14 +596,16 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot open the development vault in {}", data_dir.display()))?;
             if let Some(target) = bench_populate {
-                let have = vault.record_count()?;
+                let have = vault.record_count().await?;
                 if have < target {
                     let started = std::time::Instant::now();
-                    vault.bench_populate(target - have, |done| {
-                        if done % 100_000 == 0 {
-                            tracing::info!(done, "bench populate");
-                        }
-                    })?;
+                    vault
+                        .bench_populate(target - have, |done| {
+                            if done % 100_000 == 0 {
+                                tracing::info!(done, "bench populate");
+                            }
+                        })
+                        .await?;
                     tracing::info!(
                         records = target,
                         secs = started.elapsed().as_secs_f64(),

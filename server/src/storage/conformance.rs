@@ -12,87 +12,93 @@ fn identity(name: &str) -> StoredIdentity {
     StoredIdentity::new(name.into(), "key-admin".into(), "test".into(), 1)
 }
 
-fn both(check: impl Fn(&dyn Storage)) {
+/// Both backends, fresh (the folder holds sled's database).
+fn stores() -> (tempfile::TempDir, Vec<Box<dyn Storage>>) {
     let dir = tempfile::tempdir().unwrap();
     let sled = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
-    check(&sled);
-    check(&MemoryStore::new());
+    (dir, vec![Box::new(sled), Box::new(MemoryStore::new())])
 }
 
-#[test]
-fn a_stale_version_commits_nothing_and_a_failed_expectation_applies_no_operation() {
-    both(|store| {
+#[tokio::test]
+async fn a_stale_version_commits_nothing_and_a_failed_expectation_applies_no_operation() {
+    let (_dir, stores) = stores();
+    for store in &stores {
+        let store = store.as_ref();
         let mut first = Changes::new();
         first.insert_record("r1", &record(7, b"30", b"key-1"));
-        assert!(store.commit(first).unwrap());
-        let (read, version) = store.get_record("r1").unwrap().unwrap();
+        assert!(store.commit(first).await.unwrap());
+        let (read, version) = store.get_record("r1").await.unwrap().unwrap();
         assert_eq!(read.wrapped_key, b"key-1", "the data key comes back with its record");
         let (mut a, mut b) = (Changes::new(), Changes::new());
         a.replace_record("r1", version.clone(), &record(7, b"31", b""));
         b.replace_record("r1", version, &record(7, b"32", b""));
         b.put_identity(&identity("smuggled"));
-        assert!(store.commit(a).unwrap());
-        assert!(!store.commit(b).unwrap(), "the second expected what the first replaced");
+        assert!(store.commit(a).await.unwrap());
+        assert!(!store.commit(b).await.unwrap(), "the second expected what the first replaced");
         assert!(
-            store.get_identity("smuggled").unwrap().is_none(),
+            store.get_identity("smuggled").await.unwrap().is_none(),
             "no operation of a refused commit applies"
         );
-        let (now, _) = store.get_record("r1").unwrap().unwrap();
+        let (now, _) = store.get_record("r1").await.unwrap().unwrap();
         assert_eq!(now.fields[0].envelope, b"31");
         assert_eq!(now.wrapped_key, b"key-1", "replacing a record keeps its data key");
-    });
+    }
 }
 
-#[test]
-fn data_key_expectations_and_re_encryption() {
-    both(|store| {
+#[tokio::test]
+async fn data_key_expectations_and_re_encryption() {
+    let (_dir, stores) = stores();
+    for store in &stores {
+        let store = store.as_ref();
         let mut c = Changes::new();
         c.insert_record("r1", &record(1, b"30", b"key-1"));
-        assert!(store.commit(c).unwrap());
-        let walked = store.walk(KeySpace::DataKeys, &Cursor::default(), 10).unwrap();
+        assert!(store.commit(c).await.unwrap());
+        let walked = store.walk(KeySpace::DataKeys, &Cursor::default(), 10).await.unwrap();
         assert_eq!(walked.len(), 1);
         assert_eq!(walked[0].value, b"key-1");
         let mut rewrap = Changes::new();
         rewrap.replace_data_key("r1", walked[0].version.clone(), b"key-2");
-        assert!(store.commit(rewrap).unwrap());
+        assert!(store.commit(rewrap).await.unwrap());
         let mut stale = Changes::new();
         stale.replace_data_key("r1", walked[0].version.clone(), b"key-3");
-        assert!(!store.commit(stale).unwrap(), "the key changed since the walk read it");
+        assert!(!store.commit(stale).await.unwrap(), "the key changed since the walk read it");
         // Re-encryption expects the record and its key as read.
-        let (read, version) = store.get_record("r1").unwrap().unwrap();
+        let (read, version) = store.get_record("r1").await.unwrap().unwrap();
         let mut re = Changes::new();
         re.replace_record_and_key("r1", version.clone(), &read, &record(1, b"new", b"key-4"));
-        assert!(store.commit(re).unwrap());
-        let (now, _) = store.get_record("r1").unwrap().unwrap();
+        assert!(store.commit(re).await.unwrap());
+        let (now, _) = store.get_record("r1").await.unwrap().unwrap();
         assert_eq!(
             (now.fields[0].envelope.as_slice(), now.wrapped_key.as_slice()),
             (&b"new"[..], &b"key-4"[..])
         );
         let mut again = Changes::new();
         again.replace_record_and_key("r1", version, &read, &record(1, b"x", b"key-5"));
-        assert!(!store.commit(again).unwrap());
-    });
+        assert!(!store.commit(again).await.unwrap());
+    }
 }
 
-#[test]
-fn identities_requests_and_kek_markers_are_expectations() {
-    both(|store| {
+#[tokio::test]
+async fn identities_requests_and_kek_markers_are_expectations() {
+    let (_dir, stores) = stores();
+    for store in &stores {
+        let store = store.as_ref();
         let mut c = Changes::new();
         c.create_identity(&identity("ann"));
-        assert!(store.commit(c).unwrap());
+        assert!(store.commit(c).await.unwrap());
         let mut twice = Changes::new();
         twice.create_identity(&identity("ann"));
-        assert!(!store.commit(twice).unwrap(), "the name is taken");
-        let ann = store.get_identity("ann").unwrap().unwrap();
+        assert!(!store.commit(twice).await.unwrap(), "the name is taken");
+        let ann = store.get_identity("ann").await.unwrap().unwrap();
         let mut revoked = ann.clone();
         revoked.revoked_ms = Some(5);
         let mut r = Changes::new();
         r.expect_identity(&ann);
         r.put_identity(&revoked);
-        assert!(store.commit(r).unwrap());
+        assert!(store.commit(r).await.unwrap());
         let mut stale = Changes::new();
         stale.expect_identity(&ann);
-        assert!(!store.commit(stale).unwrap(), "ann is no longer as read");
+        assert!(!store.commit(stale).await.unwrap(), "ann is no longer as read");
 
         let request = StoredIdentityRequest {
             format: 1,
@@ -105,74 +111,80 @@ fn identities_requests_and_kek_markers_are_expectations() {
         };
         let mut file = Changes::new();
         file.add_identity_request(&request);
-        assert!(store.commit(file).unwrap());
+        assert!(store.commit(file).await.unwrap());
         let (mut close, mut close_again) = (Changes::new(), Changes::new());
         close.close_identity_request(&request);
         close_again.close_identity_request(&request);
-        assert!(store.commit(close).unwrap());
-        assert!(!store.commit(close_again).unwrap(), "one request is closed once");
-        assert!(store.list_identity_requests().unwrap().is_empty());
+        assert!(store.commit(close).await.unwrap());
+        assert!(!store.commit(close_again).await.unwrap(), "one request is closed once");
+        assert!(store.list_identity_requests().await.unwrap().is_empty());
 
         let mut needs_v1 = Changes::new();
         needs_v1.expect_kek_live(1);
-        assert!(!store.commit(needs_v1).unwrap(), "v1 is not marked live");
-        store.mark_kek_live(1).unwrap();
+        assert!(!store.commit(needs_v1).await.unwrap(), "v1 is not marked live");
+        store.mark_kek_live(1).await.unwrap();
         let mut needs_v1 = Changes::new();
         needs_v1.expect_kek_live(1);
-        assert!(store.commit(needs_v1).unwrap());
-    });
+        assert!(store.commit(needs_v1).await.unwrap());
+    }
 }
 
-#[test]
-fn the_audit_head_is_extended_by_one_writer_only() {
-    both(|store| {
-        assert_eq!(store.audit_head().unwrap(), None);
+#[tokio::test]
+async fn the_audit_head_is_extended_by_one_writer_only() {
+    let (_dir, stores) = stores();
+    for store in &stores {
+        let store = store.as_ref();
+        assert_eq!(store.audit_head().await.unwrap(), None);
         let first = AuditHead { seq: 1, hash: [1; 32] };
         let mut a = Changes::new();
         a.audit_entry(1, b"entry one");
         a.extend_audit_head(None, first);
-        assert!(store.commit(a).unwrap());
+        assert!(store.commit(a).await.unwrap());
         // A second writer that also saw no head cannot extend it: the chain stays linear.
         let mut b = Changes::new();
         b.audit_entry(1, b"a forked entry one");
         b.extend_audit_head(None, AuditHead { seq: 1, hash: [2; 32] });
-        assert!(!store.commit(b).unwrap());
-        assert_eq!(store.audit_head().unwrap(), Some(first));
-        assert_eq!(store.audit_entries_after(0).unwrap(), vec![(1, b"entry one".to_vec())]);
-    });
+        assert!(!store.commit(b).await.unwrap());
+        assert_eq!(store.audit_head().await.unwrap(), Some(first));
+        assert_eq!(store.audit_entries_after(0).await.unwrap(), vec![(1, b"entry one".to_vec())]);
+    }
 }
 
-#[test]
-fn walks_resume_after_their_cursor_and_deletes_remove_the_index() {
-    both(|store| {
+#[tokio::test]
+async fn walks_resume_after_their_cursor_and_deletes_remove_the_index() {
+    let (_dir, stores) = stores();
+    for store in &stores {
+        let store = store.as_ref();
         for (id, subject) in [("a", 1), ("b", 2), ("c", 1)] {
             let mut c = Changes::new();
             c.insert_record(id, &record(subject, b"1", b"key"));
-            assert!(store.commit(c).unwrap());
+            assert!(store.commit(c).await.unwrap());
         }
-        let first = store.walk(KeySpace::Records, &Cursor::default(), 2).unwrap();
+        let first = store.walk(KeySpace::Records, &Cursor::default(), 2).await.unwrap();
         assert_eq!(first.iter().map(|w| w.record_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        let rest = store.walk(KeySpace::Records, &first[1].cursor, 2).unwrap();
+        let rest = store.walk(KeySpace::Records, &first[1].cursor, 2).await.unwrap();
         assert_eq!(rest.iter().map(|w| w.record_id.as_str()).collect::<Vec<_>>(), ["c"]);
         assert_eq!(StoredRecord::decode(&rest[0].value).unwrap().subject_index, [1; 32]);
-        assert_eq!(store.count(KeySpace::Records).unwrap(), 3);
+        assert_eq!(store.count(KeySpace::Records).await.unwrap(), 3);
         let mut ids: Vec<String> =
-            store.records_of_subject(&[1; 32]).unwrap().into_iter().map(|(i, _)| i).collect();
+            store.records_of_subject(&[1; 32]).await.unwrap().into_iter().map(|(i, _)| i).collect();
         ids.sort();
         assert_eq!(ids, ["a", "c"]);
-        let (read, version) = store.get_record("a").unwrap().unwrap();
+        let (read, version) = store.get_record("a").await.unwrap().unwrap();
         let mut d = Changes::new();
         d.delete_record("a", &read, version);
-        assert!(store.commit(d).unwrap());
-        assert!(store.get_record("a").unwrap().is_none());
-        assert_eq!(store.records_of_subject(&[1; 32]).unwrap().len(), 1);
-        assert_eq!(store.count(KeySpace::DataKeys).unwrap(), 2, "its data key went with it");
-    });
+        assert!(store.commit(d).await.unwrap());
+        assert!(store.get_record("a").await.unwrap().is_none());
+        assert_eq!(store.records_of_subject(&[1; 32]).await.unwrap().len(), 1);
+        assert_eq!(store.count(KeySpace::DataKeys).await.unwrap(), 2, "its data key went with it");
+    }
 }
 
-#[test]
-fn consent_keeps_its_history() {
-    both(|store| {
+#[tokio::test]
+async fn consent_keeps_its_history() {
+    let (_dir, stores) = stores();
+    for store in &stores {
+        let store = store.as_ref();
         let consent = |granted, at_ms| StoredConsent {
             format: 1,
             purpose: "marketing".into(),
@@ -182,13 +194,13 @@ fn consent_keeps_its_history() {
         };
         for (granted, at) in [(true, 1), (false, 2)] {
             let mut c = Changes::new();
-            c.set_consent(&[9; 32], store.generate_id().unwrap(), &consent(granted, at));
-            assert!(store.commit(c).unwrap());
+            c.set_consent(&[9; 32], store.generate_id().await.unwrap(), &consent(granted, at));
+            assert!(store.commit(c).await.unwrap());
         }
-        assert_eq!(store.get_consent(&[9; 32], "marketing").unwrap(), Some(consent(false, 2)));
-        let (current, history) = store.consent_of(&[9; 32]).unwrap();
+        assert_eq!(store.get_consent(&[9; 32], "marketing").await.unwrap(), Some(consent(false, 2)));
+        let (current, history) = store.consent_of(&[9; 32]).await.unwrap();
         assert_eq!(current, [consent(false, 2)]);
         assert_eq!(history, [consent(true, 1), consent(false, 2)]);
-        assert!(store.consent_of(&[8; 32]).unwrap().0.is_empty());
-    });
+        assert!(store.consent_of(&[8; 32]).await.unwrap().0.is_empty());
+    }
 }

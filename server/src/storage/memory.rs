@@ -143,12 +143,13 @@ impl MemoryStore {
     }
 }
 
+#[async_trait::async_trait]
 impl Storage for MemoryStore {
-    fn mode(&self) -> Result<Option<String>, StoreError> {
+    async fn mode(&self) -> Result<Option<String>, StoreError> {
         Ok(self.state().mode.clone())
     }
 
-    fn initialise(
+    async fn initialise(
         &self,
         custody: &Custody,
         mode: &str,
@@ -168,15 +169,15 @@ impl Storage for MemoryStore {
         Ok(())
     }
 
-    fn is_initialised(&self) -> Result<bool, StoreError> {
+    async fn is_initialised(&self) -> Result<bool, StoreError> {
         Ok(self.state().custody.is_some())
     }
 
-    fn custody(&self) -> Result<Custody, StoreError> {
+    async fn custody(&self) -> Result<Custody, StoreError> {
         self.state().custody.clone().ok_or(StoreError::NotInitialised)
     }
 
-    fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError> {
+    async fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError> {
         let mut s = self.state();
         match s.custody.as_mut().ok_or(StoreError::NotInitialised)? {
             Custody::Single { sealed_root } => *sealed_root = sealed.to_vec(),
@@ -190,7 +191,7 @@ impl Storage for MemoryStore {
         Ok(())
     }
 
-    fn replace_root(
+    async fn replace_root(
         &self,
         custody: &Custody,
         wrapped_derivation_key: &[u8],
@@ -205,11 +206,11 @@ impl Storage for MemoryStore {
         Ok(())
     }
 
-    fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.state().derivation_key.clone())
     }
 
-    fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
+    async fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
         let mut s = self.state();
         if s.keks.contains_key(&version) || s.kek_info.contains_key(&version) {
             return Err(StoreError::Corrupt("kek version reused"));
@@ -219,7 +220,7 @@ impl Storage for MemoryStore {
         Ok(())
     }
 
-    fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError> {
+    async fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError> {
         let mut s = self.state();
         s.keks.remove(&version);
         let info = s.kek_info.entry(version).or_insert(KekInfo { version, created_ms: 0, retired_ms: None });
@@ -227,29 +228,29 @@ impl Storage for MemoryStore {
         Ok(())
     }
 
-    fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError> {
+    async fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError> {
         Ok(self.state().kek_info.values().cloned().collect())
     }
 
-    fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+    async fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
         Ok(self.state().keks.iter().map(|(v, k)| (*v, k.clone())).collect())
     }
 
-    fn mark_kek_live(&self, version: u32) -> Result<(), StoreError> {
+    async fn mark_kek_live(&self, version: u32) -> Result<(), StoreError> {
         self.state().live.insert(version);
         Ok(())
     }
 
-    fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError> {
+    async fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError> {
         self.state().live.remove(&version);
         Ok(())
     }
 
-    fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError> {
+    async fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError> {
         Ok(self.state().record(record_id))
     }
 
-    fn records_of_subject(
+    async fn records_of_subject(
         &self,
         subject_index: &[u8; 32],
     ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
@@ -261,7 +262,7 @@ impl Storage for MemoryStore {
             .collect())
     }
 
-    fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError> {
+    async fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError> {
         use std::ops::Bound;
         let s = self.state();
         let after =
@@ -289,7 +290,7 @@ impl Storage for MemoryStore {
         }
     }
 
-    fn count(&self, space: KeySpace) -> Result<u64, StoreError> {
+    async fn count(&self, space: KeySpace) -> Result<u64, StoreError> {
         let s = self.state();
         Ok(match space {
             KeySpace::Records => s.records.len(),
@@ -297,27 +298,27 @@ impl Storage for MemoryStore {
         } as u64)
     }
 
-    fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
+    async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
         Ok(self.state().identities.get(name).cloned())
     }
 
-    fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
+    async fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
         Ok(self.state().identities.values().cloned().collect())
     }
 
-    fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
+    async fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
         Ok(self.state().requests.get(id).cloned())
     }
 
-    fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
+    async fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
         Ok(self.state().requests.values().cloned().collect())
     }
 
-    fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
+    async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
         Ok(self.state().tokens.get(token_id).cloned())
     }
 
-    fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
+    async fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
         Ok(self
             .state()
             .tokens
@@ -327,16 +328,16 @@ impl Storage for MemoryStore {
             .collect())
     }
 
-    fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
+    async fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
         self.state().failures.insert(credential.to_vec(), record.clone());
         Ok(())
     }
 
-    fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
+    async fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
         Ok(self.state().failures.iter().map(|(k, r)| (k.clone(), r.clone())).collect())
     }
 
-    fn get_consent(
+    async fn get_consent(
         &self,
         subject_index: &[u8; 32],
         purpose: &str,
@@ -344,7 +345,7 @@ impl Storage for MemoryStore {
         Ok(self.state().consent.get(&(*subject_index, purpose.to_owned())).cloned())
     }
 
-    fn consent_of(
+    async fn consent_of(
         &self,
         subject_index: &[u8; 32],
     ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError> {
@@ -356,26 +357,26 @@ impl Storage for MemoryStore {
         Ok((current, history))
     }
 
-    fn job(&self) -> Result<Option<StoredJob>, StoreError> {
+    async fn job(&self) -> Result<Option<StoredJob>, StoreError> {
         Ok(self.state().job.clone())
     }
 
-    fn generate_id(&self) -> Result<u64, StoreError> {
+    async fn generate_id(&self) -> Result<u64, StoreError> {
         let mut s = self.state();
         s.next_id += 1;
         Ok(s.next_id)
     }
 
-    fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.state().audit_records.get(&which).cloned())
     }
 
-    fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+    async fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
         self.state().audit_records.insert(which, value.to_vec());
         Ok(())
     }
 
-    fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError> {
+    async fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError> {
         self.state().audit_records.remove(&which);
         Ok(())
     }
@@ -388,11 +389,11 @@ impl Storage for MemoryStore {
         })
     }
 
-    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         Ok(self.state().audit_head)
     }
 
-    fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    async fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         Ok(self
             .state()
             .audit_entries
@@ -401,12 +402,12 @@ impl Storage for MemoryStore {
             .collect())
     }
 
-    fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError> {
+    async fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError> {
         self.state().audit_entries.retain(|seq, _| *seq > last);
         Ok(())
     }
 
-    fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
+    async fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
         if changes.is_empty() {
             return Ok(true);
         }
@@ -421,13 +422,11 @@ impl Storage for MemoryStore {
         Ok(true)
     }
 
-    fn durable(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>> {
-        Box::pin(std::future::ready(Ok(())))
+    async fn durable(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
-    fn flush_now(&self) -> Result<(), StoreError> {
+    async fn flush_now(&self) -> Result<(), StoreError> {
         Ok(())
     }
 

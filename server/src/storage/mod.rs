@@ -356,14 +356,15 @@ impl Changes {
 
 /// The storage port. Every method is one backend round trip (or a scan); none of them interprets
 /// a key format (the key hierarchy reads headers, see [`data_keys_per_kek`]).
+#[async_trait::async_trait]
 pub trait Storage: Send + Sync + std::fmt::Debug {
     // ---- custody and KEKs (init, unseal, rotation, rekey) ------------------------------------
 
     /// `"encrypted"`, or the plaintext benchmark baseline's mode; `None` before init.
-    fn mode(&self) -> Result<Option<String>, StoreError>;
+    async fn mode(&self) -> Result<Option<String>, StoreError>;
     /// Writes the custody of the root key, the derivation key and the first KEK at once, durable;
     /// refuses an initialised vault ([`StoreError::AlreadyInitialised`]).
-    fn initialise(
+    async fn initialise(
         &self,
         custody: &Custody,
         mode: &str,
@@ -371,93 +372,95 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         kek: (u32, &[u8]),
         now_ms: u64,
     ) -> Result<(), StoreError>;
-    fn is_initialised(&self) -> Result<bool, StoreError>;
-    fn custody(&self) -> Result<Custody, StoreError>;
+    async fn is_initialised(&self) -> Result<bool, StoreError>;
+    async fn custody(&self) -> Result<Custody, StoreError>;
     /// Replaces one custodian's sealed share (or the single sealed root key), durable.
-    fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError>;
+    async fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError>;
     /// A rekey: new custody, every KEK and the derivation key rewrapped, all or nothing, durable.
-    fn replace_root(
+    async fn replace_root(
         &self,
         custody: &Custody,
         wrapped_derivation_key: &[u8],
         keks: &[(u32, Vec<u8>)],
     ) -> Result<(), StoreError>;
     /// The wrapped derivation key; `None` for a vault created before there was one.
-    fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Adds a KEK version (a rotation), durable before it wraps anything; refuses a used version.
-    fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError>;
+    async fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError>;
     /// Destroys a KEK version's wrapped key; its history stays, marked retired. Durable.
-    fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError>;
+    async fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError>;
     /// Every KEK version ever created, oldest first.
-    fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError>;
+    async fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError>;
     /// Every stored KEK, `(version, wrapped bytes)`.
-    fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError>;
+    async fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError>;
     /// Marks a KEK version live, so writes can expect it ([`Expect::KekLive`]).
-    fn mark_kek_live(&self, version: u32) -> Result<(), StoreError>;
-    fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError>;
+    async fn mark_kek_live(&self, version: u32) -> Result<(), StoreError>;
+    async fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError>;
 
     // ---- records ------------------------------------------------------------------------------
 
     /// The record with its wrapped data key, and the version a change of it expects. The two
     /// belong together (same data-key generation) even if a re-encryption runs meanwhile.
-    fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError>;
+    async fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError>;
     /// A subject's records, by blind index.
-    fn records_of_subject(&self, subject_index: &[u8; 32])
-    -> Result<Vec<(String, StoredRecord)>, StoreError>;
+    async fn records_of_subject(
+        &self,
+        subject_index: &[u8; 32],
+    ) -> Result<Vec<(String, StoredRecord)>, StoreError>;
     /// Up to `limit` entries of `space` after `cursor`, in a stable order, each with its version.
-    fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError>;
+    async fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError>;
     /// How many entries `space` holds.
-    fn count(&self, space: KeySpace) -> Result<u64, StoreError>;
+    async fn count(&self, space: KeySpace) -> Result<u64, StoreError>;
 
     // ---- identities, tokens, lockouts, consent, jobs -----------------------------------------
 
-    fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError>;
-    fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError>;
-    fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError>;
-    fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError>;
-    fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError>;
+    async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError>;
+    async fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError>;
+    async fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError>;
+    async fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError>;
+    async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError>;
     /// Every token of an identity, `(token id, token)`.
-    fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError>;
+    async fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError>;
     /// A credential's failure record, written outside any request's commit: a lockout holds
     /// whether or not the request that caused it commits.
-    fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError>;
+    async fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError>;
     /// Every credential's failure record, `(credential key, record)`.
-    fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError>;
-    fn get_consent(
+    async fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError>;
+    async fn get_consent(
         &self,
         subject_index: &[u8; 32],
         purpose: &str,
     ) -> Result<Option<StoredConsent>, StoreError>;
     /// `(current choices, full history oldest first)`.
-    fn consent_of(
+    async fn consent_of(
         &self,
         subject_index: &[u8; 32],
     ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError>;
     /// The background key job, if one was ever started.
-    fn job(&self) -> Result<Option<StoredJob>, StoreError>;
+    async fn job(&self) -> Result<Option<StoredJob>, StoreError>;
     /// A number never handed out before by this store (consent history order).
-    fn generate_id(&self) -> Result<u64, StoreError>;
+    async fn generate_id(&self) -> Result<u64, StoreError>;
 
     // ---- the audit log's records ------------------------------------------------------------
 
-    fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError>;
     /// Stores an audit record (durable with the next flush; [`Storage::flush_now`] for at once).
-    fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError>;
-    fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError>;
+    async fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError>;
+    async fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError>;
     /// A writer for the log's flusher thread.
     fn head_recorder(&self) -> HeadRecorder;
     /// The chain head the last commit carrying an entry left (see [`Changes::extend_audit_head`]).
-    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
     /// Entries changes carried ([`Op::AuditEntry`]) after seq `after`, oldest first.
-    fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    async fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// Removes the carried entries up to `last` (archival), durable.
-    fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError>;
+    async fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError>;
     /// Signed checkpoints a vault of an earlier layout kept in its store, for moving them to the
     /// log's checkpoints file once (only sled ever had them).
-    fn legacy_checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+    async fn legacy_checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(Vec::new())
     }
-    fn remove_legacy_checkpoints(&self) -> Result<(), StoreError> {
+    async fn remove_legacy_checkpoints(&self) -> Result<(), StoreError> {
         Ok(())
     }
 
@@ -466,23 +469,23 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Applies `changes` atomically if every expectation it carries still holds; `Ok(false)`,
     /// nothing written, if one does not. The backend checks and applies under its own
     /// serialisation: compare-and-swap does not depend on any caller's lock.
-    fn commit(&self, changes: Changes) -> Result<bool, StoreError>;
+    async fn commit(&self, changes: Changes) -> Result<bool, StoreError>;
     /// Returns once everything committed before the call is durable.
-    fn durable(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>;
+    async fn durable(&self) -> Result<(), StoreError>;
     /// Makes everything committed so far durable now (init, shutdown, operator commands).
-    fn flush_now(&self) -> Result<(), StoreError>;
+    async fn flush_now(&self) -> Result<(), StoreError>;
     fn flush_stats(&self) -> &FlushStats;
 }
 
 /// The KEK version of every stored data key, counted from the wrapped keys' headers (read by the
 /// key hierarchy, not the store).
-pub fn data_keys_per_kek(store: &dyn Storage) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
+pub async fn data_keys_per_kek(
+    store: &dyn Storage,
+) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
     let mut out = std::collections::BTreeMap::new();
     let mut cursor = Cursor::default();
     loop {
-        let batch = store.walk(KeySpace::DataKeys, &cursor, 4096)?;
+        let batch = store.walk(KeySpace::DataKeys, &cursor, 4096).await?;
         let Some(last) = batch.last() else { return Ok(out) };
         cursor = last.cursor.clone();
         for w in &batch {

@@ -436,17 +436,18 @@ impl SledStore {
     }
 }
 
+#[async_trait::async_trait]
 impl Storage for SledStore {
-    fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.vault.get(audit_record_key(which))?.map(|v| v.to_vec()))
     }
 
-    fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+    async fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
         self.vault.insert(audit_record_key(which), value)?;
         Ok(())
     }
 
-    fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError> {
+    async fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError> {
         self.vault.remove(audit_record_key(which))?;
         Ok(())
     }
@@ -463,27 +464,25 @@ impl Storage for SledStore {
         &self.stats
     }
 
-    fn durable(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>> {
-        Box::pin(self.durable_now())
+    async fn durable(&self) -> Result<(), StoreError> {
+        self.durable_now().await
     }
 
-    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         self.vault.get(AUDIT_HEAD_KEY)?.map(|b| decode_head(&b)).transpose()
     }
 
-    fn count(&self, space: KeySpace) -> Result<u64, StoreError> {
+    async fn count(&self, space: KeySpace) -> Result<u64, StoreError> {
         Ok(self.vault.scan_prefix([space_prefix(space)]).count() as u64)
     }
 
     /// Flushes synchronously (init, shutdown).
-    fn flush_now(&self) -> Result<(), StoreError> {
+    async fn flush_now(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
     }
 
-    fn mode(&self) -> Result<Option<String>, StoreError> {
+    async fn mode(&self) -> Result<Option<String>, StoreError> {
         self.meta
             .get(META_MODE)?
             .map(|v| String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt("mode")))
@@ -492,7 +491,7 @@ impl Storage for SledStore {
 
     /// Writes the custody of the root key, the derivation key and the first KEK in one
     /// transaction; refuses an initialised vault.
-    fn initialise(
+    async fn initialise(
         &self,
         custody: &Custody,
         mode: &str,
@@ -513,14 +512,14 @@ impl Storage for SledStore {
             kek_info.insert(&kek.0.to_be_bytes(), info.as_slice())?;
             Ok(())
         })?;
-        self.flush_now()
+        self.flush_now().await
     }
 
-    fn is_initialised(&self) -> Result<bool, StoreError> {
+    async fn is_initialised(&self) -> Result<bool, StoreError> {
         Ok(self.meta.get(META_SEALED_ROOT)?.is_some() || self.meta.get(META_CUSTODIANS)?.is_some())
     }
 
-    fn custody(&self) -> Result<Custody, StoreError> {
+    async fn custody(&self) -> Result<Custody, StoreError> {
         if let Some(sealed_root) = self.meta.get(META_SEALED_ROOT)? {
             return Ok(Custody::Single { sealed_root: sealed_root.to_vec() });
         }
@@ -539,17 +538,17 @@ impl Storage for SledStore {
     }
 
     /// Replaces one custodian's sealed share (or the single sealed root key): a passphrase change.
-    fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError> {
-        match self.custody()? {
+    async fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError> {
+        match self.custody().await? {
             Custody::Single { .. } => self.meta.insert(META_SEALED_ROOT, sealed)?,
             Custody::Shares { .. } => self.meta.insert([META_SHARE, &[custodian]].concat(), sealed)?,
         };
-        self.flush_now()
+        self.flush_now().await
     }
 
     /// A rekey: new custody, every KEK rewrapped under the new root key, and the derivation key
     /// rewrapped, in one transaction (a crash leaves the old or the new root key, never a mix).
-    fn replace_root(
+    async fn replace_root(
         &self,
         custody: &Custody,
         wrapped_derivation_key: &[u8],
@@ -570,16 +569,16 @@ impl Storage for SledStore {
             }
             Ok(())
         })?;
-        self.flush_now()
+        self.flush_now().await
     }
 
     /// The wrapped derivation key; `None` for a vault created before there was one.
-    fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.meta.get(META_DERIVATION_KEY)?.map(|v| v.to_vec()))
     }
 
     /// Adds a KEK version (a rotation), durable before it wraps anything.
-    fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
+    async fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
         let info = Self::encode(&KekInfo { version, created_ms: now_ms, retired_ms: None }, "kek info")?;
         (&self.keks, &self.kek_info).transaction(|(keks, kek_info)| {
             if keks.get(version.to_be_bytes())?.is_some() || kek_info.get(version.to_be_bytes())?.is_some() {
@@ -589,16 +588,17 @@ impl Storage for SledStore {
             kek_info.insert(&version.to_be_bytes(), info.as_slice())?;
             Ok(())
         })?;
-        self.flush_now()
+        self.flush_now().await
     }
 
     /// Destroys a KEK version: its wrapped key is removed; its history stays, marked retired.
-    fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError> {
-        let mut info = self.kek_infos()?.into_iter().find(|i| i.version == version).unwrap_or(KekInfo {
-            version,
-            created_ms: 0,
-            retired_ms: None,
-        });
+    async fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError> {
+        let mut info = self
+            .kek_infos()
+            .await?
+            .into_iter()
+            .find(|i| i.version == version)
+            .unwrap_or(KekInfo { version, created_ms: 0, retired_ms: None });
         info.retired_ms = Some(now_ms);
         let info = Self::encode(&info, "kek info")?;
         (&self.keks, &self.kek_info).transaction(|(keks, kek_info)| {
@@ -606,15 +606,15 @@ impl Storage for SledStore {
             kek_info.insert(&version.to_be_bytes(), info.as_slice())?;
             Ok(())
         })?;
-        self.flush_now()
+        self.flush_now().await
     }
 
     /// Every KEK version ever created, oldest first (versions from before this table existed
     /// appear with `created_ms` 0).
-    fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError> {
+    async fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError> {
         let mut out: Vec<KekInfo> =
             self.kek_info.iter().map(|kv| Self::decode(&kv?.1, "kek info")).collect::<Result<_, _>>()?;
-        for (version, _) in self.keks()? {
+        for (version, _) in self.keks().await? {
             if !out.iter().any(|i| i.version == version) {
                 out.push(KekInfo { version, created_ms: 0, retired_ms: None });
             }
@@ -624,7 +624,7 @@ impl Storage for SledStore {
     }
 
     /// Every stored KEK, `(version, wrapped bytes)`.
-    fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+    async fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
         self.keks
             .iter()
             .map(|kv| {
@@ -639,7 +639,7 @@ impl Storage for SledStore {
     /// The record (with its wrapped data key) and the exact bytes of the record it was read from
     /// (for [`Changes::replace_record`]). The record and its key are two reads; if a concurrent
     /// re-encryption slipped between them (their generations differ), both are read again.
-    fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError> {
+    async fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError> {
         let mut attempts = 0;
         loop {
             let Some(bytes) = self.vault.get(Self::record_key(record_id))? else { return Ok(None) };
@@ -657,7 +657,7 @@ impl Storage for SledStore {
     }
 
     /// A subject's records, by blind index.
-    fn records_of_subject(
+    async fn records_of_subject(
         &self,
         subject_index: &[u8; 32],
     ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
@@ -669,40 +669,40 @@ impl Storage for SledStore {
                 record_id: String::from_utf8_lossy(&k[prefix.len()..]).chars().take(64).collect(),
                 what: "subject index entry",
             })?;
-            if let Some((record, _)) = self.get_record(id)? {
+            if let Some((record, _)) = self.get_record(id).await? {
                 out.push((id.to_owned(), record));
             }
         }
         Ok(out)
     }
 
-    fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
+    async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
         let key = [b"i".as_slice(), name.as_bytes()].concat();
         self.vault.get(key)?.map(|b| Self::decode(&b, "identity")).transpose()
     }
 
-    fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
+    async fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
         self.vault.scan_prefix(b"i").map(|kv| Self::decode(&kv?.1, "identity")).collect()
     }
 
-    fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
+    async fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
         let key = [b"p".as_slice(), id.as_bytes()].concat();
         self.vault.get(key)?.map(|b| Self::decode(&b, "identity request")).transpose()
     }
 
-    fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
+    async fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
         self.vault.scan_prefix(b"p").map(|kv| Self::decode(&kv?.1, "identity request")).collect()
     }
 
     /// A credential's failure record (`L` ‖ credential key), written outside any request's batch:
     /// a lockout holds whether or not the request that caused it commits.
-    fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
+    async fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
         self.vault.insert([b"L".as_slice(), credential].concat(), Self::encode(record, "lockout record")?)?;
         Ok(())
     }
 
     /// Every credential's failure record, `(credential key, record)`.
-    fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
+    async fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
         self.vault
             .scan_prefix(b"L")
             .map(|kv| {
@@ -712,12 +712,12 @@ impl Storage for SledStore {
             .collect()
     }
 
-    fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
+    async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
         let key = [b"t".as_slice(), token_id.as_bytes()].concat();
         self.vault.get(key)?.map(|b| Self::decode(&b, "token")).transpose()
     }
 
-    fn get_consent(
+    async fn get_consent(
         &self,
         subject_index: &[u8; 32],
         purpose: &str,
@@ -727,7 +727,7 @@ impl Storage for SledStore {
     }
 
     /// `(current choices, full history oldest first)`.
-    fn consent_of(
+    async fn consent_of(
         &self,
         subject_index: &[u8; 32],
     ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError> {
@@ -740,7 +740,7 @@ impl Storage for SledStore {
 
     /// Audit entries a change carried into sled (see [`Changes::audit_entry`]) after seq `after`,
     /// oldest first: `(seq, hash ‖ JSON)`.
-    fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    async fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let start = [b"a".as_slice(), &after.saturating_add(1).to_be_bytes()].concat();
         self.vault
             .range(start..b"b".to_vec())
@@ -754,51 +754,51 @@ impl Storage for SledStore {
     }
 
     /// Removes the audit entries up to `last` that changes carried into sled (archival), flushed.
-    fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError> {
+    async fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError> {
         let end = [b"a".as_slice(), &last.saturating_add(1).to_be_bytes()].concat();
         let mut batch = sled::Batch::default();
         for kv in self.vault.range(b"a".to_vec()..end) {
             batch.remove(kv?.0);
         }
         self.vault.apply_batch(batch)?;
-        self.flush_now()
+        self.flush_now().await
     }
 
     /// Signed checkpoints a vault of the previous layout kept in sled (`k‖seq` → JSON), oldest
     /// first, for moving them to the audit log's checkpoints file once.
-    fn legacy_checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+    async fn legacy_checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         self.vault.scan_prefix(b"k").map(|kv| Ok(kv?.1.to_vec())).collect()
     }
 
     /// Removes the previous layout's checkpoints (after they were moved), flushed.
-    fn remove_legacy_checkpoints(&self) -> Result<(), StoreError> {
+    async fn remove_legacy_checkpoints(&self) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for kv in self.vault.scan_prefix(b"k") {
             batch.remove(kv?.0);
         }
         self.vault.apply_batch(batch)?;
-        self.flush_now()
+        self.flush_now().await
     }
 
     /// Marks a KEK version live in the `vault` tree, where writes can expect it (see
     /// [`Changes::expect_kek_live`]).
-    fn mark_kek_live(&self, version: u32) -> Result<(), StoreError> {
+    async fn mark_kek_live(&self, version: u32) -> Result<(), StoreError> {
         self.vault.insert(kek_live_key(version), KEK_LIVE)?;
         Ok(())
     }
 
-    fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError> {
+    async fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError> {
         self.vault.remove(kek_live_key(version))?;
         Ok(())
     }
 
     /// The background key job, if one was ever started.
-    fn job(&self) -> Result<Option<StoredJob>, StoreError> {
+    async fn job(&self) -> Result<Option<StoredJob>, StoreError> {
         self.vault.get(JOB_KEY)?.map(|b| Self::decode(&b, "key job")).transpose()
     }
 
     /// Up to `limit` entries of `space` after `cursor`, each with the exact bytes read.
-    fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError> {
+    async fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError> {
         use std::ops::Bound;
         let prefix = space_prefix(space);
         let start = if cursor.as_bytes().is_empty() {
@@ -831,7 +831,7 @@ impl Storage for SledStore {
     /// identity or request unchanged since read, KEK version live); `Ok(false)`, nothing written,
     /// if one does not. Checked and applied under the store's own lock: compare-and-swap does not
     /// depend on any caller's lock.
-    fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
+    async fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
         let _commit = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         if changes.is_empty() {
             return Ok(true);
@@ -850,12 +850,12 @@ impl Storage for SledStore {
         Ok(true)
     }
 
-    fn generate_id(&self) -> Result<u64, StoreError> {
+    async fn generate_id(&self) -> Result<u64, StoreError> {
         Ok(self.db.generate_id()?)
     }
 
     /// Every token of an identity, `(token id, token)`.
-    fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
+    async fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
         let mut out = Vec::new();
         for kv in self.vault.scan_prefix(b"t") {
             let (k, v) = kv?;
