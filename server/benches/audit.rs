@@ -50,7 +50,7 @@ async fn main() {
 
     let t = Instant::now();
     let mut count = 0u64;
-    for item in khlang_server::audit_file::entries(log.dir(), 0) {
+    for item in khlang_server::audit::files::entries(log.dir(), 0) {
         let (_, v) = item.unwrap();
         count += v.len() as u64 & 1;
     }

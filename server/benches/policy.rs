@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use khlang_keys::{DataKey, FieldContext, Kek, KeyRing, OsRandom, Plaintext, open_field, seal_fields};
 use khlang_server::Identity;
+use khlang_server::policy::regulations::Regulations;
 use khlang_server::policy::{Ask, ConsentState, Operation, decide};
-use khlang_server::regulations::Regulations;
 
 fn time<T>(label: &str, iters: u32, mut f: impl FnMut() -> T) -> f64 {
     for _ in 0..iters / 10 {

@@ -1,4 +1,4 @@
-//! The domain's errors. One place (`grpc::status`) maps them to `tonic::Status`.
+//! The domain's errors. One place (`api::status`) maps them to `tonic::Status`.
 //! Messages name fields, limits and ids — never a field value, a token or key material.
 
 use khlang_keys::KeyError;

@@ -1,28 +1,27 @@
-//! Khlang vault server: the domain (records, field catalogue, policy, audit, storage, auth) and the
-//! thin gRPC layer over it. Only `grpc` sees protobuf types.
+//! Khlang vault server, in layers (each depends only on the ones below it):
+//!
+//! - `api` — the gRPC services, the only place that sees protobuf types;
+//! - `vault` — the request pipeline (authenticate, validate, decide, prepare, commit with the
+//!   entry, respond), identities and credentials, and `vault::keyops` (custody, rotation,
+//!   re-encryption, the rekey ceremony, the background key jobs);
+//! - `audit` — entries, the chained log and its files, verification, export;
+//! - `policy` — the regulations, the field catalogue and the pure decide step;
+//! - `storage` — the storage port and its backends.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod audit;
-pub mod audit_file;
-mod auth;
-pub mod catalogue;
+mod clock;
 pub mod dev;
-#[cfg(test)]
-mod domain_tests;
 mod error;
-pub mod grpc;
-pub mod identities;
-pub mod lifecycle;
 pub mod policy;
-pub mod regulations;
-pub mod rekey;
-mod repeats;
 pub mod storage;
-mod vault;
+pub mod vault;
 
-pub use auth::{AuthLimits, Credentials, IssuedToken};
 pub use error::{StoreError, VaultError};
+pub use policy::Identity;
+pub use vault::auth::{AuthLimits, Credentials, IssuedToken};
 pub use vault::{
-    ArchiveReport, Caller, CipherMode, ConsentReport, FieldValue, Identity, IdentityInfo, Limits,
+    ArchiveReport, AuditGrant, Caller, CipherMode, ConsentReport, FieldValue, IdentityInfo, Limits,
     RecordSummary, RecordView, RegulationsInfo, Vault, VaultOptions,
 };

@@ -15,8 +15,8 @@ use khlang_client::Client;
 use khlang_keys::SealParams;
 use std::collections::BTreeMap;
 
-use khlang_server::regulations::{Regulations, SAMPLE};
-use khlang_server::{AuthLimits, Vault, VaultOptions, grpc};
+use khlang_server::policy::regulations::{Regulations, SAMPLE};
+use khlang_server::{AuthLimits, Vault, VaultOptions, api};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -139,8 +139,8 @@ impl TestServer {
         let serving = vault.clone();
         let handle = tokio::spawn(async move {
             // As the daemon does: key jobs beside serving, the final flush after it.
-            let key_jobs = khlang_server::lifecycle::spawn_key_jobs(&serving);
-            grpc::serve(serving.clone(), listener, tls, async {
+            let key_jobs = khlang_server::vault::keyops::spawn_key_jobs(&serving);
+            api::serve(serving.clone(), listener, tls, async {
                 let _ = rx.await;
             })
             .await
@@ -162,7 +162,12 @@ impl TestServer {
 
     /// Every audit entry the vault's log holds, oldest first.
     pub fn audit_entries(&self) -> Vec<khlang_server::audit::AuditEntry> {
-        self.vault().audit_entries(khlang_server::audit::AuditFilter::default()).map(Result::unwrap).collect()
+        self.vault()
+            .audit_entries(khlang_server::AuditGrant::unaudited_for_tests(
+                khlang_server::audit::AuditFilter::default(),
+            ))
+            .map(Result::unwrap)
+            .collect()
     }
 
     /// The vault behind the server, for white-box checks (flush counts).

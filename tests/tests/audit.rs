@@ -6,12 +6,16 @@ use std::collections::BTreeSet;
 
 use khlang_client::{AuditQuery, Code};
 use khlang_server::audit::{AuditEntry, AuditFilter, VerifyWith, verify_dir};
-use khlang_server::regulations::SAMPLE;
+use khlang_server::policy::regulations::SAMPLE;
 use khlang_tests::*;
 use prost::Message;
 
 fn entries(server: &TestServer) -> Vec<AuditEntry> {
-    server.vault().audit_entries(AuditFilter::default()).map(Result::unwrap).collect()
+    server
+        .vault()
+        .audit_entries(khlang_server::AuditGrant::unaudited_for_tests(AuditFilter::default()))
+        .map(Result::unwrap)
+        .collect()
 }
 
 async fn sample_server(dir: &std::path::Path) -> TestServer {
@@ -330,7 +334,7 @@ struct Lines {
 
 impl Lines {
     fn open(dir: &std::path::Path) -> Self {
-        let segments = khlang_server::audit_file::segments(&dir.join("audit")).unwrap();
+        let segments = khlang_server::audit::files::segments(&dir.join("audit")).unwrap();
         assert_eq!(segments.len(), 1, "{segments:?}");
         Self::of(segments[0].1.clone())
     }
@@ -535,15 +539,23 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
     let err = vault.archive_audit(now, now, &mut file).await.unwrap_err();
     assert!(err.to_string().contains("younger than 365 days are kept"), "{err}");
     // The refused attempt to remove history is itself on the record.
-    let refused = vault.audit_entries(AuditFilter::default()).map(Result::unwrap).last().unwrap();
+    let refused = vault
+        .audit_entries(khlang_server::AuditGrant::unaudited_for_tests(AuditFilter::default()))
+        .map(Result::unwrap)
+        .last()
+        .unwrap();
     assert_eq!((refused.rpc.as_str(), refused.outcome.as_str()), ("ArchiveAudit", "FailedPrecondition"));
     assert!(refused.reason.contains("refused"), "{refused:?}");
-    let before = vault.audit_entries(AuditFilter::default()).count();
+    let before =
+        vault.audit_entries(khlang_server::AuditGrant::unaudited_for_tests(AuditFilter::default())).count();
     // 400 days on, the same entries may go.
     let report = vault.archive_audit(now + 1, now + 400 * day, &mut file).await.unwrap();
     assert_eq!(report.first, 1);
     assert!(report.entries >= 12 && report.last == report.entries, "{report:?}");
-    let left: Vec<AuditEntry> = vault.audit_entries(AuditFilter::default()).map(Result::unwrap).collect();
+    let left: Vec<AuditEntry> = vault
+        .audit_entries(khlang_server::AuditGrant::unaudited_for_tests(AuditFilter::default()))
+        .map(Result::unwrap)
+        .collect();
     assert_eq!(left.first().unwrap().seq, report.last + 1);
     assert_eq!(left.last().unwrap().rpc, "ArchiveAudit");
     assert_eq!(left.len() as u64, before as u64 + 1 - report.entries);
@@ -560,7 +572,11 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
         (archived.entries, archived.last_checkpoint, archived.first_break),
         (report.entries, report.last, None)
     );
-    let export: Vec<String> = vault.audit_export().unwrap().map(Result::unwrap).collect();
+    let export: Vec<String> = vault
+        .audit_export(khlang_server::AuditGrant::unaudited_for_tests(AuditFilter::default()))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     let rest = khlang_client::verify_export(export.join("\n").as_bytes(), &public_key, &[]).unwrap();
     assert!(rest.first_break.is_none() && rest.entries == left.len() as u64, "{rest:?}");
     assert!(vault.verify_audit_now().await.unwrap().first_break.is_none());

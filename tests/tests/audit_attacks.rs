@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use khlang_client::{Code, Verdict};
 use khlang_server::VaultOptions;
+use khlang_server::audit::files::FileOptions;
 use khlang_server::audit::{AuditFilter, LogState, VerifyWith, verify_dir};
-use khlang_server::audit_file::FileOptions;
 use khlang_tests::*;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -39,7 +39,7 @@ struct Log {
 
 impl Log {
     fn open(data: &Path) -> Self {
-        let files = khlang_server::audit_file::segments(&data.join("audit"))
+        let files = khlang_server::audit::files::segments(&data.join("audit"))
             .unwrap()
             .into_iter()
             .map(|(_, path)| {
@@ -260,7 +260,7 @@ async fn a_rechained_log_without_its_checkpoints_is_caught() {
     assert_eq!(server.vault().audit_state(), LogState::Intact);
     let breaks = server
         .vault()
-        .audit_entries(AuditFilter::default())
+        .audit_entries(khlang_server::AuditGrant::unaudited_for_tests(AuditFilter::default()))
         .filter(|e| e.as_ref().unwrap().rpc == "AuditBreak");
     assert_eq!(breaks.count(), 1);
     server.client().await.put("later", [("age", "42")]).await.unwrap();
@@ -348,7 +348,7 @@ async fn swapped_segment_files_are_caught() {
     let data = tmp.path().join("v");
     let files = FileOptions { segment_entries: 10, witness: None };
     let key = traffic(&data, &files, 20).await;
-    let segments = khlang_server::audit_file::segments(&data.join("audit")).unwrap();
+    let segments = khlang_server::audit::files::segments(&data.join("audit")).unwrap();
     assert!(segments.len() >= 4, "{segments:?}");
     let (a, b) = (&segments[1], &segments[2]);
     let (ta, tb) = (std::fs::read(&a.1).unwrap(), std::fs::read(&b.1).unwrap());

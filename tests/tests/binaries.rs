@@ -287,7 +287,7 @@ fn khlangd_reloads_regulations_on_sighup_and_keeps_them_when_invalid() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("dev");
     let regs_path = tmp.path().join("regulations.toml");
-    std::fs::write(&regs_path, khlang_server::regulations::SAMPLE).unwrap();
+    std::fs::write(&regs_path, khlang_server::policy::regulations::SAMPLE).unwrap();
     let args = [
         "dev",
         "--listen",
@@ -316,12 +316,12 @@ fn khlangd_reloads_regulations_on_sighup_and_keeps_them_when_invalid() {
     hup(child.id());
     assert_eq!(version(), v1, "an invalid file is refused and the rules in force stay");
 
-    let changed = format!("{}\n# amended\n", khlang_server::regulations::SAMPLE);
+    let changed = format!("{}\n# amended\n", khlang_server::policy::regulations::SAMPLE);
     std::fs::write(&regs_path, &changed).unwrap();
     hup(child.id());
     let v2 = version();
     assert_ne!(v2, v1);
-    assert_eq!(v2, khlang_server::regulations::Regulations::parse(&changed).unwrap().version);
+    assert_eq!(v2, khlang_server::policy::regulations::Regulations::parse(&changed).unwrap().version);
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -897,7 +897,7 @@ async fn identity_requests_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let mut admin = server.client_as("key-admin").await;
-    for i in 0..khlang_server::identities::MAX_PENDING_REQUESTS {
+    for i in 0..khlang_server::vault::identities::MAX_PENDING_REQUESTS {
         admin.create_identity(&format!("clerk-{i}"), "billing-clerk").await.unwrap().pending().unwrap();
     }
     let e = admin.create_identity("one-too-many", "billing-clerk").await.unwrap_err();
@@ -907,7 +907,7 @@ async fn identity_requests_are_bounded() {
     assert_eq!(e.code(), Some(Code::AlreadyExists), "{e}");
     assert_eq!(
         admin.identity_requests().await.unwrap().len(),
-        khlang_server::identities::MAX_PENDING_REQUESTS
+        khlang_server::vault::identities::MAX_PENDING_REQUESTS
     );
     server.stop().await;
 }

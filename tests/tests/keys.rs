@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use khlang_client::{Client, Code, KeysStatus, ReencryptTarget};
 use khlang_keys::{SealParams, WrappedDataKey};
-use khlang_server::lifecycle::JobPacing;
 use khlang_server::storage::{Durability, SledStore, Storage, StoredRecord};
+use khlang_server::vault::keyops::JobPacing;
 use khlang_server::{Vault, VaultOptions};
 use khlang_tests::*;
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use khlang_client::{Client, Code};
 use khlang_server::VaultOptions;
-use khlang_server::regulations::{Regulations, SAMPLE};
+use khlang_server::policy::regulations::{Regulations, SAMPLE};
 use khlang_server::storage::{Durability, SledStore, Storage};
 use khlang_tests::*;
 
@@ -393,7 +393,7 @@ async fn failed_authentication_is_slow_uniform_and_locked_out() {
         let e = c.list("anyone").await.unwrap_err();
         let took = t.elapsed();
         assert_eq!(e.code(), Some(Code::Unauthenticated));
-        assert!(took >= khlang_server::grpc::FAILED_AUTH_FLOOR, "{bad}: answered after {took:?}");
+        assert!(took >= khlang_server::api::FAILED_AUTH_FLOOR, "{bad}: answered after {took:?}");
     }
     // The fourth failure of this address does not lock it out: a valid token from it still works.
     let mut c = server.client_with_token("khl_nope").await;

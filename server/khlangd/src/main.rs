@@ -15,10 +15,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use khlang_keys::SealParams;
-use khlang_server::lifecycle::JobPacing;
-use khlang_server::regulations::Regulations;
+use khlang_server::policy::regulations::Regulations;
 use khlang_server::storage::Durability;
-use khlang_server::{AuthLimits, CipherMode, Limits, Vault, VaultOptions, dev, grpc};
+use khlang_server::vault::keyops::JobPacing;
+use khlang_server::{AuthLimits, CipherMode, Limits, Vault, VaultOptions, api, dev};
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use zeroize::Zeroizing;
 
@@ -193,18 +193,18 @@ struct AuditArgs {
     #[arg(long, env = "KHLANG_AUDIT_WITNESS", value_name = "FILE")]
     audit_witness: Option<PathBuf>,
     /// Entries per audit segment file (tests use small ones).
-    #[arg(long, hide = true, default_value_t = khlang_server::audit_file::ROLL_ENTRIES)]
+    #[arg(long, hide = true, default_value_t = khlang_server::audit::files::ROLL_ENTRIES)]
     audit_segment_entries: u64,
 }
 
 impl AuditArgs {
-    fn files(&self) -> anyhow::Result<khlang_server::audit_file::FileOptions> {
+    fn files(&self) -> anyhow::Result<khlang_server::audit::files::FileOptions> {
         if let Some(w) = &self.audit_witness
             && w.parent().is_some_and(|p| !p.as_os_str().is_empty() && !p.exists())
         {
             bail!("the audit witness's folder {} does not exist", w.display());
         }
-        Ok(khlang_server::audit_file::FileOptions {
+        Ok(khlang_server::audit::files::FileOptions {
             segment_entries: self.audit_segment_entries.max(1),
             witness: self.audit_witness.clone(),
         })
@@ -389,8 +389,8 @@ async fn run(
     reload_on_sighup(vault.clone());
     // The daemon owns the process's lifecycle: key jobs start with serving and stop after it,
     // then the final flush.
-    let key_jobs = khlang_server::lifecycle::spawn_key_jobs(&vault);
-    let served = grpc::serve(vault.clone(), listener, tls, shutdown_signal()).await;
+    let key_jobs = khlang_server::vault::keyops::spawn_key_jobs(&vault);
+    let served = api::serve(vault.clone(), listener, tls, shutdown_signal()).await;
     key_jobs.stop().await;
     let flushed = vault.shut_down().await;
     served?;

@@ -6,6 +6,8 @@
 //! step changes, so a crash (even `kill -9`) resumes exactly after the last committed step: no data
 //! key is rewrapped twice or skipped.
 
+pub mod rekey;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -62,7 +64,7 @@ pub struct SealStatus {
     /// Custodians whose shares have arrived since the vault was sealed.
     pub received: Vec<u8>,
     /// The rekey ceremony in progress, if any (without its nonce).
-    pub rekey: Option<crate::rekey::RekeyStatus>,
+    pub rekey: Option<crate::vault::keyops::rekey::RekeyStatus>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,7 +257,7 @@ impl Vault {
         derive: impl FnOnce() -> Result<T, KeyError>,
     ) -> Result<T, VaultError> {
         let _slot = self.derivations.enter()?;
-        let credential = crate::auth::Credential::Custodian(custodian);
+        let credential = crate::vault::auth::Credential::Custodian(custodian);
         let now = now_ms();
         if self.auth_guard.credential_locked(&credential, now) {
             return Err(VaultError::LockedOut);

@@ -2,10 +2,16 @@
 //! authenticate (the wire layer calls [`Vault::authenticate`]) → validate → decide (the regulations)
 //! → audit → execute — and returns plain Rust types. No protobuf or tonic here.
 
+pub mod auth;
+pub mod identities;
+pub mod keyops;
+#[cfg(test)]
+mod tests;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use khlang_keys::{
     DataKey, DerivationKey, DerivedKey, FieldContext, Kek, KeyError, KeyRing, KeyShare, OsRandom, Plaintext,
@@ -15,15 +21,15 @@ use khlang_keys::{
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, Committed, clean};
-use crate::auth::IssuedToken;
-use crate::auth::{AuthGuard, AuthLimits};
-use crate::catalogue;
+use crate::policy::catalogue;
+use crate::policy::regulations::{Regulations, Reveal};
 use crate::policy::{self, Ask, ConsentState, Decision, Operation};
-use crate::regulations::{Regulations, Reveal};
 use crate::storage::{
     Changes, Custody, Durability, FlushStats, SledStore, Storage, StoredConsent, StoredField, StoredIdentity,
     StoredRecord,
 };
+use crate::vault::auth::IssuedToken;
+use crate::vault::auth::{AuthGuard, AuthLimits};
 use crate::{StoreError, VaultError};
 use khlang_keys::audit_chain::ChainReport;
 
@@ -118,11 +124,11 @@ pub struct VaultOptions {
     pub bench_skip_audit: bool,
     pub checkpoints: CheckpointPolicy,
     /// The audit log's files: segment size, and the witness of its signed checkpoints.
-    pub audit_files: crate::audit_file::FileOptions,
+    pub audit_files: crate::audit::files::FileOptions,
     /// The operator accepts the audit break carried forward at this entry (`--accept-audit-break`).
     pub accept_audit_break: Option<u64>,
     /// Pacing of background key jobs (tests slow them down to interrupt them).
-    pub job_pacing: crate::lifecycle::JobPacing,
+    pub job_pacing: crate::vault::keyops::JobPacing,
     /// Argon2id cost for custodians' shares made by a rekey.
     pub seal_params: SealParams,
     /// How long a request to create a privileged identity waits for its approval.
@@ -148,21 +154,16 @@ impl Default for VaultOptions {
             checkpoints: CheckpointPolicy::default(),
             audit_files: Default::default(),
             accept_audit_break: None,
-            job_pacing: crate::lifecycle::JobPacing::default(),
+            job_pacing: crate::vault::keyops::JobPacing::default(),
             seal_params: SealParams::DEFAULT,
-            identity_request_ttl: crate::identities::IDENTITY_REQUEST_TTL,
-            audit_repeat_interval: crate::repeats::REPEAT_INTERVAL,
-            rekey_ttl: crate::rekey::REKEY_TTL,
+            identity_request_ttl: crate::vault::identities::IDENTITY_REQUEST_TTL,
+            audit_repeat_interval: crate::audit::repeats::REPEAT_INTERVAL,
+            rekey_ttl: crate::vault::keyops::rekey::REKEY_TTL,
         }
     }
 }
 
-/// Who is calling, established by authentication.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub name: String,
-    pub role: String,
-}
+pub use crate::policy::Identity;
 
 /// One request's context: the authenticated identity and where the request came from.
 #[derive(Debug, Clone)]
@@ -247,24 +248,24 @@ pub struct Vault {
     /// Custodians' shares received while sealed, until there are enough.
     pub(crate) pending_shares: std::sync::Mutex<Vec<KeyShare>>,
     /// The rekey ceremony in progress (memory only: a restart or a seal abandons it).
-    pub(crate) rekey: tokio::sync::Mutex<Option<crate::rekey::Ceremony>>,
+    pub(crate) rekey: tokio::sync::Mutex<Option<crate::vault::keyops::rekey::Ceremony>>,
     /// Wakes the background key job (rotation, re-encryption).
     pub(crate) job_signal: Arc<tokio::sync::Notify>,
-    pub(crate) job_meter: crate::lifecycle::JobMeter,
+    pub(crate) job_meter: crate::vault::keyops::JobMeter,
     /// Requests seen (audited), so background jobs can tell an idle vault from a busy one.
     requests: std::sync::atomic::AtomicU64,
     /// Benchmark and test pacing of the background key job.
-    pub(crate) job_pacing: crate::lifecycle::JobPacing,
+    pub(crate) job_pacing: crate::vault::keyops::JobPacing,
     seal_params: SealParams,
     pub(crate) identity_request_ttl: Duration,
-    repeats: crate::repeats::Repeats,
+    repeats: crate::audit::repeats::Repeats,
     pub(crate) rekey_ttl: Duration,
     regulations: RwLock<Arc<Regulations>>,
     regulations_path: Option<PathBuf>,
     pub(crate) rng: OsRandom,
     pub(crate) auth_guard: AuthGuard,
     /// Bounds concurrent passphrase derivations (Argon2id).
-    pub(crate) derivations: crate::auth::DerivationGate,
+    pub(crate) derivations: crate::vault::auth::DerivationGate,
     limits: Limits,
     pub(crate) mode: CipherMode,
     bench_skip_policy: bool,
@@ -291,9 +292,7 @@ fn is_invisible(c: char) -> bool {
         | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub(crate) use crate::clock::now_ms;
 
 /// The catalogue's name for a record's subject id: personal data too, so a read returns it only
 /// where a grant names it (data minimisation); never writable as a field.
@@ -369,7 +368,7 @@ impl Vault {
         // The rule ChangePassphrase enforces holds from the start, and no two custodians share a
         // passphrase (that would be one person's knowledge twice, not split knowledge).
         for p in passphrases {
-            crate::lifecycle::check_new_passphrase(p)?;
+            crate::vault::keyops::check_new_passphrase(p)?;
         }
         if passphrases.iter().enumerate().any(|(i, p)| passphrases[..i].contains(p)) {
             return Err(VaultError::InvalidArgument("two custodians were given the same passphrase".into()));
@@ -495,7 +494,7 @@ impl Vault {
             job_pacing: options.job_pacing,
             seal_params: options.seal_params,
             identity_request_ttl: options.identity_request_ttl,
-            repeats: crate::repeats::Repeats::new(options.audit_repeat_interval),
+            repeats: crate::audit::repeats::Repeats::new(options.audit_repeat_interval),
             rekey_ttl: options.rekey_ttl,
             regulations: RwLock::new(options.regulations.clone()),
             regulations_path: options.regulations_path.clone(),
@@ -517,7 +516,7 @@ impl Vault {
         vault.auth_guard.restore(
             records
                 .into_iter()
-                .filter_map(|(k, r)| Some((crate::auth::Credential::from_key(&k)?, r)))
+                .filter_map(|(k, r)| Some((crate::vault::auth::Credential::from_key(&k)?, r)))
                 .collect(),
         );
         Ok(vault)
@@ -875,7 +874,7 @@ impl Vault {
                 last = Some(seq);
             }
         }
-        if let crate::repeats::Admit::Write = admit
+        if let crate::audit::repeats::Admit::Write = admit
             && let Committed::Done(seq) =
                 self.audit.commit(self.store.as_ref(), entry, Changes::none()).await?
         {
@@ -1461,7 +1460,7 @@ impl Vault {
         role: &str,
         created_by: &str,
     ) -> Result<(IssuedToken, Changes), VaultError> {
-        crate::auth::check_identity_name(name)?;
+        crate::vault::auth::check_identity_name(name)?;
         if !regs.roles.contains_key(role) {
             return Err(VaultError::InvalidArgument(format!(
                 "role '{}' is not in the regulations in force",
@@ -1682,16 +1681,31 @@ fn parse_witnessed(heads: &[(u64, String)]) -> Result<Vec<(u64, [u8; 32])>, Vaul
         .collect()
 }
 
+/// Permission to read the audit log with one filter: made only by [`Vault::audit_read`], after
+/// the read was authorised and its own entry written, so no code path can read entries unaudited.
+#[derive(Debug)]
+pub struct AuditGrant {
+    filter: AuditFilter,
+}
+
+impl AuditGrant {
+    /// An unaudited grant, for tests that read a stopped vault's log in process.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn unaudited_for_tests(filter: AuditFilter) -> Self {
+        Self { filter }
+    }
+}
+
 impl Vault {
     /// Authorises a read of the audit log (itself audited) and resolves a subject id to the blind
-    /// index the entries hold.
+    /// index the entries hold. The grant it returns is the only way to read entries.
     pub async fn audit_read(
         &self,
         caller: &Caller,
         rpc: &str,
         filter: AuditFilter,
         subject_id: Option<&str>,
-    ) -> Result<AuditFilter, VaultError> {
+    ) -> Result<AuditGrant, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, rpc, Operation::AuditRead, &regs);
         let (filter, regs) = (&filter, &regs);
@@ -1708,17 +1722,18 @@ impl Vault {
                 }
                 e.reason = filter.describe();
                 self.permit(regs, caller, Operation::AuditRead, e)?;
-                Ok((filter, Changes::none()))
+                Ok((AuditGrant { filter }, Changes::none()))
             }),
         )
         .await
     }
 
-    /// Entries matching `filter`, oldest first (call [`Vault::audit_read`] first).
+    /// Entries matching the grant's filter, oldest first.
     pub fn audit_entries(
         &self,
-        filter: AuditFilter,
+        grant: AuditGrant,
     ) -> impl Iterator<Item = Result<AuditEntry, VaultError>> + '_ {
+        let filter = grant.filter;
         let limit = filter.limit.unwrap_or(usize::MAX);
         let written = self.audit.write_through().err().map(Err);
         written
@@ -1728,9 +1743,12 @@ impl Vault {
             .take(limit)
     }
 
-    /// The export's JSON Lines (call [`Vault::audit_read`] first). The head is signed first, so an
-    /// export always ends at a checkpoint its reader can verify with the public key.
-    pub fn audit_export(&self) -> Result<impl Iterator<Item = Result<String, VaultError>> + '_, VaultError> {
+    /// The export's JSON Lines. The head is signed first, so an export always ends at a checkpoint
+    /// its reader can verify with the public key.
+    pub fn audit_export(
+        &self,
+        _grant: AuditGrant,
+    ) -> Result<impl Iterator<Item = Result<String, VaultError>> + '_, VaultError> {
         self.audit.checkpoint_now()?;
         let public_key = self
             .audit
@@ -1892,8 +1910,8 @@ impl Vault {
                 b.seq, b.reason
             )));
         }
-        let first = crate::audit_file::first_seq(self.audit.dir())?.unwrap_or(1);
-        let last = crate::audit_file::checkpoints(self.audit.dir())?
+        let first = crate::audit::files::first_seq(self.audit.dir())?.unwrap_or(1);
+        let last = crate::audit::files::checkpoints(self.audit.dir())?
             .iter()
             .filter_map(|c| serde_json::from_slice::<crate::audit::StoredCheckpoint>(c).ok())
             .filter(|c| c.seq >= first && c.time_ms < before_ms)

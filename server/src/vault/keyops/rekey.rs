@@ -18,9 +18,9 @@ use khlang_keys::{
 use zeroize::Zeroizing;
 
 use crate::audit::clean;
-use crate::lifecycle::check_new_passphrase;
 use crate::policy::Operation;
 use crate::storage::{Changes, Custody};
+use crate::vault::keyops::check_new_passphrase;
 use crate::vault::prepare;
 use crate::vault::{custodian_entry, now_ms};
 use crate::{Caller, Vault, VaultError};

@@ -7,8 +7,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::catalogue::{self, FieldKind};
 use crate::policy::Operation;
+use crate::policy::catalogue::{self, FieldKind};
 
 /// Why a regulations file was refused. The message names the role / field / purpose and key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -466,7 +466,7 @@ fn separation_of_duties(role: &Role, roles: &BTreeMap<String, Role>) -> Vec<Stri
 }
 
 /// The municipality's regulations, shipped with the product and loaded by `khlangd dev`.
-pub const SAMPLE: &str = include_str!("../regulations/nakhon-si-thammarat.toml");
+pub const SAMPLE: &str = include_str!("../../regulations/nakhon-si-thammarat.toml");
 
 #[cfg(test)]
 mod tests {

@@ -9,11 +9,11 @@ use std::time::Duration;
 use khlang_keys::RandomSource;
 
 use crate::audit::{AuditEntry, clean};
-use crate::auth::IssuedToken;
+use crate::clock::now_ms;
 use crate::policy::Operation;
-use crate::regulations::{Regulations, Role};
+use crate::policy::regulations::{Regulations, Role};
 use crate::storage::{Changes, StoredIdentityRequest};
-use crate::vault::now_ms;
+use crate::vault::auth::IssuedToken;
 use crate::vault::prepare;
 use crate::{Caller, Vault, VaultError};
 
@@ -102,7 +102,7 @@ impl Vault {
             prepare!(|e| {
                 e.reason = format!("identity '{}' with role '{}'", clean(name), clean(role));
                 self.permit(regs, caller, Operation::IdentityAdmin, e)?;
-                crate::auth::check_identity_name(name)?;
+                crate::vault::auth::check_identity_name(name)?;
                 let target = may_assign(regs, caller, role, e)?;
                 if !target.needs_approval() {
                     let (token, changes) =

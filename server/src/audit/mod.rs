@@ -9,6 +9,9 @@
 //! Entries name fields, never their values; the subject appears only as its blind index; strings a
 //! caller sent are bounded and stripped of control characters, and JSON escapes the rest.
 
+pub mod files;
+pub(crate) mod repeats;
+
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -20,10 +23,10 @@ use khlang_keys::audit_chain::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::audit_file::{self, AuditFile, FileOptions, Scanned, TaggedHead, decode_tagged, encode_tagged};
-use crate::catalogue::printable;
+use crate::audit::files::{AuditFile, FileOptions, Scanned, TaggedHead, decode_tagged, encode_tagged};
+use crate::clock::now_ms;
+use crate::policy::catalogue::printable;
 use crate::storage::{AuditHead, AuditRecord, Changes, HeadRecorder, Storage};
-use crate::vault::now_ms;
 use crate::{StoreError, VaultError};
 
 /// One audited request (PCI DSS 10.2.2). `seq` and `time_ms` are set when it is appended.
@@ -571,7 +574,7 @@ impl AuditLog {
             add_break(&mut report, b);
         }
         // Witnessed heads before the log's first entry were archived (the archive holds them).
-        let first = audit_file::first_seq(self.dir())?.unwrap_or(1);
+        let first = files::first_seq(self.dir())?.unwrap_or(1);
         let before = proofs.witnessed_before(start.as_ref().map_or(0, |s| s.seq));
         for w in before.iter().filter(|w| w.seq >= first) {
             if entry_hash(self.dir(), w.seq)? != Some(w.hash) {
@@ -619,7 +622,7 @@ impl AuditLog {
             proofs.witness = read_witness(path)?;
         }
         proofs.file_checkpoints =
-            audit_file::checkpoints(self.dir())?.iter().filter_map(|c| StoredCheckpoint::parse(c)).collect();
+            files::checkpoints(self.dir())?.iter().filter_map(|c| StoredCheckpoint::parse(c)).collect();
         Ok(proofs)
     }
 
@@ -895,7 +898,7 @@ impl AuditLog {
             None => Proofs::default(),
         };
         let head = self.head_in_file()?;
-        let first = audit_file::first_seq(self.dir())?.unwrap_or(1);
+        let first = files::first_seq(self.dir())?.unwrap_or(1);
         let mut known = proofs.tagged.clone();
         known.push(head);
         let mut report = verify_dir(
@@ -995,7 +998,7 @@ fn notice_entry(rpc: &str) -> AuditEntry {
 
 /// The stored hash of entry `seq`, if the log holds it.
 fn entry_hash(dir: &Path, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
-    match audit_file::entries(dir, seq).next().transpose()? {
+    match files::entries(dir, seq).next().transpose()? {
         Some((s, value)) if s == seq => {
             Ok(split_stored(&value).ok().and_then(|(h, _)| <[u8; 32]>::try_from(h).ok()))
         }
@@ -1078,11 +1081,11 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
     // keep appending meanwhile); a stored log, to its end.
     let last = match with.expected_head {
         Some((seq, _)) => seq,
-        None => audit_file::tail(dir)?.0.map_or(0, |(seq, _)| seq),
+        None => files::tail(dir)?.0.map_or(0, |(seq, _)| seq),
     };
     // Checkpoints the file gained after the live head was taken are left for the next time; the
     // caller's proofs all precede it, so one beyond the end means entries were cut.
-    let mut checkpoints: Vec<Checkpoint> = audit_file::checkpoints(dir)?
+    let mut checkpoints: Vec<Checkpoint> = files::checkpoints(dir)?
         .iter()
         .filter_map(|c| StoredCheckpoint::parse(c))
         .filter(|c| !live || c.seq <= last)
@@ -1094,7 +1097,7 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
     // Start: after a signed head the caller vouches for, after the anchor of an archival (the log
     // then starts at `first`, anchored by the signed checkpoint at `first - 1`, which must
     // verify), or at entry 1.
-    let mut first = audit_file::first_seq(dir)?.unwrap_or(last + 1);
+    let mut first = files::first_seq(dir)?.unwrap_or(last + 1);
     let mut start_hash = GENESIS;
     let mut last_cp = Some(0);
     if let Some(s) = &with.start {
@@ -1180,7 +1183,7 @@ fn verify_range<'k>(
     from: u64,
     to: u64,
 ) -> Result<ChainVerifier<'k>, StoreError> {
-    audit_file::scan_entries(dir, from, |item| {
+    files::scan_entries(dir, from, |item| {
         match item {
             Scanned::Entry { seq, .. } if seq > to => return false,
             Scanned::Entry { seq, hash: Some(hash), json } => v.entry(seq, embedded_seq(json), json, &hash),
@@ -1251,7 +1254,7 @@ impl AuditFilter {
 /// Reads entries back, oldest first, parsed. A damaged line is not an entry: it is left out here
 /// (verification names it), so the rest of the log stays readable.
 pub fn read_entries(dir: &Path) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + use<> {
-    audit_file::entries(dir, 0).filter_map(|item| match item {
+    files::entries(dir, 0).filter_map(|item| match item {
         Ok((_, value)) => {
             let (_, json) = split_stored(&value).ok()?;
             serde_json::from_slice(json).ok().map(Ok)
@@ -1285,7 +1288,7 @@ fn lines_up_to(
     last: u64,
 ) -> impl Iterator<Item = Result<String, StoreError>> + use<> {
     let header = serde_json::json!({"type": "header", "format": "khlang-audit-2", "public_key": hex::encode(&public_key)});
-    let entries = audit_file::entries(dir, 0)
+    let entries = files::entries(dir, 0)
         .take_while(move |item| item.as_ref().map_or(true, |(seq, _)| *seq <= last))
         .map(|item| {
             let (seq, value) = item?;
@@ -1303,7 +1306,7 @@ fn lines_up_to(
                 None => Ok(damaged),
             }
         });
-    let checkpoints = audit_file::checkpoints(dir).map(|cps| {
+    let checkpoints = files::checkpoints(dir).map(|cps| {
         cps.into_iter().filter_map(move |c| {
             let line = || -> Result<Option<String>, StoreError> {
                 let cp: StoredCheckpoint =
@@ -1371,13 +1374,13 @@ mod tests {
         }
         log.checkpoint_now().unwrap();
         let sequential = |dir: &Path| {
-            let checkpoints: Vec<Checkpoint> = audit_file::checkpoints(dir)
+            let checkpoints: Vec<Checkpoint> = files::checkpoints(dir)
                 .unwrap()
                 .iter()
                 .filter_map(|c| serde_json::from_slice::<StoredCheckpoint>(c).ok()?.to_checkpoint())
                 .collect();
             let mut v = ChainVerifier::new(&public_key, checkpoints);
-            for item in audit_file::entries(dir, 0) {
+            for item in files::entries(dir, 0) {
                 let (seq, value) = item.unwrap();
                 match split_stored(&value) {
                     Ok((hash, json)) => v.entry(seq, embedded_seq(json), json, hash),
@@ -1390,7 +1393,7 @@ mod tests {
         assert_eq!(intact, sequential(log.dir()));
         assert_eq!((intact.entries, intact.first_break.clone()), (N, None));
 
-        let segments = audit_file::segments(log.dir()).unwrap();
+        let segments = files::segments(log.dir()).unwrap();
         assert_eq!(segments.len(), 1);
         let path = segments[0].1.clone();
         let original = std::fs::read_to_string(&path).unwrap().trim_end_matches('\0').to_owned();
@@ -1476,7 +1479,7 @@ mod tests {
             }
             log.checkpoint_now().unwrap();
         }
-        let (_, segment) = audit_file::segments(&dir.path().join(audit_file::DIR)).unwrap().pop().unwrap();
+        let (_, segment) = files::segments(&dir.path().join(files::DIR)).unwrap().pop().unwrap();
         let whole = std::fs::read(&segment).unwrap();
         // The crash came in the middle of the next line, in the zero-filled space after the last.
         let end = whole.iter().position(|b| *b == 0).unwrap();
@@ -1512,9 +1515,9 @@ mod tests {
             read(&log, &store, i).await;
         }
         log.checkpoint_now().unwrap();
-        let segments = audit_file::segments(log.dir()).unwrap();
+        let segments = files::segments(log.dir()).unwrap();
         assert_eq!(segments.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 65_537]);
-        let from: Vec<u64> = audit_file::entries(log.dir(), 65_530).map(|e| e.unwrap().0).take(10).collect();
+        let from: Vec<u64> = files::entries(log.dir(), 65_530).map(|e| e.unwrap().0).take(10).collect();
         assert_eq!(from, (65_530..65_540).collect::<Vec<_>>());
         let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
         assert_eq!((report.entries, report.first_break, report.last_checkpoint), (n, None, n));
@@ -1523,7 +1526,7 @@ mod tests {
         read(&log, &store, n + 1).await;
         log.checkpoint_now().unwrap();
         log.remove_archived(n).unwrap();
-        assert_eq!(audit_file::first_seq(log.dir()).unwrap(), Some(n + 1));
+        assert_eq!(files::first_seq(log.dir()).unwrap(), Some(n + 1));
         read(&log, &store, n + 2).await;
         let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
         assert_eq!((report.entries, report.first_break.clone()), (2, None), "{report:?}");
@@ -1599,7 +1602,7 @@ mod tests {
             store.audit_entries_after(0).await.unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(carried, vec![3, 4], "the write carried the unsynced read before it");
         // The file's last two lines never reached the disk.
-        let (_, segment) = audit_file::segments(&dir.path().join(audit_file::DIR)).unwrap().pop().unwrap();
+        let (_, segment) = files::segments(&dir.path().join(files::DIR)).unwrap().pop().unwrap();
         let text = std::fs::read_to_string(&segment).unwrap();
         let kept: Vec<&str> = text.lines().take(2).collect();
         std::fs::write(&segment, kept.join("\n") + "\n").unwrap();
@@ -1634,7 +1637,7 @@ mod tests {
             }
             log.sync_now().unwrap();
         }
-        let audit = dir.path().join(audit_file::DIR);
+        let audit = dir.path().join(files::DIR);
         std::fs::rename(&audit, audit.with_extension("new")).unwrap();
         let log = test_log(dir.path(), &store).await;
         assert_eq!(log.head().0, 4, "the complete new folder took the log's place");
