@@ -69,6 +69,11 @@ pub enum StoreError {
     Insecure(String),
     #[error("data folder: {0}")]
     Io(String),
+    /// The folder was written by a newer build (its layout is one this build does not know).
+    #[error(
+        "this data folder has storage schema {found}; this build knows schema {supported} at most: run the newer khlangd"
+    )]
+    SchemaTooNew { found: u32, supported: u32 },
 }
 
 impl VaultError {

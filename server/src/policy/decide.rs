@@ -2,9 +2,9 @@
 //! revealed or masked) or deny (with the reason and the rule). Deny by default: only what a role in
 //! the regulations grants is allowed. Pure: no I/O.
 
+use super::Identity;
 use super::Operation;
 use super::regulations::{ConsentRule, MaskRule, Regulations, Reveal};
-use super::Identity;
 
 /// The data subject's recorded choice for one purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

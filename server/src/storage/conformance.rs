@@ -121,11 +121,17 @@ async fn identities_requests_and_kek_markers_are_expectations() {
 
         let mut needs_v1 = Changes::new();
         needs_v1.expect_kek_live(1);
-        assert!(!store.commit(needs_v1).await.unwrap(), "v1 is not marked live");
-        store.mark_kek_live(1).await.unwrap();
+        assert!(!store.commit(needs_v1).await.unwrap(), "there is no v1 yet");
+        store.add_kek(1, b"wrapped v1", 1).await.unwrap();
         let mut needs_v1 = Changes::new();
         needs_v1.expect_kek_live(1);
         assert!(store.commit(needs_v1).await.unwrap());
+        store.retire_kek(1, 2).await.unwrap();
+        let mut needs_v1 = Changes::new();
+        needs_v1.expect_kek_live(1);
+        assert!(!store.commit(needs_v1).await.unwrap(), "a retired version is not live");
+        assert!(store.keks().await.unwrap().is_empty());
+        assert_eq!(store.kek_infos().await.unwrap()[0].retired_ms, Some(2));
     }
 }
 

@@ -166,6 +166,7 @@ impl Storage for MemoryStore {
         s.derivation_key = Some(wrapped_derivation_key.to_vec());
         s.keks.insert(kek.0, kek.1.to_vec());
         s.kek_info.insert(kek.0, KekInfo { version: kek.0, created_ms: now_ms, retired_ms: None });
+        s.live.insert(kek.0);
         Ok(())
     }
 
@@ -217,6 +218,7 @@ impl Storage for MemoryStore {
         }
         s.keks.insert(version, wrapped.to_vec());
         s.kek_info.insert(version, KekInfo { version, created_ms: now_ms, retired_ms: None });
+        s.live.insert(version);
         Ok(())
     }
 
@@ -225,6 +227,7 @@ impl Storage for MemoryStore {
         s.keks.remove(&version);
         let info = s.kek_info.entry(version).or_insert(KekInfo { version, created_ms: 0, retired_ms: None });
         info.retired_ms = Some(now_ms);
+        s.live.remove(&version);
         Ok(())
     }
 
@@ -234,16 +237,6 @@ impl Storage for MemoryStore {
 
     async fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
         Ok(self.state().keks.iter().map(|(v, k)| (*v, k.clone())).collect())
-    }
-
-    async fn mark_kek_live(&self, version: u32) -> Result<(), StoreError> {
-        self.state().live.insert(version);
-        Ok(())
-    }
-
-    async fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError> {
-        self.state().live.remove(&version);
-        Ok(())
     }
 
     async fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError> {

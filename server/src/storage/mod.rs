@@ -28,7 +28,7 @@ pub use models::{
     Custody, FailureRecord, JobKind, KekInfo, RECORD_FORMAT, StoredConsent, StoredField, StoredIdentity,
     StoredIdentityRequest, StoredJob, StoredRecord, StoredToken,
 };
-pub use sled_store::{Durability, SledStore, tighten};
+pub use sled_store::{Durability, SCHEMA_VERSION, SledStore, tighten};
 
 /// A stored value as it was read: a change that expects it applies only if nothing changed it
 /// meanwhile (optimistic concurrency). Opaque: only the backend that made it interprets it (sled:
@@ -385,17 +385,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     ) -> Result<(), StoreError>;
     /// The wrapped derivation key; `None` for a vault created before there was one.
     async fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Adds a KEK version (a rotation), durable before it wraps anything; refuses a used version.
+    /// Adds a KEK version (a rotation), live at once ([`Expect::KekLive`]), durable before it wraps
+    /// anything; refuses a used version. (`initialise` marks the first version live the same way.)
     async fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError>;
-    /// Destroys a KEK version's wrapped key; its history stays, marked retired. Durable.
+    /// Destroys a KEK version's wrapped key and its live marker at once; its history stays,
+    /// marked retired. Durable.
     async fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError>;
     /// Every KEK version ever created, oldest first.
     async fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError>;
     /// Every stored KEK, `(version, wrapped bytes)`.
     async fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError>;
-    /// Marks a KEK version live, so writes can expect it ([`Expect::KekLive`]).
-    async fn mark_kek_live(&self, version: u32) -> Result<(), StoreError>;
-    async fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError>;
 
     // ---- records ------------------------------------------------------------------------------
 

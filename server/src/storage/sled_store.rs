@@ -39,6 +39,14 @@ const META_DERIVATION_KEY: &[u8] = b"derivation_key";
 const META_SHARE: &[u8] = b"share";
 /// Key of the background key job (rewrap or re-encryption) in the `vault` tree.
 const JOB_KEY: &[u8] = b"j";
+/// `schema` → the layout version of this data folder (u32, big-endian; absent: 0, every build
+/// before the storage port). [`SledStore::open`] upgrades an older folder in place, once, and
+/// refuses a newer one.
+const META_SCHEMA: &[u8] = b"schema";
+/// The layout this build writes. 1: every live KEK version has its marker (`v‖version`), written
+/// with the KEK itself (before, the unseal wrote missing markers each time).
+pub const SCHEMA_VERSION: u32 = 1;
+
 /// Key of the audit chain head the last change carried (see [`Changes::extend_audit_head`]).
 const AUDIT_HEAD_KEY: &[u8] = b"H";
 
@@ -239,7 +247,7 @@ impl SledStore {
         let stats = Arc::new(FlushStats::default());
         let group =
             GroupCommit::start(db.clone(), stats.clone()).map_err(|e| StoreError::Flush(e.to_string()))?;
-        Ok(Self {
+        let store = Self {
             meta: db.open_tree("meta")?,
             keks: db.open_tree("keks")?,
             kek_info: db.open_tree("kek_info")?,
@@ -252,7 +260,37 @@ impl SledStore {
             commit_lock: std::sync::Mutex::new(()),
             stats,
             fail_applies: false.into(),
-        })
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Every legacy-layout upgrade, in one place, driven by the folder's schema version.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let found = match self.meta.get(META_SCHEMA)? {
+            Some(v) => {
+                u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt("schema version"))?)
+            }
+            None => 0,
+        };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found, supported: SCHEMA_VERSION });
+        }
+        if found == SCHEMA_VERSION {
+            return Ok(());
+        }
+        // 0 → 1: a live marker for every KEK version still stored.
+        let mut batch = sled::Batch::default();
+        for kv in self.keks.iter() {
+            let (k, _) = kv?;
+            let version: [u8; 4] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("kek version"))?;
+            batch.insert(kek_live_key(u32::from_be_bytes(version)), KEK_LIVE);
+        }
+        self.vault.apply_batch(batch)?;
+        self.meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+        self.db.flush()?;
+        tracing::info!(from = found, to = SCHEMA_VERSION, "data folder layout upgraded");
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -501,17 +539,21 @@ impl Storage for SledStore {
     ) -> Result<(), StoreError> {
         let info =
             Self::encode(&KekInfo { version: kek.0, created_ms: now_ms, retired_ms: None }, "kek info")?;
-        (&self.meta, &self.keks, &self.kek_info).transaction(|(meta, keks, kek_info)| {
-            if meta.get(META_SEALED_ROOT)?.is_some() || meta.get(META_CUSTODIANS)?.is_some() {
-                return Err(abort(StoreError::AlreadyInitialised));
-            }
-            Self::write_custody(meta, custody)?;
-            meta.insert(META_DERIVATION_KEY, wrapped_derivation_key)?;
-            meta.insert(META_MODE, mode.as_bytes())?;
-            keks.insert(&kek.0.to_be_bytes(), kek.1)?;
-            kek_info.insert(&kek.0.to_be_bytes(), info.as_slice())?;
-            Ok(())
-        })?;
+        (&self.meta, &self.keks, &self.kek_info, &self.vault).transaction(
+            |(meta, keks, kek_info, vault)| {
+                if meta.get(META_SEALED_ROOT)?.is_some() || meta.get(META_CUSTODIANS)?.is_some() {
+                    return Err(abort(StoreError::AlreadyInitialised));
+                }
+                Self::write_custody(meta, custody)?;
+                meta.insert(META_DERIVATION_KEY, wrapped_derivation_key)?;
+                meta.insert(META_MODE, mode.as_bytes())?;
+                meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                keks.insert(&kek.0.to_be_bytes(), kek.1)?;
+                kek_info.insert(&kek.0.to_be_bytes(), info.as_slice())?;
+                vault.insert(kek_live_key(kek.0), KEK_LIVE)?;
+                Ok(())
+            },
+        )?;
         self.flush_now().await
     }
 
@@ -580,12 +622,13 @@ impl Storage for SledStore {
     /// Adds a KEK version (a rotation), durable before it wraps anything.
     async fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
         let info = Self::encode(&KekInfo { version, created_ms: now_ms, retired_ms: None }, "kek info")?;
-        (&self.keks, &self.kek_info).transaction(|(keks, kek_info)| {
+        (&self.keks, &self.kek_info, &self.vault).transaction(|(keks, kek_info, vault)| {
             if keks.get(version.to_be_bytes())?.is_some() || kek_info.get(version.to_be_bytes())?.is_some() {
                 return Err(abort(StoreError::Corrupt("kek version reused")));
             }
             keks.insert(&version.to_be_bytes(), wrapped)?;
             kek_info.insert(&version.to_be_bytes(), info.as_slice())?;
+            vault.insert(kek_live_key(version), KEK_LIVE)?;
             Ok(())
         })?;
         self.flush_now().await
@@ -601,9 +644,10 @@ impl Storage for SledStore {
             .unwrap_or(KekInfo { version, created_ms: 0, retired_ms: None });
         info.retired_ms = Some(now_ms);
         let info = Self::encode(&info, "kek info")?;
-        (&self.keks, &self.kek_info).transaction(|(keks, kek_info)| {
+        (&self.keks, &self.kek_info, &self.vault).transaction(|(keks, kek_info, vault)| {
             keks.remove(&version.to_be_bytes())?;
             kek_info.insert(&version.to_be_bytes(), info.as_slice())?;
+            vault.remove(kek_live_key(version))?;
             Ok(())
         })?;
         self.flush_now().await
@@ -780,18 +824,6 @@ impl Storage for SledStore {
         self.flush_now().await
     }
 
-    /// Marks a KEK version live in the `vault` tree, where writes can expect it (see
-    /// [`Changes::expect_kek_live`]).
-    async fn mark_kek_live(&self, version: u32) -> Result<(), StoreError> {
-        self.vault.insert(kek_live_key(version), KEK_LIVE)?;
-        Ok(())
-    }
-
-    async fn unmark_kek_live(&self, version: u32) -> Result<(), StoreError> {
-        self.vault.remove(kek_live_key(version))?;
-        Ok(())
-    }
-
     /// The background key job, if one was ever started.
     async fn job(&self) -> Result<Option<StoredJob>, StoreError> {
         self.vault.get(JOB_KEY)?.map(|b| Self::decode(&b, "key job")).transpose()
@@ -887,4 +919,47 @@ fn decode_head(bytes: &[u8]) -> Result<AuditHead, StoreError> {
 
 fn kek_live_key(version: u32) -> Vec<u8> {
     [b"v".as_slice(), &version.to_be_bytes()].concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder from before schema versions (no `schema`, no live markers) is upgraded once at
+    /// open; one from a newer build is refused, naming both versions, and left as it is.
+    #[tokio::test]
+    async fn older_folders_are_upgraded_and_newer_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
+            store.add_kek(1, b"wrapped v1", 1).await.unwrap();
+            store.add_kek(2, b"wrapped v2", 2).await.unwrap();
+            // As a build before the port left it.
+            store.meta.remove(META_SCHEMA).unwrap();
+            store.vault.remove(kek_live_key(1)).unwrap();
+            store.vault.remove(kek_live_key(2)).unwrap();
+            store.db.flush().unwrap();
+        }
+        {
+            let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
+            for v in [1, 2] {
+                assert_eq!(
+                    store.vault.get(kek_live_key(v)).unwrap().as_deref(),
+                    Some(KEK_LIVE),
+                    "v{v} marked live"
+                );
+            }
+            assert_eq!(
+                store.meta.get(META_SCHEMA).unwrap().as_deref(),
+                Some(&SCHEMA_VERSION.to_be_bytes()[..])
+            );
+            store.meta.insert(META_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            store.db.flush().unwrap();
+        }
+        let refused = SledStore::open(dir.path(), Durability::PerRequest).unwrap_err();
+        assert!(
+            matches!(refused, StoreError::SchemaTooNew { found, supported } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION)
+        );
+        assert!(refused.to_string().contains("run the newer khlangd"), "{refused}");
+    }
 }

@@ -533,10 +533,6 @@ impl Vault {
             }
             ring.insert(kek);
         }
-        for version in ring.versions() {
-            // Vaults from before live markers existed get theirs here.
-            self.store.mark_kek_live(version).await?;
-        }
         let derivation = match self.store.derivation_key().await? {
             Some(wrapped) => root.unwrap_derivation_key(&wrapped).map_err(|_| VaultError::RootMismatch)?,
             None => root.legacy_derivation_key()?,

@@ -412,7 +412,6 @@ impl Vault {
                 let version = self.store.kek_infos().await?.last().map_or(1, |i| i.version + 1);
                 let kek = Kek::generate(version, &self.rng)?;
                 self.store.add_kek(version, &keys.root.wrap_kek(&kek, &self.rng)?, now_ms()).await?;
-                self.store.mark_kek_live(version).await?;
                 keys.ring.write().unwrap_or_else(|p| p.into_inner()).insert(kek);
                 let job = self.new_job(JobKind::Rewrap { target: version }, caller).await?;
                 e.key_versions = format!("kek={version}");
@@ -580,7 +579,6 @@ impl Vault {
             )));
         }
         self.store.retire_kek(version, now_ms()).await?;
-        self.store.unmark_kek_live(version).await?;
         if let Ok(keys) = self.unsealed() {
             keys.ring.write().unwrap_or_else(|p| p.into_inner()).remove(version);
         }
