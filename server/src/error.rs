@@ -76,21 +76,60 @@ pub enum StoreError {
     SchemaTooNew { found: u32, supported: u32 },
 }
 
-impl VaultError {
-    /// The gRPC status code name this error maps to (recorded as an audit entry's outcome).
-    pub fn code_name(&self) -> &'static str {
+/// How a request ended, named as gRPC names its status codes. The one mapping from domain errors
+/// to codes ([`VaultError::outcome`]): the audit entry records [`Outcome::name`], and the wire
+/// layer answers with the same code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    PermissionDenied,
+    NotFound,
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    Unavailable,
+    Internal,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) => "InvalidArgument",
-            Self::LimitExceeded(_) | Self::LockedOut => "ResourceExhausted",
+            Self::Ok => "Ok",
+            Self::InvalidArgument => "InvalidArgument",
+            Self::ResourceExhausted => "ResourceExhausted",
             Self::Unauthenticated => "Unauthenticated",
-            Self::PermissionDenied(_) => "PermissionDenied",
-            Self::NotFound(_) => "NotFound",
-            Self::AlreadyExists(_) => "AlreadyExists",
-            Self::Integrity { .. } => "DataLoss",
-            Self::FailedPrecondition(_) | Self::RootMismatch => "FailedPrecondition",
-            Self::AuditUnavailable => "Unavailable",
-            Self::Storage(StoreError::Damaged { .. }) => "DataLoss",
-            Self::Storage(_) | Self::Key(_) => "Internal",
+            Self::PermissionDenied => "PermissionDenied",
+            Self::NotFound => "NotFound",
+            Self::AlreadyExists => "AlreadyExists",
+            Self::DataLoss => "DataLoss",
+            Self::FailedPrecondition => "FailedPrecondition",
+            Self::Unavailable => "Unavailable",
+            Self::Internal => "Internal",
         }
+    }
+}
+
+impl VaultError {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::InvalidArgument(_) => Outcome::InvalidArgument,
+            Self::LimitExceeded(_) | Self::LockedOut => Outcome::ResourceExhausted,
+            Self::Unauthenticated => Outcome::Unauthenticated,
+            Self::PermissionDenied(_) => Outcome::PermissionDenied,
+            Self::NotFound(_) => Outcome::NotFound,
+            Self::AlreadyExists(_) => Outcome::AlreadyExists,
+            Self::Integrity { .. } | Self::Storage(StoreError::Damaged { .. }) => Outcome::DataLoss,
+            Self::FailedPrecondition(_) | Self::RootMismatch => Outcome::FailedPrecondition,
+            Self::AuditUnavailable => Outcome::Unavailable,
+            Self::Storage(_) | Self::Key(_) => Outcome::Internal,
+        }
+    }
+
+    /// The status code name this error maps to (recorded as an audit entry's outcome).
+    pub fn code_name(&self) -> &'static str {
+        self.outcome().name()
     }
 }

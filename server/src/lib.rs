@@ -18,7 +18,7 @@ pub mod policy;
 pub mod storage;
 pub mod vault;
 
-pub use error::{StoreError, VaultError};
+pub use error::{Outcome, StoreError, VaultError};
 pub use policy::Identity;
 pub use vault::auth::{AuthLimits, Credentials, IssuedToken};
 pub use vault::{

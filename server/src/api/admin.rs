@@ -4,12 +4,12 @@ use super::*;
 
 #[tonic::async_trait]
 impl Admin for Api {
-    #[tracing::instrument(skip_all, fields(rpc = "CreateIdentity"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::CreateIdentity.as_str()))]
     async fn create_identity(
         &self,
         req: Request<pb::CreateIdentityRequest>,
     ) -> Result<Response<pb::CreateIdentityResponse>, Status> {
-        handle!(self, req, "CreateIdentity", |caller, msg| {
+        handle!(self, req, Rpc::CreateIdentity, |caller, msg| {
             let created = self.vault.create_identity(&caller, &msg.name, &msg.role).await;
             created.map(|c| match c {
                 IdentityCreation::Created(t) => pb::CreateIdentityResponse {
@@ -26,12 +26,12 @@ impl Admin for Api {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "ApproveIdentity"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::ApproveIdentity.as_str()))]
     async fn approve_identity(
         &self,
         req: Request<pb::ApproveIdentityRequest>,
     ) -> Result<Response<pb::CreateIdentityResponse>, Status> {
-        handle!(self, req, "ApproveIdentity", |caller, msg| {
+        handle!(self, req, Rpc::ApproveIdentity, |caller, msg| {
             let token = self.vault.approve_identity(&caller, &msg.request_id).await;
             token.map(|t| pb::CreateIdentityResponse {
                 token: t.expose_secret().to_owned(),
@@ -41,12 +41,12 @@ impl Admin for Api {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "RefuseIdentity"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::RefuseIdentity.as_str()))]
     async fn refuse_identity(
         &self,
         req: Request<pb::RefuseIdentityRequest>,
     ) -> Result<Response<pb::RefuseIdentityResponse>, Status> {
-        handle!(self, req, "RefuseIdentity", |caller, msg| {
+        handle!(self, req, Rpc::RefuseIdentity, |caller, msg| {
             self.vault
                 .refuse_identity(&caller, &msg.request_id, &msg.reason)
                 .await
@@ -54,24 +54,24 @@ impl Admin for Api {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "ListIdentityRequests"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::ListIdentityRequests.as_str()))]
     async fn list_identity_requests(
         &self,
         req: Request<pb::ListIdentityRequestsRequest>,
     ) -> Result<Response<pb::ListIdentityRequestsResponse>, Status> {
-        handle!(self, req, "ListIdentityRequests", |caller, _msg| {
+        handle!(self, req, Rpc::ListIdentityRequests, |caller, _msg| {
             self.vault.identity_requests(&caller).await.map(|list| pb::ListIdentityRequestsResponse {
                 requests: list.into_iter().map(Into::into).collect(),
             })
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "ListIdentities"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::ListIdentities.as_str()))]
     async fn list_identities(
         &self,
         req: Request<pb::ListIdentitiesRequest>,
     ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
-        handle!(self, req, "ListIdentities", |caller, _msg| {
+        handle!(self, req, Rpc::ListIdentities, |caller, _msg| {
             self.vault.list_identities(&caller).await.map(|ids| pb::ListIdentitiesResponse {
                 identities: ids
                     .into_iter()
@@ -87,34 +87,34 @@ impl Admin for Api {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "RevokeIdentity"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::RevokeIdentity.as_str()))]
     async fn revoke_identity(
         &self,
         req: Request<pb::RevokeIdentityRequest>,
     ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
-        handle!(self, req, "RevokeIdentity", |caller, msg| {
+        handle!(self, req, Rpc::RevokeIdentity, |caller, msg| {
             self.vault.revoke_identity(&caller, &msg.name).await.map(|()| pb::RevokeIdentityResponse {})
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "ReloadRegulations"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::ReloadRegulations.as_str()))]
     async fn reload_regulations(
         &self,
         req: Request<pb::ReloadRegulationsRequest>,
     ) -> Result<Response<pb::RegulationsInfo>, Status> {
-        handle!(self, req, "ReloadRegulations", |caller, _msg| self
+        handle!(self, req, Rpc::ReloadRegulations, |caller, _msg| self
             .vault
             .reload_regulations(Some(&caller))
             .await
             .map(Into::into))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "GetRegulations"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::GetRegulations.as_str()))]
     async fn get_regulations(
         &self,
         req: Request<pb::GetRegulationsRequest>,
     ) -> Result<Response<pb::RegulationsInfo>, Status> {
-        handle!(self, req, "GetRegulations", |caller, _msg| self
+        handle!(self, req, Rpc::GetRegulations, |caller, _msg| self
             .vault
             .regulations_info(&caller)
             .await

@@ -66,16 +66,16 @@ impl Audit for Api {
     type QueryAuditStream = Stream<pb::AuditEntry>;
     type ExportAuditStream = Stream<pb::AuditLine>;
 
-    #[tracing::instrument(skip_all, fields(rpc = "QueryAudit"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::QueryAudit.as_str()))]
     async fn query_audit(
         &self,
         req: Request<pb::QueryAuditRequest>,
     ) -> Result<Response<Self::QueryAuditStream>, Status> {
-        let caller = self.caller(&req, "QueryAudit").await?;
+        let caller = self.caller(&req, Rpc::QueryAudit).await?;
         let msg = req.into_inner();
         let grant = self
             .vault
-            .audit_read(&caller, "QueryAudit", filter_in(&msg), Some(&msg.subject_id))
+            .audit_read(&caller, Rpc::QueryAudit, filter_in(&msg), Some(&msg.subject_id))
             .await
             .map_err(|e| status(e, &caller.request_id))?;
         let stream = stream_blocking(self.vault.clone(), caller.request_id.clone(), move |vault, send| {
@@ -89,15 +89,15 @@ impl Audit for Api {
         Ok(respond(stream, &caller))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "ExportAudit"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::ExportAudit.as_str()))]
     async fn export_audit(
         &self,
         req: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
-        let caller = self.caller(&req, "ExportAudit").await?;
+        let caller = self.caller(&req, Rpc::ExportAudit).await?;
         let grant = self
             .vault
-            .audit_read(&caller, "ExportAudit", AuditFilter::default(), None)
+            .audit_read(&caller, Rpc::ExportAudit, AuditFilter::default(), None)
             .await
             .map_err(|e| status(e, &caller.request_id))?;
         let stream = stream_blocking(self.vault.clone(), caller.request_id.clone(), move |vault, send| {
@@ -118,12 +118,12 @@ impl Audit for Api {
         Ok(respond(stream, &caller))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "VerifyAudit"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::VerifyAudit.as_str()))]
     async fn verify_audit(
         &self,
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        handle!(self, req, "VerifyAudit", |caller, msg| {
+        handle!(self, req, Rpc::VerifyAudit, |caller, msg| {
             let witnessed = msg.witnessed.into_iter().map(|h| (h.seq, h.hash)).collect();
             self.vault.verify_audit(&caller, witnessed).await.map(|(r, state)| {
                 use khlang_keys::audit_chain::Verdict;
@@ -148,12 +148,12 @@ impl Audit for Api {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "AuditPublicKey"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::AuditPublicKey.as_str()))]
     async fn audit_public_key(
         &self,
         req: Request<pb::AuditPublicKeyRequest>,
     ) -> Result<Response<pb::AuditPublicKeyResponse>, Status> {
-        handle!(self, req, "AuditPublicKey", |caller, _msg| {
+        handle!(self, req, Rpc::AuditPublicKey, |caller, _msg| {
             self.vault
                 .audit_public_key(&caller)
                 .await

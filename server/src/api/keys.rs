@@ -4,45 +4,45 @@ use super::*;
 
 #[tonic::async_trait]
 impl Keys for Api {
-    #[tracing::instrument(skip_all, fields(rpc = "RotateKey"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::RotateKey.as_str()))]
     async fn rotate_key(
         &self,
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::KeysStatus>, Status> {
-        handle!(self, req, "RotateKey", |caller, _msg| self.vault.rotate(&caller).await.map(Into::into))
+        handle!(self, req, Rpc::RotateKey, |caller, _msg| self.vault.rotate(&caller).await.map(Into::into))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "KeyStatus"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::KeyStatus.as_str()))]
     async fn key_status(
         &self,
         req: Request<pb::KeyStatusRequest>,
     ) -> Result<Response<pb::KeysStatus>, Status> {
-        handle!(self, req, "KeyStatus", |caller, msg| self
+        handle!(self, req, Rpc::KeyStatus, |caller, msg| self
             .vault
             .key_status(&caller, msg.count_data_keys)
             .await
             .map(Into::into))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "RetireKey"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::RetireKey.as_str()))]
     async fn retire_key(
         &self,
         req: Request<pb::RetireKeyRequest>,
     ) -> Result<Response<pb::RetireKeyResponse>, Status> {
-        handle!(self, req, "RetireKey", |caller, msg| self
+        handle!(self, req, Rpc::RetireKey, |caller, msg| self
             .vault
             .retire(&caller, msg.version)
             .await
             .map(|()| pb::RetireKeyResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "Reencrypt"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::Reencrypt.as_str()))]
     async fn reencrypt(
         &self,
         req: Request<pb::ReencryptRequest>,
     ) -> Result<Response<pb::ReencryptResponse>, Status> {
         use pb::reencrypt_request::Target;
-        handle!(self, req, "Reencrypt", |caller, msg| {
+        handle!(self, req, Rpc::Reencrypt, |caller, msg| {
             let target = match msg.target {
                 Some(Target::RecordId(id)) => Ok(ReencryptTarget::Record(id)),
                 Some(Target::SubjectId(s)) => Ok(ReencryptTarget::Subject(s)),

@@ -21,7 +21,8 @@ use tonic::{Request, Response, Status};
 use x509_cert::der::Decode;
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditEntry, AuditFilter};
+use crate::audit::{AuditEntry, AuditFilter, Rpc};
+use crate::error::Outcome;
 use crate::storage::JobKind;
 use crate::storage::StoredConsent;
 use crate::vault::identities::{IdentityCreation, IdentityRequest};
@@ -34,31 +35,42 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// A failed authentication answers no sooner than this, whatever failed (and slows guessing).
 pub const FAILED_AUTH_FLOOR: Duration = Duration::from_millis(50);
 
-/// The single mapping from domain errors to gRPC statuses. Internal details go to the server log
-/// under the request id, not to the caller.
+/// Domain errors as gRPC statuses: the code is the error's [`Outcome`] (the same one its audit
+/// entry records); internal details go to the server log under the request id, not to the caller.
 pub fn status(err: VaultError, request_id: &str) -> Status {
-    match err {
-        VaultError::InvalidArgument(m) => Status::invalid_argument(m),
-        VaultError::LimitExceeded(m) => Status::resource_exhausted(m),
-        VaultError::LockedOut => Status::resource_exhausted(err.to_string()),
-        VaultError::Unauthenticated => Status::unauthenticated(err.to_string()),
-        VaultError::PermissionDenied(m) => Status::permission_denied(m),
-        VaultError::NotFound(_) => Status::not_found(err.to_string()),
-        VaultError::AlreadyExists(m) => Status::already_exists(m),
-        VaultError::Integrity { .. } | VaultError::Storage(crate::StoreError::Damaged { .. }) => {
+    let outcome = err.outcome();
+    let message = match outcome {
+        Outcome::DataLoss => {
             tracing::error!(request_id, error = %err, "stored data failed its integrity check");
-            Status::data_loss(format!("{err}; no data returned"))
+            format!("{err}; no data returned")
         }
-        VaultError::FailedPrecondition(m) => Status::failed_precondition(m),
-        VaultError::RootMismatch => Status::failed_precondition(err.to_string()),
-        VaultError::AuditUnavailable => {
+        Outcome::Unavailable => {
             tracing::error!(request_id, "audit write failed; request refused");
-            Status::unavailable("the request could not be audited, so it was refused; no data returned")
+            "the request could not be audited, so it was refused; no data returned".to_owned()
         }
-        VaultError::Storage(_) | VaultError::Key(_) => {
+        Outcome::Internal => {
             tracing::error!(request_id, error = %err, "internal error");
-            Status::internal(format!("internal error (request id {request_id}); see the server log"))
+            format!("internal error (request id {request_id}); see the server log")
         }
+        _ => err.to_string(),
+    };
+    Status::new(wire_code(outcome), message)
+}
+
+fn wire_code(outcome: Outcome) -> tonic::Code {
+    use tonic::Code;
+    match outcome {
+        Outcome::Ok => Code::Ok,
+        Outcome::InvalidArgument => Code::InvalidArgument,
+        Outcome::ResourceExhausted => Code::ResourceExhausted,
+        Outcome::Unauthenticated => Code::Unauthenticated,
+        Outcome::PermissionDenied => Code::PermissionDenied,
+        Outcome::NotFound => Code::NotFound,
+        Outcome::AlreadyExists => Code::AlreadyExists,
+        Outcome::DataLoss => Code::DataLoss,
+        Outcome::FailedPrecondition => Code::FailedPrecondition,
+        Outcome::Unavailable => Code::Unavailable,
+        Outcome::Internal => Code::Internal,
     }
 }
 
@@ -109,7 +121,7 @@ impl Api {
     }
 
     /// The authenticate step: every handler starts here. A role claimed in metadata is never read.
-    async fn caller<T>(&self, req: &Request<T>, rpc: &str) -> Result<Caller, Status> {
+    async fn caller<T>(&self, req: &Request<T>, rpc: Rpc) -> Result<Caller, Status> {
         let started = Instant::now();
         let request_id = request_id(req);
         let client_request_id = client_request_id(req);
@@ -205,7 +217,7 @@ impl From<RegulationsInfo> for pb::RegulationsInfo {
 
 /// Runs a handler body with the caller, mapping domain errors to statuses with its request id.
 macro_rules! handle {
-    ($self:ident, $req:ident, $rpc:literal, |$caller:ident, $msg:ident| $body:expr) => {{
+    ($self:ident, $req:ident, $rpc:expr, |$caller:ident, $msg:ident| $body:expr) => {{
         let $caller = $self.caller(&$req, $rpc).await?;
         let $msg = $req.into_inner();
         let out: Result<_, VaultError> = $body;

@@ -168,7 +168,7 @@ async fn custodian_call<T: Send + 'static, F: std::future::Future<Output = Resul
 
 #[tonic::async_trait]
 impl Operator for Api {
-    #[tracing::instrument(skip_all, fields(rpc = "SealStatus"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::SealStatus.as_str()))]
     async fn seal_status(
         &self,
         req: Request<pb::SealStatusRequest>,
@@ -182,7 +182,7 @@ impl Operator for Api {
         Ok(stamped(out.into(), &request_id))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "Unseal"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::Unseal.as_str()))]
     async fn unseal(&self, req: Request<pb::UnsealRequest>) -> Result<Response<pb::SealState>, Status> {
         let (request_id, client_id, peer) = (request_id(&req), client_request_id(&req), req.remote_addr());
         let msg = req.into_inner();
@@ -195,7 +195,7 @@ impl Operator for Api {
         Ok(stamped(out.into(), &request_id))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "ChangePassphrase"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::ChangePassphrase.as_str()))]
     async fn change_passphrase(
         &self,
         req: Request<pb::ChangePassphraseRequest>,
@@ -219,14 +219,14 @@ impl Operator for Api {
         Ok(stamped(pb::ChangePassphraseResponse {}, &request_id))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "Seal"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::Seal.as_str()))]
     async fn seal(&self, req: Request<pb::SealRequest>) -> Result<Response<pb::SealState>, Status> {
-        handle!(self, req, "Seal", |caller, _msg| self.vault.seal(&caller).await.map(Into::into))
+        handle!(self, req, Rpc::Seal, |caller, _msg| self.vault.seal(&caller).await.map(Into::into))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "Rekey"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::Rekey.as_str()))]
     async fn rekey(&self, req: Request<pb::RekeyRequest>) -> Result<Response<pb::RekeyStatus>, Status> {
-        handle!(self, req, "Rekey", |caller, msg| {
+        handle!(self, req, Rpc::Rekey, |caller, msg| {
             match (u8::try_from(msg.threshold), u8::try_from(msg.custodians)) {
                 (Ok(threshold), Ok(custodians)) => {
                     self.vault.start_rekey(&caller, threshold, custodians).await.map(Into::into)
@@ -236,7 +236,7 @@ impl Operator for Api {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "RekeyPassphrase"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::RekeyPassphrase.as_str()))]
     async fn rekey_passphrase(
         &self,
         req: Request<pb::RekeyPassphraseRequest>,
@@ -246,7 +246,7 @@ impl Operator for Api {
         call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, CeremonyStep::Passphrase).await
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "RekeyApprove"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::RekeyApprove.as_str()))]
     async fn rekey_approve(
         &self,
         req: Request<pb::RekeyApproveRequest>,
@@ -256,12 +256,12 @@ impl Operator for Api {
         call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, CeremonyStep::Approve).await
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "RekeyCancel"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::RekeyCancel.as_str()))]
     async fn rekey_cancel(
         &self,
         req: Request<pb::RekeyCancelRequest>,
     ) -> Result<Response<pb::RekeyStatus>, Status> {
-        handle!(self, req, "RekeyCancel", |caller, _msg| self
+        handle!(self, req, Rpc::RekeyCancel, |caller, _msg| self
             .vault
             .cancel_rekey(&caller)
             .await

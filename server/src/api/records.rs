@@ -4,55 +4,55 @@ use super::*;
 
 #[tonic::async_trait]
 impl Records for Api {
-    #[tracing::instrument(skip_all, fields(rpc = "PutRecord"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::PutRecord.as_str()))]
     async fn put_record(
         &self,
         req: Request<pb::PutRecordRequest>,
     ) -> Result<Response<pb::PutRecordResponse>, Status> {
-        handle!(self, req, "PutRecord", |caller, msg| {
+        handle!(self, req, Rpc::PutRecord, |caller, msg| {
             let record_id = self.vault.put(&caller, &msg.subject_id, fields_in(msg.fields)).await;
             record_id.map(|record_id| pb::PutRecordResponse { record_id })
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "GetRecord"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::GetRecord.as_str()))]
     async fn get_record(
         &self,
         req: Request<pb::GetRecordRequest>,
     ) -> Result<Response<pb::GetRecordResponse>, Status> {
-        handle!(self, req, "GetRecord", |caller, msg| {
+        handle!(self, req, Rpc::GetRecord, |caller, msg| {
             let purpose = Some(msg.purpose.as_str()).filter(|p| !p.is_empty());
             self.vault.get(&caller, &msg.record_id, &msg.fields, purpose).await.map(Into::into)
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "UpdateRecord"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::UpdateRecord.as_str()))]
     async fn update_record(
         &self,
         req: Request<pb::UpdateRecordRequest>,
     ) -> Result<Response<pb::UpdateRecordResponse>, Status> {
-        handle!(self, req, "UpdateRecord", |caller, msg| {
+        handle!(self, req, Rpc::UpdateRecord, |caller, msg| {
             let names = self.vault.update(&caller, &msg.record_id, fields_in(msg.set), &msg.remove).await;
             names.map(|field_names| pb::UpdateRecordResponse { field_names })
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "DeleteRecord"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::DeleteRecord.as_str()))]
     async fn delete_record(
         &self,
         req: Request<pb::DeleteRecordRequest>,
     ) -> Result<Response<pb::DeleteRecordResponse>, Status> {
-        handle!(self, req, "DeleteRecord", |caller, msg| {
+        handle!(self, req, Rpc::DeleteRecord, |caller, msg| {
             self.vault.delete(&caller, &msg.record_id).await.map(|()| pb::DeleteRecordResponse {})
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "ListRecords"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::ListRecords.as_str()))]
     async fn list_records(
         &self,
         req: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<pb::ListRecordsResponse>, Status> {
-        handle!(self, req, "ListRecords", |caller, msg| {
+        handle!(self, req, Rpc::ListRecords, |caller, msg| {
             self.vault.list(&caller, &msg.subject_id).await.map(|records| pb::ListRecordsResponse {
                 records: records
                     .into_iter()

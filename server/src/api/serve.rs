@@ -52,7 +52,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let rpc = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+        let rpc = Rpc::api_method(req.uri().path().rsplit('/').next().unwrap_or_default());
         let peer = req
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()
@@ -78,7 +78,9 @@ where
                 let request_id = uuid::Uuid::new_v4().to_string();
                 tokio::spawn(async move {
                     let err = undecodable();
-                    if let Err(e) = vault.audit_refused(&rpc, peer, &request_id, &client_id, &err).await {
+                    // A path the API lacks is answered `Unimplemented` before any decoding.
+                    let Some(rpc) = rpc else { return };
+                    if let Err(e) = vault.audit_refused(rpc, peer, &request_id, &client_id, &err).await {
                         tracing::error!(request_id, error = %e, "could not audit an undecodable request");
                     }
                 });

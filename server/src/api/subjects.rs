@@ -4,22 +4,22 @@ use super::*;
 
 #[tonic::async_trait]
 impl Subjects for Api {
-    #[tracing::instrument(skip_all, fields(rpc = "SetConsent"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::SetConsent.as_str()))]
     async fn set_consent(
         &self,
         req: Request<pb::SetConsentRequest>,
     ) -> Result<Response<pb::ConsentEntry>, Status> {
-        handle!(self, req, "SetConsent", |caller, msg| {
+        handle!(self, req, Rpc::SetConsent, |caller, msg| {
             self.vault.set_consent(&caller, &msg.subject_id, &msg.purpose, msg.granted).await.map(Into::into)
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "GetConsent"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::GetConsent.as_str()))]
     async fn get_consent(
         &self,
         req: Request<pb::GetConsentRequest>,
     ) -> Result<Response<pb::GetConsentResponse>, Status> {
-        handle!(self, req, "GetConsent", |caller, msg| {
+        handle!(self, req, Rpc::GetConsent, |caller, msg| {
             self.vault.consent(&caller, &msg.subject_id).await.map(|r| pb::GetConsentResponse {
                 current: r.current.into_iter().map(Into::into).collect(),
                 history: r.history.into_iter().map(Into::into).collect(),
@@ -27,12 +27,12 @@ impl Subjects for Api {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "ExportSubject"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::ExportSubject.as_str()))]
     async fn export_subject(
         &self,
         req: Request<pb::ExportSubjectRequest>,
     ) -> Result<Response<pb::ExportSubjectResponse>, Status> {
-        handle!(self, req, "ExportSubject", |caller, msg| {
+        handle!(self, req, Rpc::ExportSubject, |caller, msg| {
             self.vault.export_subject(&caller, &msg.subject_id).await.map(|records| {
                 pb::ExportSubjectResponse {
                     records: records
@@ -45,12 +45,12 @@ impl Subjects for Api {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "EraseSubject"))]
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::EraseSubject.as_str()))]
     async fn erase_subject(
         &self,
         req: Request<pb::EraseSubjectRequest>,
     ) -> Result<Response<pb::EraseSubjectResponse>, Status> {
-        handle!(self, req, "EraseSubject", |caller, msg| {
+        handle!(self, req, Rpc::EraseSubject, |caller, msg| {
             let n = self.vault.erase_subject(&caller, &msg.subject_id).await;
             n.map(|n| pb::EraseSubjectResponse { records_erased: u32::try_from(n).unwrap_or(u32::MAX) })
         })

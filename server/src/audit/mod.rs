@@ -11,6 +11,9 @@
 
 pub mod files;
 pub(crate) mod repeats;
+mod rpc;
+
+pub use rpc::Rpc;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -18,8 +21,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use khlang_keys::audit_chain::{
-    AUDIT_BREAK_RPC, AuditSigner, ChainBreak, ChainReport, ChainVerifier, Checkpoint, GENESIS, HeadTagger,
-    chain_hash, join_reports, verify_checkpoint,
+    AuditSigner, ChainBreak, ChainReport, ChainVerifier, Checkpoint, GENESIS, HeadTagger, chain_hash,
+    join_reports, verify_checkpoint,
 };
 use serde::{Deserialize, Serialize};
 
@@ -485,7 +488,7 @@ impl AuditLog {
                 lock(&self.integrity).broken = Some(record);
             }
             Some(TailFinding::Unproven { from, to }) => {
-                let mut e = notice_entry("AuditUnproven");
+                let mut e = notice_entry(Rpc::AuditUnproven);
                 e.reason = format!(
                     "entries {from} to {to} were on disk with neither a signature nor a head tag (written while sealed, \
                      or just before an unclean stop): nothing proves them"
@@ -514,7 +517,7 @@ impl AuditLog {
         let broken = lock(&self.integrity).broken.clone();
         match &broken {
             Some(b) if b.entry == entry => {
-                let mut e = notice_entry("AcceptAuditBreak");
+                let mut e = notice_entry(Rpc::AcceptAuditBreak);
                 e.reason = format!(
                     "the operator accepted the break carried forward at {entry} (entries {} to {}: {})",
                     b.damaged_from, b.damaged_to, b.reason
@@ -663,7 +666,7 @@ impl AuditLog {
         let anchor =
             anchor.unwrap_or(Checkpoint { seq: 0, hash: GENESIS, time_ms: 0, prev: None, signature: vec![] });
         let to = last_known.max(head.seq);
-        let mut entry = notice_entry(AUDIT_BREAK_RPC);
+        let mut entry = notice_entry(Rpc::AuditBreak);
         entry.seq = to + 1;
         entry.time_ms = now_ms();
         entry.damaged_from = b.seq.max(1);
@@ -800,7 +803,7 @@ impl AuditLog {
         if let Err(e) = stored {
             // Neither the change nor its entry was stored: the entry says the change failed.
             tracing::error!(error = %e, "a change and its audit entry could not be stored");
-            entry.outcome = "Internal".into();
+            entry.outcome = crate::Outcome::Internal.name().into();
             entry.reason = "the change could not be stored".into();
             let canonical = entry.canonical()?;
             let hash = chain_hash(&head.hash, &canonical);
@@ -986,12 +989,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// An entry the vault writes about its own log.
-fn notice_entry(rpc: &str) -> AuditEntry {
+fn notice_entry(rpc: Rpc) -> AuditEntry {
     AuditEntry {
-        rpc: rpc.to_owned(),
+        rpc: rpc.as_str().to_owned(),
         identity: "khlangd".into(),
         decision: "none".into(),
-        outcome: "Ok".into(),
+        outcome: crate::Outcome::Ok.name().into(),
         ..AuditEntry::default()
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use khlang_keys::RandomSource;
 use zeroize::Zeroizing;
 
+use crate::audit::Rpc;
 use crate::policy::Operation;
 use crate::storage::{Changes, StoredToken};
 use crate::vault::prepare;
@@ -327,7 +328,7 @@ impl Vault {
     /// `khlangd dev`, test harnesses): no API caller, audited as `operator`.
     pub async fn bootstrap_identity(&self, name: &str, role: &str) -> Result<IssuedToken, VaultError> {
         let regs = self.regulations();
-        let mut entry = operator_entry("CreateIdentity", Operation::IdentityAdmin, &regs);
+        let mut entry = operator_entry(Rpc::CreateIdentity, Operation::IdentityAdmin, &regs);
         entry.reason = format!("identity '{name}' with role '{role}'");
         let regs = &regs;
         self.audited(entry, prepare!(|_| { self.stage_identity(regs, name, role, "operator").await })).await
@@ -336,7 +337,7 @@ impl Vault {
     /// Issues another token for an existing, unrevoked identity, on behalf of the local operator.
     pub async fn issue_token(&self, name: &str) -> Result<IssuedToken, VaultError> {
         let regs = self.regulations();
-        let mut entry = operator_entry("IssueToken", Operation::IdentityAdmin, &regs);
+        let mut entry = operator_entry(Rpc::IssueToken, Operation::IdentityAdmin, &regs);
         entry.reason = format!("identity '{name}'");
         self.audited(
             entry,

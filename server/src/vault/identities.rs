@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use khlang_keys::RandomSource;
 
+use crate::audit::Rpc;
 use crate::audit::{AuditEntry, clean};
 use crate::clock::now_ms;
 use crate::policy::Operation;
@@ -95,7 +96,7 @@ impl Vault {
         role: &str,
     ) -> Result<IdentityCreation, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "CreateIdentity", Operation::IdentityAdmin, &regs);
+        let entry = self.draft(caller, Rpc::CreateIdentity, Operation::IdentityAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -164,7 +165,7 @@ impl Vault {
         request_id: &str,
     ) -> Result<IssuedToken, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "ApproveIdentity", Operation::IdentityAdmin, &regs);
+        let entry = self.draft(caller, Rpc::ApproveIdentity, Operation::IdentityAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -215,7 +216,7 @@ impl Vault {
         why: &str,
     ) -> Result<(), VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "RefuseIdentity", Operation::IdentityAdmin, &regs);
+        let entry = self.draft(caller, Rpc::RefuseIdentity, Operation::IdentityAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -244,7 +245,7 @@ impl Vault {
     /// Requests waiting for approval (expired ones are left out).
     pub async fn identity_requests(&self, caller: &Caller) -> Result<Vec<IdentityRequest>, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "ListIdentityRequests", Operation::IdentityAdmin, &regs);
+        let entry = self.draft(caller, Rpc::ListIdentityRequests, Operation::IdentityAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,

@@ -20,6 +20,7 @@ use khlang_keys::{
 };
 use zeroize::Zeroizing;
 
+use crate::audit::Rpc;
 use crate::audit::{AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, Committed, clean};
 use crate::policy::catalogue;
 use crate::policy::regulations::{Regulations, Reveal};
@@ -739,9 +740,9 @@ impl Vault {
     // ---- decide + audit -------------------------------------------------------------------
 
     /// An audit entry for a request, filled in as the request proceeds.
-    pub(crate) fn draft(&self, caller: &Caller, rpc: &str, op: Operation, regs: &Regulations) -> AuditEntry {
+    pub(crate) fn draft(&self, caller: &Caller, rpc: Rpc, op: Operation, regs: &Regulations) -> AuditEntry {
         AuditEntry {
-            rpc: rpc.to_owned(),
+            rpc: rpc.as_str().to_owned(),
             operation: op.as_str().to_owned(),
             identity: caller.identity.name.clone(),
             role: caller.identity.role.clone(),
@@ -834,7 +835,7 @@ impl Vault {
                 }
             }
             match &result {
-                Ok(_) => record.outcome = "Ok".into(),
+                Ok(_) => record.outcome = crate::Outcome::Ok.name().into(),
                 Err(e) => {
                     record.outcome = e.code_name().into();
                     if record.reason.is_empty() {
@@ -923,7 +924,7 @@ impl Vault {
     /// Records a request refused before it had an identity (failed authentication, lockout).
     pub async fn audit_refused(
         &self,
-        rpc: &str,
+        rpc: Rpc,
         peer: Option<SocketAddr>,
         request_id: &str,
         client_request_id: &str,
@@ -931,7 +932,7 @@ impl Vault {
     ) -> Result<(), VaultError> {
         let regs = self.regulations();
         let entry = AuditEntry {
-            rpc: rpc.to_owned(),
+            rpc: rpc.as_str().to_owned(),
             peer: peer.map(|p| p.to_string()).unwrap_or_default(),
             request_id: clean(request_id),
             client_request_id: clean(client_request_id),
@@ -1045,7 +1046,7 @@ impl Vault {
     ) -> Result<String, VaultError> {
         let regs = self.regulations();
         let record_id = uuid::Uuid::new_v4().to_string();
-        let entry = self.draft(caller, "PutRecord", Operation::Write, &regs);
+        let entry = self.draft(caller, Rpc::PutRecord, Operation::Write, &regs);
         let (fields, record_id, regs) = (&fields, &record_id, &regs);
         self.audited(
             entry,
@@ -1109,7 +1110,7 @@ impl Vault {
         purpose: Option<&str>,
     ) -> Result<RecordView, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "GetRecord", Operation::Read, &regs);
+        let entry = self.draft(caller, Rpc::GetRecord, Operation::Read, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1192,7 +1193,7 @@ impl Vault {
         remove: &[String],
     ) -> Result<Vec<String>, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "UpdateRecord", Operation::Update, &regs);
+        let entry = self.draft(caller, Rpc::UpdateRecord, Operation::Update, &regs);
         let max = self.limits.max_fields_per_record;
         let (regs, set) = (&regs, &set);
         self.audited(
@@ -1260,7 +1261,7 @@ impl Vault {
     /// Destroys a record and its data key.
     pub async fn delete(&self, caller: &Caller, record_id: &str) -> Result<(), VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "DeleteRecord", Operation::Delete, &regs);
+        let entry = self.draft(caller, Rpc::DeleteRecord, Operation::Delete, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1302,7 +1303,7 @@ impl Vault {
     /// A subject's record ids and field names; never values.
     pub async fn list(&self, caller: &Caller, subject: &str) -> Result<Vec<RecordSummary>, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "ListRecords", Operation::List, &regs);
+        let entry = self.draft(caller, Rpc::ListRecords, Operation::List, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1326,7 +1327,7 @@ impl Vault {
         subject: &str,
     ) -> Result<Vec<RecordView>, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "ExportSubject", Operation::Export, &regs);
+        let entry = self.draft(caller, Rpc::ExportSubject, Operation::Export, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1355,7 +1356,7 @@ impl Vault {
     /// Destroys every record and data key of a subject (PDPA right to erasure); returns how many.
     pub async fn erase_subject(&self, caller: &Caller, subject: &str) -> Result<usize, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "EraseSubject", Operation::Erase, &regs);
+        let entry = self.draft(caller, Rpc::EraseSubject, Operation::Erase, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1391,7 +1392,7 @@ impl Vault {
         granted: bool,
     ) -> Result<StoredConsent, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "SetConsent", Operation::Consent, &regs);
+        let entry = self.draft(caller, Rpc::SetConsent, Operation::Consent, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1422,7 +1423,7 @@ impl Vault {
 
     pub async fn consent(&self, caller: &Caller, subject: &str) -> Result<ConsentReport, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "GetConsent", Operation::Consent, &regs);
+        let entry = self.draft(caller, Rpc::GetConsent, Operation::Consent, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1475,7 +1476,7 @@ impl Vault {
 
     pub async fn list_identities(&self, caller: &Caller) -> Result<Vec<IdentityInfo>, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "ListIdentities", Operation::IdentityAdmin, &regs);
+        let entry = self.draft(caller, Rpc::ListIdentities, Operation::IdentityAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1503,7 +1504,7 @@ impl Vault {
     /// Revokes an identity: its tokens are deleted and it can never authenticate again.
     pub async fn revoke_identity(&self, caller: &Caller, name: &str) -> Result<(), VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "RevokeIdentity", Operation::IdentityAdmin, &regs);
+        let entry = self.draft(caller, Rpc::RevokeIdentity, Operation::IdentityAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1554,7 +1555,7 @@ impl Vault {
 
     pub async fn regulations_info(&self, caller: &Caller) -> Result<RegulationsInfo, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "GetRegulations", Operation::RegulationsAdmin, &regs);
+        let entry = self.draft(caller, Rpc::GetRegulations, Operation::RegulationsAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -1582,8 +1583,8 @@ impl Vault {
     pub async fn reload_regulations(&self, caller: Option<&Caller>) -> Result<RegulationsInfo, VaultError> {
         let regs = self.regulations();
         let entry = match caller {
-            Some(c) => self.draft(c, "ReloadRegulations", Operation::RegulationsAdmin, &regs),
-            None => operator_entry("SIGHUP", Operation::RegulationsAdmin, &regs),
+            Some(c) => self.draft(c, Rpc::ReloadRegulations, Operation::RegulationsAdmin, &regs),
+            None => operator_entry(Rpc::Sighup, Operation::RegulationsAdmin, &regs),
         };
         let regs = &regs;
         let next = self
@@ -1623,14 +1624,14 @@ pub struct ArchiveReport {
 }
 
 /// An entry for an action of the local operator (unseal, SIGHUP), which has no API identity.
-pub(crate) fn operator_entry(rpc: &str, op: Operation, regs: &Regulations) -> AuditEntry {
+pub(crate) fn operator_entry(rpc: Rpc, op: Operation, regs: &Regulations) -> AuditEntry {
     AuditEntry {
-        rpc: rpc.to_owned(),
+        rpc: rpc.as_str().to_owned(),
         operation: op.as_str().to_owned(),
         identity: "operator".into(),
         decision: "none".into(),
         regulations_version: regs.version.clone(),
-        outcome: "Ok".into(),
+        outcome: crate::Outcome::Ok.name().into(),
         ..AuditEntry::default()
     }
 }
@@ -1638,7 +1639,7 @@ pub(crate) fn operator_entry(rpc: &str, op: Operation, regs: &Regulations) -> Au
 /// The entry of a custodian's call: no token, so who it is is what the call says (`custodian-N`),
 /// with the peer and both request ids.
 pub(crate) fn custodian_entry(
-    rpc: &str,
+    rpc: Rpc,
     identity: String,
     regs: &Regulations,
     peer: Option<SocketAddr>,
@@ -1698,7 +1699,7 @@ impl Vault {
     pub async fn audit_read(
         &self,
         caller: &Caller,
-        rpc: &str,
+        rpc: Rpc,
         filter: AuditFilter,
         subject_id: Option<&str>,
     ) -> Result<AuditGrant, VaultError> {
@@ -1762,7 +1763,7 @@ impl Vault {
         witnessed: Vec<(u64, String)>,
     ) -> Result<(ChainReport, crate::audit::LogState), VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "VerifyAudit", Operation::AuditRead, &regs);
+        let entry = self.draft(caller, Rpc::VerifyAudit, Operation::AuditRead, &regs);
         let (regs, witnessed) = (&regs, &witnessed);
         let witnessed = self
             .audited(
@@ -1838,7 +1839,7 @@ impl Vault {
 
     /// The checkpoint-verifying public key, hex.
     pub async fn audit_public_key(&self, caller: &Caller) -> Result<String, VaultError> {
-        self.audit_read(caller, "AuditPublicKey", AuditFilter::default(), None).await?;
+        self.audit_read(caller, Rpc::AuditPublicKey, AuditFilter::default(), None).await?;
         self.audit
             .public_key()
             .map(hex::encode)
@@ -1860,13 +1861,14 @@ impl Vault {
         let result = self.archive_now(before_ms, now_ms, out).await;
         let not_done = match &result {
             Err(e) => Some((e.code_name(), format!("refused: {}", clean(&e.to_string())))),
-            Ok(r) if r.entries == 0 => {
-                Some(("Ok", "nothing to archive: no signed checkpoint is old enough".into()))
-            }
+            Ok(r) if r.entries == 0 => Some((
+                crate::Outcome::Ok.name(),
+                "nothing to archive: no signed checkpoint is old enough".into(),
+            )),
             Ok(_) => None,
         };
         if let Some((outcome, why)) = not_done {
-            let mut entry = operator_entry("ArchiveAudit", Operation::AuditRead, &self.regulations());
+            let mut entry = operator_entry(Rpc::ArchiveAudit, Operation::AuditRead, &self.regulations());
             entry.outcome = outcome.into();
             entry.reason = format!("archival of entries older than {before_ms} ms {why}");
             let recorded = self.commit_now(entry, Changes::none()).await;
@@ -1925,7 +1927,7 @@ impl Vault {
         // The archive is on disk; only now do the entries leave the vault.
         self.audit.remove_archived(last)?;
         self.store.remove_audit_entries_upto(last).await?;
-        let mut entry = operator_entry("ArchiveAudit", Operation::AuditRead, &regs);
+        let mut entry = operator_entry(Rpc::ArchiveAudit, Operation::AuditRead, &regs);
         entry.reason = format!(
             "entries {first} to {last} ({} entries) older than {before_ms} ms archived; checkpoint {last} anchors the rest",
             last + 1 - first

@@ -17,6 +17,7 @@ use khlang_keys::{
     unseal_share,
 };
 
+use crate::audit::Rpc;
 use crate::audit::{Committed, clean};
 use crate::policy::Operation;
 use crate::storage::{Changes, Cursor, Custody, JobKind, KeySpace, StoredField, StoredJob, StoredRecord};
@@ -169,7 +170,7 @@ impl Vault {
         client_request_id: &str,
     ) -> Result<SealStatus, VaultError> {
         let mut entry = custodian_entry(
-            "SealStatus",
+            Rpc::SealStatus,
             String::new(),
             &self.regulations(),
             peer,
@@ -216,7 +217,7 @@ impl Vault {
         client_request_id: &str,
     ) -> Result<SealStatus, VaultError> {
         let mut entry = custodian_entry(
-            "Unseal",
+            Rpc::Unseal,
             format!("custodian-{custodian}"),
             &self.regulations(),
             peer,
@@ -324,7 +325,7 @@ impl Vault {
     /// Wipes the keys from memory: until custodians unseal again only status and unseal answer.
     pub async fn seal(&self, caller: &Caller) -> Result<SealStatus, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "Seal", Operation::KeyAdmin, &regs);
+        let entry = self.draft(caller, Rpc::Seal, Operation::KeyAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -353,7 +354,7 @@ impl Vault {
         client_request_id: &str,
     ) -> Result<(), VaultError> {
         let mut entry = custodian_entry(
-            "ChangePassphrase",
+            Rpc::ChangePassphrase,
             format!("custodian-{custodian}"),
             &self.regulations(),
             peer,
@@ -398,7 +399,7 @@ impl Vault {
     /// A new KEK version, active for new records at once; a background job rewraps every data key.
     pub async fn rotate(&self, caller: &Caller) -> Result<KeyStatus, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "RotateKey", Operation::KeyAdmin, &regs);
+        let entry = self.draft(caller, Rpc::RotateKey, Operation::KeyAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -456,7 +457,7 @@ impl Vault {
     /// under each version (a scan of every record).
     pub async fn key_status(&self, caller: &Caller, counts: bool) -> Result<KeyStatus, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "KeyStatus", Operation::KeyAdmin, &regs);
+        let entry = self.draft(caller, Rpc::KeyStatus, Operation::KeyAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -531,7 +532,7 @@ impl Vault {
     /// data key expects its version to be live, so none can slip in between.
     pub async fn retire(&self, caller: &Caller, version: u32) -> Result<(), VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "RetireKey", Operation::KeyAdmin, &regs);
+        let entry = self.draft(caller, Rpc::RetireKey, Operation::KeyAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -591,7 +592,7 @@ impl Vault {
     /// a background job. Values do not change; nothing leaves the vault.
     pub async fn reencrypt(&self, caller: &Caller, target: ReencryptTarget) -> Result<u64, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "Reencrypt", Operation::KeyAdmin, &regs);
+        let entry = self.draft(caller, Rpc::Reencrypt, Operation::KeyAdmin, &regs);
         let (regs, target) = (&regs, &target);
         let n = self
             .audited(
@@ -705,7 +706,7 @@ impl Vault {
         let cursor = Cursor::from_bytes(job.cursor.clone());
         let batch = self.store.walk(space, &cursor, self.job_pacing.batch.max(1)).await?;
         let regs = self.regulations();
-        let mut entry = operator_entry("KeyJob", Operation::KeyAdmin, &regs);
+        let mut entry = operator_entry(Rpc::KeyJob, Operation::KeyAdmin, &regs);
         entry.identity = JOB_IDENTITY.into();
         let mut changes = Changes::new();
         if batch.is_empty() {

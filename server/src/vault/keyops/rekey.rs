@@ -17,6 +17,7 @@ use khlang_keys::{
 };
 use zeroize::Zeroizing;
 
+use crate::audit::Rpc;
 use crate::audit::clean;
 use crate::policy::Operation;
 use crate::storage::{Changes, Custody};
@@ -136,7 +137,7 @@ impl Vault {
         custodians: u8,
     ) -> Result<RekeyStatus, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "Rekey", Operation::KeyAdmin, &regs);
+        let entry = self.draft(caller, Rpc::Rekey, Operation::KeyAdmin, &regs);
         let regs = &regs;
         self.audited(entry, prepare!(|e| {
 self.unsealed()?;
@@ -191,7 +192,7 @@ self.unsealed()?;
     /// Abandons the ceremony in progress; nothing had changed.
     pub async fn cancel_rekey(&self, caller: &Caller) -> Result<RekeyStatus, VaultError> {
         let regs = self.regulations();
-        let entry = self.draft(caller, "RekeyCancel", Operation::KeyAdmin, &regs);
+        let entry = self.draft(caller, Rpc::RekeyCancel, Operation::KeyAdmin, &regs);
         let regs = &regs;
         self.audited(
             entry,
@@ -228,7 +229,7 @@ self.unsealed()?;
         client_request_id: &str,
     ) -> Result<RekeyStatus, VaultError> {
         let mut entry = custodian_entry(
-            "RekeyPassphrase",
+            Rpc::RekeyPassphrase,
             format!("new-custodian-{custodian}"),
             &self.regulations(),
             peer,
@@ -300,7 +301,7 @@ self.unsealed()?;
         client_request_id: &str,
     ) -> Result<RekeyStatus, VaultError> {
         let mut entry = custodian_entry(
-            "RekeyApprove",
+            Rpc::RekeyApprove,
             format!("custodian-{custodian}"),
             &self.regulations(),
             peer,
