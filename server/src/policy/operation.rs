@@ -24,6 +24,12 @@ impl Operation {
         !matches!(self, Self::AuditRead | Self::KeyAdmin | Self::IdentityAdmin | Self::RegulationsAdmin)
     }
 
+    /// Operations that may change what the store holds (reads, lists, exports and audit reads
+    /// only append their audit entry to the log's files).
+    pub fn may_write(self) -> bool {
+        !matches!(self, Self::Read | Self::List | Self::Export | Self::AuditRead)
+    }
+
     pub(crate) const ALL: &[Operation] = &[
         Self::Write,
         Self::Read,

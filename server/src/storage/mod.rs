@@ -11,7 +11,7 @@
 //! [`MemoryStore`] (a test double, for the domain's unit tests through the port).
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::StoreError;
 
@@ -104,6 +104,32 @@ pub enum AuditRecord {
 pub struct FlushStats {
     pub flushes: AtomicU64,
     pub writes: AtomicU64,
+}
+
+/// A write on its way to [`Storage::commit`] and [`Storage::durable`]: while it lives, the
+/// backend's group commit counts one more writer coming and may hold a flush for it (so a flush
+/// serves every writer in flight, not the few that happened to arrive in a fixed window).
+#[derive(Debug)]
+pub struct WriteTicket(Option<Arc<AtomicUsize>>);
+
+impl WriteTicket {
+    /// A backend that does not group its flushes counts nothing.
+    pub fn uncounted() -> Self {
+        Self(None)
+    }
+
+    fn counted(writers: &Arc<AtomicUsize>) -> Self {
+        writers.fetch_add(1, Ordering::AcqRel);
+        Self(Some(writers.clone()))
+    }
+}
+
+impl Drop for WriteTicket {
+    fn drop(&mut self) {
+        if let Some(w) = &self.0 {
+            w.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Records the audit log's newest synced heads from its flusher thread, outside any request
@@ -471,6 +497,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn commit(&self, changes: Changes) -> Result<bool, StoreError>;
     /// Returns once everything committed before the call is durable.
     async fn durable(&self) -> Result<(), StoreError>;
+    /// Announces a request that may write (taken before it prepares, dropped when it returns).
+    fn begin_write(&self) -> WriteTicket {
+        WriteTicket::uncounted()
+    }
     /// Makes everything committed so far durable now (init, shutdown, operator commands).
     async fn flush_now(&self) -> Result<(), StoreError>;
     fn flush_stats(&self) -> &FlushStats;

@@ -16,7 +16,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
     KekInfo, KeySpace, Op, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest, StoredJob,
-    StoredRecord, StoredToken, Version, Walked,
+    StoredRecord, StoredToken, Version, Walked, WriteTicket,
 };
 use crate::StoreError;
 
@@ -69,8 +69,10 @@ pub enum Durability {
 
 type FlushWaiter = oneshot::Sender<Result<(), String>>;
 
-/// How long a group flush waits for more writers after the first, and how many it takes at most.
-const GROUP_WINDOW: std::time::Duration = std::time::Duration::from_micros(500);
+/// How long a group flush may wait, after its first writer, for the other writers in flight
+/// ([`WriteTicket`]s) to arrive; how often it looks whether one gave up; how many it takes at most.
+const GROUP_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+const GROUP_POLL: std::time::Duration = std::time::Duration::from_micros(200);
 const GROUP_MAX: usize = 256;
 
 /// Writers insert, then wait here; one thread flushes once for everyone who arrived meanwhile.
@@ -91,19 +93,26 @@ impl Drop for GroupCommit {
 }
 
 impl GroupCommit {
-    fn start(db: sled::Db, stats: Arc<FlushStats>) -> std::io::Result<Self> {
+    fn start(db: sled::Db, stats: Arc<FlushStats>, writers: Arc<AtomicUsize>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<FlushWaiter>();
         let thread = std::thread::Builder::new().name("khlang-flusher".into()).spawn(move || {
             // Ends when the store (the only sender) is dropped.
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
-                // Hold the door briefly for writers already on their way: every flush costs sled a
-                // log write and a sync on this machine's only two cores.
-                let deadline = std::time::Instant::now() + GROUP_WINDOW;
-                while batch.len() < GROUP_MAX {
-                    match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                // Hold the door for the writers already on their way (every request that may write
+                // holds a ticket until it returns, so one waiting here counts too): every flush
+                // costs sled a log write and a sync, and on two cores its IO threads' work is
+                // work the requests do not get. Alone, a writer is flushed at once.
+                let deadline = std::time::Instant::now() + GROUP_MAX_WAIT;
+                while batch.len() < GROUP_MAX && batch.len() < writers.load(Ordering::Acquire) {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left.min(GROUP_POLL)) {
                         Ok(w) => batch.push(w),
-                        Err(_) => break,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
                 }
                 let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
@@ -203,6 +212,8 @@ pub struct SledStore {
     /// Held around checking a change's expectations and applying it.
     commit_lock: std::sync::Mutex<()>,
     stats: Arc<FlushStats>,
+    /// Requests in flight that may write (see [`WriteTicket`]).
+    writers: Arc<AtomicUsize>,
     /// Fault drill (tests): every batch fails to apply, as a disk error would make it.
     fail_applies: std::sync::atomic::AtomicBool,
 }
@@ -245,8 +256,9 @@ impl SledStore {
         let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
         tighten(dir)?;
         let stats = Arc::new(FlushStats::default());
-        let group =
-            GroupCommit::start(db.clone(), stats.clone()).map_err(|e| StoreError::Flush(e.to_string()))?;
+        let writers = Arc::new(AtomicUsize::new(0));
+        let group = GroupCommit::start(db.clone(), stats.clone(), writers.clone())
+            .map_err(|e| StoreError::Flush(e.to_string()))?;
         let store = Self {
             meta: db.open_tree("meta")?,
             keks: db.open_tree("keks")?,
@@ -259,6 +271,7 @@ impl SledStore {
             per_request_lock: Arc::default(),
             commit_lock: std::sync::Mutex::new(()),
             stats,
+            writers,
             fail_applies: false.into(),
         };
         store.migrate()?;
@@ -504,6 +517,13 @@ impl Storage for SledStore {
 
     async fn durable(&self) -> Result<(), StoreError> {
         self.durable_now().await
+    }
+
+    fn begin_write(&self) -> WriteTicket {
+        match self.durability {
+            Durability::Group => WriteTicket::counted(&self.writers),
+            Durability::PerRequest => WriteTicket::uncounted(),
+        }
     }
 
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
@@ -924,6 +944,66 @@ fn kek_live_key(version: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Eight writers in flight, arriving one after another: the group commit holds the flush
+    /// for the ones it knows are coming, so they share one flush (or two), not eight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_waits_for_the_writers_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path(), Durability::Group).unwrap());
+        let tickets: Vec<WriteTicket> = (0..8).map(|_| store.begin_write()).collect();
+        let mut tasks = Vec::new();
+        for (i, ticket) in tickets.into_iter().enumerate() {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_micros(100 * i as u64)).await;
+                let mut c = Changes::new();
+                c.put_job(&crate::storage::StoredJob {
+                    format: 1,
+                    kind: crate::storage::JobKind::Reencrypt,
+                    cursor: vec![i as u8],
+                    changed: 0,
+                    skipped: 0,
+                    total: 0,
+                    started_ms: 0,
+                    finished_ms: None,
+                    requested_by: String::new(),
+                });
+                assert!(store.commit(c).await.unwrap());
+                store.durable().await.unwrap();
+                drop(ticket);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let stats = store.flush_stats();
+        assert_eq!(stats.writes.load(Ordering::Relaxed), 8);
+        assert!(stats.flushes.load(Ordering::Relaxed) <= 2, "{} flushes", stats.flushes.load(Ordering::Relaxed));
+    }
+
+    /// A writer that gives up (its request failed before it wrote) does not hold the others' flush
+    /// past the group's bound, and a lone writer is not held at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_that_gives_up_does_not_stall_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), Durability::Group).unwrap();
+        let gone = store.begin_write();
+        let mine = store.begin_write();
+        drop(gone);
+        let started = std::time::Instant::now();
+        store.durable().await.unwrap();
+        drop(mine);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+        let stalled = store.begin_write();
+        let started = std::time::Instant::now();
+        let alone = store.begin_write();
+        store.durable().await.unwrap();
+        drop(alone);
+        drop(stalled);
+        // Held at most the group's bound for the writer that never came.
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+    }
 
     /// A folder from before schema versions (no `schema`, no live markers) is upgraded once at
     /// open; one from a newer build is refused, naming both versions, and left as it is.

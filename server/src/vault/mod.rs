@@ -818,6 +818,9 @@ impl Vault {
         mut run: impl FnMut(AuditEntry) -> Prepared<'s, T>,
     ) -> Result<T, VaultError> {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A request that may write tells the store's group commit it is on its way.
+        let _writing =
+            Operation::parse(&entry.operation).filter(|op| op.may_write()).map(|_| self.store.begin_write());
         loop {
             let (back, prepared) = run(entry).await;
             entry = back;
