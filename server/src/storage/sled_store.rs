@@ -71,7 +71,9 @@ type FlushWaiter = oneshot::Sender<Result<(), String>>;
 
 /// How long a group flush may wait, after its first writer, for the other writers in flight
 /// ([`WriteTicket`]s) to arrive; how often it looks whether one gave up; how many it takes at most.
-const GROUP_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+/// 10 ms measured 6.3 writes per flush at 64 in flight (2 ms: 5.0; the old fixed 500 µs window:
+/// 3.1); a lone writer never waits.
+const GROUP_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 const GROUP_POLL: std::time::Duration = std::time::Duration::from_micros(200);
 const GROUP_MAX: usize = 256;
 
