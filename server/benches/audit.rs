@@ -33,11 +33,11 @@ async fn main() {
         record_id: "5129dd8b-42f7-496c-a74c-946cbf13ec5f".into(),
         fields: vec!["card_number".into(), "billing_address".into()],
         purpose: "billing".into(),
-        decision: "allow".into(),
+        decision: khlang_server::audit::Decided::Allow,
         rule: "roles.billing-clerk.read[0]".into(),
         regulations_version: "005d96b4a9019e1e3daddf79c2923509beb6b1a8786d9d48e67e30a7b91da4de".into(),
         key_versions: "kek=1 gen=1".into(),
-        outcome: "Ok".into(),
+        outcome: khlang_server::Outcome::Ok,
         ..AuditEntry::default()
     };
     let t = Instant::now();

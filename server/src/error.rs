@@ -79,8 +79,9 @@ pub enum StoreError {
 /// How a request ended, named as gRPC names its status codes. The one mapping from domain errors
 /// to codes ([`VaultError::outcome`]): the audit entry records [`Outcome::name`], and the wire
 /// layer answers with the same code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
+    #[default]
     Ok,
     InvalidArgument,
     ResourceExhausted,
@@ -109,6 +110,19 @@ impl Outcome {
             Self::Unavailable => "Unavailable",
             Self::Internal => "Internal",
         }
+    }
+}
+
+impl PartialEq<&str> for Outcome {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
+impl Outcome {
+    /// For code that reads like a string (the audit entry's JSON holds the name).
+    pub fn as_str(self) -> &'static str {
+        self.name()
     }
 }
 

@@ -578,7 +578,7 @@ async fn an_identity_admin_cannot_create_a_privileged_identity_alone() {
         .audit_entries()
         .into_iter()
         .filter(|e| e.rpc.contains("Identit") && e.identity != "operator")
-        .map(|e| (e.rpc, e.outcome))
+        .map(|e| (e.rpc, e.outcome.as_str().to_owned()))
         .collect();
     for (rpc, outcome) in [
         ("CreateIdentity", "Ok"),
@@ -704,7 +704,7 @@ async fn a_key_admin_cannot_rekey_alone() {
     let outcomes: Vec<(String, String)> = entries
         .iter()
         .filter(|e| e.rpc.starts_with("Rekey"))
-        .map(|e| (e.rpc.clone(), e.outcome.clone()))
+        .map(|e| (e.rpc.clone(), e.outcome.as_str().to_owned()))
         .collect();
     for (rpc, outcome) in [
         ("Rekey", "Ok"),

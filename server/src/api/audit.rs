@@ -17,12 +17,12 @@ impl From<AuditEntry> for pb::AuditEntry {
             record_id: e.record_id,
             fields: e.fields,
             purpose: e.purpose,
-            decision: e.decision,
+            decision: e.decision.as_str().to_owned(),
             rule: e.rule,
             reason: e.reason,
             regulations_version: e.regulations_version,
             key_versions: e.key_versions,
-            outcome: e.outcome,
+            outcome: e.outcome.as_str().to_owned(),
             repeated: e.repeated,
         }
     }

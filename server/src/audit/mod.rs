@@ -30,7 +30,34 @@ use crate::audit::files::{AuditFile, FileOptions, Scanned, TaggedHead, decode_ta
 use crate::clock::now_ms;
 use crate::policy::catalogue::printable;
 use crate::storage::{AuditHead, AuditRecord, Changes, HeadRecorder, Storage};
-use crate::{StoreError, VaultError};
+use crate::{Outcome, StoreError, VaultError};
+
+/// What the decide step said about a request, as the entry records it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decided {
+    /// Refused (or failed) before a decision was made.
+    #[default]
+    None,
+    Allow,
+    Deny,
+}
+
+impl Decided {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl PartialEq<&str> for Decided {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
 
 /// One audited request (PCI DSS 10.2.2). `seq` and `time_ms` are set when it is appended.
 /// Fields are declared in alphabetical order so that serialising the struct directly yields the
@@ -50,7 +77,7 @@ pub struct AuditEntry {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub damaged_to: u64,
     /// `allow`, `deny`, or `none` when the request was refused before a decision.
-    pub decision: String,
+    pub decision: Decided,
     pub fields: Vec<String>,
     pub identity: String,
     /// `kek=N gen=M` of the record's data key, when one was used.
@@ -58,7 +85,7 @@ pub struct AuditEntry {
     /// The regulations' name of the operation (`read`), empty before one was known.
     pub operation: String,
     /// The gRPC status code name (`Ok`, `PermissionDenied`, ...).
-    pub outcome: String,
+    pub outcome: Outcome,
     pub peer: String,
     pub purpose: String,
     /// Why it was refused or failed; never a value.
@@ -122,11 +149,9 @@ impl AuditEntry {
         }
         for text in [
             &mut self.client_request_id,
-            &mut self.decision,
             &mut self.identity,
             &mut self.key_versions,
             &mut self.operation,
-            &mut self.outcome,
             &mut self.peer,
             &mut self.purpose,
             &mut self.reason,
@@ -803,7 +828,7 @@ impl AuditLog {
         if let Err(e) = stored {
             // Neither the change nor its entry was stored: the entry says the change failed.
             tracing::error!(error = %e, "a change and its audit entry could not be stored");
-            entry.outcome = crate::Outcome::Internal.name().into();
+            entry.outcome = Outcome::Internal;
             entry.reason = "the change could not be stored".into();
             let canonical = entry.canonical()?;
             let hash = chain_hash(&head.hash, &canonical);
@@ -993,8 +1018,8 @@ fn notice_entry(rpc: Rpc) -> AuditEntry {
     AuditEntry {
         rpc: rpc.as_str().to_owned(),
         identity: "khlangd".into(),
-        decision: "none".into(),
-        outcome: crate::Outcome::Ok.name().into(),
+        decision: Decided::None,
+        outcome: Outcome::Ok,
         ..AuditEntry::default()
     }
 }
@@ -1225,7 +1250,7 @@ impl AuditFilter {
             && eq(&self.subject, &e.subject)
             && eq(&self.record_id, &e.record_id)
             && eq(&self.operation, &e.operation)
-            && eq(&self.decision, &e.decision)
+            && eq(&self.decision, e.decision.as_str())
             && eq(&self.purpose, &e.purpose)
     }
 
@@ -1338,7 +1363,7 @@ mod tests {
     #[tokio::test]
     async fn canonical_bytes_are_the_sorted_key_form() {
         let e = AuditEntry {
-            decision: "deny".into(),
+            decision: Decided::Deny,
             fields: vec!["card_number".into()],
             identity: "billing-clerk".into(),
             purpose: "x\u{1}\"y".into(),
@@ -1675,7 +1700,7 @@ mod tests {
         let mut changes = Changes::new();
         changes.put_job(&job);
         store.inject_apply_failure(true);
-        let write = AuditEntry { rpc: "Reencrypt".into(), outcome: "Ok".into(), ..AuditEntry::default() };
+        let write = AuditEntry { rpc: "Reencrypt".into(), outcome: Outcome::Ok, ..AuditEntry::default() };
         assert!(log.commit(&store, write, changes).await.is_err());
         store.inject_apply_failure(false);
         assert!(store.job().await.unwrap().is_none(), "the change was not stored");

@@ -22,7 +22,7 @@ struct Kind {
     address: String,
     rpc: String,
     identity: String,
-    outcome: String,
+    outcome: crate::Outcome,
     reason: String,
 }
 
@@ -67,7 +67,7 @@ impl Repeats {
             address: address(&entry.peer),
             rpc: entry.rpc.clone(),
             identity: entry.identity.clone(),
-            outcome: entry.outcome.clone(),
+            outcome: entry.outcome,
             reason: entry.reason.clone(),
         };
         if kinds.len() >= MAX_KINDS && !kinds.contains_key(&kind) {
@@ -133,7 +133,12 @@ mod tests {
     use super::*;
 
     fn event(peer: &str, rpc: &str) -> AuditEntry {
-        AuditEntry { peer: peer.into(), rpc: rpc.into(), outcome: "Ok".into(), ..AuditEntry::default() }
+        AuditEntry {
+            peer: peer.into(),
+            rpc: rpc.into(),
+            outcome: crate::Outcome::Ok,
+            ..AuditEntry::default()
+        }
     }
 
     #[test]

@@ -304,7 +304,9 @@ impl SledStore {
         self.vault.apply_batch(batch)?;
         self.meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
         self.db.flush()?;
-        tracing::info!(from = found, to = SCHEMA_VERSION, "data folder layout upgraded");
+        if self.meta.len() > 1 {
+            tracing::info!(from = found, to = SCHEMA_VERSION, "data folder layout upgraded");
+        }
         Ok(())
     }
 
@@ -981,7 +983,11 @@ mod tests {
         }
         let stats = store.flush_stats();
         assert_eq!(stats.writes.load(Ordering::Relaxed), 8);
-        assert!(stats.flushes.load(Ordering::Relaxed) <= 2, "{} flushes", stats.flushes.load(Ordering::Relaxed));
+        assert!(
+            stats.flushes.load(Ordering::Relaxed) <= 2,
+            "{} flushes",
+            stats.flushes.load(Ordering::Relaxed)
+        );
     }
 
     /// A writer that gives up (its request failed before it wrote) does not hold the others' flush

@@ -9,7 +9,7 @@ use std::time::Duration;
 use khlang_keys::RandomSource;
 
 use crate::audit::Rpc;
-use crate::audit::{AuditEntry, clean};
+use crate::audit::{AuditEntry, Decided, clean};
 use crate::clock::now_ms;
 use crate::policy::Operation;
 use crate::policy::regulations::{Regulations, Role};
@@ -72,7 +72,7 @@ fn may_assign<'r>(
     };
     let mine = &caller.identity.role;
     if !regs.roles.get(mine).is_some_and(|r| r.assigns.contains(role)) {
-        e.decision = "deny".into();
+        e.decision = Decided::Deny;
         e.rule = format!("roles.{mine}.assigns");
         return Err(VaultError::PermissionDenied(format!(
             "role '{mine}' may not assign role '{role}' (roles.{mine}.assigns)"
@@ -178,7 +178,7 @@ impl Vault {
                     request.id, request.name, request.role, request.requested_by
                 );
                 if request.requested_by == caller.identity.name {
-                    e.decision = "deny".into();
+                    e.decision = Decided::Deny;
                     e.rule = "two-person-rule".into();
                     return Err(VaultError::PermissionDenied(
                         "nobody approves their own request: a second identity must approve it".into(),

@@ -21,7 +21,7 @@ use khlang_keys::{
 use zeroize::Zeroizing;
 
 use crate::audit::Rpc;
-use crate::audit::{AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, Committed, clean};
+use crate::audit::{AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, Committed, Decided, clean};
 use crate::policy::catalogue;
 use crate::policy::regulations::{Regulations, Reveal};
 use crate::policy::{self, Ask, ConsentState, Decision, Operation};
@@ -749,7 +749,7 @@ impl Vault {
             peer: caller.peer.map(|p| p.to_string()).unwrap_or_default(),
             request_id: clean(&caller.request_id),
             client_request_id: clean(&caller.client_request_id),
-            decision: "none".into(),
+            decision: Decided::None,
             regulations_version: regs.version.clone(),
             ..AuditEntry::default()
         }
@@ -770,7 +770,7 @@ impl Vault {
             && let crate::audit::LogState::Broken(b) = self.audit.state()
         {
             // Fail closed: no personal data moves while the record of who saw it is in doubt.
-            entry.decision = "deny".into();
+            entry.decision = Decided::Deny;
             entry.rule = "audit-log-broken".into();
             return Err(VaultError::FailedPrecondition(format!(
                 "the audit log is damaged (entries {} to {} cannot be trusted); data requests are refused until the \
@@ -785,12 +785,12 @@ impl Vault {
         };
         match decided {
             Ok(d) => {
-                entry.decision = "allow".into();
+                entry.decision = Decided::Allow;
                 entry.rule.clone_from(&d.rule);
                 Ok(d)
             }
             Err(d) => {
-                entry.decision = "deny".into();
+                entry.decision = Decided::Deny;
                 entry.rule = d.rule;
                 Err(VaultError::PermissionDenied(d.reason))
             }
@@ -838,9 +838,9 @@ impl Vault {
                 }
             }
             match &result {
-                Ok(_) => record.outcome = crate::Outcome::Ok.name().into(),
+                Ok(_) => record.outcome = crate::Outcome::Ok,
                 Err(e) => {
-                    record.outcome = e.code_name().into();
+                    record.outcome = e.outcome();
                     if record.reason.is_empty() {
                         record.reason = clean(&e.to_string());
                     }
@@ -939,10 +939,10 @@ impl Vault {
             peer: peer.map(|p| p.to_string()).unwrap_or_default(),
             request_id: clean(request_id),
             client_request_id: clean(client_request_id),
-            decision: "none".into(),
+            decision: Decided::None,
             reason: clean(&error.to_string()),
             regulations_version: regs.version.clone(),
-            outcome: error.code_name().into(),
+            outcome: error.outcome(),
             ..AuditEntry::default()
         };
         match self.commit_repeatable(entry).await? {
@@ -1632,9 +1632,9 @@ pub(crate) fn operator_entry(rpc: Rpc, op: Operation, regs: &Regulations) -> Aud
         rpc: rpc.as_str().to_owned(),
         operation: op.as_str().to_owned(),
         identity: "operator".into(),
-        decision: "none".into(),
+        decision: Decided::None,
         regulations_version: regs.version.clone(),
-        outcome: crate::Outcome::Ok.name().into(),
+        outcome: crate::Outcome::Ok,
         ..AuditEntry::default()
     }
 }
@@ -1863,16 +1863,15 @@ impl Vault {
     ) -> Result<ArchiveReport, VaultError> {
         let result = self.archive_now(before_ms, now_ms, out).await;
         let not_done = match &result {
-            Err(e) => Some((e.code_name(), format!("refused: {}", clean(&e.to_string())))),
-            Ok(r) if r.entries == 0 => Some((
-                crate::Outcome::Ok.name(),
-                "nothing to archive: no signed checkpoint is old enough".into(),
-            )),
+            Err(e) => Some((e.outcome(), format!("refused: {}", clean(&e.to_string())))),
+            Ok(r) if r.entries == 0 => {
+                Some((crate::Outcome::Ok, "nothing to archive: no signed checkpoint is old enough".into()))
+            }
             Ok(_) => None,
         };
         if let Some((outcome, why)) = not_done {
             let mut entry = operator_entry(Rpc::ArchiveAudit, Operation::AuditRead, &self.regulations());
-            entry.outcome = outcome.into();
+            entry.outcome = outcome;
             entry.reason = format!("archival of entries older than {before_ms} ms {why}");
             let recorded = self.commit_now(entry, Changes::none()).await;
             // The refusal is the answer; failing to record it matters only when nothing else failed.

@@ -232,7 +232,7 @@ impl Vault {
             }
             Ok(_) => entry.reason = "unsealed".into(),
             Err(e) => {
-                entry.outcome = e.code_name().into();
+                entry.outcome = e.outcome();
                 entry.reason = clean(&e.to_string());
             }
         }
@@ -384,7 +384,7 @@ impl Vault {
         match &resealed {
             Ok(_) => entry.reason = "passphrase changed".into(),
             Err(e) => {
-                entry.outcome = e.code_name().into();
+                entry.outcome = e.outcome();
                 entry.reason = clean(&e.to_string());
             }
         }

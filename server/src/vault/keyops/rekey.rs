@@ -274,7 +274,7 @@ self.unsealed()?;
         match &sealed {
             Ok(_) => entry.reason = format!("new custodian {custodian} set their passphrase"),
             Err(e) => {
-                entry.outcome = e.code_name().into();
+                entry.outcome = e.outcome();
                 entry.reason = clean(&e.to_string());
             }
         }
@@ -376,7 +376,7 @@ self.unsealed()?;
                 )
             }
             Err(e) => {
-                entry.outcome = e.code_name().into();
+                entry.outcome = e.outcome();
                 entry.reason = clean(&e.to_string());
             }
         }
