@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 N=${1:-1000000}
 SECS=${2:-10}
 shift 2 2>/dev/null || shift $#
-cargo build --release --bins --quiet
+cargo build --release --bins --quiet --features khlangd/bench
 BIN=target/release
 # KHLANG_BENCH_DIR keeps the populated vault between runs (populating a million records takes a
 # minute or two); otherwise a temporary folder is used and removed.

@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 ROUNDS=${2:-3}
-cargo build --release --bins --quiet
+cargo build --release --bins --quiet --features khlangd/bench
 BIN=target/release
 WORK=$(mktemp -d)
 PIDS=()

@@ -98,21 +98,98 @@ enum Command {
         data_dir: PathBuf,
         #[command(flatten)]
         server: ServerArgs,
-        /// Benchmark baseline only: store field values WITHOUT encryption, to measure what
-        /// encryption costs. The data folder remembers this mode and an encrypted server refuses it.
-        #[arg(long, hide = true)]
-        bench_plaintext_baseline: bool,
-        /// Benchmark baseline only: allow every request without consulting the regulations.
-        #[arg(long, hide = true)]
-        bench_skip_policy: bool,
-        /// Benchmark baseline only: write no audit entries.
-        #[arg(long, hide = true)]
-        bench_skip_audit: bool,
-        /// Benchmark setup only: before serving, store encrypted records in bulk (bypassing the
-        /// API and the audit log) until the vault holds this many.
-        #[arg(long, hide = true)]
-        bench_populate: Option<u64>,
+        #[command(flatten)]
+        bench: BenchArgs,
     },
+}
+
+/// The benchmark's switches, only in a `bench` build (`cargo build --features khlangd/bench`):
+/// a production binary has no flag that turns encryption, the regulations or the audit off.
+#[derive(Args, Default)]
+struct BenchArgs {
+    /// Benchmark baseline only: store field values WITHOUT encryption, to measure what
+    /// encryption costs. The data folder remembers this mode and an encrypted server refuses it.
+    #[cfg(feature = "bench")]
+    #[arg(long, hide = true)]
+    bench_plaintext_baseline: bool,
+    /// Benchmark baseline only: allow every request without consulting the regulations.
+    #[cfg(feature = "bench")]
+    #[arg(long, hide = true)]
+    bench_skip_policy: bool,
+    /// Benchmark baseline only: write no audit entries.
+    #[cfg(feature = "bench")]
+    #[arg(long, hide = true)]
+    bench_skip_audit: bool,
+    /// Benchmark setup only: before serving, store encrypted records in bulk (bypassing the
+    /// API and the audit log) until the vault holds this many.
+    #[cfg(feature = "bench")]
+    #[arg(long, hide = true)]
+    bench_populate: Option<u64>,
+}
+
+impl BenchArgs {
+    fn mode(&self) -> CipherMode {
+        #[cfg(feature = "bench")]
+        if self.bench_plaintext_baseline {
+            return CipherMode::PlaintextBaseline;
+        }
+        CipherMode::Encrypted
+    }
+
+    /// The options with the switches applied.
+    fn apply(&self, options: VaultOptions) -> VaultOptions {
+        #[cfg(feature = "bench")]
+        return VaultOptions {
+            bench_skip_policy: self.bench_skip_policy,
+            bench_skip_audit: self.bench_skip_audit,
+            ..options
+        };
+        #[cfg(not(feature = "bench"))]
+        options
+    }
+
+    /// Stores records in bulk before serving, if asked.
+    async fn populate(&self, vault: &Vault) -> anyhow::Result<()> {
+        #[cfg(feature = "bench")]
+        if let Some(target) = self.bench_populate {
+            let have = vault.record_count().await?;
+            if have < target {
+                let started = std::time::Instant::now();
+                vault
+                    .bench_populate(target - have, |done| {
+                        if done % 100_000 == 0 {
+                            tracing::info!(done, "bench populate");
+                        }
+                    })
+                    .await?;
+                tracing::info!(
+                    records = target,
+                    secs = started.elapsed().as_secs_f64(),
+                    "bench populate finished"
+                );
+            }
+        }
+        let _ = vault;
+        Ok(())
+    }
+
+    fn warnings(&self) -> Vec<&'static str> {
+        #[allow(unused_mut)]
+        let mut out = Vec::new();
+        #[cfg(feature = "bench")]
+        {
+            if self.bench_plaintext_baseline {
+                out.push("!! BENCHMARK BASELINE: field values are stored WITHOUT encryption !!");
+            }
+            if self.bench_skip_policy {
+                out.push("!! BENCHMARK BASELINE: the regulations are NOT enforced !!");
+            }
+            if self.bench_skip_audit {
+                out.push("!! BENCHMARK BASELINE: requests are NOT audited !!");
+            }
+        }
+        out
+    }
 }
 
 #[derive(Args)]
@@ -260,7 +337,9 @@ impl ServerArgs {
             },
             regulations: Arc::new(load_regulations(self.regulations.as_deref())?),
             regulations_path: self.regulations.clone(),
+            #[cfg(feature = "bench")]
             bench_skip_policy: false,
+            #[cfg(feature = "bench")]
             bench_skip_audit: false,
             checkpoints: Default::default(),
             audit_files: self.audit.files()?,
@@ -436,10 +515,16 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn print_dev_banner(listen: SocketAddr, dir: &Path, creds: &dev::DevCredentials, baseline: bool, tls: bool) {
+fn print_dev_banner(
+    listen: SocketAddr,
+    dir: &Path,
+    creds: &dev::DevCredentials,
+    warnings: &[&str],
+    tls: bool,
+) {
     println!("Khlang development vault — NOT for real data (its passphrase is public).");
-    if baseline {
-        println!("!! BENCHMARK BASELINE: field values are stored WITHOUT encryption !!");
+    for w in warnings {
+        println!("{w}");
     }
     let scheme = if tls { "https" } else { "http" };
     println!("  data folder: {}", dir.display());
@@ -580,58 +665,20 @@ async fn main() -> anyhow::Result<()> {
             }
             run(vault, bind(server.listen).await?, tls).await?;
         }
-        Command::Dev {
-            data_dir,
-            server,
-            bench_plaintext_baseline,
-            bench_skip_policy,
-            bench_skip_audit,
-            bench_populate,
-        } => {
-            let mode =
-                if bench_plaintext_baseline { CipherMode::PlaintextBaseline } else { CipherMode::Encrypted };
-            let options = VaultOptions { bench_skip_policy, bench_skip_audit, ..server.options(mode)? };
+        Command::Dev { data_dir, server, bench } => {
+            let options = bench.apply(server.options(bench.mode())?);
             let tls = server.tls()?;
             let (vault, creds) = dev::open_dev_vault(&data_dir, &options)
                 .await
                 .with_context(|| format!("cannot open the development vault in {}", data_dir.display()))?;
-            if let Some(target) = bench_populate {
-                let have = vault.record_count().await?;
-                if have < target {
-                    let started = std::time::Instant::now();
-                    vault
-                        .bench_populate(target - have, |done| {
-                            if done % 100_000 == 0 {
-                                tracing::info!(done, "bench populate");
-                            }
-                        })
-                        .await?;
-                    tracing::info!(
-                        records = target,
-                        secs = started.elapsed().as_secs_f64(),
-                        "bench populate finished"
-                    );
-                }
-            }
+            bench.populate(&vault).await?;
             let listener = bind(server.listen).await?;
-            print_dev_banner(
-                listener.local_addr()?,
-                &data_dir,
-                &creds,
-                bench_plaintext_baseline,
-                tls.is_some(),
-            );
+            print_dev_banner(listener.local_addr()?, &data_dir, &creds, &bench.warnings(), tls.is_some());
             if vault.is_sealed() {
                 println!(
                     "SEALED: the development passphrase was changed; unseal with \
                      `khlang operator unseal --custodian 1` and your new passphrase."
                 );
-            }
-            if bench_skip_policy {
-                println!("!! BENCHMARK BASELINE: the regulations are NOT enforced !!");
-            }
-            if bench_skip_audit {
-                println!("!! BENCHMARK BASELINE: requests are NOT audited !!");
             }
             drop(creds);
             run(vault, listener, tls).await?;

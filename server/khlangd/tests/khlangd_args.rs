@@ -19,6 +19,23 @@ fn help_lists_init_serve_dev() {
     assert!(!text.contains("bench-plaintext-baseline"), "the benchmark-only flag stays hidden");
 }
 
+/// A plain build (no `bench` feature) has no switch that turns a protection off: each is an
+/// unknown argument, refused before anything is opened.
+#[cfg(not(feature = "bench"))]
+#[test]
+fn a_plain_build_has_no_benchmark_switches() {
+    for flag in ["--bench-plaintext-baseline", "--bench-skip-policy", "--bench-skip-audit"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = khlangd()
+            .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap(), flag])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} was accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument"), "{flag}");
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created for {flag}");
+    }
+}
+
 #[test]
 fn no_passphrase_without_a_terminal_is_refused() {
     let dir = tempfile::tempdir().unwrap();

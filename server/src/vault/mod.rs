@@ -68,6 +68,7 @@ pub(crate) const SUBJECT_CONTEXT: &str = "@subject";
 /// Generation of a record's first data key (re-encryption increments it).
 pub(crate) const FIRST_GENERATION: u32 = 1;
 const MODE_ENCRYPTED: &str = "encrypted";
+#[cfg(feature = "bench")]
 const MODE_BASELINE: &str = "plaintext-baseline";
 
 /// Configured limits, enforced on every request.
@@ -91,12 +92,14 @@ impl Default for Limits {
     }
 }
 
-/// How field values are stored. `PlaintextBaseline` exists only so the benchmark can measure what
-/// encryption costs on the same path; a data folder remembers its mode and refuses the other.
+/// How field values are stored. `PlaintextBaseline` exists only in `bench` builds, so the
+/// benchmark can measure what encryption costs on the same path; a data folder remembers its mode
+/// and refuses the other (a build without it refuses a baseline folder).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CipherMode {
     #[default]
     Encrypted,
+    #[cfg(feature = "bench")]
     PlaintextBaseline,
 }
 
@@ -104,6 +107,7 @@ impl CipherMode {
     fn as_str(self) -> &'static str {
         match self {
             Self::Encrypted => MODE_ENCRYPTED,
+            #[cfg(feature = "bench")]
             Self::PlaintextBaseline => MODE_BASELINE,
         }
     }
@@ -119,9 +123,13 @@ pub struct VaultOptions {
     pub regulations: Arc<Regulations>,
     /// Where reloads read the regulations from; `None` means the embedded sample, not reloadable.
     pub regulations_path: Option<PathBuf>,
-    /// Benchmark baseline only: allow every request without consulting the regulations.
+    /// Benchmark baseline only (`bench` builds): allow every request without consulting the
+    /// regulations.
+    #[cfg(feature = "bench")]
     pub bench_skip_policy: bool,
-    /// Benchmark baseline only: write no audit entries (and do not flush for reads).
+    /// Benchmark baseline only (`bench` builds): write no audit entries (and do not flush for
+    /// reads).
+    #[cfg(feature = "bench")]
     pub bench_skip_audit: bool,
     pub checkpoints: CheckpointPolicy,
     /// The audit log's files: segment size, and the witness of its signed checkpoints.
@@ -141,6 +149,24 @@ pub struct VaultOptions {
     pub rekey_ttl: Duration,
 }
 
+impl VaultOptions {
+    /// Whether the decide step is skipped (a `bench` build's baseline; never otherwise).
+    fn skips_policy(&self) -> bool {
+        #[cfg(feature = "bench")]
+        return self.bench_skip_policy;
+        #[cfg(not(feature = "bench"))]
+        false
+    }
+
+    /// Whether no audit entries are written (a `bench` build's baseline; never otherwise).
+    fn skips_audit(&self) -> bool {
+        #[cfg(feature = "bench")]
+        return self.bench_skip_audit;
+        #[cfg(not(feature = "bench"))]
+        false
+    }
+}
+
 impl Default for VaultOptions {
     fn default() -> Self {
         Self {
@@ -150,7 +176,9 @@ impl Default for VaultOptions {
             auth: AuthLimits::default(),
             regulations: Arc::new(Regulations::sample()),
             regulations_path: None,
+            #[cfg(feature = "bench")]
             bench_skip_policy: false,
+            #[cfg(feature = "bench")]
             bench_skip_audit: false,
             checkpoints: CheckpointPolicy::default(),
             audit_files: Default::default(),
@@ -480,7 +508,7 @@ impl Vault {
         let log_options = crate::audit::LogOptions {
             checkpoints: options.checkpoints,
             files: options.audit_files.clone(),
-            disabled: options.bench_skip_audit,
+            disabled: options.skips_audit(),
         };
         let audit = AuditLog::open(store.as_ref(), dir, &log_options).await?;
         crate::storage::tighten(dir)?;
@@ -504,7 +532,7 @@ impl Vault {
             derivations: Default::default(),
             limits: options.limits,
             mode: options.mode,
-            bench_skip_policy: options.bench_skip_policy,
+            bench_skip_policy: options.skips_policy(),
             accept_audit_break: std::sync::Mutex::new(options.accept_audit_break),
             released: Default::default(),
             audit,
@@ -994,6 +1022,7 @@ impl Vault {
                 .unwrap_data_key(&WrappedDataKey::from_bytes(wrapped.to_vec()), record_id.as_bytes())
                 .map(Some)
                 .map_err(integrity(record_id, "data key")),
+            #[cfg(feature = "bench")]
             CipherMode::PlaintextBaseline => Ok(None),
         }
     }
@@ -1075,6 +1104,7 @@ impl Vault {
                         changes.expect_kek_live(wrapped.kek_version()?);
                         (Some(dek), wrapped.as_bytes().to_vec())
                     }
+                    #[cfg(feature = "bench")]
                     CipherMode::PlaintextBaseline => (None, Vec::new()),
                 };
                 e.key_versions = Self::key_versions(&wrapped);

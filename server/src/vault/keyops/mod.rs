@@ -21,8 +21,10 @@ use crate::audit::Rpc;
 use crate::audit::{Committed, clean};
 use crate::policy::Operation;
 use crate::storage::{Changes, Cursor, Custody, JobKind, KeySpace, StoredField, StoredJob, StoredRecord};
+#[cfg(feature = "bench")]
+use crate::vault::FIRST_GENERATION;
 use crate::vault::prepare;
-use crate::vault::{FIRST_GENERATION, SUBJECT_CONTEXT, Unsealed, custodian_entry, now_ms, operator_entry};
+use crate::vault::{SUBJECT_CONTEXT, Unsealed, custodian_entry, now_ms, operator_entry};
 use crate::{Caller, CipherMode, Vault, VaultError};
 
 /// How a background key job paces itself, so the vault keeps serving while it runs: records per
@@ -430,6 +432,7 @@ impl Vault {
     fn require_encryption(&self) -> Result<(), VaultError> {
         match self.mode {
             CipherMode::Encrypted => Ok(()),
+            #[cfg(feature = "bench")]
             CipherMode::PlaintextBaseline => {
                 Err(VaultError::FailedPrecondition("this benchmark baseline stores no keys".into()))
             }
@@ -793,6 +796,7 @@ impl Vault {
 
 /// Field values of the records the rotation benchmark stores in bulk: the eight fields of
 /// `khlang bench`, canonical, so the records are like those the API writes.
+#[cfg(feature = "bench")]
 const BULK_FIELDS: &[(&str, &str)] = &[
     ("billing_address", "99/1 Ratchadamnoen Rd, Nakhon Si Thammarat"),
     ("card_number", "4111111111111111"),
@@ -808,6 +812,8 @@ impl Vault {
     /// Benchmark setup only: stores `n` encrypted records (real data keys, wrapped by the active
     /// KEK) straight into the store in large batches, without the API or the audit log, so a
     /// rotation can be measured over a million records. Reports progress through `progress`.
+    /// Only in `bench` builds.
+    #[cfg(feature = "bench")]
     pub async fn bench_populate(&self, n: u64, progress: impl Fn(u64)) -> Result<(), VaultError> {
         let keys = self.unsealed()?;
         self.require_encryption()?;
