@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use khlang_keys::audit_chain::HeadTagger;
+use khlang_keys::audit_chain::{ChainReport, HeadTagger};
 
 use crate::StoreError;
 use crate::storage::{AuditRecord, HeadRecorder};
@@ -967,5 +967,123 @@ impl AuditFile {
             OpenOptions::new().create(true).append(true).open(dir.join(CHECKPOINTS)).map_err(io_error)?;
         p.segment_entries = (p.last_seq + 1).saturating_sub(first);
         Ok(())
+    }
+}
+
+/// Entries as read back: `(seq, hash ‖ canonical JSON)`, oldest first.
+pub type StoredEntries<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + Send + 'a>;
+
+/// Where the audit log keeps its entries and checkpoints: appended in seq order, durable up to a
+/// seq, read back and verified. The segment files above are the implementation beside sled; a
+/// backend that keeps entries in its own tables implements the same. Appends are synchronous (they
+/// fill a buffer under the log's order; durability is awaited apart, by [`AuditFiles::durable`]).
+#[async_trait::async_trait]
+pub trait AuditFiles: Send + Sync {
+    /// Appends entry `seq` (`urgent`: its request waits for its sync; otherwise it is durable
+    /// elsewhere, in the change's commit, and synced with the next urgent one).
+    fn append_entry(
+        &self,
+        seq: u64,
+        hash: &[u8; 32],
+        canonical: &[u8],
+        urgent: bool,
+    ) -> Result<(), StoreError>;
+    fn append_checkpoint(&self, seq: u64, json: &[u8]) -> Result<(), StoreError>;
+    /// Fails if an append would (a failed write earlier: fail closed).
+    fn check_writable(&self) -> Result<(), StoreError>;
+    /// The newest seq on disk.
+    fn synced_seq(&self) -> u64;
+    /// Writes what waits in memory (no sync), for a reader.
+    fn write_through(&self) -> Result<(), StoreError>;
+    fn sync_now(&self) -> Result<(), StoreError>;
+    /// Returns once entry `seq` is on disk.
+    async fn durable(&self, seq: u64) -> Result<(), StoreError>;
+    /// The keys that tag each synced group, and where the synced heads are recorded (`None`: sealed).
+    fn set_sealing(&self, tagger: Option<HeadTagger>, recorder: Option<HeadRecorder>);
+    /// Removes entries up to `last` and the checkpoints before it (archival).
+    fn remove_archived(&self, last: u64) -> Result<(), StoreError>;
+    /// Fault drill for tests: every following append fails (or succeeds again).
+    #[cfg(any(test, feature = "test-util"))]
+    fn inject_failure(&self, fail: bool);
+
+    /// Entries from `from` on, oldest first: `(seq, hash ‖ canonical JSON)`.
+    fn entries(&self, from: u64) -> StoredEntries<'_>;
+    /// Every signed checkpoint kept, oldest first (JSON).
+    fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// The seq of the oldest entry kept; `None` for an empty log.
+    fn first_seq(&self) -> Result<Option<u64>, StoreError>;
+    /// Verifies every entry and proof kept (the files: two threads, split at the middle).
+    fn verify(&self, public_key: &[u8], with: &super::VerifyWith<'_>) -> Result<ChainReport, StoreError>;
+    /// Where an operator finds them (the files' folder), for messages and tools.
+    fn location(&self) -> &Path;
+}
+
+#[async_trait::async_trait]
+impl AuditFiles for AuditFile {
+    fn append_entry(
+        &self,
+        seq: u64,
+        hash: &[u8; 32],
+        canonical: &[u8],
+        urgent: bool,
+    ) -> Result<(), StoreError> {
+        AuditFile::append_entry(self, seq, hash, canonical, urgent)
+    }
+
+    fn append_checkpoint(&self, seq: u64, json: &[u8]) -> Result<(), StoreError> {
+        AuditFile::append_checkpoint(self, seq, json)
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        AuditFile::check_writable(self)
+    }
+
+    fn synced_seq(&self) -> u64 {
+        AuditFile::synced_seq(self)
+    }
+
+    fn write_through(&self) -> Result<(), StoreError> {
+        AuditFile::write_through(self)
+    }
+
+    fn sync_now(&self) -> Result<(), StoreError> {
+        AuditFile::sync_now(self)
+    }
+
+    async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        AuditFile::durable(self, seq).await
+    }
+
+    fn set_sealing(&self, tagger: Option<HeadTagger>, recorder: Option<HeadRecorder>) {
+        AuditFile::set_sealing(self, tagger, recorder);
+    }
+
+    fn remove_archived(&self, last: u64) -> Result<(), StoreError> {
+        AuditFile::remove_archived(self, last)
+    }
+
+    #[cfg(any(test, feature = "test-util"))]
+    fn inject_failure(&self, fail: bool) {
+        AuditFile::inject_failure(self, fail);
+    }
+
+    fn entries(&self, from: u64) -> StoredEntries<'_> {
+        Box::new(entries(self.dir(), from))
+    }
+
+    fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        checkpoints(self.dir())
+    }
+
+    fn first_seq(&self) -> Result<Option<u64>, StoreError> {
+        first_seq(self.dir())
+    }
+
+    fn verify(&self, public_key: &[u8], with: &super::VerifyWith<'_>) -> Result<ChainReport, StoreError> {
+        super::verify_dir(self.dir(), public_key, with)
+    }
+
+    fn location(&self) -> &Path {
+        self.dir()
     }
 }

@@ -26,7 +26,9 @@ use khlang_keys::audit_chain::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::audit::files::{AuditFile, FileOptions, Scanned, TaggedHead, decode_tagged, encode_tagged};
+use crate::audit::files::{
+    AuditFile, AuditFiles, FileOptions, Scanned, TaggedHead, decode_tagged, encode_tagged,
+};
 use crate::clock::now_ms;
 use crate::policy::catalogue::printable;
 use crate::storage::{AuditHead, AuditRecord, Changes, HeadRecorder, Storage};
@@ -281,7 +283,7 @@ pub struct AuditLog {
     policy: CheckpointPolicy,
     /// Benchmark baseline only: apply changes without writing entries.
     disabled: bool,
-    file: AuditFile,
+    file: Box<dyn AuditFiles>,
     recorder: HeadRecorder,
     witness: Option<PathBuf>,
 }
@@ -348,7 +350,7 @@ impl StoredRecords {
 /// Returns the new head and the newest checkpoint moved.
 async fn recover_from_sled(
     store: &dyn Storage,
-    file: &AuditFile,
+    file: &dyn AuditFiles,
     head: ChainHead,
 ) -> Result<(ChainHead, Option<u64>), StoreError> {
     let (mut seq, mut hash) = head;
@@ -465,15 +467,44 @@ impl AuditLog {
             integrity: Mutex::new(Integrity { opened: (seq, hash), checked: false, broken }),
             policy: options.checkpoints,
             disabled: options.disabled,
-            file,
+            file: Box::new(file),
             recorder: store.head_recorder(),
             witness: options.files.witness.clone(),
         })
     }
 
-    /// Where the log's files are (readers open them on their own).
+    /// Where the log's files are (tools and tests that read them as an intruder would).
     pub fn dir(&self) -> &Path {
-        self.file.dir()
+        self.file.location()
+    }
+
+    /// Every entry kept, parsed, oldest first (damaged lines left out; verification names them).
+    pub fn read_entries(&self) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+        read_entries(&*self.file)
+    }
+
+    /// The export's JSON Lines (header, entries, checkpoints).
+    pub fn export_lines(&self, public_key: Vec<u8>) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
+        export_lines(&*self.file, public_key)
+    }
+
+    /// The archive's JSON Lines: entries up to `last` and the checkpoints up to it.
+    pub fn archive_lines(
+        &self,
+        public_key: Vec<u8>,
+        last: u64,
+    ) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
+        archive_lines(&*self.file, public_key, last)
+    }
+
+    /// The seq of the oldest entry kept.
+    pub fn first_seq(&self) -> Result<Option<u64>, StoreError> {
+        self.file.first_seq()
+    }
+
+    /// Every signed checkpoint kept, oldest first (JSON).
+    pub fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.file.checkpoints()
     }
 
     /// Unsealing: installs the keys. The first time in this process, the tail on disk since the
@@ -582,13 +613,14 @@ impl AuditLog {
     ) -> Result<TailFinding, VaultError> {
         let proofs = self.stored_proofs(records, tagger)?;
         let start = match &proofs.signed {
-            Some(a) if verify_checkpoint(public_key, a) && entry_hash(self.dir(), a.seq)? == Some(a.hash) => {
+            Some(a)
+                if verify_checkpoint(public_key, a) && entry_hash(&*self.file, a.seq)? == Some(a.hash) =>
+            {
                 Some(a.clone())
             }
             _ => None,
         };
-        let mut report = verify_dir(
-            self.dir(),
+        let mut report = self.file.verify(
             public_key,
             &VerifyWith {
                 expected_head: Some(opened),
@@ -602,10 +634,10 @@ impl AuditLog {
             add_break(&mut report, b);
         }
         // Witnessed heads before the log's first entry were archived (the archive holds them).
-        let first = files::first_seq(self.dir())?.unwrap_or(1);
+        let first = self.file.first_seq()?.unwrap_or(1);
         let before = proofs.witnessed_before(start.as_ref().map_or(0, |s| s.seq));
         for w in before.iter().filter(|w| w.seq >= first) {
-            if entry_hash(self.dir(), w.seq)? != Some(w.hash) {
+            if entry_hash(&*self.file, w.seq)? != Some(w.hash) {
                 let reason =
                     format!("the witness holds a signed head at {} that this log does not contain", w.seq);
                 add_break(&mut report, ChainBreak { seq: w.seq, reason });
@@ -650,7 +682,7 @@ impl AuditLog {
             proofs.witness = read_witness(path)?;
         }
         proofs.file_checkpoints =
-            files::checkpoints(self.dir())?.iter().filter_map(|c| StoredCheckpoint::parse(c)).collect();
+            self.file.checkpoints()?.iter().filter_map(|c| StoredCheckpoint::parse(c)).collect();
         Ok(proofs)
     }
 
@@ -926,11 +958,10 @@ impl AuditLog {
             None => Proofs::default(),
         };
         let head = self.head_in_file()?;
-        let first = files::first_seq(self.dir())?.unwrap_or(1);
+        let first = self.file.first_seq()?.unwrap_or(1);
         let mut known = proofs.tagged.clone();
         known.push(head);
-        let mut report = verify_dir(
-            self.dir(),
+        let mut report = self.file.verify(
             public_key,
             &VerifyWith {
                 expected_head: Some(head),
@@ -985,7 +1016,7 @@ impl AuditLog {
     #[cfg(test)]
     pub fn verify_stored(&self, public_key: &[u8]) -> Result<ChainReport, StoreError> {
         self.head_in_file()?;
-        verify_dir(self.dir(), public_key, &VerifyWith::default())
+        self.file.verify(public_key, &VerifyWith::default())
     }
 
     /// The head, with everything up to it written to the file: what a live verification of the
@@ -1025,13 +1056,22 @@ fn notice_entry(rpc: Rpc) -> AuditEntry {
 }
 
 /// The stored hash of entry `seq`, if the log holds it.
-fn entry_hash(dir: &Path, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
-    match files::entries(dir, seq).next().transpose()? {
+/// The chain hash stored with entry `seq`, in the files of `dir`.
+fn entry_hash_in(dir: &Path, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+    stored_hash(seq, files::entries(dir, seq).next().transpose()?)
+}
+
+fn stored_hash(seq: u64, item: Option<(u64, Vec<u8>)>) -> Result<Option<[u8; 32]>, StoreError> {
+    match item {
         Some((s, value)) if s == seq => {
             Ok(split_stored(&value).ok().and_then(|(h, _)| <[u8; 32]>::try_from(h).ok()))
         }
         _ => Ok(None),
     }
+}
+
+fn entry_hash(files: &dyn AuditFiles, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+    stored_hash(seq, files.entries(seq).next().transpose()?)
 }
 
 enum TailFinding {
@@ -1164,7 +1204,7 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
         known.into_iter().partition(|h| h.0 < split);
     let last_cp_early = early.last().map(|c| c.seq).or(last_cp);
     let prev_of_split =
-        if split > first { entry_hash(dir, split - 1)?.unwrap_or(GENESIS) } else { start_hash };
+        if split > first { entry_hash_in(dir, split - 1)?.unwrap_or(GENESIS) } else { start_hash };
     let to = if live { last } else { u64::MAX };
     let make =
         |cps: Vec<Checkpoint>, heads: Vec<ChainHead>, seq: u64, prev: [u8; 32], last_cp: Option<u64>| {
@@ -1281,8 +1321,8 @@ impl AuditFilter {
 
 /// Reads entries back, oldest first, parsed. A damaged line is not an entry: it is left out here
 /// (verification names it), so the rest of the log stays readable.
-pub fn read_entries(dir: &Path) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + use<> {
-    files::entries(dir, 0).filter_map(|item| match item {
+pub fn read_entries(files: &dyn AuditFiles) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+    files.entries(0).filter_map(|item| match item {
         Ok((_, value)) => {
             let (_, json) = split_stored(&value).ok()?;
             serde_json::from_slice(json).ok().map(Ok)
@@ -1294,29 +1334,30 @@ pub fn read_entries(dir: &Path) -> impl Iterator<Item = Result<AuditEntry, Store
 /// The archive of entries up to `last`: the export format (a header, each entry with its chain
 /// hash, the checkpoints up to `last`, including the one anchoring its first entry).
 pub fn archive_lines(
-    dir: &Path,
+    files: &dyn AuditFiles,
     public_key: Vec<u8>,
     last: u64,
-) -> impl Iterator<Item = Result<String, StoreError>> + use<> {
-    lines_up_to(dir, public_key, last)
+) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
+    lines_up_to(files, public_key, last)
 }
 
 /// The export format, JSON Lines: a header, every entry with its chain hash, every checkpoint.
 pub fn export_lines(
-    dir: &Path,
+    files: &dyn AuditFiles,
     public_key: Vec<u8>,
-) -> impl Iterator<Item = Result<String, StoreError>> + use<> {
-    lines_up_to(dir, public_key, u64::MAX)
+) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
+    lines_up_to(files, public_key, u64::MAX)
 }
 
 /// Export lines of the entries and checkpoints up to seq `last`.
 fn lines_up_to(
-    dir: &Path,
+    files: &dyn AuditFiles,
     public_key: Vec<u8>,
     last: u64,
-) -> impl Iterator<Item = Result<String, StoreError>> + use<> {
+) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
     let header = serde_json::json!({"type": "header", "format": "khlang-audit-2", "public_key": hex::encode(&public_key)});
-    let entries = files::entries(dir, 0)
+    let entries = files
+        .entries(0)
         .take_while(move |item| item.as_ref().map_or(true, |(seq, _)| *seq <= last))
         .map(|item| {
             let (seq, value) = item?;
@@ -1334,7 +1375,7 @@ fn lines_up_to(
                 None => Ok(damaged),
             }
         });
-    let checkpoints = files::checkpoints(dir).map(|cps| {
+    let checkpoints = files.checkpoints().map(|cps| {
         cps.into_iter().filter_map(move |c| {
             let line = || -> Result<Option<String>, StoreError> {
                 let cp: StoredCheckpoint =
@@ -1637,13 +1678,13 @@ mod tests {
 
         let log = test_log(dir.path(), &store).await;
         assert_eq!(log.head().0, 4);
-        let rpcs: Vec<String> = read_entries(log.dir()).map(|e| e.unwrap().rpc).collect();
+        let rpcs: Vec<String> = log.read_entries().map(|e| e.unwrap().rpc).collect();
         assert_eq!(rpcs, ["GetRecord", "GetRecord", "GetRecord", "PutRecord"]);
         drop(signer);
         unlock(&log, &store, &dkey).await;
         read(&log, &store, 5).await;
         let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();
-        let rpcs: Vec<String> = read_entries(log.dir()).map(|e| e.unwrap().rpc).collect();
+        let rpcs: Vec<String> = log.read_entries().map(|e| e.unwrap().rpc).collect();
         assert_eq!(
             rpcs[4], "AuditUnproven",
             "entries the log held unsigned and untagged are named as unproven"
@@ -1708,7 +1749,7 @@ mod tests {
         assert_eq!(read(&log, &store, 3).await, 3, "the chain goes on");
         let entries: Vec<AuditEntry> = {
             log.write_through().unwrap();
-            read_entries(log.dir()).map(Result::unwrap).collect()
+            log.read_entries().map(Result::unwrap).collect()
         };
         let failed = &entries[1];
         assert_eq!((failed.seq, failed.rpc.as_str(), failed.outcome.as_str()), (2, "Reencrypt", "Internal"));

@@ -1768,7 +1768,7 @@ impl Vault {
         let written = self.audit.write_through().err().map(Err);
         written
             .into_iter()
-            .chain(crate::audit::read_entries(self.audit.dir()).map(|r| r.map_err(VaultError::from)))
+            .chain(self.audit.read_entries().map(|r| r.map_err(VaultError::from)))
             .filter(move |r| r.as_ref().map_or(true, |e| filter.matches(e)))
             .take(limit)
     }
@@ -1784,7 +1784,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        Ok(crate::audit::export_lines(self.audit.dir(), public_key).map(|r| r.map_err(VaultError::from)))
+        Ok(self.audit.export_lines(public_key).map(|r| r.map_err(VaultError::from)))
     }
 
     /// Verifies the live log: chain, checkpoint signatures and their order, head tags, the
@@ -1940,8 +1940,10 @@ impl Vault {
                 b.seq, b.reason
             )));
         }
-        let first = crate::audit::files::first_seq(self.audit.dir())?.unwrap_or(1);
-        let last = crate::audit::files::checkpoints(self.audit.dir())?
+        let first = self.audit.first_seq()?.unwrap_or(1);
+        let last = self
+            .audit
+            .checkpoints()?
             .iter()
             .filter_map(|c| serde_json::from_slice::<crate::audit::StoredCheckpoint>(c).ok())
             .filter(|c| c.seq >= first && c.time_ms < before_ms)
@@ -1951,7 +1953,7 @@ impl Vault {
             return Ok(ArchiveReport { first, last: first.saturating_sub(1), entries: 0 });
         };
         let io = |e: std::io::Error| VaultError::FailedPrecondition(format!("cannot write the archive: {e}"));
-        for line in crate::audit::archive_lines(self.audit.dir(), public_key, last) {
+        for line in self.audit.archive_lines(public_key, last) {
             writeln!(out, "{}", line?).map_err(io)?;
         }
         out.flush().map_err(io)?;
