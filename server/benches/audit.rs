@@ -36,7 +36,7 @@ async fn main() {
         decision: khlang_server::audit::Decided::Allow,
         rule: "roles.billing-clerk.read[0]".into(),
         regulations_version: "005d96b4a9019e1e3daddf79c2923509beb6b1a8786d9d48e67e30a7b91da4de".into(),
-        key_versions: "kek=1 gen=1".into(),
+        key_versions: khlang_server::audit::KeyVersions::data_key(1, 1),
         outcome: khlang_server::Outcome::Ok,
         ..AuditEntry::default()
     };

@@ -21,7 +21,7 @@ impl From<AuditEntry> for pb::AuditEntry {
             rule: e.rule,
             reason: e.reason,
             regulations_version: e.regulations_version,
-            key_versions: e.key_versions,
+            key_versions: e.key_versions.to_string(),
             outcome: e.outcome.as_str().to_owned(),
             repeated: e.repeated,
         }

@@ -61,6 +61,68 @@ impl PartialEq<&str> for Decided {
     }
 }
 
+/// The key versions an entry names: those of the record's data key (`kek=N gen=M`), a KEK
+/// version alone (`kek=N`: rotation, retirement), or none. Stored as that text, as always.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyVersions {
+    pub kek: Option<u32>,
+    pub generation: Option<u32>,
+}
+
+impl KeyVersions {
+    pub fn kek(kek: u32) -> Self {
+        Self { kek: Some(kek), generation: None }
+    }
+
+    pub fn data_key(kek: u32, generation: u32) -> Self {
+        Self { kek: Some(kek), generation: Some(generation) }
+    }
+
+    /// Reads the stored text back; `None` for one this build never writes.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut out = Self::default();
+        for part in text.split(' ').filter(|p| !p.is_empty()) {
+            match part.split_once('=')? {
+                ("kek", n) if out.kek.is_none() => out.kek = Some(n.parse().ok()?),
+                ("gen", n) if out.generation.is_none() && out.kek.is_some() => {
+                    out.generation = Some(n.parse().ok()?)
+                }
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+}
+
+impl std::fmt::Display for KeyVersions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kek, self.generation) {
+            (Some(k), Some(g)) => write!(f, "kek={k} gen={g}"),
+            (Some(k), None) => write!(f, "kek={k}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl PartialEq<&str> for KeyVersions {
+    fn eq(&self, other: &&str) -> bool {
+        Self::parse(other).is_some_and(|o| o == *self)
+    }
+}
+
+impl Serialize for KeyVersions {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyVersions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).ok_or_else(|| serde::de::Error::custom("key versions"))
+    }
+}
+
 /// One audited request (PCI DSS 10.2.2). `seq` and `time_ms` are set when it is appended.
 /// Fields are declared in alphabetical order so that serialising the struct directly yields the
 /// canonical form (keys sorted) without building a map; a test holds the two equal. The three
@@ -83,7 +145,7 @@ pub struct AuditEntry {
     pub fields: Vec<String>,
     pub identity: String,
     /// `kek=N gen=M` of the record's data key, when one was used.
-    pub key_versions: String,
+    pub key_versions: KeyVersions,
     /// The regulations' name of the operation (`read`), empty before one was known.
     pub operation: String,
     /// The gRPC status code name (`Ok`, `PermissionDenied`, ...).
@@ -152,7 +214,6 @@ impl AuditEntry {
         for text in [
             &mut self.client_request_id,
             &mut self.identity,
-            &mut self.key_versions,
             &mut self.operation,
             &mut self.peer,
             &mut self.purpose,
@@ -1400,6 +1461,24 @@ fn lines_up_to(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Key versions read back exactly as written, and text this build never writes is refused
+    /// (such an entry reads as damaged; verification still checks its bytes).
+    #[test]
+    fn key_versions_keep_their_stored_text() {
+        for (text, kv) in [
+            ("", KeyVersions::default()),
+            ("kek=2", KeyVersions::kek(2)),
+            ("kek=1 gen=3", KeyVersions::data_key(1, 3)),
+        ] {
+            assert_eq!(KeyVersions::parse(text), Some(kv), "{text}");
+            assert_eq!(kv.to_string(), text);
+            assert_eq!(serde_json::to_string(&kv).unwrap(), format!("\"{text}\""));
+        }
+        for odd in ["gen=1", "kek=x", "kek=1 kek=2", "kek=1 gen=2 gen=3", "kek=1 other=2", "kek"] {
+            assert_eq!(KeyVersions::parse(odd), None, "{odd}");
+        }
+    }
 
     #[tokio::test]
     async fn canonical_bytes_are_the_sorted_key_form() {

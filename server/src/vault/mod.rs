@@ -21,7 +21,9 @@ use khlang_keys::{
 use zeroize::Zeroizing;
 
 use crate::audit::Rpc;
-use crate::audit::{AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, Committed, Decided, clean};
+use crate::audit::{
+    AuditEntry, AuditFilter, AuditLog, CheckpointPolicy, Committed, Decided, KeyVersions, clean,
+};
 use crate::policy::catalogue;
 use crate::policy::regulations::{Regulations, Reveal};
 use crate::policy::{self, Ask, ConsentState, Decision, Operation};
@@ -1031,11 +1033,12 @@ impl Vault {
         keys.subject_index.mac(subject.as_bytes())
     }
 
-    /// `kek=N gen=M` of a stored wrapped data key, for the audit entry.
-    pub(crate) fn key_versions(wrapped: &[u8]) -> String {
+    /// The KEK version and generation of a stored wrapped data key, for the audit entry (none
+    /// for the benchmark's plaintext baseline, which has no key).
+    pub(crate) fn key_versions(wrapped: &[u8]) -> KeyVersions {
         WrappedDataKey::from_bytes(wrapped.to_vec())
             .header()
-            .map(|(kek, generation)| format!("kek={kek} gen={generation}"))
+            .map(|(kek, generation)| KeyVersions::data_key(kek, generation))
             .unwrap_or_default()
     }
 

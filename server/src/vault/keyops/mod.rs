@@ -417,7 +417,7 @@ impl Vault {
                 self.store.add_kek(version, &keys.root.wrap_kek(&kek, &self.rng)?, now_ms()).await?;
                 keys.ring.write().unwrap_or_else(|p| p.into_inner()).insert(kek);
                 let job = self.new_job(JobKind::Rewrap { target: version }, caller).await?;
-                e.key_versions = format!("kek={version}");
+                e.key_versions = crate::audit::KeyVersions::kek(version);
                 e.reason = format!("KEK v{version} active; rewrapping {} data keys", job.total);
                 let mut changes = Changes::new();
                 changes.put_job(&job);
@@ -542,7 +542,7 @@ impl Vault {
             prepare!(|e| {
                 let keys = self.unsealed()?;
                 self.permit(regs, caller, Operation::KeyAdmin, e)?;
-                e.key_versions = format!("kek={version}");
+                e.key_versions = crate::audit::KeyVersions::kek(version);
                 let info = self
                     .store
                     .kek_infos()
