@@ -949,8 +949,10 @@ fn kek_live_key(version: u32) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// Eight writers in flight, arriving one after another: the group commit holds the flush
-    /// for the ones it knows are coming, so they share one flush (or two), not eight.
+    /// Eight writers in flight, arriving a millisecond apart (7 ms from first to last, inside the
+    /// 10 ms bound): the group commit holds the flush for the ones it knows are coming, so they
+    /// share one flush (or a few on a loaded machine). A fixed window shorter than the gap — the
+    /// 500 µs one this replaced — would flush eight times.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_waits_for_the_writers_in_flight() {
         let dir = tempfile::tempdir().unwrap();
@@ -960,7 +962,7 @@ mod tests {
         for (i, ticket) in tickets.into_iter().enumerate() {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
-                tokio::time::sleep(std::time::Duration::from_micros(100 * i as u64)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(i as u64)).await;
                 let mut c = Changes::new();
                 c.put_job(&crate::storage::StoredJob {
                     format: 1,
@@ -984,7 +986,7 @@ mod tests {
         let stats = store.flush_stats();
         assert_eq!(stats.writes.load(Ordering::Relaxed), 8);
         assert!(
-            stats.flushes.load(Ordering::Relaxed) <= 2,
+            stats.flushes.load(Ordering::Relaxed) <= 3,
             "{} flushes",
             stats.flushes.load(Ordering::Relaxed)
         );
