@@ -1,6 +1,7 @@
 //! What every backend of the port must do alike, run against sled and the memory store: the
 //! expectations a commit checks, atomicity, walks and their cursors, the audit head.
 
+use super::test_postgres::TestPostgres;
 use super::*;
 
 fn record(subject: u8, age: &[u8], wrapped: &[u8]) -> StoredRecord {
@@ -12,17 +13,31 @@ fn identity(name: &str) -> StoredIdentity {
     StoredIdentity::new(name.into(), "key-admin".into(), "test".into(), 1)
 }
 
-/// Both backends, fresh (the folder holds sled's database).
-fn stores() -> (tempfile::TempDir, Vec<Box<dyn Storage>>) {
+/// Every backend, fresh: sled (in the folder), the memory store, and PostgreSQL (a throwaway
+/// cluster of the test's own; skipped loudly when no server is installed, see
+/// [`TestPostgres::start`]).
+struct Backends {
+    _dir: tempfile::TempDir,
+    _cluster: Option<TestPostgres>,
+    stores: Vec<Box<dyn Storage>>,
+}
+
+async fn backends(test: &str) -> Backends {
     let dir = tempfile::tempdir().unwrap();
     let sled = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
-    (dir, vec![Box::new(sled), Box::new(MemoryStore::new())])
+    let mut stores: Vec<Box<dyn Storage>> = vec![Box::new(sled), Box::new(MemoryStore::new())];
+    let cluster = TestPostgres::start(test);
+    if let Some(cluster) = &cluster {
+        stores.push(Box::new(PgStore::connect(&cluster.database().await).await.unwrap()));
+    }
+    Backends { _dir: dir, _cluster: cluster, stores }
 }
 
 #[tokio::test]
 async fn a_stale_version_commits_nothing_and_a_failed_expectation_applies_no_operation() {
-    let (_dir, stores) = stores();
-    for store in &stores {
+    let all = backends("a_stale_version_commits_nothing_and_a_failed_expectation_applies_no_operation").await;
+    let stores = &all.stores;
+    for store in stores {
         let store = store.as_ref();
         let mut first = Changes::new();
         first.insert_record("r1", &record(7, b"30", b"key-1"));
@@ -47,8 +62,9 @@ async fn a_stale_version_commits_nothing_and_a_failed_expectation_applies_no_ope
 
 #[tokio::test]
 async fn data_key_expectations_and_re_encryption() {
-    let (_dir, stores) = stores();
-    for store in &stores {
+    let all = backends("data_key_expectations_and_re_encryption").await;
+    let stores = &all.stores;
+    for store in stores {
         let store = store.as_ref();
         let mut c = Changes::new();
         c.insert_record("r1", &record(1, b"30", b"key-1"));
@@ -80,8 +96,9 @@ async fn data_key_expectations_and_re_encryption() {
 
 #[tokio::test]
 async fn identities_requests_and_kek_markers_are_expectations() {
-    let (_dir, stores) = stores();
-    for store in &stores {
+    let all = backends("identities_requests_and_kek_markers_are_expectations").await;
+    let stores = &all.stores;
+    for store in stores {
         let store = store.as_ref();
         let mut c = Changes::new();
         c.create_identity(&identity("ann"));
@@ -137,8 +154,9 @@ async fn identities_requests_and_kek_markers_are_expectations() {
 
 #[tokio::test]
 async fn the_audit_head_is_extended_by_one_writer_only() {
-    let (_dir, stores) = stores();
-    for store in &stores {
+    let all = backends("the_audit_head_is_extended_by_one_writer_only").await;
+    let stores = &all.stores;
+    for store in stores {
         let store = store.as_ref();
         assert_eq!(store.audit_head().await.unwrap(), None);
         let first = AuditHead { seq: 1, hash: [1; 32] };
@@ -158,8 +176,9 @@ async fn the_audit_head_is_extended_by_one_writer_only() {
 
 #[tokio::test]
 async fn walks_resume_after_their_cursor_and_deletes_remove_the_index() {
-    let (_dir, stores) = stores();
-    for store in &stores {
+    let all = backends("walks_resume_after_their_cursor_and_deletes_remove_the_index").await;
+    let stores = &all.stores;
+    for store in stores {
         let store = store.as_ref();
         for (id, subject) in [("a", 1), ("b", 2), ("c", 1)] {
             let mut c = Changes::new();
@@ -188,8 +207,9 @@ async fn walks_resume_after_their_cursor_and_deletes_remove_the_index() {
 
 #[tokio::test]
 async fn consent_keeps_its_history() {
-    let (_dir, stores) = stores();
-    for store in &stores {
+    let all = backends("consent_keeps_its_history").await;
+    let stores = &all.stores;
+    for store in stores {
         let store = store.as_ref();
         let consent = |granted, at_ms| StoredConsent {
             format: 1,

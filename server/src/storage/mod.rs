@@ -20,7 +20,10 @@ mod conformance;
 #[cfg(any(test, feature = "test-util"))]
 mod memory;
 pub mod models;
+mod postgres;
 mod sled_store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_postgres;
 
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;
@@ -28,6 +31,7 @@ pub use models::{
     Custody, FailureRecord, JobKind, KekInfo, RECORD_FORMAT, StoredConsent, StoredField, StoredIdentity,
     StoredIdentityRequest, StoredJob, StoredRecord, StoredToken,
 };
+pub use postgres::{PG_SCHEMA_VERSION, PgStore, redacted};
 pub use sled_store::{Durability, SCHEMA_VERSION, SledStore, tighten};
 
 /// A stored value as it was read: a change that expects it applies only if nothing changed it

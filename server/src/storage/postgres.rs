@@ -1,0 +1,988 @@
+//! Storage on PostgreSQL (15 and later), for several vault nodes sharing one database.
+//!
+//! One table per key space (`records`, `data_keys`, `identities`, `tokens`, `consent`, …, see
+//! [`MIGRATIONS`]); rows hold the same encoded values as sled's (postcard), so only ciphertext,
+//! wrapped keys, HMACs and blind indexes reach the database. A [`Changes`] is one transaction at
+//! READ COMMITTED whose expectations take row locks before anything is written:
+//! - the audit chain head is one row (`audit_head`), read `FOR UPDATE` first, so every commit that
+//!   carries an entry is serialised on it across all nodes and the chain cannot fork;
+//! - a record or data key expected unchanged is read `FOR UPDATE` and its revision compared (a
+//!   revision comes from one sequence, so a deleted and re-created row never matches an old one);
+//! - "this name is free" is an `INSERT … ON CONFLICT DO NOTHING` of a placeholder row: a concurrent
+//!   creator waits on it and then finds the name taken;
+//! - a KEK version expected live is read `FOR SHARE`, so retirement (a `DELETE`) waits for it.
+//!
+//! A deadlock or serialisation failure reruns the whole transaction (its expectations are read
+//! again). A commit is durable when PostgreSQL acknowledges it (`synchronous_commit` on, the
+//! default), so [`Storage::durable`] has nothing to wait for.
+
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Transaction};
+
+use super::{
+    AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
+    KekInfo, KeySpace, Op, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest, StoredJob,
+    StoredRecord, StoredToken, Version, Walked,
+};
+use crate::StoreError;
+
+/// The schema this build creates and upgrades to, one entry per version, applied in order inside
+/// one transaction under [`MIGRATION_LOCK`]. A database whose `khlang_schema` names a higher
+/// version was upgraded by a newer build and is refused.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE meta (key text PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE custody (custodian smallint PRIMARY KEY, sealed bytea NOT NULL);
+     CREATE TABLE keks (version integer PRIMARY KEY, wrapped bytea NOT NULL);
+     CREATE TABLE kek_info (version integer PRIMARY KEY, created_ms bigint NOT NULL, retired_ms bigint);
+     CREATE SEQUENCE revisions;
+     CREATE SEQUENCE ids;
+     CREATE TABLE records (id text PRIMARY KEY, subject_index bytea NOT NULL, body bytea NOT NULL,
+                           rev bigint NOT NULL);
+     CREATE INDEX records_by_subject ON records (subject_index, id);
+     CREATE TABLE data_keys (id text PRIMARY KEY, wrapped bytea NOT NULL, rev bigint NOT NULL);
+     CREATE TABLE identities (name text PRIMARY KEY, body bytea NOT NULL);
+     CREATE TABLE identity_requests (id text PRIMARY KEY, body bytea NOT NULL);
+     CREATE TABLE tokens (id text PRIMARY KEY, identity text NOT NULL, body bytea NOT NULL);
+     CREATE INDEX tokens_by_identity ON tokens (identity);
+     CREATE TABLE failures (credential bytea PRIMARY KEY, body bytea NOT NULL);
+     CREATE TABLE consent (subject_index bytea NOT NULL, purpose text NOT NULL, body bytea NOT NULL,
+                           PRIMARY KEY (subject_index, purpose));
+     CREATE TABLE consent_history (subject_index bytea NOT NULL, seq bigint NOT NULL, body bytea NOT NULL,
+                                   PRIMARY KEY (subject_index, seq));
+     CREATE TABLE key_job (id integer PRIMARY KEY CHECK (id = 1), body bytea NOT NULL);
+     CREATE TABLE audit_records (which text PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE audit_head (id integer PRIMARY KEY CHECK (id = 1), seq bigint, hash bytea);
+     INSERT INTO audit_head (id) VALUES (1);
+     CREATE TABLE audit_entries (seq bigint PRIMARY KEY, value bytea NOT NULL);",
+)];
+
+/// The newest schema version this build knows.
+pub const PG_SCHEMA_VERSION: i32 = 1;
+
+/// Advisory lock key (an arbitrary constant, "khlang" in ASCII) that serialises schema upgrades
+/// when several nodes start at once.
+const MIGRATION_LOCK: i64 = 0x6b68_6c61_6e67;
+
+/// How many times a commit is rerun after a deadlock or serialisation failure before it fails.
+const COMMIT_ATTEMPTS: usize = 8;
+
+/// Connections each node keeps to the database.
+const POOL_SIZE: usize = 16;
+
+const META_MODE: &str = "mode";
+const META_DERIVATION_KEY: &str = "derivation_key";
+const META_THRESHOLD: &str = "threshold";
+/// Custodian 0 in `custody` is a root key sealed whole (one custodian).
+const SINGLE_CUSTODIAN: i16 = 0;
+
+fn db(e: tokio_postgres::Error) -> StoreError {
+    // The driver's message names the failing statement's error, never the connection's password.
+    StoreError::Backend(e.to_string())
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Backend(format!("connection pool: {e}"))
+}
+
+fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|_| StoreError::Corrupt(what))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
+}
+
+fn which_name(which: AuditRecord) -> &'static str {
+    match which {
+        AuditRecord::SignedHead => "signed_head",
+        AuditRecord::ChangeTag => "change_tag",
+        AuditRecord::ReadTag => "read_tag",
+        AuditRecord::Break => "break",
+    }
+}
+
+fn u64_to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(what))
+}
+
+fn i64_to_u64(v: i64, what: &'static str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(what))
+}
+
+fn revision(rev: i64) -> Version {
+    Version::new(rev.to_be_bytes().to_vec())
+}
+
+/// Whether a failed transaction may simply run again.
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
+}
+
+/// A connection string with its password (if any) replaced, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    match tokio_postgres::Config::from_str(url) {
+        Ok(c) => {
+            let hosts: Vec<String> = c
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    #[cfg(unix)]
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .collect();
+            format!(
+                "postgres://{}@{}/{}",
+                c.get_user().unwrap_or(""),
+                hosts.join(","),
+                c.get_dbname().unwrap_or("")
+            )
+        }
+        Err(_) => "postgres://(unparsable)".to_owned(),
+    }
+}
+
+/// The PostgreSQL store: a pool of connections to one database.
+pub struct PgStore {
+    pool: Pool,
+    stats: FlushStats,
+    /// Head records written from the audit log's flusher thread, applied in order by one task.
+    recorder: mpsc::UnboundedSender<(AuditRecord, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` (libpq style: `postgres://user@host1,host2/db?target_session_attrs=read-write`
+    /// or `host=… dbname=…`), creates or upgrades the schema, and refuses a newer one. Must run
+    /// inside a Tokio runtime (the pool and the head recorder live on it).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Backend(format!("connection string: {e}")))?;
+        let manager =
+            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .build()
+            .map_err(|e| StoreError::Backend(format!("connection pool: {e}")))?;
+        migrate(&pool).await?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<(AuditRecord, Vec<u8>)>();
+        let recording = pool.clone();
+        tokio::spawn(async move {
+            while let Some((which, value)) = rx.recv().await {
+                if let Err(e) = set_record(&recording, which, &value).await {
+                    tracing::warn!(error = %e, "could not record the audit log's head in the database");
+                }
+            }
+        });
+        Ok(Self { pool, stats: FlushStats::default(), recorder: tx })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Drops every table of the vault (tests only: a database reused between test runs).
+    #[cfg(any(test, feature = "test-util"))]
+    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_one("SELECT version FROM khlang_schema", &[]).await.map_err(db)?;
+        Ok(row.get(0))
+    }
+
+    /// Sets the recorded schema version (tests: a database "written by a newer build").
+    #[cfg(any(test, feature = "test-util"))]
+    pub async fn set_schema_version_for_tests(&self, version: i32) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute("UPDATE khlang_schema SET version = $1", &[&version]).await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).await.map_err(db)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+}
+
+/// Runs `$body` (which uses `$tx`, a transaction) and commits it; reruns it all after a deadlock
+/// or serialisation failure. Evaluates to `Result<Option<T>, StoreError>`: `None` when the body
+/// refused ([`TxError::Refused`]: an expectation failed), nothing written. A macro rather than a
+/// function taking a closure: the body borrows the caller's arguments, which a boxed future
+/// generic over the transaction's lifetime cannot.
+macro_rules! in_transaction {
+    ($store:expr, |$tx:ident| $body:block) => {{
+        async {
+            let mut client = $store.client().await?;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let txn = client.transaction().await.map_err(db)?;
+                let outcome: Result<_, TxError> = {
+                    let $tx = &txn;
+                    async { $body }.await
+                };
+                match outcome {
+                    Ok(value) => match txn.commit().await {
+                        Ok(()) => return Ok(Some(value)),
+                        Err(e) if retryable(&e) && attempt < COMMIT_ATTEMPTS => continue,
+                        Err(e) => return Err(db(e)),
+                    },
+                    Err(TxError::Db(e)) if retryable(&e) && attempt < COMMIT_ATTEMPTS => {
+                        let _ = txn.rollback().await;
+                        continue;
+                    }
+                    Err(TxError::Db(e)) => return Err(db(e)),
+                    Err(TxError::Store(e)) => return Err(e),
+                    Err(TxError::Refused) => {
+                        txn.rollback().await.map_err(db)?;
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        .await
+    }};
+}
+
+/// Why a transaction body stopped: the database (maybe worth rerunning) or the store's own refusal.
+pub enum TxError {
+    Db(tokio_postgres::Error),
+    Store(StoreError),
+    Refused,
+}
+
+impl From<tokio_postgres::Error> for TxError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> Self {
+        TxError::Store(e)
+    }
+}
+
+async fn migrate(pool: &Pool) -> Result<(), StoreError> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(db)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS khlang_schema (id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL);
+         INSERT INTO khlang_schema VALUES (1, 0) ON CONFLICT (id) DO NOTHING;",
+    )
+    .await
+    .map_err(db)?;
+    let found: i32 = tx.query_one("SELECT version FROM khlang_schema", &[]).await.map_err(db)?.get(0);
+    if found > PG_SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: u32::try_from(found).unwrap_or(u32::MAX),
+            supported: PG_SCHEMA_VERSION as u32,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+        tx.batch_execute(sql).await.map_err(db)?;
+        tx.execute("UPDATE khlang_schema SET version = $1", &[version]).await.map_err(db)?;
+        tracing::info!(from = found, to = version, "database schema upgraded");
+    }
+    tx.commit().await.map_err(db)
+}
+
+async fn set_record(pool: &Pool, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+    let c = pool.get().await.map_err(pool_error)?;
+    c.execute(
+        "INSERT INTO audit_records (which, value) VALUES ($1, $2)
+         ON CONFLICT (which) DO UPDATE SET value = EXCLUDED.value",
+        &[&which_name(which), &value],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+async fn write_custody(tx: &Transaction<'_>, custody: &Custody) -> Result<(), TxError> {
+    tx.execute("DELETE FROM custody", &[]).await?;
+    match custody {
+        Custody::Single { sealed_root } => {
+            tx.execute("INSERT INTO custody VALUES ($1, $2)", &[&SINGLE_CUSTODIAN, sealed_root]).await?;
+            tx.execute("DELETE FROM meta WHERE key = $1", &[&META_THRESHOLD]).await?;
+        }
+        Custody::Shares { threshold, sealed } => {
+            for (i, share) in sealed.iter().enumerate() {
+                let custodian = i16::try_from(i + 1).map_err(|_| StoreError::Corrupt("custodians"))?;
+                tx.execute("INSERT INTO custody VALUES ($1, $2)", &[&custodian, share]).await?;
+            }
+            put_meta(tx, META_THRESHOLD, &[*threshold]).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn put_meta(tx: &Transaction<'_>, key: &str, value: &[u8]) -> Result<(), TxError> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        &[&key, &value],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Whether one expectation holds, taking the row lock that keeps it holding until the commit.
+async fn holds(tx: &Transaction<'_>, expect: &Expect) -> Result<bool, TxError> {
+    Ok(match expect {
+        Expect::AuditHead(head) => {
+            let row = tx.query_one("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE", &[]).await?;
+            let seq: Option<i64> = row.get(0);
+            let hash: Option<Vec<u8>> = row.get(1);
+            let stored = match (seq, hash) {
+                (Some(seq), Some(hash)) => Some(AuditHead {
+                    seq: i64_to_u64(seq, "audit head")?,
+                    hash: hash.try_into().map_err(|_| StoreError::Corrupt("audit head"))?,
+                }),
+                _ => None,
+            };
+            stored == *head
+        }
+        Expect::Record { id, version } => {
+            let row = tx.query_opt("SELECT rev FROM records WHERE id = $1 FOR UPDATE", &[id]).await?;
+            row.is_some_and(|r| revision(r.get(0)) == *version)
+        }
+        Expect::DataKey { id, version } => {
+            let row = tx.query_opt("SELECT rev FROM data_keys WHERE id = $1 FOR UPDATE", &[id]).await?;
+            row.is_some_and(|r| revision(r.get(0)) == *version)
+        }
+        Expect::DataKeyIs { id, wrapped } => {
+            let row = tx.query_opt("SELECT wrapped FROM data_keys WHERE id = $1 FOR UPDATE", &[id]).await?;
+            row.is_some_and(|r| r.get::<_, Vec<u8>>(0) == *wrapped)
+        }
+        Expect::Identity { name, is: None } => {
+            // Claims the name for this transaction; the operation that follows fills the row.
+            tx.execute(
+                "INSERT INTO identities (name, body) VALUES ($1, '') ON CONFLICT (name) DO NOTHING",
+                &[name],
+            )
+            .await?
+                == 1
+        }
+        Expect::Identity { name, is: Some(expected) } => {
+            let row = tx.query_opt("SELECT body FROM identities WHERE name = $1 FOR UPDATE", &[name]).await?;
+            match row {
+                Some(r) => {
+                    decode::<StoredIdentity>(&r.get::<_, Vec<u8>>(0), "identity").ok().as_ref()
+                        == Some(expected)
+                }
+                None => false,
+            }
+        }
+        Expect::IdentityRequest { id, is: None } => {
+            tx.execute(
+                "INSERT INTO identity_requests (id, body) VALUES ($1, '') ON CONFLICT (id) DO NOTHING",
+                &[id],
+            )
+            .await?
+                == 1
+        }
+        Expect::IdentityRequest { id, is: Some(expected) } => {
+            let row =
+                tx.query_opt("SELECT body FROM identity_requests WHERE id = $1 FOR UPDATE", &[id]).await?;
+            match row {
+                Some(r) => {
+                    decode::<StoredIdentityRequest>(&r.get::<_, Vec<u8>>(0), "identity request").ok().as_ref()
+                        == Some(expected)
+                }
+                None => false,
+            }
+        }
+        Expect::KekLive(version) => {
+            let v = i32::try_from(*version).map_err(|_| StoreError::Corrupt("kek version"))?;
+            tx.query_opt("SELECT 1 FROM keks WHERE version = $1 FOR SHARE", &[&v]).await?.is_some()
+        }
+    })
+}
+
+/// The order expectations are checked in: the chain head first (every writer queues there before
+/// it locks anything else, so writers cannot deadlock on each other's rows), then the rest.
+fn lock_order(e: &Expect) -> u8 {
+    match e {
+        Expect::AuditHead(_) => 0,
+        Expect::KekLive(_) => 1,
+        Expect::Identity { .. } | Expect::IdentityRequest { .. } => 2,
+        Expect::Record { .. } => 3,
+        Expect::DataKey { .. } | Expect::DataKeyIs { .. } => 4,
+    }
+}
+
+async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), TxError> {
+    match op {
+        Op::InsertRecord { id, record } => {
+            let mut body = record.clone();
+            let wrapped = std::mem::take(&mut body.wrapped_key);
+            let rev: i64 = tx.query_one("SELECT nextval('revisions')", &[]).await?.get(0);
+            tx.execute(
+                "INSERT INTO records (id, subject_index, body, rev) VALUES ($1, $2, $3, $4)",
+                &[id, &record.subject_index.as_slice(), &body.encode()?, &rev],
+            )
+            .await?;
+            if !wrapped.is_empty() {
+                tx.execute(
+                    "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, $3)",
+                    &[id, &wrapped, &rev],
+                )
+                .await?;
+            }
+        }
+        Op::ReplaceRecord { id, record } => {
+            let mut body = record.clone();
+            body.wrapped_key.clear();
+            tx.execute(
+                "UPDATE records SET body = $2, subject_index = $3, rev = nextval('revisions') WHERE id = $1",
+                &[id, &body.encode()?, &record.subject_index.as_slice()],
+            )
+            .await?;
+        }
+        Op::ReplaceDataKey { id, wrapped } => {
+            tx.execute(
+                "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, nextval('revisions'))
+                 ON CONFLICT (id) DO UPDATE SET wrapped = EXCLUDED.wrapped, rev = EXCLUDED.rev",
+                &[id, wrapped],
+            )
+            .await?;
+        }
+        Op::DeleteRecord { id, .. } => {
+            tx.execute("DELETE FROM records WHERE id = $1", &[id]).await?;
+            tx.execute("DELETE FROM data_keys WHERE id = $1", &[id]).await?;
+        }
+        Op::PutIdentity(identity) => {
+            tx.execute(
+                "INSERT INTO identities (name, body) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body",
+                &[&identity.name, &encode(identity, "identity")?],
+            )
+            .await?;
+        }
+        Op::PutIdentityRequest(request) => {
+            tx.execute(
+                "INSERT INTO identity_requests (id, body) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                &[&request.id, &encode(request, "identity request")?],
+            )
+            .await?;
+        }
+        Op::RemoveIdentityRequest(id) => {
+            tx.execute("DELETE FROM identity_requests WHERE id = $1", &[id]).await?;
+        }
+        Op::PutToken { id, token } => {
+            tx.execute(
+                "INSERT INTO tokens (id, identity, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET identity = EXCLUDED.identity, body = EXCLUDED.body",
+                &[id, &token.identity, &encode(token, "token")?],
+            )
+            .await?;
+        }
+        Op::RemoveToken(id) => {
+            tx.execute("DELETE FROM tokens WHERE id = $1", &[id]).await?;
+        }
+        Op::SetConsent { subject_index, seq, consent } => {
+            let body = encode(consent, "consent")?;
+            tx.execute(
+                "INSERT INTO consent (subject_index, purpose, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (subject_index, purpose) DO UPDATE SET body = EXCLUDED.body",
+                &[&subject_index.as_slice(), &consent.purpose, &body],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO consent_history (subject_index, seq, body) VALUES ($1, $2, $3)",
+                &[&subject_index.as_slice(), &u64_to_i64(*seq, "consent seq")?, &body],
+            )
+            .await?;
+        }
+        Op::PutJob(job) => {
+            tx.execute(
+                "INSERT INTO key_job (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                &[&encode(job, "key job")?],
+            )
+            .await?;
+        }
+        Op::AuditEntry { seq, value } => {
+            tx.execute(
+                "INSERT INTO audit_entries (seq, value) VALUES ($1, $2)",
+                &[&u64_to_i64(*seq, "audit seq")?, value],
+            )
+            .await?;
+        }
+        Op::AuditRecord { which, value } => {
+            tx.execute(
+                "INSERT INTO audit_records (which, value) VALUES ($1, $2)
+                 ON CONFLICT (which) DO UPDATE SET value = EXCLUDED.value",
+                &[&which_name(*which), value],
+            )
+            .await?;
+        }
+        Op::AuditHead(head) => {
+            tx.execute(
+                "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+                &[&u64_to_i64(head.seq, "audit head")?, &head.hash.as_slice()],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn record_from(id: &str, body: &[u8], wrapped: Option<Vec<u8>>) -> Result<StoredRecord, StoreError> {
+    let mut record = StoredRecord::decode(body)
+        .map_err(|_| StoreError::Damaged { record_id: id.to_owned(), what: "record" })?;
+    record.wrapped_key = wrapped.unwrap_or_default();
+    Ok(record)
+}
+
+#[async_trait::async_trait]
+impl Storage for PgStore {
+    async fn mode(&self) -> Result<Option<String>, StoreError> {
+        self.meta(META_MODE)
+            .await?
+            .map(|v| String::from_utf8(v).map_err(|_| StoreError::Corrupt("mode")))
+            .transpose()
+    }
+
+    async fn initialise(
+        &self,
+        custody: &Custody,
+        mode: &str,
+        wrapped_derivation_key: &[u8],
+        kek: (u32, &[u8]),
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let version = i32::try_from(kek.0).map_err(|_| StoreError::Corrupt("kek version"))?;
+        let now = u64_to_i64(now_ms, "time")?;
+        in_transaction!(self, |tx| {
+            // Two nodes initialising at once: the second waits here, then finds the first's.
+            tx.execute("LOCK TABLE custody IN EXCLUSIVE MODE", &[]).await?;
+            if tx.query_opt("SELECT 1 FROM custody LIMIT 1", &[]).await?.is_some() {
+                return Err(StoreError::AlreadyInitialised.into());
+            }
+            write_custody(tx, custody).await?;
+            put_meta(tx, META_DERIVATION_KEY, wrapped_derivation_key).await?;
+            put_meta(tx, META_MODE, mode.as_bytes()).await?;
+            tx.execute("INSERT INTO keks VALUES ($1, $2)", &[&version, &kek.1]).await?;
+            tx.execute("INSERT INTO kek_info VALUES ($1, $2, NULL)", &[&version, &now]).await?;
+            Ok(())
+        })
+        .map(drop)
+    }
+
+    async fn is_initialised(&self) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt("SELECT 1 FROM custody LIMIT 1", &[]).await.map_err(db)?.is_some())
+    }
+
+    async fn custody(&self) -> Result<Custody, StoreError> {
+        let c = self.client().await?;
+        let rows =
+            c.query("SELECT custodian, sealed FROM custody ORDER BY custodian", &[]).await.map_err(db)?;
+        let rows: Vec<(i16, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        match rows.as_slice() {
+            [] => Err(StoreError::NotInitialised),
+            [(SINGLE_CUSTODIAN, sealed)] => Ok(Custody::Single { sealed_root: sealed.clone() }),
+            shares => {
+                let threshold = self
+                    .meta(META_THRESHOLD)
+                    .await?
+                    .and_then(|t| t.first().copied())
+                    .ok_or(StoreError::Corrupt("custodians"))?;
+                if shares.iter().enumerate().any(|(i, (c, _))| usize::try_from(*c) != Ok(i + 1)) {
+                    return Err(StoreError::Corrupt("custodian share"));
+                }
+                Ok(Custody::Shares { threshold, sealed: shares.iter().map(|(_, s)| s.clone()).collect() })
+            }
+        }
+    }
+
+    async fn replace_sealed(&self, custodian: u8, sealed: &[u8]) -> Result<(), StoreError> {
+        let slot = match self.custody().await? {
+            Custody::Single { .. } => SINGLE_CUSTODIAN,
+            Custody::Shares { .. } => i16::from(custodian),
+        };
+        let c = self.client().await?;
+        let n = c
+            .execute("UPDATE custody SET sealed = $2 WHERE custodian = $1", &[&slot, &sealed])
+            .await
+            .map_err(db)?;
+        if n != 1 {
+            return Err(StoreError::Corrupt("custodian share"));
+        }
+        Ok(())
+    }
+
+    async fn replace_root(
+        &self,
+        custody: &Custody,
+        wrapped_derivation_key: &[u8],
+        keks: &[(u32, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        in_transaction!(self, |tx| {
+            write_custody(tx, custody).await?;
+            put_meta(tx, META_DERIVATION_KEY, wrapped_derivation_key).await?;
+            for (version, wrapped) in keks {
+                let v = i32::try_from(*version).map_err(|_| StoreError::Corrupt("kek version"))?;
+                tx.execute("UPDATE keks SET wrapped = $2 WHERE version = $1", &[&v, wrapped]).await?;
+            }
+            Ok(())
+        })
+        .map(drop)
+    }
+
+    async fn derivation_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta(META_DERIVATION_KEY).await
+    }
+
+    async fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
+        let v = i32::try_from(version).map_err(|_| StoreError::Corrupt("kek version"))?;
+        let now = u64_to_i64(now_ms, "time")?;
+        in_transaction!(self, |tx| {
+            let used = tx.query_opt("SELECT 1 FROM kek_info WHERE version = $1", &[&v]).await?.is_some()
+                || tx.query_opt("SELECT 1 FROM keks WHERE version = $1", &[&v]).await?.is_some();
+            if used {
+                return Err(StoreError::Corrupt("kek version reused").into());
+            }
+            tx.execute("INSERT INTO keks VALUES ($1, $2)", &[&v, &wrapped]).await?;
+            tx.execute("INSERT INTO kek_info VALUES ($1, $2, NULL)", &[&v, &now]).await?;
+            Ok(())
+        })
+        .map(drop)
+    }
+
+    async fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError> {
+        let v = i32::try_from(version).map_err(|_| StoreError::Corrupt("kek version"))?;
+        let now = u64_to_i64(now_ms, "time")?;
+        in_transaction!(self, |tx| {
+            tx.execute("DELETE FROM keks WHERE version = $1", &[&v]).await?;
+            tx.execute(
+                "INSERT INTO kek_info VALUES ($1, 0, $2) ON CONFLICT (version) DO UPDATE SET retired_ms = $2",
+                &[&v, &now],
+            )
+            .await?;
+            Ok(())
+        })
+        .map(drop)
+    }
+
+    async fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT version, created_ms, retired_ms FROM kek_info ORDER BY version", &[])
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(KekInfo {
+                    version: u32::try_from(r.get::<_, i32>(0))
+                        .map_err(|_| StoreError::Corrupt("kek version"))?,
+                    created_ms: i64_to_u64(r.get(1), "kek info")?,
+                    retired_ms: r.get::<_, Option<i64>>(2).map(|t| i64_to_u64(t, "kek info")).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c.query("SELECT version, wrapped FROM keks ORDER BY version", &[]).await.map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let v = u32::try_from(r.get::<_, i32>(0)).map_err(|_| StoreError::Corrupt("kek version"))?;
+                Ok((v, r.get(1)))
+            })
+            .collect()
+    }
+
+    /// The record and its data key in one statement: one snapshot, so they always belong together.
+    async fn get_record(&self, record_id: &str) -> Result<Option<(StoredRecord, Version)>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT r.body, r.rev, d.wrapped FROM records r LEFT JOIN data_keys d ON d.id = r.id
+                 WHERE r.id = $1",
+                &[&record_id],
+            )
+            .await
+            .map_err(db)?;
+        row.map(|r| Ok((record_from(record_id, &r.get::<_, Vec<u8>>(0), r.get(2))?, revision(r.get(1)))))
+            .transpose()
+    }
+
+    async fn records_of_subject(
+        &self,
+        subject_index: &[u8; 32],
+    ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT r.id, r.body, d.wrapped FROM records r LEFT JOIN data_keys d ON d.id = r.id
+                 WHERE r.subject_index = $1 ORDER BY r.id",
+                &[&subject_index.as_slice()],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                let record = record_from(&id, &r.get::<_, Vec<u8>>(1), r.get(2))?;
+                Ok((id, record))
+            })
+            .collect()
+    }
+
+    async fn walk(&self, space: KeySpace, cursor: &Cursor, limit: usize) -> Result<Vec<Walked>, StoreError> {
+        let after = std::str::from_utf8(cursor.as_bytes()).map_err(|_| StoreError::Corrupt("cursor"))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = match space {
+            // A walked record's bytes are its encoding without the data key (which has its own
+            // walk), as the memory store's are.
+            KeySpace::Records => "SELECT id, body, rev FROM records WHERE id > $1 ORDER BY id LIMIT $2",
+            KeySpace::DataKeys => "SELECT id, wrapped, rev FROM data_keys WHERE id > $1 ORDER BY id LIMIT $2",
+        };
+        let c = self.client().await?;
+        let rows = c.query(sql, &[&after, &limit]).await.map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                let value: Vec<u8> = r.get(1);
+                Ok(Walked {
+                    cursor: Cursor::from_bytes(id.as_bytes().to_vec()),
+                    record_id: id,
+                    value,
+                    version: revision(r.get(2)),
+                })
+            })
+            .collect()
+    }
+
+    async fn count(&self, space: KeySpace) -> Result<u64, StoreError> {
+        let sql = match space {
+            KeySpace::Records => "SELECT count(*) FROM records",
+            KeySpace::DataKeys => "SELECT count(*) FROM data_keys",
+        };
+        let c = self.client().await?;
+        i64_to_u64(c.query_one(sql, &[]).await.map_err(db)?.get(0), "count")
+    }
+
+    async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT body FROM identities WHERE name = $1 AND body <> ''", &[&name])
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity")).transpose()
+    }
+
+    async fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
+        let c = self.client().await?;
+        let rows =
+            c.query("SELECT body FROM identities WHERE body <> '' ORDER BY name", &[]).await.map_err(db)?;
+        rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity")).collect()
+    }
+
+    async fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT body FROM identity_requests WHERE id = $1 AND body <> ''", &[&id])
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity request")).transpose()
+    }
+
+    async fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT body FROM identity_requests WHERE body <> '' ORDER BY id", &[])
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity request")).collect()
+    }
+
+    async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_opt("SELECT body FROM tokens WHERE id = $1", &[&token_id]).await.map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "token")).transpose()
+    }
+
+    async fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT id, body FROM tokens WHERE identity = $1 ORDER BY id", &[&name])
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| Ok((r.get(0), decode(&r.get::<_, Vec<u8>>(1), "token")?))).collect()
+    }
+
+    async fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO failures (credential, body) VALUES ($1, $2)
+             ON CONFLICT (credential) DO UPDATE SET body = EXCLUDED.body",
+            &[&credential, &encode(record, "lockout record")?],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c.query("SELECT credential, body FROM failures", &[]).await.map_err(db)?;
+        rows.iter().map(|r| Ok((r.get(0), decode(&r.get::<_, Vec<u8>>(1), "lockout record")?))).collect()
+    }
+
+    async fn get_consent(
+        &self,
+        subject_index: &[u8; 32],
+        purpose: &str,
+    ) -> Result<Option<StoredConsent>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT body FROM consent WHERE subject_index = $1 AND purpose = $2",
+                &[&subject_index.as_slice(), &purpose],
+            )
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "consent")).transpose()
+    }
+
+    async fn consent_of(
+        &self,
+        subject_index: &[u8; 32],
+    ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError> {
+        let c = self.client().await?;
+        let current = c
+            .query(
+                "SELECT body FROM consent WHERE subject_index = $1 ORDER BY purpose",
+                &[&subject_index.as_slice()],
+            )
+            .await
+            .map_err(db)?;
+        let history = c
+            .query(
+                "SELECT body FROM consent_history WHERE subject_index = $1 ORDER BY seq",
+                &[&subject_index.as_slice()],
+            )
+            .await
+            .map_err(db)?;
+        let all = |rows: Vec<tokio_postgres::Row>| -> Result<Vec<StoredConsent>, StoreError> {
+            rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "consent")).collect()
+        };
+        Ok((all(current)?, all(history)?))
+    }
+
+    async fn job(&self) -> Result<Option<StoredJob>, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_opt("SELECT body FROM key_job WHERE id = 1", &[]).await.map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "key job")).transpose()
+    }
+
+    async fn generate_id(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        i64_to_u64(c.query_one("SELECT nextval('ids')", &[]).await.map_err(db)?.get(0), "id")
+    }
+
+    async fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT value FROM audit_records WHERE which = $1", &[&which_name(which)])
+            .await
+            .map_err(db)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_audit_record(&self, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+        set_record(&self.pool, which, value).await
+    }
+
+    async fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM audit_records WHERE which = $1", &[&which_name(which)]).await.map_err(db)?;
+        Ok(())
+    }
+
+    fn head_recorder(&self) -> HeadRecorder {
+        let tx = self.recorder.clone();
+        HeadRecorder::new(move |which, value| {
+            tx.send((which, value.to_vec())).map_err(|_| StoreError::Flush("head recorder stopped".into()))
+        })
+    }
+
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        let c = self.client().await?;
+        let row = c.query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[]).await.map_err(db)?;
+        let seq: Option<i64> = row.get(0);
+        let hash: Option<Vec<u8>> = row.get(1);
+        match (seq, hash) {
+            (Some(seq), Some(hash)) => Ok(Some(AuditHead {
+                seq: i64_to_u64(seq, "audit head")?,
+                hash: hash.try_into().map_err(|_| StoreError::Corrupt("audit head"))?,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let c = self.client().await?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = c
+            .query("SELECT seq, value FROM audit_entries WHERE seq > $1 ORDER BY seq", &[&after])
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| Ok((i64_to_u64(r.get(0), "audit seq")?, r.get(1)))).collect()
+    }
+
+    async fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        let last = i64::try_from(last).unwrap_or(i64::MAX);
+        c.execute("DELETE FROM audit_entries WHERE seq <= $1", &[&last]).await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
+        if changes.is_empty() {
+            return Ok(true);
+        }
+        let (ops, mut expect) = changes.into_parts();
+        expect.sort_by_key(lock_order);
+        in_transaction!(self, |tx| {
+            for e in &expect {
+                if !holds(tx, e).await? {
+                    return Err(TxError::Refused);
+                }
+            }
+            for op in &ops {
+                apply(tx, op).await?;
+            }
+            Ok(())
+        })
+        .map(|done| done.is_some())
+    }
+
+    async fn durable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn flush_now(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn flush_stats(&self) -> &FlushStats {
+        &self.stats
+    }
+}

@@ -1,0 +1,223 @@
+//! A throwaway PostgreSQL cluster for tests: `initdb` and `pg_ctl` from the installed server
+//! binaries into a temporary folder, on a free loopback port, run as the `postgres` user when the
+//! tests run as root (PostgreSQL refuses to run as root). Stopped and removed on drop, so also
+//! when the test panics.
+//!
+//! Without server binaries a test skips with a loud message, unless `KHLANG_REQUIRE_POSTGRES=1`
+//! (set by `.ci/run`), which makes a missing server fail the test.
+
+// A test harness: a cluster that cannot be set up fails the test that asked for it.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The environment variable that turns a missing PostgreSQL into a failure.
+pub const REQUIRE_POSTGRES: &str = "KHLANG_REQUIRE_POSTGRES";
+
+/// The cluster's superuser (trust authentication, loopback only).
+const SUPERUSER: &str = "khlang";
+
+/// A running cluster; dropped, it is stopped and its folder removed.
+pub struct TestPostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    run_as: Option<String>,
+    databases: AtomicU32,
+}
+
+impl std::fmt::Debug for TestPostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestPostgres").field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+/// The folder holding `pg_ctl` and `initdb`: `KHLANG_PG_BIN`, then `PATH`, then Debian's
+/// `/usr/lib/postgresql/<newest>/bin`.
+fn server_binaries() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("KHLANG_PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    let has =
+        |d: &Path| d.join("pg_ctl").is_file() && d.join("initdb").is_file() && d.join("postgres").is_file();
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(d) = std::env::split_paths(&path).find(|d| has(d))
+    {
+        return Some(d);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, d)| has(d))
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, d)| d)
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+impl TestPostgres {
+    /// Starts a cluster, or returns `None` (after saying so on stderr) when no server is installed
+    /// and `KHLANG_REQUIRE_POSTGRES` is not set. Panics when the server is installed but will not
+    /// start, or is required and missing.
+    pub fn start(test: &str) -> Option<Self> {
+        let Some(bin) = server_binaries() else {
+            if std::env::var_os(REQUIRE_POSTGRES).is_some_and(|v| v == "1") {
+                panic!("{test}: PostgreSQL server binaries not found and {REQUIRE_POSTGRES}=1");
+            }
+            eprintln!(
+                "\n*** SKIPPED {test}: no PostgreSQL server binaries (install Debian's `postgresql`, \
+                 or set KHLANG_PG_BIN); set {REQUIRE_POSTGRES}=1 to make this a failure ***\n"
+            );
+            return None;
+        };
+        static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "khlang-pg-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the cluster's folder");
+        let run_as = is_root().then(|| "postgres".to_owned());
+        if run_as.is_some() {
+            let status = Command::new("chown").arg("postgres:").arg(&dir).status().expect("chown");
+            assert!(status.success(), "chown postgres {}", dir.display());
+        }
+        let mut cluster = Self { bin, dir, port: 0, run_as, databases: AtomicU32::new(0) };
+        let data = cluster.dir.join("data");
+        cluster.run(
+            "initdb",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-A".as_ref(),
+                "trust".as_ref(),
+                "-U".as_ref(),
+                SUPERUSER.as_ref(),
+                "-E".as_ref(),
+                "UTF8".as_ref(),
+                "--no-sync".as_ref(),
+                "--no-instructions".as_ref(),
+            ],
+        );
+        // A port can be taken between choosing and binding it: try a few.
+        for _ in 0..5 {
+            cluster.port = free_port();
+            let options = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+                cluster.port,
+                cluster.dir.display()
+            );
+            let log = cluster.dir.join("log");
+            if cluster.try_run(
+                "pg_ctl",
+                &[
+                    "-D".as_ref(),
+                    data.as_os_str(),
+                    "-l".as_ref(),
+                    log.as_os_str(),
+                    "-o".as_ref(),
+                    options.as_ref(),
+                    "-w".as_ref(),
+                    "start".as_ref(),
+                ],
+            ) {
+                return Some(cluster);
+            }
+        }
+        let log = std::fs::read_to_string(cluster.dir.join("log")).unwrap_or_default();
+        panic!("PostgreSQL did not start; its log:\n{log}");
+    }
+
+    fn command(&self, program: &str, args: &[&std::ffi::OsStr]) -> Command {
+        let exe = self.bin.join(program);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(user).arg("--").arg(exe).args(args);
+                c
+            }
+            None => {
+                let mut c = Command::new(exe);
+                c.args(args);
+                c
+            }
+        }
+    }
+
+    fn try_run(&self, program: &str, args: &[&std::ffi::OsStr]) -> bool {
+        self.command(program, args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn run(&self, program: &str, args: &[&std::ffi::OsStr]) {
+        let out = self.command(program, args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(out.status.success(), "{program} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The cluster's folder (its `log` file among others).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server binaries' folder (`pg_dump`, `pg_basebackup` beside `pg_ctl`).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The connection string of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A new, empty database; its connection string.
+    pub async fn database(&self) -> String {
+        let name = format!("vault{}", self.databases.fetch_add(1, Ordering::Relaxed));
+        let (client, connection) =
+            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.expect("connect");
+        let conn = tokio::spawn(connection);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        drop(client);
+        let _ = conn.await;
+        self.url(&name)
+    }
+
+    /// Everything database `db` holds, as `pg_dump` prints it.
+    pub fn dump(&self, db: &str) -> Vec<u8> {
+        let port = self.port.to_string();
+        let out = Command::new(self.bin.join("pg_dump"))
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", SUPERUSER, db])
+            .output()
+            .expect("pg_dump");
+        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self.try_run(
+            "pg_ctl",
+            &["-D".as_ref(), data.as_os_str(), "-m".as_ref(), "immediate".as_ref(), "stop".as_ref()],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
