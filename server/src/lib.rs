@@ -23,5 +23,5 @@ pub use policy::Identity;
 pub use vault::auth::{AuthLimits, Credentials, IssuedToken};
 pub use vault::{
     ArchiveReport, AuditGrant, Caller, CipherMode, ConsentReport, FieldValue, IdentityInfo, Limits,
-    RecordSummary, RecordView, RegulationsInfo, Vault, VaultOptions,
+    RecordSummary, RecordView, RegulationsInfo, StorageLocation, Vault, VaultOptions,
 };

@@ -18,7 +18,7 @@ use khlang_keys::SealParams;
 use khlang_server::policy::regulations::Regulations;
 use khlang_server::storage::Durability;
 use khlang_server::vault::keyops::JobPacing;
-use khlang_server::{AuthLimits, CipherMode, Limits, Vault, VaultOptions, api, dev};
+use khlang_server::{AuthLimits, CipherMode, Limits, StorageLocation, Vault, VaultOptions, api, dev};
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use zeroize::Zeroizing;
 
@@ -29,6 +29,16 @@ struct Cli {
     command: Command,
 }
 
+/// Where the vault's records, keys and identities live.
+#[derive(Args)]
+struct StorageArgs {
+    /// `sled` (in the data folder; the default) or a PostgreSQL connection string, libpq style:
+    /// `postgres://user@host1,host2/db?target_session_attrs=read-write` (prefer KHLANG_STORAGE
+    /// for one carrying a password: flags show in `ps`). The audit log's files stay in --data-dir.
+    #[arg(long, env = "KHLANG_STORAGE", default_value = "sled", hide_env_values = true)]
+    storage: StorageLocation,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a vault: a random root key sealed under a passphrase, the first key-encryption key,
@@ -36,6 +46,8 @@ enum Command {
     Init {
         #[arg(long, env = "KHLANG_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
         #[command(flatten)]
         passphrase: PassphraseArgs,
         /// Split the root key among this many custodians, each with their own passphrase
@@ -68,6 +80,8 @@ enum Command {
         #[arg(long, env = "KHLANG_DATA_DIR")]
         data_dir: PathBuf,
         #[command(flatten)]
+        storage: StorageArgs,
+        #[command(flatten)]
         passphrase: PassphraseArgs,
         #[command(flatten)]
         server: ServerArgs,
@@ -78,6 +92,8 @@ enum Command {
     ArchiveAudit {
         #[arg(long, env = "KHLANG_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
         #[command(flatten)]
         passphrase: PassphraseArgs,
         /// Archive entries older than this many days (at least the retention).
@@ -96,6 +112,8 @@ enum Command {
     Dev {
         #[arg(long, default_value = dev::DEFAULT_DIR)]
         data_dir: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
         #[command(flatten)]
         server: ServerArgs,
         #[command(flatten)]
@@ -560,6 +578,7 @@ async fn main() -> anyhow::Result<()> {
             regulations,
             initial_identity,
             initial_role,
+            storage,
         } => {
             let regs = load_regulations(regulations.as_deref())?;
             if !regs.roles.contains_key(&initial_role) {
@@ -571,7 +590,11 @@ async fn main() -> anyhow::Result<()> {
             let passes = init_passphrases(&passphrase, custodians)?;
             let refs: Vec<&[u8]> = passes.iter().map(|p| p.as_bytes()).collect();
             let params = SealParams { m_cost: argon2_memory_kib, t_cost: argon2_passes, p_cost: 1 };
-            let options = VaultOptions { regulations: Arc::new(regs), ..VaultOptions::default() };
+            let options = VaultOptions {
+                storage: storage.storage,
+                regulations: Arc::new(regs),
+                ..VaultOptions::default()
+            };
             let vault = Vault::init_custodians(&data_dir, threshold, &refs, params, &options)
                 .await
                 .with_context(|| format!("cannot initialise a vault in {}", data_dir.display()))?;
@@ -594,8 +617,17 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", token.expose_secret());
             }
         }
-        Command::ArchiveAudit { data_dir, passphrase, older_than_days, output, regulations, audit } => {
+        Command::ArchiveAudit {
+            data_dir,
+            storage,
+            passphrase,
+            older_than_days,
+            output,
+            regulations,
+            audit,
+        } => {
             let options = VaultOptions {
+                storage: storage.storage,
                 regulations: Arc::new(load_regulations(regulations.as_deref())?),
                 regulations_path: regulations,
                 audit_files: audit.files()?,
@@ -641,8 +673,8 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Serve { data_dir, passphrase, server } => {
-            let options = server.options(CipherMode::Encrypted)?;
+        Command::Serve { data_dir, storage, passphrase, server } => {
+            let options = VaultOptions { storage: storage.storage, ..server.options(CipherMode::Encrypted)? };
             let tls = server.tls()?;
             let passes = serve_passphrases(&passphrase)?;
             let vault = Vault::open_sealed(&data_dir, &options)
@@ -665,8 +697,9 @@ async fn main() -> anyhow::Result<()> {
             }
             run(vault, bind(server.listen).await?, tls).await?;
         }
-        Command::Dev { data_dir, server, bench } => {
-            let options = bench.apply(server.options(bench.mode())?);
+        Command::Dev { data_dir, storage, server, bench } => {
+            let options =
+                VaultOptions { storage: storage.storage, ..bench.apply(server.options(bench.mode())?) };
             let tls = server.tls()?;
             let (vault, creds) = dev::open_dev_vault(&data_dir, &options)
                 .await

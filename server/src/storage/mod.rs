@@ -32,7 +32,7 @@ pub use models::{
     StoredIdentityRequest, StoredJob, StoredRecord, StoredToken,
 };
 pub use postgres::{PG_SCHEMA_VERSION, PgStore, redacted};
-pub use sled_store::{Durability, SCHEMA_VERSION, SledStore, tighten};
+pub use sled_store::{Durability, SCHEMA_VERSION, SledStore, secure_folder, tighten};
 
 /// A stored value as it was read: a change that expects it applies only if nothing changed it
 /// meanwhile (optimistic concurrency). Opaque: only the backend that made it interprets it (sled:

@@ -13,16 +13,24 @@
 //! - a KEK version expected live is read `FOR SHARE`, so retirement (a `DELETE`) waits for it.
 //!
 //! A deadlock or serialisation failure reruns the whole transaction (its expectations are read
-//! again). A commit is durable when PostgreSQL acknowledges it (`synchronous_commit` on, the
-//! default), so [`Storage::durable`] has nothing to wait for.
+//! again).
+//!
+//! Group commit: a change set commits with `synchronous_commit = off` — ordered, visible, its
+//! locks released at once, but not yet waited for on disk — and [`Storage::durable`] (which a
+//! request awaits before it is acknowledged) commits one tiny synchronous transaction (a "tick")
+//! for every commit before it: PostgreSQL's WAL is one sequence, so the tick's flush (and, with
+//! synchronous replication, its replica's confirmation) covers every earlier commit. Callers that
+//! arrive while a tick runs share the next one. Everything else (custody, KEKs, lockouts)
+//! commits synchronously.
 
 use std::str::FromStr;
 
+use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{NoTls, Transaction};
 
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
@@ -59,7 +67,9 @@ const MIGRATIONS: &[(i32, &str)] = &[(
      CREATE TABLE audit_records (which text PRIMARY KEY, value bytea NOT NULL);
      CREATE TABLE audit_head (id integer PRIMARY KEY CHECK (id = 1), seq bigint, hash bytea);
      INSERT INTO audit_head (id) VALUES (1);
-     CREATE TABLE audit_entries (seq bigint PRIMARY KEY, value bytea NOT NULL);",
+     CREATE TABLE audit_entries (seq bigint PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE durability (id integer PRIMARY KEY CHECK (id = 1), ticks bigint NOT NULL);
+     INSERT INTO durability VALUES (1, 0);",
 )];
 
 /// The newest schema version this build knows.
@@ -84,6 +94,12 @@ const SINGLE_CUSTODIAN: i16 = 0;
 fn db(e: tokio_postgres::Error) -> StoreError {
     // The driver's message names the failing statement's error, never the connection's password.
     StoreError::Backend(e.to_string())
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        db(e)
+    }
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -151,7 +167,14 @@ pub fn redacted(url: &str) -> String {
 /// The PostgreSQL store: a pool of connections to one database.
 pub struct PgStore {
     pool: Pool,
+    /// Connections whose sessions commit with `synchronous_commit = off`: change sets only (see
+    /// the module's group commit).
+    changes: Pool,
     stats: FlushStats,
+    /// Change sets committed (asynchronously) so far.
+    commits: std::sync::atomic::AtomicU64,
+    /// How many of them the last durability tick covered; held while a tick runs.
+    covered: tokio::sync::Mutex<u64>,
     /// Head records written from the audit log's flusher thread, applied in order by one task.
     recorder: mpsc::UnboundedSender<(AuditRecord, Vec<u8>)>,
 }
@@ -169,12 +192,21 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Backend(format!("connection string: {e}")))?;
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .build()
-            .map_err(|e| StoreError::Backend(format!("connection pool: {e}")))?;
+        let pool_of = |config: tokio_postgres::Config| {
+            let manager = Manager::from_config(
+                config,
+                NoTls,
+                ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            );
+            Pool::builder(manager)
+                .max_size(POOL_SIZE)
+                .build()
+                .map_err(|e| StoreError::Backend(format!("connection pool: {e}")))
+        };
+        let pool = pool_of(config.clone())?;
+        let mut asynchronous = config;
+        asynchronous.options("-c synchronous_commit=off");
+        let changes = pool_of(asynchronous)?;
         migrate(&pool).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<(AuditRecord, Vec<u8>)>();
         let recording = pool.clone();
@@ -185,7 +217,14 @@ impl PgStore {
                 }
             }
         });
-        Ok(Self { pool, stats: FlushStats::default(), recorder: tx })
+        Ok(Self {
+            pool,
+            changes,
+            stats: FlushStats::default(),
+            commits: Default::default(),
+            covered: tokio::sync::Mutex::new(0),
+            recorder: tx,
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -196,7 +235,10 @@ impl PgStore {
     #[cfg(any(test, feature = "test-util"))]
     pub async fn schema_version(&self) -> Result<i32, StoreError> {
         let c = self.client().await?;
-        let row = c.query_one("SELECT version FROM khlang_schema", &[]).await.map_err(db)?;
+        let row = c
+            .query_one(&c.prepare_cached("SELECT version FROM khlang_schema").await?, &[])
+            .await
+            .map_err(db)?;
         Ok(row.get(0))
     }
 
@@ -204,13 +246,18 @@ impl PgStore {
     #[cfg(any(test, feature = "test-util"))]
     pub async fn set_schema_version_for_tests(&self, version: i32) -> Result<(), StoreError> {
         let c = self.client().await?;
-        c.execute("UPDATE khlang_schema SET version = $1", &[&version]).await.map_err(db)?;
+        c.execute(&c.prepare_cached("UPDATE khlang_schema SET version = $1").await?, &[&version])
+            .await
+            .map_err(db)?;
         Ok(())
     }
 
     async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let c = self.client().await?;
-        let row = c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).await.map_err(db)?;
+        let row = c
+            .query_opt(&c.prepare_cached("SELECT value FROM meta WHERE key = $1").await?, &[&key])
+            .await
+            .map_err(db)?;
         Ok(row.map(|r| r.get(0)))
     }
 }
@@ -221,9 +268,9 @@ impl PgStore {
 /// function taking a closure: the body borrows the caller's arguments, which a boxed future
 /// generic over the transaction's lifetime cannot.
 macro_rules! in_transaction {
-    ($store:expr, |$tx:ident| $body:block) => {{
+    ($pool:expr, |$tx:ident| $body:block) => {{
         async {
-            let mut client = $store.client().await?;
+            let mut client = $pool.get().await.map_err(pool_error)?;
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -277,14 +324,20 @@ impl From<StoreError> for TxError {
 async fn migrate(pool: &Pool) -> Result<(), StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
+    tx.execute(&tx.prepare_cached("SELECT pg_advisory_xact_lock($1)").await?, &[&MIGRATION_LOCK])
+        .await
+        .map_err(db)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS khlang_schema (id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL);
          INSERT INTO khlang_schema VALUES (1, 0) ON CONFLICT (id) DO NOTHING;",
     )
     .await
     .map_err(db)?;
-    let found: i32 = tx.query_one("SELECT version FROM khlang_schema", &[]).await.map_err(db)?.get(0);
+    let found: i32 = tx
+        .query_one(&tx.prepare_cached("SELECT version FROM khlang_schema").await?, &[])
+        .await
+        .map_err(db)?
+        .get(0);
     if found > PG_SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew {
             found: u32::try_from(found).unwrap_or(u32::MAX),
@@ -293,7 +346,9 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
         tx.batch_execute(sql).await.map_err(db)?;
-        tx.execute("UPDATE khlang_schema SET version = $1", &[version]).await.map_err(db)?;
+        tx.execute(&tx.prepare_cached("UPDATE khlang_schema SET version = $1").await?, &[version])
+            .await
+            .map_err(db)?;
         tracing::info!(from = found, to = version, "database schema upgraded");
     }
     tx.commit().await.map_err(db)
@@ -302,8 +357,11 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
 async fn set_record(pool: &Pool, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
     let c = pool.get().await.map_err(pool_error)?;
     c.execute(
-        "INSERT INTO audit_records (which, value) VALUES ($1, $2)
+        &c.prepare_cached(
+            "INSERT INTO audit_records (which, value) VALUES ($1, $2)
          ON CONFLICT (which) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .await?,
         &[&which_name(which), &value],
     )
     .await
@@ -312,16 +370,25 @@ async fn set_record(pool: &Pool, which: AuditRecord, value: &[u8]) -> Result<(),
 }
 
 async fn write_custody(tx: &Transaction<'_>, custody: &Custody) -> Result<(), TxError> {
-    tx.execute("DELETE FROM custody", &[]).await?;
+    tx.execute(&tx.prepare_cached("DELETE FROM custody").await?, &[]).await?;
     match custody {
         Custody::Single { sealed_root } => {
-            tx.execute("INSERT INTO custody VALUES ($1, $2)", &[&SINGLE_CUSTODIAN, sealed_root]).await?;
-            tx.execute("DELETE FROM meta WHERE key = $1", &[&META_THRESHOLD]).await?;
+            tx.execute(
+                &tx.prepare_cached("INSERT INTO custody VALUES ($1, $2)").await?,
+                &[&SINGLE_CUSTODIAN, sealed_root],
+            )
+            .await?;
+            tx.execute(&tx.prepare_cached("DELETE FROM meta WHERE key = $1").await?, &[&META_THRESHOLD])
+                .await?;
         }
         Custody::Shares { threshold, sealed } => {
             for (i, share) in sealed.iter().enumerate() {
                 let custodian = i16::try_from(i + 1).map_err(|_| StoreError::Corrupt("custodians"))?;
-                tx.execute("INSERT INTO custody VALUES ($1, $2)", &[&custodian, share]).await?;
+                tx.execute(
+                    &tx.prepare_cached("INSERT INTO custody VALUES ($1, $2)").await?,
+                    &[&custodian, share],
+                )
+                .await?;
             }
             put_meta(tx, META_THRESHOLD, &[*threshold]).await?;
         }
@@ -330,8 +397,7 @@ async fn write_custody(tx: &Transaction<'_>, custody: &Custody) -> Result<(), Tx
 }
 
 async fn put_meta(tx: &Transaction<'_>, key: &str, value: &[u8]) -> Result<(), TxError> {
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+    tx.execute(&tx.prepare_cached("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value").await?,
         &[&key, &value],
     )
     .await?;
@@ -342,7 +408,12 @@ async fn put_meta(tx: &Transaction<'_>, key: &str, value: &[u8]) -> Result<(), T
 async fn holds(tx: &Transaction<'_>, expect: &Expect) -> Result<bool, TxError> {
     Ok(match expect {
         Expect::AuditHead(head) => {
-            let row = tx.query_one("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE", &[]).await?;
+            let row = tx
+                .query_one(
+                    &tx.prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE").await?,
+                    &[],
+                )
+                .await?;
             let seq: Option<i64> = row.get(0);
             let hash: Option<Vec<u8>> = row.get(1);
             let stored = match (seq, hash) {
@@ -355,28 +426,51 @@ async fn holds(tx: &Transaction<'_>, expect: &Expect) -> Result<bool, TxError> {
             stored == *head
         }
         Expect::Record { id, version } => {
-            let row = tx.query_opt("SELECT rev FROM records WHERE id = $1 FOR UPDATE", &[id]).await?;
+            let row = tx
+                .query_opt(
+                    &tx.prepare_cached("SELECT rev FROM records WHERE id = $1 FOR UPDATE").await?,
+                    &[id],
+                )
+                .await?;
             row.is_some_and(|r| revision(r.get(0)) == *version)
         }
         Expect::DataKey { id, version } => {
-            let row = tx.query_opt("SELECT rev FROM data_keys WHERE id = $1 FOR UPDATE", &[id]).await?;
+            let row = tx
+                .query_opt(
+                    &tx.prepare_cached("SELECT rev FROM data_keys WHERE id = $1 FOR UPDATE").await?,
+                    &[id],
+                )
+                .await?;
             row.is_some_and(|r| revision(r.get(0)) == *version)
         }
         Expect::DataKeyIs { id, wrapped } => {
-            let row = tx.query_opt("SELECT wrapped FROM data_keys WHERE id = $1 FOR UPDATE", &[id]).await?;
+            let row = tx
+                .query_opt(
+                    &tx.prepare_cached("SELECT wrapped FROM data_keys WHERE id = $1 FOR UPDATE").await?,
+                    &[id],
+                )
+                .await?;
             row.is_some_and(|r| r.get::<_, Vec<u8>>(0) == *wrapped)
         }
         Expect::Identity { name, is: None } => {
             // Claims the name for this transaction; the operation that follows fills the row.
             tx.execute(
-                "INSERT INTO identities (name, body) VALUES ($1, '') ON CONFLICT (name) DO NOTHING",
+                &tx.prepare_cached(
+                    "INSERT INTO identities (name, body) VALUES ($1, '') ON CONFLICT (name) DO NOTHING",
+                )
+                .await?,
                 &[name],
             )
             .await?
                 == 1
         }
         Expect::Identity { name, is: Some(expected) } => {
-            let row = tx.query_opt("SELECT body FROM identities WHERE name = $1 FOR UPDATE", &[name]).await?;
+            let row = tx
+                .query_opt(
+                    &tx.prepare_cached("SELECT body FROM identities WHERE name = $1 FOR UPDATE").await?,
+                    &[name],
+                )
+                .await?;
             match row {
                 Some(r) => {
                     decode::<StoredIdentity>(&r.get::<_, Vec<u8>>(0), "identity").ok().as_ref()
@@ -387,15 +481,22 @@ async fn holds(tx: &Transaction<'_>, expect: &Expect) -> Result<bool, TxError> {
         }
         Expect::IdentityRequest { id, is: None } => {
             tx.execute(
-                "INSERT INTO identity_requests (id, body) VALUES ($1, '') ON CONFLICT (id) DO NOTHING",
+                &tx.prepare_cached(
+                    "INSERT INTO identity_requests (id, body) VALUES ($1, '') ON CONFLICT (id) DO NOTHING",
+                )
+                .await?,
                 &[id],
             )
             .await?
                 == 1
         }
         Expect::IdentityRequest { id, is: Some(expected) } => {
-            let row =
-                tx.query_opt("SELECT body FROM identity_requests WHERE id = $1 FOR UPDATE", &[id]).await?;
+            let row = tx
+                .query_opt(
+                    &tx.prepare_cached("SELECT body FROM identity_requests WHERE id = $1 FOR UPDATE").await?,
+                    &[id],
+                )
+                .await?;
             match row {
                 Some(r) => {
                     decode::<StoredIdentityRequest>(&r.get::<_, Vec<u8>>(0), "identity request").ok().as_ref()
@@ -406,7 +507,9 @@ async fn holds(tx: &Transaction<'_>, expect: &Expect) -> Result<bool, TxError> {
         }
         Expect::KekLive(version) => {
             let v = i32::try_from(*version).map_err(|_| StoreError::Corrupt("kek version"))?;
-            tx.query_opt("SELECT 1 FROM keks WHERE version = $1 FOR SHARE", &[&v]).await?.is_some()
+            tx.query_opt(&tx.prepare_cached("SELECT 1 FROM keks WHERE version = $1 FOR SHARE").await?, &[&v])
+                .await?
+                .is_some()
         }
     })
 }
@@ -428,110 +531,134 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), TxError> {
         Op::InsertRecord { id, record } => {
             let mut body = record.clone();
             let wrapped = std::mem::take(&mut body.wrapped_key);
-            let rev: i64 = tx.query_one("SELECT nextval('revisions')", &[]).await?.get(0);
-            tx.execute(
-                "INSERT INTO records (id, subject_index, body, rev) VALUES ($1, $2, $3, $4)",
-                &[id, &record.subject_index.as_slice(), &body.encode()?, &rev],
-            )
-            .await?;
-            if !wrapped.is_empty() {
-                tx.execute(
-                    "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, $3)",
-                    &[id, &wrapped, &rev],
-                )
-                .await?;
+            let body = body.encode()?;
+            let insert_record = tx.prepare_cached(
+                "INSERT INTO records (id, subject_index, body, rev) VALUES ($1, $2, $3, nextval('revisions'))",
+            );
+            let insert_key = tx.prepare_cached(
+                "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, nextval('revisions'))",
+            );
+            let (insert_record, insert_key) =
+                futures_util::future::try_join(insert_record, insert_key).await?;
+            let subject = record.subject_index.as_slice();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [id, &subject, &body];
+            let record_row = tx.execute(&insert_record, &params);
+            if wrapped.is_empty() {
+                record_row.await?;
+            } else {
+                futures_util::future::try_join(record_row, tx.execute(&insert_key, &[id, &wrapped])).await?;
             }
         }
         Op::ReplaceRecord { id, record } => {
             let mut body = record.clone();
             body.wrapped_key.clear();
-            tx.execute(
-                "UPDATE records SET body = $2, subject_index = $3, rev = nextval('revisions') WHERE id = $1",
+            tx.execute(&tx.prepare_cached("UPDATE records SET body = $2, subject_index = $3, rev = nextval('revisions') WHERE id = $1").await?,
                 &[id, &body.encode()?, &record.subject_index.as_slice()],
             )
             .await?;
         }
         Op::ReplaceDataKey { id, wrapped } => {
             tx.execute(
-                "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, nextval('revisions'))
+                &tx.prepare_cached(
+                    "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, nextval('revisions'))
                  ON CONFLICT (id) DO UPDATE SET wrapped = EXCLUDED.wrapped, rev = EXCLUDED.rev",
+                )
+                .await?,
                 &[id, wrapped],
             )
             .await?;
         }
         Op::DeleteRecord { id, .. } => {
-            tx.execute("DELETE FROM records WHERE id = $1", &[id]).await?;
-            tx.execute("DELETE FROM data_keys WHERE id = $1", &[id]).await?;
+            tx.execute(&tx.prepare_cached("DELETE FROM records WHERE id = $1").await?, &[id]).await?;
+            tx.execute(&tx.prepare_cached("DELETE FROM data_keys WHERE id = $1").await?, &[id]).await?;
         }
         Op::PutIdentity(identity) => {
             tx.execute(
-                "INSERT INTO identities (name, body) VALUES ($1, $2)
+                &tx.prepare_cached(
+                    "INSERT INTO identities (name, body) VALUES ($1, $2)
                  ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body",
+                )
+                .await?,
                 &[&identity.name, &encode(identity, "identity")?],
             )
             .await?;
         }
         Op::PutIdentityRequest(request) => {
             tx.execute(
-                "INSERT INTO identity_requests (id, body) VALUES ($1, $2)
+                &tx.prepare_cached(
+                    "INSERT INTO identity_requests (id, body) VALUES ($1, $2)
                  ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                )
+                .await?,
                 &[&request.id, &encode(request, "identity request")?],
             )
             .await?;
         }
         Op::RemoveIdentityRequest(id) => {
-            tx.execute("DELETE FROM identity_requests WHERE id = $1", &[id]).await?;
+            tx.execute(&tx.prepare_cached("DELETE FROM identity_requests WHERE id = $1").await?, &[id])
+                .await?;
         }
         Op::PutToken { id, token } => {
             tx.execute(
-                "INSERT INTO tokens (id, identity, body) VALUES ($1, $2, $3)
+                &tx.prepare_cached(
+                    "INSERT INTO tokens (id, identity, body) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET identity = EXCLUDED.identity, body = EXCLUDED.body",
+                )
+                .await?,
                 &[id, &token.identity, &encode(token, "token")?],
             )
             .await?;
         }
         Op::RemoveToken(id) => {
-            tx.execute("DELETE FROM tokens WHERE id = $1", &[id]).await?;
+            tx.execute(&tx.prepare_cached("DELETE FROM tokens WHERE id = $1").await?, &[id]).await?;
         }
         Op::SetConsent { subject_index, seq, consent } => {
             let body = encode(consent, "consent")?;
             tx.execute(
-                "INSERT INTO consent (subject_index, purpose, body) VALUES ($1, $2, $3)
+                &tx.prepare_cached(
+                    "INSERT INTO consent (subject_index, purpose, body) VALUES ($1, $2, $3)
                  ON CONFLICT (subject_index, purpose) DO UPDATE SET body = EXCLUDED.body",
+                )
+                .await?,
                 &[&subject_index.as_slice(), &consent.purpose, &body],
             )
             .await?;
             tx.execute(
-                "INSERT INTO consent_history (subject_index, seq, body) VALUES ($1, $2, $3)",
+                &tx.prepare_cached(
+                    "INSERT INTO consent_history (subject_index, seq, body) VALUES ($1, $2, $3)",
+                )
+                .await?,
                 &[&subject_index.as_slice(), &u64_to_i64(*seq, "consent seq")?, &body],
             )
             .await?;
         }
         Op::PutJob(job) => {
-            tx.execute(
-                "INSERT INTO key_job (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+            tx.execute(&tx.prepare_cached("INSERT INTO key_job (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body").await?,
                 &[&encode(job, "key job")?],
             )
             .await?;
         }
         Op::AuditEntry { seq, value } => {
             tx.execute(
-                "INSERT INTO audit_entries (seq, value) VALUES ($1, $2)",
+                &tx.prepare_cached("INSERT INTO audit_entries (seq, value) VALUES ($1, $2)").await?,
                 &[&u64_to_i64(*seq, "audit seq")?, value],
             )
             .await?;
         }
         Op::AuditRecord { which, value } => {
             tx.execute(
-                "INSERT INTO audit_records (which, value) VALUES ($1, $2)
+                &tx.prepare_cached(
+                    "INSERT INTO audit_records (which, value) VALUES ($1, $2)
                  ON CONFLICT (which) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .await?,
                 &[&which_name(*which), value],
             )
             .await?;
         }
         Op::AuditHead(head) => {
             tx.execute(
-                "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+                &tx.prepare_cached("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1").await?,
                 &[&u64_to_i64(head.seq, "audit head")?, &head.hash.as_slice()],
             )
             .await?;
@@ -566,17 +693,23 @@ impl Storage for PgStore {
     ) -> Result<(), StoreError> {
         let version = i32::try_from(kek.0).map_err(|_| StoreError::Corrupt("kek version"))?;
         let now = u64_to_i64(now_ms, "time")?;
-        in_transaction!(self, |tx| {
+        in_transaction!(self.pool, |tx| {
             // Two nodes initialising at once: the second waits here, then finds the first's.
-            tx.execute("LOCK TABLE custody IN EXCLUSIVE MODE", &[]).await?;
-            if tx.query_opt("SELECT 1 FROM custody LIMIT 1", &[]).await?.is_some() {
+            tx.execute(&tx.prepare_cached("LOCK TABLE custody IN EXCLUSIVE MODE").await?, &[]).await?;
+            if tx.query_opt(&tx.prepare_cached("SELECT 1 FROM custody LIMIT 1").await?, &[]).await?.is_some()
+            {
                 return Err(StoreError::AlreadyInitialised.into());
             }
             write_custody(tx, custody).await?;
             put_meta(tx, META_DERIVATION_KEY, wrapped_derivation_key).await?;
             put_meta(tx, META_MODE, mode.as_bytes()).await?;
-            tx.execute("INSERT INTO keks VALUES ($1, $2)", &[&version, &kek.1]).await?;
-            tx.execute("INSERT INTO kek_info VALUES ($1, $2, NULL)", &[&version, &now]).await?;
+            tx.execute(&tx.prepare_cached("INSERT INTO keks VALUES ($1, $2)").await?, &[&version, &kek.1])
+                .await?;
+            tx.execute(
+                &tx.prepare_cached("INSERT INTO kek_info VALUES ($1, $2, NULL)").await?,
+                &[&version, &now],
+            )
+            .await?;
             Ok(())
         })
         .map(drop)
@@ -584,13 +717,18 @@ impl Storage for PgStore {
 
     async fn is_initialised(&self) -> Result<bool, StoreError> {
         let c = self.client().await?;
-        Ok(c.query_opt("SELECT 1 FROM custody LIMIT 1", &[]).await.map_err(db)?.is_some())
+        Ok(c.query_opt(&c.prepare_cached("SELECT 1 FROM custody LIMIT 1").await?, &[])
+            .await
+            .map_err(db)?
+            .is_some())
     }
 
     async fn custody(&self) -> Result<Custody, StoreError> {
         let c = self.client().await?;
-        let rows =
-            c.query("SELECT custodian, sealed FROM custody ORDER BY custodian", &[]).await.map_err(db)?;
+        let rows = c
+            .query(&c.prepare_cached("SELECT custodian, sealed FROM custody ORDER BY custodian").await?, &[])
+            .await
+            .map_err(db)?;
         let rows: Vec<(i16, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         match rows.as_slice() {
             [] => Err(StoreError::NotInitialised),
@@ -616,7 +754,10 @@ impl Storage for PgStore {
         };
         let c = self.client().await?;
         let n = c
-            .execute("UPDATE custody SET sealed = $2 WHERE custodian = $1", &[&slot, &sealed])
+            .execute(
+                &c.prepare_cached("UPDATE custody SET sealed = $2 WHERE custodian = $1").await?,
+                &[&slot, &sealed],
+            )
             .await
             .map_err(db)?;
         if n != 1 {
@@ -631,12 +772,16 @@ impl Storage for PgStore {
         wrapped_derivation_key: &[u8],
         keks: &[(u32, Vec<u8>)],
     ) -> Result<(), StoreError> {
-        in_transaction!(self, |tx| {
+        in_transaction!(self.pool, |tx| {
             write_custody(tx, custody).await?;
             put_meta(tx, META_DERIVATION_KEY, wrapped_derivation_key).await?;
             for (version, wrapped) in keks {
                 let v = i32::try_from(*version).map_err(|_| StoreError::Corrupt("kek version"))?;
-                tx.execute("UPDATE keks SET wrapped = $2 WHERE version = $1", &[&v, wrapped]).await?;
+                tx.execute(
+                    &tx.prepare_cached("UPDATE keks SET wrapped = $2 WHERE version = $1").await?,
+                    &[&v, wrapped],
+                )
+                .await?;
             }
             Ok(())
         })
@@ -650,14 +795,22 @@ impl Storage for PgStore {
     async fn add_kek(&self, version: u32, wrapped: &[u8], now_ms: u64) -> Result<(), StoreError> {
         let v = i32::try_from(version).map_err(|_| StoreError::Corrupt("kek version"))?;
         let now = u64_to_i64(now_ms, "time")?;
-        in_transaction!(self, |tx| {
-            let used = tx.query_opt("SELECT 1 FROM kek_info WHERE version = $1", &[&v]).await?.is_some()
-                || tx.query_opt("SELECT 1 FROM keks WHERE version = $1", &[&v]).await?.is_some();
+        in_transaction!(self.pool, |tx| {
+            let used = tx
+                .query_opt(&tx.prepare_cached("SELECT 1 FROM kek_info WHERE version = $1").await?, &[&v])
+                .await?
+                .is_some()
+                || tx
+                    .query_opt(&tx.prepare_cached("SELECT 1 FROM keks WHERE version = $1").await?, &[&v])
+                    .await?
+                    .is_some();
             if used {
                 return Err(StoreError::Corrupt("kek version reused").into());
             }
-            tx.execute("INSERT INTO keks VALUES ($1, $2)", &[&v, &wrapped]).await?;
-            tx.execute("INSERT INTO kek_info VALUES ($1, $2, NULL)", &[&v, &now]).await?;
+            tx.execute(&tx.prepare_cached("INSERT INTO keks VALUES ($1, $2)").await?, &[&v, &wrapped])
+                .await?;
+            tx.execute(&tx.prepare_cached("INSERT INTO kek_info VALUES ($1, $2, NULL)").await?, &[&v, &now])
+                .await?;
             Ok(())
         })
         .map(drop)
@@ -666,10 +819,9 @@ impl Storage for PgStore {
     async fn retire_kek(&self, version: u32, now_ms: u64) -> Result<(), StoreError> {
         let v = i32::try_from(version).map_err(|_| StoreError::Corrupt("kek version"))?;
         let now = u64_to_i64(now_ms, "time")?;
-        in_transaction!(self, |tx| {
-            tx.execute("DELETE FROM keks WHERE version = $1", &[&v]).await?;
-            tx.execute(
-                "INSERT INTO kek_info VALUES ($1, 0, $2) ON CONFLICT (version) DO UPDATE SET retired_ms = $2",
+        in_transaction!(self.pool, |tx| {
+            tx.execute(&tx.prepare_cached("DELETE FROM keks WHERE version = $1").await?, &[&v]).await?;
+            tx.execute(&tx.prepare_cached("INSERT INTO kek_info VALUES ($1, 0, $2) ON CONFLICT (version) DO UPDATE SET retired_ms = $2").await?,
                 &[&v, &now],
             )
             .await?;
@@ -681,7 +833,11 @@ impl Storage for PgStore {
     async fn kek_infos(&self) -> Result<Vec<KekInfo>, StoreError> {
         let c = self.client().await?;
         let rows = c
-            .query("SELECT version, created_ms, retired_ms FROM kek_info ORDER BY version", &[])
+            .query(
+                &c.prepare_cached("SELECT version, created_ms, retired_ms FROM kek_info ORDER BY version")
+                    .await?,
+                &[],
+            )
             .await
             .map_err(db)?;
         rows.iter()
@@ -698,7 +854,10 @@ impl Storage for PgStore {
 
     async fn keks(&self) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
         let c = self.client().await?;
-        let rows = c.query("SELECT version, wrapped FROM keks ORDER BY version", &[]).await.map_err(db)?;
+        let rows = c
+            .query(&c.prepare_cached("SELECT version, wrapped FROM keks ORDER BY version").await?, &[])
+            .await
+            .map_err(db)?;
         rows.iter()
             .map(|r| {
                 let v = u32::try_from(r.get::<_, i32>(0)).map_err(|_| StoreError::Corrupt("kek version"))?;
@@ -712,8 +871,11 @@ impl Storage for PgStore {
         let c = self.client().await?;
         let row = c
             .query_opt(
-                "SELECT r.body, r.rev, d.wrapped FROM records r LEFT JOIN data_keys d ON d.id = r.id
+                &c.prepare_cached(
+                    "SELECT r.body, r.rev, d.wrapped FROM records r LEFT JOIN data_keys d ON d.id = r.id
                  WHERE r.id = $1",
+                )
+                .await?,
                 &[&record_id],
             )
             .await
@@ -729,8 +891,11 @@ impl Storage for PgStore {
         let c = self.client().await?;
         let rows = c
             .query(
-                "SELECT r.id, r.body, d.wrapped FROM records r LEFT JOIN data_keys d ON d.id = r.id
+                &c.prepare_cached(
+                    "SELECT r.id, r.body, d.wrapped FROM records r LEFT JOIN data_keys d ON d.id = r.id
                  WHERE r.subject_index = $1 ORDER BY r.id",
+                )
+                .await?,
                 &[&subject_index.as_slice()],
             )
             .await
@@ -754,7 +919,7 @@ impl Storage for PgStore {
             KeySpace::DataKeys => "SELECT id, wrapped, rev FROM data_keys WHERE id > $1 ORDER BY id LIMIT $2",
         };
         let c = self.client().await?;
-        let rows = c.query(sql, &[&after, &limit]).await.map_err(db)?;
+        let rows = c.query(&c.prepare_cached(sql).await?, &[&after, &limit]).await.map_err(db)?;
         rows.iter()
             .map(|r| {
                 let id: String = r.get(0);
@@ -775,13 +940,16 @@ impl Storage for PgStore {
             KeySpace::DataKeys => "SELECT count(*) FROM data_keys",
         };
         let c = self.client().await?;
-        i64_to_u64(c.query_one(sql, &[]).await.map_err(db)?.get(0), "count")
+        i64_to_u64(c.query_one(&c.prepare_cached(sql).await?, &[]).await.map_err(db)?.get(0), "count")
     }
 
     async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
         let c = self.client().await?;
         let row = c
-            .query_opt("SELECT body FROM identities WHERE name = $1 AND body <> ''", &[&name])
+            .query_opt(
+                &c.prepare_cached("SELECT body FROM identities WHERE name = $1 AND body <> ''").await?,
+                &[&name],
+            )
             .await
             .map_err(db)?;
         row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity")).transpose()
@@ -789,15 +957,23 @@ impl Storage for PgStore {
 
     async fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
         let c = self.client().await?;
-        let rows =
-            c.query("SELECT body FROM identities WHERE body <> '' ORDER BY name", &[]).await.map_err(db)?;
+        let rows = c
+            .query(
+                &c.prepare_cached("SELECT body FROM identities WHERE body <> '' ORDER BY name").await?,
+                &[],
+            )
+            .await
+            .map_err(db)?;
         rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity")).collect()
     }
 
     async fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
         let c = self.client().await?;
         let row = c
-            .query_opt("SELECT body FROM identity_requests WHERE id = $1 AND body <> ''", &[&id])
+            .query_opt(
+                &c.prepare_cached("SELECT body FROM identity_requests WHERE id = $1 AND body <> ''").await?,
+                &[&id],
+            )
             .await
             .map_err(db)?;
         row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity request")).transpose()
@@ -806,7 +982,10 @@ impl Storage for PgStore {
     async fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
         let c = self.client().await?;
         let rows = c
-            .query("SELECT body FROM identity_requests WHERE body <> '' ORDER BY id", &[])
+            .query(
+                &c.prepare_cached("SELECT body FROM identity_requests WHERE body <> '' ORDER BY id").await?,
+                &[],
+            )
             .await
             .map_err(db)?;
         rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity request")).collect()
@@ -814,14 +993,20 @@ impl Storage for PgStore {
 
     async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
         let c = self.client().await?;
-        let row = c.query_opt("SELECT body FROM tokens WHERE id = $1", &[&token_id]).await.map_err(db)?;
+        let row = c
+            .query_opt(&c.prepare_cached("SELECT body FROM tokens WHERE id = $1").await?, &[&token_id])
+            .await
+            .map_err(db)?;
         row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "token")).transpose()
     }
 
     async fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
         let c = self.client().await?;
         let rows = c
-            .query("SELECT id, body FROM tokens WHERE identity = $1 ORDER BY id", &[&name])
+            .query(
+                &c.prepare_cached("SELECT id, body FROM tokens WHERE identity = $1 ORDER BY id").await?,
+                &[&name],
+            )
             .await
             .map_err(db)?;
         rows.iter().map(|r| Ok((r.get(0), decode(&r.get::<_, Vec<u8>>(1), "token")?))).collect()
@@ -830,8 +1015,11 @@ impl Storage for PgStore {
     async fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
         let c = self.client().await?;
         c.execute(
-            "INSERT INTO failures (credential, body) VALUES ($1, $2)
+            &c.prepare_cached(
+                "INSERT INTO failures (credential, body) VALUES ($1, $2)
              ON CONFLICT (credential) DO UPDATE SET body = EXCLUDED.body",
+            )
+            .await?,
             &[&credential, &encode(record, "lockout record")?],
         )
         .await
@@ -841,7 +1029,10 @@ impl Storage for PgStore {
 
     async fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
         let c = self.client().await?;
-        let rows = c.query("SELECT credential, body FROM failures", &[]).await.map_err(db)?;
+        let rows = c
+            .query(&c.prepare_cached("SELECT credential, body FROM failures").await?, &[])
+            .await
+            .map_err(db)?;
         rows.iter().map(|r| Ok((r.get(0), decode(&r.get::<_, Vec<u8>>(1), "lockout record")?))).collect()
     }
 
@@ -853,7 +1044,8 @@ impl Storage for PgStore {
         let c = self.client().await?;
         let row = c
             .query_opt(
-                "SELECT body FROM consent WHERE subject_index = $1 AND purpose = $2",
+                &c.prepare_cached("SELECT body FROM consent WHERE subject_index = $1 AND purpose = $2")
+                    .await?,
                 &[&subject_index.as_slice(), &purpose],
             )
             .await
@@ -868,14 +1060,16 @@ impl Storage for PgStore {
         let c = self.client().await?;
         let current = c
             .query(
-                "SELECT body FROM consent WHERE subject_index = $1 ORDER BY purpose",
+                &c.prepare_cached("SELECT body FROM consent WHERE subject_index = $1 ORDER BY purpose")
+                    .await?,
                 &[&subject_index.as_slice()],
             )
             .await
             .map_err(db)?;
         let history = c
             .query(
-                "SELECT body FROM consent_history WHERE subject_index = $1 ORDER BY seq",
+                &c.prepare_cached("SELECT body FROM consent_history WHERE subject_index = $1 ORDER BY seq")
+                    .await?,
                 &[&subject_index.as_slice()],
             )
             .await
@@ -888,19 +1082,28 @@ impl Storage for PgStore {
 
     async fn job(&self) -> Result<Option<StoredJob>, StoreError> {
         let c = self.client().await?;
-        let row = c.query_opt("SELECT body FROM key_job WHERE id = 1", &[]).await.map_err(db)?;
+        let row = c
+            .query_opt(&c.prepare_cached("SELECT body FROM key_job WHERE id = 1").await?, &[])
+            .await
+            .map_err(db)?;
         row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "key job")).transpose()
     }
 
     async fn generate_id(&self) -> Result<u64, StoreError> {
         let c = self.client().await?;
-        i64_to_u64(c.query_one("SELECT nextval('ids')", &[]).await.map_err(db)?.get(0), "id")
+        i64_to_u64(
+            c.query_one(&c.prepare_cached("SELECT nextval('ids')").await?, &[]).await.map_err(db)?.get(0),
+            "id",
+        )
     }
 
     async fn audit_record(&self, which: AuditRecord) -> Result<Option<Vec<u8>>, StoreError> {
         let c = self.client().await?;
         let row = c
-            .query_opt("SELECT value FROM audit_records WHERE which = $1", &[&which_name(which)])
+            .query_opt(
+                &c.prepare_cached("SELECT value FROM audit_records WHERE which = $1").await?,
+                &[&which_name(which)],
+            )
             .await
             .map_err(db)?;
         Ok(row.map(|r| r.get(0)))
@@ -912,7 +1115,12 @@ impl Storage for PgStore {
 
     async fn remove_audit_record(&self, which: AuditRecord) -> Result<(), StoreError> {
         let c = self.client().await?;
-        c.execute("DELETE FROM audit_records WHERE which = $1", &[&which_name(which)]).await.map_err(db)?;
+        c.execute(
+            &c.prepare_cached("DELETE FROM audit_records WHERE which = $1").await?,
+            &[&which_name(which)],
+        )
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
@@ -925,7 +1133,10 @@ impl Storage for PgStore {
 
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         let c = self.client().await?;
-        let row = c.query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[]).await.map_err(db)?;
+        let row = c
+            .query_one(&c.prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1").await?, &[])
+            .await
+            .map_err(db)?;
         let seq: Option<i64> = row.get(0);
         let hash: Option<Vec<u8>> = row.get(1);
         match (seq, hash) {
@@ -941,7 +1152,10 @@ impl Storage for PgStore {
         let c = self.client().await?;
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let rows = c
-            .query("SELECT seq, value FROM audit_entries WHERE seq > $1 ORDER BY seq", &[&after])
+            .query(
+                &c.prepare_cached("SELECT seq, value FROM audit_entries WHERE seq > $1 ORDER BY seq").await?,
+                &[&after],
+            )
             .await
             .map_err(db)?;
         rows.iter().map(|r| Ok((i64_to_u64(r.get(0), "audit seq")?, r.get(1)))).collect()
@@ -950,7 +1164,9 @@ impl Storage for PgStore {
     async fn remove_audit_entries_upto(&self, last: u64) -> Result<(), StoreError> {
         let c = self.client().await?;
         let last = i64::try_from(last).unwrap_or(i64::MAX);
-        c.execute("DELETE FROM audit_entries WHERE seq <= $1", &[&last]).await.map_err(db)?;
+        c.execute(&c.prepare_cached("DELETE FROM audit_entries WHERE seq <= $1").await?, &[&last])
+            .await
+            .map_err(db)?;
         Ok(())
     }
 
@@ -960,21 +1176,40 @@ impl Storage for PgStore {
         }
         let (ops, mut expect) = changes.into_parts();
         expect.sort_by_key(lock_order);
-        in_transaction!(self, |tx| {
-            for e in &expect {
-                if !holds(tx, e).await? {
-                    return Err(TxError::Refused);
-                }
+        let done = in_transaction!(self.changes, |tx| {
+            // Pipelined: every expectation's statement is sent before the first answer is awaited,
+            // then every operation's (no two operations of one change set touch the same row).
+            let held = futures_util::future::try_join_all(expect.iter().map(|e| holds(tx, e))).await?;
+            if !held.iter().all(|h| *h) {
+                return Err(TxError::Refused);
             }
-            for op in &ops {
-                apply(tx, op).await?;
-            }
+            futures_util::future::try_join_all(ops.iter().map(|op| apply(tx, op))).await?;
             Ok(())
-        })
-        .map(|done| done.is_some())
+        })?
+        .is_some();
+        if done {
+            self.commits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ok(done)
     }
 
+    /// Waits until every change set committed before the call is on disk (see the module's
+    /// group commit): one synchronous tick covers all of them.
     async fn durable(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let mine = self.commits.load(Ordering::Acquire);
+        let mut covered = self.covered.lock().await;
+        if *covered >= mine {
+            return Ok(());
+        }
+        let target = self.commits.load(Ordering::Acquire);
+        let c = self.client().await?;
+        c.execute(&c.prepare_cached("UPDATE durability SET ticks = ticks + 1 WHERE id = 1").await?, &[])
+            .await
+            .map_err(db)?;
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.stats.writes.fetch_add(target - *covered, Ordering::Relaxed);
+        *covered = target;
         Ok(())
     }
 

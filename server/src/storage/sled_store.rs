@@ -133,7 +133,7 @@ impl GroupCommit {
 /// can write: they could replace the database or the log. One others can read holds only
 /// ciphertext, but is warned about.
 #[cfg(unix)]
-fn secure_folder(dir: &Path) -> Result<(), StoreError> {
+pub fn secure_folder(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt;
     let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", dir.display()));
     if !dir.exists() {
@@ -181,7 +181,7 @@ pub fn tighten(dir: &Path) -> Result<(), StoreError> {
 }
 
 #[cfg(not(unix))]
-fn secure_folder(_dir: &Path) -> Result<(), StoreError> {
+pub fn secure_folder(_dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 

@@ -117,6 +117,9 @@ impl CipherMode {
 
 #[derive(Debug, Clone)]
 pub struct VaultOptions {
+    /// Where records, keys and identities live: sled in the data folder (the default), or a
+    /// PostgreSQL database (the audit log's files stay in the data folder either way).
+    pub storage: StorageLocation,
     pub limits: Limits,
     pub durability: Durability,
     pub mode: CipherMode,
@@ -151,6 +154,42 @@ pub struct VaultOptions {
     pub rekey_ttl: Duration,
 }
 
+/// Which backend of the storage port a vault opens.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum StorageLocation {
+    /// sled, in `<data folder>/db`.
+    #[default]
+    Sled,
+    /// A PostgreSQL connection string (libpq style; several hosts and
+    /// `target_session_attrs=read-write` allowed).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StorageLocation {
+    /// Never prints a password the connection string may carry.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sled => f.write_str("Sled"),
+            Self::Postgres(url) => write!(f, "Postgres({})", crate::storage::redacted(url)),
+        }
+    }
+}
+
+impl std::str::FromStr for StorageLocation {
+    type Err = String;
+
+    /// `sled` or a `postgres://` / `postgresql://` connection string.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "sled" {
+            Ok(Self::Sled)
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(Self::Postgres(s.to_owned()))
+        } else {
+            Err("expected `sled` or a postgres:// connection string".into())
+        }
+    }
+}
+
 impl VaultOptions {
     /// Whether the decide step is skipped (a `bench` build's baseline; never otherwise).
     fn skips_policy(&self) -> bool {
@@ -172,6 +211,7 @@ impl VaultOptions {
 impl Default for VaultOptions {
     fn default() -> Self {
         Self {
+            storage: StorageLocation::Sled,
             limits: Limits::default(),
             durability: Durability::default(),
             mode: CipherMode::default(),
@@ -375,14 +415,21 @@ impl Vault {
         params: SealParams,
         options: &VaultOptions,
     ) -> Result<Self, VaultError> {
-        let store = Self::open_store(dir, options.durability)?;
-        Self::init_store(&store, threshold, passphrases, params, options.mode).await?;
-        Self::from_sled(store, options).await
+        let store = Self::open_store(dir, options).await?;
+        Self::init_store(store.as_ref(), threshold, passphrases, params, options.mode).await?;
+        Self::from_store(store, dir, options).await
     }
 
-    /// The store creates the folder itself (0700, whatever the umask).
-    fn open_store(dir: &Path, durability: Durability) -> Result<SledStore, VaultError> {
-        Ok(SledStore::open(dir, durability)?)
+    /// The backend `options` name. The data folder is made 0700 whatever the umask (sled's
+    /// database and the audit log's files live there).
+    async fn open_store(dir: &Path, options: &VaultOptions) -> Result<Arc<dyn Storage>, VaultError> {
+        Ok(match &options.storage {
+            StorageLocation::Sled => Arc::new(SledStore::open(dir, options.durability)?),
+            StorageLocation::Postgres(url) => {
+                crate::storage::secure_folder(dir)?;
+                Arc::new(crate::storage::PgStore::connect(url).await?)
+            }
+        })
     }
 
     /// Seals `root` for its custodians: whole under one passphrase, or as K-of-N shares.
@@ -476,22 +523,17 @@ impl Vault {
         options: &VaultOptions,
     ) -> Result<Self, VaultError> {
         // One open of the store: sled releases its lock only after its own threads let go.
-        let store = Self::open_store(dir, options.durability)?;
+        let store = Self::open_store(dir, options).await?;
         if !store.is_initialised().await? {
-            Self::init_store(&store, 1, &[passphrase], params, options.mode).await?;
+            Self::init_store(store.as_ref(), 1, &[passphrase], params, options.mode).await?;
         }
-        Self::from_sled(store, options).await
+        Self::from_store(store, dir, options).await
     }
 
     /// Opens an initialised vault without unsealing it: only status and unseal answer until
     /// enough custodians have given their passphrases ([`Vault::unseal_with`]).
     pub async fn open_sealed(dir: &Path, options: &VaultOptions) -> Result<Self, VaultError> {
-        Self::from_sled(Self::open_store(dir, options.durability)?, options).await
-    }
-
-    async fn from_sled(store: SledStore, options: &VaultOptions) -> Result<Self, VaultError> {
-        let dir = store.dir().to_path_buf();
-        Self::from_store(Arc::new(store), &dir, options).await
+        Self::from_store(Self::open_store(dir, options).await?, dir, options).await
     }
 
     /// Opens the vault `store` holds (sealed), its audit log's files in `dir`.
