@@ -74,6 +74,9 @@ pub enum StoreError {
         "this data folder has storage schema {found}; this build knows schema {supported} at most: run the newer khlangd"
     )]
     SchemaTooNew { found: u32, supported: u32 },
+    /// Another node holds the database (one node per database until the audit log lives in it).
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// How a request ended, named as gRPC names its status codes. The one mapping from domain errors

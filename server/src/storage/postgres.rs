@@ -79,6 +79,11 @@ pub const PG_SCHEMA_VERSION: i32 = 1;
 /// when several nodes start at once.
 const MIGRATION_LOCK: i64 = 0x6b68_6c61_6e67;
 
+/// Advisory lock key ("khlang-node") a serving node holds for as long as it runs: the audit log's
+/// read entries still live in each node's own files, so two nodes on one database would keep two
+/// logs of one vault. Until the log moves into the database, a second node is refused.
+const NODE_LOCK: i64 = 0x006b_686c_616e_676e;
+
 /// How many times a commit is rerun after a deadlock or serialisation failure before it fails.
 const COMMIT_ATTEMPTS: usize = 8;
 
@@ -177,6 +182,8 @@ pub struct PgStore {
     covered: tokio::sync::Mutex<u64>,
     /// Head records written from the audit log's flusher thread, applied in order by one task.
     recorder: mpsc::UnboundedSender<(AuditRecord, Vec<u8>)>,
+    /// The connection holding this node's lease ([`NODE_LOCK`]); dropped with the store.
+    _lease: tokio_postgres::Client,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -204,10 +211,23 @@ impl PgStore {
                 .map_err(|e| StoreError::Backend(format!("connection pool: {e}")))
         };
         let pool = pool_of(config.clone())?;
-        let mut asynchronous = config;
+        let mut asynchronous = config.clone();
         asynchronous.options("-c synchronous_commit=off");
         let changes = pool_of(asynchronous)?;
         migrate(&pool).await?;
+        // The lease: a session lock on a connection of its own, released when the node stops
+        // (or its connection drops).
+        let (lease, connection) = config.connect(NoTls).await.map_err(db)?;
+        tokio::spawn(connection);
+        let held: bool =
+            lease.query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK]).await.map_err(db)?.get(0);
+        if !held {
+            return Err(StoreError::InUse(format!(
+                "another khlangd node is serving the database {}: one node per database for now \
+                 (each node keeps the audit log's read entries in its own folder)",
+                redacted(url)
+            )));
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<(AuditRecord, Vec<u8>)>();
         let recording = pool.clone();
         tokio::spawn(async move {
@@ -224,6 +244,7 @@ impl PgStore {
             commits: Default::default(),
             covered: tokio::sync::Mutex::new(0),
             recorder: tx,
+            _lease: lease,
         })
     }
 

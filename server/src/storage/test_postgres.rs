@@ -42,10 +42,12 @@ fn server_binaries() -> Option<PathBuf> {
     }
     let has =
         |d: &Path| d.join("pg_ctl").is_file() && d.join("initdb").is_file() && d.join("postgres").is_file();
+    // A folder on PATH may hold only links to a few of them (pg_dump, pg_basebackup elsewhere):
+    // the binaries' own folder is where `pg_ctl` really lives.
     if let Some(path) = std::env::var_os("PATH")
         && let Some(d) = std::env::split_paths(&path).find(|d| has(d))
     {
-        return Some(d);
+        return std::fs::canonicalize(d.join("pg_ctl")).ok().and_then(|p| p.parent().map(Path::to_path_buf));
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?

@@ -1,0 +1,170 @@
+//! The vault on PostgreSQL, over real gRPC: a throwaway cluster per test (see
+//! `khlang_server::storage::test_postgres`), skipped loudly without server binaries, a failure
+//! with `KHLANG_REQUIRE_POSTGRES=1`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
+
+use khlang_client::Code;
+use khlang_server::storage::test_postgres::TestPostgres;
+use khlang_server::storage::{PG_SCHEMA_VERSION, PgStore};
+use khlang_server::{StorageLocation, StoreError, Vault, VaultError, VaultOptions};
+use khlang_tests::*;
+
+/// Whether a `pg_dump` shows `value`: as text, or inside a bytea column (which the dump prints as
+/// hex).
+fn dump_shows(dump: &[u8], value: &str) -> bool {
+    let hex: String = value.bytes().map(|b| format!("{b:02x}")).collect();
+    contains(dump, value.as_bytes()) || contains(dump, hex.as_bytes())
+}
+
+fn on(dir: &std::path::Path, url: &str) -> VaultOptions {
+    VaultOptions { storage: StorageLocation::Postgres(url.to_owned()), ..TestServer::options(dir) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_consent_and_the_audit_log_on_postgres_with_no_plaintext_in_the_database() {
+    let Some(pg) = TestPostgres::start("records_consent_and_the_audit_log_on_postgres") else { return };
+    let url = pg.database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), on(dir.path(), &url)).await;
+    let mut c = server.client().await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(c.put(&format!("canary-subject-{i}"), canary_fields()).await.unwrap());
+    }
+    c.update(&ids[0], [("billing_address", CANARY_ADDRESS_TH)], &[]).await.unwrap();
+    c.delete(&ids[19]).await.unwrap();
+    let r = c.get(&ids[0], &[], PURPOSE).await.unwrap();
+    assert_eq!(r.fields["card_number"].expose_secret(), CANARY_CARD);
+    assert_eq!(r.fields["billing_address"].expose_secret(), CANARY_ADDRESS_TH);
+    let gone = c.get(&ids[19], &[], PURPOSE).await.unwrap_err();
+    assert_eq!(gone.code(), Some(Code::NotFound), "{gone}");
+    let listed = c.list("canary-subject-3").await.unwrap();
+    assert_eq!(listed.len(), 1, "the subject index finds the subject's record");
+    let verified = server.client_as("security-officer").await.verify_audit(&[]).await.unwrap();
+    assert!(matches!(verified.verdict, khlang_client::Verdict::Intact), "{:?}", verified.verdict);
+    assert!(verified.report.entries >= 24, "every request has its entry: {}", verified.report.entries);
+    server.stop().await;
+
+    // What the database holds: ciphertext, wrapped keys, HMACs, blind indexes; never a value or
+    // a subject id (the dump is what a database administrator or a stolen backup sees).
+    let db = url.rsplit('/').next().unwrap();
+    let dump = pg.dump(db);
+    assert!(dump.len() > 20 * 500, "the dump holds the records ({} bytes)", dump.len());
+    for canary in [CANARY_CARD, CANARY_NAME_TH, CANARY_ADDRESS_TH, CANARY_EMAIL, "canary-subject-1"] {
+        assert!(!dump_shows(&dump, canary), "pg_dump shows plaintext '{canary}'");
+    }
+
+    // A restart (same database, same folder) reads everything back.
+    let server = TestServer::start_with(dir.path(), on(dir.path(), &url)).await;
+    let mut c = server.client().await;
+    for id in &ids[1..19] {
+        let r = c.get(id, &[], PURPOSE).await.unwrap();
+        assert_eq!(r.fields["card_number"].expose_secret(), CANARY_CARD);
+    }
+    let verified = server.client_as("security-officer").await.verify_audit(&[]).await.unwrap();
+    assert!(matches!(verified.verdict, khlang_client::Verdict::Intact), "{:?}", verified.verdict);
+    server.stop().await;
+}
+
+/// The scan above does see plaintext when the database holds it: a benchmark-baseline vault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dump_scan_sees_plaintext_when_it_is_there() {
+    let Some(pg) = TestPostgres::start("the_dump_scan_sees_plaintext_when_it_is_there") else { return };
+    let url = pg.database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = VaultOptions { mode: khlang_server::CipherMode::PlaintextBaseline, ..on(dir.path(), &url) };
+    let server = TestServer::start_with(dir.path(), options).await;
+    server.client().await.put("canary-subject-1", canary_fields()).await.unwrap();
+    server.stop().await;
+    let dump = pg.dump(url.rsplit('/').next().unwrap());
+    for canary in [CANARY_CARD, CANARY_NAME_TH, CANARY_EMAIL] {
+        assert!(dump_shows(&dump, canary), "the scan should see '{canary}' in a baseline vault");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_with_a_newer_schema_is_refused_and_left_as_it_is() {
+    let Some(pg) = TestPostgres::start("a_database_with_a_newer_schema_is_refused") else { return };
+    let url = pg.database().await;
+    {
+        let store = PgStore::connect(&url).await.unwrap();
+        assert_eq!(store.schema_version().await.unwrap(), PG_SCHEMA_VERSION);
+        store.set_schema_version_for_tests(PG_SCHEMA_VERSION + 1).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let err = Vault::open_or_init(
+        dir.path(),
+        PASSPHRASE.as_bytes(),
+        khlang_keys::SealParams::MINIMUM,
+        &on(dir.path(), &url),
+    )
+    .await
+    .err()
+    .expect("a newer schema must be refused");
+    assert!(
+        matches!(err, VaultError::Storage(StoreError::SchemaTooNew { found, .. }) if found == (PG_SCHEMA_VERSION + 1) as u32),
+        "{err}"
+    );
+    assert!(err.to_string().contains("run the newer khlangd"), "{err}");
+    // Untouched: still the newer version, and nothing was initialised.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let version: i32 = client.query_one("SELECT version FROM khlang_schema", &[]).await.unwrap().get(0);
+    assert_eq!(version, PG_SCHEMA_VERSION + 1);
+    let custody: i64 = client.query_one("SELECT count(*) FROM custody", &[]).await.unwrap().get(0);
+    assert_eq!(custody, 0);
+}
+
+/// Until the audit log lives in the database, each node would keep its own log of one vault: a
+/// second node on the same database is refused while the first runs, and starts once it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_the_same_database_is_refused_while_the_first_serves() {
+    let Some(pg) = TestPostgres::start("a_second_node_on_the_same_database_is_refused") else { return };
+    let url = pg.database().await;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = TestServer::start_with(a.path(), on(a.path(), &url)).await;
+    let id = first.client().await.put("canary-subject-1", canary_fields()).await.unwrap();
+    let err = Vault::open_sealed(b.path(), &on(b.path(), &url)).await.err().expect("refused");
+    assert!(matches!(err, VaultError::Storage(StoreError::InUse(_))), "{err}");
+    assert!(err.to_string().contains("another khlangd node"), "{err}");
+    assert!(!err.to_string().contains("password"), "{err}");
+    first.stop().await;
+    // The first node stopped: its lease is gone, and the same records are there.
+    let server = TestServer::start_with(a.path(), on(a.path(), &url)).await;
+    let r = server.client().await.get(&id, &[], PURPOSE).await.unwrap();
+    assert_eq!(r.fields["email"].expose_secret(), CANARY_EMAIL);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn khlangd_dev_runs_on_postgres_and_a_bad_connection_string_is_one_clear_error() {
+    let Some(pg) = TestPostgres::start("khlangd_dev_runs_on_postgres") else { return };
+    let url = pg.database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("vault");
+    let (mut daemon, addr) = spawn_khlangd(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--storage",
+        &url,
+    ]);
+    let addr = addr.expect("khlangd dev on PostgreSQL starts");
+    let mut c = khlang_client::Client::connect(&addr, &dev_token(&data, "registration-app")).await.unwrap();
+    let id = c.put("canary-subject-1", [("email", CANARY_EMAIL)]).await.unwrap();
+    let r = c.get(&id, &[], Some("contact")).await.unwrap();
+    let shown = r.fields["email"].expose_secret();
+    assert!(shown != CANARY_EMAIL && shown.ends_with("@example.go.th"), "masked for this reader: {shown}");
+    daemon.kill().unwrap();
+
+    let out = std::process::Command::new(bin("khlangd"))
+        .args(["dev", "--data-dir", data.to_str().unwrap(), "--storage", "mysql://somewhere"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("postgres://"), "the refusal says what is expected: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
