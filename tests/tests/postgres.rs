@@ -92,15 +92,16 @@ async fn a_database_with_a_newer_schema_is_refused_and_left_as_it_is() {
         store.set_schema_version_for_tests(PG_SCHEMA_VERSION + 1).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let err = Vault::open_or_init(
+    let Err(err) = Vault::open_or_init(
         dir.path(),
         PASSPHRASE.as_bytes(),
         khlang_keys::SealParams::MINIMUM,
         &on(dir.path(), &url),
     )
     .await
-    .err()
-    .expect("a newer schema must be refused");
+    else {
+        panic!("a newer schema must be refused")
+    };
     assert!(
         matches!(err, VaultError::Storage(StoreError::SchemaTooNew { found, .. }) if found == (PG_SCHEMA_VERSION + 1) as u32),
         "{err}"
@@ -124,7 +125,9 @@ async fn a_second_node_on_the_same_database_is_refused_while_the_first_serves() 
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let first = TestServer::start_with(a.path(), on(a.path(), &url)).await;
     let id = first.client().await.put("canary-subject-1", canary_fields()).await.unwrap();
-    let err = Vault::open_sealed(b.path(), &on(b.path(), &url)).await.err().expect("refused");
+    let Err(err) = Vault::open_sealed(b.path(), &on(b.path(), &url)).await else {
+        panic!("a second node must be refused")
+    };
     assert!(matches!(err, VaultError::Storage(StoreError::InUse(_))), "{err}");
     assert!(err.to_string().contains("another khlangd node"), "{err}");
     assert!(!err.to_string().contains("password"), "{err}");
