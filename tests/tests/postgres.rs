@@ -171,3 +171,24 @@ async fn khlangd_dev_runs_on_postgres_and_a_bad_connection_string_is_one_clear_e
     assert!(err.contains("postgres://"), "the refusal says what is expected: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Credentials are cached by the PostgreSQL store (every request authenticates): a revocation
+/// must still take effect on the next request, also when the token was used (and cached) just
+/// before, and a token of a new identity works at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_identity_is_refused_at_its_next_request_on_postgres() {
+    let Some(pg) = TestPostgres::start("a_revoked_identity_is_refused_at_its_next_request") else { return };
+    let url = pg.database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), on(dir.path(), &url)).await;
+    let id = server.client().await.put("canary-subject-1", canary_fields()).await.unwrap();
+    let token = server.approved_identity("temp-clerk", "billing-clerk").await;
+    let mut clerk = server.client_with_token(&token).await;
+    for _ in 0..3 {
+        clerk.get(&id, &["card_number".to_owned()], Some("billing")).await.unwrap();
+    }
+    server.client_as("key-admin").await.revoke_identity("temp-clerk").await.unwrap();
+    let refused = clerk.get(&id, &["card_number".to_owned()], Some("billing")).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::Unauthenticated), "{refused}");
+    server.stop().await;
+}

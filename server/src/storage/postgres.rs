@@ -182,6 +182,9 @@ pub struct PgStore {
     covered: tokio::sync::Mutex<u64>,
     /// Head records written from the audit log's flusher thread, applied in order by one task.
     recorder: mpsc::UnboundedSender<(AuditRecord, Vec<u8>)>,
+    /// Tokens and identities as last read or written, consulted by every request's
+    /// authentication. Coherent because this node is the database's only writer (the lease).
+    credentials: std::sync::Mutex<Credentials>,
     /// The connection holding this node's lease ([`NODE_LOCK`]); dropped with the store.
     _lease: tokio_postgres::Client,
 }
@@ -244,6 +247,7 @@ impl PgStore {
             commits: Default::default(),
             covered: tokio::sync::Mutex::new(0),
             recorder: tx,
+            credentials: Default::default(),
             _lease: lease,
         })
     }
@@ -271,6 +275,81 @@ impl PgStore {
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Credentials> {
+        // A panic while holding it cannot leave it half-updated: every update is one map call.
+        self.credentials.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn read_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
+        let c = self.client().await?;
+
+        let row = c
+            .query_opt(
+                &c.prepare_cached("SELECT body FROM identities WHERE name = $1 AND body <> ''").await?,
+                &[&name],
+            )
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity")).transpose()
+    }
+
+    async fn list_identities_uncached(&self) -> Result<Vec<StoredIdentity>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &c.prepare_cached("SELECT body FROM identities WHERE body <> '' ORDER BY name").await?,
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity")).collect()
+    }
+
+    async fn identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                &c.prepare_cached("SELECT body FROM identity_requests WHERE id = $1 AND body <> ''").await?,
+                &[&id],
+            )
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity request")).transpose()
+    }
+
+    async fn identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &c.prepare_cached("SELECT body FROM identity_requests WHERE body <> '' ORDER BY id").await?,
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity request")).collect()
+    }
+
+    async fn read_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(&c.prepare_cached("SELECT body FROM tokens WHERE id = $1").await?, &[&token_id])
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "token")).transpose()
+    }
+
+    async fn tokens_of_uncached(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &c.prepare_cached("SELECT id, body FROM tokens WHERE identity = $1 ORDER BY id").await?,
+                &[&name],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| Ok((r.get(0), decode(&r.get::<_, Vec<u8>>(1), "token")?))).collect()
     }
 
     async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -321,6 +400,42 @@ macro_rules! in_transaction {
         }
         .await
     }};
+}
+
+/// The credentials cache: a read fills it only if no commit invalidated anything meanwhile (its
+/// generation unchanged), so a value read before a revocation never outlives it.
+#[derive(Default)]
+struct Credentials {
+    generation: u64,
+    tokens: std::collections::HashMap<String, Option<StoredToken>>,
+    identities: std::collections::HashMap<String, Option<StoredIdentity>>,
+}
+
+/// Entries the credentials cache holds at most (then it starts again empty).
+const CREDENTIALS_CACHED: usize = 10_000;
+
+impl Credentials {
+    fn invalidate(&mut self, ops: &[Op]) {
+        for op in ops {
+            match op {
+                Op::PutToken { id, .. } | Op::RemoveToken(id) => {
+                    self.tokens.remove(id);
+                }
+                Op::PutIdentity(identity) => {
+                    self.identities.remove(&identity.name);
+                }
+                _ => continue,
+            }
+            self.generation += 1;
+        }
+    }
+
+    fn fill<T>(map: &mut std::collections::HashMap<String, Option<T>>, key: &str, value: Option<T>) {
+        if map.len() >= CREDENTIALS_CACHED {
+            map.clear();
+        }
+        map.insert(key.to_owned(), value);
+    }
 }
 
 /// Why a transaction body stopped: the database (maybe worth rerunning) or the store's own refusal.
@@ -965,72 +1080,51 @@ impl Storage for PgStore {
     }
 
     async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
-        let c = self.client().await?;
-        let row = c
-            .query_opt(
-                &c.prepare_cached("SELECT body FROM identities WHERE name = $1 AND body <> ''").await?,
-                &[&name],
-            )
-            .await
-            .map_err(db)?;
-        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity")).transpose()
+        let generation = {
+            let cache = self.cache();
+            if let Some(hit) = cache.identities.get(name) {
+                return Ok(hit.clone());
+            }
+            cache.generation
+        };
+        let found = self.read_identity(name).await?;
+        let mut cache = self.cache();
+        if cache.generation == generation {
+            Credentials::fill(&mut cache.identities, name, found.clone());
+        }
+        Ok(found)
     }
 
     async fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                &c.prepare_cached("SELECT body FROM identities WHERE body <> '' ORDER BY name").await?,
-                &[],
-            )
-            .await
-            .map_err(db)?;
-        rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity")).collect()
-    }
-
-    async fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
-        let c = self.client().await?;
-        let row = c
-            .query_opt(
-                &c.prepare_cached("SELECT body FROM identity_requests WHERE id = $1 AND body <> ''").await?,
-                &[&id],
-            )
-            .await
-            .map_err(db)?;
-        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity request")).transpose()
-    }
-
-    async fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                &c.prepare_cached("SELECT body FROM identity_requests WHERE body <> '' ORDER BY id").await?,
-                &[],
-            )
-            .await
-            .map_err(db)?;
-        rows.iter().map(|r| decode(&r.get::<_, Vec<u8>>(0), "identity request")).collect()
+        self.list_identities_uncached().await
     }
 
     async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
-        let c = self.client().await?;
-        let row = c
-            .query_opt(&c.prepare_cached("SELECT body FROM tokens WHERE id = $1").await?, &[&token_id])
-            .await
-            .map_err(db)?;
-        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "token")).transpose()
+        let generation = {
+            let cache = self.cache();
+            if let Some(hit) = cache.tokens.get(token_id) {
+                return Ok(hit.clone());
+            }
+            cache.generation
+        };
+        let found = self.read_token(token_id).await?;
+        let mut cache = self.cache();
+        if cache.generation == generation {
+            Credentials::fill(&mut cache.tokens, token_id, found.clone());
+        }
+        Ok(found)
+    }
+
+    async fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
+        self.identity_request(id).await
+    }
+
+    async fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
+        self.identity_requests().await
     }
 
     async fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                &c.prepare_cached("SELECT id, body FROM tokens WHERE identity = $1 ORDER BY id").await?,
-                &[&name],
-            )
-            .await
-            .map_err(db)?;
-        rows.iter().map(|r| Ok((r.get(0), decode(&r.get::<_, Vec<u8>>(1), "token")?))).collect()
+        self.tokens_of_uncached(name).await
     }
 
     async fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
@@ -1197,6 +1291,8 @@ impl Storage for PgStore {
         }
         let (ops, mut expect) = changes.into_parts();
         expect.sort_by_key(lock_order);
+        // Before and after: a read racing the commit sees the generation move and caches nothing.
+        self.cache().invalidate(&ops);
         let done = in_transaction!(self.changes, |tx| {
             // Pipelined: every expectation's statement is sent before the first answer is awaited,
             // then every operation's (no two operations of one change set touch the same row).
@@ -1208,6 +1304,7 @@ impl Storage for PgStore {
             Ok(())
         })?
         .is_some();
+        self.cache().invalidate(&ops);
         if done {
             self.commits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
