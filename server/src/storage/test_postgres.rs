@@ -115,30 +115,50 @@ impl TestPostgres {
         // A port can be taken between choosing and binding it: try a few.
         for _ in 0..5 {
             cluster.port = free_port();
-            let options = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
-                cluster.port,
-                cluster.dir.display()
-            );
-            let log = cluster.dir.join("log");
-            if cluster.try_run(
-                "pg_ctl",
-                &[
-                    "-D".as_ref(),
-                    data.as_os_str(),
-                    "-l".as_ref(),
-                    log.as_os_str(),
-                    "-o".as_ref(),
-                    options.as_ref(),
-                    "-w".as_ref(),
-                    "start".as_ref(),
-                ],
-            ) {
+            if cluster.start_server() {
                 return Some(cluster);
             }
         }
         let log = std::fs::read_to_string(cluster.dir.join("log")).unwrap_or_default();
         panic!("PostgreSQL did not start; its log:\n{log}");
+    }
+
+    fn start_server(&self) -> bool {
+        let data = self.dir.join("data");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log");
+        self.try_run(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-o".as_ref(),
+                options.as_ref(),
+                "-w".as_ref(),
+                "start".as_ref(),
+            ],
+        )
+    }
+
+    /// Stops the server as a crash would (`-m immediate`: no checkpoint, WAL replayed at the
+    /// next start).
+    pub fn crash(&self) {
+        let data = self.dir.join("data");
+        self.run(
+            "pg_ctl",
+            &["-D".as_ref(), data.as_os_str(), "-m".as_ref(), "immediate".as_ref(), "stop".as_ref()],
+        );
+    }
+
+    /// Starts the server again on the same port after [`TestPostgres::crash`].
+    pub fn restart(&self) {
+        assert!(self.start_server(), "PostgreSQL did not restart");
     }
 
     fn command(&self, program: &str, args: &[&std::ffi::OsStr]) -> Command {
