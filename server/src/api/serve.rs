@@ -203,17 +203,27 @@ pub async fn serve(
             let mut history_checked = false;
             loop {
                 let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));
-                if shown != Some(broken) {
+                let sealed = vault.is_sealed();
+                if shown != Some((broken, sealed)) {
                     use tonic_health::ServingStatus::{NotServing, Serving};
-                    health.set_service_status("", if broken { NotServing } else { Serving }).await;
-                    if broken {
-                        health.set_not_serving::<RecordsServer<Api>>().await;
-                        health.set_not_serving::<SubjectsServer<Api>>().await;
-                    } else {
-                        health.set_serving::<RecordsServer<Api>>().await;
-                        health.set_serving::<SubjectsServer<Api>>().await;
+                    let status = |down: bool| if down { NotServing } else { Serving };
+                    // Sealed, only the operator service (custodians unseal through it) serves;
+                    // with a broken log, the data services stop too.
+                    health.set_service_status("", status(broken || sealed)).await;
+                    for name in [
+                        <RecordsServer<Api> as tonic::server::NamedService>::NAME,
+                        <SubjectsServer<Api> as tonic::server::NamedService>::NAME,
+                    ] {
+                        health.set_service_status(name, status(broken || sealed)).await;
                     }
-                    shown = Some(broken);
+                    for name in [
+                        <AdminServer<Api> as tonic::server::NamedService>::NAME,
+                        <AuditServer<Api> as tonic::server::NamedService>::NAME,
+                        <KeysServer<Api> as tonic::server::NamedService>::NAME,
+                    ] {
+                        health.set_service_status(name, status(sealed)).await;
+                    }
+                    shown = Some((broken, sealed));
                 }
                 if vault.repeats_counting() {
                     // Summaries of repeated unauthenticated events, once their interval ends.
