@@ -363,8 +363,8 @@ impl PgStore {
 }
 
 /// Runs `$body` (which uses `$tx`, a transaction) and commits it; reruns it all after a deadlock
-/// or serialisation failure. Evaluates to `Result<Option<T>, StoreError>`: `None` when the body
-/// refused ([`TxError::Refused`]: an expectation failed), nothing written. A macro rather than a
+/// or serialisation failure. Evaluates to `Result<T, StoreError>`; a body that fails writes
+/// nothing (custody, KEKs; change sets go through [`commit_once`]). A macro rather than a
 /// function taking a closure: the body borrows the caller's arguments, which a boxed future
 /// generic over the transaction's lifetime cannot.
 macro_rules! in_transaction {
@@ -381,7 +381,7 @@ macro_rules! in_transaction {
                 };
                 match outcome {
                     Ok(value) => match txn.commit().await {
-                        Ok(()) => return Ok(Some(value)),
+                        Ok(()) => return Ok(value),
                         Err(e) if retryable(&e) && attempt < COMMIT_ATTEMPTS => continue,
                         Err(e) => return Err(db(e)),
                     },
@@ -391,10 +391,6 @@ macro_rules! in_transaction {
                     }
                     Err(TxError::Db(e)) => return Err(db(e)),
                     Err(TxError::Store(e)) => return Err(e),
-                    Err(TxError::Refused) => {
-                        txn.rollback().await.map_err(db)?;
-                        return Ok(None);
-                    }
                 }
             }
         }
@@ -442,7 +438,6 @@ impl Credentials {
 pub enum TxError {
     Db(tokio_postgres::Error),
     Store(StoreError),
-    Refused,
 }
 
 impl From<tokio_postgres::Error> for TxError {
@@ -541,7 +536,7 @@ async fn put_meta(tx: &Transaction<'_>, key: &str, value: &[u8]) -> Result<(), T
 }
 
 /// Whether one expectation holds, taking the row lock that keeps it holding until the commit.
-async fn holds(tx: &Transaction<'_>, expect: &Expect) -> Result<bool, TxError> {
+async fn holds<C: deadpool_postgres::GenericClient + Sync>(tx: &C, expect: &Expect) -> Result<bool, TxError> {
     Ok(match expect {
         Expect::AuditHead(head) => {
             let row = tx
@@ -662,145 +657,139 @@ fn lock_order(e: &Expect) -> u8 {
     }
 }
 
-async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), TxError> {
+/// One statement of a change set's operations, with the values it binds.
+struct Statement {
+    sql: &'static str,
+    params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>,
+}
+
+fn stmt(sql: &'static str, params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>) -> Statement {
+    Statement { sql, params }
+}
+
+/// The statements an operation is applied by, in order. Each is one round trip's worth of work
+/// that needs no answer of another, so a change set's statements can all be sent at once.
+fn statements(op: &Op, out: &mut Vec<Statement>) -> Result<(), StoreError> {
     match op {
         Op::InsertRecord { id, record } => {
             let mut body = record.clone();
             let wrapped = std::mem::take(&mut body.wrapped_key);
-            let body = body.encode()?;
-            let insert_record = tx.prepare_cached(
+            out.push(stmt(
                 "INSERT INTO records (id, subject_index, body, rev) VALUES ($1, $2, $3, nextval('revisions'))",
-            );
-            let insert_key = tx.prepare_cached(
-                "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, nextval('revisions'))",
-            );
-            let (insert_record, insert_key) =
-                futures_util::future::try_join(insert_record, insert_key).await?;
-            let subject = record.subject_index.as_slice();
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [id, &subject, &body];
-            let record_row = tx.execute(&insert_record, &params);
-            if wrapped.is_empty() {
-                record_row.await?;
-            } else {
-                futures_util::future::try_join(record_row, tx.execute(&insert_key, &[id, &wrapped])).await?;
+                vec![Box::new(id.clone()), Box::new(record.subject_index.to_vec()), Box::new(body.encode()?)],
+            ));
+            if !wrapped.is_empty() {
+                out.push(stmt(
+                    "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, nextval('revisions'))",
+                    vec![Box::new(id.clone()), Box::new(wrapped)],
+                ));
             }
         }
         Op::ReplaceRecord { id, record } => {
             let mut body = record.clone();
             body.wrapped_key.clear();
-            tx.execute(&tx.prepare_cached("UPDATE records SET body = $2, subject_index = $3, rev = nextval('revisions') WHERE id = $1").await?,
-                &[id, &body.encode()?, &record.subject_index.as_slice()],
-            )
-            .await?;
+            out.push(stmt(
+                "UPDATE records SET body = $2, subject_index = $3, rev = nextval('revisions') WHERE id = $1",
+                vec![Box::new(id.clone()), Box::new(body.encode()?), Box::new(record.subject_index.to_vec())],
+            ));
         }
-        Op::ReplaceDataKey { id, wrapped } => {
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, nextval('revisions'))
-                 ON CONFLICT (id) DO UPDATE SET wrapped = EXCLUDED.wrapped, rev = EXCLUDED.rev",
-                )
-                .await?,
-                &[id, wrapped],
-            )
-            .await?;
-        }
+        Op::ReplaceDataKey { id, wrapped } => out.push(stmt(
+            "INSERT INTO data_keys (id, wrapped, rev) VALUES ($1, $2, nextval('revisions'))
+             ON CONFLICT (id) DO UPDATE SET wrapped = EXCLUDED.wrapped, rev = EXCLUDED.rev",
+            vec![Box::new(id.clone()), Box::new(wrapped.clone())],
+        )),
         Op::DeleteRecord { id, .. } => {
-            tx.execute(&tx.prepare_cached("DELETE FROM records WHERE id = $1").await?, &[id]).await?;
-            tx.execute(&tx.prepare_cached("DELETE FROM data_keys WHERE id = $1").await?, &[id]).await?;
+            out.push(stmt("DELETE FROM records WHERE id = $1", vec![Box::new(id.clone())]));
+            out.push(stmt("DELETE FROM data_keys WHERE id = $1", vec![Box::new(id.clone())]));
         }
-        Op::PutIdentity(identity) => {
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO identities (name, body) VALUES ($1, $2)
-                 ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body",
-                )
-                .await?,
-                &[&identity.name, &encode(identity, "identity")?],
-            )
-            .await?;
-        }
-        Op::PutIdentityRequest(request) => {
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO identity_requests (id, body) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
-                )
-                .await?,
-                &[&request.id, &encode(request, "identity request")?],
-            )
-            .await?;
-        }
+        Op::PutIdentity(identity) => out.push(stmt(
+            "INSERT INTO identities (name, body) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body",
+            vec![Box::new(identity.name.clone()), Box::new(encode(identity, "identity")?)],
+        )),
+        Op::PutIdentityRequest(request) => out.push(stmt(
+            "INSERT INTO identity_requests (id, body) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+            vec![Box::new(request.id.clone()), Box::new(encode(request, "identity request")?)],
+        )),
         Op::RemoveIdentityRequest(id) => {
-            tx.execute(&tx.prepare_cached("DELETE FROM identity_requests WHERE id = $1").await?, &[id])
-                .await?;
+            out.push(stmt("DELETE FROM identity_requests WHERE id = $1", vec![Box::new(id.clone())]))
         }
-        Op::PutToken { id, token } => {
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO tokens (id, identity, body) VALUES ($1, $2, $3)
-                 ON CONFLICT (id) DO UPDATE SET identity = EXCLUDED.identity, body = EXCLUDED.body",
-                )
-                .await?,
-                &[id, &token.identity, &encode(token, "token")?],
-            )
-            .await?;
-        }
-        Op::RemoveToken(id) => {
-            tx.execute(&tx.prepare_cached("DELETE FROM tokens WHERE id = $1").await?, &[id]).await?;
-        }
+        Op::PutToken { id, token } => out.push(stmt(
+            "INSERT INTO tokens (id, identity, body) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET identity = EXCLUDED.identity, body = EXCLUDED.body",
+            vec![Box::new(id.clone()), Box::new(token.identity.clone()), Box::new(encode(token, "token")?)],
+        )),
+        Op::RemoveToken(id) => out.push(stmt("DELETE FROM tokens WHERE id = $1", vec![Box::new(id.clone())])),
         Op::SetConsent { subject_index, seq, consent } => {
             let body = encode(consent, "consent")?;
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO consent (subject_index, purpose, body) VALUES ($1, $2, $3)
+            out.push(stmt(
+                "INSERT INTO consent (subject_index, purpose, body) VALUES ($1, $2, $3)
                  ON CONFLICT (subject_index, purpose) DO UPDATE SET body = EXCLUDED.body",
-                )
-                .await?,
-                &[&subject_index.as_slice(), &consent.purpose, &body],
-            )
-            .await?;
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO consent_history (subject_index, seq, body) VALUES ($1, $2, $3)",
-                )
-                .await?,
-                &[&subject_index.as_slice(), &u64_to_i64(*seq, "consent seq")?, &body],
-            )
-            .await?;
+                vec![Box::new(subject_index.to_vec()), Box::new(consent.purpose.clone()), Box::new(body.clone())],
+            ));
+            out.push(stmt(
+                "INSERT INTO consent_history (subject_index, seq, body) VALUES ($1, $2, $3)",
+                vec![Box::new(subject_index.to_vec()), Box::new(u64_to_i64(*seq, "consent seq")?), Box::new(body)],
+            ));
         }
-        Op::PutJob(job) => {
-            tx.execute(&tx.prepare_cached("INSERT INTO key_job (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body").await?,
-                &[&encode(job, "key job")?],
-            )
-            .await?;
-        }
-        Op::AuditEntry { seq, value } => {
-            tx.execute(
-                &tx.prepare_cached("INSERT INTO audit_entries (seq, value) VALUES ($1, $2)").await?,
-                &[&u64_to_i64(*seq, "audit seq")?, value],
-            )
-            .await?;
-        }
-        Op::AuditRecord { which, value } => {
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO audit_records (which, value) VALUES ($1, $2)
-                 ON CONFLICT (which) DO UPDATE SET value = EXCLUDED.value",
-                )
-                .await?,
-                &[&which_name(*which), value],
-            )
-            .await?;
-        }
-        Op::AuditHead(head) => {
-            tx.execute(
-                &tx.prepare_cached("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1").await?,
-                &[&u64_to_i64(head.seq, "audit head")?, &head.hash.as_slice()],
-            )
-            .await?;
-        }
+        Op::PutJob(job) => out.push(stmt(
+            "INSERT INTO key_job (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+            vec![Box::new(encode(job, "key job")?)],
+        )),
+        Op::AuditEntry { seq, value } => out.push(stmt(
+            "INSERT INTO audit_entries (seq, value) VALUES ($1, $2)",
+            vec![Box::new(u64_to_i64(*seq, "audit seq")?), Box::new(value.clone())],
+        )),
+        Op::AuditRecord { which, value } => out.push(stmt(
+            "INSERT INTO audit_records (which, value) VALUES ($1, $2)
+             ON CONFLICT (which) DO UPDATE SET value = EXCLUDED.value",
+            vec![Box::new(which_name(*which)), Box::new(value.clone())],
+        )),
+        Op::AuditHead(head) => out.push(stmt(
+            "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+            vec![Box::new(u64_to_i64(head.seq, "audit head")?), Box::new(head.hash.to_vec())],
+        )),
     }
     Ok(())
+}
+
+/// One attempt at a change set, in two round trips: `BEGIN` with every expectation, then (if they
+/// all hold) every statement with `COMMIT`. Each statement is prepared first (from the
+/// connection's cache once warm), so each is sent on its future's first poll, in order, and
+/// `COMMIT` after the last of them. A statement that fails aborts the transaction, and PostgreSQL
+/// answers that `COMMIT` with a rollback: nothing of it is applied.
+async fn commit_once(
+    c: &deadpool_postgres::Client,
+    expect: &[Expect],
+    statements: &[Statement],
+) -> Result<bool, TxError> {
+    use deadpool_postgres::GenericClient;
+    use futures_util::future::{join, try_join_all};
+    let prepared = try_join_all(statements.iter().map(|s| c.prepare_cached(s.sql))).await?;
+    let (begun, held) =
+        join(c.batch_execute("BEGIN"), try_join_all(expect.iter().map(|e| holds(c, e)))).await;
+    begun?;
+    let held = match held {
+        Ok(held) => held,
+        Err(e) => {
+            c.batch_execute("ROLLBACK").await?;
+            return Err(e);
+        }
+    };
+    if !held.iter().all(|h| *h) {
+        c.batch_execute("ROLLBACK").await?;
+        return Ok(false);
+    }
+    let executes = try_join_all(statements.iter().zip(&prepared).map(|(s, p)| async move {
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            s.params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        c.execute(p, &params).await
+    }));
+    let (applied, committed) = join(executes, c.batch_execute("COMMIT")).await;
+    applied?;
+    committed?;
+    Ok(true)
 }
 
 fn record_from(id: &str, body: &[u8], wrapped: Option<Vec<u8>>) -> Result<StoredRecord, StoreError> {
@@ -1293,17 +1282,21 @@ impl Storage for PgStore {
         expect.sort_by_key(lock_order);
         // Before and after: a read racing the commit sees the generation move and caches nothing.
         self.cache().invalidate(&ops);
-        let done = in_transaction!(self.changes, |tx| {
-            // Pipelined: every expectation's statement is sent before the first answer is awaited,
-            // then every operation's (no two operations of one change set touch the same row).
-            let held = futures_util::future::try_join_all(expect.iter().map(|e| holds(tx, e))).await?;
-            if !held.iter().all(|h| *h) {
-                return Err(TxError::Refused);
+        let mut all = Vec::new();
+        for op in &ops {
+            statements(op, &mut all)?;
+        }
+        let mut attempt = 0;
+        let done = loop {
+            attempt += 1;
+            let client = self.changes.get().await.map_err(pool_error)?;
+            match commit_once(&client, &expect, &all).await {
+                Ok(done) => break done,
+                Err(TxError::Db(e)) if retryable(&e) && attempt < COMMIT_ATTEMPTS => continue,
+                Err(TxError::Db(e)) => return Err(db(e)),
+                Err(TxError::Store(e)) => return Err(e),
             }
-            futures_util::future::try_join_all(ops.iter().map(|op| apply(tx, op))).await?;
-            Ok(())
-        })?
-        .is_some();
+        };
         self.cache().invalidate(&ops);
         if done {
             self.commits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -1337,5 +1330,46 @@ impl Storage for PgStore {
 
     fn flush_stats(&self) -> &FlushStats {
         &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::storage::StoredField;
+    use crate::storage::test_postgres::TestPostgres;
+
+    fn record() -> StoredRecord {
+        let field = StoredField { name: "age".into(), envelope: b"30".to_vec() };
+        StoredRecord::new(b"key".to_vec(), [1; 32], b"sealed".to_vec(), vec![field], 1)
+    }
+
+    /// The operations are sent together with `COMMIT`: one that fails (here a second insert of
+    /// the same record id) must take every other operation of its change set with it.
+    #[tokio::test]
+    async fn a_failing_operation_sent_with_the_commit_applies_nothing() {
+        let Some(pg) = TestPostgres::start("a_failing_operation_sent_with_the_commit_applies_nothing") else {
+            return;
+        };
+        let store = PgStore::connect(&pg.database().await).await.unwrap();
+        let mut first = Changes::new();
+        first.insert_record("r1", &record());
+        assert!(store.commit(first).await.unwrap());
+        let mut second = Changes::new();
+        second.put_identity(&StoredIdentity::new("smuggled".into(), "key-admin".into(), "t".into(), 1));
+        second.insert_record("r1", &record());
+        second.put_token(
+            "t1",
+            &StoredToken { format: 1, identity: "smuggled".into(), mac: [0; 32], created_ms: 1 },
+        );
+        assert!(store.commit(second).await.is_err(), "the duplicate insert fails the change set");
+        assert!(store.get_identity("smuggled").await.unwrap().is_none(), "nothing of it applied");
+        assert!(store.get_token("t1").await.unwrap().is_none(), "nothing of it applied");
+        // The connection is usable again: the next change set commits.
+        let mut third = Changes::new();
+        third.put_identity(&StoredIdentity::new("next".into(), "key-admin".into(), "t".into(), 1));
+        assert!(store.commit(third).await.unwrap());
+        assert!(store.get_identity("next").await.unwrap().is_some());
     }
 }
