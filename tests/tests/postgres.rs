@@ -17,7 +17,10 @@ fn dump_shows(dump: &[u8], value: &str) -> bool {
 }
 
 fn on(dir: &std::path::Path, url: &str) -> VaultOptions {
-    VaultOptions { storage: StorageLocation::Postgres(url.to_owned()), ..TestServer::options(dir) }
+    VaultOptions {
+        storage: StorageLocation::Postgres { url: url.to_owned(), ca_cert: None },
+        ..TestServer::options(dir)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,5 +252,86 @@ async fn a_database_crash_mid_burst_loses_no_acknowledged_write() {
         "{} acknowledged writes ({before_crash} before the crash), {failed} refused, all read back",
         ids.len()
     );
+    server.stop().await;
+}
+
+/// `(CA certificate PEM, server certificate PEM, server key PEM)` for 127.0.0.1.
+fn database_certificates(ca_name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, "database");
+    let cert = leaf.signed_by(&key, &Issuer::from_params(&ca, &ca_key)).unwrap().pem();
+    (ca_pem, cert, key.serialize_pem())
+}
+
+/// TLS to the database: with the CA that signed the server's certificate and `sslmode=require`,
+/// every connection the vault makes is encrypted (the server's own `pg_stat_ssl` says so);
+/// without the CA, or with another CA, the vault refuses to start rather than talk in the clear
+/// or to an unproven server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vault_talks_to_its_database_over_tls_it_verifies() {
+    let (ca, cert, key) = database_certificates("database CA");
+    let Some(pg) = TestPostgres::start_tls("the_vault_talks_to_its_database_over_tls", &cert, &key) else {
+        return;
+    };
+    let url = format!("{}?sslmode=require", pg.database().await);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let (other_ca, _, _) = database_certificates("another CA");
+    let other_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_file, &other_ca).unwrap();
+    let with = |ca_cert: Option<&std::path::Path>, folder: &str| VaultOptions {
+        storage: StorageLocation::Postgres { url: url.clone(), ca_cert: ca_cert.map(Into::into) },
+        ..TestServer::options(&dir.path().join(folder))
+    };
+
+    let Err(plain) = Vault::open_or_init(
+        &dir.path().join("a"),
+        PASSPHRASE.as_bytes(),
+        khlang_keys::SealParams::MINIMUM,
+        &with(None, "a"),
+    )
+    .await
+    else {
+        panic!("sslmode=require without a CA must not connect")
+    };
+    assert!(plain.to_string().to_lowercase().contains("tls"), "{plain}");
+    let Err(unproven) = Vault::open_or_init(
+        &dir.path().join("b"),
+        PASSPHRASE.as_bytes(),
+        khlang_keys::SealParams::MINIMUM,
+        &with(Some(&other_file), "b"),
+    )
+    .await
+    else {
+        panic!("a server certificate from another CA must be refused")
+    };
+    assert!(!unproven.to_string().is_empty());
+
+    let server = TestServer::start_with(&dir.path().join("c"), with(Some(&ca_file), "c")).await;
+    let id = server.client().await.put("canary-subject-1", canary_fields()).await.unwrap();
+    let r = server.client().await.get(&id, &[], PURPOSE).await.unwrap();
+    assert_eq!(r.fields["card_number"].expose_secret(), CANARY_CARD);
+    // Every backend the vault's pools and lease opened is on TLS.
+    let (client, conn) = tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    let rows = client
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+             WHERE a.datname = $1 AND a.backend_type = 'client backend'",
+            &[&db],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty(), "the vault has connections open");
+    assert!(rows.iter().all(|r| r.get::<_, bool>(0)), "every connection of the vault uses TLS");
     server.stop().await;
 }

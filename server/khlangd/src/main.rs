@@ -37,6 +37,22 @@ struct StorageArgs {
     /// for one carrying a password: flags show in `ps`). The audit log's files stay in --data-dir.
     #[arg(long, env = "KHLANG_STORAGE", default_value = "sled", hide_env_values = true)]
     storage: StorageLocation,
+    /// The CA certificate (PEM) that signed the PostgreSQL server's certificate: the connection
+    /// then uses TLS (add `sslmode=require` to the connection string to refuse one without).
+    #[arg(long, env = "KHLANG_STORAGE_CA_CERT")]
+    storage_ca_cert: Option<PathBuf>,
+}
+
+impl StorageArgs {
+    fn location(self) -> anyhow::Result<StorageLocation> {
+        match (self.storage, self.storage_ca_cert) {
+            (StorageLocation::Postgres { url, .. }, ca_cert) => {
+                Ok(StorageLocation::Postgres { url, ca_cert })
+            }
+            (StorageLocation::Sled, None) => Ok(StorageLocation::Sled),
+            (StorageLocation::Sled, Some(_)) => bail!("--storage-ca-cert is for a postgres:// --storage"),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -591,7 +607,7 @@ async fn main() -> anyhow::Result<()> {
             let refs: Vec<&[u8]> = passes.iter().map(|p| p.as_bytes()).collect();
             let params = SealParams { m_cost: argon2_memory_kib, t_cost: argon2_passes, p_cost: 1 };
             let options = VaultOptions {
-                storage: storage.storage,
+                storage: storage.location()?,
                 regulations: Arc::new(regs),
                 ..VaultOptions::default()
             };
@@ -627,7 +643,7 @@ async fn main() -> anyhow::Result<()> {
             audit,
         } => {
             let options = VaultOptions {
-                storage: storage.storage,
+                storage: storage.location()?,
                 regulations: Arc::new(load_regulations(regulations.as_deref())?),
                 regulations_path: regulations,
                 audit_files: audit.files()?,
@@ -674,7 +690,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Serve { data_dir, storage, passphrase, server } => {
-            let options = VaultOptions { storage: storage.storage, ..server.options(CipherMode::Encrypted)? };
+            let options =
+                VaultOptions { storage: storage.location()?, ..server.options(CipherMode::Encrypted)? };
             let tls = server.tls()?;
             let passes = serve_passphrases(&passphrase)?;
             let vault = Vault::open_sealed(&data_dir, &options)
@@ -699,7 +716,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev { data_dir, storage, server, bench } => {
             let options =
-                VaultOptions { storage: storage.storage, ..bench.apply(server.options(bench.mode())?) };
+                VaultOptions { storage: storage.location()?, ..bench.apply(server.options(bench.mode())?) };
             let tls = server.tls()?;
             let (vault, creds) = dev::open_dev_vault(&data_dir, &options)
                 .await

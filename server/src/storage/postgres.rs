@@ -145,6 +145,29 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
     matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
 }
 
+/// TLS to the database: rustls on ring, trusting only the CA in `path` (no system roots: a vault
+/// names the one authority its database's certificate comes from).
+fn tls_connector(path: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls_pki_types::pem::PemObject;
+    let bad =
+        |what: String| StoreError::Backend(format!("database CA certificate {}: {what}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+        roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no certificate".into()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 /// A connection string with its password (if any) replaced, for messages and logs.
 pub fn redacted(url: &str) -> String {
     match tokio_postgres::Config::from_str(url) {
@@ -200,14 +223,25 @@ impl PgStore {
     /// or `host=… dbname=…`), creates or upgrades the schema, and refuses a newer one. Must run
     /// inside a Tokio runtime (the pool and the head recorder live on it).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, None).await
+    }
+
+    /// Like [`PgStore::connect`]; with `ca_cert` (a PEM file), over TLS (rustls on ring) to a
+    /// server whose certificate that CA signed, as the string's `sslmode` asks (`require`: TLS or
+    /// no connection; `prefer`, the default: TLS when the server offers it).
+    pub async fn connect_with(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Self, StoreError> {
         let config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Backend(format!("connection string: {e}")))?;
+        let tls = match ca_cert {
+            Some(path) => Some(tls_connector(path)?),
+            None => None,
+        };
         let pool_of = |config: tokio_postgres::Config| {
-            let manager = Manager::from_config(
-                config,
-                NoTls,
-                ManagerConfig { recycling_method: RecyclingMethod::Fast },
-            );
+            let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+            let manager = match &tls {
+                Some(tls) => Manager::from_config(config, tls.clone(), recycling),
+                None => Manager::from_config(config, NoTls, recycling),
+            };
             Pool::builder(manager)
                 .max_size(POOL_SIZE)
                 .build()
@@ -220,8 +254,18 @@ impl PgStore {
         migrate(&pool).await?;
         // The lease: a session lock on a connection of its own, released when the node stops
         // (or its connection drops).
-        let (lease, connection) = config.connect(NoTls).await.map_err(db)?;
-        tokio::spawn(connection);
+        let lease = match &tls {
+            Some(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await.map_err(db)?;
+                tokio::spawn(connection);
+                client
+            }
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(db)?;
+                tokio::spawn(connection);
+                client
+            }
+        };
         let held: bool =
             lease.query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK]).await.map_err(db)?.get(0);
         if !held {

@@ -26,6 +26,8 @@ pub struct TestPostgres {
     port: u16,
     run_as: Option<String>,
     databases: AtomicU32,
+    /// Whether the server was given a certificate (`ssl = on`).
+    tls: bool,
 }
 
 impl std::fmt::Debug for TestPostgres {
@@ -72,6 +74,15 @@ impl TestPostgres {
     /// and `KHLANG_REQUIRE_POSTGRES` is not set. Panics when the server is installed but will not
     /// start, or is required and missing.
     pub fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, None)
+    }
+
+    /// Like [`TestPostgres::start`], serving TLS with this certificate and key (PEM).
+    pub fn start_tls(test: &str, cert_pem: &str, key_pem: &str) -> Option<Self> {
+        Self::start_with(test, Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(test: &str, tls: Option<(&str, &str)>) -> Option<Self> {
         let Some(bin) = server_binaries() else {
             if std::env::var_os(REQUIRE_POSTGRES).is_some_and(|v| v == "1") {
                 panic!("{test}: PostgreSQL server binaries not found and {REQUIRE_POSTGRES}=1");
@@ -95,7 +106,20 @@ impl TestPostgres {
             let status = Command::new("chown").arg("postgres:").arg(&dir).status().expect("chown");
             assert!(status.success(), "chown postgres {}", dir.display());
         }
-        let mut cluster = Self { bin, dir, port: 0, run_as, databases: AtomicU32::new(0) };
+        let mut cluster =
+            Self { bin, dir, port: 0, run_as, databases: AtomicU32::new(0), tls: tls.is_some() };
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = cluster.dir.join(name);
+                std::fs::write(&path, pem).expect("write the server's certificate");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+                if cluster.run_as.is_some() {
+                    let status = Command::new("chown").arg("postgres:").arg(&path).status().expect("chown");
+                    assert!(status.success(), "chown postgres {}", path.display());
+                }
+            }
+        }
         let data = cluster.dir.join("data");
         cluster.run(
             "initdb",
@@ -125,11 +149,16 @@ impl TestPostgres {
 
     fn start_server(&self) -> bool {
         let data = self.dir.join("data");
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            let (cert, key) = (self.dir.join("server.crt"), self.dir.join("server.key"));
+            options +=
+                &format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", cert.display(), key.display());
+        }
         let log = self.dir.join("log");
         self.try_run(
             "pg_ctl",

@@ -161,8 +161,10 @@ pub enum StorageLocation {
     #[default]
     Sled,
     /// A PostgreSQL connection string (libpq style; several hosts and
-    /// `target_session_attrs=read-write` allowed).
-    Postgres(String),
+    /// `target_session_attrs=read-write` allowed), and the CA certificate (PEM file) that signed
+    /// the database server's: given, the connection uses TLS as `sslmode` says (`require`: TLS
+    /// or nothing).
+    Postgres { url: String, ca_cert: Option<PathBuf> },
 }
 
 impl std::fmt::Debug for StorageLocation {
@@ -170,7 +172,7 @@ impl std::fmt::Debug for StorageLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Sled => f.write_str("Sled"),
-            Self::Postgres(url) => write!(f, "Postgres({})", crate::storage::redacted(url)),
+            Self::Postgres { url, .. } => write!(f, "Postgres({})", crate::storage::redacted(url)),
         }
     }
 }
@@ -183,7 +185,7 @@ impl std::str::FromStr for StorageLocation {
         if s == "sled" {
             Ok(Self::Sled)
         } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            Ok(Self::Postgres(s.to_owned()))
+            Ok(Self::Postgres { url: s.to_owned(), ca_cert: None })
         } else {
             Err("expected `sled` or a postgres:// connection string".into())
         }
@@ -425,9 +427,9 @@ impl Vault {
     async fn open_store(dir: &Path, options: &VaultOptions) -> Result<Arc<dyn Storage>, VaultError> {
         Ok(match &options.storage {
             StorageLocation::Sled => Arc::new(SledStore::open(dir, options.durability)?),
-            StorageLocation::Postgres(url) => {
+            StorageLocation::Postgres { url, ca_cert } => {
                 crate::storage::secure_folder(dir)?;
-                Arc::new(crate::storage::PgStore::connect(url).await?)
+                Arc::new(crate::storage::PgStore::connect_with(url, ca_cert.as_deref()).await?)
             }
         })
     }
