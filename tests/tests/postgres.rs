@@ -335,3 +335,51 @@ async fn the_vault_talks_to_its_database_over_tls_it_verifies() {
     assert!(rows.iter().all(|r| r.get::<_, bool>(0)), "every connection of the vault uses TLS");
     server.stop().await;
 }
+
+/// `kill -9` of the node in the middle of a burst: every acknowledged write is in the database,
+/// the restarted node serves them, and the audit log (the node's files beside the database's
+/// entries of changes) still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_node_mid_burst_loses_no_acknowledged_write_and_the_log_verifies() {
+    let Some(pg) = TestPostgres::start("kill_9_of_the_node_mid_burst") else { return };
+    let url = pg.database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("vault");
+    let args = ["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap(), "--storage", &url];
+    let (mut daemon, addr) = spawn_khlangd(&args);
+    let addr = addr.expect("khlangd dev on PostgreSQL starts");
+    let token = dev_token(&data, "registration-app");
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut c = khlang_client::Client::connect(&addr, &token).await.unwrap();
+        let acknowledged = acknowledged.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                match c.put(&format!("kill-subject-{w}-{i}"), [("email", CANARY_EMAIL)]).await {
+                    Ok(id) => acknowledged.lock().unwrap().push(id),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let ids = acknowledged.lock().unwrap().clone();
+    assert!(ids.len() > 20, "the burst was under way ({} writes)", ids.len());
+
+    let (_daemon, addr) = spawn_khlangd(&args);
+    let addr = addr.expect("khlangd restarts on the same folder and database");
+    let mut c = khlang_client::Client::connect(&addr, &token).await.unwrap();
+    for id in &ids {
+        c.get(id, &[], Some("contact")).await.unwrap_or_else(|e| panic!("acknowledged {id} lost: {e}"));
+    }
+    let mut sec = khlang_client::Client::connect(&addr, &dev_token(&data, "security-officer")).await.unwrap();
+    let verified = sec.verify_audit(&[]).await.unwrap();
+    assert!(matches!(verified.verdict, khlang_client::Verdict::Intact), "{:?}", verified.verdict);
+    assert!(verified.report.entries >= ids.len() as u64, "{} entries", verified.report.entries);
+}
