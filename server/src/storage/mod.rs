@@ -1,14 +1,17 @@
 //! The storage port: what the domain needs from a database, in the domain's own types.
 //!
 //! The vault holds its store as `Arc<dyn Storage>`. Nothing outside this folder sees a backend's
-//! types (no `sled::` outside `sled_store.rs`), builds a stored key or compares stored bytes:
+//! types (no `sled::` outside `sled_store.rs`, no `tokio_postgres::` outside `postgres.rs`), builds
+//! a stored key or compares stored bytes:
 //! reads hand out an opaque [`Version`], walks a [`Cursor`], and every change is a [`Changes`] —
 //! a list of typed operations with the expectations they depend on — applied by one
 //! [`Storage::commit`] that checks the expectations and applies the operations atomically, or
-//! writes nothing. The backend owns its own durability (sled's group flush).
+//! writes nothing. The backend owns its own durability (sled's group flush; PostgreSQL's
+//! asynchronous commits made durable by a shared synchronous tick).
 //!
-//! Backends: [`SledStore`] (the embedded default, the on-disk layout of every earlier build) and
-//! [`MemoryStore`] (a test double, for the domain's unit tests through the port).
+//! Backends: [`SledStore`] (the embedded default, the on-disk layout of every earlier build),
+//! [`PgStore`] (PostgreSQL, one node per database for now) and [`MemoryStore`] (a test double,
+//! for the domain's unit tests through the port).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -136,6 +136,19 @@ fn i64_to_u64(v: i64, what: &'static str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(what))
 }
 
+/// The `audit_head` row (`seq, hash`; both NULL before any change carried an entry).
+fn head_from(row: &tokio_postgres::Row) -> Result<Option<AuditHead>, StoreError> {
+    let seq: Option<i64> = row.get(0);
+    let hash: Option<Vec<u8>> = row.get(1);
+    match (seq, hash) {
+        (Some(seq), Some(hash)) => Ok(Some(AuditHead {
+            seq: i64_to_u64(seq, "audit head")?,
+            hash: hash.try_into().map_err(|_| StoreError::Corrupt("audit head"))?,
+        })),
+        _ => Ok(None),
+    }
+}
+
 fn revision(rev: i64) -> Version {
     Version::new(rev.to_be_bytes().to_vec())
 }
@@ -300,7 +313,7 @@ impl PgStore {
         self.pool.get().await.map_err(pool_error)
     }
 
-    /// Drops every table of the vault (tests only: a database reused between test runs).
+    /// The schema version the database records (tests).
     #[cfg(any(test, feature = "test-util"))]
     pub async fn schema_version(&self) -> Result<i32, StoreError> {
         let c = self.client().await?;
@@ -479,7 +492,7 @@ impl Credentials {
 }
 
 /// Why a transaction body stopped: the database (maybe worth rerunning) or the store's own refusal.
-pub enum TxError {
+enum TxError {
     Db(tokio_postgres::Error),
     Store(StoreError),
 }
@@ -589,16 +602,7 @@ async fn holds<C: deadpool_postgres::GenericClient + Sync>(tx: &C, expect: &Expe
                     &[],
                 )
                 .await?;
-            let seq: Option<i64> = row.get(0);
-            let hash: Option<Vec<u8>> = row.get(1);
-            let stored = match (seq, hash) {
-                (Some(seq), Some(hash)) => Some(AuditHead {
-                    seq: i64_to_u64(seq, "audit head")?,
-                    hash: hash.try_into().map_err(|_| StoreError::Corrupt("audit head"))?,
-                }),
-                _ => None,
-            };
-            stored == *head
+            head_from(&row)? == *head
         }
         Expect::Record { id, version } => {
             let row = tx
@@ -1285,15 +1289,7 @@ impl Storage for PgStore {
             .query_one(&c.prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1").await?, &[])
             .await
             .map_err(db)?;
-        let seq: Option<i64> = row.get(0);
-        let hash: Option<Vec<u8>> = row.get(1);
-        match (seq, hash) {
-            (Some(seq), Some(hash)) => Ok(Some(AuditHead {
-                seq: i64_to_u64(seq, "audit head")?,
-                hash: hash.try_into().map_err(|_| StoreError::Corrupt("audit head"))?,
-            })),
-            _ => Ok(None),
-        }
+        head_from(&row)
     }
 
     async fn audit_entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
