@@ -174,13 +174,20 @@ async fn khlangd_dev_runs_on_postgres_and_a_bad_connection_string_is_one_clear_e
     daemon.kill().unwrap();
 
     let out = std::process::Command::new(bin("khlangd"))
-        .args(["dev", "--data-dir", data.to_str().unwrap(), "--storage", "mysql://somewhere"])
+        .args([
+            "dev",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--storage",
+            "postgress://khlang:s3cret-db-pass@db/x",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("postgres://"), "the refusal says what is expected: {err}");
     assert!(!err.contains("panicked"), "{err}");
+    assert!(!err.contains("s3cret-db-pass"), "a mistyped connection string's password is echoed: {err}");
 }
 
 /// Credentials are cached by the PostgreSQL store (every request authenticates): a revocation

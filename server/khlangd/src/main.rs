@@ -36,7 +36,7 @@ struct StorageArgs {
     /// `postgres://user@host1,host2/db?target_session_attrs=read-write` (prefer KHLANG_STORAGE
     /// for one carrying a password: flags show in `ps`). The audit log's files stay in --data-dir.
     #[arg(long, env = "KHLANG_STORAGE", default_value = "sled", hide_env_values = true)]
-    storage: StorageLocation,
+    storage: String,
     /// The CA certificate (PEM) that signed the PostgreSQL server's certificate: the connection
     /// then uses TLS (add `sslmode=require` to the connection string to refuse one without).
     #[arg(long, env = "KHLANG_STORAGE_CA_CERT")]
@@ -44,8 +44,11 @@ struct StorageArgs {
 }
 
 impl StorageArgs {
+    /// Parsed here rather than by clap, whose refusal would echo the value — and with it any
+    /// password a mistyped connection string carries.
     fn location(self) -> anyhow::Result<StorageLocation> {
-        match (self.storage, self.storage_ca_cert) {
+        let storage: StorageLocation = self.storage.parse().map_err(|e| anyhow::anyhow!("--storage: {e}"))?;
+        match (storage, self.storage_ca_cert) {
             (StorageLocation::Postgres { url, .. }, ca_cert) => {
                 Ok(StorageLocation::Postgres { url, ca_cert })
             }
