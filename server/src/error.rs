@@ -140,7 +140,8 @@ impl VaultError {
             Self::AlreadyExists(_) => Outcome::AlreadyExists,
             Self::Integrity { .. } | Self::Storage(StoreError::Damaged { .. }) => Outcome::DataLoss,
             Self::FailedPrecondition(_) | Self::RootMismatch => Outcome::FailedPrecondition,
-            Self::AuditUnavailable => Outcome::Unavailable,
+            // A node that lost its database lease must not serve; another node may (retry there).
+            Self::AuditUnavailable | Self::Storage(StoreError::InUse(_)) => Outcome::Unavailable,
             Self::Storage(_) | Self::Key(_) => Outcome::Internal,
         }
     }

@@ -142,6 +142,28 @@ async fn a_second_node_on_the_same_database_is_refused_while_the_first_serves() 
     assert!(matches!(err, VaultError::Storage(StoreError::InUse(_))), "{err}");
     assert!(err.to_string().contains("another khlangd node"), "{err}");
     assert!(!err.to_string().contains(secret) && !format!("{err:?}").contains(secret), "{err:?}");
+    // The lease's connection dies (a database restart, a network cut): the first node stops
+    // writing at once rather than write beside a node that may take the lease meanwhile.
+    let (admin, conn) = tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let killed = admin
+        .query("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted", &[])
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 1, "one connection holds the lease");
+    let mut refused = None;
+    for _ in 0..50 {
+        match first.client().await.put("canary-subject-2", canary_fields()).await {
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("writes stop once the lease is lost");
+    assert_eq!(refused.code(), Some(Code::Unavailable), "{refused}");
+    assert!(refused.to_string().contains("lost its lease"), "{refused}");
     first.stop().await;
     // The first node stopped: its lease is gone, and the same records are there.
     let server = TestServer::start_with(a.path(), on(a.path(), &url)).await;

@@ -44,9 +44,13 @@ pub fn status(err: VaultError, request_id: &str) -> Status {
             tracing::error!(request_id, error = %err, "stored data failed its integrity check");
             format!("{err}; no data returned")
         }
-        Outcome::Unavailable => {
+        Outcome::Unavailable if matches!(err, VaultError::AuditUnavailable) => {
             tracing::error!(request_id, "audit write failed; request refused");
             "the request could not be audited, so it was refused; no data returned".to_owned()
+        }
+        Outcome::Unavailable => {
+            tracing::error!(request_id, error = %err, "this node cannot serve");
+            format!("{err}; no data returned")
         }
         Outcome::Internal => {
             tracing::error!(request_id, error = %err, "internal error");

@@ -222,7 +222,7 @@ pub struct PgStore {
     /// authentication. Coherent because this node is the database's only writer (the lease).
     credentials: std::sync::Mutex<Credentials>,
     /// The connection holding this node's lease ([`NODE_LOCK`]); dropped with the store.
-    _lease: tokio_postgres::Client,
+    lease: tokio_postgres::Client,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -305,7 +305,7 @@ impl PgStore {
             covered: tokio::sync::Mutex::new(0),
             recorder: tx,
             credentials: Default::default(),
-            _lease: lease,
+            lease,
         })
     }
 
@@ -1317,6 +1317,14 @@ impl Storage for PgStore {
     async fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
         if changes.is_empty() {
             return Ok(true);
+        }
+        if self.lease.is_closed() {
+            // The lock went with its connection: another node may hold it now. Fail closed
+            // rather than write beside it.
+            return Err(StoreError::InUse(
+                "this node lost its lease on the database (the connection holding it closed): restart it"
+                    .into(),
+            ));
         }
         let (ops, mut expect) = changes.into_parts();
         expect.sort_by_key(lock_order);
