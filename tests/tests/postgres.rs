@@ -164,6 +164,9 @@ async fn a_second_node_on_the_same_database_is_refused_while_the_first_serves() 
     let refused = refused.expect("writes stop once the lease is lost");
     assert_eq!(refused.code(), Some(Code::Unavailable), "{refused}");
     assert!(refused.to_string().contains("lost its lease"), "{refused}");
+    // Reads too: authentication no longer trusts this node's cached credentials.
+    let read = first.client().await.get(&id, &[], PURPOSE).await.unwrap_err();
+    assert!(read.to_string().contains("lost its lease"), "{read}");
     first.stop().await;
     // The first node stopped: its lease is gone, and the same records are there.
     let server = TestServer::start_with(a.path(), on(a.path(), &url)).await;

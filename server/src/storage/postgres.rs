@@ -334,6 +334,19 @@ impl PgStore {
         Ok(())
     }
 
+    /// Fails once the lease's connection closed: the lock went with it, another node may hold it
+    /// now, and this node's credentials cache may be stale. Checked by every change and every
+    /// authentication (so by every authenticated request): fail closed.
+    fn leased(&self) -> Result<(), StoreError> {
+        if self.lease.is_closed() {
+            return Err(StoreError::InUse(
+                "this node lost its lease on the database (the connection holding it closed): restart it"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, Credentials> {
         // A panic while holding it cannot leave it half-updated: every update is one map call.
         self.credentials.lock().unwrap_or_else(|p| p.into_inner())
@@ -1117,6 +1130,7 @@ impl Storage for PgStore {
     }
 
     async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
+        self.leased()?;
         let generation = {
             let cache = self.cache();
             if let Some(hit) = cache.identities.get(name) {
@@ -1137,6 +1151,7 @@ impl Storage for PgStore {
     }
 
     async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
+        self.leased()?;
         let generation = {
             let cache = self.cache();
             if let Some(hit) = cache.tokens.get(token_id) {
@@ -1318,14 +1333,7 @@ impl Storage for PgStore {
         if changes.is_empty() {
             return Ok(true);
         }
-        if self.lease.is_closed() {
-            // The lock went with its connection: another node may hold it now. Fail closed
-            // rather than write beside it.
-            return Err(StoreError::InUse(
-                "this node lost its lease on the database (the connection holding it closed): restart it"
-                    .into(),
-            ));
-        }
+        self.leased()?;
         let (ops, mut expect) = changes.into_parts();
         expect.sort_by_key(lock_order);
         // Before and after: a read racing the commit sees the generation move and caches nothing.
