@@ -44,7 +44,7 @@ async fn main() {
     for _ in 0..n {
         let _ = log.commit(&store, template.clone(), Changes::none()).await.unwrap();
     }
-    log.checkpoint_now().unwrap();
+    log.checkpoint_now().await.unwrap();
     let bytes = template.canonical().unwrap().len();
     println!("appended {n} entries of ~{bytes} B in {:.1} s", t.elapsed().as_secs_f64());
 

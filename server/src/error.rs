@@ -44,7 +44,7 @@ pub enum VaultError {
 }
 
 /// Errors of the storage layer (the engine and the on-disk encodings).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The storage engine failed (its own message; the engine's types stay in its module).

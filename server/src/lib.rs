@@ -22,6 +22,6 @@ pub use error::{Outcome, StoreError, VaultError};
 pub use policy::Identity;
 pub use vault::auth::{AuthLimits, Credentials, IssuedToken};
 pub use vault::{
-    ArchiveReport, AuditGrant, Caller, CipherMode, ConsentReport, FieldValue, IdentityInfo, Limits,
-    RecordSummary, RecordView, RegulationsInfo, StorageLocation, Vault, VaultOptions,
+    ArchiveReport, AuditExport, AuditGrant, Caller, CipherMode, ConsentReport, FieldValue, IdentityInfo,
+    Limits, RecordSummary, RecordView, RegulationsInfo, StorageLocation, Vault, VaultOptions,
 };

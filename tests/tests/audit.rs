@@ -572,11 +572,11 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
         (archived.entries, archived.last_checkpoint, archived.first_break),
         (report.entries, report.last, None)
     );
-    let export: Vec<String> = vault
+    let begun = vault
         .audit_export(khlang_server::AuditGrant::unaudited_for_tests(AuditFilter::default()))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        .await
+        .unwrap();
+    let export: Vec<String> = vault.export_lines(begun).map(Result::unwrap).collect();
     let rest = khlang_client::verify_export(export.join("\n").as_bytes(), &public_key, &[]).unwrap();
     assert!(rest.first_break.is_none() && rest.entries == left.len() as u64, "{rest:?}");
     assert!(vault.verify_audit_now().await.unwrap().first_break.is_none());

@@ -100,18 +100,12 @@ impl Audit for Api {
             .audit_read(&caller, Rpc::ExportAudit, AuditFilter::default(), None)
             .await
             .map_err(|e| status(e, &caller.request_id))?;
+        let export = self.vault.audit_export(grant).await.map_err(|e| status(e, &caller.request_id))?;
         let stream = stream_blocking(self.vault.clone(), caller.request_id.clone(), move |vault, send| {
-            match vault.audit_export(grant) {
-                Ok(lines) => {
-                    for line in lines {
-                        let failed = line.is_err();
-                        if !send(line.map(|json| pb::AuditLine { json })) || failed {
-                            break;
-                        }
-                    }
-                }
-                Err(e) => {
-                    send(Err(e));
+            for line in vault.export_lines(export) {
+                let failed = line.is_err();
+                if !send(line.map(|json| pb::AuditLine { json })) || failed {
+                    break;
                 }
             }
         });

@@ -1014,6 +1014,11 @@ pub trait AuditFiles: Send + Sync {
     fn first_seq(&self) -> Result<Option<u64>, StoreError>;
     /// Verifies every entry and proof kept (the files: two threads, split at the middle).
     fn verify(&self, public_key: &[u8], with: &super::VerifyWith<'_>) -> Result<ChainReport, StoreError>;
+    /// The head the store records beside the entries, when it keeps one (a shared chain's head
+    /// row): what a live verification must reach.
+    fn stored_head(&self) -> Result<Option<super::ChainHead>, StoreError> {
+        Ok(None)
+    }
     /// Where an operator finds them (the files' folder), for messages and tools.
     fn location(&self) -> &Path;
 }

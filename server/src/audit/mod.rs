@@ -12,6 +12,7 @@
 pub mod files;
 pub(crate) mod repeats;
 mod rpc;
+mod shared;
 
 pub use rpc::Rpc;
 
@@ -335,13 +336,16 @@ struct Integrity {
 /// held by one committer at a time, across its store commit, so the chain is appended in the
 /// order seqs are given; `head` is only ever held briefly (never across an await).
 pub struct AuditLog {
-    order: tokio::sync::Mutex<()>,
+    order: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Serialises the rare integrity procedures (unlock, accepting a break, the history check).
     procedure: tokio::sync::Mutex<()>,
     head: Mutex<Head>,
-    keys: Mutex<Option<LogKeys>>,
+    keys: std::sync::Arc<Mutex<Option<LogKeys>>>,
     integrity: Mutex<Integrity>,
     policy: CheckpointPolicy,
+    /// On a store that holds one chain for every node: its batcher (every append goes through
+    /// it, and `file` reads the store's rows).
+    shared: Option<shared::Batcher>,
     /// Benchmark baseline only: apply changes without writing entries.
     disabled: bool,
     file: Box<dyn AuditFiles>,
@@ -494,6 +498,9 @@ impl AuditLog {
         data_dir: &Path,
         options: &LogOptions,
     ) -> Result<Self, StoreError> {
+        if let Some(chain) = store.shared_chain() {
+            return Self::open_shared(store, chain, options).await;
+        }
         let (file, (last, checkpoint)) = AuditFile::open(data_dir, &options.files)?;
         let head = match last {
             Some((seq, value)) => {
@@ -513,7 +520,7 @@ impl AuditLog {
             None => None,
         };
         Ok(Self {
-            order: tokio::sync::Mutex::new(()),
+            order: Default::default(),
             procedure: tokio::sync::Mutex::new(()),
             head: Mutex::new(Head {
                 seq,
@@ -524,13 +531,59 @@ impl AuditLog {
                 unsynced: VecDeque::new(),
                 stored: store.audit_head().await?,
             }),
-            keys: Mutex::new(None),
+            keys: Default::default(),
             integrity: Mutex::new(Integrity { opened: (seq, hash), checked: false, broken }),
             policy: options.checkpoints,
+            shared: None,
             disabled: options.disabled,
             file: Box::new(file),
             recorder: store.head_recorder(),
             witness: options.files.witness.clone(),
+        })
+    }
+
+    /// The log on a store that keeps the chain for every node: nothing in the node's folder.
+    async fn open_shared(
+        store: &dyn Storage,
+        chain: std::sync::Arc<dyn crate::storage::SharedChain>,
+        options: &LogOptions,
+    ) -> Result<Self, StoreError> {
+        let tip = chain.tip().await?;
+        let broken = match store.audit_record(AuditRecord::Break).await? {
+            Some(b) => serde_json::from_slice(&b).ok(),
+            None => None,
+        };
+        let keys: std::sync::Arc<Mutex<Option<LogKeys>>> = Default::default();
+        let order: std::sync::Arc<tokio::sync::Mutex<()>> = Default::default();
+        let file = chain.rows();
+        let batcher = shared::Batcher::start(shared::State {
+            chain,
+            keys: keys.clone(),
+            policy: options.checkpoints,
+            order: order.clone(),
+            failing: Default::default(),
+            mine: Default::default(),
+        });
+        Ok(Self {
+            order,
+            procedure: tokio::sync::Mutex::new(()),
+            head: Mutex::new(Head {
+                seq: tip.seq,
+                hash: tip.hash,
+                checkpointed_seq: tip.signed_seq,
+                checkpointed_at: Instant::now(),
+                last_signed: tip.signed_seq,
+                unsynced: VecDeque::new(),
+                stored: None,
+            }),
+            keys,
+            integrity: Mutex::new(Integrity { opened: (tip.seq, tip.hash), checked: false, broken }),
+            policy: options.checkpoints,
+            shared: Some(batcher),
+            disabled: options.disabled,
+            file,
+            recorder: store.head_recorder(),
+            witness: None,
         })
     }
 
@@ -588,6 +641,8 @@ impl AuditLog {
             let integrity = lock(&self.integrity);
             (integrity.checked, integrity.opened)
         };
+        // A shared chain's head is the store's, which other nodes moved since this one opened.
+        let opened = self.file.stored_head()?.unwrap_or(opened);
         let finding = if checked {
             None
         } else {
@@ -624,7 +679,7 @@ impl AuditLog {
                 b.reason
             );
         }
-        self.checkpoint_now()
+        self.checkpoint_now().await
     }
 
     /// Accepts the carried-forward break whose `AuditBreak` entry is `entry` (the operator's
@@ -756,8 +811,13 @@ impl AuditLog {
         anchor: Option<Checkpoint>,
         last_known: u64,
     ) -> Result<BreakRecord, VaultError> {
-        let _order = self.order.lock().await;
-        let record = self.append_break(b, anchor, last_known)?;
+        let record = match &self.shared {
+            Some(batcher) => self.append_break_shared(batcher, b, anchor).await?,
+            None => {
+                let _order = self.order.lock().await;
+                self.append_break(b, anchor, last_known)?
+            }
+        };
         let json = serde_json::to_vec(&record).map_err(|_| StoreError::Corrupt("audit break (encode)"))?;
         store.set_audit_record(AuditRecord::Break, &json).await?;
         store.flush_now().await?;
@@ -806,6 +866,24 @@ impl AuditLog {
             reason: entry.reason,
         };
         Ok(record)
+    }
+
+    /// [`AuditLog::carry_forward`] on a shared chain: the entry follows the store's head.
+    async fn append_break_shared(
+        &self,
+        batcher: &shared::Batcher,
+        b: &ChainBreak,
+        anchor: Option<Checkpoint>,
+    ) -> Result<BreakRecord, VaultError> {
+        let anchor =
+            anchor.unwrap_or(Checkpoint { seq: 0, hash: GENESIS, time_ms: 0, prev: None, signature: vec![] });
+        let mut entry = notice_entry(Rpc::AuditBreak);
+        entry.damaged_from = b.seq.max(1);
+        entry.reason = clean(&b.reason);
+        entry.anchor = (anchor.seq > 0).then(|| StoredCheckpoint::from_checkpoint(&anchor));
+        let (damaged_from, reason) = (entry.damaged_from, entry.reason.clone());
+        let seq = batcher.append_break(entry, anchor).await?;
+        Ok(BreakRecord { entry: seq, damaged_from, damaged_to: seq - 1, reason })
     }
 
     async fn append_notice(&self, store: &dyn Storage, entry: AuditEntry) -> Result<(), VaultError> {
@@ -860,6 +938,16 @@ impl AuditLog {
         mut entry: AuditEntry,
         changes: Changes,
     ) -> Result<Committed, VaultError> {
+        if let (Some(batcher), false) = (&self.shared, self.disabled) {
+            let committed = batcher.commit(entry, changes).await;
+            if let Some(mine) = *lock(&batcher.state.mine) {
+                let mut head = lock(&self.head);
+                if mine.seq > head.seq {
+                    (head.seq, head.hash) = (mine.seq, mine.hash);
+                }
+            }
+            return committed;
+        }
         let _order = self.order.lock().await;
         if self.disabled {
             return Ok(if store.commit(changes).await? { Committed::Done(0) } else { Committed::Conflict });
@@ -978,11 +1066,14 @@ impl AuditLog {
 
     /// Signs the current head now (shutdown, export, verification), if anything was appended
     /// since the last checkpoint, and syncs the log.
-    pub fn checkpoint_now(&self) -> Result<(), VaultError> {
-        let mut head = lock(&self.head);
+    pub async fn checkpoint_now(&self) -> Result<(), VaultError> {
         if self.disabled {
             return Ok(());
         }
+        if let Some(batcher) = &self.shared {
+            return batcher.checkpoint().await;
+        }
+        let mut head = lock(&self.head);
         if head.seq != 0 && head.seq != head.checkpointed_seq {
             self.checkpoint_head(&mut head)?;
         }
@@ -999,6 +1090,9 @@ impl AuditLog {
     /// Fault drill for tests: make every following append fail (or succeed again).
     #[cfg(any(test, feature = "test-util"))]
     pub fn inject_failure(&self, fail: bool) {
+        if let Some(batcher) = &self.shared {
+            batcher.state.failing.store(fail, std::sync::atomic::Ordering::Relaxed);
+        }
         self.file.inject_failure(fail);
     }
 
@@ -1018,10 +1112,24 @@ impl AuditLog {
             Some(t) => self.stored_proofs(records, t)?,
             None => Proofs::default(),
         };
+        // The head this process holds is genuine; a shared chain's head row is only what the
+        // store says, so there the newest head this node appended is, and the row (read after it:
+        // the node's appends only move it on) may not be behind it.
+        let mine = self.shared.as_ref().map(|b| lock(&b.state.mine).map(|m| (m.seq, m.hash)));
         let head = self.head_in_file()?;
+        let own = mine.unwrap_or(Some(head));
         let first = self.file.first_seq()?.unwrap_or(1);
         let mut known = proofs.tagged.clone();
-        known.push(head);
+        known.extend(own);
+        if let Some(own) = own.filter(|own| own.0 > head.0) {
+            let reason = format!(
+                "the store's chain ends at {} but this node appended up to {}: rolled back or cut",
+                head.0, own.0
+            );
+            let mut report = ChainReport::default();
+            add_break(&mut report, ChainBreak { seq: head.0 + 1, reason });
+            return Ok(report);
+        }
         let mut report = self.file.verify(
             public_key,
             &VerifyWith {
@@ -1064,7 +1172,7 @@ impl AuditLog {
         }
         let Some(b) = report.uncarried.clone() else { return Ok(None) };
         let _procedure = self.procedure.lock().await;
-        self.checkpoint_now()?;
+        self.checkpoint_now().await?;
         let Some(tagger) = lock(&self.keys).as_ref().map(|k| k.tagger.clone()) else { return Ok(None) };
         let proofs = self.stored_proofs(&StoredRecords::read(store).await?, &tagger)?;
         let anchor = proofs.newest_signed(&public_key);
@@ -1083,6 +1191,9 @@ impl AuditLog {
     /// The head, with everything up to it written to the file: what a live verification of the
     /// file (possibly on another thread, [`verify_dir`]) must reach.
     pub fn head_in_file(&self) -> Result<ChainHead, StoreError> {
+        if let Some(stored) = self.file.stored_head()? {
+            return Ok(stored);
+        }
         let head = lock(&self.head);
         if !self.disabled {
             self.file.write_through()?;
@@ -1203,18 +1314,66 @@ pub struct VerifyWith<'a> {
     pub start: Option<Checkpoint>,
 }
 
+/// What a verification reads of a log, wherever it is kept (segment files, a database's rows).
+pub trait ChainSource: Sync {
+    /// The newest entry's seq (0: none).
+    fn last_seq(&self) -> Result<u64, StoreError>;
+    /// Every signed checkpoint kept, oldest first (JSON).
+    fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError>;
+    fn first_seq(&self) -> Result<Option<u64>, StoreError>;
+    /// The chain hash stored with entry `seq`.
+    fn entry_hash(&self, seq: u64) -> Result<Option<[u8; 32]>, StoreError>;
+    /// Calls `f` for every entry and head tag from `from` on, oldest first, until it returns `false`.
+    fn scan(&self, from: u64, f: &mut dyn FnMut(Scanned<'_>) -> bool) -> Result<(), StoreError>;
+}
+
+/// The segment files of one folder.
+struct Dir<'a>(&'a Path);
+
+impl ChainSource for Dir<'_> {
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(files::tail(self.0)?.0.map_or(0, |(seq, _)| seq))
+    }
+
+    fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        files::checkpoints(self.0)
+    }
+
+    fn first_seq(&self) -> Result<Option<u64>, StoreError> {
+        files::first_seq(self.0)
+    }
+
+    fn entry_hash(&self, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        entry_hash_in(self.0, seq)
+    }
+
+    fn scan(&self, from: u64, f: &mut dyn FnMut(Scanned<'_>) -> bool) -> Result<(), StoreError> {
+        files::scan_entries(self.0, from, f)
+    }
+}
+
 /// Verifies the log in `dir`; with `expected_head`, only up to it, and that it ends there.
 pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Result<ChainReport, StoreError> {
+    verify_log(&Dir(dir), public_key, with)
+}
+
+/// Verifies the log `src` holds; with `expected_head`, only up to it, and that it ends there.
+pub fn verify_log(
+    src: &dyn ChainSource,
+    public_key: &[u8],
+    with: &VerifyWith<'_>,
+) -> Result<ChainReport, StoreError> {
     let live = with.expected_head.is_some();
     // The live log is verified up to the head as it was when verification began (requests
     // keep appending meanwhile); a stored log, to its end.
     let last = match with.expected_head {
         Some((seq, _)) => seq,
-        None => files::tail(dir)?.0.map_or(0, |(seq, _)| seq),
+        None => src.last_seq()?,
     };
     // Checkpoints the file gained after the live head was taken are left for the next time; the
     // caller's proofs all precede it, so one beyond the end means entries were cut.
-    let mut checkpoints: Vec<Checkpoint> = files::checkpoints(dir)?
+    let mut checkpoints: Vec<Checkpoint> = src
+        .checkpoints()?
         .iter()
         .filter_map(|c| StoredCheckpoint::parse(c))
         .filter(|c| !live || c.seq <= last)
@@ -1226,7 +1385,7 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
     // Start: after a signed head the caller vouches for, after the anchor of an archival (the log
     // then starts at `first`, anchored by the signed checkpoint at `first - 1`, which must
     // verify), or at entry 1.
-    let mut first = files::first_seq(dir)?.unwrap_or(last + 1);
+    let mut first = src.first_seq()?.unwrap_or(last + 1);
     let mut start_hash = GENESIS;
     let mut last_cp = Some(0);
     if let Some(s) = &with.start {
@@ -1265,7 +1424,7 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
         known.into_iter().partition(|h| h.0 < split);
     let last_cp_early = early.last().map(|c| c.seq).or(last_cp);
     let prev_of_split =
-        if split > first { entry_hash_in(dir, split - 1)?.unwrap_or(GENESIS) } else { start_hash };
+        if split > first { src.entry_hash(split - 1)?.unwrap_or(GENESIS) } else { start_hash };
     let to = if live { last } else { u64::MAX };
     let make =
         |cps: Vec<Checkpoint>, heads: Vec<ChainHead>, seq: u64, prev: [u8; 32], last_cp: Option<u64>| {
@@ -1278,9 +1437,9 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
     let (first_part, second) = std::thread::scope(|scope| {
         let late_v =
             make(late.clone(), known_late.clone(), split, prev_of_split, last_cp_early).unproven_start();
-        let second = scope.spawn(|| verify_range(dir, late_v, split, to));
+        let second = scope.spawn(|| verify_range(src, late_v, split, to));
         let first_part =
-            verify_range(dir, make(early, known_early, first, start_hash, last_cp), first, split - 1);
+            verify_range(src, make(early, known_early, first, start_hash, last_cp), first, split - 1);
         (first_part, second.join())
     });
     let second = second.map_err(|_| StoreError::Corrupt("audit verification thread"))??;
@@ -1289,7 +1448,7 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
     // forward break, so the second half is read again that way.
     let second = if first_part.is_skipping() && split <= last {
         let v = make(late, known_late, split, prev_of_split, last_cp_early).unproven_start().skipping();
-        verify_range(dir, v, split, to)?
+        verify_range(src, v, split, to)?
     } else {
         second
     };
@@ -1307,12 +1466,12 @@ pub fn verify_dir(dir: &Path, public_key: &[u8], with: &VerifyWith<'_>) -> Resul
 
 /// Feeds the stored entries and tags `from..=to` to `v`.
 fn verify_range<'k>(
-    dir: &Path,
+    src: &dyn ChainSource,
     mut v: ChainVerifier<'k>,
     from: u64,
     to: u64,
 ) -> Result<ChainVerifier<'k>, StoreError> {
-    files::scan_entries(dir, from, |item| {
+    src.scan(from, &mut |item| {
         match item {
             Scanned::Entry { seq, .. } if seq > to => return false,
             Scanned::Entry { seq, hash: Some(hash), json } => v.entry(seq, embedded_seq(json), json, &hash),
@@ -1520,7 +1679,7 @@ mod tests {
                 AuditEntry { rpc: "GetRecord".into(), reason: format!("n{i}"), ..AuditEntry::default() };
             assert!(matches!(log.commit(&store, entry, Changes::none()).await.unwrap(), Committed::Done(_)));
         }
-        log.checkpoint_now().unwrap();
+        log.checkpoint_now().await.unwrap();
         let sequential = |dir: &Path| {
             let checkpoints: Vec<Checkpoint> = files::checkpoints(dir)
                 .unwrap()
@@ -1625,7 +1784,7 @@ mod tests {
             for i in 1..=5 {
                 read(&log, &store, i).await;
             }
-            log.checkpoint_now().unwrap();
+            log.checkpoint_now().await.unwrap();
         }
         let (_, segment) = files::segments(&dir.path().join(files::DIR)).unwrap().pop().unwrap();
         let whole = std::fs::read(&segment).unwrap();
@@ -1662,7 +1821,7 @@ mod tests {
         for i in 1..=n {
             read(&log, &store, i).await;
         }
-        log.checkpoint_now().unwrap();
+        log.checkpoint_now().await.unwrap();
         let segments = files::segments(log.dir()).unwrap();
         assert_eq!(segments.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 65_537]);
         let from: Vec<u64> = files::entries(log.dir(), 65_530).map(|e| e.unwrap().0).take(10).collect();
@@ -1672,7 +1831,7 @@ mod tests {
 
         // Archive up to a checkpoint in the second segment: what is left starts after it.
         read(&log, &store, n + 1).await;
-        log.checkpoint_now().unwrap();
+        log.checkpoint_now().await.unwrap();
         log.remove_archived(n).unwrap();
         assert_eq!(files::first_seq(log.dir()).unwrap(), Some(n + 1));
         read(&log, &store, n + 2).await;

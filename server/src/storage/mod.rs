@@ -10,7 +10,7 @@
 //! asynchronous commits made durable by a shared synchronous tick).
 //!
 //! Backends: [`SledStore`] (the embedded default, the on-disk layout of every earlier build),
-//! [`PgStore`] (PostgreSQL, one node per database for now) and [`MemoryStore`] (a test double,
+//! [`PgStore`] (PostgreSQL, several nodes on one database, holding their one audit chain) and [`MemoryStore`] (a test double,
 //! for the domain's unit tests through the port).
 
 use std::sync::Arc;
@@ -511,6 +511,57 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Makes everything committed so far durable now (init, shutdown, operator commands).
     async fn flush_now(&self) -> Result<(), StoreError>;
     fn flush_stats(&self) -> &FlushStats;
+    /// The audit chain, when the store holds it itself for every node that shares it (PostgreSQL);
+    /// `None`: the log lives in the node's own files and changes carry their entries (sled).
+    fn shared_chain(&self) -> Option<Arc<dyn SharedChain>> {
+        None
+    }
+}
+
+/// The head of a chain the store holds, as a batch found it under the head's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainTip {
+    pub seq: u64,
+    pub hash: [u8; 32],
+    /// The newest signed checkpoint's seq (0: none yet) and when it was signed: the next one names
+    /// it, and is due by entries or by time.
+    pub signed_seq: u64,
+    pub signed_ms: u64,
+}
+
+/// What a batch adds to a shared chain, as the audit log computed it from the tip.
+#[derive(Debug, Default)]
+pub struct ChainAppend {
+    /// `(seq, hash ‖ canonical JSON)`, seqs following the tip's without a gap.
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// The HMAC tag of the new head (`None` while sealed), stored with its entry.
+    pub tag: Option<Vec<u8>>,
+    /// A signed checkpoint of the new head (JSON).
+    pub checkpoint: Option<Vec<u8>>,
+    /// The signed head the chain goes on from, when it moves: `(seq, time_ms)`.
+    pub signed: Option<(u64, u64)>,
+    /// The new head when it does not simply follow the tip (a carried-forward break chains from
+    /// its anchor), else taken from the last entry.
+    pub head: Option<AuditHead>,
+}
+
+/// Computes a batch's entries from the tip found under the lock and which change sets' expectations
+/// held (only those are applied; the others are answered "conflict", nothing of them written).
+pub type Seal<'a> = dyn FnMut(&ChainTip, &[bool]) -> Result<ChainAppend, StoreError> + Send + 'a;
+
+/// An audit chain kept by the store itself, one for every node that shares the store: gap-free and
+/// strictly ordered because each batch appends under a lock on the head, in the same transaction
+/// as the changes its entries record.
+#[async_trait::async_trait]
+pub trait SharedChain: Send + Sync {
+    /// One transaction: takes the head's lock, checks every change set's expectations, calls
+    /// `seal`, writes its entries with the change sets that held, commits durably. Returns which
+    /// change sets were applied (empty sets count as applied).
+    async fn append(&self, batch: Vec<Changes>, seal: &mut Seal<'_>) -> Result<Vec<bool>, StoreError>;
+    /// The chain's current tip (no lock).
+    async fn tip(&self) -> Result<ChainTip, StoreError>;
+    /// The chain's reader (entries, checkpoints, verification), synchronous as the files' is.
+    fn rows(&self) -> Box<dyn crate::audit::files::AuditFiles>;
 }
 
 /// The KEK version of every stored data key, counted from the wrapped keys' headers (read by the

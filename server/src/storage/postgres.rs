@@ -24,6 +24,10 @@
 //! commits synchronously.
 
 use std::str::FromStr;
+use std::sync::Arc;
+
+#[path = "pg_chain.rs"]
+mod chain;
 
 use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -42,9 +46,10 @@ use crate::StoreError;
 /// The schema this build creates and upgrades to, one entry per version, applied in order inside
 /// one transaction under [`MIGRATION_LOCK`]. A database whose `khlang_schema` names a higher
 /// version was upgraded by a newer build and is refused.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE meta (key text PRIMARY KEY, value bytea NOT NULL);
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE meta (key text PRIMARY KEY, value bytea NOT NULL);
      CREATE TABLE custody (custodian smallint PRIMARY KEY, sealed bytea NOT NULL);
      CREATE TABLE keks (version integer PRIMARY KEY, wrapped bytea NOT NULL);
      CREATE TABLE kek_info (version integer PRIMARY KEY, created_ms bigint NOT NULL, retired_ms bigint);
@@ -70,19 +75,34 @@ const MIGRATIONS: &[(i32, &str)] = &[(
      CREATE TABLE audit_entries (seq bigint PRIMARY KEY, value bytea NOT NULL);
      CREATE TABLE durability (id integer PRIMARY KEY CHECK (id = 1), ticks bigint NOT NULL);
      INSERT INTO durability VALUES (1, 0);",
-)];
+    ),
+    (
+        2,
+        // The audit chain lives here for every node: entries carry the tag of the batch they end,
+        // checkpoints have their table, the head row names the newest signed checkpoint; and
+        // every change to credentials moves an epoch the other nodes' caches watch.
+        "ALTER TABLE audit_entries ADD COLUMN tag bytea;
+         CREATE TABLE audit_checkpoints (seq bigint PRIMARY KEY, value bytea NOT NULL);
+         ALTER TABLE audit_head ADD COLUMN signed_seq bigint NOT NULL DEFAULT 0,
+                                ADD COLUMN signed_ms bigint NOT NULL DEFAULT 0;
+         CREATE TABLE credentials_epoch (id integer PRIMARY KEY CHECK (id = 1), n bigint NOT NULL);
+         INSERT INTO credentials_epoch VALUES (1, 0);",
+    ),
+];
 
 /// The newest schema version this build knows.
-pub const PG_SCHEMA_VERSION: i32 = 1;
+pub const PG_SCHEMA_VERSION: i32 = 2;
 
 /// Advisory lock key (an arbitrary constant, "khlang" in ASCII) that serialises schema upgrades
 /// when several nodes start at once.
 const MIGRATION_LOCK: i64 = 0x6b68_6c61_6e67;
 
-/// Advisory lock key ("khlang-node") a serving node holds for as long as it runs: the audit log's
-/// read entries still live in each node's own files, so two nodes on one database would keep two
-/// logs of one vault. Until the log moves into the database, a second node is refused.
-const NODE_LOCK: i64 = 0x006b_686c_616e_676e;
+/// How often a node asks whether another changed credentials (the epoch every such change moves),
+/// and for how long after its last answer its cache is trusted: a revocation on any node holds on
+/// every other within `CREDENTIALS_POLL` plus a query, and a node that cannot ask stops trusting
+/// its cache after `CREDENTIALS_TRUST` (every lookup goes to the database).
+const CREDENTIALS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+const CREDENTIALS_TRUST: std::time::Duration = std::time::Duration::from_millis(600);
 
 /// How many times a commit is rerun after a deadlock or serialisation failure before it fails.
 const COMMIT_ATTEMPTS: usize = 8;
@@ -97,8 +117,12 @@ const META_THRESHOLD: &str = "threshold";
 const SINGLE_CUSTODIAN: i16 = 0;
 
 fn db(e: tokio_postgres::Error) -> StoreError {
-    // The driver's message names the failing statement's error, never the connection's password.
-    StoreError::Backend(e.to_string())
+    // The server's message (never its detail, which can quote a row's values) or the driver's;
+    // neither names the connection's password.
+    match e.as_db_error() {
+        Some(d) => StoreError::Backend(format!("{} ({})", d.message(), d.code().code())),
+        None => StoreError::Backend(e.to_string()),
+    }
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -219,10 +243,10 @@ pub struct PgStore {
     /// Head records written from the audit log's flusher thread, applied in order by one task.
     recorder: mpsc::UnboundedSender<(AuditRecord, Vec<u8>)>,
     /// Tokens and identities as last read or written, consulted by every request's
-    /// authentication. Coherent because this node is the database's only writer (the lease).
-    credentials: std::sync::Mutex<Credentials>,
-    /// The connection holding this node's lease ([`NODE_LOCK`]); dropped with the store.
-    lease: tokio_postgres::Client,
+    /// authentication; emptied when any node moves the credentials epoch.
+    credentials: Arc<std::sync::Mutex<Credentials>>,
+    /// The audit chain every node on the database appends to.
+    chain: Arc<chain::PgChain>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -265,29 +289,17 @@ impl PgStore {
         asynchronous.options("-c synchronous_commit=off");
         let changes = pool_of(asynchronous)?;
         migrate(&pool).await?;
-        // The lease: a session lock on a connection of its own, released when the node stops
-        // (or its connection drops).
-        let lease = match &tls {
-            Some(tls) => {
-                let (client, connection) = config.connect(tls.clone()).await.map_err(db)?;
-                tokio::spawn(connection);
-                client
-            }
-            None => {
-                let (client, connection) = config.connect(NoTls).await.map_err(db)?;
-                tokio::spawn(connection);
-                client
-            }
+        let connect = match &tls {
+            Some(tls) => chain::Connect::Tls(config.clone(), tls.clone()),
+            None => chain::Connect::Plain(config.clone()),
         };
-        let held: bool =
-            lease.query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK]).await.map_err(db)?.get(0);
-        if !held {
-            return Err(StoreError::InUse(format!(
-                "another khlangd node is serving the database {}: one node per database for now \
-                 (each node keeps the audit log's read entries in its own folder)",
-                redacted(url)
-            )));
-        }
+        let credentials = Arc::new(std::sync::Mutex::new(Credentials::default()));
+        tokio::spawn(watch_credentials(pool.clone(), Arc::downgrade(&credentials)));
+        let chain = Arc::new(chain::PgChain {
+            pool: pool.clone(),
+            credentials: credentials.clone(),
+            reader: chain::Reader::start(connect, format!("{} (table audit_entries)", redacted(url)))?,
+        });
         let (tx, mut rx) = mpsc::unbounded_channel::<(AuditRecord, Vec<u8>)>();
         let recording = pool.clone();
         tokio::spawn(async move {
@@ -304,8 +316,8 @@ impl PgStore {
             commits: Default::default(),
             covered: tokio::sync::Mutex::new(0),
             recorder: tx,
-            credentials: Default::default(),
-            lease,
+            credentials,
+            chain,
         })
     }
 
@@ -331,19 +343,6 @@ impl PgStore {
         c.execute(&c.prepare_cached("UPDATE khlang_schema SET version = $1").await?, &[&version])
             .await
             .map_err(db)?;
-        Ok(())
-    }
-
-    /// Fails once the lease's connection closed: the lock went with it, another node may hold it
-    /// now, and this node's credentials cache may be stale. Checked by every change and every
-    /// authentication (so by every authenticated request): fail closed.
-    fn leased(&self) -> Result<(), StoreError> {
-        if self.lease.is_closed() {
-            return Err(StoreError::InUse(
-                "this node lost its lease on the database (the connection holding it closed): restart it"
-                    .into(),
-            ));
-        }
         Ok(())
     }
 
@@ -473,6 +472,10 @@ macro_rules! in_transaction {
 #[derive(Default)]
 struct Credentials {
     generation: u64,
+    /// The credentials epoch last heard from the database, and until when the cache may be
+    /// trusted without hearing it again.
+    epoch: Option<i64>,
+    trusted_until: Option<std::time::Instant>,
     tokens: std::collections::HashMap<String, Option<StoredToken>>,
     identities: std::collections::HashMap<String, Option<StoredIdentity>>,
 }
@@ -481,6 +484,16 @@ struct Credentials {
 const CREDENTIALS_CACHED: usize = 10_000;
 
 impl Credentials {
+    fn trusted(&self) -> bool {
+        self.trusted_until.is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    fn clear(&mut self) {
+        self.tokens.clear();
+        self.identities.clear();
+        self.generation += 1;
+    }
+
     fn invalidate(&mut self, ops: &[Op]) {
         for op in ops {
             match op {
@@ -519,6 +532,43 @@ impl From<tokio_postgres::Error> for TxError {
 impl From<StoreError> for TxError {
     fn from(e: StoreError) -> Self {
         TxError::Store(e)
+    }
+}
+
+/// Empties the credentials cache whenever any node changed credentials (the epoch moved), and
+/// keeps it trusted only while the database answers. Ends with the store.
+async fn watch_credentials(pool: Pool, credentials: std::sync::Weak<std::sync::Mutex<Credentials>>) {
+    let mut tick = tokio::time::interval(CREDENTIALS_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let asked = std::time::Instant::now();
+        let epoch = async {
+            let c = pool.get().await.map_err(pool_error)?;
+            let row = c
+                .query_one(&c.prepare_cached("SELECT n FROM credentials_epoch WHERE id = 1").await?, &[])
+                .await
+                .map_err(db)?;
+            Ok::<i64, StoreError>(row.get(0))
+        }
+        .await;
+        let Some(credentials) = credentials.upgrade() else { return };
+        let mut cache = credentials.lock().unwrap_or_else(|p| p.into_inner());
+        match epoch {
+            Ok(n) => {
+                if cache.epoch != Some(n) {
+                    cache.clear();
+                    cache.epoch = Some(n);
+                }
+                // Trusted from when it asked: a change committed after that is heard next time.
+                cache.trusted_until = Some(asked + CREDENTIALS_TRUST);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hear the credentials epoch; authenticating from the database");
+                cache.clear();
+                cache.trusted_until = None;
+            }
+        }
     }
 }
 
@@ -1130,10 +1180,9 @@ impl Storage for PgStore {
     }
 
     async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
-        self.leased()?;
         let generation = {
             let cache = self.cache();
-            if let Some(hit) = cache.identities.get(name) {
+            if let Some(hit) = cache.identities.get(name).filter(|_| cache.trusted()) {
                 return Ok(hit.clone());
             }
             cache.generation
@@ -1151,10 +1200,9 @@ impl Storage for PgStore {
     }
 
     async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
-        self.leased()?;
         let generation = {
             let cache = self.cache();
-            if let Some(hit) = cache.tokens.get(token_id) {
+            if let Some(hit) = cache.tokens.get(token_id).filter(|_| cache.trusted()) {
                 return Ok(hit.clone());
             }
             cache.generation
@@ -1333,7 +1381,6 @@ impl Storage for PgStore {
         if changes.is_empty() {
             return Ok(true);
         }
-        self.leased()?;
         let (ops, mut expect) = changes.into_parts();
         expect.sort_by_key(lock_order);
         // Before and after: a read racing the commit sees the generation move and caches nothing.
@@ -1341,6 +1388,9 @@ impl Storage for PgStore {
         let mut all = Vec::new();
         for op in &ops {
             statements(op, &mut all)?;
+        }
+        if ops.iter().any(|op| matches!(op, Op::PutToken { .. } | Op::RemoveToken(_) | Op::PutIdentity(_))) {
+            all.push(stmt("UPDATE credentials_epoch SET n = n + 1 WHERE id = 1", Vec::new()));
         }
         let mut attempt = 0;
         let done = loop {
@@ -1386,6 +1436,10 @@ impl Storage for PgStore {
 
     fn flush_stats(&self) -> &FlushStats {
         &self.stats
+    }
+
+    fn shared_chain(&self) -> Option<Arc<dyn super::SharedChain>> {
+        Some(self.chain.clone())
     }
 }
 

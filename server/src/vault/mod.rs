@@ -691,7 +691,7 @@ impl Vault {
 
     pub async fn flush(&self) -> Result<(), VaultError> {
         self.write_repeats(true).await?;
-        self.audit.checkpoint_now()?;
+        self.audit.checkpoint_now().await?;
         Ok(self.store.flush_now().await?)
     }
 
@@ -1758,6 +1758,12 @@ fn parse_witnessed(heads: &[(u64, String)]) -> Result<Vec<(u64, [u8; 32])>, Vaul
         .collect()
 }
 
+/// An export begun by [`Vault::audit_export`] (the head it ends at is signed).
+#[derive(Debug)]
+pub struct AuditExport {
+    public_key: Vec<u8>,
+}
+
 /// Permission to read the audit log with one filter: made only by [`Vault::audit_read`], after
 /// the read was authorised and its own entry written, so no code path can read entries unaudited.
 #[derive(Debug)]
@@ -1820,18 +1826,20 @@ impl Vault {
             .take(limit)
     }
 
-    /// The export's JSON Lines. The head is signed first, so an export always ends at a checkpoint
-    /// its reader can verify with the public key.
-    pub fn audit_export(
-        &self,
-        _grant: AuditGrant,
-    ) -> Result<impl Iterator<Item = Result<String, VaultError>> + '_, VaultError> {
-        self.audit.checkpoint_now()?;
+    /// Begins an export: the head is signed first, so an export always ends at a checkpoint its
+    /// reader can verify with the public key. Its lines are [`Vault::export_lines`].
+    pub async fn audit_export(&self, _grant: AuditGrant) -> Result<AuditExport, VaultError> {
+        self.audit.checkpoint_now().await?;
         let public_key = self
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        Ok(self.audit.export_lines(public_key).map(|r| r.map_err(VaultError::from)))
+        Ok(AuditExport { public_key })
+    }
+
+    /// The export's JSON Lines (read synchronously: a blocking thread streams them).
+    pub fn export_lines(&self, export: AuditExport) -> impl Iterator<Item = Result<String, VaultError>> + '_ {
+        self.audit.export_lines(export.public_key).map(|r| r.map_err(VaultError::from))
     }
 
     /// Verifies the live log: chain, checkpoint signatures and their order, head tags, the
@@ -1861,7 +1869,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        self.audit.checkpoint_now()?;
+        self.audit.checkpoint_now().await?;
         // A full read and hash of the log (about a second per million entries): on the blocking
         // pool, not on a worker that serves requests.
         let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;

@@ -339,7 +339,7 @@ impl Vault {
             }),
         )
         .await?;
-        self.audit.checkpoint_now()?;
+        self.audit.checkpoint_now().await?;
         self.drop_keys().await;
         tracing::warn!(by = %caller.identity.name, "vault sealed");
         self.seal_status().await
