@@ -74,9 +74,6 @@ pub enum StoreError {
         "this data folder has storage schema {found}; this build knows schema {supported} at most: run the newer khlangd"
     )]
     SchemaTooNew { found: u32, supported: u32 },
-    /// Another node holds the database (one node per database until the audit log lives in it).
-    #[error("{0}")]
-    InUse(String),
 }
 
 /// How a request ended, named as gRPC names its status codes. The one mapping from domain errors
@@ -141,7 +138,7 @@ impl VaultError {
             Self::Integrity { .. } | Self::Storage(StoreError::Damaged { .. }) => Outcome::DataLoss,
             Self::FailedPrecondition(_) | Self::RootMismatch => Outcome::FailedPrecondition,
             // A node that lost its database lease must not serve; another node may (retry there).
-            Self::AuditUnavailable | Self::Storage(StoreError::InUse(_)) => Outcome::Unavailable,
+            Self::AuditUnavailable => Outcome::Unavailable,
             Self::Storage(_) | Self::Key(_) => Outcome::Internal,
         }
     }
