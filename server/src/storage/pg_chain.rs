@@ -12,8 +12,8 @@ use deadpool_postgres::Pool;
 use khlang_keys::audit_chain::{ChainReport, GENESIS, HeadTagger};
 
 use super::{
-    Credentials, Statement, TxError, db, holds, i64_to_u64, lock_order, pool_error, retryable, statements,
-    u64_to_i64,
+    BUMP_CREDENTIALS, Credentials, Statement, TxError, db, holds, i64_to_u64, lock_order, pool_error,
+    retryable, statements, u64_to_i64, writes_credentials,
 };
 use crate::StoreError;
 use crate::audit::files::{AuditFiles, Scanned, StoredEntries};
@@ -71,11 +71,6 @@ fn op_key(op: &Op) -> Option<String> {
     }
 }
 
-/// Whether the batch's operations touch credentials (every node's cache must hear of it).
-fn touches_credentials<'a>(mut ops: impl Iterator<Item = &'a Op>) -> bool {
-    ops.any(|op| matches!(op, Op::PutToken { .. } | Op::RemoveToken(_) | Op::PutIdentity(_)))
-}
-
 fn tip_from(row: &tokio_postgres::Row) -> Result<ChainTip, StoreError> {
     let seq: Option<i64> = row.get(0);
     let hash: Option<Vec<u8>> = row.get(1);
@@ -106,7 +101,6 @@ const INSERT_ENTRIES: &str = "INSERT INTO audit_entries (seq, value, tag)
 const INSERT_CHECKPOINT: &str = "INSERT INTO audit_checkpoints (seq, value) VALUES ($1, $2)";
 const UPDATE_HEAD: &str =
     "UPDATE audit_head SET seq = $1, hash = $2, signed_seq = $3, signed_ms = $4 WHERE id = 1";
-const BUMP_CREDENTIALS: &str = "UPDATE credentials_epoch SET n = n + 1 WHERE id = 1";
 
 impl PgChain {
     /// One attempt at a batch, in two round trips (as a single change set's commit).
@@ -239,7 +233,7 @@ impl PgChain {
             ));
         }
         let live = || sets.iter().zip(&applied).filter_map(|(s, ok)| s.as_ref().filter(|_| *ok));
-        if touches_credentials(live().flat_map(|s| &s.ops)) {
+        if live().flat_map(|s| &s.ops).any(writes_credentials) {
             owned.push((&fixed[3], Vec::new()));
         }
         let mut sends: Vec<(&tokio_postgres::Statement, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>)> =
@@ -283,9 +277,9 @@ impl SharedChain for PgChain {
             keys.dedup();
             sets.push(Some(Set { ops, expect, statements: all, keys }));
         }
-        let ops: Vec<Op> = sets.iter().flatten().flat_map(|s| s.ops.iter().cloned()).collect();
+        let ops = || sets.iter().flatten().flat_map(|s| &s.ops);
         // Before and after: a read racing the commit sees the generation move and caches nothing.
-        self.cache().invalidate(&ops);
+        self.cache().invalidate(ops());
         let mut attempt = 0;
         let applied = loop {
             attempt += 1;
@@ -296,7 +290,7 @@ impl SharedChain for PgChain {
                 Err(TxError::Store(e)) => return Err(e),
             }
         };
-        self.cache().invalidate(&ops);
+        self.cache().invalidate(ops());
         Ok(applied)
     }
 

@@ -494,7 +494,7 @@ impl Credentials {
         self.generation += 1;
     }
 
-    fn invalidate(&mut self, ops: &[Op]) {
+    fn invalidate<'a>(&mut self, ops: impl IntoIterator<Item = &'a Op>) {
         for op in ops {
             match op {
                 Op::PutToken { id, .. } | Op::RemoveToken(id) => {
@@ -534,6 +534,14 @@ impl From<StoreError> for TxError {
         TxError::Store(e)
     }
 }
+
+/// Whether an operation changes what authentication reads (every node's cache must hear of it).
+fn writes_credentials(op: &Op) -> bool {
+    matches!(op, Op::PutToken { .. } | Op::RemoveToken(_) | Op::PutIdentity(_))
+}
+
+/// Moves the epoch every node's credentials cache watches, in the transaction of the change.
+const BUMP_CREDENTIALS: &str = "UPDATE credentials_epoch SET n = n + 1 WHERE id = 1";
 
 /// Empties the credentials cache whenever any node changed credentials (the epoch moved), and
 /// keeps it trusted only while the database answers. Ends with the store.
@@ -1389,8 +1397,8 @@ impl Storage for PgStore {
         for op in &ops {
             statements(op, &mut all)?;
         }
-        if ops.iter().any(|op| matches!(op, Op::PutToken { .. } | Op::RemoveToken(_) | Op::PutIdentity(_))) {
-            all.push(stmt("UPDATE credentials_epoch SET n = n + 1 WHERE id = 1", Vec::new()));
+        if ops.iter().any(writes_credentials) {
+            all.push(stmt(BUMP_CREDENTIALS, Vec::new()));
         }
         let mut attempt = 0;
         let done = loop {
