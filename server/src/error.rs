@@ -37,6 +37,9 @@ pub enum VaultError {
     /// The audit trail could not record the request, so it is refused.
     #[error("the request could not be audited")]
     AuditUnavailable,
+    /// This node is not ready for the call yet, though another may be (or this one shortly).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("storage error: {0}")]
     Storage(#[from] StoreError),
     #[error("key error: {0}")]
@@ -74,6 +77,12 @@ pub enum StoreError {
         "this data folder has storage schema {found}; this build knows schema {supported} at most: run the newer khlangd"
     )]
     SchemaTooNew { found: u32, supported: u32 },
+    /// A KEK version cannot be destroyed: data keys still reference it (found by the store's
+    /// own count, under the lock that keeps writers from adding one).
+    #[error(
+        "{refs} data keys still reference KEK v{version}; wait for the rewrap to finish (`khlang keys status`) and try again"
+    )]
+    KekInUse { version: u32, refs: u64 },
 }
 
 /// How a request ended, named as gRPC names its status codes. The one mapping from domain errors
@@ -136,9 +145,11 @@ impl VaultError {
             Self::NotFound(_) => Outcome::NotFound,
             Self::AlreadyExists(_) => Outcome::AlreadyExists,
             Self::Integrity { .. } | Self::Storage(StoreError::Damaged { .. }) => Outcome::DataLoss,
-            Self::FailedPrecondition(_) | Self::RootMismatch => Outcome::FailedPrecondition,
+            Self::FailedPrecondition(_) | Self::RootMismatch | Self::Storage(StoreError::KekInUse { .. }) => {
+                Outcome::FailedPrecondition
+            }
             // A node that lost its database lease must not serve; another node may (retry there).
-            Self::AuditUnavailable => Outcome::Unavailable,
+            Self::AuditUnavailable | Self::Unavailable(_) => Outcome::Unavailable,
             Self::Storage(_) | Self::Key(_) => Outcome::Internal,
         }
     }

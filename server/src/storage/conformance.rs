@@ -174,6 +174,72 @@ async fn the_audit_head_is_extended_by_one_writer_only() {
     }
 }
 
+/// PostgreSQL, shared by several nodes, counts a version's data keys itself before destroying it
+/// (a node's own count cannot see another node's writes in flight).
+#[tokio::test]
+async fn postgres_refuses_to_destroy_a_kek_that_a_data_key_references() {
+    let Some(cluster) = TestPostgres::start("postgres_refuses_to_destroy_a_kek") else { return };
+    let store = PgStore::connect(&cluster.database().await).await.unwrap();
+    store.add_kek(7, b"wrapped v7", 1).await.unwrap();
+    // A wrapped data key's header: format 1, KEK version 7 (big-endian), generation 1.
+    let mut wrapped = vec![1u8, 0, 0, 0, 7, 0, 0, 0, 1];
+    wrapped.resize(9 + 12 + 32 + 16, 0xAB);
+    let mut put = Changes::new();
+    put.insert_record("r7", &record(1, b"30", &wrapped));
+    assert!(store.commit(put).await.unwrap());
+    match store.retire_kek(7, 2).await {
+        Err(StoreError::KekInUse { version: 7, refs: 1 }) => {}
+        other => panic!("expected KekInUse, got {other:?}"),
+    }
+    assert_eq!(store.keks().await.unwrap().len(), 1, "v7 is still there");
+    let (stored, read) = store.get_record("r7").await.unwrap().unwrap();
+    let mut delete = Changes::new();
+    delete.delete_record("r7", &stored, read);
+    assert!(store.commit(delete).await.unwrap());
+    store.retire_kek(7, 3).await.unwrap();
+    assert!(store.keks().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_key_job_step_applies_over_the_job_it_read_only() {
+    let all = backends("a_key_job_step_applies_over_the_job_it_read_only").await;
+    for store in &all.stores {
+        let store = store.as_ref();
+        let job = StoredJob {
+            format: 1,
+            kind: JobKind::Rewrap { target: 2 },
+            cursor: Vec::new(),
+            changed: 0,
+            skipped: 0,
+            total: 10,
+            started_ms: 1,
+            finished_ms: None,
+            requested_by: "admin".into(),
+        };
+        let mut start = Changes::new();
+        start.expect_job(None);
+        start.put_job(&job);
+        assert!(store.commit(start).await.unwrap());
+        let mut again = Changes::new();
+        again.expect_job(None);
+        again.put_job(&job);
+        assert!(!store.commit(again).await.unwrap(), "a second start saw no job either");
+        // Two runners read the same job and step it: the second step is refused whole.
+        let step = |changed: u64| {
+            let mut c = Changes::new();
+            c.expect_job(Some(&job));
+            c.put_job(&StoredJob { changed, cursor: vec![changed as u8], ..job.clone() });
+            c.put_identity(&identity(&format!("step-{changed}")));
+            c
+        };
+        assert!(store.commit(step(5)).await.unwrap());
+        assert!(!store.commit(step(6)).await.unwrap(), "the job moved under the second runner");
+        let now = store.job().await.unwrap().unwrap();
+        assert_eq!((now.changed, now.cursor), (5, vec![5]));
+        assert!(store.get_identity("step-6").await.unwrap().is_none());
+    }
+}
+
 #[tokio::test]
 async fn walks_resume_after_their_cursor_and_deletes_remove_the_index() {
     let all = backends("walks_resume_after_their_cursor_and_deletes_remove_the_index").await;

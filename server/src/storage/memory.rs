@@ -58,6 +58,7 @@ impl State {
             Expect::Identity { name, is } => self.identities.get(name) == is.as_ref(),
             Expect::IdentityRequest { id, is } => self.requests.get(id) == is.as_ref(),
             Expect::KekLive(v) => self.live.contains(v),
+            Expect::Job(job) => self.job == *job,
             Expect::AuditHead(head) => self.audit_head == *head,
         }
     }

@@ -233,6 +233,9 @@ pub enum Expect {
     IdentityRequest { id: String, is: Option<StoredIdentityRequest> },
     /// The KEK version is still live (not retired).
     KekLive(u32),
+    /// The key job is stored exactly so (`None`: there is none), so a job step read by two
+    /// runners is committed by one at most.
+    Job(Option<StoredJob>),
     /// The store's audit chain head is still this one (`None`: no entry was ever carried), so two
     /// writers can never both extend the same head.
     AuditHead(Option<AuditHead>),
@@ -353,6 +356,11 @@ impl Changes {
     /// Saves a key job's progress in the same commit as the records it changed.
     pub fn put_job(&mut self, job: &StoredJob) {
         self.ops.push(Op::PutJob(job.clone()));
+    }
+
+    /// Applies only if the key job is still `read` when the change is applied.
+    pub fn expect_job(&mut self, read: Option<&StoredJob>) {
+        self.expect.push(Expect::Job(read.cloned()));
     }
 
     pub fn put_identity(&mut self, identity: &StoredIdentity) {
@@ -515,6 +523,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// `None`: the log lives in the node's own files and changes carry their entries (sled).
     fn shared_chain(&self) -> Option<Arc<dyn SharedChain>> {
         None
+    }
+    /// Whether this node may run the background key jobs now. `want`: it is ready to (unsealed);
+    /// the store then takes the lease every node sharing it competes for, if free, and keeps it;
+    /// `false` gives it up. A store one process owns always grants it.
+    async fn hold_job_lease(&self, want: bool) -> Result<bool, StoreError> {
+        Ok(want)
     }
 }
 

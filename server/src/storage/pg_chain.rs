@@ -49,6 +49,7 @@ fn expect_key(e: &Expect) -> Option<String> {
         }
         Expect::Identity { name, .. } => Some(format!("i:{name}")),
         Expect::IdentityRequest { id, .. } => Some(format!("q:{id}")),
+        Expect::Job(_) => Some("j".into()),
         Expect::KekLive(_) | Expect::AuditHead(_) => None,
     }
 }

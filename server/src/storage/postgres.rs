@@ -104,6 +104,11 @@ const MIGRATION_LOCK: i64 = 0x6b68_6c61_6e67;
 const CREDENTIALS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 const CREDENTIALS_TRUST: std::time::Duration = std::time::Duration::from_millis(600);
 
+/// Session advisory lock key ("khlajob" in ASCII) whose holder alone runs
+/// the background key jobs. PostgreSQL drops it with the session, so when a node dies (or its
+/// connection does) another node takes it at its next try.
+const JOB_LEASE: i64 = 0x006b_686c_616a_6f62;
+
 /// How many times a commit is rerun after a deadlock or serialisation failure before it fails.
 const COMMIT_ATTEMPTS: usize = 8;
 
@@ -247,6 +252,9 @@ pub struct PgStore {
     credentials: Arc<std::sync::Mutex<Credentials>>,
     /// The audit chain every node on the database appends to.
     chain: Arc<chain::PgChain>,
+    /// The session holding [`JOB_LEASE`] while this node runs the key jobs (taken out of the
+    /// pool: the lock lives as long as the session, and ends with it if this node dies).
+    job_lease: tokio::sync::Mutex<Option<deadpool_postgres::ClientWrapper>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -318,6 +326,7 @@ impl PgStore {
             recorder: tx,
             credentials,
             chain,
+            job_lease: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -761,6 +770,18 @@ async fn holds<C: deadpool_postgres::GenericClient + Sync>(tx: &C, expect: &Expe
                 .await?
                 .is_some()
         }
+        Expect::Job(expected) => {
+            let row = tx
+                .query_opt(&tx.prepare_cached("SELECT body FROM key_job WHERE id = 1 FOR UPDATE").await?, &[])
+                .await?;
+            match (row, expected) {
+                (Some(r), Some(expected)) => {
+                    decode::<StoredJob>(&r.get::<_, Vec<u8>>(0), "key job").ok().as_ref() == Some(expected)
+                }
+                (None, None) => true,
+                _ => false,
+            }
+        }
     })
 }
 
@@ -773,6 +794,7 @@ fn lock_order(e: &Expect) -> u8 {
         Expect::Identity { .. } | Expect::IdentityRequest { .. } => 2,
         Expect::Record { .. } => 3,
         Expect::DataKey { .. } | Expect::DataKeyIs { .. } => 4,
+        Expect::Job(_) => 5,
     }
 }
 
@@ -1064,6 +1086,24 @@ impl Storage for PgStore {
         let v = i32::try_from(version).map_err(|_| StoreError::Corrupt("kek version"))?;
         let now = u64_to_i64(now_ms, "time")?;
         in_transaction!(self.pool, |tx| {
+            // The row lock waits for every writer that expects this version live (they hold it
+            // shared until they commit) and keeps new ones out; the count then sees every data
+            // key any node wrapped under it, so none is left without its KEK.
+            tx.execute(&tx.prepare_cached("SELECT 1 FROM keks WHERE version = $1 FOR UPDATE").await?, &[&v])
+                .await?;
+            let refs: i64 = tx
+                .query_one(
+                    &tx.prepare_cached(
+                        "SELECT count(*) FROM data_keys WHERE substring(wrapped FROM 2 FOR 4) = int4send($1)",
+                    )
+                    .await?,
+                    &[&v],
+                )
+                .await?
+                .get(0);
+            if refs > 0 {
+                return Err(TxError::Store(StoreError::KekInUse { version, refs: i64_to_u64(refs, "count")? }));
+            }
             tx.execute(&tx.prepare_cached("DELETE FROM keks WHERE version = $1").await?, &[&v]).await?;
             tx.execute(&tx.prepare_cached("INSERT INTO kek_info VALUES ($1, 0, $2) ON CONFLICT (version) DO UPDATE SET retired_ms = $2").await?,
                 &[&v, &now],
@@ -1448,6 +1488,37 @@ impl Storage for PgStore {
 
     fn shared_chain(&self) -> Option<Arc<dyn super::SharedChain>> {
         Some(self.chain.clone())
+    }
+
+    async fn hold_job_lease(&self, want: bool) -> Result<bool, StoreError> {
+        let mut lease = self.job_lease.lock().await;
+        if !want {
+            if lease.take().is_some() {
+                // Closing the session releases the lock.
+                tracing::info!("gave up the key-job lease");
+            }
+            return Ok(false);
+        }
+        if let Some(session) = lease.as_ref() {
+            match session.simple_query("SELECT 1").await {
+                Ok(_) => return Ok(true),
+                Err(e) => {
+                    tracing::warn!(error = %db(e), "lost the key-job lease's session; another node may take the jobs");
+                    *lease = None;
+                }
+            }
+        }
+        let c = self.pool.get().await.map_err(pool_error)?;
+        let won: bool = c
+            .query_one(&c.prepare_cached("SELECT pg_try_advisory_lock($1)").await?, &[&JOB_LEASE])
+            .await
+            .map_err(db)?
+            .get(0);
+        if won {
+            tracing::info!("took the key-job lease: this node runs the background key jobs");
+            *lease = Some(deadpool_postgres::Object::take(c));
+        }
+        Ok(won)
     }
 }
 

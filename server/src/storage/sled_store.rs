@@ -374,6 +374,9 @@ impl SledStore {
                 (Self::request_key(id), is.as_ref().map(|r| Self::encode(r, "identity request")).transpose()?)
             }
             Expect::KekLive(version) => (kek_live_key(*version), Some(KEK_LIVE.to_vec())),
+            Expect::Job(job) => {
+                (JOB_KEY.to_vec(), job.as_ref().map(|j| Self::encode(j, "key job")).transpose()?)
+            }
             Expect::AuditHead(head) => (AUDIT_HEAD_KEY.to_vec(), head.map(encode_head)),
         };
         Ok(self.vault.get(key)?.as_deref() == expected.as_deref())

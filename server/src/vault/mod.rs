@@ -1063,11 +1063,21 @@ impl Vault {
         wrapped: &[u8],
     ) -> Result<Option<DataKey>, VaultError> {
         match self.mode {
-            CipherMode::Encrypted => keys
-                .ring()
-                .unwrap_data_key(&WrappedDataKey::from_bytes(wrapped.to_vec()), record_id.as_bytes())
-                .map(Some)
-                .map_err(integrity(record_id, "data key")),
+            CipherMode::Encrypted => {
+                let ring = keys.ring();
+                let wrapped = WrappedDataKey::from_bytes(wrapped.to_vec());
+                match ring.unwrap_data_key(&wrapped, record_id.as_bytes()) {
+                    Ok(dek) => Ok(Some(dek)),
+                    // Another node rotated and this one has not loaded the new version yet (it
+                    // follows the store within `KEK_FOLLOW`): not damage, and nothing to return.
+                    Err(KeyError::UnknownKekVersion(v)) if ring.active_version().is_some_and(|a| v > a) => {
+                        Err(VaultError::Unavailable(format!(
+                            "KEK v{v} is not loaded on this node yet; try again in a moment"
+                        )))
+                    }
+                    Err(e) => Err(integrity(record_id, "data key")(e)),
+                }
+            }
             #[cfg(feature = "bench")]
             CipherMode::PlaintextBaseline => Ok(None),
         }

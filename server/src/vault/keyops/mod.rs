@@ -55,6 +55,14 @@ impl JobPacing {
     }
 }
 
+/// How often a node on a store shared with other nodes loads the KEK versions they added and
+/// drops those they destroyed (a read of a record wrapped under a version not loaded yet answers
+/// `Unavailable`, never a false integrity alarm).
+pub const KEK_FOLLOW: Duration = Duration::from_millis(200);
+
+/// How often a node that does not hold the key-job lease tries to take it.
+pub const JOB_LEASE_RETRY: Duration = Duration::from_secs(1);
+
 /// Shortest passphrase a custodian may choose (PCI DSS 8.3.6: at least 12 characters).
 pub const MIN_PASSPHRASE_CHARS: usize = 12;
 
@@ -409,8 +417,10 @@ impl Vault {
                 let keys = self.unsealed()?;
                 self.permit(regs, caller, Operation::KeyAdmin, e)?;
                 self.require_encryption()?;
-                if let Some(job) = self.store.job().await?.filter(|j| j.finished_ms.is_none()) {
-                    return Err(running(&job));
+                self.follow_keks().await?;
+                let current = self.store.job().await?;
+                if let Some(job) = current.as_ref().filter(|j| j.finished_ms.is_none()) {
+                    return Err(running(job));
                 }
                 let version = self.store.kek_infos().await?.last().map_or(1, |i| i.version + 1);
                 let kek = Kek::generate(version, &self.rng)?;
@@ -420,6 +430,7 @@ impl Vault {
                 e.key_versions = crate::audit::KeyVersions::kek(version);
                 e.reason = format!("KEK v{version} active; rewrapping {} data keys", job.total);
                 let mut changes = Changes::new();
+                changes.expect_job(current.as_ref());
                 changes.put_job(&job);
                 Ok(((), changes))
             }),
@@ -543,6 +554,7 @@ impl Vault {
                 let keys = self.unsealed()?;
                 self.permit(regs, caller, Operation::KeyAdmin, e)?;
                 e.key_versions = crate::audit::KeyVersions::kek(version);
+                self.follow_keks().await?;
                 let info = self
                     .store
                     .kek_infos()
@@ -607,11 +619,13 @@ impl Vault {
                     let mut changes = Changes::new();
                     let ids: Vec<String> = match &target {
                         ReencryptTarget::All => {
-                            if let Some(job) = self.store.job().await?.filter(|j| j.finished_ms.is_none()) {
-                                return Err(running(&job));
+                            let current = self.store.job().await?;
+                            if let Some(job) = current.as_ref().filter(|j| j.finished_ms.is_none()) {
+                                return Err(running(job));
                             }
                             let job = self.new_job(JobKind::Reencrypt, caller).await?;
                             e.reason = format!("re-encrypting all {} records in the background", job.total);
+                            changes.expect_job(current.as_ref());
                             changes.put_job(&job);
                             return Ok((job.total, changes));
                         }
@@ -689,6 +703,39 @@ impl Vault {
 
     // ---- the background job -------------------------------------------------------------------
 
+    /// Brings this node's key ring to the store's live KEKs: versions another node added (its
+    /// rotation) are unwrapped and loaded, versions it destroyed are dropped. `Ok(true)`: changed.
+    pub(crate) async fn follow_keks(&self) -> Result<bool, VaultError> {
+        let Ok(keys) = self.unsealed() else { return Ok(false) };
+        let stored = self.store.keks().await?;
+        let have: std::collections::BTreeSet<u32> = keys.ring().versions().collect();
+        let live: std::collections::BTreeSet<u32> = stored.iter().map(|(v, _)| *v).collect();
+        if have == live {
+            return Ok(false);
+        }
+        let mut added = Vec::new();
+        for (version, wrapped) in &stored {
+            if !have.contains(version) {
+                let kek = keys.root.unwrap_kek(wrapped).map_err(|_| VaultError::RootMismatch)?;
+                if kek.version() != *version {
+                    return Err(crate::StoreError::Corrupt("kek version").into());
+                }
+                added.push(kek);
+            }
+        }
+        let mut ring = keys.ring.write().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<u32> = have.difference(&live).copied().collect();
+        for kek in added {
+            tracing::info!(version = kek.version(), "loaded a KEK version another node added");
+            ring.insert(kek);
+        }
+        for version in gone {
+            tracing::info!(version, "dropped a KEK version another node destroyed");
+            ring.remove(version);
+        }
+        Ok(true)
+    }
+
     /// One step of the job: up to `pacing.batch` records, committed with the job's new cursor and
     /// counters and an audit entry in one atomic batch. `Ok(true)`: more to do.
     pub(crate) async fn job_step(&self) -> Result<bool, VaultError> {
@@ -696,7 +743,13 @@ impl Vault {
             *self.job_meter.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Ok(false);
         };
+        // Every step applies only over the job as read here: were a second runner to read it too
+        // (another node, before the lease moved), one of the two steps commits and the other
+        // conflicts, so no record is counted twice.
+        let read = job.clone();
         let Ok(keys) = self.unsealed() else { return Ok(false) };
+        // The rotation may have been started on another node: wrap under what it made active.
+        self.follow_keks().await?;
         {
             let mut meter = self.job_meter.0.lock().unwrap_or_else(|p| p.into_inner());
             meter.get_or_insert((Instant::now(), job.changed + job.skipped));
@@ -724,13 +777,15 @@ impl Vault {
                     // A write that wrapped under the old version just before the rotation landed
                     // behind the cursor: go round again (done records are skipped quickly).
                     job.cursor.clear();
+                    changes.expect_job(Some(&read));
                     changes.put_job(&job);
                     entry.reason = format!("{left} data keys still under older versions; another pass");
-                    self.commit_now(entry, changes).await?;
+                    self.commit_step(entry, changes).await?;
                     return Ok(true);
                 }
             }
             job.finished_ms = Some(now_ms());
+            changes.expect_job(Some(&read));
             changes.put_job(&job);
             entry.reason = format!(
                 "{} finished: {} records changed, {} already current, {} at the start",
@@ -740,7 +795,9 @@ impl Vault {
                 job.total
             );
             let reason = entry.reason.clone();
-            self.commit_now(entry, changes).await?;
+            if !self.commit_step(entry, changes).await? {
+                return Ok(true);
+            }
             tracing::info!("{reason}");
             return Ok(false);
         }
@@ -779,6 +836,7 @@ impl Vault {
             changed += 1;
         }
         job.cursor = batch.last().map(|w| w.cursor.as_bytes().to_vec()).unwrap_or_default();
+        changes.expect_job(Some(&read));
         changes.put_job(&job);
         entry.reason = format!(
             "{}: {changed} of {} records from {} changed",
@@ -786,10 +844,25 @@ impl Vault {
             batch.len(),
             clean(&first)
         );
+        // A conflict (a request changed one of these records meanwhile): the step runs again from
+        // the same cursor, nothing of it written.
+        self.commit_step(entry, changes).await?;
+        Ok(true)
+    }
+
+    /// Commits a job step durably; `Ok(false)`: it conflicted and wrote nothing.
+    async fn commit_step(
+        &self,
+        entry: crate::audit::AuditEntry,
+        changes: Changes,
+    ) -> Result<bool, VaultError> {
         match self.audit.commit(self.store.as_ref(), entry, changes).await? {
-            // A request changed one of these records meanwhile: the step runs again from the same
-            // cursor (nothing of it was written).
-            Committed::Conflict | Committed::Done(_) => Ok(true),
+            Committed::Done(_) => {
+                self.audit.sync_now()?;
+                self.store.flush_now().await?;
+                Ok(true)
+            }
+            Committed::Conflict => Ok(false),
         }
     }
 }
@@ -880,33 +953,60 @@ pub(crate) fn check_new_passphrase(p: &[u8]) -> Result<(), VaultError> {
     Ok(())
 }
 
-/// The background key-job runner; [`KeyJobs::stop`] waits for a step in flight to finish.
+/// The background key-job runner (and, on a store shared with other nodes, the task that follows
+/// their KEK changes); [`KeyJobs::stop`] waits for a step in flight to finish.
 #[derive(Debug)]
 pub struct KeyJobs {
     stopping: Arc<std::sync::atomic::AtomicBool>,
     signal: Arc<tokio::sync::Notify>,
     handle: tokio::task::JoinHandle<()>,
+    follower: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl KeyJobs {
     /// Stops the runner after its current step; the step's batch is committed or not at all.
+    /// The key-job lease, if this node held it, is given up.
     pub async fn stop(self) {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         self.signal.notify_one();
+        if let Some(follower) = self.follower {
+            follower.abort();
+        }
         let _ = self.handle.await;
     }
 }
 
 /// Runs background key jobs while the vault is served: woken by rotations and unseals, and every
-/// second in case a job was left unfinished by a restart. Holds the vault only during a step.
+/// second in case a job was left unfinished by a restart (or started on another node). On a store
+/// several nodes share, only the holder of the store's key-job lease runs them, and only while
+/// unsealed; the others retry for the lease every [`JOB_LEASE_RETRY`]. Holds the vault only
+/// during a step.
 pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
     let weak: Weak<Vault> = Arc::downgrade(vault);
     let signal = vault.job_signal.clone();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (sig, stop) = (signal.clone(), stopping.clone());
+    let follower =
+        vault.store.shared_chain().is_some().then(|| tokio::spawn(follow_keks(Arc::downgrade(vault))));
     let handle = tokio::spawn(async move {
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let Some(vault) = weak.upgrade() else { return };
+            let ready = vault.unsealed().is_ok();
+            let leads = match vault.store.hold_job_lease(ready).await {
+                Ok(leads) => leads,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask for the key-job lease; retrying");
+                    false
+                }
+            };
+            if !leads {
+                drop(vault);
+                tokio::select! {
+                    _ = sig.notified() => {}
+                    _ = tokio::time::sleep(JOB_LEASE_RETRY) => {}
+                }
+                continue;
+            }
             let pacing = vault.job_pacing;
             let requests_before = vault.requests_seen();
             let counter = vault.clone();
@@ -936,8 +1036,25 @@ pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        if let Some(vault) = weak.upgrade() {
+            let _ = vault.store.hold_job_lease(false).await;
+        }
     });
-    KeyJobs { stopping, signal, handle }
+    KeyJobs { stopping, signal, handle, follower }
+}
+
+/// Follows the KEK changes of the other nodes sharing the store, every [`KEK_FOLLOW`], while the
+/// vault lives.
+async fn follow_keks(vault: Weak<Vault>) {
+    let mut tick = tokio::time::interval(KEK_FOLLOW);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(vault) = vault.upgrade() else { return };
+        if let Err(e) = vault.follow_keks().await {
+            tracing::warn!(error = %e, "cannot follow the shared store's KEK versions; retrying");
+        }
+    }
 }
 
 #[cfg(test)]
