@@ -550,3 +550,60 @@ async fn a_rotation_started_on_a_finishes_on_b_after_a_is_killed() {
     let status = admin_b.key_status(false).await.unwrap();
     assert_eq!(status.versions[0].state, "retired", "{status:?}");
 }
+
+/// The regulations in force live in the database, every version kept: a reload on A holds on B
+/// within a second; a node started with a different file is refused, naming both versions; a
+/// node given no file takes the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regulations_reload_on_a_holds_on_b_within_a_second() {
+    let Some(pg) = TestPostgres::start("a_regulations_reload_on_a_holds_on_b") else { return };
+    let url = pg.database().await;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node_a = TestServer::start_with(a.path(), on(a.path(), &url)).await;
+    let node_b = TestServer::start_with(b.path(), on(b.path(), &url)).await;
+    let id = node_a.client_as("registration-app").await.put("citizen-7", canary_fields()).await.unwrap();
+    let mut clerk_b = node_b.client_as("billing-clerk").await;
+    clerk_b.get(&id, &["billing_address".into()], Some("billing")).await.unwrap();
+
+    let before = node_a.client_as("key-admin").await.regulations().await.unwrap();
+    let changed = test_regulations()
+        .replace("fields = [\"card_number\", \"billing_address\"]", "fields = [\"card_number\"]");
+    assert_ne!(changed, test_regulations());
+    std::fs::write(&node_a.regulations_path, &changed).unwrap();
+    let after = node_a.client_as("key-admin").await.reload_regulations().await.unwrap();
+    assert_ne!(after.version, before.version);
+    let reloaded = std::time::Instant::now();
+    loop {
+        match clerk_b.get(&id, &["billing_address".into()], Some("billing")).await {
+            Err(e) if e.code() == Some(Code::PermissionDenied) => break,
+            other => {
+                assert!(other.is_ok(), "{other:?}");
+                assert!(
+                    reloaded.elapsed() < std::time::Duration::from_secs(1),
+                    "B still allows it after a second"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let heard = reloaded.elapsed();
+    clerk_b.get(&id, &["card_number".into()], Some("billing")).await.unwrap();
+    assert_eq!(node_b.client_as("key-admin").await.regulations().await.unwrap().version, after.version);
+    node_b.stop().await;
+
+    // B's file is the old one: B is refused, both versions named, and the database unchanged.
+    let refused = Vault::open_sealed(b.path(), &on(b.path(), &url)).await.unwrap_err();
+    let message = refused.to_string();
+    assert!(matches!(refused, VaultError::FailedPrecondition(_)), "{refused:?}");
+    assert!(message.contains(&after.version) && message.contains(&before.version), "{message}");
+    // Without a file, B takes the database's.
+    let c = tempfile::tempdir().unwrap();
+    let mut no_file = on(c.path(), &url);
+    no_file.regulations_path = None;
+    no_file.regulations = std::sync::Arc::new(khlang_server::policy::regulations::Regulations::sample());
+    let node_c = Vault::open_sealed(c.path(), &no_file).await.unwrap();
+    assert_eq!(node_c.regulations().version, after.version);
+    assert_eq!(node_a.client_as("key-admin").await.regulations().await.unwrap().version, after.version);
+    println!("a reload on A was enforced on B after {heard:?}");
+    node_a.stop().await;
+}

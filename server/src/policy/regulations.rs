@@ -139,6 +139,9 @@ pub struct Regulations {
     pub cryptoperiod_days: Option<u32>,
     /// Audit entries younger than this are never archived away (PCI DSS 10.5.1: at least a year).
     pub audit_retention_days: u32,
+    /// The file's text, as parsed (`version` is its SHA-256): what a store shared by several
+    /// nodes keeps, so each of them decides under the same rules.
+    pub text: std::sync::Arc<str>,
 }
 
 /// The shortest audit retention the regulations may set, and the default (PCI DSS 10.5.1).
@@ -408,6 +411,7 @@ impl Regulations {
             warnings,
             cryptoperiod_days,
             audit_retention_days,
+            text: text.into(),
         })
     }
 

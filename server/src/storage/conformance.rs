@@ -201,6 +201,37 @@ async fn postgres_refuses_to_destroy_a_kek_that_a_data_key_references() {
 }
 
 #[tokio::test]
+async fn regulations_versions_are_kept_in_order_and_one_writer_wins() {
+    let all = backends("regulations_versions_are_kept_in_order_and_one_writer_wins").await;
+    for store in &all.stores {
+        let store = store.as_ref();
+        assert_eq!(
+            (store.regulations().await.unwrap(), store.regulations_serial().await.unwrap()),
+            (None, None)
+        );
+        let version = |serial: u64, text: &str| StoredRegulations {
+            format: 1,
+            serial,
+            text: text.into(),
+            loaded_ms: serial,
+            loaded_by: "admin".into(),
+        };
+        let put = |r: &StoredRegulations| {
+            let mut c = Changes::new();
+            c.put_regulations(r);
+            c
+        };
+        assert!(store.commit(put(&version(1, "first"))).await.unwrap());
+        assert!(!store.commit(put(&version(1, "a rival first"))).await.unwrap(), "serial 1 is taken");
+        assert!(store.commit(put(&version(2, "second"))).await.unwrap());
+        assert!(!store.commit(put(&version(2, "a rival second"))).await.unwrap(), "two reloads, one wins");
+        assert!(!store.commit(put(&version(4, "skipping"))).await.unwrap(), "serials have no gaps");
+        assert_eq!(store.regulations_serial().await.unwrap(), Some(2));
+        assert_eq!(store.regulations().await.unwrap().unwrap().text, "second");
+    }
+}
+
+#[tokio::test]
 async fn a_key_job_step_applies_over_the_job_it_read_only() {
     let all = backends("a_key_job_step_applies_over_the_job_it_read_only").await;
     for store in &all.stores {

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
     KekInfo, KeySpace, Op, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest, StoredJob,
-    StoredRecord, StoredToken, Version, Walked,
+    StoredRecord, StoredRegulations, StoredToken, Version, Walked,
 };
 use crate::StoreError;
 
@@ -31,6 +31,7 @@ struct State {
     consent: BTreeMap<([u8; 32], String), StoredConsent>,
     history: BTreeMap<([u8; 32], u64), StoredConsent>,
     job: Option<StoredJob>,
+    regulations: Vec<StoredRegulations>,
     audit_records: BTreeMap<AuditRecord, Vec<u8>>,
     audit_head: Option<AuditHead>,
     audit_entries: BTreeMap<u64, Vec<u8>>,
@@ -59,6 +60,7 @@ impl State {
             Expect::IdentityRequest { id, is } => self.requests.get(id) == is.as_ref(),
             Expect::KekLive(v) => self.live.contains(v),
             Expect::Job(job) => self.job == *job,
+            Expect::Regulations(serial) => self.regulations.last().map(|r| r.serial) == *serial,
             Expect::AuditHead(head) => self.audit_head == *head,
         }
     }
@@ -107,6 +109,7 @@ impl State {
                 self.consent.insert((subject_index, consent.purpose.clone()), consent);
             }
             Op::PutJob(job) => self.job = Some(job),
+            Op::PutRegulations(r) => self.regulations.push(r),
             Op::AuditEntry { seq, value } => {
                 self.audit_entries.insert(seq, value);
             }
@@ -353,6 +356,14 @@ impl Storage for MemoryStore {
 
     async fn job(&self) -> Result<Option<StoredJob>, StoreError> {
         Ok(self.state().job.clone())
+    }
+
+    async fn regulations(&self) -> Result<Option<StoredRegulations>, StoreError> {
+        Ok(self.state().regulations.last().cloned())
+    }
+
+    async fn regulations_serial(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.state().regulations.last().map(|r| r.serial))
     }
 
     async fn generate_id(&self) -> Result<u64, StoreError> {

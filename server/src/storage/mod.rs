@@ -32,7 +32,7 @@ pub mod test_postgres;
 pub use memory::MemoryStore;
 pub use models::{
     Custody, FailureRecord, JobKind, KekInfo, RECORD_FORMAT, StoredConsent, StoredField, StoredIdentity,
-    StoredIdentityRequest, StoredJob, StoredRecord, StoredToken,
+    StoredIdentityRequest, StoredJob, StoredRecord, StoredRegulations, StoredToken,
 };
 pub use postgres::{PG_SCHEMA_VERSION, PgStore, redacted};
 pub use sled_store::{Durability, SCHEMA_VERSION, SledStore, secure_folder, tighten};
@@ -204,6 +204,8 @@ pub enum Op {
         consent: StoredConsent,
     },
     PutJob(StoredJob),
+    /// A new version of the regulations in force, kept beside every earlier one.
+    PutRegulations(StoredRegulations),
     /// An audit entry (`hash ‖ canonical JSON`) carried with the change it records.
     AuditEntry {
         seq: u64,
@@ -233,6 +235,9 @@ pub enum Expect {
     IdentityRequest { id: String, is: Option<StoredIdentityRequest> },
     /// The KEK version is still live (not retired).
     KekLive(u32),
+    /// The newest stored regulations are still this serial (`None`: none stored), so two
+    /// reloads on two nodes cannot both become version `serial + 1`.
+    Regulations(Option<u64>),
     /// The key job is stored exactly so (`None`: there is none), so a job step read by two
     /// runners is committed by one at most.
     Job(Option<StoredJob>),
@@ -358,6 +363,13 @@ impl Changes {
         self.ops.push(Op::PutJob(job.clone()));
     }
 
+    /// Puts `next` in force, provided the newest stored version is still `serial - 1` (none
+    /// stored, for serial 1).
+    pub fn put_regulations(&mut self, next: &StoredRegulations) {
+        self.expect.push(Expect::Regulations(next.serial.checked_sub(1).filter(|s| *s > 0)));
+        self.ops.push(Op::PutRegulations(next.clone()));
+    }
+
     /// Applies only if the key job is still `read` when the change is applied.
     pub fn expect_job(&mut self, read: Option<&StoredJob>) {
         self.expect.push(Expect::Job(read.cloned()));
@@ -478,6 +490,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError>;
     /// The background key job, if one was ever started.
     async fn job(&self) -> Result<Option<StoredJob>, StoreError>;
+    /// The regulations in force (the newest stored version), if any were stored.
+    async fn regulations(&self) -> Result<Option<StoredRegulations>, StoreError>;
+    /// The serial of the newest stored regulations (cheap: nodes poll it).
+    async fn regulations_serial(&self) -> Result<Option<u64>, StoreError>;
     /// A number never handed out before by this store (consent history order).
     async fn generate_id(&self) -> Result<u64, StoreError>;
 

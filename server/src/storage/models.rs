@@ -183,6 +183,17 @@ pub struct StoredJob {
     pub requested_by: String,
 }
 
+/// One version of the regulations as the store keeps it: its whole text (every version is
+/// kept), numbered by `serial` in the order they came into force, and who loaded it when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredRegulations {
+    pub format: u8,
+    pub serial: u64,
+    pub text: String,
+    pub loaded_ms: u64,
+    pub loaded_by: String,
+}
+
 /// A credential's recent failures (wall-clock ms, so a record survives a restart) and its lockout.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureRecord {

@@ -50,6 +50,7 @@ fn expect_key(e: &Expect) -> Option<String> {
         Expect::Identity { name, .. } => Some(format!("i:{name}")),
         Expect::IdentityRequest { id, .. } => Some(format!("q:{id}")),
         Expect::Job(_) => Some("j".into()),
+        Expect::Regulations(_) => Some("g".into()),
         Expect::KekLive(_) | Expect::AuditHead(_) => None,
     }
 }
@@ -68,6 +69,7 @@ fn op_key(op: &Op) -> Option<String> {
             Some(format!("c:{}:{}", hex::encode(subject_index), consent.purpose))
         }
         Op::PutJob(_) => Some("j".into()),
+        Op::PutRegulations(_) => Some("g".into()),
         Op::AuditEntry { .. } | Op::AuditRecord { .. } | Op::AuditHead(_) => None,
     }
 }

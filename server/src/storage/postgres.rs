@@ -39,7 +39,7 @@ use tokio_postgres::error::SqlState;
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
     KekInfo, KeySpace, Op, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest, StoredJob,
-    StoredRecord, StoredToken, Version, Walked,
+    StoredRecord, StoredRegulations, StoredToken, Version, Walked,
 };
 use crate::StoreError;
 
@@ -88,10 +88,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
          CREATE TABLE credentials_epoch (id integer PRIMARY KEY CHECK (id = 1), n bigint NOT NULL);
          INSERT INTO credentials_epoch VALUES (1, 0);",
     ),
+    (
+        3,
+        // Every version of the regulations the nodes have been under, the newest in force.
+        "CREATE TABLE regulations (serial bigint PRIMARY KEY, body bytea NOT NULL);",
+    ),
 ];
 
 /// The newest schema version this build knows.
-pub const PG_SCHEMA_VERSION: i32 = 2;
+pub const PG_SCHEMA_VERSION: i32 = 3;
 
 /// Advisory lock key (an arbitrary constant, "khlang" in ASCII) that serialises schema upgrades
 /// when several nodes start at once.
@@ -770,6 +775,13 @@ async fn holds<C: deadpool_postgres::GenericClient + Sync>(tx: &C, expect: &Expe
                 .await?
                 .is_some()
         }
+        Expect::Regulations(serial) => {
+            // Writers of regulations commit under the chain head's lock, so the newest serial
+            // read here stays the newest until this transaction ends.
+            let row =
+                tx.query_one(&tx.prepare_cached("SELECT max(serial) FROM regulations").await?, &[]).await?;
+            row.get::<_, Option<i64>>(0).map(|s| i64_to_u64(s, "regulations serial")).transpose()? == *serial
+        }
         Expect::Job(expected) => {
             let row = tx
                 .query_opt(&tx.prepare_cached("SELECT body FROM key_job WHERE id = 1 FOR UPDATE").await?, &[])
@@ -794,7 +806,7 @@ fn lock_order(e: &Expect) -> u8 {
         Expect::Identity { .. } | Expect::IdentityRequest { .. } => 2,
         Expect::Record { .. } => 3,
         Expect::DataKey { .. } | Expect::DataKeyIs { .. } => 4,
-        Expect::Job(_) => 5,
+        Expect::Job(_) | Expect::Regulations(_) => 5,
     }
 }
 
@@ -874,6 +886,10 @@ fn statements(op: &Op, out: &mut Vec<Statement>) -> Result<(), StoreError> {
                 vec![Box::new(subject_index.to_vec()), Box::new(u64_to_i64(*seq, "consent seq")?), Box::new(body)],
             ));
         }
+        Op::PutRegulations(r) => out.push(stmt(
+            "INSERT INTO regulations (serial, body) VALUES ($1, $2)",
+            vec![Box::new(u64_to_i64(r.serial, "regulations serial")?), Box::new(encode(r, "regulations")?)],
+        )),
         Op::PutJob(job) => out.push(stmt(
             "INSERT INTO key_job (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
             vec![Box::new(encode(job, "key job")?)],
@@ -1350,6 +1366,27 @@ impl Storage for PgStore {
             .await
             .map_err(db)?;
         row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "key job")).transpose()
+    }
+
+    async fn regulations(&self) -> Result<Option<StoredRegulations>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                &c.prepare_cached("SELECT body FROM regulations ORDER BY serial DESC LIMIT 1").await?,
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "regulations")).transpose()
+    }
+
+    async fn regulations_serial(&self) -> Result<Option<u64>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(&c.prepare_cached("SELECT max(serial) FROM regulations").await?, &[])
+            .await
+            .map_err(db)?;
+        row.get::<_, Option<i64>>(0).map(|s| i64_to_u64(s, "regulations serial")).transpose()
     }
 
     async fn generate_id(&self) -> Result<u64, StoreError> {

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
     KekInfo, KeySpace, Op, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest, StoredJob,
-    StoredRecord, StoredToken, Version, Walked, WriteTicket,
+    StoredRecord, StoredRegulations, StoredToken, Version, Walked, WriteTicket,
 };
 use crate::StoreError;
 
@@ -39,6 +39,8 @@ const META_DERIVATION_KEY: &[u8] = b"derivation_key";
 const META_SHARE: &[u8] = b"share";
 /// Key of the background key job (rewrap or re-encryption) in the `vault` tree.
 const JOB_KEY: &[u8] = b"j";
+/// The serial of the regulations in force (big-endian); each version's text under `g‖serial`.
+const REGULATIONS_KEY: &[u8] = b"G";
 /// `schema` → the layout version of this data folder (u32, big-endian; absent: 0, every build
 /// before the storage port). [`SledStore::open`] upgrades an older folder in place, once, and
 /// refuses a newer one.
@@ -374,6 +376,9 @@ impl SledStore {
                 (Self::request_key(id), is.as_ref().map(|r| Self::encode(r, "identity request")).transpose()?)
             }
             Expect::KekLive(version) => (kek_live_key(*version), Some(KEK_LIVE.to_vec())),
+            Expect::Regulations(serial) => {
+                (REGULATIONS_KEY.to_vec(), serial.map(|s| s.to_be_bytes().to_vec()))
+            }
             Expect::Job(job) => {
                 (JOB_KEY.to_vec(), job.as_ref().map(|j| Self::encode(j, "key job")).transpose()?)
             }
@@ -421,6 +426,13 @@ impl SledStore {
                     batch.insert([b"h".as_slice(), &subject_index, &seq.to_be_bytes()].concat(), encoded);
                 }
                 Op::PutJob(job) => batch.insert(JOB_KEY, Self::encode(&job, "key job")?),
+                Op::PutRegulations(r) => {
+                    batch.insert(
+                        [b"g".as_slice(), &r.serial.to_be_bytes()].concat(),
+                        Self::encode(&r, "regulations")?,
+                    );
+                    batch.insert(REGULATIONS_KEY, &r.serial.to_be_bytes());
+                }
                 Op::AuditEntry { seq, value } => batch.insert(audit_entry_key(seq), value),
                 Op::AuditRecord { which, value } => batch.insert(audit_record_key(which), value),
                 Op::AuditHead(head) => batch.insert(AUDIT_HEAD_KEY, encode_head(head)),
@@ -852,6 +864,22 @@ impl Storage for SledStore {
     }
 
     /// The background key job, if one was ever started.
+    async fn regulations(&self) -> Result<Option<StoredRegulations>, StoreError> {
+        let Some(serial) = self.regulations_serial().await? else { return Ok(None) };
+        let key = [b"g".as_slice(), &serial.to_be_bytes()].concat();
+        let bytes = self.vault.get(key)?.ok_or(StoreError::Corrupt("regulations"))?;
+        Ok(Some(Self::decode(&bytes, "regulations")?))
+    }
+
+    async fn regulations_serial(&self) -> Result<Option<u64>, StoreError> {
+        self.vault
+            .get(REGULATIONS_KEY)?
+            .map(|b| {
+                b.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt("regulations"))
+            })
+            .transpose()
+    }
+
     async fn job(&self) -> Result<Option<StoredJob>, StoreError> {
         self.vault.get(JOB_KEY)?.map(|b| Self::decode(&b, "key job")).transpose()
     }

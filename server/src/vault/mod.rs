@@ -3,6 +3,7 @@
 //! → audit → execute — and returns plain Rust types. No protobuf or tonic here.
 
 pub mod auth;
+pub mod cluster;
 pub mod identities;
 pub mod keyops;
 #[cfg(test)]
@@ -334,6 +335,8 @@ pub struct Vault {
     repeats: crate::audit::repeats::Repeats,
     pub(crate) rekey_ttl: Duration,
     regulations: RwLock<Arc<Regulations>>,
+    /// The stored serial of the regulations in force (0: not stored, a node's own store).
+    regulations_serial: std::sync::Mutex<u64>,
     regulations_path: Option<PathBuf>,
     pub(crate) rng: OsRandom,
     pub(crate) auth_guard: AuthGuard,
@@ -558,6 +561,10 @@ impl Vault {
         };
         let audit = AuditLog::open(store.as_ref(), dir, &log_options).await?;
         crate::storage::tighten(dir)?;
+        let (regulations, regulations_serial) = match store.shared_chain() {
+            Some(_) => cluster::regulations_at_start(store.as_ref(), options).await?,
+            None => (options.regulations.clone(), 0),
+        };
         let vault = Self {
             store,
             keys: RwLock::new(None),
@@ -571,7 +578,8 @@ impl Vault {
             identity_request_ttl: options.identity_request_ttl,
             repeats: crate::audit::repeats::Repeats::new(options.audit_repeat_interval),
             rekey_ttl: options.rekey_ttl,
-            regulations: RwLock::new(options.regulations.clone()),
+            regulations: RwLock::new(regulations),
+            regulations_serial: std::sync::Mutex::new(regulations_serial),
             regulations_path: options.regulations_path.clone(),
             rng: OsRandom::new(),
             auth_guard: AuthGuard::new(options.auth),
@@ -583,8 +591,9 @@ impl Vault {
             released: Default::default(),
             audit,
         };
-        for warning in &options.regulations.warnings {
-            tracing::warn!(version = %options.regulations.version, "regulations: {warning}");
+        let regs = vault.regulations();
+        for warning in &regs.warnings {
+            tracing::warn!(version = %regs.version, "regulations: {warning}");
         }
         // Lockouts survive a restart: a custodian locked before it is locked after.
         let records = vault.store.failure_records().await?;
@@ -697,6 +706,23 @@ impl Vault {
 
     pub fn regulations(&self) -> Arc<Regulations> {
         self.regulations.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn regulations_serial(&self) -> u64 {
+        *self.regulations_serial.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Swaps in `next`, stored as `serial` (0: not stored); a shared store's serials only move
+    /// forward, so a follower that read an older version late cannot undo a newer one.
+    pub(crate) fn install_regulations(&self, next: Regulations, serial: u64) -> bool {
+        let mut slot = self.regulations.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.regulations_serial.lock().unwrap_or_else(|p| p.into_inner());
+        if serial != 0 && serial <= *current {
+            return false;
+        }
+        *slot = Arc::new(next);
+        *current = serial;
+        true
     }
 
     // ---- validate -------------------------------------------------------------------------
@@ -1069,7 +1095,7 @@ impl Vault {
                 match ring.unwrap_data_key(&wrapped, record_id.as_bytes()) {
                     Ok(dek) => Ok(Some(dek)),
                     // Another node rotated and this one has not loaded the new version yet (it
-                    // follows the store within `KEK_FOLLOW`): not damage, and nothing to return.
+                    // follows the store within `cluster::FOLLOW_EVERY`): not damage, and nothing to return.
                     Err(KeyError::UnknownKekVersion(v)) if ring.active_version().is_some_and(|a| v > a) => {
                         Err(VaultError::Unavailable(format!(
                             "KEK v{v} is not loaded on this node yet; try again in a moment"
@@ -1692,14 +1718,20 @@ if let Some(caller) = caller {
                     .map_err(|e| VaultError::FailedPrecondition(format!("cannot read {}: {e}", path.display())))?;
                 let next = Regulations::parse(&text).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
                 e.reason = format!("regulations {} replace {}", next.version, regs.version);
-                Ok((next, Changes::none()))
+                // On a shared store the new version is stored with this entry, for every node.
+                let by = caller.map_or("operator", |c| c.identity.name.as_str());
+                match self.regulations_change(&next, by).await? {
+                    Some((changes, serial)) => Ok(((next, serial), changes)),
+                    None => Ok(((next, 0), Changes::none())),
+                }
              }))
             .await?;
+        let (next, serial) = next;
         for warning in &next.warnings {
             tracing::warn!(version = %next.version, "regulations: {warning}");
         }
         let info = Self::info(&next);
-        *self.regulations.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        self.install_regulations(next, serial);
         tracing::info!(version = %info.version, "regulations reloaded");
         Ok(info)
     }

@@ -55,11 +55,6 @@ impl JobPacing {
     }
 }
 
-/// How often a node on a store shared with other nodes loads the KEK versions they added and
-/// drops those they destroyed (a read of a record wrapped under a version not loaded yet answers
-/// `Unavailable`, never a false integrity alarm).
-pub const KEK_FOLLOW: Duration = Duration::from_millis(200);
-
 /// How often a node that does not hold the key-job lease tries to take it.
 pub const JOB_LEASE_RETRY: Duration = Duration::from_secs(1);
 
@@ -705,6 +700,8 @@ impl Vault {
 
     /// Brings this node's key ring to the store's live KEKs: versions another node added (its
     /// rotation) are unwrapped and loaded, versions it destroyed are dropped. `Ok(true)`: changed.
+    /// Run by [`crate::vault::cluster::follow`]; until then a read of a record wrapped under a
+    /// version not loaded yet answers `Unavailable`, never a false integrity alarm.
     pub(crate) async fn follow_keks(&self) -> Result<bool, VaultError> {
         let Ok(keys) = self.unsealed() else { return Ok(false) };
         let stored = self.store.keks().await?;
@@ -986,8 +983,11 @@ pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
     let signal = vault.job_signal.clone();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (sig, stop) = (signal.clone(), stopping.clone());
-    let follower =
-        vault.store.shared_chain().is_some().then(|| tokio::spawn(follow_keks(Arc::downgrade(vault))));
+    let follower = vault
+        .store
+        .shared_chain()
+        .is_some()
+        .then(|| tokio::spawn(crate::vault::cluster::follow(Arc::downgrade(vault))));
     let handle = tokio::spawn(async move {
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let Some(vault) = weak.upgrade() else { return };
@@ -1041,20 +1041,6 @@ pub fn spawn_key_jobs(vault: &Arc<Vault>) -> KeyJobs {
         }
     });
     KeyJobs { stopping, signal, handle, follower }
-}
-
-/// Follows the KEK changes of the other nodes sharing the store, every [`KEK_FOLLOW`], while the
-/// vault lives.
-async fn follow_keks(vault: Weak<Vault>) {
-    let mut tick = tokio::time::interval(KEK_FOLLOW);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(vault) = vault.upgrade() else { return };
-        if let Err(e) = vault.follow_keks().await {
-            tracing::warn!(error = %e, "cannot follow the shared store's KEK versions; retrying");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,137 @@
+//! What nodes sharing one store (PostgreSQL) keep alike: the regulations in force, stored with
+//! every earlier version's text so all nodes decide under the same one, and the KEK versions
+//! (see [`Vault::follow_keks`]). Each node follows the store every [`FOLLOW_EVERY`]: a reload or
+//! rotation on one node holds on the others within that and a query.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::policy::regulations::Regulations;
+use crate::storage::{Changes, Storage, StoredRegulations};
+use crate::vault::now_ms;
+use crate::{Vault, VaultError, VaultOptions};
+
+/// How often a node on a shared store looks for what another node changed.
+pub const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+
+/// Format of [`StoredRegulations`] this build writes.
+const REGULATIONS_FORMAT: u8 = 1;
+
+/// The regulations a node on a shared store starts under, and their serial. The store's are in
+/// force: a node given no file takes them; a node given a file whose text differs is refused
+/// (serving other rules than its peers without saying so), with both versions named. A store
+/// that holds none yet gets the node's as its first version.
+pub(crate) async fn regulations_at_start(
+    store: &dyn Storage,
+    options: &VaultOptions,
+) -> Result<(Arc<Regulations>, u64), VaultError> {
+    for _ in 0..2 {
+        if let Some(stored) = store.regulations().await? {
+            let in_force = parse_stored(&stored)?;
+            if let Some(path) = &options.regulations_path
+                && in_force.version != options.regulations.version
+            {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "the database's regulations in force are version {} (serial {}, put in force by {}); \
+                     {} is version {}: start this node with the same file (or without --regulations, \
+                     to take them from the database), or put the new file in force with \
+                     `khlang regulations reload` on a node started with it",
+                    in_force.version,
+                    stored.serial,
+                    crate::audit::clean(&stored.loaded_by),
+                    path.display(),
+                    options.regulations.version
+                )));
+            }
+            return Ok((Arc::new(in_force), stored.serial));
+        }
+        let first = StoredRegulations {
+            format: REGULATIONS_FORMAT,
+            serial: 1,
+            text: options.regulations.text.to_string(),
+            loaded_ms: now_ms(),
+            loaded_by: "operator".into(),
+        };
+        let mut changes = Changes::new();
+        changes.put_regulations(&first);
+        // Another node starting at the same moment may store its own first: read again.
+        match store.commit(changes).await {
+            Ok(true) => {
+                tracing::info!(version = %options.regulations.version, "regulations stored as the database's first version");
+                return Ok((options.regulations.clone(), 1));
+            }
+            Ok(false) | Err(_) => continue,
+        }
+    }
+    Err(VaultError::Unavailable("cannot read or store the regulations in force; try again".into()))
+}
+
+fn parse_stored(stored: &StoredRegulations) -> Result<Regulations, VaultError> {
+    Regulations::parse(&stored.text).map_err(|e| {
+        tracing::error!(serial = stored.serial, error = %e, "the database's regulations do not parse");
+        VaultError::Storage(crate::StoreError::Corrupt("regulations"))
+    })
+}
+
+impl Vault {
+    /// The change that puts `next` in force on a shared store (beside every earlier version),
+    /// applied only if no other node put a version in force meanwhile; `None` on a node's own
+    /// store (it keeps none).
+    pub(crate) async fn regulations_change(
+        &self,
+        next: &Regulations,
+        by: &str,
+    ) -> Result<Option<(Changes, u64)>, VaultError> {
+        if self.store.shared_chain().is_none() {
+            return Ok(None);
+        }
+        let serial = self.store.regulations_serial().await?.unwrap_or(0) + 1;
+        let mut changes = Changes::new();
+        changes.put_regulations(&StoredRegulations {
+            format: REGULATIONS_FORMAT,
+            serial,
+            text: next.text.to_string(),
+            loaded_ms: now_ms(),
+            loaded_by: by.to_owned(),
+        });
+        Ok(Some((changes, serial)))
+    }
+
+    /// Puts the regulations another node put in force in force here too. `Ok(true)`: changed.
+    pub(crate) async fn follow_regulations(&self) -> Result<bool, VaultError> {
+        let Some(serial) = self.store.regulations_serial().await? else { return Ok(false) };
+        if serial <= self.regulations_serial() {
+            return Ok(false);
+        }
+        let Some(stored) = self.store.regulations().await? else { return Ok(false) };
+        let next = parse_stored(&stored)?;
+        let version = next.version.clone();
+        if self.install_regulations(next, stored.serial) {
+            tracing::info!(
+                %version,
+                serial = stored.serial,
+                by = %crate::audit::clean(&stored.loaded_by),
+                "regulations put in force on another node; now in force here"
+            );
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+/// Follows what the other nodes sharing the store change (regulations, KEK versions) while the
+/// vault lives.
+pub(crate) async fn follow(vault: Weak<Vault>) {
+    let mut tick = tokio::time::interval(FOLLOW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(vault) = vault.upgrade() else { return };
+        if let Err(e) = vault.follow_regulations().await {
+            tracing::warn!(error = %e, "cannot follow the shared store's regulations; retrying");
+        }
+        if let Err(e) = vault.follow_keks().await {
+            tracing::warn!(error = %e, "cannot follow the shared store's KEK versions; retrying");
+        }
+    }
+}
