@@ -607,3 +607,47 @@ async fn a_regulations_reload_on_a_holds_on_b_within_a_second() {
     println!("a reload on A was enforced on B after {heard:?}");
     node_a.stop().await;
 }
+
+/// Failures count toward one limit across the nodes, and a lockout on one holds on the other: an
+/// attacker spreading guesses over two nodes gets no more tries than on one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockout_counts_are_shared_by_the_nodes() {
+    let Some(pg) = TestPostgres::start("lockout_counts_are_shared_by_the_nodes") else { return };
+    let url = pg.database().await;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let limited = |dir: &std::path::Path| {
+        let mut o = on(dir, &url);
+        o.auth.max_failures = 4;
+        o
+    };
+    let node_a = TestServer::start_with(a.path(), limited(a.path())).await;
+    let node_b = TestServer::start_with(b.path(), limited(b.path())).await;
+    let good = node_a.tokens["registration-app"].clone();
+    let mut forged = good.clone();
+    forged.replace_range(good.len() - 4.., "0000");
+    assert_ne!(forged, good);
+    // Two wrong guesses on each node: four in all, the limit (a node counting alone would allow
+    // four on each).
+    for node in [&node_a, &node_b, &node_a, &node_b] {
+        let e = node.client_with_token(&forged).await.list("anyone").await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::Unauthenticated));
+    }
+    // The fourth failure, on B, locked the token: the right token is refused on B at once and on
+    // A within a second.
+    let e = node_b.client_with_token(&good).await.list("anyone").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+    let locked = std::time::Instant::now();
+    loop {
+        match node_a.client_with_token(&good).await.list("anyone").await {
+            Err(e) if e.code() == Some(Code::ResourceExhausted) => break,
+            other => {
+                assert!(locked.elapsed() < std::time::Duration::from_secs(1), "A still serves it: {other:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+    // Another identity's token is untouched.
+    node_a.client_with_token(&node_a.tokens["tester"]).await.list("anyone").await.unwrap();
+    node_b.stop().await;
+    node_a.stop().await;
+}

@@ -478,6 +478,20 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError>;
     /// Every credential's failure record, `(credential key, record)`.
     async fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError>;
+    /// On a store several nodes share: replaces `credential`'s stored record by `update` of it,
+    /// atomically (every node's failures count toward one limit), and returns the new record.
+    /// `Ok(None)`: this store leaves counting to the one node that owns it.
+    async fn count_failure(
+        &self,
+        _credential: &[u8],
+        _update: &(dyn Fn(Option<FailureRecord>) -> FailureRecord + Sync),
+    ) -> Result<Option<FailureRecord>, StoreError> {
+        Ok(None)
+    }
+    /// The credentials locked out at `now_ms`, for nodes that follow each other's lockouts.
+    async fn lockouts(&self, _now_ms: u64) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
+        Ok(Vec::new())
+    }
     async fn get_consent(
         &self,
         subject_index: &[u8; 32],

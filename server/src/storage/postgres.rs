@@ -91,7 +91,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         3,
         // Every version of the regulations the nodes have been under, the newest in force.
-        "CREATE TABLE regulations (serial bigint PRIMARY KEY, body bytea NOT NULL);",
+        // And lockouts every node follows: the time a credential is locked until, indexed.
+        "CREATE TABLE regulations (serial bigint PRIMARY KEY, body bytea NOT NULL);
+         ALTER TABLE failures ADD COLUMN locked_until bigint;
+         CREATE INDEX failures_locked ON failures (locked_until) WHERE locked_until IS NOT NULL;",
     ),
 ];
 
@@ -125,6 +128,10 @@ const META_DERIVATION_KEY: &str = "derivation_key";
 const META_THRESHOLD: &str = "threshold";
 /// Custodian 0 in `custody` is a root key sealed whole (one custodian).
 const SINGLE_CUSTODIAN: i16 = 0;
+
+fn locked_until(record: &FailureRecord) -> Result<Option<i64>, StoreError> {
+    record.locked_until_ms.map(|t| u64_to_i64(t, "time")).transpose()
+}
 
 fn db(e: tokio_postgres::Error) -> StoreError {
     // The server's message (never its detail, which can quote a row's values) or the driver's;
@@ -1295,15 +1302,61 @@ impl Storage for PgStore {
         let c = self.client().await?;
         c.execute(
             &c.prepare_cached(
-                "INSERT INTO failures (credential, body) VALUES ($1, $2)
-             ON CONFLICT (credential) DO UPDATE SET body = EXCLUDED.body",
+                "INSERT INTO failures (credential, body, locked_until) VALUES ($1, $2, $3)
+             ON CONFLICT (credential) DO UPDATE SET body = EXCLUDED.body, locked_until = EXCLUDED.locked_until",
             )
             .await?,
-            &[&credential, &encode(record, "lockout record")?],
+            &[&credential, &encode(record, "lockout record")?, &locked_until(record)?],
         )
         .await
         .map_err(db)?;
         Ok(())
+    }
+
+    async fn count_failure(
+        &self,
+        credential: &[u8],
+        update: &(dyn Fn(Option<FailureRecord>) -> FailureRecord + Sync),
+    ) -> Result<Option<FailureRecord>, StoreError> {
+        let empty = encode(&FailureRecord { format: 1, ..FailureRecord::default() }, "lockout record")?;
+        in_transaction!(self.pool, |tx| {
+            // A row to lock, so two nodes counting at once count twice, not once.
+            tx.execute(
+                &tx.prepare_cached(
+                    "INSERT INTO failures (credential, body) VALUES ($1, $2) ON CONFLICT (credential) DO NOTHING",
+                )
+                .await?,
+                &[&credential, &empty],
+            )
+            .await?;
+            let row = tx
+                .query_one(
+                    &tx.prepare_cached("SELECT body FROM failures WHERE credential = $1 FOR UPDATE").await?,
+                    &[&credential],
+                )
+                .await?;
+            let stored: FailureRecord = decode(&row.get::<_, Vec<u8>>(0), "lockout record")?;
+            let next = update(Some(stored));
+            tx.execute(
+                &tx.prepare_cached("UPDATE failures SET body = $2, locked_until = $3 WHERE credential = $1")
+                    .await?,
+                &[&credential, &encode(&next, "lockout record")?, &locked_until(&next)?],
+            )
+            .await?;
+            Ok(Some(next))
+        })
+    }
+
+    async fn lockouts(&self, now_ms: u64) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &c.prepare_cached("SELECT credential, body FROM failures WHERE locked_until > $1").await?,
+                &[&u64_to_i64(now_ms, "time")?],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| Ok((r.get(0), decode(&r.get::<_, Vec<u8>>(1), "lockout record")?))).collect()
     }
 
     async fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {

@@ -159,22 +159,53 @@ impl AuthGuard {
         let r = creds
             .entry(c.clone())
             .or_insert_with(|| FailureRecord { format: FAILURE_FORMAT, ..Default::default() });
+        if !self.count(r, now_ms) {
+            return None;
+        }
+        tracing::warn!(target: "khlang::auth", credential = %redacted(c), "too many failures; credential locked out");
+        Some(r.clone())
+    }
+
+    /// `r` after one more failure at `now_ms` (failures decay, a lockout ends); `true`: this
+    /// failure locked it. The same rule applies to a node's own record and to a shared store's.
+    fn count(&self, r: &mut FailureRecord, now_ms: u64) -> bool {
         let window = ms(self.limits.window);
         r.failures.retain(|t| now_ms.saturating_sub(*t) < window);
         if r.locked_until_ms.is_some_and(|u| now_ms >= u) {
             r.locked_until_ms = None;
         }
         if r.locked_until_ms.is_some() {
-            return None;
+            return false;
         }
         r.failures.push(now_ms);
         if r.failures.len() < self.limits.max_failures as usize {
-            return None;
+            return false;
         }
         r.locked_until_ms = Some(now_ms.saturating_add(ms(self.limits.lockout)));
         r.failures.clear();
-        tracing::warn!(target: "khlang::auth", credential = %redacted(c), "too many failures; credential locked out");
-        Some(r.clone())
+        true
+    }
+
+    /// The stored record `r` after one more failure at `now_ms` (see [`AuthGuard::count`]).
+    pub(crate) fn counted(&self, r: Option<FailureRecord>, now_ms: u64) -> FailureRecord {
+        let mut r = r.unwrap_or(FailureRecord { format: FAILURE_FORMAT, ..Default::default() });
+        self.count(&mut r, now_ms);
+        r
+    }
+
+    /// The stored record `r` with its newest failure taken back (see
+    /// [`AuthGuard::credential_forgive`]).
+    pub(crate) fn forgiven(r: Option<FailureRecord>) -> FailureRecord {
+        let mut r = r.unwrap_or(FailureRecord { format: FAILURE_FORMAT, ..Default::default() });
+        if r.locked_until_ms.is_none() {
+            r.failures.pop();
+        }
+        r
+    }
+
+    /// Puts a shared store's record of `c` in place of this node's.
+    pub(crate) fn set(&self, c: &Credential, record: FailureRecord) {
+        self.credentials.lock().unwrap_or_else(|p| p.into_inner()).insert(c.clone(), record);
     }
 
     /// Takes back the failure counted ahead of a check that then succeeded (a passphrase is
@@ -389,10 +420,7 @@ impl Vault {
             && self.store.get_token(&id).await.ok().flatten().is_some()
         {
             // A wrong secret for a real token: count it against that token, from any address.
-            let credential = Credential::Token(id);
-            if let Some(record) = self.auth_guard.credential_failed(&credential, now) {
-                self.persist_lockout(&credential, &record).await;
-            }
+            self.count_failure(&Credential::Token(id), now).await;
         }
         result
     }
@@ -406,6 +434,55 @@ impl Vault {
             }),
             None => Ok(Duration::ZERO),
         }
+    }
+
+    /// Counts one failure of `c`; `true`: it is locked out now. Where several nodes share the
+    /// store, the count is the store's (one limit for the whole cluster, not one per node);
+    /// should the store not answer, this node still counts it.
+    pub(crate) async fn count_failure(&self, c: &Credential, now: u64) -> bool {
+        let guard = &self.auth_guard;
+        match self.store.count_failure(&c.key(), &|r| guard.counted(r, now)).await {
+            Ok(Some(record)) => {
+                let locked = record.locked_until_ms.is_some_and(|until| now < until);
+                if locked {
+                    tracing::warn!(target: "khlang::auth", credential = %redacted(c), "too many failures (counted across nodes); credential locked out");
+                }
+                guard.set(c, record);
+                return locked;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(target: "khlang::auth", error = %e, "could not count a failure in the shared store; counted on this node");
+            }
+        }
+        match guard.credential_failed(c, now) {
+            Some(record) => {
+                self.persist_lockout(c, &record).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes back the failure counted ahead of a check that then succeeded (in the shared store
+    /// too, where there is one).
+    pub(crate) async fn forgive_failure(&self, c: &Credential) {
+        match self.store.count_failure(&c.key(), &AuthGuard::forgiven).await {
+            Ok(Some(record)) => self.auth_guard.set(c, record),
+            Ok(None) => self.auth_guard.credential_forgive(c),
+            Err(e) => {
+                tracing::error!(target: "khlang::auth", error = %e, "could not take back a counted failure in the shared store");
+                self.auth_guard.credential_forgive(c);
+            }
+        }
+    }
+
+    /// Follows the lockouts other nodes sharing the store imposed.
+    pub(crate) async fn follow_lockouts(&self) -> Result<(), VaultError> {
+        let locked = self.store.lockouts(now_ms()).await?;
+        self.auth_guard
+            .restore(locked.into_iter().filter_map(|(k, r)| Some((Credential::from_key(&k)?, r))).collect());
+        Ok(())
     }
 
     /// Stores a lockout, so it survives a restart. Best effort: it holds in memory either way.

@@ -1,7 +1,8 @@
 //! What nodes sharing one store (PostgreSQL) keep alike: the regulations in force, stored with
-//! every earlier version's text so all nodes decide under the same one, and the KEK versions
-//! (see [`Vault::follow_keks`]). Each node follows the store every [`FOLLOW_EVERY`]: a reload or
-//! rotation on one node holds on the others within that and a query.
+//! every earlier version's text so all nodes decide under the same one; the KEK versions (see
+//! [`Vault::follow_keks`]); and lockouts (failures are counted in the store, see
+//! [`Vault::count_failure`]). Each node follows the store every [`FOLLOW_EVERY`]: a reload,
+//! rotation or lockout on one node holds on the others within that and a query.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -129,6 +130,9 @@ pub(crate) async fn follow(vault: Weak<Vault>) {
         let Some(vault) = vault.upgrade() else { return };
         if let Err(e) = vault.follow_regulations().await {
             tracing::warn!(error = %e, "cannot follow the shared store's regulations; retrying");
+        }
+        if let Err(e) = vault.follow_lockouts().await {
+            tracing::warn!(error = %e, "cannot follow the shared store's lockouts; retrying");
         }
         if let Err(e) = vault.follow_keks().await {
             tracing::warn!(error = %e, "cannot follow the shared store's KEK versions; retrying");

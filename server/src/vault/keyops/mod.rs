@@ -268,13 +268,12 @@ impl Vault {
         if self.auth_guard.credential_locked(&credential, now) {
             return Err(VaultError::LockedOut);
         }
-        if let Some(record) = self.auth_guard.credential_failed(&credential, now) {
-            self.persist_lockout(&credential, &record).await;
+        if self.count_failure(&credential, now).await {
             return Err(VaultError::LockedOut);
         }
         match derive() {
             Ok(v) => {
-                self.auth_guard.credential_forgive(&credential);
+                self.forgive_failure(&credential).await;
                 Ok(v)
             }
             Err(KeyError::WrongPassphrase) => Err(wrong_passphrase(custodian)),
