@@ -651,3 +651,62 @@ async fn lockout_counts_are_shared_by_the_nodes() {
     node_b.stop().await;
     node_a.stop().await;
 }
+
+/// Each node is sealed and unsealed on its own: a sealed node answers health NOT_SERVING and
+/// serves no data while the other serves, and gives up the key-job lease, so a rotation started
+/// on the other runs there; unsealed again, it serves records rewrapped meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_sealed_while_the_other_serves() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let Some(pg) = TestPostgres::start("one_node_sealed_while_the_other_serves") else { return };
+    let url = pg.database().await;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // B first: it takes the key-job lease.
+    let node_b = TestServer::start_with(b.path(), on(b.path(), &url)).await;
+    let node_a = TestServer::start_with(a.path(), on(a.path(), &url)).await;
+    let mut app_a = node_a.client_as("registration-app").await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(app_a.put(&format!("sealed-subject-{i}"), canary_fields()).await.unwrap());
+    }
+    assert!(node_b.client_as("key-admin").await.seal().await.unwrap().sealed);
+    let health = |url: String| async move {
+        let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+        let mut client = HealthClient::new(channel);
+        for _ in 0..40 {
+            let status = client.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+            if status.into_inner().status() == ServingStatus::NotServing {
+                return ServingStatus::NotServing;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        ServingStatus::Serving
+    };
+    assert_eq!(health(node_b.url()).await, ServingStatus::NotServing, "sealed B");
+    assert_eq!(health(node_a.url()).await, ServingStatus::Serving, "A serves on");
+    let e = node_b.client().await.get(&ids[0], &[], PURPOSE).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
+    node_a.client().await.get(&ids[0], &[], PURPOSE).await.unwrap();
+
+    let mut admin_a = node_a.client_as("key-admin").await;
+    admin_a.rotate_key().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let job = loop {
+        let job = admin_a.key_status(false).await.unwrap().job.unwrap();
+        if job.finished_ms.is_some() {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rotation never ran with B sealed: {job:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!((job.changed, job.skipped, job.total), (30, 0, 30));
+
+    let status = node_b.client().await.unseal(1, PASSPHRASE).await.unwrap();
+    assert!(!status.sealed);
+    let r = node_b.client().await.get(&ids[29], &[], PURPOSE).await.unwrap();
+    assert_eq!(r.fields["email"].expose_secret(), CANARY_EMAIL);
+    node_a.stop().await;
+    node_b.stop().await;
+}
