@@ -710,3 +710,108 @@ async fn one_node_sealed_while_the_other_serves() {
     node_a.stop().await;
     node_b.stop().await;
 }
+
+/// A node's audit traffic on a fresh database (checkpoints every 10 entries), the node stopped:
+/// the database's URL and the chain's last seq.
+async fn audited_database(pg: &TestPostgres, dir: &std::path::Path) -> (String, u64) {
+    let url = pg.database().await;
+    let mut options = on(dir, &url);
+    options.checkpoints = khlang_server::audit::CheckpointPolicy {
+        every_entries: 10,
+        every: std::time::Duration::from_secs(3600),
+    };
+    let node = TestServer::start_with(dir, options).await;
+    let mut c = node.client().await;
+    for i in 0..20 {
+        let id = c.put(&format!("attacked-subject-{i}"), canary_fields()).await.unwrap();
+        c.get(&id, &[], PURPOSE).await.unwrap();
+    }
+    let mut sec = node.client_as("security-officer").await;
+    let verified = sec.verify_audit(&[]).await.unwrap();
+    assert!(matches!(verified.verdict, khlang_client::Verdict::Intact), "{:?}", verified.verdict);
+    let last = verified.report.entries;
+    node.stop().await;
+    (url, last)
+}
+
+async fn sql(url: &str, statements: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    client.batch_execute(statements).await.unwrap_or_else(|e| panic!("{statements}: {e}"));
+    drop(client);
+    let _ = conn.await;
+}
+
+/// Someone with write access to the database edits the audit rows (an entry rewritten, a row
+/// deleted, the tail cut with the head row moved back, a checkpoint forged): a node on that
+/// database says the log is not intact, names where, and serves no personal data until an
+/// operator accepts the break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_to_the_audit_rows_in_the_database_are_caught() {
+    let Some(pg) = TestPostgres::start("edits_to_the_audit_rows_in_the_database") else { return };
+    let attacks: &[(&str, &dyn Fn(u64) -> String)] = &[
+        ("an entry rewritten", &|_| {
+            // Byte 40 is inside the JSON after the 32-byte hash.
+            "UPDATE audit_entries SET value = set_byte(value, 40, get_byte(value, 40) # 1) WHERE seq = 12"
+                .into()
+        }),
+        ("a row deleted", &|_| "DELETE FROM audit_entries WHERE seq = 12".into()),
+        ("the tail cut, its checkpoints too, the head row moved back", &|last| {
+            format!(
+                "DELETE FROM audit_entries WHERE seq > {cut};
+                 DELETE FROM audit_checkpoints WHERE seq > {cut};
+                 UPDATE audit_head SET seq = {cut}, hash = (SELECT substring(value FROM 1 FOR 32)
+                     FROM audit_entries WHERE seq = {cut}), signed_seq = LEAST(signed_seq, {cut})",
+                cut = last - 5
+            )
+        }),
+        ("a checkpoint forged", &|_| {
+            "UPDATE audit_checkpoints SET value = set_byte(value, length(value) - 3, get_byte(value, length(value) - 3) # 1)
+                 WHERE seq = (SELECT min(seq) FROM audit_checkpoints)"
+                .into()
+        }),
+    ];
+    for (what, attack) in attacks {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, last) = audited_database(&pg, dir.path()).await;
+        sql(&url, &attack(last)).await;
+        let node = TestServer::start_with(dir.path(), on(dir.path(), &url)).await;
+        let mut sec = node.client_as("security-officer").await;
+        let verified = sec.verify_audit(&[]).await.unwrap();
+        assert!(
+            matches!(verified.verdict, khlang_client::Verdict::Broken(_)),
+            "{what}: not reported broken: {:?}",
+            verified.verdict
+        );
+        let mut refused = false;
+        for _ in 0..100 {
+            match node.client().await.put("after-the-attack", canary_fields()).await {
+                Err(e) if e.code() == Some(Code::FailedPrecondition) => {
+                    refused = true;
+                    break;
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        assert!(refused, "{what}: data is still served ({:?})", verified.verdict);
+        println!("{what}: {:?}", verified.verdict);
+        node.stop().await;
+    }
+
+    // While a node runs: an officer's verification that finds the edit carries it forward at
+    // once, and the node stops serving personal data.
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.database().await;
+    let node = TestServer::start_with(dir.path(), on(dir.path(), &url)).await;
+    let mut c = node.client().await;
+    for i in 0..5 {
+        c.put(&format!("live-subject-{i}"), canary_fields()).await.unwrap();
+    }
+    sql(&url, "UPDATE audit_entries SET value = set_byte(value, 40, get_byte(value, 40) # 1) WHERE seq = 3").await;
+    let verified = node.client_as("security-officer").await.verify_audit(&[]).await.unwrap();
+    assert!(matches!(&verified.verdict, khlang_client::Verdict::Broken(b) if b.seq == 3), "{:?}", verified.verdict);
+    assert!(verified.break_open, "carried forward by the verification itself");
+    let e = c.put("after-the-live-edit", canary_fields()).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
+    node.stop().await;
+}

@@ -351,7 +351,14 @@ pub struct AuditLog {
     file: Box<dyn AuditFiles>,
     recorder: HeadRecorder,
     witness: Option<PathBuf>,
+    /// On a shared chain: this node's own record of the newest head it signed, in its folder
+    /// ([`NODE_WITNESS`]), so a chain cut back in the database is caught after a restart too.
+    node_witness: Option<PathBuf>,
 }
+
+/// The file in a node's data folder holding the newest checkpoint it signed on a shared chain
+/// (one checkpoint line, replaced at each).
+pub const NODE_WITNESS: &str = "audit-signed-head.json";
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -499,7 +506,7 @@ impl AuditLog {
         options: &LogOptions,
     ) -> Result<Self, StoreError> {
         if let Some(chain) = store.shared_chain() {
-            return Self::open_shared(store, chain, options).await;
+            return Self::open_shared(store, chain, data_dir, options).await;
         }
         let (file, (last, checkpoint)) = AuditFile::open(data_dir, &options.files)?;
         let head = match last {
@@ -539,6 +546,7 @@ impl AuditLog {
             file: Box::new(file),
             recorder: store.head_recorder(),
             witness: options.files.witness.clone(),
+            node_witness: None,
         })
     }
 
@@ -546,8 +554,10 @@ impl AuditLog {
     async fn open_shared(
         store: &dyn Storage,
         chain: std::sync::Arc<dyn crate::storage::SharedChain>,
+        data_dir: &Path,
         options: &LogOptions,
     ) -> Result<Self, StoreError> {
+        let node_witness = data_dir.join(NODE_WITNESS);
         let tip = chain.tip().await?;
         let broken = match store.audit_record(AuditRecord::Break).await? {
             Some(b) => serde_json::from_slice(&b).ok(),
@@ -563,6 +573,8 @@ impl AuditLog {
             order: order.clone(),
             failing: Default::default(),
             mine: Default::default(),
+            witness: options.files.witness.clone(),
+            node_witness: node_witness.clone(),
         });
         Ok(Self {
             order,
@@ -583,7 +595,8 @@ impl AuditLog {
             disabled: options.disabled,
             file,
             recorder: store.head_recorder(),
-            witness: None,
+            witness: options.files.witness.clone(),
+            node_witness: Some(node_witness),
         })
     }
 
@@ -759,6 +772,9 @@ impl AuditLog {
                 add_break(&mut report, ChainBreak { seq: w.seq, reason });
             }
         }
+        if let Some(b) = witnessed_beyond(&proofs, opened.0) {
+            add_break(&mut report, b);
+        }
         if report.uncarried.is_some() {
             let anchor = proofs.newest_signed(public_key);
             report.last_entry = report.last_entry.max(opened.0).max(proofs.max_seq());
@@ -796,6 +812,12 @@ impl AuditLog {
             && path.exists()
         {
             proofs.witness = read_witness(path)?;
+        }
+        if let Some(path) = &self.node_witness
+            && path.exists()
+        {
+            proofs.witness.extend(read_witness(path)?);
+            proofs.witness.sort_by_key(|w| w.seq);
         }
         proofs.file_checkpoints =
             self.file.checkpoints()?.iter().filter_map(|c| StoredCheckpoint::parse(c)).collect();
@@ -1147,6 +1169,9 @@ impl AuditLog {
                 start: None,
             },
         )?;
+        if let Some(b) = witnessed_beyond(&proofs, head.0) {
+            add_break(&mut report, b);
+        }
         if let Some(b) = proofs.tamper {
             add_break(&mut report, b);
         }
@@ -1204,6 +1229,16 @@ impl AuditLog {
         }
         Ok((head.seq, head.hash))
     }
+}
+
+/// A witness's signed head beyond the chain's end `head`: the chain was cut or rolled back.
+fn witnessed_beyond(proofs: &Proofs, head: u64) -> Option<ChainBreak> {
+    let w = proofs.witness.iter().filter(|w| w.seq > head).min_by_key(|w| w.seq)?;
+    let reason = format!(
+        "the witness holds a signed head at {}, beyond this log's end {head}: rolled back or cut",
+        w.seq
+    );
+    Some(ChainBreak { seq: head + 1, reason })
 }
 
 /// Adds a break found beside the chain (a record, a witness) to a report.

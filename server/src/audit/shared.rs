@@ -45,6 +45,10 @@ pub(super) struct State {
     /// The newest head this node appended (a verification's known head: the database's head row
     /// may not go back before it).
     pub mine: std::sync::Mutex<Option<AuditHead>>,
+    /// The operator's witness file, which every checkpoint this node signs is appended to.
+    pub witness: Option<std::path::PathBuf>,
+    /// This node's own record of the newest checkpoint it signed ([`super::NODE_WITNESS`]).
+    pub node_witness: std::path::PathBuf,
 }
 
 pub(super) struct Batcher {
@@ -97,6 +101,35 @@ impl Batcher {
         };
         self.state.chain.append(vec![Changes::none()], &mut seal).await?;
         Ok(seq)
+    }
+}
+
+/// Records a checkpoint this node signed (and the database committed) outside the database: in
+/// the node's own file (replaced) and the operator's witness (appended). A few hundred bytes,
+/// synced, once per checkpoint (every ten seconds by default). A failure is logged, not fatal:
+/// the entries are committed already, and the database holds the checkpoint itself.
+fn witness(state: &State, json: &[u8]) {
+    use std::io::Write;
+    let line = [json, b"\n"].concat();
+    let tmp = state.node_witness.with_extension("json.tmp");
+    let replaced = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&line)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &state.node_witness)
+    })();
+    if let Err(e) = replaced {
+        tracing::error!(error = %e, path = %state.node_witness.display(), "could not record the signed head in this node's folder");
+    }
+    if let Some(path) = &state.witness {
+        let appended = (|| {
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            f.write_all(&line)?;
+            f.sync_all()
+        })();
+        if let Err(e) = appended {
+            tracing::error!(error = %e, path = %path.display(), "could not append the signed head to the audit witness");
+        }
     }
 }
 
@@ -209,7 +242,7 @@ async fn commit_batch(state: &State, batch: &mut [Pending]) -> Result<Vec<Option
         if !out.entries.is_empty() {
             out.tag = Some(keys.tagger.tag(seq, &hash).to_vec());
         }
-        let due = seq - tip.signed_seq >= every_entries
+        let due = seq.saturating_sub(tip.signed_seq) >= every_entries
             || Duration::from_millis(now.saturating_sub(tip.signed_ms)) >= every
             || force;
         if due && seq > tip.signed_seq {
@@ -224,7 +257,16 @@ async fn commit_batch(state: &State, batch: &mut [Pending]) -> Result<Vec<Option
         }
         Ok(out)
     };
+    let mut signed = None;
+    let mut seal = |tip: &ChainTip, applied: &[bool]| {
+        let out = seal(tip, applied)?;
+        signed.clone_from(&out.checkpoint);
+        Ok(out)
+    };
     let applied = state.chain.append(sets, &mut seal).await?;
+    if let Some(json) = signed {
+        witness(state, &json);
+    }
     if let Some(head) = head {
         let mut mine = lock(&state.mine);
         if mine.is_none_or(|m| m.seq < head.seq) {

@@ -1920,6 +1920,12 @@ impl Vault {
             tokio::task::spawn_blocking(move || vault.audit.verify(&records, &public_key, &witnessed))
                 .await
                 .map_err(|_| StoreError::Corrupt("audit verification task"))??;
+        // Damage found now (the log edited while the vault ran, or on a shared database by
+        // anyone who can write to it) is carried forward at once: no personal data moves while
+        // the record of who saw it is in doubt.
+        if report.uncarried.is_some() {
+            self.audit.check_history(self.store.as_ref(), &report).await?;
+        }
         Ok((report, self.audit.state()))
     }
 
