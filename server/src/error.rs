@@ -53,6 +53,10 @@ pub enum StoreError {
     /// The storage engine failed (its own message; the engine's types stay in its module).
     #[error("database: {0}")]
     Backend(String),
+    /// The database cannot be reached or will not take writes now (down, failing over, a
+    /// read-only standby): worth retrying, here or on another node.
+    #[error("the database is unavailable ({0}); try again shortly")]
+    Unavailable(String),
     #[error("corrupt stored {0}")]
     Corrupt(&'static str),
     #[error("durable flush failed: {0}")]
@@ -149,7 +153,9 @@ impl VaultError {
                 Outcome::FailedPrecondition
             }
             // A node that lost its database lease must not serve; another node may (retry there).
-            Self::AuditUnavailable | Self::Unavailable(_) => Outcome::Unavailable,
+            Self::AuditUnavailable | Self::Unavailable(_) | Self::Storage(StoreError::Unavailable(_)) => {
+                Outcome::Unavailable
+            }
             Self::Storage(_) | Self::Key(_) => Outcome::Internal,
         }
     }

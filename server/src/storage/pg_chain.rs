@@ -8,12 +8,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use deadpool_postgres::Pool;
 use khlang_keys::audit_chain::{ChainReport, GENESIS, HeadTagger};
 
 use super::{
-    BUMP_CREDENTIALS, Credentials, Statement, TxError, db, holds, i64_to_u64, lock_order, pool_error,
-    retryable, statements, u64_to_i64, writes_credentials,
+    BUMP_CREDENTIALS, Credentials, Statement, TxError, db, holds, i64_to_u64, lock_order, retryable,
+    statements, u64_to_i64, writes_credentials,
 };
 use crate::StoreError;
 use crate::audit::files::{AuditFiles, Scanned, StoredEntries};
@@ -27,7 +26,7 @@ const PAGE: i64 = 1000;
 
 pub(super) struct PgChain {
     /// Synchronous commits: a batch is durable when its `COMMIT` returns.
-    pub(super) pool: Pool,
+    pub(super) pool: super::Conns,
     pub(super) credentials: Arc<std::sync::Mutex<Credentials>>,
     pub(super) reader: Reader,
 }
@@ -110,7 +109,7 @@ impl PgChain {
     async fn append_once(&self, sets: &[Option<Set>], seal: &mut Seal<'_>) -> Result<Vec<bool>, TxError> {
         use deadpool_postgres::GenericClient;
         use futures_util::future::{join, join3, try_join_all};
-        let c = self.pool.get().await.map_err(pool_error)?;
+        let c = self.pool.get().await?;
         let lock_head = c.prepare_cached(&format!("{TIP} FOR UPDATE")).await?;
         let fixed = try_join_all(
             [INSERT_ENTRIES, INSERT_CHECKPOINT, UPDATE_HEAD, BUMP_CREDENTIALS]
@@ -298,7 +297,7 @@ impl SharedChain for PgChain {
     }
 
     async fn tip(&self) -> Result<ChainTip, StoreError> {
-        let c = self.pool.get().await.map_err(pool_error)?;
+        let c = self.pool.get().await?;
         let row = c.query_one(&c.prepare_cached(TIP).await?, &[]).await.map_err(db)?;
         tip_from(&row)
     }
@@ -387,7 +386,15 @@ impl Reader {
                 let mut client: Option<tokio_postgres::Client> = None;
                 while let Ok(ask) = rx.recv() {
                     runtime.block_on(async {
-                        if client.as_ref().is_none_or(|c| c.is_closed()) {
+                        // The connection's task runs only while this thread asks, so a server
+                        // that went away (a failover) shows only when the connection is used:
+                        // probe it, and connect afresh (to whichever host now takes writes).
+                        if let Some(c) = &client
+                            && (c.is_closed() || c.simple_query("").await.is_err())
+                        {
+                            client = None;
+                        }
+                        if client.is_none() {
                             client = connect.client().await.ok();
                         }
                         answer(client.as_ref(), ask).await;
@@ -417,7 +424,7 @@ impl Reader {
 }
 
 async fn answer(client: Option<&tokio_postgres::Client>, ask: Ask) {
-    let down = || StoreError::Backend("cannot reach the database for the audit log".into());
+    let down = || StoreError::Unavailable("cannot reach the database for the audit log".into());
     match ask {
         Ask::Entries { from, limit, reply } => {
             let rows = async {

@@ -31,6 +31,8 @@ mod chain;
 
 use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+
+use conns::Conns;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
@@ -123,6 +125,95 @@ const COMMIT_ATTEMPTS: usize = 8;
 /// Connections each node keeps to the database.
 const POOL_SIZE: usize = 16;
 
+/// How long a connection attempt may take (unless the connection string says), and how long a
+/// request waits for a free connection of the pool.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The pool behind a back-off: while the database cannot be reached, requests are refused at
+/// once (`Unavailable`) for a delay that doubles from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], so a
+/// node neither stalls its requests on a dead host nor floods the database (or the standby being
+/// promoted) with connection attempts; the first request after the delay tries again, and the
+/// first success ends the back-off.
+mod conns {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use deadpool_postgres::{Object, Pool, PoolError};
+
+    use super::pool_error;
+    use crate::StoreError;
+
+    pub(super) const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+    pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+    #[derive(Default)]
+    pub(super) struct Backoff {
+        /// Until when requests are refused, and the delay that set it.
+        state: Mutex<Option<(Instant, Duration)>>,
+    }
+
+    impl Backoff {
+        pub(super) fn shared() -> Arc<Self> {
+            Arc::default()
+        }
+
+        fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Duration)>> {
+            // Every update is one assignment: a panic cannot leave it half-written.
+            self.state.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    #[derive(Clone)]
+    pub(crate) struct Conns {
+        pool: Pool,
+        backoff: Arc<Backoff>,
+    }
+
+    impl Conns {
+        pub(super) fn new(pool: Pool, backoff: Arc<Backoff>) -> Self {
+            Self { pool, backoff }
+        }
+
+        pub(crate) async fn get(&self) -> Result<Object, StoreError> {
+            if let Some((until, _)) = *self.backoff.lock() {
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot reach it; trying again in {} ms",
+                        left.as_millis()
+                    )));
+                }
+            }
+            match self.pool.get().await {
+                Ok(c) => {
+                    if self.backoff.lock().take().is_some() {
+                        tracing::info!("the database answers again");
+                    }
+                    Ok(c)
+                }
+                Err(e) => {
+                    // A connection that could not be made backs off; a busy pool does not.
+                    let unreachable = matches!(
+                        &e,
+                        PoolError::Backend(_) | PoolError::Timeout(deadpool_postgres::TimeoutType::Create)
+                    );
+                    let e = pool_error(e);
+                    if unreachable && matches!(e, StoreError::Unavailable(_)) {
+                        let mut state = self.backoff.lock();
+                        let delay = state.map_or(BACKOFF_FIRST, |(_, d)| (d * 2).min(BACKOFF_MAX));
+                        if state.is_none() {
+                            tracing::warn!(error = %e, "cannot reach the database; backing off and retrying");
+                        }
+                        *state = Some((Instant::now() + delay, delay));
+                    }
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
 const META_MODE: &str = "mode";
 const META_DERIVATION_KEY: &str = "derivation_key";
 const META_THRESHOLD: &str = "threshold";
@@ -137,9 +228,29 @@ fn db(e: tokio_postgres::Error) -> StoreError {
     // The server's message (never its detail, which can quote a row's values) or the driver's;
     // neither names the connection's password.
     match e.as_db_error() {
+        Some(d) if unavailable_state(d.code()) => {
+            StoreError::Unavailable(format!("{} ({})", d.message(), d.code().code()))
+        }
         Some(d) => StoreError::Backend(format!("{} ({})", d.message(), d.code().code())),
+        None if lost_connection(&e) => StoreError::Unavailable(e.to_string()),
         None => StoreError::Backend(e.to_string()),
     }
+}
+
+/// States that say the server is going away, not ready, or read-only (a standby, or a primary
+/// being demoted): the request may succeed once the database is back or has failed over.
+fn unavailable_state(code: &SqlState) -> bool {
+    let c = code.code();
+    c.starts_with("08") || c.starts_with("57P") || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+}
+
+/// A connection that could not be made, broke, or closed (no server message to go by).
+fn lost_connection(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error;
+    e.is_closed()
+        || e.source().is_some_and(|s| s.is::<std::io::Error>())
+        || e.to_string().starts_with("error connecting to server")
+        || e.to_string().starts_with("timeout")
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -149,7 +260,13 @@ impl From<tokio_postgres::Error> for StoreError {
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Backend(format!("connection pool: {e}"))
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db(e),
+        deadpool_postgres::PoolError::Timeout(_) | deadpool_postgres::PoolError::Closed => {
+            StoreError::Unavailable(format!("connection pool: {e}"))
+        }
+        other => StoreError::Backend(format!("connection pool: {other}")),
+    }
 }
 
 fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
@@ -248,10 +365,10 @@ pub fn redacted(url: &str) -> String {
 
 /// The PostgreSQL store: a pool of connections to one database.
 pub struct PgStore {
-    pool: Pool,
+    pool: Conns,
     /// Connections whose sessions commit with `synchronous_commit = off`: change sets only (see
     /// the module's group commit).
-    changes: Pool,
+    changes: Conns,
     stats: FlushStats,
     /// Change sets committed (asynchronously) so far.
     commits: std::sync::atomic::AtomicU64,
@@ -287,8 +404,14 @@ impl PgStore {
     /// server whose certificate that CA signed, as the string's `sslmode` asks (`require`: TLS or
     /// no connection; `prefer`, the default: TLS when the server offers it).
     pub async fn connect_with(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Self, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
+        let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Backend(format!("connection string: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            // A host that does not answer (a partition, a dead primary's address) must not hold
+            // requests for the kernel's minutes: the next host, or Unavailable, after this.
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let backoff = conns::Backoff::shared();
         let tls = match ca_cert {
             Some(path) => Some(tls_connector(path)?),
             None => None,
@@ -301,7 +424,11 @@ impl PgStore {
             };
             Pool::builder(manager)
                 .max_size(POOL_SIZE)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(POOL_WAIT))
+                .create_timeout(Some(CONNECT_TIMEOUT))
                 .build()
+                .map(|pool| Conns::new(pool, backoff.clone()))
                 .map_err(|e| StoreError::Backend(format!("connection pool: {e}")))
         };
         let pool = pool_of(config.clone())?;
@@ -343,7 +470,7 @@ impl PgStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+        self.pool.get().await
     }
 
     /// The schema version the database records (tests).
@@ -460,7 +587,7 @@ impl PgStore {
 macro_rules! in_transaction {
     ($pool:expr, |$tx:ident| $body:block) => {{
         async {
-            let mut client = $pool.get().await.map_err(pool_error)?;
+            let mut client = $pool.get().await?;
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -566,14 +693,14 @@ const BUMP_CREDENTIALS: &str = "UPDATE credentials_epoch SET n = n + 1 WHERE id 
 
 /// Empties the credentials cache whenever any node changed credentials (the epoch moved), and
 /// keeps it trusted only while the database answers. Ends with the store.
-async fn watch_credentials(pool: Pool, credentials: std::sync::Weak<std::sync::Mutex<Credentials>>) {
+async fn watch_credentials(pool: Conns, credentials: std::sync::Weak<std::sync::Mutex<Credentials>>) {
     let mut tick = tokio::time::interval(CREDENTIALS_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let asked = std::time::Instant::now();
         let epoch = async {
-            let c = pool.get().await.map_err(pool_error)?;
+            let c = pool.get().await?;
             let row = c
                 .query_one(&c.prepare_cached("SELECT n FROM credentials_epoch WHERE id = 1").await?, &[])
                 .await
@@ -601,8 +728,8 @@ async fn watch_credentials(pool: Pool, credentials: std::sync::Weak<std::sync::M
     }
 }
 
-async fn migrate(pool: &Pool) -> Result<(), StoreError> {
-    let mut client = pool.get().await.map_err(pool_error)?;
+async fn migrate(pool: &Conns) -> Result<(), StoreError> {
+    let mut client = pool.get().await?;
     let tx = client.transaction().await.map_err(db)?;
     tx.execute(&tx.prepare_cached("SELECT pg_advisory_xact_lock($1)").await?, &[&MIGRATION_LOCK])
         .await
@@ -634,8 +761,8 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
     tx.commit().await.map_err(db)
 }
 
-async fn set_record(pool: &Pool, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
-    let c = pool.get().await.map_err(pool_error)?;
+async fn set_record(pool: &Conns, which: AuditRecord, value: &[u8]) -> Result<(), StoreError> {
+    let c = pool.get().await?;
     c.execute(
         &c.prepare_cached(
             "INSERT INTO audit_records (which, value) VALUES ($1, $2)
@@ -1533,7 +1660,7 @@ impl Storage for PgStore {
         let mut attempt = 0;
         let done = loop {
             attempt += 1;
-            let client = self.changes.get().await.map_err(pool_error)?;
+            let client = self.changes.get().await?;
             match commit_once(&client, &expect, &all).await {
                 Ok(done) => break done,
                 Err(TxError::Db(e)) if retryable(&e) && attempt < COMMIT_ATTEMPTS => continue,
@@ -1598,7 +1725,7 @@ impl Storage for PgStore {
                 }
             }
         }
-        let c = self.pool.get().await.map_err(pool_error)?;
+        let c = self.pool.get().await?;
         let won: bool = c
             .query_one(&c.prepare_cached("SELECT pg_try_advisory_lock($1)").await?, &[&JOB_LEASE])
             .await

@@ -190,6 +190,103 @@ impl TestPostgres {
         assert!(self.start_server(), "PostgreSQL did not restart");
     }
 
+    /// A streaming standby of this cluster (`pg_basebackup -R`) on a port of its own, made
+    /// synchronous: from when this returns, the primary acknowledges a commit only once the
+    /// standby has it (`synchronous_standby_names = '*'`, `synchronous_commit = on`).
+    pub async fn synchronous_replica(&self) -> TestPostgres {
+        static REPLICAS: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "khlang-pg-{}-replica-{}",
+            std::process::id(),
+            REPLICAS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the replica's folder");
+        if self.run_as.is_some() {
+            let status = Command::new("chown").arg("postgres:").arg(&dir).status().expect("chown");
+            assert!(status.success(), "chown postgres {}", dir.display());
+        }
+        let replica = TestPostgres {
+            bin: self.bin.clone(),
+            dir,
+            port: 0,
+            run_as: self.run_as.clone(),
+            databases: AtomicU32::new(self.databases.load(Ordering::Relaxed)),
+            tls: false,
+        };
+        let data = replica.dir.join("data");
+        let port = self.port.to_string();
+        replica.run(
+            "pg_basebackup",
+            &[
+                "-h".as_ref(),
+                "127.0.0.1".as_ref(),
+                "-p".as_ref(),
+                port.as_ref(),
+                "-U".as_ref(),
+                SUPERUSER.as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-R".as_ref(),
+                "-X".as_ref(),
+                "stream".as_ref(),
+                "-c".as_ref(),
+                "fast".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        );
+        let mut replica = replica;
+        let mut started = false;
+        for _ in 0..5 {
+            replica.port = free_port();
+            if replica.start_server() {
+                started = true;
+                break;
+            }
+        }
+        assert!(started, "the replica did not start");
+        let (client, connection) =
+            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.expect("connect");
+        let conn = tokio::spawn(connection);
+        for _ in 0..200 {
+            let n: i64 = client
+                .query_one("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'", &[])
+                .await
+                .expect("pg_stat_replication")
+                .get(0);
+            if n > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Two statements, not one batch: ALTER SYSTEM refuses to run in a transaction block.
+        client
+            .batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            .await
+            .expect("make it synchronous");
+        client.batch_execute("SELECT pg_reload_conf()").await.expect("reload the primary's configuration");
+        for _ in 0..200 {
+            let n: i64 = client
+                .query_one("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'", &[])
+                .await
+                .expect("pg_stat_replication")
+                .get(0);
+            if n > 0 {
+                drop(client);
+                let _ = conn.await;
+                return replica;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the replica never became synchronous");
+    }
+
+    /// Promotes a standby to primary (waits until it accepts writes).
+    pub fn promote(&self) {
+        let data = self.dir.join("data");
+        self.run("pg_ctl", &["-D".as_ref(), data.as_os_str(), "-w".as_ref(), "promote".as_ref()]);
+    }
+
     fn command(&self, program: &str, args: &[&std::ffi::OsStr]) -> Command {
         let exe = self.bin.join(program);
         match &self.run_as {
