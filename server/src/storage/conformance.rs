@@ -327,3 +327,17 @@ async fn consent_keeps_its_history() {
         assert!(store.consent_of(&[8; 32]).await.unwrap().0.is_empty());
     }
 }
+
+#[test]
+fn lock_hold_percentiles_are_upper_bounds_within_a_factor_of_two() {
+    let meter = LockMeter::default();
+    assert_eq!(meter.stats(), LockStats::default());
+    for us in [100u64, 120, 130, 140, 150, 160, 170, 180, 190, 5_000] {
+        meter.record(2, std::time::Duration::from_micros(us));
+    }
+    let s = meter.stats();
+    assert_eq!((s.batches, s.requests, s.max_us), (10, 20, 5_000));
+    assert_eq!(s.mean_us, 634);
+    assert_eq!(s.p50_us, 256, "the median 150 µs lies under 256");
+    assert_eq!(s.p99_us, 8_192, "the slowest batch, 5 ms, lies under 8.2 ms");
+}

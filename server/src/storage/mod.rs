@@ -606,6 +606,69 @@ pub trait SharedChain: Send + Sync {
     async fn tip(&self) -> Result<ChainTip, StoreError>;
     /// The chain's reader (entries, checkpoints, verification), synchronous as the files' is.
     fn rows(&self) -> Box<dyn crate::audit::files::AuditFiles>;
+    /// How long this node's batches held the head's lock, so far.
+    fn lock_stats(&self) -> LockStats;
+}
+
+/// How long a node's batches held a shared chain's head lock: from the lock's answer to the
+/// commit's (what the other nodes' batches wait behind). Percentiles from a log₂ histogram
+/// (within a factor of two, upper bounds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockStats {
+    pub batches: u64,
+    /// Change sets and entries' requests the batches carried.
+    pub requests: u64,
+    pub mean_us: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// Lock-hold times as they are measured (see [`LockStats`]).
+#[derive(Debug, Default)]
+pub struct LockMeter {
+    batches: AtomicU64,
+    requests: AtomicU64,
+    total_us: AtomicU64,
+    max_us: AtomicU64,
+    /// `buckets[i]`: holds under `2^i` µs.
+    buckets: [AtomicU64; 32],
+}
+
+impl LockMeter {
+    pub fn record(&self, requests: usize, held: std::time::Duration) {
+        let us = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(requests as u64, Ordering::Relaxed);
+        self.total_us.fetch_add(us, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+        let bucket = (64 - us.leading_zeros() as usize).min(31);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> LockStats {
+        let batches = self.batches.load(Ordering::Relaxed);
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let quantile = |q: f64| {
+            let want = (batches as f64 * q).ceil() as u64;
+            let mut seen = 0;
+            for (i, n) in counts.iter().enumerate() {
+                seen += n;
+                if seen >= want.max(1) {
+                    return 1u64 << i;
+                }
+            }
+            0
+        };
+        LockStats {
+            batches,
+            requests: self.requests.load(Ordering::Relaxed),
+            mean_us: self.total_us.load(Ordering::Relaxed).checked_div(batches).unwrap_or(0),
+            p50_us: if batches == 0 { 0 } else { quantile(0.5) },
+            p99_us: if batches == 0 { 0 } else { quantile(0.99) },
+            max_us: self.max_us.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The KEK version of every stored data key, counted from the wrapped keys' headers (read by the

@@ -29,6 +29,7 @@ pub(super) struct PgChain {
     pub(super) pool: super::Conns,
     pub(super) credentials: Arc<std::sync::Mutex<Credentials>>,
     pub(super) reader: Reader,
+    pub(super) held: crate::storage::LockMeter,
 }
 
 /// One change set of a batch, as the transaction applies it.
@@ -145,6 +146,8 @@ impl PgChain {
                 return Err(e);
             }
         };
+        // The lock is ours from here (its answer) to COMMIT's answer.
+        let locked = std::time::Instant::now();
         let tip = tip_from(&head)?;
         // Which sets apply: all their expectations held, and no earlier set of the batch that
         // applies touches what they touch. A set that does not apply gives back the names it
@@ -254,6 +257,7 @@ impl PgChain {
         let (done, committed) = join(executes, c.batch_execute("COMMIT")).await;
         done?;
         committed?;
+        self.held.record(sets.len(), locked.elapsed());
         Ok(applied)
     }
 }
@@ -304,6 +308,10 @@ impl SharedChain for PgChain {
 
     fn rows(&self) -> Box<dyn AuditFiles> {
         Box::new(self.reader.clone())
+    }
+
+    fn lock_stats(&self) -> crate::storage::LockStats {
+        self.held.stats()
     }
 }
 

@@ -446,6 +446,7 @@ impl PgStore {
             pool: pool.clone(),
             credentials: credentials.clone(),
             reader: chain::Reader::start(connect, format!("{} (table audit_entries)", redacted(url)))?,
+            held: Default::default(),
         });
         let (tx, mut rx) = mpsc::unbounded_channel::<(AuditRecord, Vec<u8>)>();
         let recording = pool.clone();

@@ -692,6 +692,18 @@ impl Vault {
             durable_writes = stats.writes.load(std::sync::atomic::Ordering::Relaxed),
             "durability: writes acknowledged after a shared flush"
         );
+        if let Some(chain) = self.store.shared_chain() {
+            let s = chain.lock_stats();
+            tracing::info!(
+                lock_batches = s.batches,
+                lock_requests = s.requests,
+                lock_mean_us = s.mean_us,
+                lock_p50_us = s.p50_us,
+                lock_p99_us = s.p99_us,
+                lock_max_us = s.max_us,
+                "audit chain: how long this node's batches held the head lock"
+            );
+        }
         if let Err(e) = &flushed {
             tracing::error!(error = %e, "final flush failed");
         }
