@@ -22,6 +22,72 @@ use tokio::task::JoinHandle;
 
 pub const PASSPHRASE: &str = "test passphrase: correct horse battery staple";
 
+/// Test binaries whose name starts so run the same end-to-end tests on PostgreSQL: each
+/// `tests/on_postgres_<suite>.rs` includes `<suite>.rs` whole, and the harness's vaults then
+/// live in databases of one throwaway cluster per test process instead of sled.
+const ON_POSTGRES_PREFIX: &str = "on_postgres_";
+
+/// Whether this test binary runs its vaults on PostgreSQL (see [`ON_POSTGRES_PREFIX`]).
+pub fn on_postgres() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().starts_with(ON_POSTGRES_PREFIX)))
+            .unwrap_or(false)
+    })
+}
+
+/// Ends a test at once on PostgreSQL, saying why: it edits or reads sled's own files (the
+/// PostgreSQL tests in `tests/postgres.rs` attack the database's rows instead).
+#[macro_export]
+macro_rules! sled_only {
+    ($why:expr) => {
+        if $crate::on_postgres() {
+            eprintln!("not run on PostgreSQL: {}", $why);
+            return;
+        }
+    };
+}
+
+/// The store of the (stopped) vault in `dir`, as the harness's options put it: sled in the
+/// folder, or the folder's database on PostgreSQL.
+pub async fn open_store(dir: &Path) -> Box<dyn khlang_server::storage::Storage> {
+    use khlang_server::storage::{Durability, PgStore, SledStore};
+    if on_postgres() {
+        Box::new(PgStore::connect(&postgres_for(dir)).await.expect("connect to the folder's database"))
+    } else {
+        Box::new(SledStore::open(dir, Durability::PerRequest).expect("open the folder's sled"))
+    }
+}
+
+/// The database for the vault in `dir`, on this process's cluster (started at first use, stopped
+/// by a watchdog when the process exits). Without server binaries (and without
+/// `KHLANG_REQUIRE_POSTGRES=1`, which makes that a failure) the whole binary is skipped: it
+/// says so loudly and exits successfully, since its tests are the sled suite's, run again.
+fn postgres_for(dir: &Path) -> String {
+    use khlang_server::storage::test_postgres::{REQUIRE_POSTGRES, TestPostgres};
+    static CLUSTER: std::sync::OnceLock<TestPostgres> = std::sync::OnceLock::new();
+    let cluster = CLUSTER.get_or_init(|| {
+        if !TestPostgres::available() && std::env::var_os(REQUIRE_POSTGRES).is_none_or(|v| v != "1") {
+            eprintln!(
+                "\n*** SKIPPED {}: the end-to-end suite on PostgreSQL needs PostgreSQL server binaries \
+                 (install Debian's `postgresql`, or set KHLANG_PG_BIN); set {REQUIRE_POSTGRES}=1 to make \
+                 this a failure ***\n",
+                std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+            std::process::exit(0);
+        }
+        let cluster = TestPostgres::start("end-to-end suite on PostgreSQL").expect("a PostgreSQL cluster");
+        cluster.stop_when_this_process_exits();
+        cluster
+    });
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned()).hash(&mut h);
+    cluster.ensure_database(&format!("vault_{:016x}", h.finish()))
+}
+
 /// The municipality's sample regulations plus a `tester` role that may do every record operation
 /// and read every field in full for `service_delivery`: the record-path tests use it.
 pub fn test_regulations() -> String {
@@ -82,10 +148,16 @@ impl TestServer {
             std::fs::write(&path, test_regulations()).unwrap();
         }
         let regs = Regulations::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let storage = if on_postgres() {
+            khlang_server::StorageLocation::Postgres { url: postgres_for(dir), ca_cert: None }
+        } else {
+            khlang_server::StorageLocation::Sled
+        };
         VaultOptions {
             regulations: Arc::new(regs),
             regulations_path: Some(path),
             auth: AuthLimits { max_failures: 10_000, ..AuthLimits::default() },
+            storage,
             ..VaultOptions::default()
         }
     }

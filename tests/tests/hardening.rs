@@ -47,6 +47,7 @@ async fn look_alike_subject_ids_are_refused() {
 /// someone's index gets neither an export of it nor its erasure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_altered_subject_index_cannot_export_or_erase_someone_else() {
+    sled_only!("alters sled's subject index");
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let mut c = server.client().await;
@@ -283,6 +284,7 @@ async fn a_role_that_may_not_read_learns_nothing_of_records_or_their_fields() {
 /// not Internal, and the refusal is on the record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_stored_record_is_data_loss_naming_it() {
+    sled_only!("damages a record in sled's tree");
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let id = server.client().await.put("damaged", [("age", "30")]).await.unwrap();

@@ -168,6 +168,7 @@ fn counts(k: &KeysStatus) -> Vec<(u32, String, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_load_then_retirement_by_proof() {
+    sled_only!("reads sled's tree and restores a record into it");
     let dir = tempfile::tempdir().unwrap();
     // Small, paced steps so the rewrap is still running while requests flow.
     let options = VaultOptions {
@@ -291,6 +292,7 @@ async fn rotation_under_load_then_retirement_by_proof() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reencryption_renews_every_key_and_ciphertext_and_keeps_values() {
+    sled_only!("reads every stored record from sled's tree");
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let mut tester = server.client().await;
@@ -426,6 +428,7 @@ async fn malformed_key_requests_are_refused_precisely() {
 /// Erasure and deletion destroy the data keys with the records: nothing of them stays in the tree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_and_deletion_destroy_the_data_keys() {
+    sled_only!("reads sled's tree for the deleted keys");
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let mut tester = server.client().await;

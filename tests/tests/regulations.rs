@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use khlang_client::{Client, Code};
 use khlang_server::VaultOptions;
 use khlang_server::policy::regulations::{Regulations, SAMPLE};
-use khlang_server::storage::{Durability, SledStore, Storage};
 use khlang_tests::*;
 
 /// Every field of the catalogue, with a valid value.
@@ -281,7 +280,7 @@ async fn export_and_erase_a_subject() {
     server.stop().await;
 
     // On disk: the records, and with them their wrapped data keys, are gone.
-    let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
+    let store = open_store(dir.path()).await;
     assert!(store.get_record(&a).await.unwrap().is_none());
     assert!(store.get_record(&b).await.unwrap().is_none());
     assert!(store.get_record(&other).await.unwrap().is_some());

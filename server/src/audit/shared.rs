@@ -110,10 +110,22 @@ impl Batcher {
 /// the entries are committed already, and the database holds the checkpoint itself.
 fn witness(state: &State, json: &[u8]) {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let line = [json, b"\n"].concat();
     let tmp = state.node_witness.with_extension("json.tmp");
+    // Private like the rest of the data folder (its checks refuse a file others may read).
+    let private = |path: &std::path::Path, append: bool| {
+        let mut o = std::fs::OpenOptions::new();
+        o.create(true).mode(0o600);
+        if append {
+            o.append(true)
+        } else {
+            o.write(true).truncate(true)
+        };
+        o.open(path)
+    };
     let replaced = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = private(&tmp, false)?;
         f.write_all(&line)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &state.node_witness)
@@ -123,7 +135,7 @@ fn witness(state: &State, json: &[u8]) {
     }
     if let Some(path) = &state.witness {
         let appended = (|| {
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let mut f = private(path, true)?;
             f.write_all(&line)?;
             f.sync_all()
         })();

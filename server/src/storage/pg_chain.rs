@@ -30,6 +30,8 @@ pub(super) struct PgChain {
     pub(super) credentials: Arc<std::sync::Mutex<Credentials>>,
     pub(super) reader: Reader,
     pub(super) held: crate::storage::LockMeter,
+    /// Each batch is one synchronous commit: one flush for every request it carried.
+    pub(super) stats: Arc<crate::storage::FlushStats>,
 }
 
 /// One change set of a batch, as the transaction applies it.
@@ -258,6 +260,8 @@ impl PgChain {
         done?;
         committed?;
         self.held.record(sets.len(), locked.elapsed());
+        self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.writes.fetch_add(sets.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(applied)
     }
 }

@@ -369,7 +369,8 @@ pub struct PgStore {
     /// Connections whose sessions commit with `synchronous_commit = off`: change sets only (see
     /// the module's group commit).
     changes: Conns,
-    stats: FlushStats,
+    /// Durable commits and the writes they covered: the ticks', and the shared chain's batches.
+    stats: Arc<FlushStats>,
     /// Change sets committed (asynchronously) so far.
     commits: std::sync::atomic::AtomicU64,
     /// How many of them the last durability tick covered; held while a tick runs.
@@ -440,6 +441,7 @@ impl PgStore {
             Some(tls) => chain::Connect::Tls(config.clone(), tls.clone()),
             None => chain::Connect::Plain(config.clone()),
         };
+        let stats = Arc::new(FlushStats::default());
         let credentials = Arc::new(std::sync::Mutex::new(Credentials::default()));
         tokio::spawn(watch_credentials(pool.clone(), Arc::downgrade(&credentials)));
         let chain = Arc::new(chain::PgChain {
@@ -447,6 +449,7 @@ impl PgStore {
             credentials: credentials.clone(),
             reader: chain::Reader::start(connect, format!("{} (table audit_entries)", redacted(url)))?,
             held: Default::default(),
+            stats: stats.clone(),
         });
         let (tx, mut rx) = mpsc::unbounded_channel::<(AuditRecord, Vec<u8>)>();
         let recording = pool.clone();
@@ -460,7 +463,7 @@ impl PgStore {
         Ok(Self {
             pool,
             changes,
-            stats: FlushStats::default(),
+            stats,
             commits: Default::default(),
             covered: tokio::sync::Mutex::new(0),
             recorder: tx,

@@ -281,6 +281,64 @@ impl TestPostgres {
         panic!("the replica never became synchronous");
     }
 
+    /// Database `name`, created if it does not exist yet (synchronously, with `createdb`); its
+    /// connection string. The same name gives the same database, so a test that restarts a
+    /// vault on one folder finds it again.
+    pub fn ensure_database(&self, name: &str) -> String {
+        let port = self.port.to_string();
+        let out = self
+            .command(
+                "createdb",
+                &[
+                    "-h".as_ref(),
+                    "127.0.0.1".as_ref(),
+                    "-p".as_ref(),
+                    port.as_ref(),
+                    "-U".as_ref(),
+                    SUPERUSER.as_ref(),
+                    name.as_ref(),
+                ],
+            )
+            .output()
+            .expect("createdb");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() || err.contains("already exists"), "createdb {name}: {err}");
+        self.url(name)
+    }
+
+    /// For a cluster that lives as long as the test process (a `static`, never dropped): a
+    /// watchdog process stops and removes it once this process has exited, however it exits.
+    pub fn stop_when_this_process_exits(&self) {
+        let data = self.dir.join("data");
+        let pg_ctl = self.bin.join("pg_ctl");
+        let stop = match &self.run_as {
+            Some(user) => {
+                format!("runuser -u {user} -- {} -D {} -m immediate stop", pg_ctl.display(), data.display())
+            }
+            None => format!("{} -D {} -m immediate stop", pg_ctl.display(), data.display()),
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            dir = self.dir.display()
+        );
+        // Never waited for: it must outlive this process (its parent), which is what it watches.
+        #[allow(clippy::zombie_processes)]
+        let _watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the cluster's watchdog");
+    }
+
+    /// Whether PostgreSQL server binaries are installed (see [`TestPostgres::start`]).
+    pub fn available() -> bool {
+        server_binaries().is_some()
+    }
+
     /// Promotes a standby to primary (waits until it accepts writes).
     pub fn promote(&self) {
         let data = self.dir.join("data");

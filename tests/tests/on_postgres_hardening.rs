@@ -1,0 +1,3 @@
+//! The `hardening` end-to-end tests again, every vault on PostgreSQL (see `khlang_tests::on_postgres`).
+#[path = "hardening.rs"]
+mod hardening;

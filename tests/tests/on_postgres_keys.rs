@@ -1,0 +1,3 @@
+//! The `keys` end-to-end tests again, every vault on PostgreSQL (see `khlang_tests::on_postgres`).
+#[path = "keys.rs"]
+mod keys;

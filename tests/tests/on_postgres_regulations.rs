@@ -1,0 +1,3 @@
+//! The `regulations` end-to-end tests again, every vault on PostgreSQL (see `khlang_tests::on_postgres`).
+#[path = "regulations.rs"]
+mod regulations;

@@ -1,0 +1,3 @@
+//! The `service` end-to-end tests again, every vault on PostgreSQL (see `khlang_tests::on_postgres`).
+#[path = "service.rs"]
+mod service;

@@ -1,0 +1,3 @@
+//! The `tls` end-to-end tests again, every vault on PostgreSQL (see `khlang_tests::on_postgres`).
+#[path = "tls.rs"]
+mod tls;
