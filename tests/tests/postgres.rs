@@ -469,8 +469,8 @@ async fn kill_9_of_the_node_mid_burst_loses_no_acknowledged_write_and_the_log_ve
 
 /// Background key jobs run on one node of a database at a time (a lease the database drops with
 /// the node's session): a rotation started on A, run there, finishes on B after A is killed
-/// mid-job; every data key is rewrapped exactly once (exact counts), B reads every record, and
-/// the old version is destroyed from B.
+/// mid-job and mid-burst; every write A acknowledged reads on B, every data key is rewrapped
+/// exactly once (exact counts), and the old version is destroyed from B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_started_on_a_finishes_on_b_after_a_is_killed() {
     let Some(pg) = TestPostgres::start("a_rotation_started_on_a_finishes_on_b") else { return };
@@ -516,6 +516,22 @@ async fn a_rotation_started_on_a_finishes_on_b_after_a_is_killed() {
     let mut reader_b =
         khlang_client::Client::connect(&addr_b, &dev_token(&b, "registration-app")).await.unwrap();
     reader_b.get(&fresh, &[], Some("contact")).await.unwrap();
+    // A burst of writes on A while its job runs, until A dies.
+    let acknowledged: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (acknowledged, addr, token) =
+            (acknowledged.clone(), addr_a.clone(), dev_token(&a, "registration-app"));
+        writers.push(tokio::spawn(async move {
+            let mut c = khlang_client::Client::connect(&addr, &token).await.unwrap();
+            for i in 0.. {
+                match c.put(&format!("burst-subject-{w}-{i}"), [("email", CANARY_EMAIL)]).await {
+                    Ok(id) => acknowledged.lock().unwrap().push(id),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let done_at_kill = loop {
         let job = admin_b.key_status(false).await.unwrap().job.unwrap();
@@ -528,6 +544,17 @@ async fn a_rotation_started_on_a_finishes_on_b_after_a_is_killed() {
     assert!(done_at_kill < 120, "the job ended before A was killed ({done_at_kill})");
     daemon_a.kill().unwrap();
     daemon_a.wait().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let burst = acknowledged.lock().unwrap().clone();
+    assert!(burst.len() > 10, "the burst was under way ({} writes)", burst.len());
+    for id in &burst {
+        reader_b
+            .get(id, &[], Some("contact"))
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {id} lost: {e}"));
+    }
     let job = loop {
         let job = admin_b.key_status(false).await.unwrap().job.unwrap();
         if job.finished_ms.is_some() {
@@ -536,12 +563,21 @@ async fn a_rotation_started_on_a_finishes_on_b_after_a_is_killed() {
         assert!(std::time::Instant::now() < deadline, "B never finished A's rotation: {job:?}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
-    // The record written after the rotation was wrapped under v2 already: skipped, not rewrapped.
-    assert_eq!((job.changed, job.skipped, job.total), (120, 1, 120), "each data key rewrapped once: {job:?}");
+    // Records written after the rotation were wrapped under v2 already: those the walk met were
+    // skipped, not rewrapped; each of the 120 was rewrapped exactly once.
+    assert_eq!((job.changed, job.total), (120, 120), "each data key rewrapped once: {job:?}");
+    assert!(job.skipped >= 1 && job.skipped <= 1 + burst.len() as u64, "{job:?}");
     let status = admin_b.key_status(true).await.unwrap();
     let per_version: Vec<(u32, Option<u64>)> =
         status.versions.iter().map(|v| (v.version, v.data_keys)).collect();
-    assert_eq!(per_version, vec![(1, Some(0)), (2, Some(121))], "every data key under v2");
+    // A write A committed but died before acknowledging (one per writer at most) is there too.
+    let acked = 121 + burst.len() as u64;
+    assert_eq!(per_version[0], (1, Some(0)), "no data key left under v1: {per_version:?}");
+    let under_v2 = per_version[1].1.unwrap();
+    assert!(
+        per_version[1].0 == 2 && (acked..=acked + 2).contains(&under_v2),
+        "{per_version:?}, {acked} acknowledged"
+    );
     for id in &ids {
         let r = reader_b.get(id, &[], Some("contact")).await.unwrap();
         assert!(r.fields["email"].expose_secret().ends_with("@example.go.th"));
