@@ -822,3 +822,110 @@ fn bench_runs_over_several_connections_with_its_baseline() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Scripts can tell failures apart by `khlang`'s exit status (the table in `khlang --help` and the
+/// README), a usage error is 64 with a message that says what is expected, and a closed pipe
+/// ends `khlang` and `khlangd init` quietly instead of panicking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_statuses_tell_failures_apart_and_a_closed_pipe_is_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (url, tokens) = (server.url(), server.tokens.clone());
+    let id = server.client().await.put("exit-subject", canary_fields()).await.unwrap();
+    let long = "an-identity-name-longer-than-any-column-was";
+    let long_token = server.vault().bootstrap_identity(long, "registration-app").await.unwrap();
+    let long_token = long_token.expose_secret().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let status = |token: &str, args: &[&str]| {
+            let o = khlang(&url, token, args);
+            assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"), "{args:?}");
+            (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+        };
+        let tester = &tokens["tester"];
+        let unknown = "00000000-0000-4000-8000-000000000000";
+        assert_eq!(
+            status(tester, &["get", unknown, "--purpose", "service_delivery"]).0,
+            Some(11),
+            "NotFound"
+        );
+        assert_eq!(status(tester, &["get", &id]).0, Some(10), "InvalidArgument: no purpose");
+        assert_eq!(status(&tokens["registration-app"], &["audit", "query"]).0, Some(13), "PermissionDenied");
+        assert_eq!(status("khl_not_a_token", &["list", "--subject", "x"]).0, Some(14), "Unauthenticated");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let closed = format!("http://127.0.0.1:{port}");
+        let o = khlang(&closed, tester, &["list", "--subject", "x"]);
+        assert_eq!(o.status.code(), Some(17), "Unavailable: {}", String::from_utf8_lossy(&o.stderr));
+        let (code, err) = status(tester, &["audit", "query", "--decision", "maybe"]);
+        assert_eq!(code, Some(64), "{err}");
+        assert!(err.contains("allow") && err.contains("deny"), "says what is expected: {err}");
+        let (code, err) = status(tester, &["audit", "query", "--since", "soon"]);
+        assert_eq!(code, Some(64), "{err}");
+        let help = stdout(&khlang(&url, tester, &["--help"]));
+        assert!(help.contains("17  Unavailable"), "{help}");
+
+        // Tables: RFC 3339 times (UTC with --utc), a header, nothing cut.
+        let sec = &tokens["security-officer"];
+        let table = stdout(&khlang(&url, sec, &["audit", "query", "--since", "1h", "--utc"]));
+        let mut lines = table.lines();
+        assert!(lines.next().unwrap().starts_with("seq  "), "{table}");
+        let first = lines.next().expect("an entry within the last hour");
+        assert!(first.split_whitespace().nth(1).unwrap().ends_with("+00:00"), "{first}");
+        stdout(&khlang(&url, &long_token, &["list", "--subject", "x"]));
+        let table = stdout(&khlang(&url, sec, &["audit", "query", "--identity", long]));
+        assert!(table.lines().nth(1).is_some_and(|l| l.contains(long)), "not cut: {table}");
+
+        // A closed pipe: no panic, the status a program killed by SIGPIPE has.
+        let mut child = Command::new(bin("khlang"))
+            .args(["audit", "query"])
+            .env("KHLANG_ADDR", &url)
+            .env("KHLANG_TOKEN", sec)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&o.stderr).contains("panicked"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(o.status.code(), Some(141));
+
+        // Completions for each shell.
+        for shell in ["bash", "zsh", "fish"] {
+            let script = stdout(&khlang(&url, "", &["completions", shell]));
+            assert!(script.contains("khlang") && script.contains("audit"), "{shell}: {script}");
+        }
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+
+    // `khlangd init … | head -1`: the reader goes away, khlangd does not panic.
+    let tmp = tempfile::tempdir().unwrap();
+    let pass = write_passphrase(tmp.path(), "municipal custodians' long passphrase");
+    let data = tmp.path().join("vault");
+    let mut init = Command::new(bin("khlangd"))
+        .args(["init", "--data-dir", data.to_str().unwrap(), "--passphrase-file", &pass])
+        .args(["--argon2-memory-kib", "19456", "--argon2-passes", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(init.stdout.take());
+    let o = init.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(o.status.code() == Some(141) || o.status.success(), "{:?}: {err}", o.status);
+    // And an ordinary refusal is one tidy line, no backtrace.
+    let again = Command::new(bin("khlangd"))
+        .args(["init", "--data-dir", data.to_str().unwrap(), "--passphrase-file", &pass])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(!err.contains("Caused by") && !err.contains("backtrace"), "{err}");
+}

@@ -2,8 +2,25 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// Exit statuses, for scripts (also in the README).
+pub const EXIT_STATUSES: &str = "Exit status:
+  0   success (audit verify: intact)
+  1   any other failure (a local file, an internal error)
+  2   audit verify: the log is broken
+  3   audit verify: nothing wrong found, but not all of it is covered by a signature
+  10  InvalidArgument     the request is malformed or a value fails its field's check
+  11  NotFound            no such record, identity, request or key version
+  12  AlreadyExists       the name is taken
+  13  PermissionDenied    the regulations do not allow it for this identity
+  14  Unauthenticated     missing, wrong or revoked token (or certificate)
+  15  ResourceExhausted   locked out or throttled after failures, or a limit exceeded
+  16  FailedPrecondition  not now: sealed, a job running, an audit break open
+  17  Unavailable         the vault (or its database) cannot be reached; try again
+  18  DataLoss            stored data failed its integrity check
+  64  usage               a flag or argument is wrong (see --help)";
+
 #[derive(Parser)]
-#[command(name = "khlang", version, about = "Client for the Khlang encrypted personal-data vault")]
+#[command(name = "khlang", version, about = "Client for the Khlang encrypted personal-data vault", after_help = EXIT_STATUSES)]
 pub struct Cli {
     /// Vault address.
     #[arg(long, env = "KHLANG_ADDR", default_value = khlang_client::DEFAULT_ADDR, global = true)]
@@ -20,6 +37,9 @@ pub struct Cli {
     /// The client certificate's private key (PEM).
     #[arg(long, env = "KHLANG_CLIENT_KEY", global = true, requires = "client_cert")]
     pub client_key: Option<std::path::PathBuf>,
+    /// Times in tables in UTC rather than the local zone (JSON always has milliseconds).
+    #[arg(long, global = true)]
+    pub utc: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -28,6 +48,7 @@ pub struct Cli {
 pub enum Command {
     /// Store a new record for a data subject; prints the record id.
     Put {
+        /// The data subject's id (e.g. a citizen number); never printed back.
         #[arg(long)]
         subject: String,
         /// Fields as FIELD=VALUE.
@@ -36,6 +57,7 @@ pub enum Command {
     },
     /// Print a record's fields.
     Get {
+        /// The record's id, as `put` printed it.
         record_id: String,
         /// Only these fields (comma-separated).
         #[arg(long, value_delimiter = ',')]
@@ -49,6 +71,7 @@ pub enum Command {
     },
     /// Set and/or remove fields of a record.
     Update {
+        /// The record's id.
         record_id: String,
         /// Fields to set, as FIELD=VALUE.
         #[arg(value_parser = parse_assignment)]
@@ -58,11 +81,16 @@ pub enum Command {
         remove: Vec<String>,
     },
     /// Destroy a record and its data key.
-    Delete { record_id: String },
+    Delete {
+        /// The record's id.
+        record_id: String,
+    },
     /// List a subject's record ids and field names (never values).
     List {
+        /// The data subject's id.
         #[arg(long)]
         subject: String,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -89,6 +117,7 @@ pub enum Command {
     Keys(KeysCommand),
     /// Load generator over real gRPC: reports ops/s and latency percentiles.
     Bench {
+        /// What to measure.
         #[arg(value_enum)]
         op: BenchOp,
         /// Requests in flight at once.
@@ -121,6 +150,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (e.g. `khlang completions bash > /etc/bash_completion.d/khlang`).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,27 +163,39 @@ pub enum IdentityCommand {
     /// Create an identity with a role; prints its token once, or, for a privileged role, the id
     /// of the request a second identity must approve.
     Create {
+        /// The identity's name (a person or an application).
         name: String,
+        /// One of the regulations' roles.
         #[arg(long)]
         role: String,
     },
     /// List identities (never tokens).
     List {
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Revoke an identity: its tokens stop working at once.
-    Revoke { name: String },
+    Revoke {
+        /// The identity's name.
+        name: String,
+    },
     /// Requests for privileged identities waiting for a second identity's approval.
     Requests {
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Approve another identity's request; prints the new identity's token once.
-    Approve { request_id: String },
+    Approve {
+        /// The request's id, as `identity create` printed it.
+        request_id: String,
+    },
     /// Refuse a request (or withdraw your own); nothing is created.
     Refuse {
+        /// The request's id.
         request_id: String,
+        /// Why (recorded in the audit log).
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -160,6 +207,7 @@ pub enum RegulationsCommand {
     Reload,
     /// Show the version, roles, purposes and fields in force.
     Show {
+        /// JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -168,12 +216,24 @@ pub enum RegulationsCommand {
 #[derive(Subcommand)]
 pub enum ConsentCommand {
     /// Record the subject's consent to a purpose.
-    Grant { subject: String, purpose: String },
+    Grant {
+        /// The data subject's id.
+        subject: String,
+        /// One of the regulations' purposes.
+        purpose: String,
+    },
     /// Record that the subject withdrew consent / opted out of a purpose.
-    Withdraw { subject: String, purpose: String },
+    Withdraw {
+        /// The data subject's id.
+        subject: String,
+        /// One of the regulations' purposes.
+        purpose: String,
+    },
     /// Show the subject's current choices and their history.
     Show {
+        /// The data subject's id.
         subject: String,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -182,9 +242,15 @@ pub enum ConsentCommand {
 #[derive(Subcommand)]
 pub enum SubjectCommand {
     /// Every record of the subject, decrypted, as JSON.
-    Export { subject: String },
+    Export {
+        /// The data subject's id.
+        subject: String,
+    },
     /// Destroy every record and data key of the subject.
-    Erase { subject: String },
+    Erase {
+        /// The data subject's id.
+        subject: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +270,7 @@ pub enum OperatorCommand {
     Seal,
     /// Change a custodian's passphrase (no token needed: the old passphrase is the credential).
     Passwd {
+        /// Custodian number, 1..N.
         #[arg(long, default_value_t = 1)]
         custodian: u32,
         /// Old passphrase on the first line, new on the second (instead of prompts).
@@ -213,13 +280,16 @@ pub enum OperatorCommand {
     /// Start a rekey ceremony: a new root key split among new custodians (needs key_admin).
     /// Prints the nonce to hand to the custodians; nothing changes until they finish.
     Rekey {
+        /// How many custodians will hold a share of the new root key.
         #[arg(long)]
         custodians: u32,
+        /// How many of them it takes to unseal.
         #[arg(long)]
         threshold: u32,
     },
     /// A new custodian sets their own new passphrase in a rekey ceremony (no token needed).
     RekeyPassphrase {
+        /// The ceremony's nonce, as `operator rekey` printed it.
         #[arg(long, env = "KHLANG_REKEY_NONCE")]
         nonce: String,
         /// New custodian number, 1..N.
@@ -232,11 +302,13 @@ pub enum OperatorCommand {
     /// A current custodian approves a rekey ceremony with their current passphrase (no token
     /// needed); the approval that reaches the unseal threshold replaces the root key.
     RekeyApprove {
+        /// The ceremony's nonce, as `operator rekey` printed it.
         #[arg(long, env = "KHLANG_REKEY_NONCE")]
         nonce: String,
         /// Current custodian number, 1..N.
         #[arg(long)]
         custodian: u32,
+        /// Read the current passphrase from this file (first line) instead of a prompt.
         #[arg(long)]
         passphrase_file: Option<std::path::PathBuf>,
     },
@@ -256,15 +328,21 @@ pub enum KeysCommand {
         /// Skip counting data keys per version (a scan of every record).
         #[arg(long)]
         no_count: bool,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Destroy a KEK version; refused while any data key still references it.
-    Retire { version: u32 },
+    Retire {
+        /// The KEK version (see `keys status`).
+        version: u32,
+    },
     /// Fresh data keys and ciphertexts (after a suspected key compromise).
     Reencrypt {
+        /// One record, now.
         #[arg(long, conflicts_with_all = ["subject", "all"])]
         record: Option<String>,
+        /// Every record of one data subject, now.
         #[arg(long, conflicts_with = "all")]
         subject: Option<String>,
         /// Every record, by a background job (follow it with `khlang keys status --watch`).
@@ -275,7 +353,9 @@ pub enum KeysCommand {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum BenchOp {
+    /// Store records.
     Put,
+    /// Read records written first.
     Get,
     /// The baseline: `ListRecords` of a subject that has none — authenticated, decided and
     /// audited like a read, with no record and no crypto. Put and Get are reported against it.
@@ -289,33 +369,114 @@ fn parse_assignment(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The operations the vault records (a filter naming another matches nothing, so it is refused).
+pub const OPERATIONS: &[&str] = &[
+    "write",
+    "read",
+    "update",
+    "delete",
+    "list",
+    "export",
+    "erase",
+    "consent",
+    "audit_read",
+    "key_admin",
+    "identity_admin",
+    "regulations_admin",
+];
+
+/// A decision the regulations made.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum Decision {
+    /// The regulations allowed it.
+    Allow,
+    /// The regulations refused it.
+    Deny,
+    /// No decision was needed (unauthenticated, custodian and operator calls).
+    None,
+}
+
 #[derive(clap::Args, Debug, Default)]
 pub struct AuditFilters {
-    /// Entries at or after this time (milliseconds since the Unix epoch).
-    #[arg(long, default_value_t = 0)]
-    pub from_ms: u64,
-    /// Entries at or before this time (milliseconds since the Unix epoch).
-    #[arg(long, default_value_t = 0)]
-    pub to_ms: u64,
+    /// Entries at or after this time: RFC 3339 (`2026-12-01T08:00:00+07:00`), a local date and
+    /// time (`2026-12-01T08:00`, `2026-12-01`), or milliseconds since the Unix epoch.
+    #[arg(long, value_parser = parse_when, conflicts_with = "since")]
+    pub from: Option<u64>,
+    /// Entries at or before this time (as --from).
+    #[arg(long, value_parser = parse_when)]
+    pub to: Option<u64>,
+    /// Entries of the last DURATION (`90s`, `15m`, `2h`, `7d`).
+    #[arg(long, value_parser = parse_ago)]
+    pub since: Option<u64>,
+    /// Entries of this identity.
     #[arg(long, default_value = "")]
     pub identity: String,
+    /// Entries of identities with this role.
     #[arg(long, default_value = "")]
     pub role: String,
+    /// Entries about this data subject.
     #[arg(long, default_value = "")]
     pub subject: String,
+    /// Entries about this record.
     #[arg(long, default_value = "")]
     pub record: String,
-    /// e.g. read, write, audit_read.
-    #[arg(long, default_value = "")]
-    pub operation: String,
-    /// allow, deny or none.
-    #[arg(long, default_value = "")]
-    pub decision: String,
+    /// Entries of this operation.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(OPERATIONS))]
+    pub operation: Option<String>,
+    /// Entries with this decision.
+    #[arg(long, value_enum)]
+    pub decision: Option<Decision>,
+    /// Entries that stated this purpose.
     #[arg(long, default_value = "")]
     pub purpose: String,
     /// At most this many entries (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: u32,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A time given on the command line, as milliseconds since the Unix epoch.
+pub fn parse_when(s: &str) -> Result<u64, String> {
+    use jiff::tz::TimeZone;
+    let ms = if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    } else if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        t.as_millisecond()
+    } else if let Ok(dt) = s.parse::<jiff::civil::DateTime>() {
+        dt.to_zoned_datetime(TimeZone::system()).map_err(|e| e.to_string())?.timestamp().as_millisecond()
+    } else if let Ok(d) = s.parse::<jiff::civil::Date>() {
+        d.to_zoned_datetime(TimeZone::system()).map_err(|e| e.to_string())?.timestamp().as_millisecond()
+    } else {
+        return Err(format!(
+            "'{s}' is not a time: give RFC 3339 (2026-12-01T08:00:00+07:00), a local date and time \
+             (2026-12-01T08:00), a date (2026-12-01) or milliseconds since the Unix epoch"
+        ));
+    };
+    u64::try_from(ms).map_err(|_| format!("'{s}' is before 1970"))
+}
+
+/// `--since DURATION`: the time that long ago, in milliseconds since the Unix epoch.
+pub fn parse_ago(s: &str) -> Result<u64, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration: give e.g. 90s, 15m, 2h or 7d"))
+        .or_else(|e| {
+            // Days are a calendar unit to jiff; here a day is 24 hours.
+            s.strip_suffix('d')
+                .and_then(|n| n.parse::<i64>().ok())
+                .map(|n| jiff::SignedDuration::from_hours(n * 24))
+                .ok_or(e)
+        })?;
+    if d.is_negative() {
+        return Err(format!("'{s}': a duration back in time must be positive"));
+    }
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Ok(now_ms().saturating_sub(ms))
 }
 
 #[derive(Subcommand)]
@@ -324,12 +485,15 @@ pub enum AuditCommand {
     Query {
         #[command(flatten)]
         filters: AuditFilters,
+        /// JSON Lines (times in milliseconds) instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Every access to one person's data: who, when, for which purpose, allowed or denied (PDPA).
     Subject {
+        /// The data subject's id.
         subject: String,
+        /// JSON Lines instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -343,6 +507,7 @@ pub enum AuditCommand {
     /// Exit status: 0 intact, 2 broken, 3 unverified (nothing wrong found, but not everything is
     /// covered by a signature), 1 could not verify.
     Verify {
+        /// An export file (`audit export --output`) to verify without the vault.
         #[arg(long, requires = "public_key")]
         offline: Option<std::path::PathBuf>,
         /// The vault's audit public key (hex), from `khlang audit public-key`.
@@ -355,4 +520,50 @@ pub enum AuditCommand {
     },
     /// Print the Ed25519 public key that verifies this vault's checkpoints.
     PublicKey,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is (`--help` is the manual).
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "khlang", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+    }
+
+    #[test]
+    fn times_and_durations_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(parse_when("1764576000000").unwrap(), 1_764_576_000_000);
+        assert_eq!(parse_when("2025-12-01T08:00:00Z").unwrap(), 1_764_576_000_000);
+        assert_eq!(parse_when("2025-12-01T15:00:00+07:00").unwrap(), 1_764_576_000_000);
+        assert!(parse_when("2025-12-01T08:00").is_ok(), "a local date and time");
+        assert!(parse_when("2025-12-01").is_ok(), "a local date");
+        let e = parse_when("yesterday").unwrap_err();
+        assert!(e.contains("RFC 3339"), "{e}");
+        let now = now_ms();
+        let two_hours = parse_ago("2h").unwrap();
+        assert!((now - 7_200_000..=now - 7_200_000 + 5_000).contains(&two_hours));
+        let week = parse_ago("7d").unwrap();
+        assert!((now - 604_800_000..=now - 604_800_000 + 5_000).contains(&week));
+        assert!(parse_ago("90s").is_ok() && parse_ago("15m").is_ok());
+        assert!(parse_ago("soon").unwrap_err().contains("2h"));
+    }
 }

@@ -1,6 +1,17 @@
 //! `khlang`: the command-line client. Errors print the status code and message and exit non-zero.
 #![forbid(unsafe_code)]
 
+/// `println!` that ends the program quietly, as a killed-by-SIGPIPE program would (status 141),
+/// when standard output is closed (`khlang audit query | head -1`), instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
 mod bench;
 mod cli;
 
@@ -19,6 +30,42 @@ use cli::{
     AuditCommand, Cli, Command, ConsentCommand, IdentityCommand, KeysCommand, OperatorCommand,
     RegulationsCommand, SubjectCommand,
 };
+
+/// Standard output could not be written: a closed pipe ends the program quietly, anything else
+/// with a message.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
+/// Whether tables show times in UTC (`--utc`) rather than the local zone.
+static UTC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// A time for people: RFC 3339 to the second, in the local zone (or UTC with `--utc`); JSON
+/// output keeps milliseconds.
+fn when(ms: u64) -> String {
+    use jiff::tz::TimeZone;
+    if ms == 0 {
+        return "-".into();
+    }
+    let Ok(t) = jiff::Timestamp::from_millisecond(i64::try_from(ms).unwrap_or(i64::MAX)) else {
+        return format!("{ms} ms");
+    };
+    let tz = if UTC.get().copied().unwrap_or(false) { TimeZone::UTC } else { TimeZone::system() };
+    t.to_zoned_datetime(tz).strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
+}
+
+fn decision_name(d: cli::Decision) -> String {
+    match d {
+        cli::Decision::Allow => "allow",
+        cli::Decision::Deny => "deny",
+        cli::Decision::None => "none",
+    }
+    .to_owned()
+}
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     connect_as(cli, cli.token.as_deref()).await
@@ -83,14 +130,14 @@ fn print_seal(s: &SealStatus) {
         } else {
             s.received.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
         };
-        println!(
+        outln!(
             "SEALED: {} of {} needed custodians' shares given (custodians: {given}; {} in all)",
             s.received.len(),
             s.threshold,
             s.custodians
         );
     } else {
-        println!("unsealed ({} of {} custodians unseal)", s.threshold, s.custodians);
+        outln!("unsealed ({} of {} custodians unseal)", s.threshold, s.custodians);
     }
     if let Some(r) = &s.rekey {
         print_rekey(r);
@@ -107,13 +154,14 @@ fn numbers(list: &[u32]) -> String {
 
 fn print_rekey(r: &RekeyStatus) {
     if r.done {
-        println!(
+        outln!(
             "rekey done: a new root key, any {} of {} custodians unseal; the old shares no longer do",
-            r.threshold, r.custodians
+            r.threshold,
+            r.custodians
         );
         return;
     }
-    println!(
+    outln!(
         "rekey in progress (started by {}): new split {} of {}; new passphrases set: {}; approvals: {} of {} needed: {}",
         terminal_safe(&r.started_by),
         r.threshold,
@@ -158,17 +206,17 @@ fn job_line(k: &KeysStatus) -> Option<String> {
 }
 
 fn print_keys(k: &KeysStatus) {
-    println!("{:>7}  {:<13} {:>6}  {:>12}  note", "version", "state", "age", "data keys");
+    outln!("{:>7}  {:<13} {:>6}  {:>12}  note", "version", "state", "age", "data keys");
     for v in &k.versions {
         let note = match (v.overdue, k.cryptoperiod_days) {
             (true, Some(d)) => format!("OVERDUE: older than the {d}-day cryptoperiod; rotate"),
             _ => String::new(),
         };
         let count = v.data_keys.map_or_else(|| "-".to_owned(), |n| n.to_string());
-        println!("{:>7}  {:<13} {:>6}  {count:>12}  {note}", v.version, v.state, age(v.created_ms));
+        outln!("{:>7}  {:<13} {:>6}  {count:>12}  {note}", v.version, v.state, age(v.created_ms));
     }
     if let Some(line) = job_line(k) {
-        println!("{line}");
+        outln!("{line}");
     }
 }
 
@@ -236,35 +284,56 @@ fn terminal_safe(s: &str) -> String {
     out
 }
 
-fn cell(s: &str, width: usize) -> String {
-    let clean = terminal_safe(s);
-    if clean.chars().count() > width { clean.chars().take(width - 1).chain(['…']).collect() } else { clean }
-}
-
 fn print_audit(entries: &[AuditRecord], json: bool) {
     if json {
         for e in entries {
-            println!("{}", audit_json(e));
+            outln!("{}", audit_json(e));
         }
         return;
     }
-    println!(
-        "{:>6} {:>13} {:<20} {:<22} {:<14} {:<16} {:<6} {:<16} fields",
-        "seq", "time_ms", "identity", "role", "rpc", "purpose", "dec", "outcome"
-    );
-    for e in entries {
-        println!(
-            "{:>6} {:>13} {:<20} {:<22} {:<14} {:<16} {:<6} {:<16} {}",
-            e.seq,
-            e.time_ms,
-            cell(&e.identity, 20),
-            cell(&e.role, 22),
-            cell(&e.rpc, 14),
-            cell(&e.purpose, 16),
-            cell(&e.decision, 6),
-            cell(&e.outcome, 16),
-            cell(&e.fields.join(","), 60)
-        );
+    let header = ["seq", "time", "identity", "role", "rpc", "purpose", "decision", "outcome", "fields"];
+    let rows: Vec<[String; 9]> = entries
+        .iter()
+        .map(|e| {
+            [
+                e.seq.to_string(),
+                when(e.time_ms),
+                terminal_safe(&e.identity),
+                terminal_safe(&e.role),
+                terminal_safe(&e.rpc),
+                terminal_safe(&e.purpose),
+                terminal_safe(&e.decision),
+                terminal_safe(&e.outcome),
+                terminal_safe(&e.fields.join(",")),
+            ]
+        })
+        .collect();
+    print_table(&header, &rows);
+}
+
+/// A table whose columns are as wide as their widest value: nothing is cut.
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else {
+                out.push_str(cell);
+                out.extend(std::iter::repeat_n(' ', w - cell.chars().count() + 2));
+            }
+        }
+        out
+    };
+    outln!("{}", line(header.to_vec()));
+    for row in rows {
+        outln!("{}", line(row.iter().map(String::as_str).collect()));
     }
 }
 
@@ -285,25 +354,28 @@ const EXIT_BROKEN: u8 = 2;
 const EXIT_UNVERIFIED: u8 = 3;
 
 fn print_report(r: &ChainReport, verdict: &Verdict) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "entries {}  checkpoints {}  last verified checkpoint {}  newest entry {}",
-        r.entries, r.checkpoints, r.last_checkpoint, r.last_entry
+        r.entries,
+        r.checkpoints,
+        r.last_checkpoint,
+        r.last_entry
     );
     if !r.resumed_at.is_empty() {
         let at: Vec<String> = r.resumed_at.iter().map(u64::to_string).collect();
-        println!("verified on past breaks the vault carried forward at {}", at.join(", "));
+        outln!("verified on past breaks the vault carried forward at {}", at.join(", "));
     }
     match verdict {
         Verdict::Intact => {
-            println!("intact");
+            outln!("intact");
             Ok(())
         }
         Verdict::Broken(b) => {
-            println!("BROKEN: first untrustworthy entry {}: {}", b.seq, b.reason);
+            outln!("BROKEN: first untrustworthy entry {}: {}", b.seq, b.reason);
             Err(VerifyOutcome(EXIT_BROKEN).into())
         }
         Verdict::Unverified(why) => {
-            println!("UNVERIFIED: {why}");
+            outln!("UNVERIFIED: {why}");
             Err(VerifyOutcome(EXIT_UNVERIFIED).into())
         }
     }
@@ -315,6 +387,19 @@ fn load_witness(path: &std::path::Path) -> anyhow::Result<Vec<khlang_client::Che
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let _ = UTC.set(cli.utc);
+    if let Command::Completions { shell } = &cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut command, "khlang", &mut script);
+        let mut out = std::io::stdout().lock();
+        if let Err(e) =
+            std::io::Write::write_all(&mut out, &script).and_then(|()| std::io::Write::flush(&mut out))
+        {
+            stdout_failed(e);
+        }
+        return Ok(());
+    }
     // Offline verification needs no vault and no credentials.
     if let Command::Audit(AuditCommand::Verify { offline: Some(path), public_key: Some(key), witness }) =
         &cli.command
@@ -340,28 +425,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     match cli.command {
+        // Answered above, before connecting.
+        Command::Completions { .. } => {}
         Command::Put { subject, fields } => {
-            println!("{}", client.put(&subject, fields).await?);
+            outln!("{}", client.put(&subject, fields).await?);
         }
         Command::Get { record_id, fields, purpose, json } => {
             let record = client.get(&record_id, &fields, purpose.as_deref()).await?;
             if json {
-                println!("{}", record_json(&record));
+                outln!("{}", record_json(&record));
             } else {
                 let width = record.fields.keys().map(String::len).max().unwrap_or(0);
                 for (name, value) in &record.fields {
                     let shown = Zeroizing::new(terminal_safe(value.expose_secret()));
-                    println!("{:<width$}  {}", terminal_safe(name), shown.as_str());
+                    outln!("{:<width$}  {}", terminal_safe(name), shown.as_str());
                 }
             }
         }
         Command::Update { record_id, fields, remove } => {
             let names = client.update(&record_id, fields, &remove).await?;
-            println!("{}", names.join(","));
+            outln!("{}", names.join(","));
         }
         Command::Delete { record_id } => {
             client.delete(&record_id).await?;
-            println!("deleted {record_id}");
+            outln!("deleted {record_id}");
         }
         Command::List { subject, json } => {
             let records = client.list(&subject).await?;
@@ -370,10 +457,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|r| serde_json::json!({"record_id": r.record_id, "fields": r.field_names}))
                     .collect();
-                println!("{}", serde_json::Value::Array(rows));
+                outln!("{}", serde_json::Value::Array(rows));
             } else {
                 for r in &records {
-                    println!("{}  {}", r.record_id, r.field_names.join(","));
+                    outln!("{}  {}", r.record_id, r.field_names.join(","));
                 }
             }
         }
@@ -381,15 +468,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             IdentityCommand::Create { name, role } => match client.create_identity(&name, &role).await? {
                 IdentityCreation::Created(token) => {
                     eprintln!("Token for identity '{name}' (role {role}), shown once:");
-                    println!("{}", token.expose_secret());
+                    outln!("{}", token.expose_secret());
                 }
                 IdentityCreation::Pending(r) => {
                     eprintln!(
                         "Role '{role}' needs a second identity's approval: `khlang identity approve {}` \
-                             (expires at {} ms)",
-                        r.id, r.expires_ms
+                             (expires {})",
+                        r.id,
+                        when(r.expires_ms)
                     );
-                    println!("{}", r.id);
+                    outln!("{}", r.id);
                 }
             },
             IdentityCommand::Requests { json } => {
@@ -403,10 +491,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 "expires_ms": r.expires_ms})
                         })
                         .collect();
-                    println!("{}", serde_json::Value::Array(rows));
+                    outln!("{}", serde_json::Value::Array(rows));
                 } else {
                     for r in &list {
-                        println!(
+                        outln!(
                             "{}  {:<28} {:<24} requested by {}",
                             r.id,
                             terminal_safe(&r.name),
@@ -419,11 +507,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             IdentityCommand::Approve { request_id } => {
                 let token = client.approve_identity(&request_id).await?;
                 eprintln!("Request {request_id} approved; the new identity's token, shown once:");
-                println!("{}", token.expose_secret());
+                outln!("{}", token.expose_secret());
             }
             IdentityCommand::Refuse { request_id, reason } => {
                 client.refuse_identity(&request_id, &reason).await?;
-                println!("refused {request_id}");
+                outln!("refused {request_id}");
             }
             IdentityCommand::List { json } => {
                 let ids = client.list_identities().await?;
@@ -435,17 +523,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 "created_by": i.created_by, "revoked_ms": i.revoked_ms})
                         })
                         .collect();
-                    println!("{}", serde_json::Value::Array(rows));
+                    outln!("{}", serde_json::Value::Array(rows));
                 } else {
                     for i in &ids {
                         let state = if i.revoked_ms.is_some() { "revoked" } else { "active" };
-                        println!("{:<28} {:<24} {state:<8} created by {}", i.name, i.role, i.created_by);
+                        outln!("{:<28} {:<24} {state:<8} created by {}", i.name, i.role, i.created_by);
                     }
                 }
             }
             IdentityCommand::Revoke { name } => {
                 client.revoke_identity(&name).await?;
-                println!("revoked {name}");
+                outln!("revoked {name}");
             }
         },
         Command::Regulations(cmd) => {
@@ -454,43 +542,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 RegulationsCommand::Show { json } => (client.regulations().await?, json),
             };
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"version": info.version, "organisation": info.organisation,
                         "roles": info.roles, "purposes": info.purposes, "fields": info.fields, "warnings": info.warnings})
                 );
             } else {
-                println!("version       {}", info.version);
-                println!("organisation  {}", info.organisation);
-                println!("roles         {}", info.roles.join(", "));
-                println!("purposes      {}", info.purposes.join(", "));
-                println!("fields        {}", info.fields.join(", "));
+                outln!("version       {}", info.version);
+                outln!("organisation  {}", info.organisation);
+                outln!("roles         {}", info.roles.join(", "));
+                outln!("purposes      {}", info.purposes.join(", "));
+                outln!("fields        {}", info.fields.join(", "));
                 for w in &info.warnings {
-                    println!("warning       {w}");
+                    outln!("warning       {w}");
                 }
             }
         }
         Command::Consent(cmd) => match cmd {
             ConsentCommand::Grant { subject, purpose } => {
                 let c = client.set_consent(&subject, &purpose, true).await?;
-                println!("{}: granted by {}", c.purpose, c.recorded_by);
+                outln!("{}: granted by {}", c.purpose, c.recorded_by);
             }
             ConsentCommand::Withdraw { subject, purpose } => {
                 let c = client.set_consent(&subject, &purpose, false).await?;
-                println!("{}: withdrawn by {}", c.purpose, c.recorded_by);
+                outln!("{}: withdrawn by {}", c.purpose, c.recorded_by);
             }
             ConsentCommand::Show { subject, json } => {
                 let (current, history) = client.consent(&subject).await?;
                 if json {
                     let cur: Vec<_> = current.iter().map(consent_json).collect();
                     let hist: Vec<_> = history.iter().map(consent_json).collect();
-                    println!("{}", serde_json::json!({"current": cur, "history": hist}));
+                    outln!("{}", serde_json::json!({"current": cur, "history": hist}));
                 } else {
                     for c in &current {
                         let state = if c.granted { "granted" } else { "withdrawn" };
-                        println!("{:<24} {state:<10} at {} by {}", c.purpose, c.at_ms, c.recorded_by);
+                        outln!("{:<24} {state:<10} at {} by {}", c.purpose, when(c.at_ms), c.recorded_by);
                     }
-                    println!("({} changes recorded)", history.len());
+                    outln!("({} changes recorded)", history.len());
                 }
             }
         },
@@ -501,24 +589,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|r| serde_json::json!({"record_id": r.record_id, "fields": record_json(r)}))
                     .collect();
-                println!("{}", serde_json::json!({"subject_id": subject, "records": rows}));
+                outln!("{}", serde_json::json!({"subject_id": subject, "records": rows}));
             }
             SubjectCommand::Erase { subject } => {
                 let n = client.erase_subject(&subject).await?;
-                println!("erased {n} records of the subject and their data keys");
+                outln!("erased {n} records of the subject and their data keys");
             }
         },
         Command::Audit(cmd) => match cmd {
             AuditCommand::Query { filters: f, json } => {
                 let q = AuditQuery {
-                    from_ms: f.from_ms,
-                    to_ms: f.to_ms,
+                    from_ms: f.from.or(f.since).unwrap_or(0),
+                    to_ms: f.to.unwrap_or(0),
                     identity: f.identity,
                     role: f.role,
                     subject_id: f.subject,
                     record_id: f.record,
-                    operation: f.operation,
-                    decision: f.decision,
+                    operation: f.operation.unwrap_or_default(),
+                    decision: f.decision.map(decision_name).unwrap_or_default(),
                     purpose: f.purpose,
                     limit: f.limit,
                 };
@@ -568,13 +656,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let live = client.verify_audit(&heads).await?;
                 if live.break_open {
-                    println!(
+                    outln!(
                         "the vault found its log damaged and refuses data requests until the operator accepts the break"
                     );
                 }
                 print_report(&live.report, &live.verdict)?
             }
-            AuditCommand::PublicKey => println!("{}", client.audit_public_key().await?),
+            AuditCommand::PublicKey => outln!("{}", client.audit_public_key().await?),
         },
         Command::Operator(cmd) => match cmd {
             OperatorCommand::Status => print_seal(&client.seal_status().await?),
@@ -597,7 +685,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 client.change_passphrase(custodian, &p[0], &p[1]).await?;
-                println!("custodian {custodian}'s passphrase changed");
+                outln!("custodian {custodian}'s passphrase changed");
             }
             OperatorCommand::Rekey { custodians, threshold } => {
                 let r = client.rekey(threshold, custodians).await?;
@@ -607,7 +695,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                      run `khlang operator rekey-approve --nonce N --custodian I`.",
                     r.approvals_needed
                 );
-                println!("{}", r.nonce.as_ref().map(|n| n.expose_secret()).unwrap_or_default());
+                outln!("{}", r.nonce.as_ref().map(|n| n.expose_secret()).unwrap_or_default());
             }
             OperatorCommand::RekeyPassphrase { nonce, custodian, passphrase_file } => {
                 let p = passphrases(
@@ -631,14 +719,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             OperatorCommand::RekeyCancel => {
                 client.rekey_cancel().await?;
-                println!("rekey ceremony cancelled; nothing changed");
+                outln!("rekey ceremony cancelled; nothing changed");
             }
         },
         Command::Keys(cmd) => match cmd {
             KeysCommand::Rotate => {
                 let k = client.rotate_key().await?;
                 print_keys(&k);
-                println!("follow the rewrap with `khlang keys status --watch`");
+                outln!("follow the rewrap with `khlang keys status --watch`");
             }
             KeysCommand::Status { watch, no_count, json } => {
                 if watch {
@@ -657,14 +745,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let k = client.key_status(!no_count).await?;
                 if json {
-                    println!("{}", keys_json(&k));
+                    outln!("{}", keys_json(&k));
                 } else {
                     print_keys(&k);
                 }
             }
             KeysCommand::Retire { version } => {
                 client.retire_key(version).await?;
-                println!("KEK v{version} retired: destroyed, no data key referenced it");
+                outln!("KEK v{version} retired: destroyed, no data key referenced it");
             }
             KeysCommand::Reencrypt { record, subject, all } => {
                 let target = match (record, subject, all) {
@@ -676,11 +764,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let background = target == ReencryptTarget::All;
                 let n = client.reencrypt(target).await?;
                 if background {
-                    println!(
+                    outln!(
                         "re-encrypting {n} records in the background; follow with `khlang keys status --watch`"
                     );
                 } else {
-                    println!("re-encrypted {n} records: new data keys, new ciphertexts, same values");
+                    outln!("re-encrypted {n} records: new data keys, new ciphertexts, same values");
                 }
             }
         },
@@ -709,9 +797,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clients.extend(extra_connections);
             let report = bench::run(clients, plan, prefill).await?;
             if json {
-                println!("{}", report.to_json());
+                outln!("{}", report.to_json());
             } else {
-                println!(
+                outln!(
                     "{:?} x{}: {:.0} ops/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  ({} ok, {} errors, {:.1} s)",
                     op,
                     concurrency,
@@ -731,15 +819,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print to stdout and succeed; a usage error is status 64.
+        Err(e) => {
+            let usage = e.use_stderr();
+            if let Err(io) = e.print() {
+                stdout_failed(io);
+            }
+            return if usage { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<VerifyOutcome>() {
             Some(VerifyOutcome(code)) => ExitCode::from(*code),
             None => {
                 eprintln!("error: {e:#}");
-                ExitCode::FAILURE
+                ExitCode::from(exit_status(&e))
             }
         },
+    }
+}
+
+const EXIT_USAGE: u8 = 64;
+
+/// The exit status of a failed command, by the vault's status code (table: [`cli::EXIT_STATUSES`]).
+fn exit_status(e: &anyhow::Error) -> u8 {
+    use khlang_client::{ClientError, Code};
+    let Some(client) = e.chain().find_map(|c| c.downcast_ref::<ClientError>()) else { return 1 };
+    match client {
+        ClientError::Connect { .. } => 17,
+        ClientError::InvalidAddress(_) | ClientError::InvalidToken | ClientError::Tls(_) => EXIT_USAGE,
+        ClientError::Status { code, .. } => match code {
+            Code::InvalidArgument | Code::OutOfRange => 10,
+            Code::NotFound => 11,
+            Code::AlreadyExists => 12,
+            Code::PermissionDenied => 13,
+            Code::Unauthenticated => 14,
+            Code::ResourceExhausted => 15,
+            Code::FailedPrecondition | Code::Aborted => 16,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => 17,
+            Code::DataLoss => 18,
+            _ => 1,
+        },
+        _ => 1,
     }
 }

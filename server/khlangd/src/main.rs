@@ -6,6 +6,42 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` that ends the daemon quietly, as a killed-by-SIGPIPE program would (status 141),
+/// when standard output is closed (`khlangd init … | head -1`), instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
+/// One line for a failure: each cause once (a context that already quotes its cause's text is
+/// not followed by it again), no backtrace.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -559,25 +595,35 @@ fn print_dev_banner(
     warnings: &[&str],
     tls: bool,
 ) {
-    println!("Khlang development vault — NOT for real data (its passphrase is public).");
+    outln!("Khlang development vault — NOT for real data (its passphrase is public).");
     for w in warnings {
-        println!("{w}");
+        outln!("{w}");
     }
     let scheme = if tls { "https" } else { "http" };
-    println!("  data folder: {}", dir.display());
-    println!("  listening:   {scheme}://{listen}");
-    println!("  credentials: {}", dir.join(dev::CREDENTIALS_FILE).display());
-    println!();
-    println!("Connect with:");
-    println!("  export KHLANG_ADDR={scheme}://{listen}");
+    outln!("  data folder: {}", dir.display());
+    outln!("  listening:   {scheme}://{listen}");
+    outln!("  credentials: {}", dir.join(dev::CREDENTIALS_FILE).display());
+    outln!();
+    outln!("Connect with:");
+    outln!("  export KHLANG_ADDR={scheme}://{listen}");
     for (name, token) in &creds.0 {
-        println!("  export KHLANG_TOKEN={token}   # identity '{name}'");
+        outln!("  export KHLANG_TOKEN={token}   # identity '{name}'");
     }
-    println!();
+    outln!();
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match khlangd().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn khlangd() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KHLANG_LOG").unwrap_or_else(|_| "info".into()),
@@ -624,16 +670,16 @@ async fn main() -> anyhow::Result<()> {
             for name in &initial_identity {
                 tokens.push((name, vault.bootstrap_identity(name, &initial_role).await?));
             }
-            println!("Initialised a vault in {}", data_dir.display());
+            outln!("Initialised a vault in {}", data_dir.display());
             if custodians > 1 {
-                println!("Its root key is split among {custodians} custodians; any {threshold} unseal it.");
+                outln!("Its root key is split among {custodians} custodians; any {threshold} unseal it.");
             }
             if tokens.len() > 1 {
-                println!("Give each token to a different person: one approves what the other requests.");
+                outln!("Give each token to a different person: one approves what the other requests.");
             }
             for (name, token) in &tokens {
-                println!("Token for identity '{name}' (role {initial_role}; shown once, store it safely):");
-                println!("{}", token.expose_secret());
+                outln!("Token for identity '{name}' (role {initial_role}; shown once, store it safely):");
+                outln!("{}", token.expose_secret());
             }
         }
         Command::ArchiveAudit {
@@ -681,9 +727,9 @@ async fn main() -> anyhow::Result<()> {
             vault.flush().await?;
             if report.entries == 0 {
                 std::fs::remove_file(&output).ok();
-                println!("nothing to archive: no signed checkpoint is older than {older_than_days} days");
+                outln!("nothing to archive: no signed checkpoint is older than {older_than_days} days");
             } else {
-                println!(
+                outln!(
                     "archived entries {} to {} ({} entries) to {}; verify it with `khlang audit verify --offline`",
                     report.first,
                     report.last,
@@ -728,7 +774,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = bind(server.listen).await?;
             print_dev_banner(listener.local_addr()?, &data_dir, &creds, &bench.warnings(), tls.is_some());
             if vault.is_sealed() {
-                println!(
+                outln!(
                     "SEALED: the development passphrase was changed; unseal with \
                      `khlang operator unseal --custodian 1` and your new passphrase."
                 );
