@@ -929,3 +929,86 @@ async fn exit_statuses_tell_failures_apart_and_a_closed_pipe_is_no_panic() {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(!err.contains("Caused by") && !err.contains("backtrace"), "{err}");
 }
+
+/// `--log-format json`: every line of the server's log is one JSON object; each request has its
+/// line (rpc, identity, role, decision, status, latency, request id); unseal has one; and even at
+/// `trace`, with every library's lines, no value, subject id, record id or token appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_a_line_per_request_and_no_personal_data_even_at_trace() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("vault");
+    let mut child = Command::new(bin("khlangd"))
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .env("KHLANG_LOG", "trace")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let lines = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(a) = v["address"].as_str()
+            {
+                let _ = addr_tx.send(a.to_owned());
+            }
+            all.push(line);
+        }
+        all
+    });
+    let addr = format!("http://{}", addr_rx.recv_timeout(Duration::from_secs(30)).expect("khlangd listens"));
+    let token = dev_token(&data, "registration-app");
+    let mut app = khlang_client::Client::connect(&addr, &token).await.unwrap();
+    let subject = "json-log-subject-8841";
+    let id = app.put(subject, canary_fields()).await.unwrap();
+    app.get(&id, &[], Some("contact")).await.unwrap();
+    let clerk = dev_token(&data, "billing-clerk");
+    let mut clerk = khlang_client::Client::connect(&addr, &clerk).await.unwrap();
+    let denied = clerk.get(&id, &["home_address".into()], Some("billing")).await.unwrap_err();
+    assert_eq!(denied.code(), Some(khlang_client::Code::PermissionDenied));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lines = lines.join().unwrap();
+    assert!(lines.len() > 50, "trace writes plenty: {}", lines.len());
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object a line ({e}): {l}")))
+        .collect();
+    let requests: Vec<&serde_json::Value> =
+        parsed.iter().filter(|v| v["target"] == "khlang::request").collect();
+    let put = requests.iter().find(|v| v["rpc"] == "PutRecord").expect("a line for the put");
+    assert_eq!(
+        (put["identity"].as_str(), put["role"].as_str()),
+        (Some("registration-app"), Some("registration-app"))
+    );
+    assert_eq!((put["decision"].as_str(), put["status"].as_str()), (Some("allow"), Some("Ok")));
+    assert!(
+        put["latency_us"].as_u64().is_some() && put["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+        "{put}"
+    );
+    let deny = requests
+        .iter()
+        .find(|v| v["rpc"] == "GetRecord" && v["decision"] == "deny")
+        .expect("the denied read");
+    assert_eq!(deny["status"], "PermissionDenied");
+    assert!(parsed.iter().any(|v| v["message"] == "vault unsealed"), "an unseal line");
+    let secrets =
+        [CANARY_CARD, CANARY_NAME_TH, CANARY_ADDRESS_TH, CANARY_EMAIL, subject, id.as_str(), token.as_str()];
+    for line in &lines {
+        for s in secrets {
+            assert!(!line.contains(s), "the log holds '{s}': {line}");
+        }
+    }
+}

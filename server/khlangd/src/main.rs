@@ -61,8 +61,18 @@ use zeroize::Zeroizing;
 #[derive(Parser)]
 #[command(name = "khlangd", version, about = "Khlang encrypted personal-data vault server")]
 struct Cli {
+    /// How log lines are written to standard error: `text` for people, `json` (one object a
+    /// line) for a log collector. The level is KHLANG_LOG (default `info`: one line per request).
+    #[arg(long, env = "KHLANG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Where the vault's records, keys and identities live.
@@ -624,14 +634,23 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn khlangd() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KHLANG_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_env("KHLANG_LOG").unwrap_or_else(|_| "info".into());
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     match cli.command {
         Command::Init {
             data_dir,

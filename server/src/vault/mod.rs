@@ -930,6 +930,7 @@ impl Vault {
         mut run: impl FnMut(AuditEntry) -> Prepared<'s, T>,
     ) -> Result<T, VaultError> {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
         // A request that may write tells the store's group commit it is on its way.
         let _writing =
             Operation::parse(&entry.operation).filter(|op| op.may_write()).map(|_| self.store.begin_write());
@@ -959,6 +960,7 @@ impl Vault {
                 }
             }
             let wrote = !changes.is_empty();
+            let line = RequestLine::of(&record);
             let seq = match self.audit.commit(self.store.as_ref(), record, changes).await? {
                 Committed::Conflict => continue,
                 Committed::Done(seq) => seq,
@@ -969,6 +971,7 @@ impl Vault {
             } else {
                 self.audit.durable(seq).await?;
             }
+            line.log(seq, started.elapsed());
             return result;
         }
     }
@@ -1746,6 +1749,46 @@ if let Some(caller) = caller {
         self.install_regulations(next, serial);
         tracing::info!(version = %info.version, "regulations reloaded");
         Ok(info)
+    }
+}
+
+/// The server log's line for one request (target `khlang::request`, level info): what it was, who
+/// asked, what was decided and how it ended, how long it took — never a value, a subject or a
+/// record id (those are in the audit log, which is protected; the server log is not).
+struct RequestLine {
+    rpc: String,
+    identity: String,
+    role: String,
+    decision: &'static str,
+    status: &'static str,
+    request_id: String,
+}
+
+impl RequestLine {
+    fn of(entry: &AuditEntry) -> Self {
+        Self {
+            rpc: entry.rpc.clone(),
+            identity: entry.identity.clone(),
+            role: entry.role.clone(),
+            decision: entry.decision.as_str(),
+            status: entry.outcome.name(),
+            request_id: entry.request_id.clone(),
+        }
+    }
+
+    fn log(self, seq: u64, took: Duration) {
+        tracing::info!(
+            target: "khlang::request",
+            rpc = %self.rpc,
+            identity = %self.identity,
+            role = %self.role,
+            decision = self.decision,
+            status = self.status,
+            latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            request_id = %self.request_id,
+            audit_seq = seq,
+            "request"
+        );
     }
 }
 

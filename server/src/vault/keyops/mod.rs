@@ -248,6 +248,17 @@ impl Vault {
             }
             return Err(e);
         }
+        match &result {
+            Ok(s) if !s.sealed && was_sealed => tracing::info!(custodian, "vault unsealed"),
+            Ok(s) if s.sealed => tracing::info!(
+                custodian,
+                received = s.received.len(),
+                threshold = s.threshold,
+                "unseal share received"
+            ),
+            Err(e) => tracing::warn!(custodian, status = e.code_name(), "unseal refused"),
+            Ok(_) => {}
+        }
         if result.as_ref().is_ok_and(|s| !s.sealed) {
             self.job_signal.notify_one();
         }
@@ -430,8 +441,13 @@ impl Vault {
             }),
         )
         .await?;
+        let status = self.key_status_now(false).await;
+        if let Ok(s) = &status {
+            let version = s.versions.last().map(|v| v.version);
+            tracing::info!(by = %caller.identity.name, version, "KEK rotated; rewrapping data keys in the background");
+        }
         self.job_signal.notify_one();
-        self.key_status_now(false).await
+        status
     }
 
     fn require_encryption(&self) -> Result<(), VaultError> {
