@@ -38,6 +38,26 @@ pub fn on_postgres() -> bool {
     })
 }
 
+/// Waits (up to 3 s) until the server's health for `service` ("" for the server as a whole) is
+/// `serving` or not; returns whether it got there.
+pub async fn health_becomes(url: &str, service: &str, serving: bool) -> bool {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap().connect().await.unwrap();
+    let mut client = HealthClient::new(channel);
+    let want = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+    for _ in 0..60 {
+        let got =
+            client.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status();
+        if got == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Ends a test at once on PostgreSQL, saying why: it edits or reads sled's own files (the
 /// PostgreSQL tests in `tests/postgres.rs` attack the database's rows instead).
 #[macro_export]

@@ -221,8 +221,14 @@ async fn an_unwritable_audit_log_fails_closed() {
     let e = c.put("fail-closed", [("age", "50")]).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::Unavailable));
     assert_eq!(c.delete(&id).await.unwrap_err().code(), Some(Code::Unavailable));
+    // Health tells the truth: nothing but the operator service serves while entries cannot be
+    // written, and all of it again once they can.
+    assert!(health_becomes(&server.url(), "", false).await, "NOT_SERVING while the log is unwritable");
+    assert!(health_becomes(&server.url(), "khlang.v1.Records", false).await);
+    assert!(health_becomes(&server.url(), "khlang.v1.Operator", true).await);
 
     server.vault().inject_audit_failure(false);
+    assert!(health_becomes(&server.url(), "", true).await, "SERVING once it can be written again");
     let listed = c.list("fail-closed").await.unwrap();
     assert_eq!(listed.len(), 1, "the refused put left nothing, the refused delete removed nothing");
     assert_eq!(c.get(&id, &[], PURPOSE).await.unwrap().fields["card_number"].expose_secret(), CANARY_CARD);

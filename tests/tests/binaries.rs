@@ -1012,3 +1012,98 @@ async fn json_logs_have_a_line_per_request_and_no_personal_data_even_at_trace() 
         }
     }
 }
+
+/// SIGTERM with requests in flight: the requests in flight finish (each acknowledged or refused
+/// whole), the daemon signs a final checkpoint over its last entry, removes its PID file and exits
+/// promptly; restarted, every acknowledged write is there and the log verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight_signs_and_exits_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("vault");
+    let pid_file = dir.path().join("khlangd.pid");
+    let args = [
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+    ];
+    let (mut daemon, addr) = spawn_khlangd(&args);
+    let addr = addr.expect("khlangd dev starts");
+    let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_owned();
+    assert_eq!(pid, daemon.id().to_string(), "the PID file names the daemon");
+    let token = dev_token(&data, "registration-app");
+    let acknowledged: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let refused: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (acknowledged, refused, addr, token) =
+            (acknowledged.clone(), refused.clone(), addr.clone(), token.clone());
+        writers.push(tokio::spawn(async move {
+            let mut c = khlang_client::Client::connect(&addr, &token).await.unwrap();
+            for i in 0.. {
+                match c.put(&format!("term-subject-{w}-{i}"), [("email", CANARY_EMAIL)]).await {
+                    Ok(id) => acknowledged.lock().unwrap().push(id),
+                    Err(e) => {
+                        refused.lock().unwrap().push(format!("{:?}", e.code()));
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let signalled = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = daemon.wait().unwrap();
+        (status, daemon)
+    })
+    .await
+    .unwrap();
+    let took = signalled.elapsed();
+    assert!(status.0.success(), "{:?}", status.0);
+    assert!(took < Duration::from_secs(3), "exited {took:?} after SIGTERM");
+    for w in writers {
+        w.await.unwrap();
+    }
+    let ids = acknowledged.lock().unwrap().clone();
+    assert!(ids.len() > 20, "the burst was under way ({})", ids.len());
+    let refused = refused.lock().unwrap().clone();
+    // After the server's GOAWAY a stream the client had just opened is refused unprocessed
+    // (REFUSED_STREAM, which the client reports as Cancelled); nothing else may end a request.
+    assert!(
+        refused.iter().all(|c| c == "Some(Unavailable)" || c == "Some(Cancelled)"),
+        "refused otherwise: {refused:?}"
+    );
+    assert!(!pid_file.exists(), "the PID file is removed");
+    // The final checkpoint covers the last entry.
+    let audit = data.join("audit");
+    let mut last_entry = 0u64;
+    for (_, path) in khlang_server::audit::files::segments(&audit).unwrap() {
+        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned();
+        for l in text.lines() {
+            if let Some(seq) =
+                l.strip_prefix("e ").and_then(|r| r.split(' ').next()).and_then(|s| s.parse().ok())
+            {
+                last_entry = last_entry.max(seq);
+            }
+        }
+    }
+    let checkpoints = std::fs::read_to_string(audit.join("checkpoints.log")).unwrap();
+    let last_signed: u64 =
+        checkpoints.lines().last().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap();
+    assert_eq!(last_signed, last_entry, "the final checkpoint signs the last entry");
+    println!("SIGTERM → exit in {took:?}; {} writes acknowledged, {} refused", ids.len(), refused.len());
+
+    let (_daemon, addr) = spawn_khlangd(&args);
+    let addr = addr.expect("restarts");
+    let mut c = khlang_client::Client::connect(&addr, &token).await.unwrap();
+    for id in &ids {
+        c.get(id, &[], Some("contact")).await.unwrap_or_else(|e| panic!("acknowledged {id} lost: {e}"));
+    }
+    let mut sec = khlang_client::Client::connect(&addr, &dev_token(&data, "security-officer")).await.unwrap();
+    assert!(matches!(sec.verify_audit(&[]).await.unwrap().verdict, khlang_client::Verdict::Intact));
+}

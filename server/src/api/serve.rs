@@ -204,26 +204,32 @@ pub async fn serve(
             loop {
                 let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));
                 let sealed = vault.is_sealed();
-                if shown != Some((broken, sealed)) {
+                // Every request writes its entry first: a log that cannot be written serves
+                // nothing (the operator service still answers custodians, and says why).
+                let unwritable = !vault.audit_writable().await;
+                if shown != Some((broken, sealed, unwritable)) {
                     use tonic_health::ServingStatus::{NotServing, Serving};
                     let status = |down: bool| if down { NotServing } else { Serving };
                     // Sealed, only the operator service (custodians unseal through it) serves;
                     // with a broken log, the data services stop too.
-                    health.set_service_status("", status(broken || sealed)).await;
+                    health.set_service_status("", status(broken || sealed || unwritable)).await;
                     for name in [
                         <RecordsServer<Api> as tonic::server::NamedService>::NAME,
                         <SubjectsServer<Api> as tonic::server::NamedService>::NAME,
                     ] {
-                        health.set_service_status(name, status(broken || sealed)).await;
+                        health.set_service_status(name, status(broken || sealed || unwritable)).await;
                     }
                     for name in [
                         <AdminServer<Api> as tonic::server::NamedService>::NAME,
                         <AuditServer<Api> as tonic::server::NamedService>::NAME,
                         <KeysServer<Api> as tonic::server::NamedService>::NAME,
                     ] {
-                        health.set_service_status(name, status(sealed)).await;
+                        health.set_service_status(name, status(sealed || unwritable)).await;
                     }
-                    shown = Some((broken, sealed));
+                    if unwritable {
+                        tracing::error!("the audit log cannot be written: health NOT_SERVING");
+                    }
+                    shown = Some((broken, sealed, unwritable));
                 }
                 if vault.repeats_counting() {
                     // Summaries of repeated unauthenticated events, once their interval ends.

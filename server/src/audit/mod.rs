@@ -572,6 +572,7 @@ impl AuditLog {
             policy: options.checkpoints,
             order: order.clone(),
             failing: Default::default(),
+            last_failed: Default::default(),
             mine: Default::default(),
             witness: options.files.witness.clone(),
             node_witness: node_witness.clone(),
@@ -1111,6 +1112,24 @@ impl AuditLog {
     pub fn remove_archived(&self, last: u64) -> Result<(), StoreError> {
         let _head = lock(&self.head);
         self.file.remove_archived(last)
+    }
+
+    /// Whether an entry could be written now, as far as the log knows (health): its files have
+    /// not failed; on a shared chain, the newest batch did not fail, or a read of the chain's
+    /// head since says the database is back.
+    pub async fn writable(&self) -> bool {
+        if self.file.check_writable().is_err() {
+            return false;
+        }
+        let Some(batcher) = &self.shared else { return true };
+        let state = &batcher.state;
+        if state.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        if state.last_failed.load(std::sync::atomic::Ordering::Relaxed) && state.chain.tip().await.is_ok() {
+            state.last_failed.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        !state.last_failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Fault drill for tests: make every following append fail (or succeed again).

@@ -42,6 +42,9 @@ pub(super) struct State {
     pub order: Arc<tokio::sync::Mutex<()>>,
     /// Fault drill: every batch fails.
     pub failing: AtomicBool,
+    /// The newest batch failed (the database away): health says NOT_SERVING until a batch or
+    /// a probe of the chain succeeds.
+    pub last_failed: AtomicBool,
     /// The newest head this node appended (a verification's known head: the database's head row
     /// may not go back before it).
     pub mine: std::sync::Mutex<Option<AuditHead>>,
@@ -160,6 +163,7 @@ async fn run(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Pending>) {
         }
         let _order = state.order.lock().await;
         let results = commit_batch(&state, &mut batch).await;
+        state.last_failed.store(results.is_err(), Ordering::Relaxed);
         answer(&state, batch, results).await;
     }
 }

@@ -2005,6 +2005,11 @@ impl Vault {
         rx
     }
 
+    /// Whether the audit log can be written now (health).
+    pub async fn audit_writable(&self) -> bool {
+        self.audit.writable().await
+    }
+
     /// Whether the audit log holds a break the operator has not accepted (health).
     pub fn audit_state(&self) -> crate::audit::LogState {
         self.audit.state()
