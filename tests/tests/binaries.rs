@@ -1107,3 +1107,41 @@ async fn sigterm_drains_requests_in_flight_signs_and_exits_promptly() {
     let mut sec = khlang_client::Client::connect(&addr, &dev_token(&data, "security-officer")).await.unwrap();
     assert!(matches!(sec.verify_audit(&[]).await.unwrap().verdict, khlang_client::Verdict::Intact));
 }
+
+/// The example systemd unit (`server/khlangd/systemd/khlangd.service`) passes
+/// `systemd-analyze verify` without a warning, and every flag its ExecStart gives is one
+/// `khlangd serve` knows.
+#[test]
+fn the_example_systemd_unit_verifies_and_names_real_flags() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/khlangd/systemd/khlangd.service"),
+    )
+    .unwrap();
+    let exec: String = {
+        let start = unit.find("ExecStart=").unwrap();
+        let mut line = String::new();
+        for l in unit[start..].lines() {
+            line.push_str(l.trim_end_matches('\\'));
+            if !l.ends_with('\\') {
+                break;
+            }
+        }
+        line
+    };
+    let help = Command::new(bin("khlangd")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+        assert!(help.contains(flag), "khlangd serve has no {flag}");
+    }
+    let Ok(analyze) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("\n*** SKIPPED the systemd-analyze check: systemd-analyze is not installed ***\n");
+        return;
+    };
+    assert!(analyze.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("khlangd.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/khlangd", bin("khlangd").to_str().unwrap())).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify: {err}");
+}

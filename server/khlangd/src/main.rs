@@ -664,9 +664,8 @@ async fn khlangd() -> anyhow::Result<()> {
     // A line per request: written by a thread of its own (a request does not wait on stderr;
     // at 20,000 reads/s writing in place cost them 8-11%, bench/logging.sh). Never lossy: when the
     // writer falls behind, requests wait rather than lines vanish. Flushed when `_log` drops.
-    let (writer, _log) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
+    let (writer, _log) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
     match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter())
