@@ -15,6 +15,11 @@ pub enum VaultError {
     /// No valid credentials were presented.
     #[error("missing, malformed or unknown bearer token")]
     Unauthenticated,
+    /// A valid client certificate and a valid token name different identities.
+    #[error(
+        "the client certificate and the token name different identities: present one, or both of one identity"
+    )]
+    CredentialsDisagree,
     /// The caller is known but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -144,7 +149,7 @@ impl VaultError {
         match self {
             Self::InvalidArgument(_) => Outcome::InvalidArgument,
             Self::LimitExceeded(_) | Self::LockedOut => Outcome::ResourceExhausted,
-            Self::Unauthenticated => Outcome::Unauthenticated,
+            Self::Unauthenticated | Self::CredentialsDisagree => Outcome::Unauthenticated,
             Self::PermissionDenied(_) => Outcome::PermissionDenied,
             Self::NotFound(_) => Outcome::NotFound,
             Self::AlreadyExists(_) => Outcome::AlreadyExists,

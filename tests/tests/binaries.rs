@@ -1145,3 +1145,77 @@ fn the_example_systemd_unit_verifies_and_names_real_flags() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify: {err}");
 }
+
+/// `khlangd tls dev-certs` gives a person TLS and mutual TLS in two commands, and the client's
+/// errors say what to do when the TLS setup is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_certs_set_up_mutual_tls_and_tls_mistakes_say_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    let c = certs.to_str().unwrap();
+    let made = Command::new(bin("khlangd"))
+        .args(["tls", "dev-certs", c, "--client", "registration-app", "--client", "billing-clerk"])
+        .output()
+        .unwrap();
+    let said = stdout(&made);
+    assert!(said.contains("--tls-cert") && said.contains("--client-cert"), "says how to use them: {said}");
+    for (name, mode) in [
+        ("ca.pem", 0o644),
+        ("server.key", 0o600),
+        ("client-billing-clerk.key", 0o600),
+        ("client-registration-app.pem", 0o644),
+    ] {
+        assert_eq!(std::fs::metadata(certs.join(name)).unwrap().permissions().mode() & 0o777, mode, "{name}");
+    }
+    let again = Command::new(bin("khlangd")).args(["tls", "dev-certs", c]).output().unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not overwritten"));
+
+    let data = tmp.path().join("vault");
+    let (_daemon, addr) = spawn_khlangd(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--tls-cert",
+        &format!("{c}/server.pem"),
+        "--tls-key",
+        &format!("{c}/server.key"),
+        "--client-ca",
+        &format!("{c}/ca.pem"),
+        "--client-cert-optional",
+    ]);
+    let port = addr.expect("khlangd serves TLS").rsplit(':').next().unwrap().to_owned();
+    let https = format!("https://localhost:{port}");
+    let run = |addr: &str, token: Option<&str>, tls: &[String], args: &[&str]| {
+        let mut cmd = Command::new(bin("khlang"));
+        cmd.env_remove("KHLANG_TOKEN").arg("--addr").arg(addr).args(tls).args(args);
+        if let Some(t) = token {
+            cmd.env("KHLANG_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let ca = vec!["--ca-cert".to_owned(), format!("{c}/ca.pem")];
+    let mut cert = ca.clone();
+    cert.extend(["--client-cert".to_owned(), format!("{c}/client-registration-app.pem")]);
+    cert.extend(["--client-key".to_owned(), format!("{c}/client-registration-app.key")]);
+    // The certificate alone authenticates: its common name is the identity.
+    let id =
+        stdout(&run(&https, None, &cert, &["put", "--subject", "tls-subject", "age=41"])).trim().to_owned();
+    assert_eq!(id.len(), 36, "{id}");
+    // A token over TLS works too.
+    let app = dev_token(&data, "registration-app");
+    let listed = stdout(&run(&https, Some(&app), &ca, &["list", "--subject", "tls-subject"]));
+    assert!(listed.contains(&id), "{listed}");
+    let clerk = dev_token(&data, "billing-clerk");
+
+    let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = run(&https, Some(&clerk), &[], &["list", "--subject", "x"]);
+    assert!(!o.status.success() && err(&o).contains("pass --ca-cert"), "{}", err(&o));
+    let o = run(&format!("http://127.0.0.1:{port}"), Some(&clerk), &[], &["list", "--subject", "x"]);
+    assert!(!o.status.success() && err(&o).contains("https://"), "{}", err(&o));
+    let o = run(&https, Some(&clerk), &cert, &["list", "--subject", "x"]);
+    assert_eq!(o.status.code(), Some(14), "{}", err(&o));
+    assert!(err(&o).contains("different identities"), "{}", err(&o));
+}

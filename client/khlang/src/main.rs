@@ -78,6 +78,16 @@ async fn connect_as_anyone(cli: &Cli) -> anyhow::Result<Client> {
 async fn connect_as(cli: &Cli, token: Option<&str>) -> anyhow::Result<Client> {
     let read =
         |p: &std::path::PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    if cli.addr.starts_with("https://") && cli.ca_cert.is_none() {
+        anyhow::bail!(
+            "{} uses TLS: pass --ca-cert FILE (or KHLANG_CACERT), the CA that signed its certificate \
+             (`khlangd tls dev-certs` writes ca.pem)",
+            cli.addr
+        );
+    }
+    if cli.client_cert.is_some() && cli.ca_cert.is_none() {
+        anyhow::bail!("a client certificate needs TLS: use an https:// address and --ca-cert FILE");
+    }
     let tls = match &cli.ca_cert {
         Some(ca) => Some(TlsOptions {
             ca_pem: read(ca)?,
@@ -830,12 +840,16 @@ async fn main() -> ExitCode {
             return if usage { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
         }
     };
+    let (addr, client_cert) = (cli.addr.clone(), cli.client_cert.is_some());
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<VerifyOutcome>() {
             Some(VerifyOutcome(code)) => ExitCode::from(*code),
             None => {
                 eprintln!("error: {e:#}");
+                if let Some(hint) = hint(&e, &addr, client_cert) {
+                    eprintln!("hint: {hint}");
+                }
                 ExitCode::from(exit_status(&e))
             }
         },
@@ -843,6 +857,34 @@ async fn main() -> ExitCode {
 }
 
 const EXIT_USAGE: u8 = 64;
+
+/// What to do about a connection that failed in a way TLS explains.
+fn hint(e: &anyhow::Error, addr: &str, client_cert: bool) -> Option<&'static str> {
+    use khlang_client::{ClientError, Code};
+    let client = e.chain().find_map(|c| c.downcast_ref::<ClientError>())?;
+    let text = format!("{e:#}");
+    match client {
+        // Plaintext HTTP/2 to a TLS listener: the server reads garbage and hangs up.
+        ClientError::Status { code: Code::Cancelled | Code::Unavailable | Code::Unknown, .. }
+            if addr.starts_with("http://") =>
+        {
+            Some("if the server uses TLS, use an https:// address and --ca-cert FILE")
+        }
+        ClientError::Status { code: Code::Unavailable | Code::Unknown, .. } | ClientError::Connect { .. }
+            if addr.starts_with("https://")
+                && !client_cert
+                && (text.contains("certificate") || text.contains("handshake") || text.contains("alert")) =>
+        {
+            Some("the server requires a client certificate: pass --client-cert and --client-key")
+        }
+        ClientError::Connect { .. }
+            if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") =>
+        {
+            Some("the server's certificate is not signed by the CA given with --ca-cert")
+        }
+        _ => None,
+    }
+}
 
 /// The exit status of a failed command, by the vault's status code (table: [`cli::EXIT_STATUSES`]).
 fn exit_status(e: &anyhow::Error) -> u8 {

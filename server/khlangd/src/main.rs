@@ -69,6 +69,98 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a development CA, a server certificate and client certificates into DIR (keys 0600;
+    /// refuses to overwrite): `ca.pem`, `server.pem` + `server.key`, `client-NAME.pem` +
+    /// `client-NAME.key` for each --client, whose common name is the identity it authenticates as.
+    DevCerts {
+        /// The folder to write into (created if missing).
+        dir: PathBuf,
+        /// Names the server certificate is valid for (DNS names or IP addresses).
+        #[arg(long = "host", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+        hosts: Vec<String>,
+        /// Identities to make client certificates for (repeatable).
+        #[arg(long = "client", default_values_t = ["registration-app".to_owned()])]
+        clients: Vec<String>,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+    },
+}
+
+/// Writes the development certificates (see [`TlsCommand::DevCerts`]).
+fn dev_certs(dir: &Path, hosts: &[String], clients: &[String], days: u32) -> anyhow::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut written = Vec::new();
+    let mut write = |name: &str, text: &str, secret: bool| -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&path)
+            .with_context(|| format!("cannot create {} (it is not overwritten)", path.display()))?;
+        f.write_all(text.as_bytes())?;
+        written.push(path);
+        Ok(())
+    };
+    let now = std::time::SystemTime::now();
+    let until = now + Duration::from_secs(u64::from(days) * 86_400);
+    let validity = |p: &mut CertificateParams| {
+        p.not_before = now.into();
+        p.not_after = until.into();
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name.push(DnType::CommonName, "Khlang development CA");
+    validity(&mut ca);
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    write("ca.pem", &ca_pem, false)?;
+    write("ca.key", &ca_key.serialize_pem(), true)?;
+    let key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(hosts.to_vec())?;
+    server.distinguished_name.push(DnType::CommonName, "khlangd");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut server);
+    write("server.pem", &server.signed_by(&key, &issuer)?.pem(), false)?;
+    write("server.key", &key.serialize_pem(), true)?;
+    for name in clients {
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            bail!("--client '{name}': an identity name is letters, digits, '-', '_' and '.'");
+        }
+        let key = KeyPair::generate()?;
+        let mut client = CertificateParams::new(Vec::<String>::new())?;
+        client.distinguished_name.push(DnType::CommonName, name.as_str());
+        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut client);
+        write(&format!("client-{name}.pem"), &client.signed_by(&key, &issuer)?.pem(), false)?;
+        write(&format!("client-{name}.key"), &key.serialize_pem(), true)?;
+    }
+    for path in &written {
+        outln!("wrote {}", path.display());
+    }
+    let d = dir.display();
+    outln!(
+        "Serve:   khlangd dev --tls-cert {d}/server.pem --tls-key {d}/server.key --client-ca {d}/ca.pem --client-cert-optional"
+    );
+    if let Some(name) = clients.first() {
+        outln!(
+            "Connect: khlang --addr https://localhost:7420 --ca-cert {d}/ca.pem --client-cert {d}/client-{name}.pem --client-key {d}/client-{name}.key list --subject someone"
+        );
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum LogFormat {
     Text,
@@ -172,6 +264,9 @@ enum Command {
         #[command(flatten)]
         audit: AuditArgs,
     },
+    /// TLS certificates for trying TLS and mutual TLS out (not for production: use your own CA).
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Run on embedded defaults: a local folder, development unseal, the sample regulations and a
     /// printed token for each sample identity. Not for real data.
     Dev {
@@ -810,6 +905,9 @@ async fn khlangd() -> anyhow::Result<()> {
                 );
             }
             run(vault, bind(server.listen).await?, tls, server.pid_file.as_deref()).await?;
+        }
+        Command::Tls(TlsCommand::DevCerts { dir, hosts, clients, days }) => {
+            dev_certs(&dir, &hosts, &clients, days)?;
         }
         Command::Dev { data_dir, storage, server, bench } => {
             let options =

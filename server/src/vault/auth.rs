@@ -514,7 +514,8 @@ impl Vault {
             None => None,
         };
         let name = match (by_token, creds.certificate_name) {
-            (Some(t), Some(c)) if t != c => return Err(VaultError::Unauthenticated),
+            // The caller holds both, so saying they disagree tells it nothing it does not know.
+            (Some(t), Some(c)) if t != c => return Err(VaultError::CredentialsDisagree),
             (Some(t), _) => t,
             (None, Some(c)) => c.to_owned(),
             (None, None) => return Err(VaultError::Unauthenticated),
