@@ -14,6 +14,7 @@ pub mod audit;
 mod clock;
 pub mod dev;
 mod error;
+pub mod metrics;
 pub mod policy;
 pub mod storage;
 pub mod vault;

@@ -412,7 +412,7 @@ pub fn spawn_khlangd_logged(
     std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("address=").nth(1) {
+            if let Some(addr) = line.split(" address=").nth(1) {
                 let _ = tx.send(Ok(addr.split_whitespace().next().unwrap_or_default().to_owned()));
             }
             all.push_str(&line);

@@ -1219,3 +1219,108 @@ async fn dev_certs_set_up_mutual_tls_and_tls_mistakes_say_what_to_do() {
     assert_eq!(o.status.code(), Some(14), "{}", err(&o));
     assert!(err(&o).contains("different identities"), "{}", err(&o));
 }
+
+/// A scraped sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// `--metrics-listen`: Prometheus text on its own listener, scraped over HTTP and parsed: request
+/// counts by RPC and status, latency histograms, decisions by role, purpose and decision, audit
+/// sync latency, chain state, sealed, lockouts; no label carries a subject, record id, value,
+/// identity or a purpose the regulations do not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_parsed_and_carry_no_personal_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("vault");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let (_daemon, addr) = spawn_khlangd(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--metrics-listen",
+        &metrics,
+    ]);
+    let addr = addr.expect("khlangd dev starts");
+    let mut app = khlang_client::Client::connect(&addr, &dev_token(&data, "registration-app")).await.unwrap();
+    let subject = "metrics-subject-5512";
+    let id = app.put(subject, canary_fields()).await.unwrap();
+    app.get(&id, &[], Some("contact")).await.unwrap();
+    let smuggled = "somchai-in-a-purpose";
+    assert!(app.get(&id, &[], Some(smuggled)).await.is_err());
+    let mut clerk = khlang_client::Client::connect(&addr, &dev_token(&data, "billing-clerk")).await.unwrap();
+    assert!(clerk.get(&id, &["home_address".into()], Some("billing")).await.is_err());
+    tokio::time::sleep(Duration::from_millis(1300)).await; // the gauges' next round
+    let scrape = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    let (head, body) = scrape.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Parse every sample line: name{labels} value.
+    let mut samples: Vec<Sample> = Vec::new();
+    for line in body.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let labels = rest.trim_end_matches('}').split("\",").filter(|p| !p.is_empty()).map(|p| {
+                    let (k, v) = p.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line}"));
+                    (k.to_owned(), v.trim_end_matches('"').to_owned())
+                });
+                (n.to_owned(), labels.collect())
+            }
+            None => (series.to_owned(), Vec::new()),
+        };
+        samples.push((name, labels, value));
+    }
+    let find = |name: &str, want: &[(&str, &str)]| {
+        samples.iter().find(|(n, labels, _)| {
+            n == name && want.iter().all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+    };
+    assert!(
+        find("khlang_requests_total", &[("rpc", "PutRecord"), ("status", "Ok")]).is_some_and(|s| s.2 >= 1.0)
+    );
+    assert!(find("khlang_requests_total", &[("rpc", "GetRecord"), ("status", "PermissionDenied")]).is_some());
+    assert!(
+        find("khlang_request_duration_seconds_bucket", &[("rpc", "GetRecord"), ("le", "+Inf")]).is_some()
+    );
+    assert!(
+        find(
+            "khlang_decisions_total",
+            &[("role", "billing-clerk"), ("purpose", "billing"), ("decision", "deny")]
+        )
+        .is_some()
+    );
+    assert!(
+        find(
+            "khlang_decisions_total",
+            &[("role", "registration-app"), ("purpose", "contact"), ("decision", "allow")]
+        )
+        .is_some()
+    );
+    assert!(find("khlang_audit_sync_seconds_count", &[]).is_some_and(|s| s.2 >= 1.0));
+    assert_eq!(find("khlang_sealed", &[]).map(|s| s.2), Some(0.0));
+    assert_eq!(find("khlang_audit_chain_state", &[("state", "broken")]).map(|s| s.2), Some(0.0));
+    assert!(find("khlang_audit_checkpoint_age_seconds", &[]).is_some());
+    assert!(find("khlang_locked_out_credentials", &[]).is_some());
+    for (name, labels, _) in &samples {
+        for (k, v) in labels {
+            for secret in [CANARY_CARD, CANARY_EMAIL, CANARY_NAME_TH, subject, id.as_str(), smuggled] {
+                assert!(!v.contains(secret), "{name}{{{k}={v}}} carries '{secret}'");
+            }
+            assert_ne!(k, "identity", "{name}: identities are not labels");
+        }
+    }
+    // The read with a purpose the regulations do not know was refused before any decision: counted
+    // by status, its purpose nowhere.
+    assert!(find("khlang_requests_total", &[("rpc", "GetRecord"), ("status", "InvalidArgument")]).is_some());
+}

@@ -406,6 +406,10 @@ struct ServerArgs {
     /// `kill -HUP $(cat FILE)` and service managers.
     #[arg(long, env = "KHLANG_PID_FILE")]
     pid_file: Option<PathBuf>,
+    /// Serve Prometheus metrics (text format, `GET /metrics`) on this address, apart from the
+    /// API; off unless given. Labels never carry an identity, subject, record id or value.
+    #[arg(long, env = "KHLANG_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Failures of one credential (a token, a custodian's passphrase) within 15 minutes that lock
     /// it out, from any address (PCI DSS 8.3.4: at most 10); an address failing more than this is
     /// throttled, never locked.
@@ -637,6 +641,23 @@ fn serve_passphrases(args: &PassphraseArgs) -> anyhow::Result<Vec<(u8, Zeroizing
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
+}
+
+/// Installs the Prometheus exporter on its own listener (it runs on this runtime).
+fn serve_metrics(listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let Some(listen) = listen else { return Ok(()) };
+    let seconds = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+    let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("khlang_audit_batch_requests".into()), &sizes))
+        .context("metrics buckets")?
+        .install()
+        .with_context(|| format!("cannot serve metrics on {listen}"))?;
+    tracing::info!(metrics_address = %listen, "serving metrics (GET /metrics)");
+    Ok(())
 }
 
 /// The PID file while the daemon runs: written once it listens, removed when it stops.
@@ -904,6 +925,7 @@ async fn khlangd() -> anyhow::Result<()> {
                     "serving SEALED: custodians unseal with `khlang operator unseal`"
                 );
             }
+            serve_metrics(server.metrics_listen)?;
             run(vault, bind(server.listen).await?, tls, server.pid_file.as_deref()).await?;
         }
         Command::Tls(TlsCommand::DevCerts { dir, hosts, clients, days }) => {
@@ -926,6 +948,7 @@ async fn khlangd() -> anyhow::Result<()> {
                 );
             }
             drop(creds);
+            serve_metrics(server.metrics_listen)?;
             run(vault, listener, tls, server.pid_file.as_deref()).await?;
         }
     }

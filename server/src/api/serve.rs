@@ -201,7 +201,13 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut shown = None;
             let mut history_checked = false;
+            let mut ticks: u64 = 0;
             loop {
+                // Gauges every second; the store's size (a count) every half minute.
+                if ticks.is_multiple_of(4) {
+                    crate::metrics::observe(&vault, ticks.is_multiple_of(120)).await;
+                }
+                ticks += 1;
                 let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));
                 let sealed = vault.is_sealed();
                 // Every request writes its entry first: a log that cannot be written serves

@@ -603,6 +603,7 @@ impl Shared {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let Drained { file, checkpoints, witness, signed, upto, tagged } = self.drain()?;
         // Entries first: a checkpoint on disk without its entry would read as a truncation.
         file.sync_data().map_err(|e| self.fail(io_error(e)))?;
@@ -637,6 +638,7 @@ impl Shared {
             }
             _ => false,
         });
+        crate::metrics::audit_sync(started.elapsed());
         Ok(())
     }
 }

@@ -1114,6 +1114,23 @@ impl AuditLog {
         self.file.remove_archived(last)
     }
 
+    /// Whether the tail was verified since the log was opened (at the first unlock).
+    pub fn tail_checked(&self) -> bool {
+        lock(&self.integrity).checked
+    }
+
+    /// How long ago the newest checkpoint was signed (by any node, on a shared chain).
+    pub async fn checkpoint_age(&self) -> Option<Duration> {
+        match &self.shared {
+            Some(batcher) => {
+                let tip = batcher.state.chain.tip().await.ok()?;
+                (tip.signed_ms > 0)
+                    .then(|| Duration::from_millis(crate::clock::now_ms().saturating_sub(tip.signed_ms)))
+            }
+            None => Some(lock(&self.head).checkpointed_at.elapsed()),
+        }
+    }
+
     /// Whether an entry could be written now, as far as the log knows (health): its files have
     /// not failed; on a shared chain, the newest batch did not fail, or a read of the chain's
     /// head since says the database is back.

@@ -260,6 +260,7 @@ impl PgChain {
         done?;
         committed?;
         self.held.record(sets.len(), locked.elapsed());
+        crate::metrics::audit_batch(sets.len(), locked.elapsed());
         self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.stats.writes.fetch_add(sets.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(applied)

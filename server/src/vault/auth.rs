@@ -146,6 +146,12 @@ impl AuthGuard {
         creds.extend(records);
     }
 
+    /// How many credentials are locked out at `now_ms` (metrics).
+    pub(crate) fn locked_now(&self, now_ms: u64) -> usize {
+        let creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        creds.values().filter(|r| r.locked_until_ms.is_some_and(|until| now_ms < until)).count()
+    }
+
     pub(crate) fn credential_locked(&self, c: &Credential, now_ms: u64) -> bool {
         let creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
         creds.get(c).and_then(|r| r.locked_until_ms).is_some_and(|until| now_ms < until)

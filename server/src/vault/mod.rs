@@ -960,7 +960,7 @@ impl Vault {
                 }
             }
             let wrote = !changes.is_empty();
-            let line = RequestLine::of(&record);
+            let line = RequestLine::of(&record, &self.regulations());
             let seq = match self.audit.commit(self.store.as_ref(), record, changes).await? {
                 Committed::Conflict => continue,
                 Committed::Done(seq) => seq,
@@ -1759,17 +1759,25 @@ struct RequestLine {
     rpc: String,
     identity: String,
     role: String,
+    /// The purpose as a metrics label: one the regulations name, or `other`.
+    purpose: String,
     decision: &'static str,
     status: &'static str,
     request_id: String,
 }
 
 impl RequestLine {
-    fn of(entry: &AuditEntry) -> Self {
+    fn of(entry: &AuditEntry, regs: &Regulations) -> Self {
+        let purpose = match entry.purpose.as_str() {
+            "" => String::new(),
+            p if regs.purposes.contains_key(p) => p.to_owned(),
+            _ => "other".to_owned(),
+        };
         Self {
             rpc: entry.rpc.clone(),
             identity: entry.identity.clone(),
             role: entry.role.clone(),
+            purpose,
             decision: entry.decision.as_str(),
             status: entry.outcome.name(),
             request_id: entry.request_id.clone(),
@@ -1777,6 +1785,7 @@ impl RequestLine {
     }
 
     fn log(self, seq: u64, took: Duration) {
+        crate::metrics::request(&self.rpc, self.status, &self.role, &self.purpose, self.decision, took);
         tracing::info!(
             target: "khlang::request",
             rpc = %self.rpc,
@@ -2003,6 +2012,16 @@ impl Vault {
         let (tx, rx) = std::sync::mpsc::channel();
         self.released.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
         rx
+    }
+
+    /// Whether the audit log's tail was verified at unseal (metrics: intact or unverified).
+    pub fn audit_history_checked(&self) -> bool {
+        self.audit.tail_checked()
+    }
+
+    /// How long ago the newest audit checkpoint was signed.
+    pub async fn audit_checkpoint_age(&self) -> Option<Duration> {
+        self.audit.checkpoint_age().await
     }
 
     /// Whether the audit log can be written now (health).

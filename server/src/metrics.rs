@@ -1,0 +1,84 @@
+//! What the vault reports to Prometheus (through the `metrics` facade; `khlangd --metrics-listen`
+//! installs the exporter, and without it every call here is a no-op). Labels are names the
+//! server or the regulations define — RPCs, statuses, roles, purposes, decisions — never an
+//! identity, a subject, a record id or a value; a purpose the regulations do not know is
+//! counted as `other`, so a caller cannot grow the label set (or slip data into it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Vault;
+
+/// One request, as its audit entry ended it.
+pub(crate) fn request(
+    rpc: &str,
+    status: &'static str,
+    role: &str,
+    purpose: &str,
+    decision: &'static str,
+    took: Duration,
+) {
+    metrics::counter!("khlang_requests_total", "rpc" => rpc.to_owned(), "status" => status).increment(1);
+    metrics::histogram!("khlang_request_duration_seconds", "rpc" => rpc.to_owned())
+        .record(took.as_secs_f64());
+    if decision != "none" {
+        metrics::counter!(
+            "khlang_decisions_total",
+            "role" => role.to_owned(),
+            "purpose" => purpose.to_owned(),
+            "decision" => decision
+        )
+        .increment(1);
+    }
+}
+
+/// One group commit of the audit log: how many requests it carried and how long it took (on a
+/// shared chain, how long it held the head lock).
+pub(crate) fn audit_batch(requests: usize, took: Duration) {
+    metrics::histogram!("khlang_audit_batch_requests").record(requests as f64);
+    metrics::histogram!("khlang_audit_batch_seconds").record(took.as_secs_f64());
+}
+
+/// One sync of the audit log's files.
+pub(crate) fn audit_sync(took: Duration) {
+    metrics::histogram!("khlang_audit_sync_seconds").record(took.as_secs_f64());
+}
+
+fn flag(b: bool) -> f64 {
+    if b { 1.0 } else { 0.0 }
+}
+
+/// The vault's state as gauges, every few seconds while it serves (health's watcher calls it):
+/// sealed, audit chain intact / broken / unverified, writable, age of the newest checkpoint,
+/// key job progress, lockouts, durable flushes, records stored.
+pub async fn observe(vault: &Arc<Vault>, with_store_size: bool) {
+    let sealed = vault.is_sealed();
+    metrics::gauge!("khlang_sealed").set(flag(sealed));
+    let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));
+    let verified = vault.audit_history_checked();
+    for (state, on) in
+        [("intact", !broken && verified), ("broken", broken), ("unverified", !broken && !verified)]
+    {
+        metrics::gauge!("khlang_audit_chain_state", "state" => state).set(flag(on));
+    }
+    metrics::gauge!("khlang_audit_writable").set(flag(vault.audit_writable().await));
+    if let Some(age) = vault.audit_checkpoint_age().await {
+        metrics::gauge!("khlang_audit_checkpoint_age_seconds").set(age.as_secs_f64());
+    }
+    if let Ok(Some(job)) = vault.store.job().await {
+        let running = job.finished_ms.is_none();
+        metrics::gauge!("khlang_key_job_running").set(flag(running));
+        metrics::gauge!("khlang_key_job_done_records").set((job.changed + job.skipped) as f64);
+        metrics::gauge!("khlang_key_job_total_records").set(job.total as f64);
+    }
+    metrics::gauge!("khlang_locked_out_credentials")
+        .set(vault.auth_guard.locked_now(crate::clock::now_ms()) as f64);
+    let stats = vault.flush_stats();
+    metrics::counter!("khlang_durable_flushes_total")
+        .absolute(stats.flushes.load(std::sync::atomic::Ordering::Relaxed));
+    metrics::counter!("khlang_durable_writes_total")
+        .absolute(stats.writes.load(std::sync::atomic::Ordering::Relaxed));
+    if with_store_size && let Ok(n) = vault.store.count(crate::storage::KeySpace::Records).await {
+        metrics::gauge!("khlang_records").set(n as f64);
+    }
+}
