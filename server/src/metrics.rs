@@ -9,6 +9,12 @@ use std::time::Duration;
 
 use crate::Vault;
 
+/// The RPC's name as the server spells it (static: no allocation per request).
+fn rpc_label(rpc: &str) -> &'static str {
+    use crate::audit::Rpc;
+    Rpc::API.iter().chain(Rpc::EVENTS).map(|r| r.as_str()).find(|n| *n == rpc).unwrap_or("other")
+}
+
 /// One request, as its audit entry ended it.
 pub(crate) fn request(
     rpc: &str,
@@ -18,9 +24,9 @@ pub(crate) fn request(
     decision: &'static str,
     took: Duration,
 ) {
-    metrics::counter!("khlang_requests_total", "rpc" => rpc.to_owned(), "status" => status).increment(1);
-    metrics::histogram!("khlang_request_duration_seconds", "rpc" => rpc.to_owned())
-        .record(took.as_secs_f64());
+    let rpc = rpc_label(rpc);
+    metrics::counter!("khlang_requests_total", "rpc" => rpc, "status" => status).increment(1);
+    metrics::histogram!("khlang_request_duration_seconds", "rpc" => rpc).record(took.as_secs_f64());
     if decision != "none" {
         metrics::counter!(
             "khlang_decisions_total",
@@ -48,9 +54,10 @@ fn flag(b: bool) -> f64 {
     if b { 1.0 } else { 0.0 }
 }
 
-/// The vault's state as gauges, every few seconds while it serves (health's watcher calls it):
+/// The vault's state as gauges, every second while it serves (health's watcher calls it):
 /// sealed, audit chain intact / broken / unverified, writable, age of the newest checkpoint,
-/// key job progress, lockouts, durable flushes, records stored.
+/// key job progress, lockouts, durable flushes; with `with_store_size`, the records stored (a
+/// count the store may have to scan for: the watcher asks rarely).
 pub async fn observe(vault: &Arc<Vault>, with_store_size: bool) {
     let sealed = vault.is_sealed();
     metrics::gauge!("khlang_sealed").set(flag(sealed));

@@ -1218,6 +1218,27 @@ async fn dev_certs_set_up_mutual_tls_and_tls_mistakes_say_what_to_do() {
     let o = run(&https, Some(&clerk), &cert, &["list", "--subject", "x"]);
     assert_eq!(o.status.code(), Some(14), "{}", err(&o));
     assert!(err(&o).contains("different identities"), "{}", err(&o));
+
+    // A server that requires client certificates: a client without one is told so.
+    let strict = tmp.path().join("strict");
+    let (_strict, addr) = spawn_khlangd(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        strict.to_str().unwrap(),
+        "--tls-cert",
+        &format!("{c}/server.pem"),
+        "--tls-key",
+        &format!("{c}/server.key"),
+        "--client-ca",
+        &format!("{c}/ca.pem"),
+    ]);
+    let port = addr.expect("a strict TLS server").rsplit(':').next().unwrap().to_owned();
+    let strict_url = format!("https://localhost:{port}");
+    let o = run(&strict_url, Some(&dev_token(&strict, "registration-app")), &ca, &["list", "--subject", "x"]);
+    assert!(!o.status.success() && err(&o).contains("--client-cert"), "{}", err(&o));
+    stdout(&run(&strict_url, None, &cert, &["list", "--subject", "x"]));
 }
 
 /// A scraped sample: name, labels, value.

@@ -863,24 +863,30 @@ fn hint(e: &anyhow::Error, addr: &str, client_cert: bool) -> Option<&'static str
     use khlang_client::{ClientError, Code};
     let client = e.chain().find_map(|c| c.downcast_ref::<ClientError>())?;
     let text = format!("{e:#}");
+    // The stream broke below gRPC (no status from the vault): how a TLS mismatch shows.
+    let broken = matches!(
+        client,
+        ClientError::Status { code: Code::Cancelled | Code::Unavailable | Code::Unknown, .. }
+    ) || matches!(client, ClientError::Status { code: Code::Internal, .. })
+        && text.contains("h2 protocol error");
     match client {
         // Plaintext HTTP/2 to a TLS listener: the server reads garbage and hangs up.
-        ClientError::Status { code: Code::Cancelled | Code::Unavailable | Code::Unknown, .. }
-            if addr.starts_with("http://") =>
-        {
+        ClientError::Status { .. } if broken && addr.starts_with("http://") => {
             Some("if the server uses TLS, use an https:// address and --ca-cert FILE")
-        }
-        ClientError::Status { code: Code::Unavailable | Code::Unknown, .. } | ClientError::Connect { .. }
-            if addr.starts_with("https://")
-                && !client_cert
-                && (text.contains("certificate") || text.contains("handshake") || text.contains("alert")) =>
-        {
-            Some("the server requires a client certificate: pass --client-cert and --client-key")
         }
         ClientError::Connect { .. }
             if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") =>
         {
             Some("the server's certificate is not signed by the CA given with --ca-cert")
+        }
+        // A TLS server that requires client certificates ends the handshake of a client without
+        // one: the client sees its call cancelled or the connection fail.
+        ClientError::Status { .. } | ClientError::Connect { .. }
+            if (broken || matches!(client, ClientError::Connect { .. }))
+                && addr.starts_with("https://")
+                && !client_cert =>
+        {
+            Some("the server may require a client certificate: pass --client-cert and --client-key")
         }
         _ => None,
     }

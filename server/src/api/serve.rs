@@ -203,9 +203,10 @@ pub async fn serve(
             let mut history_checked = false;
             let mut ticks: u64 = 0;
             loop {
-                // Gauges every second; the store's size (a count) every half minute.
+                // Gauges every second; the store's size (a count: sled scans for it) every ten
+                // minutes, so a large store pays little for it.
                 if ticks.is_multiple_of(4) {
-                    crate::metrics::observe(&vault, ticks.is_multiple_of(120)).await;
+                    crate::metrics::observe(&vault, ticks.is_multiple_of(2400)).await;
                 }
                 ticks += 1;
                 let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# What the metrics cost: the same release build served twice on sled, with --metrics-listen (and
+# a scrape every second, as Prometheus would) and without (the baseline); KHLANG_LOG=warn for
+# both, so request log lines do not blur the figure. Audited Put and Get at 64 in flight over 4
+# connections, rounds alternating which goes first.
+#
+#   bench/metrics.sh [SECONDS=5] [ROUNDS=3]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-5}
+ROUNDS=${2:-3}
+cargo build --release --bins --quiet
+BIN=target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+MPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+start() { # name extra flags...
+  local name=$1; shift
+  KHLANG_LOG=warn "$BIN/khlangd" dev --listen 127.0.0.1:0 --data-dir "$WORK/$name" "$@" \
+    >"$WORK/$name.out" 2>"$WORK/$name.log" &
+  PIDS+=($!)
+  until grep -q KHLANG_ADDR "$WORK/$name.out" 2>/dev/null; do sleep 0.2; kill -0 "${PIDS[-1]}"; done
+  grep -o 'http://[0-9.:]*' "$WORK/$name.out" | head -1 >"$WORK/$name.addr"
+}
+start off
+start on --metrics-listen "127.0.0.1:$MPORT"
+( while sleep 1; do python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read()" 2>/dev/null; done ) &
+PIDS+=($!)
+token() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["registration-app"])' "$WORK/$1/dev-credentials.json"; }
+bench() { # name mode
+  echo "$1 $2 $(KHLANG_TOKEN=$(token "$1") "$BIN/khlang" --addr "$(cat "$WORK/$1.addr")" \
+    bench "$2" --concurrency 64 --connections 4 --duration "$SECS" --warmup 1 --records 2000 --json |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["ops_per_sec"])')" >>"$WORK/results"
+}
+for round in $(seq "$ROUNDS"); do
+  if [ $((round % 2)) -eq 1 ]; then pair="off on"; else pair="on off"; fi
+  for name in $pair; do bench "$name" put; done
+  for name in $pair; do bench "$name" get; done
+done
+python3 -c "import urllib.request; b=urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read().decode(); print('series scraped:', sum(1 for l in b.splitlines() if l and not l.startswith('#')))"
+python3 - "$WORK/results" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+for mode in ("put", "get"):
+    off = [float(r[2]) for r in rows if r[0] == "off" and r[1] == mode]
+    on = [float(r[2]) for r in rows if r[0] == "on" and r[1] == mode]
+    ratios = [b / a for a, b in zip(off, on)]
+    print(f"{mode}: off {[round(v) for v in off]} on {[round(v) for v in on]} "
+          f"on/off {[f'{r:.3f}' for r in ratios]} median {statistics.median(ratios):.3f}")
+PY
