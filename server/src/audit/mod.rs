@@ -1237,6 +1237,13 @@ impl AuditLog {
         }
         let Some(b) = report.uncarried.clone() else { return Ok(None) };
         let _procedure = self.procedure.lock().await;
+        // Two verifications (the one beside serving, an officer's) can find the same damage
+        // before either carried it: the second must not carry it again.
+        if let Some(existing) = lock(&self.integrity).broken.clone()
+            && (existing.damaged_from..=existing.entry).contains(&b.seq)
+        {
+            return Ok(Some(existing));
+        }
         self.checkpoint_now().await?;
         let Some(tagger) = lock(&self.keys).as_ref().map(|k| k.tagger.clone()) else { return Ok(None) };
         let proofs = self.stored_proofs(&StoredRecords::read(store).await?, &tagger)?;
