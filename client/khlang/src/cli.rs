@@ -369,7 +369,9 @@ fn parse_assignment(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// The operations the vault records (a filter naming another matches nothing, so it is refused).
+/// The operations the vault records (a filter naming another matches nothing, so it is refused):
+/// the server's `Operation` names, repeated here because the CLI depends only on the client
+/// library (`audit query --operation` against a real server tests them).
 pub const OPERATIONS: &[&str] = &[
     "write",
     "read",

@@ -65,6 +65,18 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
+/// A fresh, empty folder for a cluster, owned by the user the server runs as.
+fn cluster_folder(name: &str, run_as: Option<&str>) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("khlang-pg-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the cluster's folder");
+    if let Some(user) = run_as {
+        let status = Command::new("chown").arg(format!("{user}:")).arg(&dir).status().expect("chown");
+        assert!(status.success(), "chown {user} {}", dir.display());
+    }
+    dir
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
@@ -94,18 +106,8 @@ impl TestPostgres {
             return None;
         };
         static CLUSTERS: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "khlang-pg-{}-{}",
-            std::process::id(),
-            CLUSTERS.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the cluster's folder");
         let run_as = is_root().then(|| "postgres".to_owned());
-        if run_as.is_some() {
-            let status = Command::new("chown").arg("postgres:").arg(&dir).status().expect("chown");
-            assert!(status.success(), "chown postgres {}", dir.display());
-        }
+        let dir = cluster_folder(&format!("{}", CLUSTERS.fetch_add(1, Ordering::Relaxed)), run_as.as_deref());
         let mut cluster =
             Self { bin, dir, port: 0, run_as, databases: AtomicU32::new(0), tls: tls.is_some() };
         if let Some((cert, key)) = tls {
@@ -195,17 +197,10 @@ impl TestPostgres {
     /// standby has it (`synchronous_standby_names = '*'`, `synchronous_commit = on`).
     pub async fn synchronous_replica(&self) -> TestPostgres {
         static REPLICAS: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "khlang-pg-{}-replica-{}",
-            std::process::id(),
-            REPLICAS.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the replica's folder");
-        if self.run_as.is_some() {
-            let status = Command::new("chown").arg("postgres:").arg(&dir).status().expect("chown");
-            assert!(status.success(), "chown postgres {}", dir.display());
-        }
+        let dir = cluster_folder(
+            &format!("replica-{}", REPLICAS.fetch_add(1, Ordering::Relaxed)),
+            self.run_as.as_deref(),
+        );
         let replica = TestPostgres {
             bin: self.bin.clone(),
             dir,
