@@ -870,6 +870,9 @@ async fn exit_statuses_tell_failures_apart_and_a_closed_pipe_is_no_panic() {
         assert!(lines.next().unwrap().starts_with("seq  "), "{table}");
         let first = lines.next().expect("an entry within the last hour");
         assert!(first.split_whitespace().nth(1).unwrap().ends_with("+00:00"), "{first}");
+        // An operation the CLI lists is one the server records.
+        let reads = stdout(&khlang(&url, sec, &["audit", "query", "--operation", "read", "--json"]));
+        assert!(reads.lines().any(|l| l.contains("\"rpc\":\"GetRecord\"")), "{reads}");
         stdout(&khlang(&url, &long_token, &["list", "--subject", "x"]));
         let table = stdout(&khlang(&url, sec, &["audit", "query", "--identity", long]));
         assert!(table.lines().nth(1).is_some_and(|l| l.contains(long)), "not cut: {table}");
