@@ -409,3 +409,48 @@ async fn failed_authentication_is_slow_uniform_and_locked_out() {
     assert!(e.to_string().contains("this credential is locked"), "{e}");
     server.stop().await;
 }
+
+/// The vault remembers the regulations it is under: started with a file that differs it is
+/// refused, both versions named; started without a file it takes its own (not the built-in
+/// sample); with `regulations_changed` (`--regulations-changed`) it starts under its own and,
+/// once unsealed, puts the file in force by an audited reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vault_remembers_its_regulations_and_a_change_must_be_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let before = server.vault().regulations().version.clone();
+    server.stop().await;
+    let changed = test_regulations()
+        .replace("fields = [\"card_number\", \"billing_address\"]", "fields = [\"card_number\"]");
+    std::fs::write(dir.path().join("regulations.toml"), &changed).unwrap();
+    let after = Regulations::parse(&changed).unwrap().version;
+
+    let refused =
+        khlang_server::Vault::open_sealed(dir.path(), &TestServer::options(dir.path())).await.unwrap_err();
+    let message = refused.to_string();
+    assert!(message.contains(&before) && message.contains(&after), "{message}");
+    assert!(message.contains("--regulations-changed"), "says how to say so: {message}");
+
+    let mut no_file = TestServer::options(dir.path());
+    no_file.regulations_path = None;
+    no_file.regulations = std::sync::Arc::new(Regulations::sample());
+    let vault = khlang_server::Vault::open_sealed(dir.path(), &no_file).await.unwrap();
+    assert_eq!(vault.regulations().version, before, "its own, not the sample");
+    drop(vault);
+    // sled lets go of its folder once the vault is dropped; the next open waits for that.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let mut said = TestServer::options(dir.path());
+    said.regulations_changed = true;
+    let server = TestServer::start_with(dir.path(), said).await;
+    assert_eq!(server.vault().regulations().version, after, "in force once unsealed");
+    let reload =
+        server.audit_entries().into_iter().find(|e| e.rpc == "SIGHUP").expect("the reload is audited");
+    assert_eq!((reload.identity.as_str(), reload.outcome.name()), ("operator", "Ok"));
+    assert!(reload.reason.contains(&after), "{}", reload.reason);
+    server.stop().await;
+    // And it is remembered: the changed file now starts without the flag.
+    let server = TestServer::start(dir.path()).await;
+    assert_eq!(server.vault().regulations().version, after);
+    server.stop().await;
+}

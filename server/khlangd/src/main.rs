@@ -383,9 +383,15 @@ struct PassphraseArgs {
 struct ServerArgs {
     #[arg(long, env = "KHLANG_LISTEN", default_value = dev::DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// The regulations file (TOML). Reload it with SIGHUP or `khlang regulations reload`.
+    /// The regulations file (TOML). Reload it with SIGHUP or `khlang regulations reload`. The
+    /// vault remembers the regulations it is under: without this flag it takes them; with a file
+    /// that differs it refuses to start unless --regulations-changed.
     #[arg(long, env = "KHLANG_REGULATIONS")]
     regulations: Option<PathBuf>,
+    /// The --regulations file replaces the regulations the vault is under: it starts under the
+    /// ones it holds and, once unsealed, puts the file in force (an audited reload).
+    #[arg(long, requires = "regulations")]
+    regulations_changed: bool,
     /// Serve TLS with this certificate chain (PEM)...
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -523,6 +529,7 @@ impl ServerArgs {
             },
             regulations: Arc::new(load_regulations(self.regulations.as_deref())?),
             regulations_path: self.regulations.clone(),
+            regulations_changed: self.regulations_changed,
             #[cfg(feature = "bench")]
             bench_skip_policy: false,
             #[cfg(feature = "bench")]

@@ -18,25 +18,30 @@ pub const FOLLOW_EVERY: Duration = Duration::from_millis(200);
 /// Format of [`StoredRegulations`] this build writes.
 const REGULATIONS_FORMAT: u8 = 1;
 
-/// The regulations a node on a shared store starts under, and their serial. The store's are in
-/// force: a node given no file takes them; a node given a file whose text differs is refused
-/// (serving other rules than its peers without saying so), with both versions named. A store
-/// that holds none yet gets the node's as its first version.
+/// The regulations a vault starts under, their serial, and whether to reload the file once
+/// unsealed. The store's are in force (its data folder's on sled, the database's for every node
+/// on PostgreSQL): a vault given no file takes them; one given a file whose text differs is
+/// refused (serving other rules than it was under, or than its peers, without saying so), with
+/// both versions named — unless `--regulations-changed` says so, and then the file is put in
+/// force by an audited reload once unsealed. A store that holds none yet gets the given ones
+/// as its first version.
 pub(crate) async fn regulations_at_start(
     store: &dyn Storage,
     options: &VaultOptions,
-) -> Result<(Arc<Regulations>, u64), VaultError> {
+) -> Result<(Arc<Regulations>, u64, bool), VaultError> {
     for _ in 0..2 {
         if let Some(stored) = store.regulations().await? {
             let in_force = parse_stored(&stored)?;
+            let differs = in_force.version != options.regulations.version;
             if let Some(path) = &options.regulations_path
-                && in_force.version != options.regulations.version
+                && differs
+                && !options.regulations_changed
             {
                 return Err(VaultError::FailedPrecondition(format!(
-                    "the database's regulations in force are version {} (serial {}, put in force by {}); \
-                     {} is version {}: start this node with the same file (or without --regulations, \
-                     to take them from the database), or put the new file in force with \
-                     `khlang regulations reload` on a node started with it",
+                    "the vault's regulations in force are version {} (serial {}, put in force by {}); \
+                     {} is version {}: start with the same file (or without --regulations, to take \
+                     the vault's), or say the file replaces them with --regulations-changed (it is \
+                     put in force, audited, once the vault is unsealed)",
                     in_force.version,
                     stored.serial,
                     crate::audit::clean(&stored.loaded_by),
@@ -44,7 +49,8 @@ pub(crate) async fn regulations_at_start(
                     options.regulations.version
                 )));
             }
-            return Ok((Arc::new(in_force), stored.serial));
+            let reload = differs && options.regulations_path.is_some() && options.regulations_changed;
+            return Ok((Arc::new(in_force), stored.serial, reload));
         }
         let first = StoredRegulations {
             format: REGULATIONS_FORMAT,
@@ -58,8 +64,8 @@ pub(crate) async fn regulations_at_start(
         // Another node starting at the same moment may store its own first: read again.
         match store.commit(changes).await {
             Ok(true) => {
-                tracing::info!(version = %options.regulations.version, "regulations stored as the database's first version");
-                return Ok((options.regulations.clone(), 1));
+                tracing::info!(version = %options.regulations.version, "regulations stored as the vault's first version");
+                return Ok((options.regulations.clone(), 1, false));
             }
             Ok(false) | Err(_) => continue,
         }
@@ -75,17 +81,13 @@ fn parse_stored(stored: &StoredRegulations) -> Result<Regulations, VaultError> {
 }
 
 impl Vault {
-    /// The change that puts `next` in force on a shared store (beside every earlier version),
-    /// applied only if no other node put a version in force meanwhile; `None` on a node's own
-    /// store (it keeps none).
+    /// The change that puts `next` in force (stored beside every earlier version), applied only
+    /// if no other node put a version in force meanwhile.
     pub(crate) async fn regulations_change(
         &self,
         next: &Regulations,
         by: &str,
     ) -> Result<Option<(Changes, u64)>, VaultError> {
-        if self.store.shared_chain().is_none() {
-            return Ok(None);
-        }
         let serial = self.store.regulations_serial().await?.unwrap_or(0) + 1;
         let mut changes = Changes::new();
         changes.put_regulations(&StoredRegulations {

@@ -129,6 +129,10 @@ pub struct VaultOptions {
     pub regulations: Arc<Regulations>,
     /// Where reloads read the regulations from; `None` means the embedded sample, not reloadable.
     pub regulations_path: Option<PathBuf>,
+    /// The file at `regulations_path` is meant to replace the regulations the vault holds
+    /// (`--regulations-changed`): the vault starts under the ones it holds and, once unsealed,
+    /// reloads the file (audited). Without it, a file that differs is refused.
+    pub regulations_changed: bool,
     /// Benchmark baseline only (`bench` builds): allow every request without consulting the
     /// regulations.
     #[cfg(feature = "bench")]
@@ -221,6 +225,7 @@ impl Default for VaultOptions {
             auth: AuthLimits::default(),
             regulations: Arc::new(Regulations::sample()),
             regulations_path: None,
+            regulations_changed: false,
             #[cfg(feature = "bench")]
             bench_skip_policy: false,
             #[cfg(feature = "bench")]
@@ -338,6 +343,8 @@ pub struct Vault {
     /// The stored serial of the regulations in force (0: not stored, a node's own store).
     regulations_serial: std::sync::Mutex<u64>,
     regulations_path: Option<PathBuf>,
+    /// `--regulations-changed`: reload the file once unsealed.
+    reload_on_unseal: std::sync::atomic::AtomicBool,
     pub(crate) rng: OsRandom,
     pub(crate) auth_guard: AuthGuard,
     /// Bounds concurrent passphrase derivations (Argon2id).
@@ -561,10 +568,8 @@ impl Vault {
         };
         let audit = AuditLog::open(store.as_ref(), dir, &log_options).await?;
         crate::storage::tighten(dir)?;
-        let (regulations, regulations_serial) = match store.shared_chain() {
-            Some(_) => cluster::regulations_at_start(store.as_ref(), options).await?,
-            None => (options.regulations.clone(), 0),
-        };
+        let (regulations, regulations_serial, reload_on_unseal) =
+            cluster::regulations_at_start(store.as_ref(), options).await?;
         let vault = Self {
             store,
             keys: RwLock::new(None),
@@ -581,6 +586,7 @@ impl Vault {
             regulations: RwLock::new(regulations),
             regulations_serial: std::sync::Mutex::new(regulations_serial),
             regulations_path: options.regulations_path.clone(),
+            reload_on_unseal: std::sync::atomic::AtomicBool::new(reload_on_unseal),
             rng: OsRandom::new(),
             auth_guard: AuthGuard::new(options.auth),
             derivations: Default::default(),
@@ -722,6 +728,21 @@ impl Vault {
 
     pub(crate) fn regulations_serial(&self) -> u64 {
         *self.regulations_serial.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After an unseal: the reload `--regulations-changed` asked for, audited as the operator's.
+    pub(crate) async fn reload_if_asked(&self) {
+        if !self.reload_on_unseal.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        match self.reload_regulations(None).await {
+            Ok(info) => {
+                tracing::info!(version = %info.version, "--regulations-changed: the new regulations are in force")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "--regulations-changed: the file was refused; the regulations in force stay")
+            }
+        }
     }
 
     /// Swaps in `next`, stored as `serial` (0: not stored); a shared store's serials only move

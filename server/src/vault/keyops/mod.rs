@@ -261,6 +261,7 @@ impl Vault {
         }
         if result.as_ref().is_ok_and(|s| !s.sealed) {
             self.job_signal.notify_one();
+            self.reload_if_asked().await;
         }
         result
     }
