@@ -5,9 +5,23 @@
 //! counted as `other`, so a caller cannot grow the label set (or slip data into it).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::Vault;
+
+/// Whether an exporter was installed ([`enable`]): without one, nothing here builds labels or
+/// reads the store for gauges nobody scrapes.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Called by whoever installs a `metrics` recorder (`khlangd --metrics-listen`).
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+pub(crate) fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 /// The RPC's name as the server spells it (static: no allocation per request).
 fn rpc_label(rpc: &str) -> &'static str {
@@ -24,6 +38,9 @@ pub(crate) fn request(
     decision: &'static str,
     took: Duration,
 ) {
+    if !enabled() {
+        return;
+    }
     let rpc = rpc_label(rpc);
     metrics::counter!("khlang_requests_total", "rpc" => rpc, "status" => status).increment(1);
     metrics::histogram!("khlang_request_duration_seconds", "rpc" => rpc).record(took.as_secs_f64());
@@ -41,12 +58,18 @@ pub(crate) fn request(
 /// One group commit of the audit log: how many requests it carried and how long it took (on a
 /// shared chain, how long it held the head lock).
 pub(crate) fn audit_batch(requests: usize, took: Duration) {
+    if !enabled() {
+        return;
+    }
     metrics::histogram!("khlang_audit_batch_requests").record(requests as f64);
     metrics::histogram!("khlang_audit_batch_seconds").record(took.as_secs_f64());
 }
 
 /// One sync of the audit log's files.
 pub(crate) fn audit_sync(took: Duration) {
+    if !enabled() {
+        return;
+    }
     metrics::histogram!("khlang_audit_sync_seconds").record(took.as_secs_f64());
 }
 
@@ -59,6 +82,9 @@ fn flag(b: bool) -> f64 {
 /// key job progress, lockouts, durable flushes; with `with_store_size`, the records stored (a
 /// count the store may have to scan for: the watcher asks rarely).
 pub async fn observe(vault: &Arc<Vault>, with_store_size: bool) {
+    if !enabled() {
+        return;
+    }
     let sealed = vault.is_sealed();
     metrics::gauge!("khlang_sealed").set(flag(sealed));
     let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));

@@ -693,9 +693,6 @@ async fn lockout_counts_are_shared_by_the_nodes() {
 /// on the other runs there; unsealed again, it serves records rewrapped meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_sealed_while_the_other_serves() {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
     let Some(pg) = TestPostgres::start("one_node_sealed_while_the_other_serves") else { return };
     let url = pg.database().await;
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -708,20 +705,8 @@ async fn one_node_sealed_while_the_other_serves() {
         ids.push(app_a.put(&format!("sealed-subject-{i}"), canary_fields()).await.unwrap());
     }
     assert!(node_b.client_as("key-admin").await.seal().await.unwrap().sealed);
-    let health = |url: String| async move {
-        let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
-        let mut client = HealthClient::new(channel);
-        for _ in 0..40 {
-            let status = client.check(HealthCheckRequest { service: String::new() }).await.unwrap();
-            if status.into_inner().status() == ServingStatus::NotServing {
-                return ServingStatus::NotServing;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        ServingStatus::Serving
-    };
-    assert_eq!(health(node_b.url()).await, ServingStatus::NotServing, "sealed B");
-    assert_eq!(health(node_a.url()).await, ServingStatus::Serving, "A serves on");
+    assert!(health_becomes(&node_b.url(), "", false).await, "sealed B answers NOT_SERVING");
+    assert!(health_becomes(&node_a.url(), "", true).await, "A serves on");
     let e = node_b.client().await.get(&ids[0], &[], PURPOSE).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
     node_a.client().await.get(&ids[0], &[], PURPOSE).await.unwrap();

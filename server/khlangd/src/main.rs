@@ -663,6 +663,7 @@ fn serve_metrics(listen: Option<SocketAddr>) -> anyhow::Result<()> {
         .context("metrics buckets")?
         .install()
         .with_context(|| format!("cannot serve metrics on {listen}"))?;
+    khlang_server::metrics::enable();
     tracing::info!(metrics_address = %listen, "serving metrics (GET /metrics)");
     Ok(())
 }

@@ -243,37 +243,32 @@ impl TestPostgres {
         let (client, connection) =
             tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.expect("connect");
         let conn = tokio::spawn(connection);
-        for _ in 0..200 {
-            let n: i64 = client
-                .query_one("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'", &[])
-                .await
-                .expect("pg_stat_replication")
-                .get(0);
-            if n > 0 {
-                break;
+        // Up to 10 s for a standby that the condition holds for.
+        let standby = |condition: &'static str| {
+            let client = &client;
+            async move {
+                for _ in 0..200 {
+                    let sql = format!("SELECT count(*) FROM pg_stat_replication WHERE {condition}");
+                    let n: i64 = client.query_one(&sql, &[]).await.expect("pg_stat_replication").get(0);
+                    if n > 0 {
+                        return true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                false
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        };
+        assert!(standby("state = 'streaming'").await, "the replica never streamed");
         // Two statements, not one batch: ALTER SYSTEM refuses to run in a transaction block.
         client
             .batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
             .await
             .expect("make it synchronous");
         client.batch_execute("SELECT pg_reload_conf()").await.expect("reload the primary's configuration");
-        for _ in 0..200 {
-            let n: i64 = client
-                .query_one("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'", &[])
-                .await
-                .expect("pg_stat_replication")
-                .get(0);
-            if n > 0 {
-                drop(client);
-                let _ = conn.await;
-                return replica;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("the replica never became synchronous");
+        assert!(standby("sync_state = 'sync'").await, "the replica never became synchronous");
+        drop(client);
+        let _ = conn.await;
+        replica
     }
 
     /// Database `name`, created if it does not exist yet (synchronously, with `createdb`); its

@@ -87,7 +87,7 @@ impl Vault {
         &self,
         next: &Regulations,
         by: &str,
-    ) -> Result<Option<(Changes, u64)>, VaultError> {
+    ) -> Result<(Changes, u64), VaultError> {
         let serial = self.store.regulations_serial().await?.unwrap_or(0) + 1;
         let mut changes = Changes::new();
         changes.put_regulations(&StoredRegulations {
@@ -97,7 +97,7 @@ impl Vault {
             loaded_ms: now_ms(),
             loaded_by: by.to_owned(),
         });
-        Ok(Some((changes, serial)))
+        Ok((changes, serial))
     }
 
     /// Puts the regulations another node put in force in force here too. `Ok(true)`: changed.

@@ -340,7 +340,7 @@ pub struct Vault {
     repeats: crate::audit::repeats::Repeats,
     pub(crate) rekey_ttl: Duration,
     regulations: RwLock<Arc<Regulations>>,
-    /// The stored serial of the regulations in force (0: not stored, a node's own store).
+    /// The stored serial of the regulations in force.
     regulations_serial: std::sync::Mutex<u64>,
     regulations_path: Option<PathBuf>,
     /// `--regulations-changed`: reload the file once unsealed.
@@ -745,12 +745,12 @@ impl Vault {
         }
     }
 
-    /// Swaps in `next`, stored as `serial` (0: not stored); a shared store's serials only move
-    /// forward, so a follower that read an older version late cannot undo a newer one.
+    /// Swaps in `next`, stored as `serial`; serials only move forward, so a follower that read
+    /// an older version late cannot undo a newer one.
     pub(crate) fn install_regulations(&self, next: Regulations, serial: u64) -> bool {
         let mut slot = self.regulations.write().unwrap_or_else(|p| p.into_inner());
         let mut current = self.regulations_serial.lock().unwrap_or_else(|p| p.into_inner());
-        if serial != 0 && serial <= *current {
+        if serial <= *current {
             return false;
         }
         *slot = Arc::new(next);
@@ -981,7 +981,7 @@ impl Vault {
                 }
             }
             let wrote = !changes.is_empty();
-            let line = RequestLine::of(&record, &self.regulations());
+            let line = RequestLine::of(&record, || self.regulations());
             let seq = match self.audit.commit(self.store.as_ref(), record, changes).await? {
                 Committed::Conflict => continue,
                 Committed::Done(seq) => seq,
@@ -1754,12 +1754,11 @@ if let Some(caller) = caller {
                     .map_err(|e| VaultError::FailedPrecondition(format!("cannot read {}: {e}", path.display())))?;
                 let next = Regulations::parse(&text).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
                 e.reason = format!("regulations {} replace {}", next.version, regs.version);
-                // On a shared store the new version is stored with this entry, for every node.
+                // The new version is stored with this entry (in the data folder, or in the
+                // database for every node).
                 let by = caller.map_or("operator", |c| c.identity.name.as_str());
-                match self.regulations_change(&next, by).await? {
-                    Some((changes, serial)) => Ok(((next, serial), changes)),
-                    None => Ok(((next, 0), Changes::none())),
-                }
+                let (changes, serial) = self.regulations_change(&next, by).await?;
+                Ok(((next, serial), changes))
              }))
             .await?;
         let (next, serial) = next;
@@ -1788,10 +1787,12 @@ struct RequestLine {
 }
 
 impl RequestLine {
-    fn of(entry: &AuditEntry, regs: &Regulations) -> Self {
+    fn of(entry: &AuditEntry, regs: impl FnOnce() -> Arc<Regulations>) -> Self {
+        // Only the metrics label it (and they are off unless an exporter is installed).
         let purpose = match entry.purpose.as_str() {
             "" => String::new(),
-            p if regs.purposes.contains_key(p) => p.to_owned(),
+            _ if !crate::metrics::enabled() => String::new(),
+            p if regs().purposes.contains_key(p) => p.to_owned(),
             _ => "other".to_owned(),
         };
         Self {
