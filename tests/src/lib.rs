@@ -400,8 +400,18 @@ pub fn spawn_khlangd_logged(
     args: &[&str],
     level: &str,
 ) -> (Daemon, Result<String, String>, mpsc::Receiver<Result<String, String>>) {
+    spawn_khlangd_with(args, level, &[])
+}
+
+/// Like [`spawn_khlangd_logged`], with these environment variables set.
+pub fn spawn_khlangd_with(
+    args: &[&str],
+    level: &str,
+    env: &[(&str, &str)],
+) -> (Daemon, Result<String, String>, mpsc::Receiver<Result<String, String>>) {
     let mut child = Command::new(bin("khlangd"))
         .args(args)
+        .envs(env.iter().copied())
         .env("KHLANG_LOG", level)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1136,6 +1136,20 @@ fn the_example_systemd_unit_verifies_and_names_real_flags() {
     for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
         assert!(help.contains(flag), "khlangd serve has no {flag}");
     }
+    // The configuration file it names, as shipped, checks (its /etc/khlang files made here).
+    let etc = tempfile::tempdir().unwrap();
+    let certs = Command::new(bin("khlangd")).args(["tls", "dev-certs"]).arg(etc.path()).output().unwrap();
+    assert!(certs.status.success());
+    std::fs::write(etc.path().join("regulations.toml"), test_regulations()).unwrap();
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/khlangd/khlangd.example.toml"),
+    )
+    .unwrap();
+    let config = etc.path().join("khlangd.toml");
+    std::fs::write(&config, example.replace("/etc/khlang", etc.path().to_str().unwrap())).unwrap();
+    let check = Command::new(bin("khlangd")).args(["config", "check"]).arg(&config).output().unwrap();
+    let text = stdout(&check);
+    assert!(text.contains("# OK: regulations") && text.contains("TLS on"), "{text}");
     let Ok(analyze) = Command::new("systemd-analyze").arg("--version").output() else {
         eprintln!("\n*** SKIPPED the systemd-analyze check: systemd-analyze is not installed ***\n");
         return;
@@ -1347,4 +1361,113 @@ async fn metrics_are_scraped_parsed_and_carry_no_personal_data() {
     // The read with a purpose the regulations do not know was refused before any decision: counted
     // by status, its purpose nowhere.
     assert!(find("khlang_requests_total", &[("rpc", "GetRecord"), ("status", "InvalidArgument")]).is_some());
+}
+
+/// One file configures every command; the environment beats the file and a flag beats both;
+/// what the file must not say (an unknown name, a one-time decision) stops the daemon, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_file_sets_what_the_environment_and_flags_do_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    let pass = write_passphrase(tmp.path(), "configured custodian passphrase");
+    let regs = tmp.path().join("regulations.toml");
+    std::fs::write(&regs, test_regulations()).unwrap();
+    let pid_file = tmp.path().join("khlangd.pid");
+    // The file's address is taken: only the environment's (which beats it) can be served.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = tmp.path().join("khlangd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# khlangd's settings\n\
+             data-dir = {data:?}\npassphrase-file = [{pass:?}]\nregulations = {regs:?}\n\
+             listen = \"{}\"\nlog-format = \"json\"\npid-file = {pid_file:?}\n\
+             argon2-memory-kib = 19456\nargon2-passes = 2\n\
+             initial-identity = [\"tester\"]\ninitial-role = \"tester\"\nauth-max-failures = 4\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let config_s = config.to_str().unwrap();
+
+    let init = Command::new(bin("khlangd")).args(["--config", config_s, "init"]).output().unwrap();
+    let token = stdout(&init).lines().last().unwrap().trim().to_owned();
+    assert!(token.starts_with("khl_"), "init took its folder, passphrase and identity from the file");
+    assert!(data.join("sled").exists() || std::fs::read_dir(&data).unwrap().next().is_some());
+
+    // `config check`: the effective settings with their sources, no password.
+    let check = Command::new(bin("khlangd"))
+        .args(["config", "check", config_s])
+        .env("KHLANG_LISTEN", "127.0.0.1:0")
+        .env("KHLANG_STORAGE", "postgres://khlang:pw-canary-9@db.example/khlang")
+        .output()
+        .unwrap();
+    let text = stdout(&check);
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} = ")))
+            .unwrap_or_else(|| panic!("{name}: {text}"))
+    };
+    assert!(
+        line("listen").contains("\"127.0.0.1:0\"") && line("listen").ends_with("# environment KHLANG_LISTEN")
+    );
+    assert!(line("data-dir").ends_with("# file"), "{text}");
+    assert!(line("auth-max-failures").contains("= 4") && line("auth-max-failures").ends_with("# file"));
+    assert!(line("auth-lockout-secs").ends_with("# default"), "{text}");
+    assert!(line("storage").contains("postgres://khlang@db.example/khlang"), "{text}");
+    assert!(!text.contains("pw-canary-9") && !text.contains("configured custodian"), "{text}");
+    assert!(text.contains("# OK: regulations"), "{text}");
+
+    // Served from the file, the environment's address and the flag's log format winning.
+    let (mut child, url, _log) = spawn_khlangd_with(
+        &["--config", config_s, "serve", "--log-format", "text"],
+        "info",
+        &[("KHLANG_LISTEN", "127.0.0.1:0")],
+    );
+    let url = url.unwrap_or_else(|log| panic!("not served: {log}"));
+    let id = stdout(&khlang(&url, &token, &["put", "--subject", "configured", "email=cfg@example.org"]));
+    let got = stdout(&khlang(&url, &token, &["get", id.trim(), "--json", "--purpose", "service_delivery"]));
+    assert!(got.contains("cfg@example.org"), "{got}");
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert_eq!(pid, child.id(), "the PID file the configuration names");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A flag beats the file: the file's taken address, named on the command line, cannot be served.
+    let (mut child, result) = spawn_khlangd(&["--config", config_s, "serve", "--log-format", "text"]);
+    assert!(!child.wait().unwrap().success());
+    assert!(result.unwrap_err().contains("cannot listen on"));
+
+    // Refusals name the file and the setting, found through KHLANG_CONFIG too.
+    for (bad, says) in [
+        ("lisen = \"127.0.0.1:0\"\n", "unknown setting 'lisen'"),
+        ("data_dir = \"/tmp\"\n", "'data-dir'"),
+        ("regulations-changed = true\n", "a decision for one start"),
+        ("allow-plaintext = \"yes\"\n", "is a switch"),
+        ("[serve]\nlisten = \"127.0.0.1:0\"\n", "no sections"),
+        ("listen = \"127.0.0.1:0\n", "not valid TOML"),
+    ] {
+        let file = tmp.path().join("bad.toml");
+        std::fs::write(&file, bad).unwrap();
+        let out = Command::new(bin("khlangd"))
+            .args(["serve", "--data-dir", data.to_str().unwrap()])
+            .env("KHLANG_CONFIG", &file)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {err}");
+        assert!(err.contains(says) && err.contains("bad.toml"), "{bad}: {err}");
+        if !says.contains("TOML") {
+            // (a TOML error shows the line and a caret under the mistake)
+            assert_eq!(err.lines().count(), 1, "one tidy line: {err}");
+        }
+    }
+    // `config check` refuses what serving would refuse.
+    let file = tmp.path().join("weak.toml");
+    std::fs::write(&file, format!("data-dir = {data:?}\nauth-max-failures = 50\n")).unwrap();
+    let out =
+        Command::new(bin("khlangd")).args(["config", "check", file.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("out of bounds"));
+    drop(taken);
 }

@@ -42,6 +42,8 @@ fn error_line(e: &anyhow::Error) -> String {
     line
 }
 
+mod config;
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,7 +51,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use khlang_keys::SealParams;
 use khlang_server::policy::regulations::Regulations;
 use khlang_server::storage::Durability;
@@ -65,8 +67,24 @@ struct Cli {
     /// line) for a log collector. The level is KHLANG_LOG (default `info`: one line per request).
     #[arg(long, env = "KHLANG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// A TOML file of settings named as the long flags (`data-dir = "/var/lib/khlang"`). A flag
+    /// on the command line beats its environment variable, which beats the file, which beats the
+    /// built-in default. Check one with `khlangd config check FILE`.
+    #[arg(long, env = config::CONFIG_ENV, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE as `khlangd serve` would read it under this environment (the regulations
+    /// parse, TLS files load, bounds hold) and print the effective settings, each with where it
+    /// came from; a PostgreSQL password is never printed, nor any passphrase.
+    Check {
+        /// The configuration file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -267,6 +285,9 @@ enum Command {
     /// TLS certificates for trying TLS and mutual TLS out (not for production: use your own CA).
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// The configuration file (see --config).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Run on embedded defaults: a local folder, development unseal, the sample regulations and a
     /// printed token for each sample identity. Not for real data.
     Dev {
@@ -379,6 +400,8 @@ struct PassphraseArgs {
     passphrase_file: Vec<String>,
 }
 
+/// Flags that go together are checked here rather than by clap's `requires`, which a setting
+/// from the configuration file (a default to clap) would not satisfy.
 #[derive(Args)]
 struct ServerArgs {
     #[arg(long, env = "KHLANG_LISTEN", default_value = dev::DEFAULT_LISTEN)]
@@ -390,20 +413,20 @@ struct ServerArgs {
     regulations: Option<PathBuf>,
     /// The --regulations file replaces the regulations the vault is under: it starts under the
     /// ones it holds and, once unsealed, puts the file in force (an audited reload).
-    #[arg(long, requires = "regulations")]
+    #[arg(long)]
     regulations_changed: bool,
     /// Serve TLS with this certificate chain (PEM)...
-    #[arg(long, requires = "tls_key")]
+    #[arg(long)]
     tls_cert: Option<PathBuf>,
     /// ...and this private key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long)]
     tls_key: Option<PathBuf>,
     /// Require client certificates issued by this CA (PEM); a certificate's subject common name is
     /// the identity it authenticates as.
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long)]
     client_ca: Option<PathBuf>,
     /// With --client-ca: also accept clients without a certificate (they present a token instead).
-    #[arg(long, requires = "client_ca")]
+    #[arg(long)]
     client_cert_optional: bool,
     /// Allow plaintext (no TLS) on an address other than loopback.
     #[arg(long)]
@@ -498,6 +521,9 @@ const MIN_LOCKOUT_SECS: u64 = 1800;
 
 impl ServerArgs {
     fn options(&self, mode: CipherMode) -> anyhow::Result<VaultOptions> {
+        if self.regulations_changed && self.regulations.is_none() {
+            bail!("--regulations-changed says the --regulations file replaces the rules: give that file");
+        }
         if !(1..=MAX_FAILURES_BOUND).contains(&self.auth_max_failures) {
             bail!(
                 "--auth-max-failures {} is out of bounds: 1 to {MAX_FAILURES_BOUND} (PCI DSS 8.3.4)",
@@ -548,6 +574,15 @@ impl ServerArgs {
     }
 
     fn tls(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("--tls-cert and --tls-key go together: give both or neither");
+        }
+        if self.client_ca.is_some() && self.tls_cert.is_none() {
+            bail!("--client-ca needs TLS: give --tls-cert and --tls-key");
+        }
+        if self.client_cert_optional && self.client_ca.is_none() {
+            bail!("--client-cert-optional is for a --client-ca: give the clients' CA");
+        }
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             if !self.listen.ip().is_loopback() && !self.allow_plaintext {
                 bail!(
@@ -781,8 +816,76 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// The command line parsed over the configuration file's settings (see [`config`]).
+fn parse_command_line() -> anyhow::Result<Cli> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    if let Some(path) = config::named_in(&args) {
+        cmd = config::ConfigFile::read(&path)?.apply(cmd)?;
+    }
+    Ok(Cli::from_arg_matches(&cmd.get_matches_from(args)).unwrap_or_else(|e| e.exit()))
+}
+
+/// `khlangd config check FILE`.
+fn config_check(path: &Path) -> anyhow::Result<()> {
+    let file = config::ConfigFile::read(path)?;
+    let cmd = file.apply(Cli::command())?;
+    let matches = cmd.clone().try_get_matches_from(["khlangd", "serve"]).map_err(|e| {
+        let text = e.to_string();
+        let before_usage = text.split("Usage:").next().unwrap_or_default();
+        let first = before_usage.split_whitespace().collect::<Vec<_>>().join(" ");
+        let first = first.trim_start_matches("error: ").to_owned();
+        anyhow::anyhow!(
+            "{} (with this environment) is not a complete `khlangd serve`: {first}",
+            path.display()
+        )
+    })?;
+    let redact = |long: &str, v: &str| {
+        if long == "storage" && v != "sled" { khlang_server::storage::redacted(v) } else { v.to_owned() }
+    };
+    let plain = Cli::command();
+    let Some(serve) = plain.find_subcommand("serve") else { bail!("no serve command") };
+    let Some(("serve", serve_matches)) = matches.subcommand() else { bail!("no serve command") };
+    let cli = Cli::from_arg_matches(&matches)?;
+    let Command::Serve { data_dir, storage, passphrase, server } = cli.command else {
+        bail!("no serve command")
+    };
+    let storage = storage.location().with_context(|| format!("in {}", path.display()))?;
+    let options = server.options(CipherMode::Encrypted).with_context(|| format!("in {}", path.display()))?;
+    let tls = server.tls().with_context(|| format!("in {}", path.display()))?;
+    server.audit.files()?;
+    for spec in &passphrase.passphrase_file {
+        let file =
+            spec.split_once('=').filter(|(n, _)| n.parse::<u8>().is_ok()).map_or(spec.as_str(), |(_, f)| f);
+        read_file_passphrase(Path::new(file))?;
+    }
+    outln!("# khlangd serve, as configured by {} (flag > environment > file > default)", path.display());
+    for line in config::effective(&plain, &matches, &file, &redact) {
+        outln!("{line}");
+    }
+    for line in config::effective(serve, serve_matches, &file, &redact) {
+        outln!("{line}");
+    }
+    let regs = &options.regulations;
+    outln!(
+        "# OK: regulations '{}' of {} ({} roles); TLS {}; storage {}",
+        regs.version,
+        regs.organisation,
+        regs.roles.len(),
+        if tls.is_some() { "on" } else { "off (loopback)" },
+        match storage {
+            StorageLocation::Sled => format!("sled in {}", data_dir.display()),
+            StorageLocation::Postgres { .. } => "PostgreSQL".to_owned(),
+        }
+    );
+    if !data_dir.is_dir() {
+        outln!("# note: {} does not exist yet: `khlangd init` makes it", data_dir.display());
+    }
+    Ok(())
+}
+
 async fn khlangd() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = parse_command_line()?;
     let filter =
         || tracing_subscriber::EnvFilter::try_from_env("KHLANG_LOG").unwrap_or_else(|_| "info".into());
     // A line per request: written by a thread of its own (a request does not wait on stderr;
@@ -936,6 +1039,7 @@ async fn khlangd() -> anyhow::Result<()> {
             serve_metrics(server.metrics_listen)?;
             run(vault, bind(server.listen).await?, tls, server.pid_file.as_deref()).await?;
         }
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file)?,
         Command::Tls(TlsCommand::DevCerts { dir, hosts, clients, days }) => {
             dev_certs(&dir, &hosts, &clients, days)?;
         }
