@@ -1471,3 +1471,49 @@ async fn a_configuration_file_sets_what_the_environment_and_flags_do_not() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("out of bounds"));
     drop(taken);
 }
+
+/// The README's "Try it" runs as written in a non-interactive shell (against a development vault,
+/// with the built `khlang` for `cargo run --release`), and each step does what its comment says.
+#[test]
+fn the_readme_try_it_runs_as_written() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme.split("## Try it").nth(1).unwrap();
+    let script = section.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("khlang-dev");
+    let (_daemon, url) =
+        spawn_khlangd(&["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
+    let url = url.unwrap();
+    let ran = "cargo run -q --release --bin khlang --";
+    assert!(script.contains(ran) && script.contains("export KHLANG_ADDR=http://127.0.0.1:7420"));
+    let script = script
+        .replace(ran, bin("khlang").to_str().unwrap())
+        .replace("export KHLANG_ADDR=http://127.0.0.1:7420", &format!("export KHLANG_ADDR={url}"));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -x\n{script}"))
+        .current_dir(tmp.path())
+        .env_remove("KHLANG_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for expected in [
+        "411111******1111",              // masked for contact
+        "a read must state its purpose", // no purpose
+        "PCI DSS 3.3.1",                 // cvv refused
+        "4111111111111111",              // the clerk reads it in full for billing
+        "PermissionDenied",              // ... not for contact
+        "สมชาย ใจดี",                     // the DPO's export
+        "intact",                        // audit verify
+        "billing-clerk",                 // the audit query by identity
+    ] {
+        assert!(text.contains(expected), "the README's Try it did not show {expected:?}:\n{text}");
+    }
+    assert!(!text.contains("command not found") && !text.contains("panicked"), "{text}");
+    assert!(!text.contains("NotFound"), "every id the script uses is one it was given: {text}");
+    assert!(tmp.path().join("audit.jsonl").exists(), "khlang audit export wrote its file: {text}");
+    if std::env::var_os("KHLANG_SHOW_TRY_IT").is_some() {
+        eprintln!("{text}");
+    }
+}
