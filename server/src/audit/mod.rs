@@ -1085,6 +1085,17 @@ impl AuditLog {
         self.file.sync_now().map_err(unavailable)
     }
 
+    /// The store's audit records, read while no commit stands between its store write and its
+    /// file append: a change's tag read in that gap names an entry the file does not hold yet, so
+    /// a verification beside writers found a false cut tail (seen once under the full suite).
+    pub async fn stored_records(&self, store: &dyn Storage) -> Result<StoredRecords, StoreError> {
+        let _order = match self.shared {
+            Some(_) => None,
+            None => Some(self.order.lock().await),
+        };
+        StoredRecords::read(store).await
+    }
+
     /// Holds every commit off while the guard lives (key retirement proves and destroys under
     /// it).
     pub async fn hold_commits(&self) -> tokio::sync::MutexGuard<'_, ()> {
@@ -1246,7 +1257,7 @@ impl AuditLog {
         }
         self.checkpoint_now().await?;
         let Some(tagger) = lock(&self.keys).as_ref().map(|k| k.tagger.clone()) else { return Ok(None) };
-        let proofs = self.stored_proofs(&StoredRecords::read(store).await?, &tagger)?;
+        let proofs = self.stored_proofs(&self.stored_records(store).await?, &tagger)?;
         let anchor = proofs.newest_signed(&public_key);
         let record = self.carry_forward(store, &b, anchor, report.last_entry).await?;
         lock(&self.integrity).broken = Some(record.clone());

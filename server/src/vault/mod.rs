@@ -2000,7 +2000,7 @@ impl Vault {
         self.audit.checkpoint_now().await?;
         // A full read and hash of the log (about a second per million entries): on the blocking
         // pool, not on a worker that serves requests.
-        let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;
+        let records = self.audit.stored_records(self.store.as_ref()).await?;
         let vault = self.clone();
         let report =
             tokio::task::spawn_blocking(move || vault.audit.verify(&records, &public_key, &witnessed))
@@ -2019,7 +2019,7 @@ impl Vault {
     /// last signed head was verified at unseal). Started once by the server after unsealing.
     pub async fn check_audit_history(self: &Arc<Self>) -> Result<(), VaultError> {
         let Some(public_key) = self.audit.public_key() else { return Ok(()) };
-        let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;
+        let records = self.audit.stored_records(self.store.as_ref()).await?;
         // About a second per million entries: on the blocking pool, not on a serving worker.
         let vault = self.clone();
         let report = tokio::task::spawn_blocking(move || vault.audit.verify(&records, &public_key, &[]))
@@ -2070,7 +2070,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;
+        let records = self.audit.stored_records(self.store.as_ref()).await?;
         self.audit.verify(&records, &public_key, &[])
     }
 
@@ -2136,7 +2136,7 @@ impl Vault {
             .audit
             .public_key()
             .ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
-        let records = crate::audit::StoredRecords::read(self.store.as_ref()).await?;
+        let records = self.audit.stored_records(self.store.as_ref()).await?;
         let report = self.audit.verify(&records, &public_key, &[])?;
         if let Some(b) = report.first_break {
             return Err(VaultError::FailedPrecondition(format!(
