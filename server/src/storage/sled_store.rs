@@ -1046,9 +1046,6 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
     }
 
-    /// A folder from before schema versions (no `schema`, no live markers) is upgraded once at
-    /// open; one from a newer build is refused, naming both versions, and left as it is.
-
     /// sled releases its folder lock when its background threads end, a moment after the drop:
     /// under a loaded machine's suite an immediate reopen was refused once.
     fn reopen(dir: &Path) -> SledStore {
@@ -1063,6 +1060,8 @@ mod tests {
         panic!("the folder stayed locked for 5 s after the store was dropped");
     }
 
+    /// A folder from before schema versions (no `schema`, no live markers) is upgraded once at
+    /// open; one from a newer build is refused, naming both versions, and left as it is.
     #[tokio::test]
     async fn older_folders_are_upgraded_and_newer_ones_refused() {
         let dir = tempfile::tempdir().unwrap();
