@@ -83,8 +83,8 @@ impl ConfigFile {
             }
             let mut known = false;
             if let Some(arg) = find(&cmd, key) {
-                cmd = cmd.mut_arg(arg.get_id().clone(), |a| with_default(a, setting));
                 check_shape(&file, key, &arg, setting)?;
+                cmd = cmd.mut_arg(arg.get_id().clone(), |a| with_default(a, setting));
                 known = true;
             }
             let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_owned()).collect();
@@ -217,17 +217,7 @@ fn toml_text(v: &str) -> String {
     if v.parse::<i64>().is_ok() {
         return v.to_owned();
     }
-    let mut out = String::from("\"");
-    for c in v.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    toml::Value::String(v.to_owned()).to_string()
 }
 
 #[cfg(test)]
