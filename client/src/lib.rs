@@ -926,6 +926,21 @@ impl Client {
         Ok(self.operator.unseal(req).await?.into_inner().into())
     }
 
+    /// A backup of the whole vault (key admin), its bytes handed to `sink` in order until it
+    /// returns false (the stream is then dropped); returns how many it took. Restore it with
+    /// `khlangd restore`.
+    pub async fn backup(&mut self, mut sink: impl FnMut(&[u8]) -> bool) -> Result<u64, ClientError> {
+        let mut stream = self.operator.backup(pb::BackupRequest {}).await?.into_inner();
+        let mut n = 0u64;
+        while let Some(chunk) = stream.message().await? {
+            if !sink(&chunk.data) {
+                break;
+            }
+            n += chunk.data.len() as u64;
+        }
+        Ok(n)
+    }
+
     pub async fn seal(&mut self) -> Result<SealStatus, ClientError> {
         Ok(self.operator.seal(pb::SealRequest {}).await?.into_inner().into())
     }

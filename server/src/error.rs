@@ -92,6 +92,9 @@ pub enum StoreError {
         "{refs} data keys still reference KEK v{version}; wait for the rewrap to finish (`khlang keys status`) and try again"
     )]
     KekInUse { version: u32, refs: u64 },
+    /// The backend does not do this; the message says what does (a database's own tools).
+    #[error("{0}")]
+    NotSupported(&'static str),
 }
 
 /// How a request ended, named as gRPC names its status codes. The one mapping from domain errors
@@ -154,7 +157,9 @@ impl VaultError {
             Self::NotFound(_) => Outcome::NotFound,
             Self::AlreadyExists(_) => Outcome::AlreadyExists,
             Self::Integrity { .. } | Self::Storage(StoreError::Damaged { .. }) => Outcome::DataLoss,
-            Self::FailedPrecondition(_) | Self::RootMismatch | Self::Storage(StoreError::KekInUse { .. }) => {
+            Self::FailedPrecondition(_)
+            | Self::RootMismatch
+            | Self::Storage(StoreError::KekInUse { .. } | StoreError::NotSupported(_)) => {
                 Outcome::FailedPrecondition
             }
             // A node that lost its database lease must not serve; another node may (retry there).

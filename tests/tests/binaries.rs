@@ -1514,3 +1514,156 @@ fn the_readme_try_it_runs_as_written() {
     assert!(!text.contains("NotFound"), "every id the script uses is one it was given: {text}");
     assert!(tmp.path().join("audit.jsonl").exists(), "khlang audit export wrote its file: {text}");
 }
+
+/// A valid card number (Luhn) unique to `n`.
+fn card_number(n: u64) -> String {
+    let body = format!("4{:014}", n);
+    let sum: u32 = body
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    format!("{body}{}", (10 - sum % 10) % 10)
+}
+
+fn khlangd_cmd(args: &[&str]) -> Output {
+    Command::new(bin("khlangd")).args(args).output().unwrap()
+}
+
+/// `khlang operator backup` under load, `khlangd restore` into a new folder, `khlangd verify`,
+/// and every record acknowledged before the backup began reads back, value for value, from the
+/// restored vault; the mistakes an operator or an attacker could make with a backup are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_under_load_restores_verifies_and_reads_every_acknowledged_record() {
+    use std::sync::{Arc, Mutex};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    let (mut daemon, url) =
+        spawn_khlangd(&["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
+    let url = url.expect("khlangd dev starts");
+    let app = dev_token(&data, "registration-app");
+    let admin = dev_token(&data, "key-admin");
+    // A consent history entry before the backup: the restored vault must not reuse its id.
+    let mut c = khlang_client::Client::connect(&url, &app).await.unwrap();
+    c.set_consent("backup-subject-0", "public_relations", true).await.unwrap();
+
+    let acknowledged: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..4u64 {
+        let (acknowledged, stop, url, app) = (acknowledged.clone(), stop.clone(), url.clone(), app.clone());
+        load.push(tokio::spawn(async move {
+            let mut c = khlang_client::Client::connect(&url, &app).await.unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let card = card_number(w * 1_000_000 + i);
+                let id =
+                    c.put(&format!("backup-subject-{w}"), [("card_number", card.as_str())]).await.unwrap();
+                acknowledged.lock().unwrap().push((id.clone(), card));
+                c.get(&id, &[], Some("service_delivery")).await.unwrap();
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before: Vec<(String, String)> = acknowledged.lock().unwrap().clone();
+    assert!(before.len() > 20, "the load ran ({} writes)", before.len());
+    let file = tmp.path().join("vault.backup");
+    let file_s = file.to_str().unwrap().to_owned();
+
+    // Not a key admin: refused, no file left behind.
+    let refused = khlang(&url, &app, &["operator", "backup", "--output", &file_s]);
+    assert_eq!(refused.status.code(), Some(13), "PermissionDenied's exit status");
+    assert!(!file.exists());
+    let (u, a, f) = (url.clone(), admin.clone(), file_s.clone());
+    let taken = tokio::task::spawn_blocking(move || khlang(&u, &a, &["operator", "backup", "--output", &f]))
+        .await
+        .unwrap();
+    assert!(stdout(&taken).contains("backup of "), "{}", stdout(&taken));
+    // An existing file is never overwritten.
+    let again = khlang(&url, &admin, &["operator", "backup", "--output", &file_s]);
+    assert!(!again.status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let all = acknowledged.lock().unwrap().len();
+    assert!(all > before.len(), "writes went on during the backup");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let bytes = std::fs::read(&file).unwrap();
+    for canary in [before[0].1.as_bytes(), b"backup-subject-0".as_slice()] {
+        assert!(!contains(&bytes, canary), "the backup holds no plaintext value or subject id");
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    // Refusals: a folder in use, a damaged file, a cut file, not a backup. None writes anything.
+    let restored = tmp.path().join("restored");
+    let restored_s = restored.to_str().unwrap();
+    let busy = khlangd_cmd(&["restore", &file_s, "--data-dir", data.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("is not empty"), "{busy:?}");
+    let mut flipped = bytes.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x01;
+    let cut = bytes[..bytes.len() - 10].to_vec();
+    for (name, content, says) in [
+        ("flipped", flipped, "damaged"),
+        ("cut", cut, "cut short"),
+        ("other", b"{\"not\": \"a backup\"}".to_vec(), "not a khlang backup"),
+    ] {
+        let bad = tmp.path().join(name);
+        std::fs::write(&bad, content).unwrap();
+        let out = khlangd_cmd(&["restore", bad.to_str().unwrap(), "--data-dir", restored_s]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{name}: {err}");
+        assert!(!restored.exists(), "{name}: a refused restore writes nothing");
+    }
+
+    let out = khlangd_cmd(&["restore", &file_s, "--data-dir", restored_s]);
+    let said = stdout(&out);
+    assert!(said.contains("restored ") && said.contains("khlangd verify"), "{said}");
+    let pass = write_passphrase(tmp.path(), khlang_server::dev::DEV_PASSPHRASE);
+    let verified = khlangd_cmd(&["verify", "--data-dir", restored_s, "--passphrase-file", &pass]);
+    let report = stdout(&verified);
+    assert!(report.contains("audit log: intact"), "{report}");
+    let opened: usize =
+        report.split("records: ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(opened >= before.len() && opened <= all, "{opened} records between {} and {all}", before.len());
+    assert!(report.contains(", 0 damaged"), "{report}");
+    assert!(!report.contains(&before[0].1), "verify shows no value");
+
+    // Served again: every record acknowledged before the backup reads back in full.
+    let (mut daemon, url) = spawn_khlangd(&["dev", "--listen", "127.0.0.1:0", "--data-dir", restored_s]);
+    let url = url.expect("the restored vault serves");
+    let mut clerk =
+        khlang_client::Client::connect(&url, &dev_token(&restored, "billing-clerk")).await.unwrap();
+    for (id, card) in &before {
+        let r = clerk.get(id, &["card_number".into()], Some("billing")).await.unwrap();
+        assert_eq!(r.fields["card_number"].expose_secret(), card, "record {id}");
+    }
+    // Consent ids go on after the backup's: the old history entry stays beside the new one.
+    let mut c =
+        khlang_client::Client::connect(&url, &dev_token(&restored, "registration-app")).await.unwrap();
+    c.set_consent("backup-subject-0", "public_relations", false).await.unwrap();
+    let (_, history) = c.consent("backup-subject-0").await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    let mut sec =
+        khlang_client::Client::connect(&url, &dev_token(&restored, "security-officer")).await.unwrap();
+    let entries = sec.query_audit(&khlang_client::AuditQuery::default()).await.unwrap();
+    assert!(entries.iter().any(|e| e.rpc == "Backup" && e.identity == "key-admin" && e.outcome == "Ok"));
+    assert!(entries.iter().any(|e| e.rpc == "VerifyVault" && e.reason.contains("0 damaged")));
+    assert!(sec.verify_audit(&[]).await.unwrap().report.first_break.is_none());
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}

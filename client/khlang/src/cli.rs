@@ -268,6 +268,14 @@ pub enum OperatorCommand {
     },
     /// Wipe the keys from the vault's memory (needs key_admin).
     Seal,
+    /// Back the whole vault up into one file (needs key_admin; online): its ciphertext, wrapped
+    /// keys, sealed shares and audit log with a fresh signed checkpoint. Restore it with
+    /// `khlangd restore FILE --data-dir DIR`, then check it with `khlangd verify`.
+    Backup {
+        /// The file to write (refuses to overwrite one; removed again if the backup fails).
+        #[arg(long)]
+        output: std::path::PathBuf,
+    },
     /// Change a custodian's passphrase (no token needed: the old passphrase is the credential).
     Passwd {
         /// Custodian number, 1..N.

@@ -684,6 +684,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_seal(&client.unseal(custodian, &p[0]).await?);
             }
             OperatorCommand::Seal => print_seal(&client.seal().await?),
+            OperatorCommand::Backup { output } => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                // Ciphertext and sealed keys only, yet nobody else's to read: 0600.
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&output)
+                    .with_context(|| format!("cannot create {}", output.display()))?;
+                let mut out = std::io::BufWriter::new(file);
+                let mut failed = None;
+                let got = client
+                    .backup(|bytes| match out.write_all(bytes) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            failed = Some(e);
+                            false
+                        }
+                    })
+                    .await;
+                let written = match (got, failed) {
+                    (Ok(n), None) => out
+                        .into_inner()
+                        .map_err(|e| e.into_error())
+                        .and_then(|f| f.sync_all())
+                        .map(|()| n)
+                        .with_context(|| format!("cannot write {}", output.display())),
+                    (_, Some(e)) => {
+                        Err(anyhow::Error::new(e).context(format!("cannot write {}", output.display())))
+                    }
+                    (Err(e), None) => Err(e.into()),
+                };
+                match written {
+                    Ok(n) => outln!(
+                        "backup of {n} bytes written to {}; restore it with `khlangd restore {} --data-dir DIR`",
+                        output.display(),
+                        output.display()
+                    ),
+                    Err(e) => {
+                        std::fs::remove_file(&output).ok();
+                        return Err(e);
+                    }
+                }
+            }
             OperatorCommand::Passwd { custodian, passphrase_file } => {
                 let prompts =
                     [format!("Custodian {custodian}'s current passphrase"), "New passphrase".to_owned()];

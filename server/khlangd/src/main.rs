@@ -282,6 +282,29 @@ enum Command {
         #[command(flatten)]
         audit: AuditArgs,
     },
+    /// Restore a backup (`khlang operator backup`) into a new or empty folder. The whole file is
+    /// checked first; nothing is written from a damaged one. Then check it with `khlangd verify`.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The folder to restore into (must be empty or absent).
+        #[arg(long, env = "KHLANG_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Check a STOPPED (or restored) vault: open every record's data key, subject id and field
+    /// envelope (showing none) and verify the audit log. Recorded in its log. Exits 0 when
+    /// everything opens and the log is intact, 3 when the log is only unverified, 2 on damage.
+    Verify {
+        #[arg(long, env = "KHLANG_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
+        #[command(flatten)]
+        passphrase: PassphraseArgs,
+        /// The vault's regulations file (default: the regulations the vault holds).
+        #[arg(long, env = "KHLANG_REGULATIONS")]
+        regulations: Option<PathBuf>,
+    },
     /// TLS certificates for trying TLS and mutual TLS out (not for production: use your own CA).
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -808,7 +831,7 @@ fn print_dev_banner(
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match khlangd().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_line(&e));
             std::process::ExitCode::FAILURE
@@ -824,6 +847,57 @@ fn parse_command_line() -> anyhow::Result<Cli> {
         cmd = config::ConfigFile::read(&path)?.apply(cmd)?;
     }
     Ok(Cli::from_arg_matches(&cmd.get_matches_from(args)).unwrap_or_else(|e| e.exit()))
+}
+
+/// `khlangd verify`: the exit status (0 intact, 3 unverified, 2 damage).
+async fn verify(
+    data_dir: PathBuf,
+    storage: StorageArgs,
+    passphrase: PassphraseArgs,
+    regulations: Option<PathBuf>,
+) -> anyhow::Result<u8> {
+    use khlang_keys::audit_chain::Verdict;
+    let options = VaultOptions {
+        storage: storage.location()?,
+        regulations: Arc::new(load_regulations(regulations.as_deref())?),
+        regulations_path: regulations,
+        ..VaultOptions::default()
+    };
+    let vault = Vault::open_sealed(&data_dir, &options)
+        .await
+        .with_context(|| format!("cannot open the vault in {} (is it still running?)", data_dir.display()))?;
+    for (custodian, pass) in &serve_passphrases(&passphrase)? {
+        vault
+            .unseal_with(*custodian, pass.as_bytes(), None, "", "")
+            .await
+            .with_context(|| format!("cannot unseal with custodian {custodian}'s passphrase"))?;
+    }
+    if vault.is_sealed() {
+        bail!("the vault is still sealed: give enough custodians' passphrases (--passphrase-file N=FILE)");
+    }
+    let check = vault.check_vault().await?;
+    vault.shut_down().await?;
+    outln!("records: {} opened ({} fields), {} damaged", check.records, check.fields, check.damaged);
+    for named in &check.named {
+        outln!("  {named}");
+    }
+    let verdict = check.audit.as_ref().map(|r| r.verdict());
+    let entries = check.audit.as_ref().map_or(0, |r| r.entries);
+    let audit_code = match &verdict {
+        Some(Verdict::Intact) | None => {
+            outln!("audit log: intact ({entries} entries)");
+            0
+        }
+        Some(Verdict::Unverified(why)) => {
+            outln!("audit log: unverified ({entries} entries): {why}");
+            3
+        }
+        Some(Verdict::Broken(b)) => {
+            outln!("audit log: BROKEN at entry {}: {}", b.seq, b.reason);
+            2
+        }
+    };
+    Ok(if check.damaged > 0 { 2 } else { audit_code })
 }
 
 /// `khlangd config check FILE`.
@@ -884,7 +958,7 @@ fn config_check(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn khlangd() -> anyhow::Result<()> {
+async fn khlangd() -> anyhow::Result<std::process::ExitCode> {
     let cli = parse_command_line()?;
     let filter =
         || tracing_subscriber::EnvFilter::try_from_env("KHLANG_LOG").unwrap_or_else(|_| "info".into());
@@ -1040,6 +1114,24 @@ async fn khlangd() -> anyhow::Result<()> {
             run(vault, bind(server.listen).await?, tls, server.pid_file.as_deref()).await?;
         }
         Command::Config(ConfigCommand::Check { file }) => config_check(&file)?,
+        Command::Restore { file, data_dir } => {
+            let report = khlang_server::vault::backup::restore(&file, &data_dir)
+                .with_context(|| format!("cannot restore {}", file.display()))?;
+            outln!(
+                "restored {} records ({} stored entries) and the audit log up to entry {} ({} bytes) into {}",
+                report.records,
+                report.store_entries,
+                report.header.audit_seq,
+                report.audit_bytes,
+                data_dir.display()
+            );
+            outln!("audit public key: {}", report.header.audit_public_key);
+            outln!("next: khlangd verify --data-dir {}", data_dir.display());
+        }
+        Command::Verify { data_dir, storage, passphrase, regulations } => {
+            let code = verify(data_dir, storage, passphrase, regulations).await?;
+            return Ok(std::process::ExitCode::from(code));
+        }
         Command::Tls(TlsCommand::DevCerts { dir, hosts, clients, days }) => {
             dev_certs(&dir, &hosts, &clients, days)?;
         }
@@ -1064,5 +1156,5 @@ async fn khlangd() -> anyhow::Result<()> {
             run(vault, listener, tls, server.pid_file.as_deref()).await?;
         }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -44,10 +44,10 @@ fn filter_in(r: &pb::QueryAuditRequest) -> AuditFilter {
     }
 }
 
-type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 /// Streams what a blocking scan of the store produces, without holding the runtime.
-fn stream_blocking<T: Send + 'static>(
+pub(super) fn stream_blocking<T: Send + 'static>(
     vault: Arc<Vault>,
     request_id: String,
     scan: impl FnOnce(&Vault, &dyn Fn(Result<T, VaultError>) -> bool) + Send + 'static,

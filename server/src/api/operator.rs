@@ -166,8 +166,51 @@ async fn custodian_call<T: Send + 'static, F: std::future::Future<Output = Resul
     }
 }
 
+/// How much of a backup file one message carries.
+const BACKUP_CHUNK: usize = 256 * 1024;
+
 #[tonic::async_trait]
 impl Operator for Api {
+    type BackupStream = super::audit::Stream<pb::BackupChunk>;
+
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::Backup.as_str()))]
+    async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let caller = self.caller(&req, Rpc::Backup).await?;
+        let (mut file, report) =
+            self.vault.backup(&caller).await.map_err(|e| status(e, &caller.request_id))?;
+        tracing::info!(
+            audit_seq = report.header.audit_seq,
+            records = report.records,
+            bytes = report.bytes,
+            by = %caller.identity.name,
+            "backup taken"
+        );
+        let stream =
+            super::audit::stream_blocking(self.vault.clone(), caller.request_id.clone(), move |_, send| {
+                use std::io::{Read, Seek};
+                if let Err(e) = file.rewind() {
+                    send(Err(crate::StoreError::Io(format!("cannot read the backup: {e}")).into()));
+                    return;
+                }
+                let mut buf = vec![0u8; BACKUP_CHUNK];
+                loop {
+                    match file.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if !send(Ok(pb::BackupChunk { data: buf[..n].to_vec() })) {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            send(Err(crate::StoreError::Io(format!("cannot read the backup: {e}")).into()));
+                            break;
+                        }
+                    }
+                }
+            });
+        Ok(respond(stream, &caller))
+    }
+
     #[tracing::instrument(skip_all, fields(rpc = Rpc::SealStatus.as_str()))]
     async fn seal_status(
         &self,

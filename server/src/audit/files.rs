@@ -373,6 +373,54 @@ fn data_end(file: &File) -> std::io::Result<u64> {
     Ok(0)
 }
 
+/// Takes each file of a backup: its name and its data.
+pub type FileSink<'a> = dyn FnMut(&str, Vec<u8>) -> Result<(), StoreError> + 'a;
+
+/// Whether `name` is one of the log's own files: a segment (`<20 digits>.log`) or the checkpoints.
+fn is_log_file(name: &str) -> bool {
+    name == CHECKPOINTS
+        || name.strip_suffix(".log").is_some_and(|s| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Every file of the log in `dir` with its data (the zero fill left out): segments oldest first,
+/// then the checkpoints. A backup's copy, taken after a sync with commits held off; a group the
+/// flusher is writing meanwhile is at most a torn last line, which the restored log cuts at open.
+pub fn copy_files(dir: &Path, each: &mut FileSink<'_>) -> Result<(), StoreError> {
+    let mut paths: Vec<PathBuf> = segments(dir)?.into_iter().map(|(_, p)| p).collect();
+    paths.push(dir.join(CHECKPOINTS));
+    for path in paths {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let mut bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(e)),
+        };
+        bytes.truncate(bytes.iter().rposition(|b| *b != 0).map_or(0, |at| at + 1));
+        each(name, bytes)?;
+    }
+    Ok(())
+}
+
+/// Writes a chunk of a backup's file into a new log's folder (`data_dir/audit`), 0600 and synced:
+/// the `first` chunk creates the file (refused if it exists), the others append. Refuses a name
+/// that is not one of the log's files, so a backup cannot place a file anywhere else.
+pub fn restore_file(data_dir: &Path, name: &str, bytes: &[u8], first: bool) -> Result<(), StoreError> {
+    if !is_log_file(name) {
+        return Err(StoreError::Corrupt("backup (an audit file name)"));
+    }
+    let dir = data_dir.join(DIR);
+    std::fs::create_dir_all(&dir).map_err(io_error)?;
+    let mut file = OpenOptions::new()
+        .mode(0o600)
+        .append(true)
+        .create_new(first)
+        .open(dir.join(name))
+        .map_err(io_error)?;
+    file.write_all(bytes).map_err(io_error)?;
+    file.sync_all().map_err(io_error)?;
+    sync_dir(&dir)
+}
+
 /// Cuts a torn last line — what follows the last newline, up to the zero fill — and nothing
 /// else: a NUL byte or a garbled line before it is damage for verification to report, and the
 /// next line goes after every byte of it. Returns where the next line goes and how far the file
@@ -1023,6 +1071,14 @@ pub trait AuditFiles: Send + Sync {
     }
     /// Where an operator finds them (the files' folder), for messages and tools.
     fn location(&self) -> &Path;
+    /// Syncs, then hands every file of the log to `each` ([`copy_files`]), for a backup taken
+    /// with commits held off. A database's rows are backed up with the database.
+    fn backup_files(&self, each: &mut FileSink<'_>) -> Result<(), StoreError> {
+        let _ = each;
+        Err(StoreError::NotSupported(
+            "this audit log lives in the database: back it up with the database's own tools",
+        ))
+    }
 }
 
 #[async_trait::async_trait]
@@ -1092,5 +1148,10 @@ impl AuditFiles for AuditFile {
 
     fn location(&self) -> &Path {
         self.dir()
+    }
+
+    fn backup_files(&self, each: &mut FileSink<'_>) -> Result<(), StoreError> {
+        AuditFile::sync_now(self)?;
+        copy_files(self.dir(), each)
     }
 }

@@ -1096,6 +1096,12 @@ impl AuditLog {
         StoredRecords::read(store).await
     }
 
+    /// Every file of the log, for a backup taken with commits held off
+    /// ([`AuditFiles::backup_files`]).
+    pub fn backup_files(&self, each: &mut files::FileSink<'_>) -> Result<(), StoreError> {
+        self.file.backup_files(each)
+    }
+
     /// Holds every commit off while the guard lives (key retirement proves and destroys under
     /// it).
     pub async fn hold_commits(&self) -> tokio::sync::MutexGuard<'_, ()> {

@@ -38,10 +38,11 @@ rpcs! {
         ListIdentityRequests, ListIdentities, RevokeIdentity, ReloadRegulations, GetRegulations,
         QueryAudit, ExportAudit, VerifyAudit, AuditPublicKey, SealStatus, Unseal, Seal,
         ChangePassphrase, Rekey, RekeyPassphrase, RekeyApprove, RekeyCancel, RotateKey, KeyStatus,
-        RetireKey, Reencrypt;
+        RetireKey, Reencrypt, Backup;
     events: IssueToken = "IssueToken", KeyJob = "KeyJob",
         Sighup = "SIGHUP", ArchiveAudit = "ArchiveAudit", AuditBreak = "AuditBreak",
         AcceptAuditBreak = "AcceptAuditBreak", AuditUnproven = "AuditUnproven",
+        VerifyVault = "VerifyVault",
 }
 
 impl std::fmt::Display for Rpc {

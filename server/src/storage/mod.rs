@@ -35,7 +35,7 @@ pub use models::{
     StoredIdentityRequest, StoredJob, StoredRecord, StoredRegulations, StoredToken,
 };
 pub use postgres::{PG_SCHEMA_VERSION, PgStore, redacted};
-pub use sled_store::{Durability, SCHEMA_VERSION, SledStore, secure_folder, tighten};
+pub use sled_store::{Durability, SCHEMA_VERSION, SledRestore, SledStore, secure_folder, tighten};
 
 /// A stored value as it was read: a change that expects it applies only if nothing changed it
 /// meanwhile (optimistic concurrency). Opaque: only the backend that made it interprets it (sled:
@@ -104,6 +104,21 @@ pub enum AuditRecord {
     ChangeTag,
     ReadTag,
     Break,
+}
+
+/// One stored key and value in a backend's own layout (`space`: sled's tree): what a backup
+/// carries and a restore replays into the same backend. Values are what the store holds —
+/// ciphertext, wrapped keys, sealed shares, HMACs — never plaintext.
+pub struct RawEntry {
+    pub space: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for RawEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawEntry({}, {} + {} bytes)", self.space, self.key.len(), self.value.len())
+    }
 }
 
 /// Counts for the benchmark report: how many writes each flush carried.
@@ -540,6 +555,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// nothing written, if one does not. The backend checks and applies under its own
     /// serialisation: compare-and-swap does not depend on any caller's lock.
     async fn commit(&self, changes: Changes) -> Result<bool, StoreError>;
+    /// Hands every stored key and value to `each` (a backup: the caller holds commits off, so
+    /// what it sees is one consistent state) and returns the lowest id
+    /// [`Storage::generate_id`] may give after a restore of it. Synchronous: a backup runs on a
+    /// blocking thread. A database backend leaves this to the database's own tools.
+    fn snapshot(&self, each: &mut dyn FnMut(RawEntry) -> Result<(), StoreError>) -> Result<u64, StoreError> {
+        let _ = each;
+        Err(StoreError::NotSupported(
+            "this storage backend is backed up with its database's own tools (PostgreSQL: pg_basebackup, \
+             see the README), then checked with `khlangd verify`",
+        ))
+    }
     /// Returns once everything committed before the call is durable.
     async fn durable(&self) -> Result<(), StoreError>;
     /// Announces a request that may write (taken before it prepares, dropped when it returns).

@@ -3,6 +3,7 @@
 //! → audit → execute — and returns plain Rust types. No protobuf or tonic here.
 
 pub mod auth;
+pub mod backup;
 pub mod cluster;
 pub mod identities;
 pub mod keyops;
