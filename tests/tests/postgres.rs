@@ -952,3 +952,69 @@ async fn failover_to_a_promoted_synchronous_replica_loses_no_acknowledged_write(
     );
     node.stop().await;
 }
+
+/// On PostgreSQL the backup is the database's own (README: Backup and restore): `pg_basebackup`
+/// while the node serves writes, the copy started as a cluster of its own, and `khlangd verify`
+/// on it opens every record and verifies the audit chain. `khlang operator backup` answers
+/// FailedPrecondition naming that way, and is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_basebackup_under_load_then_khlangd_verify_opens_every_record() {
+    let Some(pg) = TestPostgres::start("pg_basebackup_under_load") else { return };
+    let url = pg.database().await;
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let node = TestServer::start_with(&node_dir, on(&node_dir, &url)).await;
+    let mut admin = node.client_as("key-admin").await;
+    let e = admin.backup(|_| true).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
+    assert!(e.to_string().contains("pg_basebackup"), "{e}");
+
+    let acknowledged: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..3 {
+        let (acknowledged, stop, url, token) =
+            (acknowledged.clone(), stop.clone(), node.url(), node.token.clone());
+        load.push(tokio::spawn(async move {
+            let mut c = khlang_client::Client::connect(&url, &token).await.unwrap();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = c.put(&format!("basebackup-{w}-{i}"), canary_fields()).await.unwrap();
+                acknowledged.lock().unwrap().push(id);
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let before = acknowledged.lock().unwrap().len();
+    let copy = tokio::task::block_in_place(|| pg.base_backup("restored", false));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let all = acknowledged.lock().unwrap().len();
+    node.stop().await;
+    assert!(before > 10 && all > before, "writes before ({before}) and during ({all}) the copy");
+
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, format!("{PASSPHRASE}\n")).unwrap();
+    let out = std::process::Command::new(bin("khlangd"))
+        .args(["verify", "--data-dir", dir.path().join("verifier").to_str().unwrap()])
+        .args(["--passphrase-file", pass.to_str().unwrap()])
+        .env("KHLANG_STORAGE", copy.url(&db))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    let opened: usize =
+        report.split("records: ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        opened > before && opened <= all + 1,
+        "{opened} records: {before}..={all} written, and the first"
+    );
+    assert!(report.contains(", 0 damaged") && report.contains("audit log: intact"), "{report}");
+    for (_, value) in canary_fields() {
+        assert!(!report.contains(value), "verify shows no value");
+    }
+}

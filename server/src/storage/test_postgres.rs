@@ -196,50 +196,7 @@ impl TestPostgres {
     /// synchronous: from when this returns, the primary acknowledges a commit only once the
     /// standby has it (`synchronous_standby_names = '*'`, `synchronous_commit = on`).
     pub async fn synchronous_replica(&self) -> TestPostgres {
-        static REPLICAS: AtomicU32 = AtomicU32::new(0);
-        let dir = cluster_folder(
-            &format!("replica-{}", REPLICAS.fetch_add(1, Ordering::Relaxed)),
-            self.run_as.as_deref(),
-        );
-        let replica = TestPostgres {
-            bin: self.bin.clone(),
-            dir,
-            port: 0,
-            run_as: self.run_as.clone(),
-            databases: AtomicU32::new(self.databases.load(Ordering::Relaxed)),
-            tls: false,
-        };
-        let data = replica.dir.join("data");
-        let port = self.port.to_string();
-        replica.run(
-            "pg_basebackup",
-            &[
-                "-h".as_ref(),
-                "127.0.0.1".as_ref(),
-                "-p".as_ref(),
-                port.as_ref(),
-                "-U".as_ref(),
-                SUPERUSER.as_ref(),
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-R".as_ref(),
-                "-X".as_ref(),
-                "stream".as_ref(),
-                "-c".as_ref(),
-                "fast".as_ref(),
-                "--no-sync".as_ref(),
-            ],
-        );
-        let mut replica = replica;
-        let mut started = false;
-        for _ in 0..5 {
-            replica.port = free_port();
-            if replica.start_server() {
-                started = true;
-                break;
-            }
-        }
-        assert!(started, "the replica did not start");
+        let replica = self.base_backup("replica", true);
         let (client, connection) =
             tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.expect("connect");
         let conn = tokio::spawn(connection);
@@ -269,6 +226,56 @@ impl TestPostgres {
         drop(client);
         let _ = conn.await;
         replica
+    }
+
+    /// A copy of this running cluster by `pg_basebackup -X stream` (the documented backup of a
+    /// vault on PostgreSQL), started on a port of its own: with `standby`, as a streaming standby
+    /// (`-R`); otherwise as a cluster of its own, what a restore of that backup is.
+    pub fn base_backup(&self, name: &str, standby: bool) -> TestPostgres {
+        static COPIES: AtomicU32 = AtomicU32::new(0);
+        let dir = cluster_folder(
+            &format!("{name}-{}", COPIES.fetch_add(1, Ordering::Relaxed)),
+            self.run_as.as_deref(),
+        );
+        let mut copy = TestPostgres {
+            bin: self.bin.clone(),
+            dir,
+            port: 0,
+            run_as: self.run_as.clone(),
+            databases: AtomicU32::new(self.databases.load(Ordering::Relaxed)),
+            tls: false,
+        };
+        let data = copy.dir.join("data");
+        let port = self.port.to_string();
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "-h".as_ref(),
+            "127.0.0.1".as_ref(),
+            "-p".as_ref(),
+            port.as_ref(),
+            "-U".as_ref(),
+            SUPERUSER.as_ref(),
+            "-D".as_ref(),
+            data.as_os_str(),
+            "-X".as_ref(),
+            "stream".as_ref(),
+            "-c".as_ref(),
+            "fast".as_ref(),
+            "--no-sync".as_ref(),
+        ];
+        if standby {
+            args.push("-R".as_ref());
+        }
+        copy.run("pg_basebackup", &args);
+        let mut started = false;
+        for _ in 0..5 {
+            copy.port = free_port();
+            if copy.start_server() {
+                started = true;
+                break;
+            }
+        }
+        assert!(started, "the copy made by pg_basebackup did not start");
+        copy
     }
 
     /// Database `name`, created if it does not exist yet (synchronously, with `createdb`); its
