@@ -29,6 +29,14 @@ fn rpc_label(rpc: &str) -> &'static str {
     Rpc::API.iter().chain(Rpc::EVENTS).map(|r| r.as_str()).find(|n| *n == rpc).unwrap_or("other")
 }
 
+/// A TLS handshake that failed (a client without the CA, with no or a wrong certificate, or
+/// speaking plaintext to the TLS port).
+pub(crate) fn tls_handshake_failed() {
+    if enabled() {
+        metrics::counter!("khlang_tls_handshake_failures_total").increment(1);
+    }
+}
+
 /// One request, as its audit entry ended it.
 pub(crate) fn request(
     rpc: &str,

@@ -194,7 +194,7 @@ impl TestServer {
     pub async fn start_tls(
         dir: &Path,
         options: VaultOptions,
-        tls: Option<tonic::transport::ServerTlsConfig>,
+        tls: Option<khlang_server::api::ServerTls>,
     ) -> Self {
         let vault = Vault::open_or_init(dir, PASSPHRASE.as_bytes(), SealParams::MINIMUM, &options)
             .await
@@ -211,7 +211,7 @@ impl TestServer {
         dir: &Path,
         options: VaultOptions,
         vault: Vault,
-        tls: Option<tonic::transport::ServerTlsConfig>,
+        tls: Option<khlang_server::api::ServerTls>,
     ) -> Self {
         let regulations_path = options.regulations_path.clone().unwrap_or_default();
         let mut tokens = BTreeMap::new();

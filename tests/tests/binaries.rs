@@ -1238,24 +1238,44 @@ async fn dev_certs_set_up_mutual_tls_and_tls_mistakes_say_what_to_do() {
 
     // A server that requires client certificates: a client without one is told so.
     let strict = tmp.path().join("strict");
-    let (_strict, addr) = spawn_khlangd(&[
-        "dev",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        strict.to_str().unwrap(),
-        "--tls-cert",
-        &format!("{c}/server.pem"),
-        "--tls-key",
-        &format!("{c}/server.key"),
-        "--client-ca",
-        &format!("{c}/ca.pem"),
-    ]);
+    let (mut strict_daemon, addr, log) = spawn_khlangd_logged(
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            strict.to_str().unwrap(),
+            "--tls-cert",
+            &format!("{c}/server.pem"),
+            "--tls-key",
+            &format!("{c}/server.key"),
+            "--client-ca",
+            &format!("{c}/ca.pem"),
+        ],
+        "info",
+    );
     let port = addr.expect("a strict TLS server").rsplit(':').next().unwrap().to_owned();
     let strict_url = format!("https://localhost:{port}");
     let o = run(&strict_url, Some(&dev_token(&strict, "registration-app")), &ca, &["list", "--subject", "x"]);
     assert!(!o.status.success() && err(&o).contains("--client-cert"), "{}", err(&o));
     stdout(&run(&strict_url, None, &cert, &["list", "--subject", "x"]));
+    // Failed handshakes are logged with the peer's address; a client failing on purpose, again
+    // and again, gets at most 20 lines in ten seconds.
+    for _ in 0..40 {
+        use std::io::Write;
+        let mut plain = std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+        let _ = plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = plain.shutdown(std::net::Shutdown::Both);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    strict_daemon.kill().unwrap();
+    strict_daemon.wait().unwrap();
+    let log = log.recv_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("TLS handshake failed")).collect();
+    assert!(!failed.is_empty(), "{log}");
+    assert!(failed.iter().all(|l| l.contains("peer=127.0.0.1:")), "{failed:?}");
+    assert!(failed.iter().any(|l| l.contains("no certificate") || l.contains("NoCertificate")), "{failed:?}");
+    assert!(failed.len() <= 20, "{} lines", failed.len());
 }
 
 /// A scraped sample: name, labels, value.

@@ -3,9 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
 
 use khlang_client::{Client, Code, TlsOptions};
+use khlang_server::api::ServerTls;
 use khlang_tests::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use zeroize::Zeroizing as Z;
 
 struct Ca {
@@ -48,10 +48,13 @@ async fn mutual_tls_maps_certificates_to_identities() {
     let vault_ca = ca("Khlang test CA");
     let other_ca = ca("Somebody else's CA");
     let (server_cert, server_key) = leaf(&vault_ca, "khlang", &["localhost", "127.0.0.1"]);
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&server_cert, &server_key))
-        .client_ca_root(Certificate::from_pem(&vault_ca.pem))
-        .client_auth_optional(true);
+    let tls = ServerTls::from_pem(
+        server_cert.as_bytes(),
+        server_key.as_bytes(),
+        Some(vault_ca.pem.as_bytes()),
+        true,
+    )
+    .unwrap();
     let server = TestServer::start_tls(dir.path(), TestServer::options(dir.path()), Some(tls)).await;
     let url = format!("https://{}", server.addr);
 
@@ -113,9 +116,13 @@ async fn required_client_certificates_refuse_clients_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let vault_ca = ca("Khlang test CA");
     let (server_cert, server_key) = leaf(&vault_ca, "khlang", &["localhost", "127.0.0.1"]);
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&server_cert, &server_key))
-        .client_ca_root(Certificate::from_pem(&vault_ca.pem));
+    let tls = ServerTls::from_pem(
+        server_cert.as_bytes(),
+        server_key.as_bytes(),
+        Some(vault_ca.pem.as_bytes()),
+        false,
+    )
+    .unwrap();
     let server = TestServer::start_tls(dir.path(), TestServer::options(dir.path()), Some(tls)).await;
     let url = format!("https://{}", server.addr);
 

@@ -53,11 +53,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use khlang_keys::SealParams;
+use khlang_server::api::ServerTls;
 use khlang_server::policy::regulations::Regulations;
 use khlang_server::storage::Durability;
 use khlang_server::vault::keyops::JobPacing;
 use khlang_server::{AuthLimits, CipherMode, Limits, StorageLocation, Vault, VaultOptions, api, dev};
-use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use zeroize::Zeroizing;
 
 #[derive(Parser)]
@@ -596,7 +596,7 @@ impl ServerArgs {
         })
     }
 
-    fn tls(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+    fn tls(&self) -> anyhow::Result<Option<ServerTls>> {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("--tls-cert and --tls-key go together: give both or neither");
         }
@@ -618,12 +618,12 @@ impl ServerArgs {
         };
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
         let key_pem = Zeroizing::new(read(key)?);
-        let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, key_pem.as_slice()));
-        if let Some(ca) = &self.client_ca {
-            tls = tls
-                .client_ca_root(Certificate::from_pem(read(ca)?))
-                .client_auth_optional(self.client_cert_optional);
-        }
+        let ca = self.client_ca.as_ref().map(read).transpose()?;
+        let tls =
+            ServerTls::from_pem(&read(cert)?, key_pem.as_slice(), ca.as_deref(), self.client_cert_optional)
+                .with_context(|| {
+                format!("TLS from --tls-cert {} and --tls-key {}", cert.display(), key.display())
+            })?;
         Ok(Some(tls))
     }
 }
@@ -746,7 +746,7 @@ impl Drop for PidFile {
 async fn run(
     vault: Vault,
     listener: tokio::net::TcpListener,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<ServerTls>,
     pid_file: Option<&Path>,
 ) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };

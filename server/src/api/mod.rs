@@ -16,7 +16,7 @@ use khlang_proto::pb::{
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::server::{ServerTlsConfig, TcpIncoming};
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use x509_cert::der::Decode;
 use zeroize::Zeroizing;
@@ -239,5 +239,7 @@ mod operator;
 mod records;
 mod serve;
 mod subjects;
+mod tls;
 
 pub use serve::{ServeError, serve};
+pub use tls::{ServerTls, TlsSetupError};

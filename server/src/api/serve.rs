@@ -166,7 +166,7 @@ impl http_body::Body for WatchTrailers {
 pub async fn serve(
     vault: Arc<Vault>,
     listener: TcpListener,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let max = vault.limits().max_message_bytes;
@@ -274,11 +274,8 @@ pub async fn serve(
         health.set_not_serving::<KeysServer<Api>>().await;
         let _ = stopping_tx.send(());
     };
-    let mut builder = tonic::transport::Server::builder().layer(UndecodableRequests { vault: vault.clone() });
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    let server = builder
+    let router = tonic::transport::Server::builder()
+        .layer(UndecodableRequests { vault: vault.clone() })
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -287,8 +284,19 @@ pub async fn serve(
         .add_service(admin)
         .add_service(audit)
         .add_service(operator)
-        .add_service(keys)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+        .add_service(keys);
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match tls {
+            Some(tls) => {
+                Box::pin(router.serve_with_incoming_shutdown(super::tls::incoming(listener, tls), signal))
+            }
+            None => {
+                Box::pin(router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    signal,
+                ))
+            }
+        };
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,
