@@ -37,6 +37,13 @@ pub(crate) fn tls_handshake_failed() {
     }
 }
 
+/// An audit entry the SIEM sink could not take (its queue full): the log still has it.
+pub(crate) fn audit_sink_dropped() {
+    if enabled() {
+        metrics::counter!("khlang_audit_sink_dropped_total").increment(1);
+    }
+}
+
 /// One request, as its audit entry ended it.
 pub(crate) fn request(
     rpc: &str,

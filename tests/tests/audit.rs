@@ -609,3 +609,54 @@ async fn archival_respects_retention_and_leaves_a_verifiable_log() {
     let broken = vault.verify_audit_now().await.unwrap().first_break.unwrap();
     assert_eq!(broken.seq, report.last, "{broken:?}");
 }
+
+/// `--audit-sink file://…`: every entry the log holds is also streamed, as the same canonical
+/// JSON (no value, no subject id), allowed, denied and refused alike — on either backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_entry_is_also_streamed_to_the_audit_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("siem.jsonl");
+    let mut options = TestServer::options(dir.path());
+    options.audit_files.sink = Some(khlang_server::audit::sink::SinkTarget::File(sink.clone()));
+    let server = TestServer::start_with(dir.path(), options).await;
+    let mut c = server.client().await;
+    let id = c.put("sink-subject", canary_fields()).await.unwrap();
+    c.get(&id, &[], PURPOSE).await.unwrap();
+    let mut clerk = server.client_as("billing-clerk").await;
+    assert_eq!(
+        clerk.get(&id, &["name".into()], Some("billing")).await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+    let mut bad = server.client_with_token("khl_not_a_token").await;
+    assert!(bad.list("sink-subject").await.is_err());
+    server.vault().flush().await.unwrap();
+
+    let logged = entries(&server);
+    let mut streamed = Vec::new();
+    for _ in 0..100 {
+        streamed = std::fs::read_to_string(&sink).unwrap_or_default().lines().map(str::to_owned).collect();
+        if streamed.len() >= logged.len() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let parsed: Vec<serde_json::Value> = streamed.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for e in &logged {
+        let line = parsed
+            .iter()
+            .find(|j| j["seq"] == e.seq)
+            .unwrap_or_else(|| panic!("entry {} not streamed", e.seq));
+        assert_eq!(
+            (line["rpc"].as_str(), line["outcome"].as_str()),
+            (Some(e.rpc.as_str()), Some(e.outcome.as_str()))
+        );
+    }
+    assert!(parsed.iter().any(|j| j["decision"] == "deny" && j["identity"] == "billing-clerk"));
+    assert!(parsed.iter().any(|j| j["outcome"] == "Unauthenticated"));
+    let text = streamed.join("\n");
+    for (_, value) in canary_fields() {
+        assert!(!text.contains(value), "a value in the sink");
+    }
+    assert!(!text.contains("sink-subject"), "a subject id in the sink");
+    server.stop().await;
+}

@@ -346,7 +346,7 @@ async fn a_garbled_line_in_the_middle_is_named() {
 async fn swapped_segment_files_are_caught() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("v");
-    let files = FileOptions { segment_entries: 10, witness: None };
+    let files = FileOptions { segment_entries: 10, ..FileOptions::default() };
     let key = traffic(&data, &files, 20).await;
     let segments = khlang_server::audit::files::segments(&data.join("audit")).unwrap();
     assert!(segments.len() >= 4, "{segments:?}");

@@ -1687,3 +1687,63 @@ async fn backup_under_load_restores_verifies_and_reads_every_acknowledged_record
     daemon.kill().unwrap();
     daemon.wait().unwrap();
 }
+
+/// `khlangd --audit-sink syslog://…`: every entry arrives as one RFC 5424 message over UDP
+/// (facility log audit, APP-NAME khlangd, MSGID audit, the entry's canonical JSON), with no
+/// value; a sink that is not a file:// or syslog:// URL is refused with one tidy line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_entries_stream_to_syslog_as_rfc5424() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let sink = format!("syslog://{}", receiver.local_addr().unwrap());
+    let bad = khlangd_cmd(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--audit-sink",
+        "http://siem",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("--audit-sink") && err.lines().count() == 1, "{err}");
+
+    let (mut daemon, url) = spawn_khlangd(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--audit-sink",
+        &sink,
+    ]);
+    let url = url.expect("khlangd dev starts");
+    let mut c = khlang_client::Client::connect(&url, &dev_token(&data, "registration-app")).await.unwrap();
+    let id = c.put("syslog-subject", [("card_number", CANARY_CARD)]).await.unwrap();
+    c.get(&id, &[], Some("contact")).await.unwrap();
+    let mut seqs = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = receiver.recv(&mut buf).expect("a syslog message within 5 s");
+        let msg = String::from_utf8(buf[..n].to_vec()).unwrap();
+        let (header, json) = msg.split_once(" - \u{feff}").expect("RFC 5424 with a UTF-8 BOM");
+        let fields: Vec<&str> = header.split(' ').collect();
+        assert_eq!((fields[0], fields[3], fields[5]), ("<110>1", "khlangd", "audit"), "{header}");
+        assert!(fields[1].len() >= 20 && fields[1].ends_with('Z') && fields[1].contains('T'), "{header}");
+        assert!(!msg.contains(CANARY_CARD) && !msg.contains("syslog-subject"), "{msg}");
+        let entry: serde_json::Value = serde_json::from_str(json).unwrap();
+        if entry["record_id"] == id.as_str() {
+            seqs.push((entry["seq"].as_u64().unwrap(), entry["rpc"].as_str().unwrap().to_owned()));
+        }
+        if seqs.len() == 2 {
+            break;
+        }
+    }
+    let rpcs: Vec<&str> = seqs.iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(rpcs, ["PutRecord", "GetRecord"], "{seqs:?}");
+    assert_eq!(seqs[1].0, seqs[0].0 + 1, "{seqs:?}");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}

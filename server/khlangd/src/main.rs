@@ -507,6 +507,10 @@ struct AuditArgs {
     /// (another disk or host): `khlang audit verify --witness FILE` then detects a rolled-back log.
     #[arg(long, env = "KHLANG_AUDIT_WITNESS", value_name = "FILE")]
     audit_witness: Option<PathBuf>,
+    /// Also stream every audit entry, best-effort, to a SIEM: `file:///var/log/khlang-audit.jsonl`
+    /// (JSON Lines) or `syslog://host:514` (RFC 5424 over UDP). Never a substitute for the log.
+    #[arg(long, env = "KHLANG_AUDIT_SINK", value_name = "URL")]
+    audit_sink: Option<String>,
     /// Entries per audit segment file (tests use small ones).
     #[arg(long, hide = true, default_value_t = khlang_server::audit::files::ROLL_ENTRIES)]
     audit_segment_entries: u64,
@@ -519,9 +523,16 @@ impl AuditArgs {
         {
             bail!("the audit witness's folder {} does not exist", w.display());
         }
+        let sink = self
+            .audit_sink
+            .as_deref()
+            .map(str::parse::<khlang_server::audit::sink::SinkTarget>)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--audit-sink: {e}"))?;
         Ok(khlang_server::audit::files::FileOptions {
             segment_entries: self.audit_segment_entries.max(1),
             witness: self.audit_witness.clone(),
+            sink,
         })
     }
 }

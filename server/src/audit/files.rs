@@ -38,11 +38,13 @@ pub struct FileOptions {
     pub segment_entries: u64,
     /// Where every signed checkpoint is also appended and synced (outside the data folder).
     pub witness: Option<PathBuf>,
+    /// Where every entry is also streamed, best-effort (a SIEM).
+    pub sink: Option<super::sink::SinkTarget>,
 }
 
 impl Default for FileOptions {
     fn default() -> Self {
-        Self { segment_entries: ROLL_ENTRIES, witness: None }
+        Self { segment_entries: ROLL_ENTRIES, witness: None, sink: None }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod files;
 pub(crate) mod repeats;
 mod rpc;
 mod shared;
+pub mod sink;
 
 pub use rpc::Rpc;
 
@@ -354,6 +355,20 @@ pub struct AuditLog {
     /// On a shared chain: this node's own record of the newest head it signed, in its folder
     /// ([`NODE_WITNESS`]), so a chain cut back in the database is caught after a restart too.
     node_witness: Option<PathBuf>,
+    /// Where each entry is also streamed (best-effort).
+    sink: Option<std::sync::Arc<sink::AuditSink>>,
+}
+
+/// The SIEM sink the options name, started (a target that cannot be opened fails the open).
+fn start_sink(options: &LogOptions) -> Result<Option<std::sync::Arc<sink::AuditSink>>, StoreError> {
+    options
+        .files
+        .sink
+        .as_ref()
+        .map(|t| {
+            sink::AuditSink::start(t).map(std::sync::Arc::new).map_err(|e| StoreError::Io(e.to_string()))
+        })
+        .transpose()
 }
 
 /// The file in a node's data folder holding the newest checkpoint it signed on a shared chain
@@ -508,6 +523,7 @@ impl AuditLog {
         if let Some(chain) = store.shared_chain() {
             return Self::open_shared(store, chain, data_dir, options).await;
         }
+        let sink = start_sink(options)?;
         let (file, (last, checkpoint)) = AuditFile::open(data_dir, &options.files)?;
         let head = match last {
             Some((seq, value)) => {
@@ -547,6 +563,7 @@ impl AuditLog {
             recorder: store.head_recorder(),
             witness: options.files.witness.clone(),
             node_witness: None,
+            sink,
         })
     }
 
@@ -566,6 +583,7 @@ impl AuditLog {
         let keys: std::sync::Arc<Mutex<Option<LogKeys>>> = Default::default();
         let order: std::sync::Arc<tokio::sync::Mutex<()>> = Default::default();
         let file = chain.rows();
+        let sink = start_sink(options)?;
         let batcher = shared::Batcher::start(shared::State {
             chain,
             keys: keys.clone(),
@@ -576,6 +594,7 @@ impl AuditLog {
             mine: Default::default(),
             witness: options.files.witness.clone(),
             node_witness: node_witness.clone(),
+            sink: sink.clone(),
         });
         Ok(Self {
             order,
@@ -598,6 +617,7 @@ impl AuditLog {
             recorder: store.head_recorder(),
             witness: options.files.witness.clone(),
             node_witness: Some(node_witness),
+            sink,
         })
     }
 
@@ -876,7 +896,7 @@ impl AuditLog {
         entry.anchor = (anchor.seq > 0).then(|| StoredCheckpoint::from_checkpoint(&anchor));
         let canonical = entry.canonical()?;
         let hash = chain_hash(&anchor.hash, &canonical);
-        self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
+        self.append_file(entry.seq, entry.time_ms, &hash, &canonical, true).map_err(unavailable)?;
         self.file.sync_now().map_err(unavailable)?;
         head.seq = entry.seq;
         head.hash = hash;
@@ -986,7 +1006,7 @@ impl AuditLog {
             let hash = chain_hash(&head.hash, &canonical);
             let value = [hash.as_slice(), &canonical].concat();
             if changes.is_empty() {
-                self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
+                self.append_file(entry.seq, entry.time_ms, &hash, &canonical, true).map_err(unavailable)?;
                 let synced = self.file.synced_seq();
                 while head.unsynced.front().is_some_and(|(s, _)| *s <= synced) {
                     head.unsynced.pop_front();
@@ -1036,14 +1056,14 @@ impl AuditLog {
             entry.reason = "the change could not be stored".into();
             let canonical = entry.canonical()?;
             let hash = chain_hash(&head.hash, &canonical);
-            self.file.append_entry(entry.seq, &hash, &canonical, true).map_err(unavailable)?;
+            self.append_file(entry.seq, entry.time_ms, &hash, &canonical, true).map_err(unavailable)?;
             head.seq = entry.seq;
             head.hash = hash;
             return Err(e.into());
         }
         head.unsynced.clear();
         head.stored = Some(next);
-        self.file.append_entry(entry.seq, &hash, &canonical, false).map_err(unavailable)?;
+        self.append_file(entry.seq, entry.time_ms, &hash, &canonical, false).map_err(unavailable)?;
         head.seq = entry.seq;
         head.hash = hash;
         self.checkpoint_if_due(&mut head)?;
@@ -1100,6 +1120,22 @@ impl AuditLog {
     /// ([`AuditFiles::backup_files`]).
     pub fn backup_files(&self, each: &mut files::FileSink<'_>) -> Result<(), StoreError> {
         self.file.backup_files(each)
+    }
+
+    /// Appends an entry to the files and streams it to the sink, if there is one.
+    fn append_file(
+        &self,
+        seq: u64,
+        time_ms: u64,
+        hash: &[u8; 32],
+        canonical: &[u8],
+        urgent: bool,
+    ) -> Result<(), StoreError> {
+        self.file.append_entry(seq, hash, canonical, urgent)?;
+        if let Some(sink) = &self.sink {
+            sink.send(time_ms, canonical);
+        }
+        Ok(())
     }
 
     /// Holds every commit off while the guard lives (key retirement proves and destroys under

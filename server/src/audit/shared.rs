@@ -52,6 +52,8 @@ pub(super) struct State {
     pub witness: Option<std::path::PathBuf>,
     /// This node's own record of the newest checkpoint it signed ([`super::NODE_WITNESS`]).
     pub node_witness: std::path::PathBuf,
+    /// Where each entry is also streamed (best-effort).
+    pub sink: Option<Arc<super::sink::AuditSink>>,
 }
 
 pub(super) struct Batcher {
@@ -274,12 +276,22 @@ async fn commit_batch(state: &State, batch: &mut [Pending]) -> Result<Vec<Option
         Ok(out)
     };
     let mut signed = None;
+    let mut sealed: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut seal = |tip: &ChainTip, applied: &[bool]| {
         let out = seal(tip, applied)?;
         signed.clone_from(&out.checkpoint);
+        if state.sink.is_some() {
+            sealed.clone_from(&out.entries);
+        }
         Ok(out)
     };
     let applied = state.chain.append(sets, &mut seal).await?;
+    if let Some(sink) = &state.sink {
+        let now = now_ms();
+        for (_, value) in &sealed {
+            sink.send(now, value.get(32..).unwrap_or_default());
+        }
+    }
     if let Some(json) = signed {
         witness(state, &json);
     }
