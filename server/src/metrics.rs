@@ -4,8 +4,9 @@
 //! identity, a subject, a record id or a value; a purpose the regulations do not know is
 //! counted as `other`, so a caller cannot grow the label set (or slip data into it).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use crate::Vault;
@@ -44,6 +45,39 @@ pub(crate) fn audit_sink_dropped() {
     }
 }
 
+/// Handles for the per-request series, registered once each and then reused: a request costs
+/// a map lookup on names it already holds, not a registry lookup and label allocations.
+#[derive(Default)]
+struct RequestSeries {
+    /// (rpc, status) → requests counter; rpc → latency histogram.
+    requests: RwLock<HashMap<(&'static str, &'static str), metrics::Counter>>,
+    latency: RwLock<HashMap<&'static str, metrics::Histogram>>,
+    /// role → purpose → decision → counter.
+    decisions: RwLock<HashMap<Box<str>, PurposeSeries>>,
+}
+
+/// purpose → decision → counter, for one role.
+type PurposeSeries = HashMap<Box<str>, HashMap<&'static str, metrics::Counter>>;
+
+static SERIES: OnceLock<RequestSeries> = OnceLock::new();
+
+/// The handle `key` names in `map`, registered by `make` the first time.
+fn cached<K, Q, V: Clone>(
+    map: &RwLock<HashMap<K, V>>,
+    key: &Q,
+    own: impl FnOnce() -> K,
+    make: impl FnOnce() -> V,
+) -> V
+where
+    K: Eq + std::hash::Hash + std::borrow::Borrow<Q>,
+    Q: Eq + std::hash::Hash + ?Sized,
+{
+    if let Some(v) = map.read().unwrap_or_else(|p| p.into_inner()).get(key) {
+        return v.clone();
+    }
+    map.write().unwrap_or_else(|p| p.into_inner()).entry(own()).or_insert_with(make).clone()
+}
+
 /// One request, as its audit entry ended it.
 pub(crate) fn request(
     rpc: &str,
@@ -56,17 +90,46 @@ pub(crate) fn request(
     if !enabled() {
         return;
     }
+    let series = SERIES.get_or_init(RequestSeries::default);
     let rpc = rpc_label(rpc);
-    metrics::counter!("khlang_requests_total", "rpc" => rpc, "status" => status).increment(1);
-    metrics::histogram!("khlang_request_duration_seconds", "rpc" => rpc).record(took.as_secs_f64());
+    cached(
+        &series.requests,
+        &(rpc, status),
+        || (rpc, status),
+        || metrics::counter!("khlang_requests_total", "rpc" => rpc, "status" => status),
+    )
+    .increment(1);
+    cached(
+        &series.latency,
+        rpc,
+        || rpc,
+        || metrics::histogram!("khlang_request_duration_seconds", "rpc" => rpc),
+    )
+    .record(took.as_secs_f64());
     if decision != "none" {
-        metrics::counter!(
-            "khlang_decisions_total",
-            "role" => role.to_owned(),
-            "purpose" => purpose.to_owned(),
-            "decision" => decision
-        )
-        .increment(1);
+        let counter = {
+            let roles = series.decisions.read().unwrap_or_else(|p| p.into_inner());
+            roles.get(role).and_then(|p| p.get(purpose)).and_then(|d| d.get(decision)).cloned()
+        };
+        let counter = counter.unwrap_or_else(|| {
+            let mut roles = series.decisions.write().unwrap_or_else(|p| p.into_inner());
+            roles
+                .entry(role.into())
+                .or_default()
+                .entry(purpose.into())
+                .or_default()
+                .entry(decision)
+                .or_insert_with(|| {
+                    metrics::counter!(
+                        "khlang_decisions_total",
+                        "role" => role.to_owned(),
+                        "purpose" => purpose.to_owned(),
+                        "decision" => decision
+                    )
+                })
+                .clone()
+        });
+        counter.increment(1);
     }
 }
 
