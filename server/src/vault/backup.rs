@@ -457,3 +457,97 @@ fn write_all<R: Read>(
     }
     Ok(RestoreReport { header, store_entries, records, audit_bytes })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn header() -> BackupHeader {
+        BackupHeader {
+            created_ms: 1,
+            backend: SLED.into(),
+            schema: SCHEMA_VERSION,
+            audit_seq: 0,
+            audit_public_key: String::new(),
+            regulations_version: String::new(),
+        }
+    }
+
+    /// A backup with a valid checksum around `frames`, as someone who knows the format would
+    /// craft it.
+    fn crafted(frames: Vec<Frame>) -> Vec<u8> {
+        let mut w = Writer::new(Vec::new()).unwrap();
+        w.frame(&Frame::Header(header())).unwrap();
+        let mut entries = 0;
+        for f in &frames {
+            if matches!(f, Frame::Store { .. }) {
+                entries += 1;
+            }
+            w.frame(f).unwrap();
+        }
+        let sha256 = w.digest();
+        w.frame(&Frame::End { ids_from: 0, store_entries: entries, records: 0, sha256 }).unwrap();
+        w.out
+    }
+
+    fn restore_bytes(bytes: &[u8]) -> (tempfile::TempDir, Result<RestoreReport, VaultError>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("b");
+        std::fs::write(&file, bytes).unwrap();
+        let result = restore(&file, &tmp.path().join("restored"));
+        (tmp, result)
+    }
+
+    #[test]
+    fn a_crafted_backup_cannot_write_outside_the_log_or_the_store() {
+        for (what, frame) in [
+            (
+                "a path out of the folder",
+                Frame::AuditFile { name: "../../evil.log".into(), bytes: b"x".to_vec() },
+            ),
+            ("an absolute path", Frame::AuditFile { name: "/tmp/evil.log".into(), bytes: b"x".to_vec() }),
+            (
+                "a file the log does not have",
+                Frame::AuditFile { name: "notes.txt".into(), bytes: b"x".to_vec() },
+            ),
+            (
+                "an unknown key space",
+                Frame::Store { space: "__sled__default".into(), key: vec![1], value: vec![2] },
+            ),
+        ] {
+            let (tmp, result) = restore_bytes(&crafted(vec![frame]));
+            assert!(result.is_err(), "{what}");
+            assert!(!tmp.path().join("restored").exists(), "{what}: nothing left behind");
+            assert!(!tmp.path().join("evil.log").exists(), "{what}");
+        }
+    }
+
+    #[test]
+    fn damaged_cut_oversized_and_foreign_files_are_refused_before_writing() {
+        let value = b"ciphertext-ciphertext".to_vec();
+        let good =
+            crafted(vec![Frame::Store { space: "meta".into(), key: b"k".to_vec(), value: value.clone() }]);
+        let (_tmp, ok) = restore_bytes(&good);
+        assert_eq!(ok.unwrap().store_entries, 1);
+        let mut flipped = good.clone();
+        let at = good.windows(value.len()).position(|w| w == value.as_slice()).unwrap() + 3;
+        flipped[at] ^= 1;
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        let mut newer = good.clone();
+        newer[9] = 2;
+        for (what, bytes, says) in [
+            ("flipped", flipped, "checksum"),
+            ("cut", good[..good.len() - 1].to_vec(), "cut short"),
+            ("huge frame", huge, "larger than"),
+            ("newer format", newer, "format 2"),
+            ("not a backup", b"hello".to_vec(), "not a khlang backup"),
+        ] {
+            let (tmp, result) = restore_bytes(&bytes);
+            let e = result.unwrap_err().to_string();
+            assert!(e.contains(says), "{what}: {e}");
+            assert!(!tmp.path().join("restored").exists(), "{what}");
+        }
+    }
+}
