@@ -182,6 +182,7 @@ impl Operator for Api {
             audit_seq = report.header.audit_seq,
             records = report.records,
             bytes = report.bytes,
+            commits_held_ms = report.held.as_millis() as u64,
             by = %caller.identity.name,
             "backup taken"
         );

@@ -78,6 +78,8 @@ pub struct BackupReport {
     pub records: u64,
     pub audit_bytes: u64,
     pub bytes: u64,
+    /// How long every commit was held off for the copy.
+    pub held: std::time::Duration,
 }
 
 fn corrupt(what: &'static str) -> StoreError {
@@ -234,7 +236,8 @@ impl Vault {
         // Reading every key and file is blocking work: off the request workers.
         tokio::task::spawn_blocking(move || {
             runtime.block_on(async move {
-                let _held = vault.audit.hold_commits().await;
+                let commits_held = vault.audit.hold_commits().await;
+                let holding = std::time::Instant::now();
                 vault.audit.checkpoint_now().await?;
                 vault.store.flush_now().await?;
                 let records = vault.store.count(KeySpace::Records).await?;
@@ -266,10 +269,13 @@ impl Vault {
                 })?;
                 let sha256 = w.digest();
                 w.frame(&Frame::End { ids_from, store_entries, records, sha256 })?;
+                // The copy is complete: commits go on while the file is flushed and synced.
+                drop(commits_held);
+                let held = holding.elapsed();
                 let bytes = w.bytes;
                 let file = w.out.into_inner().map_err(|e| write_error(e.into_error()))?;
                 file.sync_all().map_err(write_error)?;
-                Ok((file, BackupReport { header, store_entries, records, audit_bytes, bytes }))
+                Ok((file, BackupReport { header, store_entries, records, audit_bytes, bytes, held }))
             })
         })
         .await
