@@ -860,6 +860,28 @@ fn parse_command_line() -> anyhow::Result<Cli> {
     Ok(Cli::from_arg_matches(&cmd.get_matches_from(args)).unwrap_or_else(|e| e.exit()))
 }
 
+/// A stopped vault (its folder's lock free), unsealed with the passphrases given, for the
+/// operator's offline commands.
+async fn open_stopped(
+    data_dir: &Path,
+    options: &VaultOptions,
+    passphrase: &PassphraseArgs,
+) -> anyhow::Result<Vault> {
+    let vault = Vault::open_sealed(data_dir, options)
+        .await
+        .with_context(|| format!("cannot open the vault in {} (is it still running?)", data_dir.display()))?;
+    for (custodian, pass) in &serve_passphrases(passphrase)? {
+        vault
+            .unseal_with(*custodian, pass.as_bytes(), None, "", "")
+            .await
+            .with_context(|| format!("cannot unseal with custodian {custodian}'s passphrase"))?;
+    }
+    if vault.is_sealed() {
+        bail!("the vault is still sealed: give enough custodians' passphrases (--passphrase-file N=FILE)");
+    }
+    Ok(vault)
+}
+
 /// `khlangd verify`: the exit status (0 intact, 3 unverified, 2 damage).
 async fn verify(
     data_dir: PathBuf,
@@ -874,18 +896,7 @@ async fn verify(
         regulations_path: regulations,
         ..VaultOptions::default()
     };
-    let vault = Vault::open_sealed(&data_dir, &options)
-        .await
-        .with_context(|| format!("cannot open the vault in {} (is it still running?)", data_dir.display()))?;
-    for (custodian, pass) in &serve_passphrases(&passphrase)? {
-        vault
-            .unseal_with(*custodian, pass.as_bytes(), None, "", "")
-            .await
-            .with_context(|| format!("cannot unseal with custodian {custodian}'s passphrase"))?;
-    }
-    if vault.is_sealed() {
-        bail!("the vault is still sealed: give enough custodians' passphrases (--passphrase-file N=FILE)");
-    }
+    let vault = open_stopped(&data_dir, &options, &passphrase).await?;
     let check = vault.check_vault().await?;
     vault.shut_down().await?;
     outln!("records: {} opened ({} fields), {} damaged", check.records, check.fields, check.damaged);
@@ -1058,17 +1069,7 @@ async fn khlangd() -> anyhow::Result<std::process::ExitCode> {
                 audit_files: audit.files()?,
                 ..VaultOptions::default()
             };
-            let vault = Vault::open_sealed(&data_dir, &options).await.with_context(|| {
-                format!("cannot open the vault in {} (is it still running?)", data_dir.display())
-            })?;
-            for (custodian, pass) in &serve_passphrases(&passphrase)? {
-                vault.unseal_with(*custodian, pass.as_bytes(), None, "", "").await?;
-            }
-            if vault.is_sealed() {
-                bail!(
-                    "the vault is still sealed: give enough custodians' passphrases (--passphrase-file N=FILE)"
-                );
-            }
+            let vault = open_stopped(&data_dir, &options, &passphrase).await?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
             let before = now.saturating_sub(u64::from(older_than_days) * 86_400_000);
             let mut file = std::fs::OpenOptions::new()
