@@ -295,6 +295,7 @@ enum Command {
     /// envelope (showing none) and verify the audit log. Recorded in its log. Exits 0 when
     /// everything opens and the log is intact, 3 when the log is only unverified, 2 on damage.
     Verify {
+        /// The vault's folder (the node's folder, for a vault on PostgreSQL).
         #[arg(long, env = "KHLANG_DATA_DIR")]
         data_dir: PathBuf,
         #[command(flatten)]
