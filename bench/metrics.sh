@@ -2,7 +2,9 @@
 # What the metrics cost: the same release build served twice on sled, with --metrics-listen (and
 # a scrape every second, as Prometheus would) and without (the baseline); KHLANG_LOG=warn for
 # both, so request log lines do not blur the figure. Audited Put and Get at 64 in flight over 4
-# connections, rounds alternating which goes first.
+# connections, rounds alternating which goes first. Two figures per run: throughput, and the
+# server's CPU time per request (utime + stime from /proc over the run / requests answered),
+# which a busy shared machine disturbs far less than throughput.
 #
 #   bench/metrics.sh [SECONDS=5] [ROUNDS=3]
 set -euo pipefail
@@ -21,6 +23,7 @@ start() { # name extra flags...
   KHLANG_LOG=warn "$BIN/khlangd" dev --listen 127.0.0.1:0 --data-dir "$WORK/$name" "$@" \
     >"$WORK/$name.out" 2>"$WORK/$name.log" &
   PIDS+=($!)
+  echo $! >"$WORK/$name.pid"
   until grep -q KHLANG_ADDR "$WORK/$name.out" 2>/dev/null; do sleep 0.2; kill -0 "${PIDS[-1]}"; done
   grep -o 'http://[0-9.:]*' "$WORK/$name.out" | head -1 >"$WORK/$name.addr"
 }
@@ -29,10 +32,16 @@ start on --metrics-listen "127.0.0.1:$MPORT"
 ( while sleep 1; do python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read()" 2>/dev/null; done ) &
 PIDS+=($!)
 token() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["registration-app"])' "$WORK/$1/dev-credentials.json"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 bench() { # name mode
-  echo "$1 $2 $(KHLANG_TOKEN=$(token "$1") "$BIN/khlang" --addr "$(cat "$WORK/$1.addr")" \
-    bench "$2" --concurrency 64 --connections 4 --duration "$SECS" --warmup 1 --records 2000 --json |
-    python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["ops_per_sec"])')" >>"$WORK/results"
+  local pid; pid=$(cat "$WORK/$1.pid")
+  local before; before=$(cpu_ticks "$pid")
+  # No warm-up and few records to read back: every request the server answers is counted.
+  local json; json=$(KHLANG_TOKEN=$(token "$1") "$BIN/khlang" --addr "$(cat "$WORK/$1.addr")" \
+    bench "$2" --concurrency 64 --connections 4 --duration "$SECS" --warmup 0 --records 200 --json)
+  local after; after=$(cpu_ticks "$pid")
+  echo "$1 $2 $(python3 -c 'import json,sys,os; d=json.loads(sys.argv[1]); t=os.sysconf("SC_CLK_TCK");
+print(d["ops_per_sec"], (int(sys.argv[3]) - int(sys.argv[2])) / t * 1e6 / d["ok"])' "$json" "$before" "$after")" >>"$WORK/results"
 }
 for round in $(seq "$ROUNDS"); do
   if [ $((round % 2)) -eq 1 ]; then pair="off on"; else pair="on off"; fi
@@ -47,6 +56,11 @@ for mode in ("put", "get"):
     off = [float(r[2]) for r in rows if r[0] == "off" and r[1] == mode]
     on = [float(r[2]) for r in rows if r[0] == "on" and r[1] == mode]
     ratios = [b / a for a, b in zip(off, on)]
-    print(f"{mode}: off {[round(v) for v in off]} on {[round(v) for v in on]} "
+    print(f"{mode} ops/s: off {[round(v) for v in off]} on {[round(v) for v in on]} "
+          f"on/off {[f'{r:.3f}' for r in ratios]} median {statistics.median(ratios):.3f}")
+    off = [float(r[3]) for r in rows if r[0] == "off" and r[1] == mode]
+    on = [float(r[3]) for r in rows if r[0] == "on" and r[1] == mode]
+    ratios = [b / a for a, b in zip(off, on)]
+    print(f"{mode} server CPU µs/request: off {[round(v, 1) for v in off]} on {[round(v, 1) for v in on]} "
           f"on/off {[f'{r:.3f}' for r in ratios]} median {statistics.median(ratios):.3f}")
 PY
