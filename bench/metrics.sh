@@ -4,7 +4,10 @@
 # both, so request log lines do not blur the figure. Audited Put and Get at 64 in flight over 4
 # connections, rounds alternating which goes first. Two figures per run: throughput, and the
 # server's CPU time per request (utime + stime from /proc over the run / requests answered),
-# which a busy shared machine disturbs far less than throughput.
+# which a busy shared machine disturbs far less than throughput. Last, the metrics code alone
+# (server/benches/metrics.rs: nanoseconds per request with the recorder installed, against the
+# same calls with metrics off), as a share of the baseline server's CPU time per request measured
+# above: the figure that noise cannot hide.
 #
 #   bench/metrics.sh [SECONDS=5] [ROUNDS=3]
 set -euo pipefail
@@ -49,7 +52,8 @@ for round in $(seq "$ROUNDS"); do
   for name in $pair; do bench "$name" get; done
 done
 python3 -c "import urllib.request; b=urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read().decode(); print('series scraped:', sum(1 for l in b.splitlines() if l and not l.startswith('#')))"
-python3 - "$WORK/results" <<'PY'
+NS=$(cargo bench -p khlang-server --bench metrics --quiet 2>/dev/null | tee /dev/stderr | awk '/^cost:/ {print $2}')
+python3 - "$WORK/results" "$NS" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 for mode in ("put", "get"):
@@ -63,4 +67,7 @@ for mode in ("put", "get"):
     ratios = [b / a for a, b in zip(off, on)]
     print(f"{mode} server CPU µs/request: off {[round(v, 1) for v in off]} on {[round(v, 1) for v in on]} "
           f"on/off {[f'{r:.3f}' for r in ratios]} median {statistics.median(ratios):.3f}")
+    base = statistics.median(off)
+    print(f"{mode}: the metrics code, {float(sys.argv[2]):.0f} ns per request, is "
+          f"{float(sys.argv[2]) / (base * 1000) * 100:.2f}% of the baseline's {base:.1f} µs of server CPU per request")
 PY

@@ -78,8 +78,8 @@ where
     map.write().unwrap_or_else(|p| p.into_inner()).entry(own()).or_insert_with(make).clone()
 }
 
-/// One request, as its audit entry ended it.
-pub(crate) fn request(
+/// One request, as its audit entry ended it. (Public for the metrics benchmark.)
+pub fn request(
     rpc: &str,
     status: &'static str,
     role: &str,
@@ -135,7 +135,7 @@ pub(crate) fn request(
 
 /// One group commit of the audit log: how many requests it carried and how long it took (on a
 /// shared chain, how long it held the head lock).
-pub(crate) fn audit_batch(requests: usize, took: Duration) {
+pub fn audit_batch(requests: usize, took: Duration) {
     if !enabled() {
         return;
     }
@@ -144,7 +144,7 @@ pub(crate) fn audit_batch(requests: usize, took: Duration) {
 }
 
 /// One sync of the audit log's files.
-pub(crate) fn audit_sync(took: Duration) {
+pub fn audit_sync(took: Duration) {
     if !enabled() {
         return;
     }
