@@ -10,6 +10,7 @@
 # above: the figure that noise cannot hide.
 #
 #   bench/metrics.sh [SECONDS=5] [ROUNDS=3]
+#   METRICS_AA=1 bench/metrics.sh ...   # an A/A run: "on" served without metrics too (the noise floor)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
@@ -31,7 +32,7 @@ start() { # name extra flags...
   grep -o 'http://[0-9.:]*' "$WORK/$name.out" | head -1 >"$WORK/$name.addr"
 }
 start off
-start on --metrics-listen "127.0.0.1:$MPORT"
+if [ -n "${METRICS_AA:-}" ]; then start on; else start on --metrics-listen "127.0.0.1:$MPORT"; fi
 ( while sleep 1; do python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read()" 2>/dev/null; done ) &
 PIDS+=($!)
 token() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["registration-app"])' "$WORK/$1/dev-credentials.json"; }
@@ -51,7 +52,7 @@ for round in $(seq "$ROUNDS"); do
   for name in $pair; do bench "$name" put; done
   for name in $pair; do bench "$name" get; done
 done
-python3 -c "import urllib.request; b=urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read().decode(); print('series scraped:', sum(1 for l in b.splitlines() if l and not l.startswith('#')))"
+[ -n "${METRICS_AA:-}" ] || python3 -c "import urllib.request; b=urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read().decode(); print('series scraped:', sum(1 for l in b.splitlines() if l and not l.startswith('#')))"
 NS=$(cargo bench -p khlang-server --bench metrics --quiet 2>/dev/null | tee /dev/stderr | awk '/^cost:/ {print $2}')
 python3 - "$WORK/results" "$NS" <<'PY'
 import statistics, sys
