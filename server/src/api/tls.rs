@@ -17,6 +17,10 @@ use tokio_rustls::server::TlsStream;
 
 /// How long a client has to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once, by default: a connection beyond them is closed at once (and
+/// logged as a failed handshake), so clients that connect and say nothing cannot pile up tasks
+/// and sockets for [`HANDSHAKE_TIMEOUT`] each.
+pub const MAX_HANDSHAKES: usize = 256;
 /// At most this many failed handshakes are logged one by one per window; the rest are counted
 /// into one line, so a client that fails on purpose cannot flood the log.
 const LOGGED_PER_WINDOW: u32 = 20;
@@ -39,6 +43,7 @@ pub enum TlsSetupError {
 #[derive(Clone)]
 pub struct ServerTls {
     acceptor: TlsAcceptor,
+    max_handshakes: usize,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -84,7 +89,13 @@ impl ServerTls {
         };
         let mut config = builder.with_single_cert(certs, key).map_err(rustls_error)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Self { acceptor: TlsAcceptor::from(Arc::new(config)) })
+        Ok(Self { acceptor: TlsAcceptor::from(Arc::new(config)), max_handshakes: MAX_HANDSHAKES })
+    }
+
+    /// How many handshakes may be in progress at once (default [`MAX_HANDSHAKES`]).
+    pub fn max_handshakes(mut self, n: usize) -> Self {
+        self.max_handshakes = n.max(1);
+        self
     }
 }
 
@@ -121,6 +132,7 @@ pub(super) fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let log = Arc::new(FailureLog { window: Mutex::new((Instant::now(), 0, 0)) });
+    let slots = Arc::new(tokio::sync::Semaphore::new(tls.max_handshakes));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -136,9 +148,16 @@ pub(super) fn incoming(
                     continue;
                 }
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                drop(stream);
+                let busy = std::io::Error::other("too many TLS handshakes in progress; connection closed");
+                log.failed(peer, &busy);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let (tx, acceptor, log) = (tx.clone(), tls.acceptor.clone(), log.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
