@@ -1555,6 +1555,25 @@ fn card_number(n: u64) -> String {
     format!("{body}{}", (10 - sum % 10) % 10)
 }
 
+/// The bodies of a backup's frames (after its 10-byte magic, each behind a u32 length).
+fn frames(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let (mut at, mut out) = (10, Vec::new());
+    while at < bytes.len() {
+        let n = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        out.push(at + 4..at + 4 + n);
+        at += 4 + n;
+    }
+    out
+}
+
+/// Recomputes a backup's checksum (the last 32 bytes of its End frame: the SHA-256 of every
+/// byte before that frame), as anyone who knows the format can.
+fn reseal(bytes: &mut [u8]) {
+    let end = frames(bytes).pop().unwrap();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes[..end.start - 4]);
+    bytes[end.end - 32..end.end].copy_from_slice(digest.as_ref());
+}
+
 fn khlangd_cmd(args: &[&str]) -> Output {
     Command::new(bin("khlangd")).args(args).output().unwrap()
 }
@@ -1650,10 +1669,51 @@ async fn backup_under_load_restores_verifies_and_reads_every_acknowledged_record
         assert!(!restored.exists(), "{name}: a refused restore writes nothing");
     }
 
+    // Tampered and re-sealed by someone who knows the format (the checksum recomputed): the
+    // restore takes it, and `khlangd verify` finds the damage — a data key's tag flipped, then an
+    // audit entry edited.
+    let pass = write_passphrase(tmp.path(), khlang_server::dev::DEV_PASSPHRASE);
+    let tamper = |what: &str, edit: &dyn Fn(&mut [u8]) -> bool, says: &str| {
+        let mut forged = bytes.clone();
+        assert!(frames(&forged).into_iter().any(|body| edit(&mut forged[body])), "{what}: nothing to edit");
+        reseal(&mut forged);
+        let (file, dir) = (tmp.path().join(format!("{what}.backup")), tmp.path().join(what));
+        std::fs::write(&file, forged).unwrap();
+        stdout(&khlangd_cmd(&["restore", file.to_str().unwrap(), "--data-dir", dir.to_str().unwrap()]));
+        let out = khlangd_cmd(&["verify", "--data-dir", dir.to_str().unwrap(), "--passphrase-file", &pass]);
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{what}: {report}");
+        assert!(report.contains(says), "{what}: {report}");
+    };
+    // A Store frame of the `vault` tree whose key is a wrapped data key (`d‖id`): its last byte is
+    // the key's GCM tag.
+    tamper(
+        "data-key",
+        &|body| {
+            let key = body.len() > 9 && body[0] == 1 && &body[1..7] == b"\x05vault" && body[8] == b'd';
+            if let (true, Some(last)) = (key, body.last_mut()) {
+                *last ^= 1;
+            }
+            key
+        },
+        "1 damaged",
+    );
+    tamper(
+        "audit-entry",
+        &|body| {
+            let needle = br#""rpc":"GetRecord""#;
+            let at = (body[0] == 2).then(|| body.windows(needle.len()).position(|w| w == needle)).flatten();
+            if let Some(at) = at {
+                body[at + needle.len() - 2] = b'X';
+            }
+            at.is_some()
+        },
+        "BROKEN",
+    );
+
     let out = khlangd_cmd(&["restore", &file_s, "--data-dir", restored_s]);
     let said = stdout(&out);
     assert!(said.contains("restored ") && said.contains("khlangd verify"), "{said}");
-    let pass = write_passphrase(tmp.path(), khlang_server::dev::DEV_PASSPHRASE);
     let verified = khlangd_cmd(&["verify", "--data-dir", restored_s, "--passphrase-file", &pass]);
     let report = stdout(&verified);
     assert!(report.contains("audit log: intact"), "{report}");

@@ -904,18 +904,17 @@ async fn verify(
     for named in &check.named {
         outln!("  {named}");
     }
-    let verdict = check.audit.as_ref().map(|r| r.verdict());
-    let entries = check.audit.as_ref().map_or(0, |r| r.entries);
-    let audit_code = match &verdict {
-        Some(Verdict::Intact) | None => {
+    let entries = check.audit.entries;
+    let audit_code = match check.audit.verdict() {
+        Verdict::Intact => {
             outln!("audit log: intact ({entries} entries)");
             0
         }
-        Some(Verdict::Unverified(why)) => {
+        Verdict::Unverified(why) => {
             outln!("audit log: unverified ({entries} entries): {why}");
             3
         }
-        Some(Verdict::Broken(b)) => {
+        Verdict::Broken(b) => {
             outln!("audit log: BROKEN at entry {}: {}", b.seq, b.reason);
             2
         }

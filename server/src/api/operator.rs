@@ -189,8 +189,11 @@ impl Operator for Api {
         let stream =
             super::audit::stream_blocking(self.vault.clone(), caller.request_id.clone(), move |_, send| {
                 use std::io::{Read, Seek};
+                let unreadable = |e: std::io::Error| {
+                    Err(crate::StoreError::Io(format!("cannot read the backup: {e}")).into())
+                };
                 if let Err(e) = file.rewind() {
-                    send(Err(crate::StoreError::Io(format!("cannot read the backup: {e}")).into()));
+                    send(unreadable(e));
                     return;
                 }
                 let mut buf = vec![0u8; BACKUP_CHUNK];
@@ -203,7 +206,7 @@ impl Operator for Api {
                             }
                         }
                         Err(e) => {
-                            send(Err(crate::StoreError::Io(format!("cannot read the backup: {e}")).into()));
+                            send(unreadable(e));
                             break;
                         }
                     }

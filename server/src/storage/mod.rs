@@ -121,6 +121,14 @@ impl std::fmt::Debug for RawEntry {
     }
 }
 
+/// What a [`Storage::snapshot`] handed over.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    /// The lowest id [`Storage::generate_id`] may give after a restore of it.
+    pub ids_from: u64,
+    pub records: u64,
+}
+
 /// Counts for the benchmark report: how many writes each flush carried.
 #[derive(Debug, Default)]
 pub struct FlushStats {
@@ -556,10 +564,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// serialisation: compare-and-swap does not depend on any caller's lock.
     async fn commit(&self, changes: Changes) -> Result<bool, StoreError>;
     /// Hands every stored key and value to `each` (a backup: the caller holds commits off, so
-    /// what it sees is one consistent state) and returns the lowest id
-    /// [`Storage::generate_id`] may give after a restore of it. Synchronous: a backup runs on a
-    /// blocking thread. A database backend leaves this to the database's own tools.
-    fn snapshot(&self, each: &mut dyn FnMut(RawEntry) -> Result<(), StoreError>) -> Result<u64, StoreError> {
+    /// what it sees is one consistent state), counting the records as it goes (one walk, not a
+    /// second under the hold). Synchronous: a backup runs on a blocking thread. A database
+    /// backend leaves this to the database's own tools.
+    fn snapshot(
+        &self,
+        each: &mut dyn FnMut(RawEntry) -> Result<(), StoreError>,
+    ) -> Result<Snapshot, StoreError> {
         let _ = each;
         Err(StoreError::NotSupported(
             "this storage backend is backed up with its database's own tools (PostgreSQL: pg_basebackup, \

@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
-    KekInfo, KeySpace, Op, RawEntry, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest,
+    KekInfo, KeySpace, Op, RawEntry, Snapshot, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest,
     StoredJob, StoredRecord, StoredRegulations, StoredToken, Version, Walked, WriteTicket,
 };
 use crate::StoreError;
@@ -263,7 +263,7 @@ fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
 impl SledStore {
     pub fn open(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
         secure_folder(dir)?;
-        let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
+        let db = open_db(dir)?;
         tighten(dir)?;
         let stats = Arc::new(FlushStats::default());
         let writers = Arc::new(AtomicUsize::new(0));
@@ -336,7 +336,7 @@ impl SledStore {
             return Err(StoreError::AlreadyInitialised);
         }
         secure_folder(dir)?;
-        let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
+        let db = open_db(dir)?;
         let trees =
             TREES.iter().map(|name| db.open_tree(name).map(|t| (*name, t))).collect::<Result<_, _>>()?;
         Ok(SledRestore { db, trees, count: 0, dir: dir.to_owned() })
@@ -967,16 +967,26 @@ impl Storage for SledStore {
         Ok(self.id_floor.saturating_add(self.db.generate_id()?))
     }
 
-    fn snapshot(&self, each: &mut dyn FnMut(RawEntry) -> Result<(), StoreError>) -> Result<u64, StoreError> {
+    fn snapshot(
+        &self,
+        each: &mut dyn FnMut(RawEntry) -> Result<(), StoreError>,
+    ) -> Result<Snapshot, StoreError> {
+        let mut records = 0u64;
+        let record_prefix = space_prefix(KeySpace::Records);
         for (name, tree) in TREES.iter().zip([&self.meta, &self.keks, &self.kek_info, &self.vault]) {
+            let is_vault = *name == "vault";
             for kv in tree.iter() {
                 let (key, value) = kv?;
+                if is_vault && key.first() == Some(&record_prefix) {
+                    records += 1;
+                }
                 each(RawEntry { space: (*name).to_owned(), key: key.to_vec(), value: value.to_vec() })?;
             }
         }
         // An id given out before this one may be in what was just read (a consent history key):
         // the restored database starts above it.
-        Ok(self.id_floor.saturating_add(self.db.generate_id()?).saturating_add(1))
+        let ids_from = self.id_floor.saturating_add(self.db.generate_id()?).saturating_add(1);
+        Ok(Snapshot { ids_from, records })
     }
 
     /// Every token of an identity, `(token id, token)`.
@@ -994,6 +1004,11 @@ impl Storage for SledStore {
 }
 
 const KEK_LIVE: &[u8] = b"live";
+
+/// The database in a data folder, as every build has opened it.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    Ok(sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?)
+}
 
 /// The trees a snapshot holds, in its order: everything the store keeps.
 const TREES: [&str; 4] = ["meta", "keks", "kek_info", "vault"];
@@ -1071,7 +1086,8 @@ mod tests {
                     entries.push(e);
                     Ok(())
                 })
-                .unwrap();
+                .unwrap()
+                .ids_from;
             assert!(given.iter().all(|id| *id < ids_from), "round {round}");
             let target = tmp.path().join(next);
             let mut restore = SledStore::restore_into(&target).unwrap();

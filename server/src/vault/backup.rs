@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::{Caller, SUBJECT_CONTEXT, Vault, operator_entry, prepare};
 use crate::audit::Rpc;
 use crate::policy::Operation;
-use crate::storage::{Changes, Cursor, KeySpace, RawEntry, SCHEMA_VERSION, SledStore};
+use crate::storage::{Changes, Cursor, KeySpace, RawEntry, SCHEMA_VERSION, SledStore, Snapshot};
 use crate::{StoreError, VaultError};
 
 /// The file's first bytes: its kind and format.
@@ -240,7 +240,6 @@ impl Vault {
                 let holding = std::time::Instant::now();
                 vault.audit.checkpoint_now().await?;
                 vault.store.flush_now().await?;
-                let records = vault.store.count(KeySpace::Records).await?;
                 let header = BackupHeader {
                     created_ms: now_ms(),
                     backend: SLED.into(),
@@ -252,7 +251,7 @@ impl Vault {
                 let mut w = Writer::new(std::io::BufWriter::with_capacity(1 << 20, out))?;
                 w.frame(&Frame::Header(header.clone()))?;
                 let mut store_entries = 0u64;
-                let ids_from = vault.store.snapshot(&mut |e: RawEntry| {
+                let Snapshot { ids_from, records } = vault.store.snapshot(&mut |e: RawEntry| {
                     store_entries += 1;
                     w.frame(&Frame::Store { space: e.space, key: e.key, value: e.value })
                 })?;
@@ -287,7 +286,7 @@ impl Vault {
     /// vault. Recorded in the log as the operator's `VerifyVault`.
     pub async fn check_vault(&self) -> Result<VaultCheck, VaultError> {
         let keys = self.unsealed()?;
-        let mut check = VaultCheck::default();
+        let (mut records, mut fields, mut damaged, mut named) = (0u64, 0u64, 0u64, Vec::new());
         let mut cursor = Cursor::default();
         loop {
             let batch = self.store.walk(KeySpace::Records, &cursor, 512).await?;
@@ -306,16 +305,16 @@ impl Vault {
                 }
                 .await;
                 match opened {
-                    Ok(fields) => {
-                        check.records += 1;
-                        check.fields += fields;
+                    Ok(n) => {
+                        records += 1;
+                        fields += n;
                     }
                     Err(
                         e @ (VaultError::Integrity { .. } | VaultError::Storage(StoreError::Damaged { .. })),
                     ) => {
-                        check.damaged += 1;
-                        if check.named.len() < NAMED_DAMAGE {
-                            check.named.push(e.to_string());
+                        damaged += 1;
+                        if named.len() < NAMED_DAMAGE {
+                            named.push(e.to_string());
                         }
                     }
                     Err(e) => return Err(e),
@@ -324,20 +323,17 @@ impl Vault {
         }
         // This process's own entries (the unseal's) are signed first, as a live verification does.
         self.audit.checkpoint_now().await?;
-        check.audit = Some(self.verify_audit_now().await?);
+        let audit = self.verify_audit_now().await?;
         let mut entry = operator_entry(Rpc::VerifyVault, Operation::KeyAdmin, &self.regulations());
         entry.reason = format!(
-            "{} records opened ({} fields), {} damaged; audit log {}",
-            check.records,
-            check.fields,
-            check.damaged,
-            check.audit.as_ref().map_or("unchecked", |r| verdict_name(&r.verdict()))
+            "{records} records opened ({fields} fields), {damaged} damaged; audit log {}",
+            verdict_name(&audit.verdict())
         );
-        if check.damaged > 0 {
+        if damaged > 0 {
             entry.outcome = crate::Outcome::DataLoss;
         }
         self.commit_now(entry, Changes::none()).await?;
-        Ok(check)
+        Ok(VaultCheck { records, fields, damaged, named, audit })
     }
 }
 
@@ -352,14 +348,14 @@ pub fn verdict_name(v: &khlang_keys::audit_chain::Verdict) -> &'static str {
 }
 
 /// What [`Vault::check_vault`] found.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VaultCheck {
     pub records: u64,
     pub fields: u64,
     pub damaged: u64,
     /// The first damaged records, by id and what failed (never a value).
     pub named: Vec<String>,
-    pub audit: Option<khlang_keys::audit_chain::ChainReport>,
+    pub audit: khlang_keys::audit_chain::ChainReport,
 }
 
 /// What a restore wrote.
