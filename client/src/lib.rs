@@ -52,10 +52,36 @@ impl ClientError {
     }
 }
 
+/// What a request the server never saw is reported as (see [`never_processed`]).
+const NOT_PROCESSED: &str = "the server closed the connection before it processed this request (it is shutting down): nothing was done, it is safe to retry";
+
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
+        if never_processed(&s) {
+            return Self::Status { code: Code::Unavailable, message: NOT_PROCESSED.to_owned() };
+        }
         Self::Status { code: s.code(), message: s.message().to_owned() }
     }
+}
+
+/// A server shutting down gracefully sends GOAWAY (NO_ERROR) naming the last stream it will
+/// process; a stream above it, or one opened after it, never reached the vault. tonic reports
+/// such a stream as Internal (gRPC's mapping of a NO_ERROR reset), which would tell a caller
+/// that something broke mid-request; gRPC treats it as unprocessed and retryable, so it becomes
+/// Unavailable here. Only a GOAWAY *received from the server* counts: a stream the server had
+/// accepted and whose answer was lost ends otherwise (a broken pipe, Unknown).
+fn never_processed(s: &tonic::Status) -> bool {
+    if s.code() != Code::Internal {
+        return false;
+    }
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Plaintext personal data on the client side: wiped on drop, `Debug` prints nothing of it.
@@ -1026,5 +1052,72 @@ impl Client {
         };
         let req = pb::ReencryptRequest { target: Some(target) };
         Ok(self.keys.reencrypt(req).await?.into_inner().records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A raw HTTP/2 peer over 127.0.0.1 that answers the first request's HEADERS with a GOAWAY
+    /// (NO_ERROR) naming `last_stream` as the last stream it processed, then closes.
+    async fn goaway_server(last_stream: Option<u32>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut preface = [0u8; 24];
+            tcp.read_exact(&mut preface).await.unwrap();
+            assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+                let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+                f.extend([kind, flags]);
+                f.extend(stream.to_be_bytes());
+                f.extend(payload);
+                f
+            };
+            tcp.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+            loop {
+                let mut head = [0u8; 9];
+                tcp.read_exact(&mut head).await.unwrap();
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                let mut payload = vec![0u8; len];
+                tcp.read_exact(&mut payload).await.unwrap();
+                match head[3] {
+                    4 if head[4] & 1 == 0 => tcp.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
+                    1 => {
+                        let last = last_stream.unwrap_or(stream);
+                        let mut goaway = last.to_be_bytes().to_vec();
+                        goaway.extend(0u32.to_be_bytes()); // NO_ERROR
+                        tcp.write_all(&frame(7, 0, 0, &goaway)).await.unwrap();
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_request_above_the_servers_goaway_is_unavailable_and_said_to_be_unprocessed() {
+        let addr = goaway_server(Some(0)).await;
+        let mut c = Client::connect(&addr, "token").await.unwrap();
+        let e = c.get("rec-1", &[], None).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
+        assert!(e.to_string().contains("safe to retry"), "{e}");
+    }
+
+    /// A stream the server said it processed, whose answer never came, is not called unprocessed.
+    #[tokio::test]
+    async fn a_request_the_server_accepted_is_not_said_to_be_unprocessed() {
+        let addr = goaway_server(None).await;
+        let mut c = Client::connect(&addr, "token").await.unwrap();
+        let e = c.get("rec-1", &[], None).await.unwrap_err();
+        assert!(!e.to_string().contains("safe to retry"), "{e}");
+        assert_ne!(e.code(), Some(Code::Unavailable), "{e}");
     }
 }
