@@ -1097,7 +1097,7 @@ mod tests {
             }
             assert_eq!(restore.finish(ids_from).unwrap(), n);
             drop(store);
-            store = SledStore::open(&target, Durability::Group).unwrap();
+            store = open_when_unlocked(&target, Durability::Group).unwrap();
             let first = store.generate_id().await.unwrap();
             assert!(first >= ids_from && !given.contains(&first), "round {round}: {first} < {ids_from}");
             given.push(first);
@@ -1174,12 +1174,16 @@ mod tests {
     /// sled releases its folder lock when its background threads end, a moment after the drop:
     /// under a loaded machine's suite an immediate reopen was refused once.
     fn reopen(dir: &Path) -> SledStore {
+        open_when_unlocked(dir, Durability::PerRequest).unwrap()
+    }
+
+    fn open_when_unlocked(dir: &Path, durability: Durability) -> Result<SledStore, StoreError> {
         for _ in 0..100 {
-            match SledStore::open(dir, Durability::PerRequest) {
+            match SledStore::open(dir, durability) {
                 Err(StoreError::Backend(e)) if e.contains("could not acquire lock") => {
                     std::thread::sleep(std::time::Duration::from_millis(50))
                 }
-                other => return other.unwrap(),
+                other => return other,
             }
         }
         panic!("the folder stayed locked for 5 s after the store was dropped");
@@ -1216,7 +1220,8 @@ mod tests {
             store.meta.insert(META_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
             store.db.flush().unwrap();
         }
-        let refused = SledStore::open(dir.path(), Durability::PerRequest).unwrap_err();
+        let refused =
+            open_when_unlocked(dir.path(), Durability::PerRequest).err().expect("a newer folder is refused");
         assert!(
             matches!(refused, StoreError::SchemaTooNew { found, supported } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION)
         );
