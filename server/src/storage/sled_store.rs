@@ -1220,8 +1220,9 @@ mod tests {
             store.meta.insert(META_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
             store.db.flush().unwrap();
         }
-        let refused =
-            open_when_unlocked(dir.path(), Durability::PerRequest).err().expect("a newer folder is refused");
+        let Err(refused) = open_when_unlocked(dir.path(), Durability::PerRequest) else {
+            panic!("a newer folder is refused")
+        };
         assert!(
             matches!(refused, StoreError::SchemaTooNew { found, supported } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION)
         );
