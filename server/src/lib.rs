@@ -17,6 +17,7 @@ mod error;
 pub mod metrics;
 pub mod policy;
 pub mod storage;
+mod tls_client;
 pub mod vault;
 
 pub use error::{Outcome, StoreError, VaultError};

@@ -38,7 +38,8 @@ pub(crate) fn tls_handshake_failed() {
     }
 }
 
-/// An audit entry the SIEM sink could not take (its queue full): the log still has it.
+/// An audit entry the SIEM sink could not take (its queue full, its receiver away): the log
+/// still has it.
 pub(crate) fn audit_sink_dropped() {
     if enabled() {
         metrics::counter!("khlang_audit_sink_dropped_total").increment(1);

@@ -1,6 +1,7 @@
 //! The real binaries: `khlang` against a server, and `khlangd` init / serve / dev across restarts.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
 
+use std::io::{BufRead, Read};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -1581,6 +1582,145 @@ fn reseal(bytes: &mut [u8]) {
 
 fn khlangd_cmd(args: &[&str]) -> Output {
     Command::new(bin("khlangd")).args(args).output().unwrap()
+}
+
+/// A syslog receiver over TLS (RFC 5425) on 127.0.0.1 with `certs`' server certificate: every
+/// octet-counted message of every connection, as (connection number, message).
+fn tls_syslog_receiver(certs: &Path) -> (u16, std::sync::mpsc::Receiver<(usize, String)>) {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(certs.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(certs.join("server.key")).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, tcp) in listener.incoming().enumerate() {
+            let (config, tx) = (config.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = std::io::BufReader::new(rustls::StreamOwned::new(conn, tcp.unwrap()));
+                loop {
+                    let mut len = Vec::new();
+                    if tls.read_until(b' ', &mut len).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let Ok(len) = std::str::from_utf8(&len[..len.len() - 1]).unwrap_or("x").parse::<usize>()
+                    else {
+                        return;
+                    };
+                    let mut msg = vec![0u8; len];
+                    if tls.read_exact(&mut msg).is_err()
+                        || tx.send((n, String::from_utf8(msg).unwrap())).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// Audit entries reach a syslog receiver over TLS, octet-counted RFC 5424 with the entry's JSON;
+/// only a receiver whose certificate the named CA signed gets them (a vault pointed at one signed
+/// by another CA logs why and keeps serving); a TLS sink without a CA, a CA for a sink that is
+/// not TLS, and a CA file that is not there are refused at start in one line.
+#[tokio::test]
+async fn audit_entries_stream_to_a_syslog_receiver_over_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (certs, foreign) = (tmp.path().join("certs"), tmp.path().join("foreign"));
+    for dir in [&certs, &foreign] {
+        assert!(khlangd_cmd(&["tls", "dev-certs", dir.to_str().unwrap()]).status.success());
+    }
+    let (port, received) = tls_syslog_receiver(&certs);
+    let sink = format!("syslog+tls://localhost:{port}");
+    let data = tmp.path().join("vault");
+    let ca = certs.join("ca.pem");
+    let dev = ["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
+    for (extra, says) in [
+        (vec!["--audit-sink", &sink], "--audit-sink-ca"),
+        (
+            vec!["--audit-sink", "syslog://localhost:514", "--audit-sink-ca", ca.to_str().unwrap()],
+            "only for a syslog+tls",
+        ),
+        (vec!["--audit-sink", &sink, "--audit-sink-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
+        (vec!["--audit-sink-ca", ca.to_str().unwrap()], "without --audit-sink"),
+    ] {
+        let out = khlangd_cmd(&[&dev[..], &extra[..]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says) && err.trim().lines().count() == 1,
+            "{extra:?}: {err}"
+        );
+    }
+
+    let (mut daemon, url) = spawn_khlangd(
+        &[&dev[..], &["--audit-sink", &sink, "--audit-sink-ca", ca.to_str().unwrap()]].concat(),
+    );
+    let mut c = khlang_client::Client::connect(&url.expect("starts"), &dev_token(&data, "registration-app"))
+        .await
+        .unwrap();
+    let id = c.put("tls-syslog-subject", [("card_number", CANARY_CARD)]).await.unwrap();
+    c.get(&id, &[], Some("contact")).await.unwrap();
+    let mut seqs = Vec::new();
+    while seqs.len() < 2 {
+        let (_, msg) = received.recv_timeout(Duration::from_secs(10)).expect("an entry within 10 s");
+        let (header, json) = msg.split_once(" - \u{feff}").expect("RFC 5424 with a UTF-8 BOM");
+        let fields: Vec<&str> = header.split(' ').collect();
+        assert_eq!((fields[0], fields[3], fields[5]), ("<110>1", "khlangd", "audit"), "{header}");
+        assert!(!msg.contains(CANARY_CARD) && !msg.contains("tls-syslog-subject"), "{msg}");
+        let entry: serde_json::Value = serde_json::from_str(json).unwrap();
+        if entry["record_id"] == id.as_str() {
+            seqs.push((entry["seq"].as_u64().unwrap(), entry["rpc"].as_str().unwrap().to_owned()));
+        }
+    }
+    assert_eq!(seqs.iter().map(|(_, r)| r.as_str()).collect::<Vec<_>>(), ["PutRecord", "GetRecord"]);
+    assert_eq!(seqs[1].0, seqs[0].0 + 1, "{seqs:?}");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    while received.recv_timeout(Duration::from_millis(300)).is_ok() {}
+
+    // A receiver whose certificate the named CA did not sign gets nothing; the vault serves on.
+    let other = tmp.path().join("other");
+    let (mut daemon, url, log) = spawn_khlangd_logged(
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            other.to_str().unwrap(),
+            "--audit-sink",
+            &sink,
+            "--audit-sink-ca",
+            foreign.join("ca.pem").to_str().unwrap(),
+        ],
+        "info",
+    );
+    let mut c = khlang_client::Client::connect(&url.expect("starts"), &dev_token(&other, "registration-app"))
+        .await
+        .unwrap();
+    let id = c.put("tls-syslog-subject", [("card_number", CANARY_CARD)]).await.unwrap();
+    c.get(&id, &[], Some("contact")).await.unwrap();
+    assert!(received.recv_timeout(Duration::from_secs(2)).is_err(), "an unverified receiver got an entry");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let log = log.recv_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
+    let failed: Vec<&str> =
+        log.lines().filter(|l| l.contains("the audit sink failed to take an entry")).collect();
+    assert!(!failed.is_empty() && failed[0].contains("certificate"), "{log}");
 }
 
 /// `khlang operator backup` under load, `khlangd restore` into a new folder, `khlangd verify`,

@@ -509,9 +509,15 @@ struct AuditArgs {
     #[arg(long, env = "KHLANG_AUDIT_WITNESS", value_name = "FILE")]
     audit_witness: Option<PathBuf>,
     /// Also stream every audit entry, best-effort, to a SIEM: `file:///var/log/khlang-audit.jsonl`
-    /// (JSON Lines) or `syslog://host:514` (RFC 5424 over UDP). Never a substitute for the log.
+    /// (JSON Lines), or RFC 5424 to `syslog://host:514` (UDP), `syslog+tcp://host:601` (TCP,
+    /// octet-counted) or `syslog+tls://host:6514` (TLS, with --audit-sink-ca). Never a substitute
+    /// for the log.
     #[arg(long, env = "KHLANG_AUDIT_SINK", value_name = "URL")]
     audit_sink: Option<String>,
+    /// The CA certificate (PEM) that signs a `syslog+tls://` sink's certificate; the only one
+    /// trusted for it.
+    #[arg(long, env = "KHLANG_AUDIT_SINK_CA", value_name = "FILE")]
+    audit_sink_ca: Option<PathBuf>,
     /// Entries per audit segment file (tests use small ones).
     #[arg(long, hide = true, default_value_t = khlang_server::audit::files::ROLL_ENTRIES)]
     audit_segment_entries: u64,
@@ -524,12 +530,16 @@ impl AuditArgs {
         {
             bail!("the audit witness's folder {} does not exist", w.display());
         }
-        let sink = self
+        let mut sink = self
             .audit_sink
             .as_deref()
             .map(str::parse::<khlang_server::audit::sink::SinkTarget>)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--audit-sink: {e}"))?;
+        if let Some(ca) = &self.audit_sink_ca {
+            let Some(target) = sink.take() else { bail!("--audit-sink-ca is given without --audit-sink") };
+            sink = Some(target.with_ca(ca.clone())?);
+        }
         Ok(khlang_server::audit::files::FileOptions {
             segment_entries: self.audit_segment_entries.max(1),
             witness: self.audit_witness.clone(),

@@ -1,15 +1,17 @@
 //! Streaming audit entries to a SIEM: each entry, as its canonical JSON (no value, no subject id —
 //! only what the log itself holds), also goes to a file as JSON Lines or to a syslog receiver as
-//! RFC 5424 over UDP. Best-effort and never a substitute for the log: a request never waits for
-//! it (a bounded queue; what does not fit is counted, logged and dropped), a receiver that is away
-//! loses entries, and the log's own files and proofs are what an officer verifies.
+//! RFC 5424 over UDP, over TCP (octet-counted, RFC 6587) or over TLS (RFC 5425). Best-effort and
+//! never a substitute for the log: a request never waits for it (a bounded queue; what does not
+//! fit is counted, logged and dropped), a receiver that is away loses entries, and the log's own
+//! files and proofs are what an officer verifies.
 
-use std::io::Write;
-use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
 
 /// Entries waiting for the sink's thread before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
@@ -20,21 +22,65 @@ const APP_NAME: &str = "khlangd";
 const MSG_ID: &str = "audit";
 /// After this many drops in a row, one more line says how many were dropped.
 const DROPS_PER_LINE: u64 = 1000;
+/// A stream receiver that is away is tried again at most this often (entries meanwhile are lost
+/// to the sink, counted, and kept by the log).
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// Connecting, the TLS handshake and each write give up after this long.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where entries are streamed: `file:///absolute/path` (JSON Lines, appended) or
-/// `syslog://host:port` (RFC 5424 over UDP; port 514 when left out).
+/// The syslog schemes, their transport and default port: UDP (RFC 5426), TCP with octet counting
+/// (RFC 6587; 601 is syslog's registered TCP port), TLS (RFC 5425).
+const SYSLOG_SCHEMES: [(&str, Transport, u16); 3] = [
+    ("syslog://", Transport::Udp, 514),
+    ("syslog+tcp://", Transport::Tcp, 601),
+    ("syslog+tls://", Transport::Tls, 6514),
+];
+
+/// How syslog messages travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+/// Where entries are streamed: `file:///absolute/path` (JSON Lines, appended), or a syslog
+/// receiver `syslog://host[:port]` (UDP), `syslog+tcp://…` or `syslog+tls://…` (the receiver's
+/// certificate checked against `ca`, which TLS requires).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkTarget {
     File(PathBuf),
-    Syslog(String),
+    Syslog { addr: String, transport: Transport, ca: Option<PathBuf> },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("an audit sink is file:///absolute/path or syslog://host[:port], not '{0}'")]
+    #[error(
+        "an audit sink is file:///absolute/path, syslog://host[:port] (UDP), syslog+tcp://host[:port] or syslog+tls://host[:port], not '{0}'"
+    )]
     Unknown(String),
     #[error("cannot open the audit sink {0}: {1}")]
     Open(String, std::io::Error),
+    #[error(
+        "the audit sink {0} is TLS: name the CA that signs the receiver's certificate (--audit-sink-ca FILE)"
+    )]
+    NoCa(String),
+    #[error("--audit-sink-ca is only for a syslog+tls:// sink, not {0}")]
+    CaWithoutTls(String),
+    #[error("the audit sink {0}: {1}")]
+    Tls(String, String),
+}
+
+impl SinkTarget {
+    /// The CA file for a `syslog+tls://` target; refused for any other.
+    pub fn with_ca(self, ca: PathBuf) -> Result<Self, SinkError> {
+        match self {
+            Self::Syslog { addr, transport: Transport::Tls, .. } => {
+                Ok(Self::Syslog { addr, transport: Transport::Tls, ca: Some(ca) })
+            }
+            other => Err(SinkError::CaWithoutTls(other.to_string())),
+        }
+    }
 }
 
 impl std::str::FromStr for SinkTarget {
@@ -47,17 +93,18 @@ impl std::str::FromStr for SinkTarget {
             }
             return Ok(Self::File(PathBuf::from(path)));
         }
-        if let Some(host) = s.strip_prefix("syslog://") {
+        for (scheme, transport, port) in SYSLOG_SCHEMES {
+            let Some(host) = s.strip_prefix(scheme) else { continue };
             let host = host.trim_end_matches('/');
             if host.is_empty() || host.contains('/') {
                 return Err(SinkError::Unknown(s.to_owned()));
             }
-            let with_port = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            let addr = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
                 host.to_owned()
             } else {
-                format!("{host}:514")
+                format!("{host}:{port}")
             };
-            return Ok(Self::Syslog(with_port));
+            return Ok(Self::Syslog { addr, transport, ca: None });
         }
         Err(SinkError::Unknown(s.to_owned()))
     }
@@ -67,7 +114,11 @@ impl std::fmt::Display for SinkTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File(p) => write!(f, "file://{}", p.display()),
-            Self::Syslog(a) => write!(f, "syslog://{a}"),
+            Self::Syslog { addr, transport, .. } => {
+                let scheme =
+                    SYSLOG_SCHEMES.iter().find(|(_, t, _)| t == transport).map_or("syslog://", |s| s.0);
+                write!(f, "{scheme}{addr}")
+            }
         }
     }
 }
@@ -87,6 +138,157 @@ impl std::fmt::Debug for AuditSink {
 enum Out {
     File(std::io::BufWriter<std::fs::File>),
     Syslog { socket: UdpSocket, hostname: String, pid: u32 },
+    Stream(Box<StreamOut>),
+}
+
+/// A syslog receiver over TCP or TLS: connected on first use, again after it goes away (at most
+/// every [`RECONNECT_EVERY`]).
+struct StreamOut {
+    addr: String,
+    tls: Option<(Arc<rustls::ClientConfig>, rustls_pki_types::ServerName<'static>)>,
+    conn: Option<Conn>,
+    next_attempt: Instant,
+    hostname: String,
+    pid: u32,
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Self::Tcp(s) => s,
+            Self::Tls(s) => &s.sock,
+        }
+    }
+
+    /// Whether the receiver still holds the connection. A write to a socket the peer has closed
+    /// succeeds once and is lost, so the sink looks before each batch: syslog receivers send
+    /// nothing, so end-of-stream (or, over TLS, a close or an alert) means it has gone.
+    fn alive(&mut self) -> bool {
+        if self.socket().set_nonblocking(true).is_err() {
+            return false;
+        }
+        let alive = loop {
+            let mut byte = [0u8; 1];
+            match self.socket().peek(&mut byte) {
+                Ok(0) => break false,
+                Ok(_) => match self {
+                    // Plaintext from a syslog receiver means nothing: read and ignore it.
+                    Self::Tcp(s) => {
+                        let mut sink = [0u8; 512];
+                        if s.read(&mut sink).is_err() {
+                            break false;
+                        }
+                    }
+                    // TLS 1.3 session tickets arrive after the handshake; a close_notify or
+                    // an alert ends the connection.
+                    Self::Tls(s) => {
+                        let (conn, sock) = (&mut s.conn, &mut s.sock);
+                        if conn.read_tls(sock).is_err() {
+                            break false;
+                        }
+                        match conn.process_new_packets() {
+                            Ok(state) if state.peer_has_closed() => break false,
+                            Ok(state) => {
+                                let mut ignored = vec![0u8; state.plaintext_bytes_to_read()];
+                                if conn.reader().read_exact(&mut ignored).is_err() {
+                                    break false;
+                                }
+                            }
+                            Err(_) => break false,
+                        }
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
+                Err(_) => break false,
+            }
+        };
+        alive && self.socket().set_nonblocking(false).is_ok()
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.write_all(bytes),
+            Self::Tls(s) => s.write_all(bytes).and_then(|()| s.flush()),
+        }
+    }
+}
+
+impl StreamOut {
+    fn connect(&mut self) -> std::io::Result<()> {
+        let now = Instant::now();
+        if now < self.next_attempt {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the receiver is away (tried again within a second)",
+            ));
+        }
+        self.next_attempt = now + RECONNECT_EVERY;
+        let to =
+            self.addr.to_socket_addrs()?.next().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the host has no address")
+            })?;
+        let tcp = TcpStream::connect_timeout(&to, STREAM_TIMEOUT)?;
+        tcp.set_write_timeout(Some(STREAM_TIMEOUT))?;
+        tcp.set_read_timeout(Some(STREAM_TIMEOUT))?;
+        tcp.set_nodelay(true)?;
+        self.conn = Some(match &self.tls {
+            None => Conn::Tcp(tcp),
+            Some((config, name)) => {
+                let conn = rustls::ClientConnection::new(config.clone(), name.clone())
+                    .map_err(std::io::Error::other)?;
+                let mut stream = rustls::StreamOwned::new(conn, tcp);
+                // The handshake now, so a certificate the CA did not sign is reported as such.
+                while stream.conn.is_handshaking() {
+                    stream.conn.complete_io(&mut stream.sock)?;
+                }
+                Conn::Tls(Box::new(stream))
+            }
+        });
+        tracing::info!(sink = %self.addr, tls = self.tls.is_some(), "audit sink connected");
+        Ok(())
+    }
+
+    /// Sends one octet-counted message; a connection that failed is replaced once at once (a
+    /// receiver restarted since the last entry), then left until the next attempt is due.
+    fn send(&mut self, msg: &[u8]) -> std::io::Result<()> {
+        let mut frame = format!("{} ", msg.len()).into_bytes();
+        frame.extend_from_slice(msg);
+        if self.conn.is_none() {
+            self.connect()?;
+        }
+        let first = match self.conn.as_mut() {
+            Some(conn) => conn.write_all(&frame),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        };
+        if first.is_ok() {
+            return first;
+        }
+        self.conn = None;
+        self.next_attempt = Instant::now();
+        self.connect()?;
+        let again = match self.conn.as_mut() {
+            Some(conn) => conn.write_all(&frame),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        };
+        if again.is_err() {
+            self.conn = None;
+        }
+        again
+    }
+
+    /// Before a batch: drop a connection the receiver has closed, so the batch goes to a new one.
+    fn check(&mut self) {
+        if self.conn.as_mut().is_some_and(|c| !c.alive()) {
+            tracing::warn!(sink = %self.addr, "the audit sink's receiver closed the connection; reconnecting");
+            self.conn = None;
+            self.next_attempt = Instant::now();
+        }
+    }
 }
 
 impl AuditSink {
@@ -105,7 +307,7 @@ impl AuditSink {
                     .map_err(open_error)?;
                 Out::File(std::io::BufWriter::new(file))
             }
-            SinkTarget::Syslog(addr) => {
+            SinkTarget::Syslog { addr, transport: Transport::Udp, .. } => {
                 let to: SocketAddr = addr
                     .to_socket_addrs()
                     .map_err(open_error)?
@@ -116,6 +318,30 @@ impl AuditSink {
                 let socket = UdpSocket::bind(local).map_err(open_error)?;
                 socket.connect(to).map_err(open_error)?;
                 Out::Syslog { socket, hostname: hostname(), pid: std::process::id() }
+            }
+            SinkTarget::Syslog { addr, transport, ca } => {
+                let tls = match (transport, ca) {
+                    (Transport::Tls, None) => return Err(SinkError::NoCa(target.to_string())),
+                    (Transport::Tls, Some(ca)) => {
+                        let config = crate::tls_client::trusting(ca)
+                            .map_err(|e| SinkError::Tls(target.to_string(), e))?;
+                        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                        let host = host.trim_start_matches('[').trim_end_matches(']');
+                        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+                            SinkError::Tls(target.to_string(), format!("'{host}' is not a host name"))
+                        })?;
+                        Some((Arc::new(config), name))
+                    }
+                    _ => None,
+                };
+                Out::Stream(Box::new(StreamOut {
+                    addr: addr.clone(),
+                    tls,
+                    conn: None,
+                    next_attempt: Instant::now(),
+                    hostname: hostname(),
+                    pid: std::process::id(),
+                }))
             }
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
@@ -168,7 +394,12 @@ pub fn rfc5424(time_ms: u64, hostname: &str, pid: u32, json: &[u8]) -> Vec<u8> {
 
 fn write_all(rx: Receiver<(u64, Vec<u8>)>, mut out: Out, name: &str) {
     let mut failures = 0u64;
+    // Each outage's first failure is logged, then every thousandth.
+    let mut failing = false;
     while let Ok(first) = rx.recv() {
+        if let Out::Stream(s) = &mut out {
+            s.check();
+        }
         // Everything waiting now, then one flush: the file is never far behind.
         for (time_ms, json) in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             let written = match &mut out {
@@ -176,11 +407,20 @@ fn write_all(rx: Receiver<(u64, Vec<u8>)>, mut out: Out, name: &str) {
                 Out::Syslog { socket, hostname, pid } => {
                     socket.send(&rfc5424(time_ms, hostname, *pid, &json)).map(|_| ())
                 }
+                Out::Stream(s) => {
+                    let msg = rfc5424(time_ms, &s.hostname, s.pid, &json);
+                    s.send(&msg)
+                }
             };
-            if let Err(e) = written {
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(DROPS_PER_LINE) {
-                    tracing::warn!(sink = %name, error = %e, failures, "the audit sink failed to take an entry (the log has it)");
+            match written {
+                Ok(()) => failing = false,
+                Err(e) => {
+                    failures += 1;
+                    crate::metrics::audit_sink_dropped();
+                    if !failing || failures.is_multiple_of(DROPS_PER_LINE) {
+                        tracing::warn!(sink = %name, error = %e, failures, "the audit sink failed to take an entry (the log has it)");
+                    }
+                    failing = true;
                 }
             }
         }
@@ -199,19 +439,87 @@ mod tests {
 
     #[test]
     fn targets_parse_and_bad_ones_are_refused() {
+        let syslog = |addr: &str, transport| SinkTarget::Syslog { addr: addr.into(), transport, ca: None };
         assert_eq!(
             "file:///var/log/a.jsonl".parse::<SinkTarget>().unwrap(),
             SinkTarget::File("/var/log/a.jsonl".into())
         );
-        assert_eq!(
-            "syslog://siem:1514".parse::<SinkTarget>().unwrap(),
-            SinkTarget::Syslog("siem:1514".into())
-        );
-        assert_eq!("syslog://siem".parse::<SinkTarget>().unwrap(), SinkTarget::Syslog("siem:514".into()));
-        assert_eq!("syslog://[::1]:9".parse::<SinkTarget>().unwrap(), SinkTarget::Syslog("[::1]:9".into()));
-        for bad in ["file://relative/path", "syslog://", "http://siem", "/var/log/a", "syslog://h/x"] {
+        for (url, addr, transport) in [
+            ("syslog://siem:1514", "siem:1514", Transport::Udp),
+            ("syslog://siem", "siem:514", Transport::Udp),
+            ("syslog://[::1]:9", "[::1]:9", Transport::Udp),
+            ("syslog+tcp://siem", "siem:601", Transport::Tcp),
+            ("syslog+tls://siem.example/", "siem.example:6514", Transport::Tls),
+            ("syslog+tls://10.0.0.9:7514", "10.0.0.9:7514", Transport::Tls),
+        ] {
+            let target = url.parse::<SinkTarget>().unwrap();
+            assert_eq!(target, syslog(addr, transport), "{url}");
+            assert_eq!(target.to_string().parse::<SinkTarget>().unwrap(), target, "{url} shown as it parses");
+        }
+        for bad in [
+            "file://relative/path",
+            "syslog://",
+            "http://siem",
+            "/var/log/a",
+            "syslog://h/x",
+            "syslog+udp://h",
+            "syslog+tls://",
+        ] {
             assert!(bad.parse::<SinkTarget>().is_err(), "{bad}");
         }
+        let tls = "syslog+tls://siem".parse::<SinkTarget>().unwrap();
+        assert!(matches!(AuditSink::start(&tls), Err(SinkError::NoCa(_))), "TLS without a CA is refused");
+        let udp = "syslog://siem".parse::<SinkTarget>().unwrap();
+        assert!(matches!(udp.with_ca("/ca.pem".into()), Err(SinkError::CaWithoutTls(_))));
+        let missing = tls.with_ca("/nonexistent/ca.pem".into()).unwrap();
+        let err = AuditSink::start(&missing).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    /// RFC 6587 octet counting over TCP: each message preceded by its length and a space; a
+    /// receiver that restarts between entries gets the next batch on a new connection, and the
+    /// entries while nobody listens are dropped (the log keeps them), never blocking the sender.
+    #[test]
+    fn tcp_messages_are_octet_counted_and_a_restarted_receiver_gets_later_ones() {
+        use std::io::BufRead;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target: SinkTarget = format!("syslog+tcp://{}", listener.local_addr().unwrap()).parse().unwrap();
+        let sink = AuditSink::start(&target).unwrap();
+        let read_frame = |r: &mut std::io::BufReader<TcpStream>| {
+            let mut len = Vec::new();
+            r.read_until(b' ', &mut len).unwrap();
+            let len: usize = std::str::from_utf8(&len[..len.len() - 1]).unwrap().parse().unwrap();
+            let mut msg = vec![0u8; len];
+            r.read_exact(&mut msg).unwrap();
+            String::from_utf8(msg).unwrap()
+        };
+        sink.send(1_765_000_000_000, br#"{"seq":1}"#);
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut reader = std::io::BufReader::new(conn);
+        let first = read_frame(&mut reader);
+        assert!(
+            first.starts_with("<110>1 2025-12-06T05:46:40Z ") && first.ends_with(r#"{"seq":1}"#),
+            "{first}"
+        );
+        drop(reader);
+        // The receiver went away and came back: later entries arrive on a new connection.
+        let mut seq = 2;
+        let (conn, _) = loop {
+            sink.send(1_765_000_000_000, format!(r#"{{"seq":{seq}}}"#).as_bytes());
+            seq += 1;
+            listener.set_nonblocking(true).unwrap();
+            match listener.accept() {
+                Ok(c) => break c,
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+            assert!(seq < 100, "the sink never reconnected");
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut reader = std::io::BufReader::new(conn);
+        let next = read_frame(&mut reader);
+        assert!(next.contains(r#"{"seq":"#), "{next}");
     }
 
     #[test]
