@@ -25,6 +25,8 @@ const DROPS_PER_LINE: u64 = 1000;
 /// A stream receiver that is away is tried again at most this often (entries meanwhile are lost
 /// to the sink, counted, and kept by the log).
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// Reads of what a receiver sent before a batch; a receiver still sending after them is dropped.
+const MAX_READS_PER_CHECK: u32 = 64;
 /// Connecting, the TLS handshake and each write give up after this long.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -167,18 +169,22 @@ impl Conn {
 
     /// Whether the receiver still holds the connection. A write to a socket the peer has closed
     /// succeeds once and is lost, so the sink looks before each batch: syslog receivers send
-    /// nothing, so end-of-stream (or, over TLS, a close or an alert) means it has gone.
+    /// nothing, so end-of-stream (or, over TLS, a close or an alert) means it has gone; so does
+    /// one that keeps sending (it would hold the sink's thread here).
     fn alive(&mut self) -> bool {
         if self.socket().set_nonblocking(true).is_err() {
             return false;
         }
+        let mut reads = 0;
         let alive = loop {
             let mut byte = [0u8; 1];
             match self.socket().peek(&mut byte) {
                 Ok(0) => break false,
+                Ok(_) if reads == MAX_READS_PER_CHECK => break false,
                 Ok(_) => match self {
                     // Plaintext from a syslog receiver means nothing: read and ignore it.
                     Self::Tcp(s) => {
+                        reads += 1;
                         let mut sink = [0u8; 512];
                         if s.read(&mut sink).is_err() {
                             break false;
@@ -187,6 +193,7 @@ impl Conn {
                     // TLS 1.3 session tickets arrive after the handshake; a close_notify or
                     // an alert ends the connection.
                     Self::Tls(s) => {
+                        reads += 1;
                         let (conn, sock) = (&mut s.conn, &mut s.sock);
                         if conn.read_tls(sock).is_err() {
                             break false;
@@ -284,7 +291,7 @@ impl StreamOut {
     /// Before a batch: drop a connection the receiver has closed, so the batch goes to a new one.
     fn check(&mut self) {
         if self.conn.as_mut().is_some_and(|c| !c.alive()) {
-            tracing::warn!(sink = %self.addr, "the audit sink's receiver closed the connection; reconnecting");
+            tracing::warn!(sink = %self.addr, "the audit sink's receiver closed the connection or keeps sending (a syslog receiver sends nothing); reconnecting");
             self.conn = None;
             self.next_attempt = Instant::now();
         }
@@ -520,6 +527,55 @@ mod tests {
         let mut reader = std::io::BufReader::new(conn);
         let next = read_frame(&mut reader);
         assert!(next.contains(r#"{"seq":"#), "{next}");
+    }
+
+    /// A receiver sends nothing in syslog; one that sends more than the sink reads before a
+    /// batch (flooding it, or a stream the sink would otherwise drain forever) gets its
+    /// connection replaced, and entries keep arriving on the new one.
+    #[test]
+    fn a_receiver_that_keeps_sending_has_its_connection_replaced() {
+        use std::io::BufRead;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target: SinkTarget = format!("syslog+tcp://{}", listener.local_addr().unwrap()).parse().unwrap();
+        let sink = AuditSink::start(&target).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let conn = conn.unwrap();
+                if n == 0 {
+                    // The first connection gets 256 KiB back, more than the sink reads at once.
+                    let mut flood = conn.try_clone().unwrap();
+                    std::thread::spawn(move || flood.write_all(&vec![b'x'; 256 * 1024]));
+                }
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut reader = std::io::BufReader::new(conn);
+                    loop {
+                        let mut len = Vec::new();
+                        if reader.read_until(b' ', &mut len).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let Ok(len) = std::str::from_utf8(&len[..len.len() - 1]).unwrap_or("x").parse()
+                        else {
+                            return;
+                        };
+                        let mut msg = vec![0u8; len];
+                        if reader.read_exact(&mut msg).is_err() || tx.send((n, msg)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for seq in 0.. {
+            sink.send(1_765_000_000_000, format!(r#"{{"seq":{seq}}}"#).as_bytes());
+            std::thread::sleep(Duration::from_millis(50));
+            if rx.try_iter().any(|(n, _)| n > 0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the flooding receiver's connection was kept");
+        }
     }
 
     #[test]
