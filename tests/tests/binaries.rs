@@ -1586,23 +1586,35 @@ fn khlangd_cmd(args: &[&str]) -> Output {
 
 /// A syslog receiver over TLS (RFC 5425) on 127.0.0.1 with `certs`' server certificate: every
 /// octet-counted message of every connection, as (connection number, message).
-fn tls_syslog_receiver(certs: &Path) -> (u16, std::sync::mpsc::Receiver<(usize, String)>) {
+/// With `client_certs`, it requires a client certificate that folder's CA signed.
+fn tls_syslog_receiver(
+    certs: &Path,
+    client_certs: bool,
+) -> (u16, std::sync::mpsc::Receiver<(usize, String)>) {
     use rustls_pki_types::pem::PemObject;
     let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(certs.join("server.pem"))
         .unwrap()
         .map(Result::unwrap)
         .collect();
     let key = rustls_pki_types::PrivateKeyDer::from_pem_file(certs.join("server.key")).unwrap();
-    let config = std::sync::Arc::new(
-        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap(),
-    );
+        .unwrap();
+    let builder = if client_certs {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+                .build()
+                .unwrap(),
+        )
+    } else {
+        builder.with_no_client_auth()
+    };
+    let config = std::sync::Arc::new(builder.with_single_cert(chain, key).unwrap());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1643,9 +1655,11 @@ async fn audit_entries_stream_to_a_syslog_receiver_over_tls() {
     let tmp = tempfile::tempdir().unwrap();
     let (certs, foreign) = (tmp.path().join("certs"), tmp.path().join("foreign"));
     for dir in [&certs, &foreign] {
-        assert!(khlangd_cmd(&["tls", "dev-certs", dir.to_str().unwrap()]).status.success());
+        assert!(
+            khlangd_cmd(&["tls", "dev-certs", dir.to_str().unwrap(), "--client", "khlangd"]).status.success()
+        );
     }
-    let (port, received) = tls_syslog_receiver(&certs);
+    let (port, received) = tls_syslog_receiver(&certs, false);
     let sink = format!("syslog+tls://localhost:{port}");
     let data = tmp.path().join("vault");
     let ca = certs.join("ca.pem");
@@ -1721,6 +1735,53 @@ async fn audit_entries_stream_to_a_syslog_receiver_over_tls() {
     let failed: Vec<&str> =
         log.lines().filter(|l| l.contains("the audit sink failed to take an entry")).collect();
     assert!(!failed.is_empty() && failed[0].contains("certificate"), "{log}");
+
+    // A receiver that requires a client certificate: the vault's (--audit-sink-cert/-key, signed
+    // by the receiver's CA) is accepted; without one the receiver refuses and the log says so.
+    let (port, received) = tls_syslog_receiver(&certs, true);
+    let sink = format!("syslog+tls://localhost:{port}");
+    let (cert, key) = (certs.join("client-khlangd.pem"), certs.join("client-khlangd.key"));
+    let with_cert = [
+        "--audit-sink",
+        &sink,
+        "--audit-sink-ca",
+        ca.to_str().unwrap(),
+        "--audit-sink-cert",
+        cert.to_str().unwrap(),
+        "--audit-sink-key",
+        key.to_str().unwrap(),
+    ];
+    let out = khlangd_cmd(&[&dev[..], &with_cert[..6]].concat());
+    assert!(!out.status.success(), "a certificate without its key is refused");
+    for (n, flags) in [with_cert.to_vec(), with_cert[..4].to_vec()].into_iter().enumerate() {
+        let data = tmp.path().join(format!("mutual-{n}"));
+        let args =
+            [&["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()][..], &flags[..]]
+                .concat();
+        let (mut daemon, url, log) = spawn_khlangd_logged(&args, "info");
+        let mut c =
+            khlang_client::Client::connect(&url.expect("starts"), &dev_token(&data, "registration-app"))
+                .await
+                .unwrap();
+        let id = c.put("tls-syslog-subject", [("card_number", CANARY_CARD)]).await.unwrap();
+        c.get(&id, &[], Some("contact")).await.unwrap();
+        let mut delivered = false;
+        while let Ok((_, msg)) = received.recv_timeout(Duration::from_secs(if n == 0 { 10 } else { 2 })) {
+            if msg.contains(&id) && msg.contains("GetRecord") {
+                delivered = true;
+                break;
+            }
+        }
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        let log = log.recv_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
+        if n == 0 {
+            assert!(delivered, "the vault's client certificate was accepted: {log}");
+        } else {
+            assert!(!delivered, "a receiver requiring a client certificate got an entry without one");
+            assert!(log.contains("CertificateRequired"), "the log says why: {log}");
+        }
+    }
 }
 
 /// `khlang operator backup` under load, `khlangd restore` into a new folder, `khlangd verify`,

@@ -518,6 +518,13 @@ struct AuditArgs {
     /// trusted for it.
     #[arg(long, env = "KHLANG_AUDIT_SINK_CA", value_name = "FILE")]
     audit_sink_ca: Option<PathBuf>,
+    /// The certificate (PEM) the vault presents to a `syslog+tls://` sink that requires one
+    /// (with --audit-sink-key).
+    #[arg(long, env = "KHLANG_AUDIT_SINK_CERT", value_name = "FILE", requires = "audit_sink_key")]
+    audit_sink_cert: Option<PathBuf>,
+    /// The private key (PEM) of --audit-sink-cert.
+    #[arg(long, env = "KHLANG_AUDIT_SINK_KEY", value_name = "FILE", requires = "audit_sink_cert")]
+    audit_sink_key: Option<PathBuf>,
     /// Entries per audit segment file (tests use small ones).
     #[arg(long, hide = true, default_value_t = khlang_server::audit::files::ROLL_ENTRIES)]
     audit_segment_entries: u64,
@@ -539,6 +546,10 @@ impl AuditArgs {
         if let Some(ca) = &self.audit_sink_ca {
             let Some(target) = sink.take() else { bail!("--audit-sink-ca is given without --audit-sink") };
             sink = Some(target.with_ca(ca.clone())?);
+        }
+        if let (Some(cert), Some(key)) = (&self.audit_sink_cert, &self.audit_sink_key) {
+            let Some(target) = sink.take() else { bail!("--audit-sink-cert is given without --audit-sink") };
+            sink = Some(target.with_identity(cert.clone(), key.clone())?);
         }
         Ok(khlang_server::audit::files::FileOptions {
             segment_entries: self.audit_segment_entries.max(1),

@@ -48,11 +48,12 @@ pub enum Transport {
 
 /// Where entries are streamed: `file:///absolute/path` (JSON Lines, appended), or a syslog
 /// receiver `syslog://host[:port]` (UDP), `syslog+tcp://…` or `syslog+tls://…` (the receiver's
-/// certificate checked against `ca`, which TLS requires).
+/// certificate checked against `ca`, which TLS requires; `identity`, a certificate and key file,
+/// presented to a receiver that requires one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkTarget {
     File(PathBuf),
-    Syslog { addr: String, transport: Transport, ca: Option<PathBuf> },
+    Syslog { addr: String, transport: Transport, ca: Option<PathBuf>, identity: Option<(PathBuf, PathBuf)> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +68,9 @@ pub enum SinkError {
         "the audit sink {0} is TLS: name the CA that signs the receiver's certificate (--audit-sink-ca FILE)"
     )]
     NoCa(String),
-    #[error("--audit-sink-ca is only for a syslog+tls:// sink, not {0}")]
+    #[error(
+        "--audit-sink-ca, --audit-sink-cert and --audit-sink-key are only for a syslog+tls:// sink, not {0}"
+    )]
     CaWithoutTls(String),
     #[error("the audit sink {0}: {1}")]
     Tls(String, String),
@@ -77,8 +80,19 @@ impl SinkTarget {
     /// The CA file for a `syslog+tls://` target; refused for any other.
     pub fn with_ca(self, ca: PathBuf) -> Result<Self, SinkError> {
         match self {
-            Self::Syslog { addr, transport: Transport::Tls, .. } => {
-                Ok(Self::Syslog { addr, transport: Transport::Tls, ca: Some(ca) })
+            Self::Syslog { addr, transport: Transport::Tls, identity, .. } => {
+                Ok(Self::Syslog { addr, transport: Transport::Tls, ca: Some(ca), identity })
+            }
+            other => Err(SinkError::CaWithoutTls(other.to_string())),
+        }
+    }
+
+    /// The client certificate and key files a `syslog+tls://` target presents; refused for any
+    /// other.
+    pub fn with_identity(self, cert: PathBuf, key: PathBuf) -> Result<Self, SinkError> {
+        match self {
+            Self::Syslog { addr, transport: Transport::Tls, ca, .. } => {
+                Ok(Self::Syslog { addr, transport: Transport::Tls, ca, identity: Some((cert, key)) })
             }
             other => Err(SinkError::CaWithoutTls(other.to_string())),
         }
@@ -106,7 +120,7 @@ impl std::str::FromStr for SinkTarget {
             } else {
                 format!("{host}:{port}")
             };
-            return Ok(Self::Syslog { addr, transport, ca: None });
+            return Ok(Self::Syslog { addr, transport, ca: None, identity: None });
         }
         Err(SinkError::Unknown(s.to_owned()))
     }
@@ -150,6 +164,11 @@ struct StreamOut {
     tls: Option<(Arc<rustls::ClientConfig>, rustls_pki_types::ServerName<'static>)>,
     conn: Option<Conn>,
     next_attempt: Instant,
+    /// When the connection was made, and why the last one ended: a connection refused right
+    /// after its handshake (a receiver rejecting the vault's certificate) waits for the next
+    /// attempt and is logged once, not once per batch.
+    connected_at: Instant,
+    last_end: Option<String>,
     hostname: String,
     pid: u32,
 }
@@ -167,27 +186,30 @@ impl Conn {
         }
     }
 
-    /// Whether the receiver still holds the connection. A write to a socket the peer has closed
-    /// succeeds once and is lost, so the sink looks before each batch: syslog receivers send
-    /// nothing, so end-of-stream (or, over TLS, a close or an alert) means it has gone; so does
-    /// one that keeps sending (it would hold the sink's thread here).
-    fn alive(&mut self) -> bool {
-        if self.socket().set_nonblocking(true).is_err() {
-            return false;
+    /// Why the connection is no longer usable, or `None` while the receiver holds it. A write
+    /// to a socket the peer has closed succeeds once and is lost, so the sink looks before each
+    /// batch: syslog receivers send nothing, so end-of-stream (or, over TLS, a close or an alert,
+    /// such as a receiver refusing the vault's certificate) means it has gone; so does one that
+    /// keeps sending (it would hold the sink's thread here).
+    fn gone(&mut self) -> Option<String> {
+        if let Err(e) = self.socket().set_nonblocking(true) {
+            return Some(e.to_string());
         }
         let mut reads = 0;
-        let alive = loop {
+        let gone = loop {
             let mut byte = [0u8; 1];
             match self.socket().peek(&mut byte) {
-                Ok(0) => break false,
-                Ok(_) if reads == MAX_READS_PER_CHECK => break false,
+                Ok(0) => break Some("the receiver closed the connection".to_owned()),
+                Ok(_) if reads == MAX_READS_PER_CHECK => {
+                    break Some("the receiver keeps sending (a syslog receiver sends nothing)".to_owned());
+                }
                 Ok(_) => match self {
                     // Plaintext from a syslog receiver means nothing: read and ignore it.
                     Self::Tcp(s) => {
                         reads += 1;
                         let mut sink = [0u8; 512];
-                        if s.read(&mut sink).is_err() {
-                            break false;
+                        if let Err(e) = s.read(&mut sink) {
+                            break Some(e.to_string());
                         }
                     }
                     // TLS 1.3 session tickets arrive after the handshake; a close_notify or
@@ -195,26 +217,31 @@ impl Conn {
                     Self::Tls(s) => {
                         reads += 1;
                         let (conn, sock) = (&mut s.conn, &mut s.sock);
-                        if conn.read_tls(sock).is_err() {
-                            break false;
+                        if let Err(e) = conn.read_tls(sock) {
+                            break Some(e.to_string());
                         }
                         match conn.process_new_packets() {
-                            Ok(state) if state.peer_has_closed() => break false,
+                            Ok(state) if state.peer_has_closed() => {
+                                break Some("the receiver closed the TLS session".to_owned());
+                            }
                             Ok(state) => {
                                 let mut ignored = vec![0u8; state.plaintext_bytes_to_read()];
-                                if conn.reader().read_exact(&mut ignored).is_err() {
-                                    break false;
+                                if let Err(e) = conn.reader().read_exact(&mut ignored) {
+                                    break Some(e.to_string());
                                 }
                             }
-                            Err(_) => break false,
+                            Err(e) => break Some(format!("TLS: {e}")),
                         }
                     }
                 },
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
-                Err(_) => break false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                Err(e) => break Some(e.to_string()),
             }
         };
-        alive && self.socket().set_nonblocking(false).is_ok()
+        match (gone, self.socket().set_nonblocking(false)) {
+            (None, Err(e)) => Some(e.to_string()),
+            (gone, _) => gone,
+        }
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -256,6 +283,7 @@ impl StreamOut {
                 Conn::Tls(Box::new(stream))
             }
         });
+        self.connected_at = Instant::now();
         tracing::info!(sink = %self.addr, tls = self.tls.is_some(), "audit sink connected");
         Ok(())
     }
@@ -290,10 +318,16 @@ impl StreamOut {
 
     /// Before a batch: drop a connection the receiver has closed, so the batch goes to a new one.
     fn check(&mut self) {
-        if self.conn.as_mut().is_some_and(|c| !c.alive()) {
-            tracing::warn!(sink = %self.addr, "the audit sink's receiver closed the connection or keeps sending (a syslog receiver sends nothing); reconnecting");
+        if let Some(why) = self.conn.as_mut().and_then(Conn::gone) {
+            let brief = self.connected_at.elapsed() < RECONNECT_EVERY;
+            if !brief || self.last_end.as_deref() != Some(why.as_str()) {
+                tracing::warn!(sink = %self.addr, reason = %why, "the audit sink's connection ended; reconnecting");
+            }
+            self.last_end = Some(why);
             self.conn = None;
-            self.next_attempt = Instant::now();
+            if !brief {
+                self.next_attempt = Instant::now();
+            }
         }
     }
 }
@@ -326,11 +360,12 @@ impl AuditSink {
                 socket.connect(to).map_err(open_error)?;
                 Out::Syslog { socket, hostname: hostname(), pid: std::process::id() }
             }
-            SinkTarget::Syslog { addr, transport, ca } => {
+            SinkTarget::Syslog { addr, transport, ca, identity } => {
                 let tls = match (transport, ca) {
                     (Transport::Tls, None) => return Err(SinkError::NoCa(target.to_string())),
                     (Transport::Tls, Some(ca)) => {
-                        let config = crate::tls_client::trusting(ca)
+                        let identity = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+                        let config = crate::tls_client::trusting(ca, identity)
                             .map_err(|e| SinkError::Tls(target.to_string(), e))?;
                         let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
                         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -346,6 +381,8 @@ impl AuditSink {
                     tls,
                     conn: None,
                     next_attempt: Instant::now(),
+                    connected_at: Instant::now(),
+                    last_end: None,
                     hostname: hostname(),
                     pid: std::process::id(),
                 }))
@@ -446,7 +483,12 @@ mod tests {
 
     #[test]
     fn targets_parse_and_bad_ones_are_refused() {
-        let syslog = |addr: &str, transport| SinkTarget::Syslog { addr: addr.into(), transport, ca: None };
+        let syslog = |addr: &str, transport| SinkTarget::Syslog {
+            addr: addr.into(),
+            transport,
+            ca: None,
+            identity: None,
+        };
         assert_eq!(
             "file:///var/log/a.jsonl".parse::<SinkTarget>().unwrap(),
             SinkTarget::File("/var/log/a.jsonl".into())
@@ -477,7 +519,11 @@ mod tests {
         let tls = "syslog+tls://siem".parse::<SinkTarget>().unwrap();
         assert!(matches!(AuditSink::start(&tls), Err(SinkError::NoCa(_))), "TLS without a CA is refused");
         let udp = "syslog://siem".parse::<SinkTarget>().unwrap();
-        assert!(matches!(udp.with_ca("/ca.pem".into()), Err(SinkError::CaWithoutTls(_))));
+        assert!(matches!(udp.clone().with_ca("/ca.pem".into()), Err(SinkError::CaWithoutTls(_))));
+        assert!(matches!(
+            udp.with_identity("/c.pem".into(), "/c.key".into()),
+            Err(SinkError::CaWithoutTls(_))
+        ));
         let missing = tls.with_ca("/nonexistent/ca.pem".into()).unwrap();
         let err = AuditSink::start(&missing).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");

@@ -319,7 +319,7 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
 /// TLS to the database, trusting only the CA in `path` (see [`crate::tls_client`]).
 fn tls_connector(path: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
     let config =
-        crate::tls_client::trusting(path).map_err(|e| StoreError::Backend(format!("database {e}")))?;
+        crate::tls_client::trusting(path, None).map_err(|e| StoreError::Backend(format!("database {e}")))?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
