@@ -939,6 +939,11 @@ impl AuditFile {
         }
     }
 
+    /// The seq on disk as it moves (or why the log failed), for the SIEM sink.
+    pub fn durable_mark(&self) -> tokio::sync::watch::Receiver<Result<u64, String>> {
+        self.synced.clone()
+    }
+
     /// Fault drill for tests: make every following append fail (or succeed again).
     #[cfg(any(test, feature = "test-util"))]
     pub fn inject_failure(&self, fail: bool) {

@@ -357,16 +357,25 @@ pub struct AuditLog {
     node_witness: Option<PathBuf>,
     /// Where each entry is also streamed (best-effort).
     sink: Option<std::sync::Arc<sink::AuditSink>>,
+    /// The newest change whose store flush returned: with the files' synced seq, how far the
+    /// log is durable (what the sink waits for).
+    store_durable: tokio::sync::watch::Sender<u64>,
 }
 
-/// The SIEM sink the options name, started (a target that cannot be opened fails the open).
-fn start_sink(options: &LogOptions) -> Result<Option<std::sync::Arc<sink::AuditSink>>, StoreError> {
+/// The SIEM sink the options name, started (a target that cannot be opened fails the open);
+/// with `durable`, it streams only what the log's files hold on disk.
+fn start_sink(
+    options: &LogOptions,
+    durable: Option<sink::DurableMark>,
+) -> Result<Option<std::sync::Arc<sink::AuditSink>>, StoreError> {
     options
         .files
         .sink
         .as_ref()
         .map(|t| {
-            sink::AuditSink::start(t).map(std::sync::Arc::new).map_err(|e| StoreError::Io(e.to_string()))
+            sink::AuditSink::start(t, durable)
+                .map(std::sync::Arc::new)
+                .map_err(|e| StoreError::Io(e.to_string()))
         })
         .transpose()
 }
@@ -523,8 +532,10 @@ impl AuditLog {
         if let Some(chain) = store.shared_chain() {
             return Self::open_shared(store, chain, data_dir, options).await;
         }
-        let sink = start_sink(options)?;
         let (file, (last, checkpoint)) = AuditFile::open(data_dir, &options.files)?;
+        let (store_durable, stored_mark) = tokio::sync::watch::channel(0);
+        let sink =
+            start_sink(options, Some(sink::DurableMark { file: file.durable_mark(), store: stored_mark }))?;
         let head = match last {
             Some((seq, value)) => {
                 let (hash, _) = split_stored(&value)?;
@@ -564,6 +575,7 @@ impl AuditLog {
             witness: options.files.witness.clone(),
             node_witness: None,
             sink,
+            store_durable,
         })
     }
 
@@ -583,7 +595,8 @@ impl AuditLog {
         let keys: std::sync::Arc<Mutex<Option<LogKeys>>> = Default::default();
         let order: std::sync::Arc<tokio::sync::Mutex<()>> = Default::default();
         let file = chain.rows();
-        let sink = start_sink(options)?;
+        // Sent after its batch commits: the database holds it by then.
+        let sink = start_sink(options, None)?;
         let batcher = shared::Batcher::start(shared::State {
             chain,
             keys: keys.clone(),
@@ -618,6 +631,7 @@ impl AuditLog {
             witness: options.files.witness.clone(),
             node_witness: Some(node_witness),
             sink,
+            store_durable: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -1089,6 +1103,16 @@ impl AuditLog {
         self.head_in_file().map(|_| ()).map_err(unavailable)
     }
 
+    /// Entry `seq` travelled in a change whose store flush has returned: it, and every entry
+    /// before it, is durable.
+    pub fn stored_durably(&self, seq: u64) {
+        self.store_durable.send_if_modified(|s| {
+            let newer = *s < seq;
+            *s = (*s).max(seq);
+            newer
+        });
+    }
+
     /// Returns once entry `seq` is on disk.
     pub async fn durable(&self, seq: u64) -> Result<(), VaultError> {
         if self.disabled {
@@ -1133,7 +1157,7 @@ impl AuditLog {
     ) -> Result<(), StoreError> {
         self.file.append_entry(seq, hash, canonical, urgent)?;
         if let Some(sink) = &self.sink {
-            sink.send(time_ms, canonical);
+            sink.send(seq, time_ms, canonical);
         }
         Ok(())
     }

@@ -288,8 +288,8 @@ async fn commit_batch(state: &State, batch: &mut [Pending]) -> Result<Vec<Option
     let applied = state.chain.append(sets, &mut seal).await?;
     if let Some(sink) = &state.sink {
         let now = now_ms();
-        for (_, value) in &sealed {
-            sink.send(now, value.get(32..).unwrap_or_default());
+        for (seq, value) in &sealed {
+            sink.send(*seq, now, value.get(32..).unwrap_or_default());
         }
     }
     if let Some(json) = signed {

@@ -139,9 +139,26 @@ impl std::fmt::Display for SinkTarget {
     }
 }
 
+/// An entry waiting for the sink's thread: its seq, time and canonical JSON.
+type Queued = (u64, u64, Vec<u8>);
+
+/// How far the log is durable. With it, the sink sends an entry only once the log holds it, so a
+/// SIEM never names an entry a crash took from the log. An entry is durable once the log's files
+/// are synced past it (`file`: the seq synced, or why the log failed), or once the store's flush
+/// after the change that carried it returned (`store`: a change's commit carries every entry
+/// before it not yet synced, so everything up to it is durable then).
+pub struct DurableMark {
+    pub file: tokio::sync::watch::Receiver<Result<u64, String>>,
+    pub store: tokio::sync::watch::Receiver<u64>,
+}
+
+/// How long an entry waits to become durable before it is dropped from the stream (the log
+/// has failed, or is stalled: either is logged by the log itself).
+const DURABLE_WAIT: Duration = Duration::from_secs(10);
+
 /// The sending end: [`AuditSink::send`] never blocks.
 pub struct AuditSink {
-    tx: SyncSender<(u64, Vec<u8>)>,
+    tx: SyncSender<Queued>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -335,7 +352,8 @@ impl StreamOut {
 impl AuditSink {
     /// Opens the target (a file is created 0600 if missing; a syslog host must resolve) and
     /// starts the thread that writes to it.
-    pub fn start(target: &SinkTarget) -> Result<Self, SinkError> {
+    /// With `durable`, each entry waits until the log's files hold it (see [`DurableMark`]).
+    pub fn start(target: &SinkTarget, durable: Option<DurableMark>) -> Result<Self, SinkError> {
         let open_error = |e| SinkError::Open(target.to_string(), e);
         let out = match target {
             SinkTarget::File(path) => {
@@ -392,15 +410,15 @@ impl AuditSink {
         let name = target.to_string();
         std::thread::Builder::new()
             .name("khlang-audit-sink".into())
-            .spawn(move || write_all(rx, out, &name))
+            .spawn(move || write_all(rx, out, &name, durable))
             .map_err(open_error)?;
         Ok(Self { tx, dropped: Arc::default() })
     }
 
-    /// Queues entry `json` (its canonical JSON) written at `time_ms`; drops it when the queue is
-    /// full (the sink is slower than the vault, or away).
-    pub fn send(&self, time_ms: u64, json: &[u8]) {
-        match self.tx.try_send((time_ms, json.to_vec())) {
+    /// Queues entry `seq` (`json`, its canonical JSON) written at `time_ms`; drops it when the
+    /// queue is full (the sink is slower than the vault, or away).
+    pub fn send(&self, seq: u64, time_ms: u64, json: &[u8]) {
+        match self.tx.try_send((seq, time_ms, json.to_vec())) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -436,7 +454,29 @@ pub fn rfc5424(time_ms: u64, hostname: &str, pid: u32, json: &[u8]) -> Vec<u8> {
     msg
 }
 
-fn write_all(rx: Receiver<(u64, Vec<u8>)>, mut out: Out, name: &str) {
+fn is_durable(mark: &DurableMark, seq: u64) -> bool {
+    *mark.store.borrow() >= seq || matches!(&*mark.file.borrow(), Ok(synced) if *synced >= seq)
+}
+
+/// Whether entry `seq` is on disk, waiting up to [`DURABLE_WAIT`] (polled: the log syncs every
+/// few milliseconds, and this thread has nothing else to do meanwhile).
+fn wait_durable(mark: &DurableMark, seq: u64) -> Result<(), String> {
+    let deadline = Instant::now() + DURABLE_WAIT;
+    loop {
+        if is_durable(mark, seq) {
+            return Ok(());
+        }
+        if let Err(e) = &*mark.file.borrow() {
+            return Err(format!("the audit log failed ({e}): entry {seq} is not sent"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("entry {seq} was not on disk within {DURABLE_WAIT:?}: not sent"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn write_all(rx: Receiver<Queued>, mut out: Out, name: &str, durable: Option<DurableMark>) {
     let mut failures = 0u64;
     // Each outage's first failure is logged, then every thousandth.
     let mut failing = false;
@@ -445,7 +485,22 @@ fn write_all(rx: Receiver<(u64, Vec<u8>)>, mut out: Out, name: &str) {
             s.check();
         }
         // Everything waiting now, then one flush: the file is never far behind.
-        for (time_ms, json) in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+        for (seq, time_ms, json) in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            if let (Some(mark), Out::File(w)) = (&durable, &mut out)
+                && !is_durable(mark, seq)
+            {
+                // What is written so far goes out before this entry waits for its sync.
+                let _ = w.flush();
+            }
+            if let Some(Err(e)) = durable.as_ref().map(|mark| wait_durable(mark, seq)) {
+                failures += 1;
+                crate::metrics::audit_sink_dropped();
+                if !failing || failures.is_multiple_of(DROPS_PER_LINE) {
+                    tracing::warn!(sink = %name, error = %e, failures, "the audit sink did not send an entry");
+                }
+                failing = true;
+                continue;
+            }
             let written = match &mut out {
                 Out::File(w) => w.write_all(&json).and_then(|_| w.write_all(b"\n")),
                 Out::Syslog { socket, hostname, pid } => {
@@ -517,7 +572,10 @@ mod tests {
             assert!(bad.parse::<SinkTarget>().is_err(), "{bad}");
         }
         let tls = "syslog+tls://siem".parse::<SinkTarget>().unwrap();
-        assert!(matches!(AuditSink::start(&tls), Err(SinkError::NoCa(_))), "TLS without a CA is refused");
+        assert!(
+            matches!(AuditSink::start(&tls, None), Err(SinkError::NoCa(_))),
+            "TLS without a CA is refused"
+        );
         let udp = "syslog://siem".parse::<SinkTarget>().unwrap();
         assert!(matches!(udp.clone().with_ca("/ca.pem".into()), Err(SinkError::CaWithoutTls(_))));
         assert!(matches!(
@@ -525,7 +583,7 @@ mod tests {
             Err(SinkError::CaWithoutTls(_))
         ));
         let missing = tls.with_ca("/nonexistent/ca.pem".into()).unwrap();
-        let err = AuditSink::start(&missing).unwrap_err().to_string();
+        let err = AuditSink::start(&missing, None).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
 
@@ -537,7 +595,7 @@ mod tests {
         use std::io::BufRead;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let target: SinkTarget = format!("syslog+tcp://{}", listener.local_addr().unwrap()).parse().unwrap();
-        let sink = AuditSink::start(&target).unwrap();
+        let sink = AuditSink::start(&target, None).unwrap();
         let read_frame = |r: &mut std::io::BufReader<TcpStream>| {
             let mut len = Vec::new();
             r.read_until(b' ', &mut len).unwrap();
@@ -546,7 +604,7 @@ mod tests {
             r.read_exact(&mut msg).unwrap();
             String::from_utf8(msg).unwrap()
         };
-        sink.send(1_765_000_000_000, br#"{"seq":1}"#);
+        sink.send(1, 1_765_000_000_000, br#"{"seq":1}"#);
         let (conn, _) = listener.accept().unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut reader = std::io::BufReader::new(conn);
@@ -559,7 +617,7 @@ mod tests {
         // The receiver went away and came back: later entries arrive on a new connection.
         let mut seq = 2;
         let (conn, _) = loop {
-            sink.send(1_765_000_000_000, format!(r#"{{"seq":{seq}}}"#).as_bytes());
+            sink.send(1, 1_765_000_000_000, format!(r#"{{"seq":{seq}}}"#).as_bytes());
             seq += 1;
             listener.set_nonblocking(true).unwrap();
             match listener.accept() {
@@ -583,7 +641,7 @@ mod tests {
         use std::io::BufRead;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let target: SinkTarget = format!("syslog+tcp://{}", listener.local_addr().unwrap()).parse().unwrap();
-        let sink = AuditSink::start(&target).unwrap();
+        let sink = AuditSink::start(&target, None).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for (n, conn) in listener.incoming().enumerate() {
@@ -615,13 +673,47 @@ mod tests {
         });
         let deadline = Instant::now() + Duration::from_secs(10);
         for seq in 0.. {
-            sink.send(1_765_000_000_000, format!(r#"{{"seq":{seq}}}"#).as_bytes());
+            sink.send(1, 1_765_000_000_000, format!(r#"{{"seq":{seq}}}"#).as_bytes());
             std::thread::sleep(Duration::from_millis(50));
             if rx.try_iter().any(|(n, _)| n > 0) {
                 break;
             }
             assert!(Instant::now() < deadline, "the flooding receiver's connection was kept");
         }
+    }
+
+    /// With the log's durable mark, an entry reaches the sink only once the log has synced it,
+    /// and one the log failed to sync never does.
+    #[test]
+    fn entries_are_streamed_only_once_the_log_holds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink.jsonl");
+        let (mark, file) = tokio::sync::watch::channel(Ok(3));
+        let (stored, store) = tokio::sync::watch::channel(0);
+        let sink =
+            AuditSink::start(&SinkTarget::File(path.clone()), Some(DurableMark { file, store })).unwrap();
+        // Entry 4 was a change: the store's flush after it makes it (and 3) durable.
+        stored.send(4).unwrap();
+        let read = || std::fs::read_to_string(&path).unwrap_or_default();
+        sink.send(4, 0, br#"{"seq":4}"#);
+        sink.send(5, 0, br#"{"seq":5}"#);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !read().contains(r#"{"seq":4}"#) {
+            assert!(Instant::now() < deadline, "a synced entry is streamed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(read(), "{\"seq\":4}\n", "entry 5 waits for its sync");
+        mark.send(Ok(5)).unwrap();
+        while !read().contains(r#"{"seq":5}"#) {
+            assert!(Instant::now() < deadline, "entry 5 is streamed once synced");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        mark.send(Err("disk full".into())).unwrap();
+        sink.send(6, 0, br#"{"seq":6}"#);
+        sink.send(7, 0, br#"{"seq":7}"#);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(read(), "{\"seq\":4}\n{\"seq\":5}\n", "nothing the log failed to hold");
     }
 
     #[test]

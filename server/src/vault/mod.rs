@@ -990,6 +990,7 @@ impl Vault {
             if wrote {
                 // The entry travelled in the change's batch: sled's flush makes both durable.
                 self.store.durable().await?;
+                self.audit.stored_durably(seq);
             } else {
                 self.audit.durable(seq).await?;
             }
