@@ -3,7 +3,8 @@
 //! RFC 5424 over UDP, over TCP (octet-counted, RFC 6587) or over TLS (RFC 5425). Best-effort and
 //! never a substitute for the log: a request never waits for it (a bounded queue; what does not
 //! fit is counted, logged and dropped), a receiver that is away loses entries, and the log's own
-//! files and proofs are what an officer verifies.
+//! files and proofs are what an officer verifies. An entry goes out only once the log holds it
+//! durably ([`DurableMark`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
