@@ -306,54 +306,61 @@ impl StreamOut {
         Ok(())
     }
 
-    /// Sends one octet-counted message; a connection that failed is replaced once at once (a
-    /// receiver restarted since the last entry), then left until the next attempt is due.
+    /// Sends one octet-counted message. A connection whose write fails is replaced and the
+    /// message sent again once, if the connection had lived a while (a receiver restarted since
+    /// the last entry); one that failed soon after it was made waits for the next attempt.
     fn send(&mut self, msg: &[u8]) -> std::io::Result<()> {
         let mut frame = format!("{} ", msg.len()).into_bytes();
         frame.extend_from_slice(msg);
-        if self.conn.is_none() {
-            self.connect()?;
+        let mut tries = 2;
+        loop {
+            if self.conn.is_none() {
+                self.connect()?;
+            }
+            let Some(conn) = self.conn.as_mut() else { return Err(std::io::ErrorKind::NotConnected.into()) };
+            tries -= 1;
+            match conn.write_all(&frame) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // What the receiver said before it closed (a TLS alert) says more than the
+                    // write's broken pipe.
+                    let why = conn.gone().unwrap_or_else(|| e.to_string());
+                    self.ended(why);
+                    if tries == 0 {
+                        return Err(e);
+                    }
+                }
+            }
         }
-        let first = match self.conn.as_mut() {
-            Some(conn) => conn.write_all(&frame),
-            None => Err(std::io::ErrorKind::NotConnected.into()),
-        };
-        if first.is_ok() {
-            return first;
-        }
-        self.conn = None;
-        self.next_attempt = Instant::now();
-        self.connect()?;
-        let again = match self.conn.as_mut() {
-            Some(conn) => conn.write_all(&frame),
-            None => Err(std::io::ErrorKind::NotConnected.into()),
-        };
-        if again.is_err() {
-            self.conn = None;
-        }
-        again
     }
 
     /// Before a batch: drop a connection the receiver has closed, so the batch goes to a new one.
     fn check(&mut self) {
         if let Some(why) = self.conn.as_mut().and_then(Conn::gone) {
-            let brief = self.connected_at.elapsed() < RECONNECT_EVERY;
-            if !brief || self.last_end.as_deref() != Some(why.as_str()) {
-                tracing::warn!(sink = %self.addr, reason = %why, "the audit sink's connection ended; reconnecting");
-            }
-            self.last_end = Some(why);
-            self.conn = None;
-            if !brief {
-                self.next_attempt = Instant::now();
-            }
+            self.ended(why);
+        }
+    }
+
+    /// Drops the connection, which ended for `why`. One that had lived a while is replaced at
+    /// once and logged; one that ended soon after it was made (a receiver refusing the vault's
+    /// certificate ends each right after the handshake) waits for the next attempt and is logged
+    /// only when its reason changes: one handshake a second and one line, not one per entry.
+    fn ended(&mut self, why: String) {
+        let brief = self.connected_at.elapsed() < RECONNECT_EVERY;
+        if !brief || self.last_end.as_deref() != Some(why.as_str()) {
+            tracing::warn!(sink = %self.addr, reason = %why, "the audit sink's connection ended; reconnecting");
+        }
+        self.last_end = Some(why);
+        self.conn = None;
+        if !brief {
+            self.next_attempt = Instant::now();
         }
     }
 }
 
 impl AuditSink {
     /// Opens the target (a file is created 0600 if missing; a syslog host must resolve) and
-    /// starts the thread that writes to it.
-    /// With `durable`, each entry waits until the log's files hold it (see [`DurableMark`]).
+    /// starts the thread that writes to it. With `durable`, each entry waits until the log's files hold it (see [`DurableMark`]).
     pub fn start(target: &SinkTarget, durable: Option<DurableMark>) -> Result<Self, SinkError> {
         let open_error = |e| SinkError::Open(target.to_string(), e);
         let out = match target {
