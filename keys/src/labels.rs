@@ -26,3 +26,10 @@ pub const DERIVATION_KEY_WRAP_AAD: &[u8] = b"khlang/v1/derivation-key-wrap";
 pub const AUDIT_CHECKPOINT_CHAINED: &[u8] = b"khlang/v2/audit-checkpoint";
 /// HKDF info: the HMAC key that tags each acknowledged audit head between signed checkpoints.
 pub const AUDIT_HEAD_TAG: &[u8] = b"khlang/v1/audit-head-tag";
+/// HKDF info: the HMAC key that authenticates every stored value that decides who may do what
+/// (identities, tokens, identity requests, consent, regulations, the key job).
+pub const AUTHORITY_TAG: &[u8] = b"khlang/v1/authority-tag";
+/// Prefix of every authority tag's message, so it can never collide with another HMAC's input.
+pub const AUTHORITY_TAG_MESSAGE: &[u8] = b"khlang/v1/authority";
+/// HKDF info: the HMAC key over a whole backup file.
+pub const BACKUP_TAG: &[u8] = b"khlang/v1/backup-tag";

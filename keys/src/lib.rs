@@ -15,6 +15,7 @@
 
 mod aead;
 pub mod audit_chain;
+mod authority;
 mod custody;
 mod error;
 mod hierarchy;
@@ -25,6 +26,7 @@ mod secret;
 #[cfg(test)]
 mod tests;
 
+pub use authority::{AuthorityTagger, BackupTagger};
 pub use custody::{
     DerivationKey, KeyShare, MAX_CUSTODIANS, combine_root_key, reseal, seal_share, sealed_share_info,
     split_root_key, unseal_share,

@@ -329,6 +329,61 @@ mod audit_chain_tests {
     }
 
     #[test]
+    fn authority_tag_known_answer_and_tamper() {
+        let tagger = legacy_key().authority_tagger().unwrap();
+        let tag = tagger.tag("identity", b"alice", 42, b"body");
+        // HKDF-SHA256 under AUTHORITY_TAG, then HMAC-SHA256 over the label, the length-prefixed
+        // space and key, the write (u64 BE) and the length-prefixed body, recomputed with ring.
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(&[0x44; 32]);
+        let mut key = [0u8; 32];
+        prk.expand(&[labels::AUTHORITY_TAG], ring::hkdf::HKDF_SHA256).unwrap().fill(&mut key).unwrap();
+        let msg = [
+            labels::AUTHORITY_TAG_MESSAGE,
+            &8u64.to_be_bytes(),
+            b"identity",
+            &5u64.to_be_bytes(),
+            b"alice",
+            &42u64.to_be_bytes(),
+            &4u64.to_be_bytes(),
+            b"body",
+        ]
+        .concat();
+        let expected = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), &msg);
+        assert_eq!(tag.as_slice(), expected.as_ref());
+        assert_eq!(hex::encode(tag), include_str!("../testdata/authority_tag.hex").trim_ascii());
+        assert!(tagger.verify("identity", b"alice", 42, b"body", &tag));
+        assert!(!tagger.verify("token", b"alice", 42, b"body", &tag), "bound to the key space");
+        assert!(!tagger.verify("identity", b"alicf", 42, b"body", &tag), "bound to the key");
+        assert!(!tagger.verify("identity", b"alice", 43, b"body", &tag), "bound to the write");
+        assert!(!tagger.verify("identity", b"alice", 42, b"bodz", &tag), "bound to the value");
+        // The fields are length-prefixed: moving a byte from the key to the space changes the tag.
+        assert!(!tagger.verify("identitya", b"lice", 42, b"body", &tag));
+        for bit in 0..256 {
+            let mut flipped = tag;
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(!tagger.verify("identity", b"alice", 42, b"body", &flipped));
+        }
+        // Another purpose's key (the audit head tag) never makes a valid authority tag.
+        let head = legacy_key().derive(labels::AUDIT_HEAD_TAG).unwrap();
+        assert!(!tagger.verify("identity", b"alice", 42, b"body", &head.mac(&msg)));
+    }
+
+    #[test]
+    fn backup_tag_known_answer_and_tamper() {
+        let tagger = legacy_key().backup_tagger().unwrap();
+        let tag = tagger.tag(b"a backup file");
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(&[0x44; 32]);
+        let mut key = [0u8; 32];
+        prk.expand(&[labels::BACKUP_TAG], ring::hkdf::HKDF_SHA256).unwrap().fill(&mut key).unwrap();
+        let expected =
+            ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), b"a backup file");
+        assert_eq!(tag.as_slice(), expected.as_ref());
+        assert!(tagger.verify(b"a backup file", &tag));
+        assert!(!tagger.verify(b"a backup filf", &tag));
+        assert!(!legacy_key().authority_tagger().unwrap().verify("", b"", 0, b"a backup file", &tag));
+    }
+
+    #[test]
     fn head_tag_known_answer_and_tamper() {
         let tagger = legacy_key().audit_tagger().unwrap();
         let hash = [0xab; 32];

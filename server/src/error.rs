@@ -92,6 +92,15 @@ pub enum StoreError {
         "{refs} data keys still reference KEK v{version}; wait for the rewrap to finish (`khlang keys status`) and try again"
     )]
     KekInUse { version: u32, refs: u64 },
+    /// A stored authority value (identity, token, consent, regulations, …) fails its tag: it was
+    /// not written by this vault. Never used; answered `DataLoss`.
+    #[error(
+        "the stored {what} fails its authenticity check ({why}): it was changed outside the vault and is not used"
+    )]
+    Unauthentic { what: String, why: &'static str },
+    /// Authority values cannot be checked or written while the vault is sealed.
+    #[error("the vault is sealed")]
+    Sealed,
     /// The backend does not do this; the message says what does (a database's own tools).
     #[error("{0}")]
     NotSupported(&'static str),
@@ -156,10 +165,11 @@ impl VaultError {
             Self::PermissionDenied(_) => Outcome::PermissionDenied,
             Self::NotFound(_) => Outcome::NotFound,
             Self::AlreadyExists(_) => Outcome::AlreadyExists,
-            Self::Integrity { .. } | Self::Storage(StoreError::Damaged { .. }) => Outcome::DataLoss,
+            Self::Integrity { .. }
+            | Self::Storage(StoreError::Damaged { .. } | StoreError::Unauthentic { .. }) => Outcome::DataLoss,
             Self::FailedPrecondition(_)
             | Self::RootMismatch
-            | Self::Storage(StoreError::KekInUse { .. } | StoreError::NotSupported(_)) => {
+            | Self::Storage(StoreError::KekInUse { .. } | StoreError::NotSupported(_) | StoreError::Sealed) => {
                 Outcome::FailedPrecondition
             }
             // A node that lost its database lease must not serve; another node may (retry there).

@@ -42,7 +42,8 @@ rpcs! {
     events: IssueToken = "IssueToken", KeyJob = "KeyJob",
         Sighup = "SIGHUP", ArchiveAudit = "ArchiveAudit", AuditBreak = "AuditBreak",
         AcceptAuditBreak = "AcceptAuditBreak", AuditUnproven = "AuditUnproven",
-        VerifyVault = "VerifyVault",
+        VerifyVault = "VerifyVault", AuthenticateAuthority = "AuthenticateAuthority",
+        FirstRegulations = "FirstRegulations",
 }
 
 impl std::fmt::Display for Rpc {

@@ -125,6 +125,7 @@ async fn identities_requests_and_kek_markers_are_expectations() {
             requested_by: "ann".into(),
             requested_ms: 1,
             expires_ms: 2,
+            auth: None,
         };
         let mut file = Changes::new();
         file.add_identity_request(&request);
@@ -215,6 +216,7 @@ async fn regulations_versions_are_kept_in_order_and_one_writer_wins() {
             text: text.into(),
             loaded_ms: serial,
             loaded_by: "admin".into(),
+            auth: None,
         };
         let put = |r: &StoredRegulations| {
             let mut c = Changes::new();
@@ -246,6 +248,7 @@ async fn a_key_job_step_applies_over_the_job_it_read_only() {
             started_ms: 1,
             finished_ms: None,
             requested_by: "admin".into(),
+            auth: None,
         };
         let mut start = Changes::new();
         start.expect_job(None);
@@ -314,6 +317,7 @@ async fn consent_keeps_its_history() {
             granted,
             at_ms,
             by: "dpo".into(),
+            auth: None,
         };
         for (granted, at) in [(true, 1), (false, 2)] {
             let mut c = Changes::new();

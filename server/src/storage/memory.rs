@@ -110,6 +110,17 @@ impl State {
             }
             Op::PutJob(job) => self.job = Some(job),
             Op::PutRegulations(r) => self.regulations.push(r),
+            Op::RetagRegulations(r) => {
+                if let Some(slot) = self.regulations.iter_mut().find(|x| x.serial == r.serial) {
+                    *slot = r;
+                }
+            }
+            Op::RetagConsent { subject_index, seq: None, consent } => {
+                self.consent.insert((subject_index, consent.purpose.clone()), consent);
+            }
+            Op::RetagConsent { subject_index, seq: Some(seq), consent } => {
+                self.history.insert((subject_index, seq), consent);
+            }
             Op::AuditEntry { seq, value } => {
                 self.audit_entries.insert(seq, value);
             }
@@ -340,6 +351,14 @@ impl Storage for MemoryStore {
         purpose: &str,
     ) -> Result<Option<StoredConsent>, StoreError> {
         Ok(self.state().consent.get(&(*subject_index, purpose.to_owned())).cloned())
+    }
+
+    async fn all_consent(&self) -> Result<super::AllConsent, StoreError> {
+        let s = self.state();
+        Ok((
+            s.consent.iter().map(|((i, _), c)| (*i, c.clone())).collect(),
+            s.history.iter().map(|((i, seq), c)| (*i, *seq, c.clone())).collect(),
+        ))
     }
 
     async fn consent_of(

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::StoreError;
 
+pub mod authority;
 #[cfg(test)]
 mod conformance;
 #[cfg(any(test, feature = "test-util"))]
@@ -31,8 +32,9 @@ pub mod test_postgres;
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;
 pub use models::{
-    Custody, FailureRecord, JobKind, KekInfo, RECORD_FORMAT, StoredConsent, StoredField, StoredIdentity,
-    StoredIdentityRequest, StoredJob, StoredRecord, StoredRegulations, StoredToken,
+    AuthTag, Custody, FailureRecord, JobKind, KekInfo, RECORD_FORMAT, Stored, StoredConsent, StoredField,
+    StoredIdentity, StoredIdentityRequest, StoredJob, StoredRecord, StoredRegulations, StoredToken, body_of,
+    decode_stored, encode_stored,
 };
 pub use postgres::{PG_SCHEMA_VERSION, PgStore, redacted};
 pub use sled_store::{Durability, SCHEMA_VERSION, SledRestore, SledStore, secure_folder, tighten};
@@ -58,6 +60,9 @@ impl std::fmt::Debug for Version {
         f.write_str("Version(..)")
     }
 }
+
+/// What [`Storage::all_consent`] returns.
+pub type AllConsent = (Vec<([u8; 32], StoredConsent)>, Vec<([u8; 32], u64, StoredConsent)>);
 
 /// Where a walk over a key space resumes: after the entry it names (empty: from the start).
 /// A job keeps it in its stored progress as bytes ([`Cursor::as_bytes`]); only the backend that
@@ -229,6 +234,15 @@ pub enum Op {
     PutJob(StoredJob),
     /// A new version of the regulations in force, kept beside every earlier one.
     PutRegulations(StoredRegulations),
+    /// A stored regulations version rewritten as is with its tag (the unseal-time migration).
+    RetagRegulations(StoredRegulations),
+    /// A stored consent choice rewritten as is with its tag: the current one (`seq: None`) or
+    /// one of the subject's history (the unseal-time migration).
+    RetagConsent {
+        subject_index: [u8; 32],
+        seq: Option<u64>,
+        consent: StoredConsent,
+    },
     /// An audit entry (`hash ‖ canonical JSON`) carried with the change it records.
     AuditEntry {
         seq: u64,
@@ -286,6 +300,11 @@ impl Changes {
 
     pub fn new() -> Self {
         Self { empty: false, ..Self::default() }
+    }
+
+    /// Operations with no expectations (the unseal-time migration rewrites values as they are).
+    pub fn from_ops(ops: Vec<Op>) -> Self {
+        Self { ops, ..Self::new() }
     }
 
     /// No change: the request only carries its audit entry (to the log's files).
@@ -423,6 +442,20 @@ impl Changes {
         self.ops.push(Op::RemoveToken(token_id.to_owned()));
     }
 
+    /// Rewrites authority values stored before tags existed, each as it is, with its tag (the
+    /// unseal-time migration; identities, requests, tokens and the job are put as they are).
+    pub fn retag_regulations(&mut self, r: &StoredRegulations) {
+        self.ops.push(Op::RetagRegulations(r.clone()));
+    }
+
+    pub fn retag_consent(&mut self, subject_index: &[u8; 32], seq: Option<u64>, consent: &StoredConsent) {
+        self.ops.push(Op::RetagConsent { subject_index: *subject_index, seq, consent: consent.clone() });
+    }
+
+    pub fn put_identity_request(&mut self, request: &StoredIdentityRequest) {
+        self.ops.push(Op::PutIdentityRequest(request.clone()));
+    }
+
     /// A subject's choice, and its place in the subject's history (`seq` from
     /// [`Storage::generate_id`]).
     pub fn set_consent(&mut self, subject_index: &[u8; 32], seq: u64, consent: &StoredConsent) {
@@ -520,6 +553,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         subject_index: &[u8; 32],
         purpose: &str,
     ) -> Result<Option<StoredConsent>, StoreError>;
+    /// Every subject's consent: `(current: (index, choice), history: (index, seq, choice))`
+    /// (the unseal-time migration reads them all once).
+    async fn all_consent(&self) -> Result<AllConsent, StoreError>;
     /// `(current choices, full history oldest first)`.
     async fn consent_of(
         &self,

@@ -1,9 +1,76 @@
 //! The domain's stored types, shared by every backend. Encoded with postcard where a backend
 //! stores bytes (sled); a backend with columns may store their fields apart.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
+
+/// The proof that the vault wrote an authority value: an HMAC over its key space, its key, the
+/// write that produced it and its encoded bytes (see `khlang_keys::AuthorityTagger`). Stored after
+/// the value's own bytes, so a value written before tags existed decodes with none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthTag {
+    /// The write that produced the value (one per committed change, named in its audit entry).
+    pub write: u64,
+    pub mac: [u8; 32],
+}
+
+/// A stored type as the backends encode it: its postcard bytes, then its tag when it is an
+/// authority value that has one. The tag is not part of the bytes it authenticates.
+pub trait Stored: Serialize + DeserializeOwned {
+    fn auth(&self) -> Option<&AuthTag> {
+        None
+    }
+
+    /// `false`: this type carries no tag (a trailer after its bytes is damage).
+    fn set_auth(&mut self, _tag: Option<AuthTag>) -> bool {
+        false
+    }
+}
+
+/// Authority types: each has a slot for its tag.
+macro_rules! authority {
+    ($($t:ty),*) => {$(
+        impl Stored for $t {
+            fn auth(&self) -> Option<&AuthTag> {
+                self.auth.as_ref()
+            }
+            fn set_auth(&mut self, tag: Option<AuthTag>) -> bool {
+                self.auth = tag;
+                true
+            }
+        }
+    )*};
+}
+authority!(StoredIdentity, StoredIdentityRequest, StoredToken, StoredConsent, StoredJob, StoredRegulations);
+impl Stored for FailureRecord {}
+impl Stored for KekInfo {}
+
+/// The value's own bytes, without its tag: what the tag authenticates.
+pub fn body_of<T: Stored>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|_| StoreError::Corrupt(what))
+}
+
+/// The value's bytes followed by its tag, if it has one.
+pub fn encode_stored<T: Stored>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+    let mut out = body_of(value, what)?;
+    if let Some(tag) = value.auth() {
+        out.extend(postcard::to_stdvec(tag).map_err(|_| StoreError::Corrupt(what))?);
+    }
+    Ok(out)
+}
+
+pub fn decode_stored<T: Stored>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    let (mut value, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|_| StoreError::Corrupt(what))?;
+    if !rest.is_empty() {
+        let tag: AuthTag = postcard::from_bytes(rest).map_err(|_| StoreError::Corrupt(what))?;
+        if !value.set_auth(Some(tag)) {
+            return Err(StoreError::Corrupt(what));
+        }
+    }
+    Ok(value)
+}
 
 /// Current encoding of [`StoredRecord`] and [`StoredIdentity`]. (Format 1, from before data keys
 /// were stored apart, is not read.)
@@ -97,11 +164,14 @@ pub struct StoredIdentity {
     pub created_by: String,
     /// Set when revoked; a revoked identity's tokens are deleted and it can never authenticate again.
     pub revoked_ms: Option<u64>,
+    /// The vault's proof that it wrote this value (after the encoded bytes, not in them).
+    #[serde(skip)]
+    pub auth: Option<AuthTag>,
 }
 
 impl StoredIdentity {
     pub fn new(name: String, role: String, created_by: String, created_ms: u64) -> Self {
-        Self { format: RECORD_FORMAT, name, role, created_ms, created_by, revoked_ms: None }
+        Self { format: RECORD_FORMAT, name, role, created_ms, created_by, revoked_ms: None, auth: None }
     }
 }
 
@@ -115,6 +185,9 @@ pub struct StoredIdentityRequest {
     pub requested_by: String,
     pub requested_ms: u64,
     pub expires_ms: u64,
+    /// The vault's proof that it wrote this value (after the encoded bytes, not in them).
+    #[serde(skip)]
+    pub auth: Option<AuthTag>,
 }
 
 /// A bearer token: never the token itself, only an HMAC of its secret part.
@@ -125,6 +198,9 @@ pub struct StoredToken {
     /// HMAC-SHA256 of the token's secret part under the token pepper.
     pub mac: [u8; 32],
     pub created_ms: u64,
+    /// The vault's proof that it wrote this value (after the encoded bytes, not in them).
+    #[serde(skip)]
+    pub auth: Option<AuthTag>,
 }
 
 /// A data subject's current choice for one purpose.
@@ -136,6 +212,9 @@ pub struct StoredConsent {
     pub at_ms: u64,
     /// The identity that recorded it.
     pub by: String,
+    /// The vault's proof that it wrote this value (after the encoded bytes, not in them).
+    #[serde(skip)]
+    pub auth: Option<AuthTag>,
 }
 
 /// How the root key is held: sealed whole under one passphrase, or split among custodians.
@@ -181,6 +260,9 @@ pub struct StoredJob {
     pub finished_ms: Option<u64>,
     /// The identity that started it.
     pub requested_by: String,
+    /// The vault's proof that it wrote this value (after the encoded bytes, not in them).
+    #[serde(skip)]
+    pub auth: Option<AuthTag>,
 }
 
 /// One version of the regulations as the store keeps it: its whole text (every version is
@@ -192,6 +274,9 @@ pub struct StoredRegulations {
     pub text: String,
     pub loaded_ms: u64,
     pub loaded_by: String,
+    /// The vault's proof that it wrote this value (after the encoded bytes, not in them).
+    #[serde(skip)]
+    pub auth: Option<AuthTag>,
 }
 
 /// A credential's recent failures (wall-clock ms, so a record survives a restart) and its lockout.

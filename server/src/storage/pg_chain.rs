@@ -67,11 +67,11 @@ fn op_key(op: &Op) -> Option<String> {
         Op::PutIdentityRequest(r) => Some(format!("q:{}", r.id)),
         Op::RemoveIdentityRequest(id) => Some(format!("q:{id}")),
         Op::PutToken { id, .. } | Op::RemoveToken(id) => Some(format!("t:{id}")),
-        Op::SetConsent { subject_index, consent, .. } => {
+        Op::SetConsent { subject_index, consent, .. } | Op::RetagConsent { subject_index, consent, .. } => {
             Some(format!("c:{}:{}", hex::encode(subject_index), consent.purpose))
         }
         Op::PutJob(_) => Some("j".into()),
-        Op::PutRegulations(_) => Some("g".into()),
+        Op::PutRegulations(_) | Op::RetagRegulations(_) => Some("g".into()),
         Op::AuditEntry { .. } | Op::AuditRecord { .. } | Op::AuditHead(_) => None,
     }
 }

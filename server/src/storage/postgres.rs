@@ -33,15 +33,14 @@ use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use conns::Conns;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
-    KekInfo, KeySpace, Op, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest, StoredJob,
-    StoredRecord, StoredRegulations, StoredToken, Version, Walked,
+    KekInfo, KeySpace, Op, Storage, Stored, StoredConsent, StoredIdentity, StoredIdentityRequest, StoredJob,
+    StoredRecord, StoredRegulations, StoredToken, Version, Walked, decode_stored, encode_stored,
 };
 use crate::StoreError;
 
@@ -269,12 +268,12 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
-fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
-    postcard::to_stdvec(value).map_err(|_| StoreError::Corrupt(what))
+fn encode<T: Stored>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+    encode_stored(value, what)
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
+fn decode<T: Stored>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    decode_stored(bytes, what)
 }
 
 fn which_name(which: AuditRecord) -> &'static str {
@@ -1012,6 +1011,26 @@ fn statements(op: &Op, out: &mut Vec<Statement>) -> Result<(), StoreError> {
             "INSERT INTO regulations (serial, body) VALUES ($1, $2)",
             vec![Box::new(u64_to_i64(r.serial, "regulations serial")?), Box::new(encode(r, "regulations")?)],
         )),
+        Op::RetagRegulations(r) => out.push(stmt(
+            "UPDATE regulations SET body = $2 WHERE serial = $1",
+            vec![Box::new(u64_to_i64(r.serial, "regulations serial")?), Box::new(encode(r, "regulations")?)],
+        )),
+        Op::RetagConsent { subject_index, seq: None, consent } => out.push(stmt(
+            "UPDATE consent SET body = $3 WHERE subject_index = $1 AND purpose = $2",
+            vec![
+                Box::new(subject_index.to_vec()),
+                Box::new(consent.purpose.clone()),
+                Box::new(encode(consent, "consent")?),
+            ],
+        )),
+        Op::RetagConsent { subject_index, seq: Some(seq), consent } => out.push(stmt(
+            "UPDATE consent_history SET body = $3 WHERE subject_index = $1 AND seq = $2",
+            vec![
+                Box::new(subject_index.to_vec()),
+                Box::new(u64_to_i64(*seq, "consent seq")?),
+                Box::new(encode(consent, "consent")?),
+            ],
+        )),
         Op::PutJob(job) => out.push(stmt(
             "INSERT INTO key_job (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
             vec![Box::new(encode(job, "key job")?)],
@@ -1500,6 +1519,32 @@ impl Storage for PgStore {
         row.map(|r| decode(&r.get::<_, Vec<u8>>(0), "consent")).transpose()
     }
 
+    async fn all_consent(&self) -> Result<super::AllConsent, StoreError> {
+        let c = self.client().await?;
+        let index_of = |b: Vec<u8>| -> Result<[u8; 32], StoreError> {
+            b.try_into().map_err(|_| StoreError::Corrupt("consent subject index"))
+        };
+        let current = c
+            .query("SELECT subject_index, body FROM consent ORDER BY subject_index, purpose", &[])
+            .await
+            .map_err(db)?
+            .into_iter()
+            .map(|r| Ok((index_of(r.get(0))?, decode(&r.get::<_, Vec<u8>>(1), "consent")?)))
+            .collect::<Result<_, StoreError>>()?;
+        let history = c
+            .query("SELECT subject_index, seq, body FROM consent_history ORDER BY subject_index, seq", &[])
+            .await
+            .map_err(db)?
+            .into_iter()
+            .map(|r| {
+                let seq =
+                    u64::try_from(r.get::<_, i64>(1)).map_err(|_| StoreError::Corrupt("consent seq"))?;
+                Ok((index_of(r.get(0))?, seq, decode(&r.get::<_, Vec<u8>>(2), "consent")?))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((current, history))
+    }
+
     async fn consent_of(
         &self,
         subject_index: &[u8; 32],
@@ -1755,7 +1800,7 @@ mod tests {
         second.insert_record("r1", &record());
         second.put_token(
             "t1",
-            &StoredToken { format: 1, identity: "smuggled".into(), mac: [0; 32], created_ms: 1 },
+            &StoredToken { format: 1, identity: "smuggled".into(), mac: [0; 32], created_ms: 1, auth: None },
         );
         assert!(store.commit(second).await.is_err(), "the duplicate insert fails the change set");
         assert!(store.get_identity("smuggled").await.unwrap().is_none(), "nothing of it applied");

@@ -26,8 +26,9 @@ use tokio::sync::oneshot;
 
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
-    KekInfo, KeySpace, Op, RawEntry, Snapshot, Storage, StoredConsent, StoredIdentity, StoredIdentityRequest,
-    StoredJob, StoredRecord, StoredRegulations, StoredToken, Version, Walked, WriteTicket,
+    KekInfo, KeySpace, Op, RawEntry, Snapshot, Storage, Stored, StoredConsent, StoredIdentity,
+    StoredIdentityRequest, StoredJob, StoredRecord, StoredRegulations, StoredToken, Version, Walked,
+    WriteTicket, decode_stored, encode_stored,
 };
 use crate::StoreError;
 
@@ -374,12 +375,12 @@ impl SledStore {
         [b"s".as_slice(), subject_index.as_slice(), record_id.as_bytes()].concat()
     }
 
-    fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
-        postcard::to_stdvec(value).map_err(|_| StoreError::Corrupt(what))
+    fn encode<T: Stored>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+        encode_stored(value, what)
     }
 
-    fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
-        postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
+    fn decode<T: Stored>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+        decode_stored(bytes, what)
     }
 
     // ---- reads ------------------------------------------------------------------------------
@@ -452,6 +453,18 @@ impl SledStore {
                     batch.insert([b"h".as_slice(), &subject_index, &seq.to_be_bytes()].concat(), encoded);
                 }
                 Op::PutJob(job) => batch.insert(JOB_KEY, Self::encode(&job, "key job")?),
+                Op::RetagRegulations(r) => batch.insert(
+                    [b"g".as_slice(), &r.serial.to_be_bytes()].concat(),
+                    Self::encode(&r, "regulations")?,
+                ),
+                Op::RetagConsent { subject_index, seq: None, consent } => batch.insert(
+                    [b"c".as_slice(), &subject_index, consent.purpose.as_bytes()].concat(),
+                    Self::encode(&consent, "consent")?,
+                ),
+                Op::RetagConsent { subject_index, seq: Some(seq), consent } => batch.insert(
+                    [b"h".as_slice(), &subject_index, &seq.to_be_bytes()].concat(),
+                    Self::encode(&consent, "consent")?,
+                ),
                 Op::PutRegulations(r) => {
                     batch.insert(
                         [b"g".as_slice(), &r.serial.to_be_bytes()].concat(),
@@ -835,6 +848,33 @@ impl Storage for SledStore {
         self.vault.get(key)?.map(|b| Self::decode(&b, "consent")).transpose()
     }
 
+    async fn all_consent(&self) -> Result<super::AllConsent, StoreError> {
+        let index_of = |k: &[u8]| -> Result<[u8; 32], StoreError> {
+            k.get(1..33).and_then(|s| s.try_into().ok()).ok_or(StoreError::Corrupt("consent key"))
+        };
+        let current = self
+            .vault
+            .scan_prefix(b"c")
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((index_of(&k)?, Self::decode(&v, "consent")?))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let history = self
+            .vault
+            .scan_prefix(b"h")
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq: [u8; 8] = k
+                    .get(33..41)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or(StoreError::Corrupt("consent key"))?;
+                Ok((index_of(&k)?, u64::from_be_bytes(seq), Self::decode(&v, "consent")?))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((current, history))
+    }
+
     /// `(current choices, full history oldest first)`.
     async fn consent_of(
         &self,
@@ -1130,6 +1170,7 @@ mod tests {
                     started_ms: 0,
                     finished_ms: None,
                     requested_by: String::new(),
+                    auth: None,
                 });
                 assert!(store.commit(c).await.unwrap());
                 store.durable().await.unwrap();

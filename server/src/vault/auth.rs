@@ -403,7 +403,7 @@ impl Vault {
         let mac = keys.token_pepper.mac(secret.as_slice());
         changes.put_token(
             &token_id,
-            &StoredToken { format: 1, identity: name.to_owned(), mac, created_ms: now_ms() },
+            &StoredToken { format: 1, identity: name.to_owned(), mac, created_ms: now_ms(), auth: None },
         );
         let secret_hex = Zeroizing::new(hex::encode(secret.as_slice()));
         Ok(IssuedToken(Zeroizing::new(format!("{PREFIX}{token_id}_{}", secret_hex.as_str()))))

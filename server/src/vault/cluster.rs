@@ -24,7 +24,7 @@ const REGULATIONS_FORMAT: u8 = 1;
 /// refused (serving other rules than it was under, or than its peers, without saying so), with
 /// both versions named — unless `--regulations-changed` says so, and then the file is put in
 /// force by an audited reload once unsealed. A store that holds none yet gets the given ones
-/// as its first version.
+/// as its first version at the first unseal ([`Vault::store_first_regulations`]).
 pub(crate) async fn regulations_at_start(
     store: &dyn Storage,
     options: &VaultOptions,
@@ -52,23 +52,9 @@ pub(crate) async fn regulations_at_start(
             let reload = differs && options.regulations_path.is_some() && options.regulations_changed;
             return Ok((Arc::new(in_force), stored.serial, reload));
         }
-        let first = StoredRegulations {
-            format: REGULATIONS_FORMAT,
-            serial: 1,
-            text: options.regulations.text.to_string(),
-            loaded_ms: now_ms(),
-            loaded_by: "operator".into(),
-        };
-        let mut changes = Changes::new();
-        changes.put_regulations(&first);
-        // Another node starting at the same moment may store its own first: read again.
-        match store.commit(changes).await {
-            Ok(true) => {
-                tracing::info!(version = %options.regulations.version, "regulations stored as the vault's first version");
-                return Ok((options.regulations.clone(), 1, false));
-            }
-            Ok(false) | Err(_) => continue,
-        }
+        // None stored yet: they are stored (tagged and audited) at the first unseal, the
+        // first moment the vault can authenticate them; until then they are in force in memory.
+        return Ok((options.regulations.clone(), 0, false));
     }
     Err(VaultError::Unavailable("cannot read or store the regulations in force; try again".into()))
 }
@@ -96,8 +82,35 @@ impl Vault {
             text: next.text.to_string(),
             loaded_ms: now_ms(),
             loaded_by: by.to_owned(),
+            auth: None,
         });
         Ok((changes, serial))
+    }
+
+    /// At unseal, when the store holds no regulations yet: stores those in force as version 1,
+    /// audited. Another node storing its own first at the same moment wins; this one follows it.
+    pub(crate) async fn store_first_regulations(&self) -> Result<(), VaultError> {
+        if self.store.regulations_serial().await?.is_some() {
+            return Ok(());
+        }
+        let regs = self.regulations();
+        let (changes, serial) = self.regulations_change(&regs, "operator").await?;
+        let mut entry = crate::vault::operator_entry(
+            crate::audit::Rpc::FirstRegulations,
+            crate::policy::Operation::RegulationsAdmin,
+            &regs,
+        );
+        entry.reason =
+            format!("regulations version {} stored as the vault's first (serial {serial})", regs.version);
+        match self.commit_now(entry, changes).await {
+            Ok(()) => {
+                self.install_regulations((*regs).clone(), serial);
+                tracing::info!(version = %regs.version, "regulations stored as the vault's first version");
+                Ok(())
+            }
+            Err(VaultError::FailedPrecondition(_)) => self.follow_regulations().await.map(|_| ()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Puts the regulations another node put in force in force here too. `Ok(true)`: changed.
@@ -130,7 +143,10 @@ pub(crate) async fn follow(vault: Weak<Vault>) {
     loop {
         tick.tick().await;
         let Some(vault) = vault.upgrade() else { return };
-        if let Err(e) = vault.follow_regulations().await {
+        // Stored regulations can be checked only with the unsealed vault's authority key.
+        if !vault.is_sealed()
+            && let Err(e) = vault.follow_regulations().await
+        {
             tracing::warn!(error = %e, "cannot follow the shared store's regulations; retrying");
         }
         if let Err(e) = vault.follow_lockouts().await {

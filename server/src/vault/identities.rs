@@ -143,6 +143,7 @@ impl Vault {
                     requested_by: caller.identity.name.clone(),
                     requested_ms: now,
                     expires_ms: now.saturating_add(ttl),
+                    auth: None,
                 };
                 let mut changes = Changes::new();
                 changes.add_identity_request(&request);

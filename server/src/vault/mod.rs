@@ -3,6 +3,7 @@
 //! → audit → execute — and returns plain Rust types. No protobuf or tonic here.
 
 pub mod auth;
+pub mod authority;
 pub mod backup;
 pub mod cluster;
 pub mod identities;
@@ -324,6 +325,8 @@ pub struct Vault {
     /// sled releases its folder lock only when the database itself is dropped last.
     pub(crate) audit: AuditLog,
     pub(crate) store: Arc<dyn Storage>,
+    /// The same store without the authority checks (the unseal-time check reads through it).
+    pub(crate) unchecked: Arc<dyn Storage>,
     keys: RwLock<Option<Arc<Unsealed>>>,
     /// Custodians' shares received while sealed, until there are enough.
     pub(crate) pending_shares: std::sync::Mutex<Vec<KeyShare>>,
@@ -571,8 +574,11 @@ impl Vault {
         crate::storage::tighten(dir)?;
         let (regulations, regulations_serial, reload_on_unseal) =
             cluster::regulations_at_start(store.as_ref(), options).await?;
+        let unchecked = store.clone();
+        let store = authority::checked_store(store, audit.authority_key());
         let vault = Self {
             store,
+            unchecked,
             keys: RwLock::new(None),
             pending_shares: std::sync::Mutex::new(Vec::new()),
             rekey: tokio::sync::Mutex::new(None),
@@ -640,6 +646,7 @@ impl Vault {
         if let Some(entry) = accept {
             self.audit.accept_break(self.store.as_ref(), entry).await?;
         }
+        self.install_authority(Arc::new(derivation.authority_tagger()?)).await?;
         let unsealed = Unsealed {
             ring: RwLock::new(ring),
             token_pepper: derivation.derive(labels::TOKEN_PEPPER)?,
@@ -655,6 +662,7 @@ impl Vault {
     /// Wipes every key from memory (they drop, and zeroize, once in-flight requests finish).
     pub(crate) async fn drop_keys(&self) {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.audit.authority_key().install(None);
         self.pending_shares.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.rekey.lock().await.take();
         self.audit.clear_signer();
@@ -1566,6 +1574,7 @@ impl Vault {
                     granted,
                     at_ms: now_ms(),
                     by: caller.identity.name.clone(),
+                    auth: None,
                 };
                 let mut changes = Changes::new();
                 changes.set_consent(&index, self.store.generate_id().await?, &consent);

@@ -475,6 +475,7 @@ impl Vault {
             started_ms: now_ms(),
             finished_ms: None,
             requested_by: caller.identity.name.clone(),
+            auth: None,
         })
     }
 
