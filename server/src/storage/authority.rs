@@ -141,7 +141,11 @@ pub fn check<T: Stored>(
 
 fn unauthentic(space: &str, key: &[u8], why: &'static str) -> StoreError {
     let readable = !matches!(space, SPACE_CONSENT) && key.iter().all(|b| b.is_ascii_graphic());
-    let named = if space == SPACE_JOB { space.to_owned() } else { name(space, key, readable) };
+    let named = match (space, <[u8; 8]>::try_from(key)) {
+        (SPACE_JOB, _) => space.to_owned(),
+        (SPACE_REGULATIONS, Ok(serial)) => format!("{space}:{}", u64::from_be_bytes(serial)),
+        _ => name(space, key, readable),
+    };
     // Key bytes of a consent entry are a blind index and a purpose name, never a subject id.
     tracing::error!(value = %named, why, "a stored authority value fails its check: it was not written by this vault (edited, moved or inserted in the store); it is not used");
     metrics::counter!("khlang_authority_failures_total", "space" => space.to_owned()).increment(1);

@@ -160,11 +160,13 @@ impl Vault {
         Ok(found)
     }
 
-    /// Whether the audit log already records an authority migration (read from the log itself,
-    /// which no one can edit unseen).
+    /// Whether the audit log shows this vault already had tags: a migration, or any change that
+    /// wrote tagged values (read from the log itself, which no one can edit unseen). Read only
+    /// when every stored authority value is untagged.
     fn authority_migrated_before(&self) -> Result<bool, VaultError> {
         for entry in self.audit.read_entries() {
-            if entry?.rpc == Rpc::AuthenticateAuthority.as_str() {
+            let entry = entry?;
+            if entry.write != 0 || entry.rpc == Rpc::AuthenticateAuthority.as_str() {
                 return Ok(true);
             }
         }

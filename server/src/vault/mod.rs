@@ -672,6 +672,12 @@ impl Vault {
         self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// A subject's blind index, for tests that write the store as an attacker would.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn subject_index_for_tests(&self, subject: &str) -> Result<[u8; 32], VaultError> {
+        Ok(Self::subject_index(&*self.unsealed()?, subject))
+    }
+
     pub fn seal_params(&self) -> SealParams {
         self.seal_params
     }

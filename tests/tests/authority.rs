@@ -1,0 +1,298 @@
+//! Who may do what comes from the root key, not from whoever can write the store (issue 25).
+//! Each test writes the store as an attacker with the database or the data folder would — the
+//! vault's own encodings, through the storage port or as raw bytes — and checks that the vault
+//! refuses what it did not write (`DataLoss`) instead of obeying it. Run on sled here and on
+//! PostgreSQL by `on_postgres_authority.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a panic is the failure report
+
+use std::path::Path;
+
+use khlang_client::Code;
+use khlang_server::storage::{Changes, Storage, StoredRegulations};
+use khlang_server::{StoreError, Vault, VaultError};
+use khlang_tests::*;
+
+/// Opens the stopped vault's store, lets `edit` change it, and makes it durable.
+async fn tamper<F>(dir: &Path, edit: F)
+where
+    F: AsyncFnOnce(&dyn Storage),
+{
+    let store = open_store(dir).await;
+    edit(store.as_ref()).await;
+    store.flush_now().await.unwrap();
+}
+
+/// Runs SQL on the vault's database as someone with write access to it would.
+async fn database_sql(dir: &Path, statements: &str) {
+    let (client, conn) = tokio_postgres::connect(&database_url(dir), tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    client.batch_execute(statements).await.unwrap_or_else(|e| panic!("{statements}: {e}"));
+    drop(client);
+    let _ = conn.await;
+}
+
+async fn commit(store: &dyn Storage, changes: Changes) {
+    assert!(store.commit(changes).await.unwrap(), "the attacker's write applied");
+}
+
+fn refused_as_data_loss(e: &khlang_client::ClientError) {
+    assert_eq!(e.code(), Some(Code::DataLoss), "{e}");
+}
+
+/// The issue's attack: the statistics contractor's role rewritten to the data-protection
+/// officer's in the store. Its existing token then exports nothing: the identity is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_rewritten_in_the_store_is_refused_not_obeyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.client().await.put("citizen-1", canary_fields()).await.unwrap();
+    let contractor = server.tokens["statistics-contractor"].clone();
+    let e = server.client_with_token(&contractor).await.export_subject("citizen-1").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    server.stop().await;
+
+    tamper(dir.path(), async |store| {
+        let mut who = store.get_identity("statistics-contractor").await.unwrap().unwrap();
+        who.role = "data-protection-officer".into();
+        let mut c = Changes::new();
+        c.put_identity(&who);
+        commit(store, c).await;
+    })
+    .await;
+
+    let server = TestServer::start(dir.path()).await;
+    let e = server.client_with_token(&contractor).await.export_subject("citizen-1").await.unwrap_err();
+    refused_as_data_loss(&e);
+    assert!(e.to_string().contains("statistics-contractor"), "names what is damaged: {e}");
+    assert!(!e.to_string().contains(CANARY_NAME_TH));
+    // The genuine officer is unaffected.
+    let records =
+        server.client_as("data-protection-officer").await.export_subject("citizen-1").await.unwrap();
+    assert_eq!(records.len(), 1);
+    // The refusal is in the access log.
+    assert!(
+        server
+            .audit_entries()
+            .iter()
+            .any(|e| e.outcome == "DataLoss" && e.reason.contains("statistics-contractor")),
+        "the refusal is audited"
+    );
+    server.stop().await;
+}
+
+/// A genuine row copied over another identity's, a token pointed at another identity, and an
+/// identity inserted with no tag at all: none of them authenticates anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_and_tokens_moved_or_inserted_in_the_store_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.client().await.put("citizen-2", canary_fields()).await.unwrap();
+    let contractor = server.tokens["statistics-contractor"].clone();
+    let postal = server.tokens["postal-contractor"].clone();
+    let marketing = server.tokens["marketing-officer"].clone();
+    server.stop().await;
+
+    tamper(dir.path(), async |store| {
+        // The postal contractor's tokens repointed at the data-protection officer.
+        for (id, mut token) in store.tokens_of("postal-contractor").await.unwrap() {
+            token.identity = "data-protection-officer".into();
+            let mut c = Changes::new();
+            c.put_token(&id, &token);
+            commit(store, c).await;
+        }
+        // The marketing officer re-created without a tag, as the administrator's role.
+        let mut who = store.get_identity("marketing-officer").await.unwrap().unwrap();
+        who.role = "key-admin".into();
+        who.auth = None;
+        let mut c = Changes::new();
+        c.put_identity(&who);
+        commit(store, c).await;
+    })
+    .await;
+    // The officer's genuine row copied, bytes and tag, over the contractor's.
+    copy_identity_row(dir.path(), "data-protection-officer", "statistics-contractor").await;
+
+    let server = TestServer::start(dir.path()).await;
+    for token in [&contractor, &postal] {
+        let e = server.client_with_token(token).await.export_subject("citizen-2").await.unwrap_err();
+        refused_as_data_loss(&e);
+    }
+    let e = server.client_with_token(&marketing).await.key_status(false).await.unwrap_err();
+    refused_as_data_loss(&e);
+    // Listing identities (an administrator's view) refuses to show a forged one as genuine.
+    let e = server.client_as("key-admin").await.list_identities().await.unwrap_err();
+    refused_as_data_loss(&e);
+    server.client_as("data-protection-officer").await.export_subject("citizen-2").await.unwrap();
+    server.stop().await;
+}
+
+/// Copies one identity's stored bytes (with its tag) over another's, as raw bytes: sled's tree,
+/// or the `identities` table.
+async fn copy_identity_row(dir: &Path, from: &str, to: &str) {
+    if on_postgres() {
+        database_sql(
+            dir,
+            &format!(
+                "UPDATE identities SET body = (SELECT body FROM identities WHERE name = '{from}') WHERE name = '{to}'"
+            ),
+        )
+        .await;
+    } else {
+        use khlang_server::storage::{Durability, SledStore};
+        let store = SledStore::open(dir, Durability::PerRequest).unwrap();
+        let tree = store.vault_tree_for_tests();
+        let body = tree.get([b"i".as_slice(), from.as_bytes()].concat()).unwrap().unwrap();
+        tree.insert([b"i".as_slice(), to.as_bytes()].concat(), body).unwrap();
+        store.flush_now().await.unwrap();
+    }
+}
+
+/// The issue's first attack: regulations with a higher serial, giving the statistics contractor
+/// every field, written into the store. A running node never puts them in force; a node that
+/// starts on them refuses to unseal, naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regulations_written_into_the_store_are_never_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let id = server.client().await.put("citizen-3", canary_fields()).await.unwrap();
+    let before = server.client_as("key-admin").await.regulations().await.unwrap();
+    let granting = test_regulations().replace(
+        "fields = [\"age\", \"sex\", \"preferences\", \"interests\", \"browser\", \"pages_visited\"]",
+        "fields = [\"*\"]",
+    );
+    assert_ne!(granting, test_regulations());
+    let forge = async |store: &dyn Storage| {
+        let serial = store.regulations_serial().await.unwrap().unwrap();
+        let mut c = Changes::new();
+        c.put_regulations(&StoredRegulations {
+            format: 1,
+            serial: serial + 1,
+            text: granting.clone(),
+            loaded_ms: 1,
+            loaded_by: "key-admin".into(),
+            auth: None,
+        });
+        commit(store, c).await;
+    };
+    let mut contractor = server.client_as("statistics-contractor").await;
+    if on_postgres() {
+        // Written into the database while the node serves: it follows the store every 200 ms.
+        let store = open_store(dir.path()).await;
+        forge(store.as_ref()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let e = contractor.get(&id, &["card_number".into()], Some("statistics")).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+        let now = server.client_as("key-admin").await.regulations().await.unwrap();
+        assert_eq!(now.version, before.version, "the forged version is not in force");
+        server.stop().await;
+    } else {
+        server.stop().await;
+        tamper(dir.path(), async |store| forge(store).await).await;
+    }
+    let options = TestServer::options(dir.path());
+    let mut no_file = options.clone();
+    no_file.regulations_path = None;
+    let refused =
+        Vault::open_or_init(dir.path(), PASSPHRASE.as_bytes(), khlang_keys::SealParams::MINIMUM, &no_file)
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(&refused, VaultError::Storage(StoreError::Unauthentic { what, .. }) if what.starts_with("regulations")),
+        "{refused:?}"
+    );
+}
+
+/// A withdrawn consent rewritten as granted in the store, and a consent inserted for a person who
+/// never gave one: the marketing read is refused, not allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_rewritten_or_inserted_in_the_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut app = server.client_as("registration-app").await;
+    let withdrawn = app.put("citizen-4", canary_fields()).await.unwrap();
+    let never = app.put("citizen-5", canary_fields()).await.unwrap();
+    app.set_consent("citizen-4", "marketing", true).await.unwrap();
+    let mut marketing = server.client_as("marketing-officer").await;
+    marketing.get(&withdrawn, &["email".into()], Some("marketing")).await.unwrap();
+    app.set_consent("citizen-4", "marketing", false).await.unwrap();
+    let e = marketing.get(&withdrawn, &["email".into()], Some("marketing")).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    let e = marketing.get(&never, &["email".into()], Some("marketing")).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    let (index_4, index_5) = {
+        let v = server.vault();
+        (v.subject_index_for_tests("citizen-4").unwrap(), v.subject_index_for_tests("citizen-5").unwrap())
+    };
+    server.stop().await;
+
+    tamper(dir.path(), async |store| {
+        let mut choice = store.get_consent(&index_4, "marketing").await.unwrap().unwrap();
+        choice.granted = true;
+        let mut c = Changes::new();
+        c.set_consent(&index_4, store.generate_id().await.unwrap(), &choice);
+        // The same genuine-looking choice (tag and all) given to a person who never consented.
+        c.set_consent(&index_5, store.generate_id().await.unwrap(), &choice);
+        commit(store, c).await;
+    })
+    .await;
+
+    let server = TestServer::start(dir.path()).await;
+    let mut marketing = server.client_as("marketing-officer").await;
+    for id in [&withdrawn, &never] {
+        let e = marketing.get(id, &["email".into()], Some("marketing")).await.unwrap_err();
+        refused_as_data_loss(&e);
+        assert!(!e.to_string().contains(CANARY_EMAIL));
+    }
+    server.stop().await;
+}
+
+/// A vault made by this build never blesses untagged values: stripping every tag (identities,
+/// tokens, regulations) and rewriting a role, with the vault stopped, does not make the next
+/// unseal take them for an earlier build's and migrate them (its log shows tagged writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripping_every_tag_does_not_get_a_forged_identity_blessed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let contractor = server.tokens["statistics-contractor"].clone();
+    server.stop().await;
+    tamper(dir.path(), async |store| {
+        let mut c = Changes::new();
+        for mut who in store.list_identities().await.unwrap() {
+            for (id, mut token) in store.tokens_of(&who.name).await.unwrap() {
+                token.auth = None;
+                c.put_token(&id, &token);
+            }
+            who.auth = None;
+            if who.name == "statistics-contractor" {
+                who.role = "data-protection-officer".into();
+            }
+            c.put_identity(&who);
+        }
+        let mut regulations = store.regulations().await.unwrap().unwrap();
+        regulations.auth = None;
+        c.retag_regulations(&regulations);
+        commit(store, c).await;
+    })
+    .await;
+    // The regulations in force carry no tag: the vault refuses to unseal on them, naming them.
+    let refused = Vault::open_or_init(
+        dir.path(),
+        PASSPHRASE.as_bytes(),
+        khlang_keys::SealParams::MINIMUM,
+        &TestServer::options(dir.path()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&refused, VaultError::Storage(StoreError::Unauthentic { what, .. }) if what == "regulations:1"),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("regulations:1"), "{refused}");
+    // And nothing was blessed: the forged role is still untagged in the store.
+    let store = open_store(dir.path()).await;
+    let who = store.get_identity("statistics-contractor").await.unwrap().unwrap();
+    assert_eq!(who.role, "data-protection-officer");
+    assert!(who.auth.is_none(), "the forged identity was not tagged");
+    drop(store);
+    let _ = contractor;
+}
