@@ -33,7 +33,8 @@ KHLANG_TOKEN=$(tok key-admin) "$BIN/khlang" operator backup --output b4.bin >/de
 wait "$LOAD"
 echo "get under a backup: $(cat get.json)"
 grep -o 'records=[0-9]* bytes=[0-9]* commits_held_ms=[0-9]*' dev.log
+PUBLIC_KEY=$(KHLANG_TOKEN=$(tok security-officer) "$BIN/khlang" audit public-key)
 kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
-/usr/bin/time -f "restore: %e s, %M KB max RSS" "$BIN/khlangd" restore b3.bin --data-dir r >/dev/null
+/usr/bin/time -f "restore: %e s, %M KB max RSS" "$BIN/khlangd" restore b3.bin --data-dir r --audit-public-key "$PUBLIC_KEY" >/dev/null
 echo khlang-development-passphrase-not-for-real-data >pass
 KHLANG_LOG=warn /usr/bin/time -f "verify: %e s, %M KB max RSS" "$BIN/khlangd" verify --data-dir r --passphrase-file pass

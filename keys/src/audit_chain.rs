@@ -80,6 +80,25 @@ impl AuditSigner {
         let signature = pair.sign(&msg).as_ref().to_vec();
         Ok(Checkpoint { seq, hash: *hash, time_ms, prev: Some(prev), signature })
     }
+
+    /// Signs a whole backup file by its SHA-256, so a restore checks it against the public key
+    /// the operator holds before writing anything.
+    pub fn sign_backup(&self, sha256: &[u8; 32]) -> Result<Vec<u8>, KeyError> {
+        let pair = Ed25519KeyPair::from_seed_unchecked(self.seed.expose_secret())
+            .map_err(|_| KeyError::Derivation)?;
+        Ok(pair.sign(&backup_message(sha256)).as_ref().to_vec())
+    }
+}
+
+fn backup_message(sha256: &[u8; 32]) -> Vec<u8> {
+    [labels::BACKUP_SIGNATURE, sha256.as_slice()].concat()
+}
+
+/// Checks a backup's signature ([`AuditSigner::sign_backup`]) under `public_key`.
+pub fn verify_backup(public_key: &[u8], sha256: &[u8; 32], signature: &[u8]) -> bool {
+    signature::UnparsedPublicKey::new(&signature::ED25519, public_key)
+        .verify(&backup_message(sha256), signature)
+        .is_ok()
 }
 
 impl fmt::Debug for AuditSigner {

@@ -48,27 +48,3 @@ impl fmt::Debug for AuthorityTagger {
         f.debug_struct("AuthorityTagger").finish_non_exhaustive()
     }
 }
-
-/// An HMAC over a whole backup file, checked before a restore writes anything.
-pub struct BackupTagger(DerivedKey);
-
-impl BackupTagger {
-    pub(crate) fn new(key: DerivedKey) -> Self {
-        Self(key)
-    }
-
-    pub fn tag(&self, file: &[u8]) -> [u8; 32] {
-        self.0.mac(file)
-    }
-
-    /// Constant-time.
-    pub fn verify(&self, file: &[u8], tag: &[u8]) -> bool {
-        self.0.verify(file, tag)
-    }
-}
-
-impl fmt::Debug for BackupTagger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BackupTagger").finish_non_exhaustive()
-    }
-}

@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use zeroize::Zeroizing;
 
 use crate::audit_chain::{AuditSigner, HeadTagger};
-use crate::authority::{AuthorityTagger, BackupTagger};
+use crate::authority::AuthorityTagger;
 use crate::hierarchy::DerivedKey;
 use crate::seal::{ROOT, SealKind, random_salt, reseal_secret, seal_secret, sealed_extra, unseal_secret};
 use crate::{Key256, KeyError, RandomSource, RootKey, SealParams, aead, labels};
@@ -208,11 +208,6 @@ impl DerivationKey {
     /// The HMAC key that authenticates stored authority values (identities, consent, rules).
     pub fn authority_tagger(&self) -> Result<AuthorityTagger, KeyError> {
         Ok(AuthorityTagger::new(self.derive(labels::AUTHORITY_TAG)?))
-    }
-
-    /// The HMAC key over whole backup files.
-    pub fn backup_tagger(&self) -> Result<BackupTagger, KeyError> {
-        Ok(BackupTagger::new(self.derive(labels::BACKUP_TAG)?))
     }
 }
 

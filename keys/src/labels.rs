@@ -31,5 +31,5 @@ pub const AUDIT_HEAD_TAG: &[u8] = b"khlang/v1/audit-head-tag";
 pub const AUTHORITY_TAG: &[u8] = b"khlang/v1/authority-tag";
 /// Prefix of every authority tag's message, so it can never collide with another HMAC's input.
 pub const AUTHORITY_TAG_MESSAGE: &[u8] = b"khlang/v1/authority";
-/// HKDF info: the HMAC key over a whole backup file.
-pub const BACKUP_TAG: &[u8] = b"khlang/v1/backup-tag";
+/// Prefix of the message the audit key signs over a whole backup file (its SHA-256).
+pub const BACKUP_SIGNATURE: &[u8] = b"khlang/v1/backup-signature";

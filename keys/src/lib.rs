@@ -26,7 +26,7 @@ mod secret;
 #[cfg(test)]
 mod tests;
 
-pub use authority::{AuthorityTagger, BackupTagger};
+pub use authority::AuthorityTagger;
 pub use custody::{
     DerivationKey, KeyShare, MAX_CUSTODIANS, combine_root_key, reseal, seal_share, sealed_share_info,
     split_root_key, unseal_share,

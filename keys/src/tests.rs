@@ -369,18 +369,25 @@ mod audit_chain_tests {
     }
 
     #[test]
-    fn backup_tag_known_answer_and_tamper() {
-        let tagger = legacy_key().backup_tagger().unwrap();
-        let tag = tagger.tag(b"a backup file");
-        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, labels::HKDF_SALT).extract(&[0x44; 32]);
-        let mut key = [0u8; 32];
-        prk.expand(&[labels::BACKUP_TAG], ring::hkdf::HKDF_SHA256).unwrap().fill(&mut key).unwrap();
-        let expected =
-            ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), b"a backup file");
-        assert_eq!(tag.as_slice(), expected.as_ref());
-        assert!(tagger.verify(b"a backup file", &tag));
-        assert!(!tagger.verify(b"a backup filf", &tag));
-        assert!(!legacy_key().authority_tagger().unwrap().verify("", b"", 0, b"a backup file", &tag));
+    fn backup_signature_known_answer_and_tamper() {
+        let signer = legacy_key().audit_signer().unwrap();
+        let digest = [0x5a; 32];
+        let signature = signer.sign_backup(&digest).unwrap();
+        // Ed25519 is deterministic: the same key and file give the same signature.
+        assert_eq!(hex::encode(&signature), include_str!("../testdata/backup_signature.hex").trim_ascii());
+        assert!(verify_backup(signer.public_key(), &digest, &signature));
+        let mut other = digest;
+        other[0] ^= 1;
+        assert!(!verify_backup(signer.public_key(), &other, &signature), "bound to the file");
+        let mut flipped = signature.clone();
+        flipped[10] ^= 0x04;
+        assert!(!verify_backup(signer.public_key(), &digest, &flipped));
+        // Another vault's key does not verify it.
+        let other_key = DerivationKey::generate(&OsRandom::new()).unwrap().audit_signer().unwrap();
+        assert!(!verify_backup(other_key.public_key(), &digest, &signature));
+        // A checkpoint signature over the same bytes is not a backup signature (labels differ).
+        let cp = signer.sign_checkpoint(1, &digest, 0, 0).unwrap();
+        assert!(!verify_backup(signer.public_key(), &digest, &cp.signature));
     }
 
     #[test]

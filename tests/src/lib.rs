@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -481,4 +481,54 @@ pub async fn sealed_server(dir: &Path, auth: AuthLimits) -> TestServer {
     let vault =
         Vault::init_custodians(dir, 2, &passes, khlang_keys::SealParams::MINIMUM, &options).await.unwrap();
     TestServer::start_vault(dir, options, vault).await
+}
+
+/// Runs the `khlang` CLI against `server_url` as the holder of `token`.
+pub fn khlang(server_url: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(bin("khlang"))
+        .args(args)
+        .env("KHLANG_ADDR", server_url)
+        .env("KHLANG_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+/// A command's standard output, after checking that it succeeded.
+pub fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+/// Writes `pass` to a file of its own in `dir` (for `--passphrase-file`); returns its path.
+pub fn write_passphrase(dir: &Path, pass: &str) -> String {
+    // Named by the passphrase's own letters: two passphrases never share a file.
+    let name: String = pass.chars().filter(char::is_ascii_alphanumeric).collect();
+    let path = dir.join(format!("pass-{name}-{}", pass.len()));
+    std::fs::write(&path, format!("{pass}\n")).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// A valid (Luhn) card number, different for every `n`.
+pub fn card_number(n: u64) -> String {
+    let body = format!("4{:014}", n);
+    let sum: u32 = body
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    format!("{body}{}", (10 - sum % 10) % 10)
+}
+
+/// Runs `khlangd` with `args` to completion.
+pub fn khlangd_cmd(args: &[&str]) -> Output {
+    Command::new(bin("khlangd")).args(args).output().unwrap()
 }

@@ -290,7 +290,9 @@ async fn cutting_the_tail_and_its_checkpoints_is_caught() {
     let data = tmp.path().join("v");
     let files = FileOptions::default();
     let key = traffic(&data, &files, 15).await;
-    let cut = 30;
+    // The cut starts at a read's entry: a change's entry is also in sled, which puts it back at
+    // open (a crash's loss, not an attack).
+    let cut = 31;
     let below = |l: &str| l.split(' ').nth(1).and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s < cut);
     let mut log = Log::open(&data);
     log.retain(below);

@@ -8,20 +8,6 @@ use std::time::Duration;
 
 use khlang_tests::*;
 
-fn khlang(server_url: &str, token: &str, args: &[&str]) -> Output {
-    Command::new(bin("khlang"))
-        .args(args)
-        .env("KHLANG_ADDR", server_url)
-        .env("KHLANG_TOKEN", token)
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_round_trip() {
     let dir = tempfile::tempdir().unwrap();
@@ -114,14 +100,6 @@ async fn cli_text_output_cannot_be_faked_by_a_stored_value() {
         "{text}"
     );
     server.stop().await;
-}
-
-fn write_passphrase(dir: &Path, pass: &str) -> String {
-    // Named by the passphrase's own letters: two passphrases never share a file.
-    let name: String = pass.chars().filter(char::is_ascii_alphanumeric).collect();
-    let path = dir.join(format!("pass-{name}-{}", pass.len()));
-    std::fs::write(&path, format!("{pass}\n")).unwrap();
-    path.to_str().unwrap().to_owned()
 }
 
 #[test]
@@ -1542,48 +1520,6 @@ fn the_readme_try_it_runs_as_written() {
 }
 
 /// A valid card number (Luhn) unique to `n`.
-fn card_number(n: u64) -> String {
-    let body = format!("4{:014}", n);
-    let sum: u32 = body
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(i, b)| {
-            let d = u32::from(b - b'0');
-            if i % 2 == 0 {
-                let x = d * 2;
-                if x > 9 { x - 9 } else { x }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{body}{}", (10 - sum % 10) % 10)
-}
-
-/// The bodies of a backup's frames (after its 10-byte magic, each behind a u32 length).
-fn frames(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
-    let (mut at, mut out) = (10, Vec::new());
-    while at < bytes.len() {
-        let n = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        out.push(at + 4..at + 4 + n);
-        at += 4 + n;
-    }
-    out
-}
-
-/// Recomputes a backup's checksum (the last 32 bytes of its End frame: the SHA-256 of every
-/// byte before that frame), as anyone who knows the format can.
-fn reseal(bytes: &mut [u8]) {
-    let end = frames(bytes).pop().unwrap();
-    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes[..end.start - 4]);
-    bytes[end.end - 32..end.end].copy_from_slice(digest.as_ref());
-}
-
-fn khlangd_cmd(args: &[&str]) -> Output {
-    Command::new(bin("khlangd")).args(args).output().unwrap()
-}
-
 /// A syslog receiver over TLS (RFC 5425) on 127.0.0.1 with `certs`' server certificate: every
 /// octet-counted message of every connection, as (connection number, message).
 /// With `client_certs`, it requires a client certificate that folder's CA signed.
@@ -1782,176 +1718,6 @@ async fn audit_entries_stream_to_a_syslog_receiver_over_tls() {
             assert!(log.contains("CertificateRequired"), "the log says why: {log}");
         }
     }
-}
-
-/// `khlang operator backup` under load, `khlangd restore` into a new folder, `khlangd verify`,
-/// and every record acknowledged before the backup began reads back, value for value, from the
-/// restored vault; the mistakes an operator or an attacker could make with a backup are refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_under_load_restores_verifies_and_reads_every_acknowledged_record() {
-    use std::sync::{Arc, Mutex};
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("vault");
-    let (mut daemon, url) =
-        spawn_khlangd(&["dev", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
-    let url = url.expect("khlangd dev starts");
-    let app = dev_token(&data, "registration-app");
-    let admin = dev_token(&data, "key-admin");
-    // A consent history entry before the backup: the restored vault must not reuse its id.
-    let mut c = khlang_client::Client::connect(&url, &app).await.unwrap();
-    c.set_consent("backup-subject-0", "public_relations", true).await.unwrap();
-
-    let acknowledged: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = Vec::new();
-    for w in 0..4u64 {
-        let (acknowledged, stop, url, app) = (acknowledged.clone(), stop.clone(), url.clone(), app.clone());
-        load.push(tokio::spawn(async move {
-            let mut c = khlang_client::Client::connect(&url, &app).await.unwrap();
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let card = card_number(w * 1_000_000 + i);
-                let id =
-                    c.put(&format!("backup-subject-{w}"), [("card_number", card.as_str())]).await.unwrap();
-                acknowledged.lock().unwrap().push((id.clone(), card));
-                c.get(&id, &[], Some("service_delivery")).await.unwrap();
-                i += 1;
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let before: Vec<(String, String)> = acknowledged.lock().unwrap().clone();
-    assert!(before.len() > 20, "the load ran ({} writes)", before.len());
-    let file = tmp.path().join("vault.backup");
-    let file_s = file.to_str().unwrap().to_owned();
-
-    // Not a key admin: refused, no file left behind.
-    let refused = khlang(&url, &app, &["operator", "backup", "--output", &file_s]);
-    assert_eq!(refused.status.code(), Some(13), "PermissionDenied's exit status");
-    assert!(!file.exists());
-    let (u, a, f) = (url.clone(), admin.clone(), file_s.clone());
-    let taken = tokio::task::spawn_blocking(move || khlang(&u, &a, &["operator", "backup", "--output", &f]))
-        .await
-        .unwrap();
-    assert!(stdout(&taken).contains("backup of "), "{}", stdout(&taken));
-    // An existing file is never overwritten.
-    let again = khlang(&url, &admin, &["operator", "backup", "--output", &file_s]);
-    assert!(!again.status.success());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for l in load {
-        l.await.unwrap();
-    }
-    let all = acknowledged.lock().unwrap().len();
-    assert!(all > before.len(), "writes went on during the backup");
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
-    let bytes = std::fs::read(&file).unwrap();
-    for canary in [before[0].1.as_bytes(), b"backup-subject-0".as_slice()] {
-        assert!(!contains(&bytes, canary), "the backup holds no plaintext value or subject id");
-    }
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
-
-    // Refusals: a folder in use, a damaged file, a cut file, not a backup. None writes anything.
-    let restored = tmp.path().join("restored");
-    let restored_s = restored.to_str().unwrap();
-    let busy = khlangd_cmd(&["restore", &file_s, "--data-dir", data.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&busy.stderr).contains("is not empty"), "{busy:?}");
-    let mut flipped = bytes.clone();
-    let at = flipped.len() / 2;
-    flipped[at] ^= 0x01;
-    let cut = bytes[..bytes.len() - 10].to_vec();
-    for (name, content, says) in [
-        ("flipped", flipped, "damaged"),
-        ("cut", cut, "cut short"),
-        ("other", b"{\"not\": \"a backup\"}".to_vec(), "not a khlang backup"),
-    ] {
-        let bad = tmp.path().join(name);
-        std::fs::write(&bad, content).unwrap();
-        let out = khlangd_cmd(&["restore", bad.to_str().unwrap(), "--data-dir", restored_s]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(says), "{name}: {err}");
-        assert!(!restored.exists(), "{name}: a refused restore writes nothing");
-    }
-
-    // Tampered and re-sealed by someone who knows the format (the checksum recomputed): the
-    // restore takes it, and `khlangd verify` finds the damage — a data key's tag flipped, then an
-    // audit entry edited.
-    let pass = write_passphrase(tmp.path(), khlang_server::dev::DEV_PASSPHRASE);
-    let tamper = |what: &str, edit: &dyn Fn(&mut [u8]) -> bool, says: &str| {
-        let mut forged = bytes.clone();
-        assert!(frames(&forged).into_iter().any(|body| edit(&mut forged[body])), "{what}: nothing to edit");
-        reseal(&mut forged);
-        let (file, dir) = (tmp.path().join(format!("{what}.backup")), tmp.path().join(what));
-        std::fs::write(&file, forged).unwrap();
-        stdout(&khlangd_cmd(&["restore", file.to_str().unwrap(), "--data-dir", dir.to_str().unwrap()]));
-        let out = khlangd_cmd(&["verify", "--data-dir", dir.to_str().unwrap(), "--passphrase-file", &pass]);
-        let report = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(2), "{what}: {report}");
-        assert!(report.contains(says), "{what}: {report}");
-    };
-    // A Store frame of the `vault` tree whose key is a wrapped data key (`d‖id`): its last byte is
-    // the key's GCM tag.
-    tamper(
-        "data-key",
-        &|body| {
-            let key = body.len() > 9 && body[0] == 1 && &body[1..7] == b"\x05vault" && body[8] == b'd';
-            if let (true, Some(last)) = (key, body.last_mut()) {
-                *last ^= 1;
-            }
-            key
-        },
-        "1 damaged",
-    );
-    tamper(
-        "audit-entry",
-        &|body| {
-            let needle = br#""rpc":"GetRecord""#;
-            let at = (body[0] == 2).then(|| body.windows(needle.len()).position(|w| w == needle)).flatten();
-            if let Some(at) = at {
-                body[at + needle.len() - 2] = b'X';
-            }
-            at.is_some()
-        },
-        "BROKEN",
-    );
-
-    let out = khlangd_cmd(&["restore", &file_s, "--data-dir", restored_s]);
-    let said = stdout(&out);
-    assert!(said.contains("restored ") && said.contains("khlangd verify"), "{said}");
-    let verified = khlangd_cmd(&["verify", "--data-dir", restored_s, "--passphrase-file", &pass]);
-    let report = stdout(&verified);
-    assert!(report.contains("audit log: intact"), "{report}");
-    let opened: usize =
-        report.split("records: ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-    assert!(opened >= before.len() && opened <= all, "{opened} records between {} and {all}", before.len());
-    assert!(report.contains(", 0 damaged"), "{report}");
-    assert!(!report.contains(&before[0].1), "verify shows no value");
-
-    // Served again: every record acknowledged before the backup reads back in full.
-    let (mut daemon, url) = spawn_khlangd(&["dev", "--listen", "127.0.0.1:0", "--data-dir", restored_s]);
-    let url = url.expect("the restored vault serves");
-    let mut clerk =
-        khlang_client::Client::connect(&url, &dev_token(&restored, "billing-clerk")).await.unwrap();
-    for (id, card) in &before {
-        let r = clerk.get(id, &["card_number".into()], Some("billing")).await.unwrap();
-        assert_eq!(r.fields["card_number"].expose_secret(), card, "record {id}");
-    }
-    // Consent ids go on after the backup's: the old history entry stays beside the new one.
-    let mut c =
-        khlang_client::Client::connect(&url, &dev_token(&restored, "registration-app")).await.unwrap();
-    c.set_consent("backup-subject-0", "public_relations", false).await.unwrap();
-    let (_, history) = c.consent("backup-subject-0").await.unwrap();
-    assert_eq!(history.len(), 2, "{history:?}");
-    let mut sec =
-        khlang_client::Client::connect(&url, &dev_token(&restored, "security-officer")).await.unwrap();
-    let entries = sec.query_audit(&khlang_client::AuditQuery::default()).await.unwrap();
-    assert!(entries.iter().any(|e| e.rpc == "Backup" && e.identity == "key-admin" && e.outcome == "Ok"));
-    assert!(entries.iter().any(|e| e.rpc == "VerifyVault" && e.reason.contains("0 damaged")));
-    assert!(sec.verify_audit(&[]).await.unwrap().report.first_break.is_none());
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
 }
 
 /// `khlangd --audit-sink syslog://…`: every entry arrives as one RFC 5424 message over UDP

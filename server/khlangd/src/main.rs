@@ -283,13 +283,18 @@ enum Command {
         audit: AuditArgs,
     },
     /// Restore a backup (`khlang operator backup`) into a new or empty folder. The whole file is
-    /// checked first; nothing is written from a damaged one. Then check it with `khlangd verify`.
+    /// checked first — its checksum, and its signature under the vault's audit public key —
+    /// nothing is written from a damaged or forged one. Then check it with `khlangd verify`.
     Restore {
         /// The backup file.
         file: PathBuf,
         /// The folder to restore into (must be empty or absent).
         #[arg(long, env = "KHLANG_DATA_DIR")]
         data_dir: PathBuf,
+        /// The vault's audit public key (hex, from `khlang audit public-key`, kept apart from the
+        /// backups): only a backup that vault signed is restored.
+        #[arg(long, env = "KHLANG_AUDIT_PUBLIC_KEY")]
+        audit_public_key: String,
     },
     /// Check a STOPPED (or restored) vault: open every record's data key, subject id and field
     /// envelope (showing none) and verify the audit log. Recorded in its log. Exits 0 when
@@ -1147,8 +1152,12 @@ async fn khlangd() -> anyhow::Result<std::process::ExitCode> {
             run(vault, bind(server.listen).await?, tls, server.pid_file.as_deref()).await?;
         }
         Command::Config(ConfigCommand::Check { file }) => config_check(&file)?,
-        Command::Restore { file, data_dir } => {
-            let report = khlang_server::vault::backup::restore(&file, &data_dir)
+        Command::Restore { file, data_dir, audit_public_key } => {
+            let key = hex::decode(audit_public_key.trim())
+                .ok()
+                .filter(|k| k.len() == 32)
+                .context("--audit-public-key: 64 hex digits, as `khlang audit public-key` prints them")?;
+            let report = khlang_server::vault::backup::restore(&file, &data_dir, &key)
                 .with_context(|| format!("cannot restore {}", file.display()))?;
             outln!(
                 "restored {} records ({} stored entries) and the audit log up to entry {} ({} bytes) into {}",
@@ -1158,7 +1167,6 @@ async fn khlangd() -> anyhow::Result<std::process::ExitCode> {
                 report.audit_bytes,
                 data_dir.display()
             );
-            outln!("audit public key: {}", report.header.audit_public_key);
             outln!("next: khlangd verify --data-dir {}", data_dir.display());
         }
         Command::Verify { data_dir, storage, passphrase, regulations } => {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use khlang_keys::RandomSource;
 
-use super::{AuditEntry, AuditLog};
+use super::{AuditEntry, AuditLog, lock};
 use crate::VaultError;
 use crate::storage::Changes;
 use crate::storage::authority::{AuthorityKey, tag_changes};
@@ -36,5 +36,14 @@ impl AuditLog {
         entry.writes = tag_changes(changes, &tagger, write)?;
         entry.write = write;
         Ok(())
+    }
+
+    /// Signs a whole backup file (by its SHA-256) with the audit key: a restore checks it against
+    /// the public key the operator holds before it writes anything.
+    pub fn sign_backup(&self, sha256: &[u8; 32]) -> Result<Vec<u8>, VaultError> {
+        let keys = lock(&self.keys);
+        let keys =
+            keys.as_ref().ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
+        Ok(keys.signer.sign_backup(sha256)?)
     }
 }

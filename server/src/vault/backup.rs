@@ -6,12 +6,16 @@
 //! store and the log in it are one state whose newest entry is signed. Format:
 //!
 //! ```text
-//! "KHLBACKUP" 0x01 | frame* ;  frame = length u32 (big-endian) ‖ postcard(Frame)
-//! Header, Store*, AuditFile*, End{ids_from, counts, SHA-256 of every byte before End}
+//! "KHLBACKUP" 0x02 | frame* ;  frame = length u32 (big-endian) ‖ postcard(Frame)
+//! Header, Store*, AuditFile*, End{ids_from, counts, SHA-256 of every byte before End,
+//!                                  Ed25519 signature of that SHA-256 under the audit key}
 //! ```
 //!
-//! The hash catches a damaged or cut file before anything is written; tampering with what it
-//! holds is caught where it matters, by the envelopes' AEAD and the audit chain's signatures
+//! The file is authenticated as a whole: a restore is given the vault's audit public key by the
+//! operator (`khlang audit public-key`, kept apart from the backups) and writes nothing unless
+//! the header names that key and the signature verifies — a file edited and re-hashed, or with
+//! entries dropped, is refused. What it holds is authenticated again one by one where it is
+//! used: the envelopes' AEAD, the authority values' tags, the audit chain's signatures
 //! (`khlangd verify`). A PostgreSQL vault is backed up with the database's own tools.
 
 use std::io::{Read, Write};
@@ -27,7 +31,7 @@ use crate::storage::{Changes, Cursor, KeySpace, RawEntry, SCHEMA_VERSION, SledSt
 use crate::{StoreError, VaultError};
 
 /// The file's first bytes: its kind and format.
-const MAGIC: &[u8; 10] = b"KHLBACKUP\x01";
+const MAGIC: &[u8; 10] = b"KHLBACKUP\x02";
 /// The largest frame a reader accepts (an audit file travels in chunks of [`AUDIT_CHUNK`]).
 const MAX_FRAME: usize = 8 << 20;
 const AUDIT_CHUNK: usize = 4 << 20;
@@ -67,6 +71,8 @@ enum Frame {
         store_entries: u64,
         records: u64,
         sha256: [u8; 32],
+        /// [`khlang_keys::audit_chain::AuditSigner::sign_backup`] of `sha256`.
+        signature: Vec<u8>,
     },
 }
 
@@ -128,19 +134,28 @@ fn read_error(e: std::io::Error) -> StoreError {
     StoreError::Io(format!("cannot read the backup: {e}"))
 }
 
-/// Reads frames, hashing each, until the `End` frame, whose hash must match.
-struct Reader<R: Read> {
+/// Reads frames, hashing each, until the `End` frame, whose hash must match and whose signature
+/// must verify under the operator's public key.
+struct Reader<'k, R: Read> {
     input: R,
     hash: ring::digest::Context,
     done: bool,
+    public_key: &'k [u8],
 }
 
-impl<R: Read> Reader<R> {
-    fn new(mut input: R) -> Result<Self, VaultError> {
+impl<'k, R: Read> Reader<'k, R> {
+    fn new(mut input: R, public_key: &'k [u8]) -> Result<Self, VaultError> {
         let mut magic = [0u8; MAGIC.len()];
         input.read_exact(&mut magic).map_err(|_| not_a_backup())?;
         if magic[..9] != MAGIC[..9] {
             return Err(not_a_backup());
+        }
+        if magic[9] == 1 {
+            return Err(VaultError::FailedPrecondition(
+                "this backup has format 1, made before backups were signed: this build restores only signed \
+                 backups (format 2); take a new backup with this build"
+                    .into(),
+            ));
         }
         if magic != *MAGIC {
             return Err(VaultError::FailedPrecondition(format!(
@@ -150,7 +165,7 @@ impl<R: Read> Reader<R> {
         }
         let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
         hash.update(MAGIC);
-        Ok(Self { input, hash, done: false })
+        Ok(Self { input, hash, done: false, public_key })
     }
 
     /// The next frame; after `End` (checked), `None`.
@@ -168,9 +183,16 @@ impl<R: Read> Reader<R> {
         self.input.read_exact(&mut body).map_err(|_| corrupt("backup (cut short in a frame)"))?;
         let frame: Frame =
             postcard::from_bytes(&body).map_err(|_| corrupt("backup (a frame does not decode)"))?;
-        if let Frame::End { sha256, .. } = &frame {
+        if let Frame::End { sha256, signature, .. } = &frame {
             if self.hash.clone().finish().as_ref() != sha256 {
                 return Err(corrupt("backup (its checksum does not match: the file is damaged)"));
+            }
+            if !khlang_keys::audit_chain::verify_backup(self.public_key, sha256, signature) {
+                return Err(StoreError::Unauthentic {
+                    what: "backup file".into(),
+                    why: "its signature does not verify under the audit public key given: it was changed \
+                          after the vault wrote it, or another vault wrote it",
+                });
             }
             let mut rest = [0u8; 1];
             if self.input.read(&mut rest).map_err(read_error)? != 0 {
@@ -267,7 +289,8 @@ impl Vault {
                     Ok(())
                 })?;
                 let sha256 = w.digest();
-                w.frame(&Frame::End { ids_from, store_entries, records, sha256 })?;
+                let signature = vault.audit.sign_backup(&sha256)?;
+                w.frame(&Frame::End { ids_from, store_entries, records, sha256, signature })?;
                 // The copy is complete: commits go on while the file is flushed and synced.
                 drop(commits_held);
                 let held = holding.elapsed();
@@ -368,15 +391,16 @@ pub struct RestoreReport {
 }
 
 /// Restores the backup in `file` into `data_dir`, which must be empty or absent. The whole file
-/// is checked (format, frames, checksum) before anything is written; if writing fails, what was
-/// written is removed again.
-pub fn restore(file: &Path, data_dir: &Path) -> Result<RestoreReport, VaultError> {
+/// is checked (format, frames, checksum, and its signature under `public_key`, the vault's
+/// audit public key as the operator holds it) before anything is written; if writing fails, what
+/// was written is removed again.
+pub fn restore(file: &Path, data_dir: &Path, public_key: &[u8]) -> Result<RestoreReport, VaultError> {
     let open = || {
         std::fs::File::open(file)
             .map(|f| std::io::BufReader::with_capacity(1 << 20, f))
             .map_err(|e| VaultError::FailedPrecondition(format!("cannot read {}: {e}", file.display())))
     };
-    let header = check(Reader::new(open()?)?)?;
+    let header = check(Reader::new(open()?, public_key)?)?;
     if header.backend != SLED {
         return Err(VaultError::FailedPrecondition(format!(
             "this backup is of a {} vault; khlangd restore writes sled",
@@ -398,7 +422,7 @@ pub fn restore(file: &Path, data_dir: &Path) -> Result<RestoreReport, VaultError
             )));
         }
     }
-    let written = write_all(Reader::new(open()?)?, data_dir, header);
+    let written = write_all(Reader::new(open()?, public_key)?, data_dir, header);
     if written.is_err() {
         for part in ["db", crate::audit::files::DIR] {
             let _ = std::fs::remove_dir_all(data_dir.join(part));
@@ -411,10 +435,17 @@ pub fn restore(file: &Path, data_dir: &Path) -> Result<RestoreReport, VaultError
 }
 
 /// Reads every frame (checking their order and the checksum) and returns the header.
-fn check<R: Read>(mut r: Reader<R>) -> Result<BackupHeader, VaultError> {
+fn check<R: Read>(mut r: Reader<'_, R>) -> Result<BackupHeader, VaultError> {
     let Some(Frame::Header(header)) = r.next()? else {
         return Err(corrupt("backup (no header)").into());
     };
+    if hex::decode(&header.audit_public_key).ok().as_deref() != Some(r.public_key) {
+        return Err(StoreError::Unauthentic {
+            what: "backup file".into(),
+            why: "it was made by a vault with another audit public key than the one given",
+        }
+        .into());
+    }
     let mut in_audit = false;
     while let Some(frame) = r.next()? {
         match frame {
@@ -428,7 +459,7 @@ fn check<R: Read>(mut r: Reader<R>) -> Result<BackupHeader, VaultError> {
 }
 
 fn write_all<R: Read>(
-    mut r: Reader<R>,
+    mut r: Reader<'_, R>,
     data_dir: &Path,
     header: BackupHeader,
 ) -> Result<RestoreReport, VaultError> {
@@ -465,22 +496,43 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn header() -> BackupHeader {
+    /// The vault's audit key in these tests (the operator gives restore its public half).
+    fn signer() -> &'static khlang_keys::audit_chain::AuditSigner {
+        static SIGNER: std::sync::OnceLock<khlang_keys::audit_chain::AuditSigner> =
+            std::sync::OnceLock::new();
+        SIGNER.get_or_init(|| {
+            khlang_keys::DerivationKey::generate(&khlang_keys::OsRandom::new())
+                .unwrap()
+                .audit_signer()
+                .unwrap()
+        })
+    }
+
+    fn header(signer: &khlang_keys::audit_chain::AuditSigner) -> BackupHeader {
         BackupHeader {
             created_ms: 1,
             backend: SLED.into(),
             schema: SCHEMA_VERSION,
             audit_seq: 0,
-            audit_public_key: String::new(),
+            audit_public_key: hex::encode(signer.public_key()),
             regulations_version: String::new(),
         }
     }
 
-    /// A backup with a valid checksum around `frames`, as someone who knows the format would
-    /// craft it.
+    /// A backup around `frames`, checksummed and signed with the vault's audit key (so what is
+    /// tested is what comes after the signature check).
     fn crafted(frames: Vec<Frame>) -> Vec<u8> {
+        crafted_by(signer(), &header(signer()), frames)
+    }
+
+    /// As someone who knows the format would craft it, signed with `by`.
+    fn crafted_by(
+        by: &khlang_keys::audit_chain::AuditSigner,
+        header: &BackupHeader,
+        frames: Vec<Frame>,
+    ) -> Vec<u8> {
         let mut w = Writer::new(Vec::new()).unwrap();
-        w.frame(&Frame::Header(header())).unwrap();
+        w.frame(&Frame::Header(header.clone())).unwrap();
         let mut entries = 0;
         for f in &frames {
             if matches!(f, Frame::Store { .. }) {
@@ -489,7 +541,8 @@ mod tests {
             w.frame(f).unwrap();
         }
         let sha256 = w.digest();
-        w.frame(&Frame::End { ids_from: 0, store_entries: entries, records: 0, sha256 }).unwrap();
+        let signature = by.sign_backup(&sha256).unwrap();
+        w.frame(&Frame::End { ids_from: 0, store_entries: entries, records: 0, sha256, signature }).unwrap();
         w.out
     }
 
@@ -497,8 +550,46 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("b");
         std::fs::write(&file, bytes).unwrap();
-        let result = restore(&file, &tmp.path().join("restored"));
+        let result = restore(&file, &tmp.path().join("restored"), signer().public_key());
         (tmp, result)
+    }
+
+    /// A backup re-made and re-signed by anyone without this vault's audit key — naming that key
+    /// or its own — and one from before backups were signed: refused, nothing written.
+    #[test]
+    fn a_backup_not_signed_by_this_vault_writes_nothing() {
+        let frames = || vec![Frame::Store { space: "meta".into(), key: b"k".to_vec(), value: b"v".to_vec() }];
+        let forger = khlang_keys::DerivationKey::generate(&khlang_keys::OsRandom::new())
+            .unwrap()
+            .audit_signer()
+            .unwrap();
+        let mut old = crafted(frames());
+        old[9] = 1;
+        for (what, bytes, says) in [
+            (
+                "signed by another key, naming ours",
+                crafted_by(&forger, &header(signer()), frames()),
+                "signature does not verify",
+            ),
+            (
+                "signed by another key, naming it",
+                crafted_by(&forger, &header(&forger), frames()),
+                "another audit public key",
+            ),
+            ("format 1", old, "made before backups were signed"),
+        ] {
+            let (tmp, result) = restore_bytes(&bytes);
+            let e = result.unwrap_err();
+            assert!(e.to_string().contains(says), "{what}: {e}");
+            assert!(!tmp.path().join("restored").exists(), "{what}: nothing written");
+        }
+        // A genuine file given another vault's public key: refused too.
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("b");
+        std::fs::write(&file, crafted(frames())).unwrap();
+        let e = restore(&file, &tmp.path().join("restored"), forger.public_key()).unwrap_err();
+        assert!(matches!(e, VaultError::Storage(StoreError::Unauthentic { .. })), "{e:?}");
+        assert!(!tmp.path().join("restored").exists());
     }
 
     #[test]
@@ -538,12 +629,12 @@ mod tests {
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         let mut newer = good.clone();
-        newer[9] = 2;
+        newer[9] = 3;
         for (what, bytes, says) in [
             ("flipped", flipped, "checksum"),
             ("cut", good[..good.len() - 1].to_vec(), "cut short"),
             ("huge frame", huge, "larger than"),
-            ("newer format", newer, "format 2"),
+            ("newer format", newer, "format 3"),
             ("not a backup", b"hello".to_vec(), "not a khlang backup"),
         ] {
             let (tmp, result) = restore_bytes(&bytes);
