@@ -43,6 +43,15 @@ fn error_line(e: &anyhow::Error) -> String {
 }
 
 mod config;
+mod lifecycle;
+mod offline;
+mod passphrases;
+mod tls;
+
+use lifecycle::run;
+use offline::{config_check, open_stopped, verify};
+use passphrases::{init_passphrases, read_file_passphrase, serve_passphrases};
+use tls::dev_certs;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -105,78 +114,6 @@ enum TlsCommand {
         #[arg(long, default_value_t = 90)]
         days: u32,
     },
-}
-
-/// Writes the development certificates (see [`TlsCommand::DevCerts`]).
-fn dev_certs(dir: &Path, hosts: &[String], clients: &[String], days: u32) -> anyhow::Result<()> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut written = Vec::new();
-    let mut write = |name: &str, text: &str, secret: bool| -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = dir.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(if secret { 0o600 } else { 0o644 })
-            .open(&path)
-            .with_context(|| format!("cannot create {} (it is not overwritten)", path.display()))?;
-        f.write_all(text.as_bytes())?;
-        written.push(path);
-        Ok(())
-    };
-    let now = std::time::SystemTime::now();
-    let until = now + Duration::from_secs(u64::from(days) * 86_400);
-    let validity = |p: &mut CertificateParams| {
-        p.not_before = now.into();
-        p.not_after = until.into();
-    };
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name.push(DnType::CommonName, "Khlang development CA");
-    validity(&mut ca);
-    let ca_pem = ca.self_signed(&ca_key)?.pem();
-    let issuer = Issuer::from_params(&ca, &ca_key);
-    write("ca.pem", &ca_pem, false)?;
-    write("ca.key", &ca_key.serialize_pem(), true)?;
-    let key = KeyPair::generate()?;
-    let mut server = CertificateParams::new(hosts.to_vec())?;
-    server.distinguished_name.push(DnType::CommonName, "khlangd");
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    validity(&mut server);
-    write("server.pem", &server.signed_by(&key, &issuer)?.pem(), false)?;
-    write("server.key", &key.serialize_pem(), true)?;
-    for name in clients {
-        if name.is_empty()
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
-            bail!("--client '{name}': an identity name is letters, digits, '-', '_' and '.'");
-        }
-        let key = KeyPair::generate()?;
-        let mut client = CertificateParams::new(Vec::<String>::new())?;
-        client.distinguished_name.push(DnType::CommonName, name.as_str());
-        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        validity(&mut client);
-        write(&format!("client-{name}.pem"), &client.signed_by(&key, &issuer)?.pem(), false)?;
-        write(&format!("client-{name}.key"), &key.serialize_pem(), true)?;
-    }
-    for path in &written {
-        outln!("wrote {}", path.display());
-    }
-    let d = dir.display();
-    outln!(
-        "Serve:   khlangd dev --tls-cert {d}/server.pem --tls-key {d}/server.key --client-ca {d}/ca.pem --client-cert-optional"
-    );
-    if let Some(name) = clients.first() {
-        outln!(
-            "Connect: khlang --addr https://localhost:7420 --ca-cert {d}/ca.pem --client-cert {d}/client-{name}.pem --client-key {d}/client-{name}.key list --subject someone"
-        );
-    }
-    Ok(())
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -666,82 +603,6 @@ impl ServerArgs {
     }
 }
 
-fn read_file_passphrase(path: &Path) -> anyhow::Result<Zeroizing<String>> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read passphrase file {}", path.display()))?,
-    );
-    let pass = Zeroizing::new(text.lines().next().unwrap_or_default().to_owned());
-    if pass.is_empty() {
-        bail!("the passphrase in {} is empty", path.display());
-    }
-    Ok(pass)
-}
-
-fn prompt(label: &str, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
-    if !std::io::stdin().is_terminal() {
-        bail!("no passphrase: use --passphrase-file, KHLANG_PASSPHRASE, or run in a terminal to be prompted");
-    }
-    let p = Zeroizing::new(rpassword::prompt_password(format!("{label}: "))?);
-    if confirm {
-        let again = Zeroizing::new(rpassword::prompt_password(format!("Repeat {label}: "))?);
-        if *again != *p {
-            bail!("the passphrases differ");
-        }
-    }
-    if p.is_empty() {
-        bail!("the passphrase is empty");
-    }
-    Ok(p)
-}
-
-/// One passphrase per custodian for `init`: files in order, KHLANG_PASSPHRASE for a single
-/// custodian, or a prompt for each.
-fn init_passphrases(args: &PassphraseArgs, custodians: u8) -> anyhow::Result<Vec<Zeroizing<String>>> {
-    if !args.passphrase_file.is_empty() {
-        if args.passphrase_file.len() != custodians as usize {
-            bail!("{custodians} custodians need {custodians} --passphrase-file options, one each");
-        }
-        return args.passphrase_file.iter().map(|f| read_file_passphrase(Path::new(f))).collect();
-    }
-    if custodians == 1 {
-        if let Ok(p) = std::env::var("KHLANG_PASSPHRASE") {
-            if p.is_empty() {
-                bail!("KHLANG_PASSPHRASE is empty");
-            }
-            return Ok(vec![Zeroizing::new(p)]);
-        }
-        return Ok(vec![prompt("Vault passphrase", true)?]);
-    }
-    (1..=custodians).map(|i| prompt(&format!("Custodian {i}'s passphrase"), true)).collect()
-}
-
-/// `(custodian, passphrase)` pairs for `serve`: `N=FILE` or `FILE` (custodian 1), else
-/// KHLANG_PASSPHRASE for custodian 1, else a prompt when a terminal is attached, else none
-/// (the vault starts sealed).
-fn serve_passphrases(args: &PassphraseArgs) -> anyhow::Result<Vec<(u8, Zeroizing<String>)>> {
-    if !args.passphrase_file.is_empty() {
-        return args
-            .passphrase_file
-            .iter()
-            .map(|spec| {
-                let (n, file) = match spec.split_once('=') {
-                    Some((n, f)) if n.parse::<u8>().is_ok() => (n.parse::<u8>()?, f),
-                    _ => (1, spec.as_str()),
-                };
-                Ok((n, read_file_passphrase(Path::new(file))?))
-            })
-            .collect();
-    }
-    if let Ok(p) = std::env::var("KHLANG_PASSPHRASE") {
-        return Ok(vec![(1, Zeroizing::new(p))]);
-    }
-    if std::io::stdin().is_terminal() {
-        return Ok(vec![(1, prompt("Vault passphrase (custodian 1)", false)?)]);
-    }
-    Ok(Vec::new())
-}
-
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
 }
@@ -762,84 +623,6 @@ fn serve_metrics(listen: Option<SocketAddr>) -> anyhow::Result<()> {
     khlang_server::metrics::enable();
     tracing::info!(metrics_address = %listen, "serving metrics (GET /metrics)");
     Ok(())
-}
-
-/// The PID file while the daemon runs: written once it listens, removed when it stops.
-struct PidFile(PathBuf);
-
-impl PidFile {
-    fn write(path: &Path) -> anyhow::Result<Self> {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .with_context(|| format!("cannot write the PID file {}", path.display()))?;
-        Ok(Self(path.to_owned()))
-    }
-}
-
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-async fn run(
-    vault: Vault,
-    listener: tokio::net::TcpListener,
-    tls: Option<ServerTls>,
-    pid_file: Option<&Path>,
-) -> anyhow::Result<()> {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let _pid = pid_file.map(PidFile::write).transpose()?;
-    tracing::info!(address = %listener.local_addr()?, scheme, "serving khlang.v1");
-    let vault = Arc::new(vault);
-    reload_on_sighup(vault.clone());
-    // The daemon owns the process's lifecycle: key jobs start with serving and stop after it,
-    // then the final flush.
-    let key_jobs = khlang_server::vault::keyops::spawn_key_jobs(&vault);
-    let served = api::serve(vault.clone(), listener, tls, shutdown_signal()).await;
-    let draining = std::time::Instant::now();
-    key_jobs.stop().await;
-    let flushed = vault.shut_down().await;
-    served?;
-    flushed?;
-    tracing::info!(final_flush_ms = draining.elapsed().as_millis() as u64, "stopped");
-    Ok(())
-}
-
-/// SIGHUP re-reads the regulations file; an invalid file is logged and the rules in force stay.
-fn reload_on_sighup(vault: Arc<Vault>) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match vault.reload_regulations(None).await {
-                Ok(info) => tracing::info!(version = %info.version, "SIGHUP: regulations reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: regulations NOT reloaded; the rules in force stay")
-                }
-            }
-        }
-    });
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
 }
 
 fn print_dev_banner(
@@ -885,125 +668,6 @@ fn parse_command_line() -> anyhow::Result<Cli> {
         cmd = config::ConfigFile::read(&path)?.apply(cmd)?;
     }
     Ok(Cli::from_arg_matches(&cmd.get_matches_from(args)).unwrap_or_else(|e| e.exit()))
-}
-
-/// A stopped vault (its folder's lock free), unsealed with the passphrases given, for the
-/// operator's offline commands.
-async fn open_stopped(
-    data_dir: &Path,
-    options: &VaultOptions,
-    passphrase: &PassphraseArgs,
-) -> anyhow::Result<Vault> {
-    let vault = Vault::open_sealed(data_dir, options)
-        .await
-        .with_context(|| format!("cannot open the vault in {} (is it still running?)", data_dir.display()))?;
-    for (custodian, pass) in &serve_passphrases(passphrase)? {
-        vault
-            .unseal_with(*custodian, pass.as_bytes(), None, "", "")
-            .await
-            .with_context(|| format!("cannot unseal with custodian {custodian}'s passphrase"))?;
-    }
-    if vault.is_sealed() {
-        bail!("the vault is still sealed: give enough custodians' passphrases (--passphrase-file N=FILE)");
-    }
-    Ok(vault)
-}
-
-/// `khlangd verify`: the exit status (0 intact, 3 unverified, 2 damage).
-async fn verify(
-    data_dir: PathBuf,
-    storage: StorageArgs,
-    passphrase: PassphraseArgs,
-    regulations: Option<PathBuf>,
-) -> anyhow::Result<u8> {
-    use khlang_keys::audit_chain::Verdict;
-    let options = VaultOptions {
-        storage: storage.location()?,
-        regulations: Arc::new(load_regulations(regulations.as_deref())?),
-        regulations_path: regulations,
-        ..VaultOptions::default()
-    };
-    let vault = open_stopped(&data_dir, &options, &passphrase).await?;
-    let check = vault.check_vault().await?;
-    vault.shut_down().await?;
-    outln!("records: {} opened ({} fields), {} damaged", check.records, check.fields, check.damaged);
-    for named in &check.named {
-        outln!("  {named}");
-    }
-    let entries = check.audit.entries;
-    let audit_code = match check.audit.verdict() {
-        Verdict::Intact => {
-            outln!("audit log: intact ({entries} entries)");
-            0
-        }
-        Verdict::Unverified(why) => {
-            outln!("audit log: unverified ({entries} entries): {why}");
-            3
-        }
-        Verdict::Broken(b) => {
-            outln!("audit log: BROKEN at entry {}: {}", b.seq, b.reason);
-            2
-        }
-    };
-    Ok(if check.damaged > 0 { 2 } else { audit_code })
-}
-
-/// `khlangd config check FILE`.
-fn config_check(path: &Path) -> anyhow::Result<()> {
-    let file = config::ConfigFile::read(path)?;
-    let cmd = file.apply(Cli::command())?;
-    let matches = cmd.clone().try_get_matches_from(["khlangd", "serve"]).map_err(|e| {
-        let text = e.to_string();
-        let before_usage = text.split("Usage:").next().unwrap_or_default();
-        let first = before_usage.split_whitespace().collect::<Vec<_>>().join(" ");
-        let first = first.trim_start_matches("error: ").to_owned();
-        anyhow::anyhow!(
-            "{} (with this environment) is not a complete `khlangd serve`: {first}",
-            path.display()
-        )
-    })?;
-    let redact = |long: &str, v: &str| {
-        if long == "storage" && v != "sled" { khlang_server::storage::redacted(v) } else { v.to_owned() }
-    };
-    let plain = Cli::command();
-    let Some(serve) = plain.find_subcommand("serve") else { bail!("no serve command") };
-    let Some(("serve", serve_matches)) = matches.subcommand() else { bail!("no serve command") };
-    let cli = Cli::from_arg_matches(&matches)?;
-    let Command::Serve { data_dir, storage, passphrase, server } = cli.command else {
-        bail!("no serve command")
-    };
-    let storage = storage.location().with_context(|| format!("in {}", path.display()))?;
-    let options = server.options(CipherMode::Encrypted).with_context(|| format!("in {}", path.display()))?;
-    let tls = server.tls().with_context(|| format!("in {}", path.display()))?;
-    server.audit.files()?;
-    for spec in &passphrase.passphrase_file {
-        let file =
-            spec.split_once('=').filter(|(n, _)| n.parse::<u8>().is_ok()).map_or(spec.as_str(), |(_, f)| f);
-        read_file_passphrase(Path::new(file))?;
-    }
-    outln!("# khlangd serve, as configured by {} (flag > environment > file > default)", path.display());
-    for line in config::effective(&plain, &matches, &file, &redact) {
-        outln!("{line}");
-    }
-    for line in config::effective(serve, serve_matches, &file, &redact) {
-        outln!("{line}");
-    }
-    let regs = &options.regulations;
-    outln!(
-        "# OK: regulations '{}' of {} ({} roles); TLS {}; storage {}",
-        regs.version,
-        regs.organisation,
-        regs.roles.len(),
-        if tls.is_some() { "on" } else { "off (loopback)" },
-        match storage {
-            StorageLocation::Sled => format!("sled in {}", data_dir.display()),
-            StorageLocation::Postgres { .. } => "PostgreSQL".to_owned(),
-        }
-    );
-    if !data_dir.is_dir() {
-        outln!("# note: {} does not exist yet: `khlangd init` makes it", data_dir.display());
-    }
-    Ok(())
 }
 
 async fn khlangd() -> anyhow::Result<std::process::ExitCode> {

@@ -29,34 +29,31 @@ pub(crate) async fn regulations_at_start(
     store: &dyn Storage,
     options: &VaultOptions,
 ) -> Result<(Arc<Regulations>, u64, bool), VaultError> {
-    for _ in 0..2 {
-        if let Some(stored) = store.regulations().await? {
-            let in_force = parse_stored(&stored)?;
-            let differs = in_force.version != options.regulations.version;
-            if let Some(path) = &options.regulations_path
-                && differs
-                && !options.regulations_changed
-            {
-                return Err(VaultError::FailedPrecondition(format!(
-                    "the vault's regulations in force are version {} (serial {}, put in force by {}); \
-                     {} is version {}: start with the same file (or without --regulations, to take \
-                     the vault's), or say the file replaces them with --regulations-changed (it is \
-                     put in force, audited, once the vault is unsealed)",
-                    in_force.version,
-                    stored.serial,
-                    crate::audit::clean(&stored.loaded_by),
-                    path.display(),
-                    options.regulations.version
-                )));
-            }
-            let reload = differs && options.regulations_path.is_some() && options.regulations_changed;
-            return Ok((Arc::new(in_force), stored.serial, reload));
-        }
-        // None stored yet: they are stored (tagged and audited) at the first unseal, the
-        // first moment the vault can authenticate them; until then they are in force in memory.
+    let Some(stored) = store.regulations().await? else {
+        // None stored yet: they are stored (tagged and audited) at the first unseal, the first
+        // moment the vault can authenticate them; until then they are in force in memory.
         return Ok((options.regulations.clone(), 0, false));
+    };
+    let in_force = parse_stored(&stored)?;
+    let differs = in_force.version != options.regulations.version;
+    if let Some(path) = &options.regulations_path
+        && differs
+        && !options.regulations_changed
+    {
+        return Err(VaultError::FailedPrecondition(format!(
+            "the vault's regulations in force are version {} (serial {}, put in force by {}); \
+             {} is version {}: start with the same file (or without --regulations, to take \
+             the vault's), or say the file replaces them with --regulations-changed (it is \
+             put in force, audited, once the vault is unsealed)",
+            in_force.version,
+            stored.serial,
+            crate::audit::clean(&stored.loaded_by),
+            path.display(),
+            options.regulations.version
+        )));
     }
-    Err(VaultError::Unavailable("cannot read or store the regulations in force; try again".into()))
+    let reload = differs && options.regulations_path.is_some() && options.regulations_changed;
+    Ok((Arc::new(in_force), stored.serial, reload))
 }
 
 fn parse_stored(stored: &StoredRegulations) -> Result<Regulations, VaultError> {
