@@ -296,3 +296,133 @@ async fn stripping_every_tag_does_not_get_a_forged_identity_blessed() {
     drop(store);
     let _ = contractor;
 }
+
+/// Removes a stored value as raw bytes: a key of sled's tree, or rows of the database.
+async fn raw_delete(dir: &Path, sled_key: &[u8], sql: &str) {
+    if on_postgres() {
+        database_sql(dir, sql).await;
+    } else {
+        use khlang_server::storage::{Durability, SledStore};
+        let store = SledStore::open(dir, Durability::PerRequest).unwrap();
+        assert!(store.vault_tree_for_tests().remove(sled_key).unwrap().is_some(), "the key was there");
+        store.flush_now().await.unwrap();
+    }
+}
+
+/// Values the vault once wrote, put back after a later audited change replaced or removed them:
+/// a revoked identity with its token, a withdrawn consent (from the subject's own history), and
+/// a withdrawal deleted outright. Each tag is genuine; the audit log's newest write is not theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn genuine_older_values_put_back_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut app = server.client_as("registration-app").await;
+    let record = app.put("citizen-6", canary_fields()).await.unwrap();
+    let deleted = app.put("citizen-7", canary_fields()).await.unwrap();
+    app.set_consent("citizen-6", "marketing", true).await.unwrap();
+    app.set_consent("citizen-7", "marketing", true).await.unwrap();
+    let postal = server.tokens["postal-contractor"].clone();
+    let (index_6, index_7) = {
+        let v = server.vault();
+        (v.subject_index_for_tests("citizen-6").unwrap(), v.subject_index_for_tests("citizen-7").unwrap())
+    };
+    server.stop().await;
+    // What an attacker copies while it is genuine (a database snapshot, an old backup).
+    let (identity, tokens) = {
+        let store = open_store(dir.path()).await;
+        let identity = store.get_identity("postal-contractor").await.unwrap().unwrap();
+        (identity, store.tokens_of("postal-contractor").await.unwrap())
+    };
+
+    let server = TestServer::start(dir.path()).await;
+    server.client_as("key-admin").await.revoke_identity("postal-contractor").await.unwrap();
+    let mut app = server.client_as("registration-app").await;
+    app.set_consent("citizen-6", "marketing", false).await.unwrap();
+    app.set_consent("citizen-7", "marketing", false).await.unwrap();
+    let e = server
+        .client_with_token(&postal)
+        .await
+        .get(&record, &["home_address".into()], Some("postal_delivery"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::Unauthenticated), "{e}");
+    server.stop().await;
+
+    tamper(dir.path(), async |store| {
+        let mut c = Changes::new();
+        c.put_identity(&identity);
+        for (id, token) in &tokens {
+            c.put_token(id, token);
+        }
+        // The consent granted before, from the subject's own history, back in the current slot.
+        let (_, history) = store.consent_of(&index_6).await.unwrap();
+        let granted = history.iter().find(|h| h.granted).unwrap().clone();
+        c.retag_consent(&index_6, None, &granted);
+        commit(store, c).await;
+    })
+    .await;
+    // The withdrawal deleted: no current choice at all.
+    let purpose_key = [b"c".as_slice(), &index_7, b"marketing"].concat();
+    raw_delete(
+        dir.path(),
+        &purpose_key,
+        &format!(
+            "DELETE FROM consent WHERE subject_index = '\\x{}' AND purpose = 'marketing'",
+            hex_of(&index_7)
+        ),
+    )
+    .await;
+
+    let server = TestServer::start(dir.path()).await;
+    let e = server
+        .client_with_token(&postal)
+        .await
+        .get(&record, &["home_address".into()], Some("postal_delivery"))
+        .await
+        .unwrap_err();
+    refused_as_data_loss(&e);
+    assert!(e.to_string().contains("older value") || e.to_string().contains("removed"), "{e}");
+    let mut marketing = server.client_as("marketing-officer").await;
+    for id in [&record, &deleted] {
+        let e = marketing.get(id, &["email".into()], Some("marketing")).await.unwrap_err();
+        refused_as_data_loss(&e);
+    }
+    server.stop().await;
+}
+
+/// The regulations rolled back to an older genuine version (the newer one deleted): the vault
+/// does not start under the older rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regulations_rolled_back_to_an_older_version_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let tighter = test_regulations()
+        .replace("fields = [\"card_number\", \"billing_address\"]", "fields = [\"card_number\"]");
+    assert_ne!(tighter, test_regulations());
+    std::fs::write(&server.regulations_path, &tighter).unwrap();
+    server.client_as("key-admin").await.reload_regulations().await.unwrap();
+    server.stop().await;
+    // Serial 2 deleted (sled: the pointer moved back to 1 as well).
+    if on_postgres() {
+        database_sql(dir.path(), "DELETE FROM regulations WHERE serial = 2").await;
+    } else {
+        use khlang_server::storage::{Durability, SledStore};
+        let store = SledStore::open(dir.path(), Durability::PerRequest).unwrap();
+        store.vault_tree_for_tests().insert(b"G", &1u64.to_be_bytes()).unwrap();
+        store.flush_now().await.unwrap();
+    }
+    let mut no_file = TestServer::options(dir.path());
+    no_file.regulations_path = None;
+    let refused =
+        Vault::open_or_init(dir.path(), PASSPHRASE.as_bytes(), khlang_keys::SealParams::MINIMUM, &no_file)
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(&refused, VaultError::Storage(StoreError::Unauthentic { what, why }) if what == "regulations:1" && why.contains("later version")),
+        "{refused:?}"
+    );
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1008,9 +1008,28 @@ impl AuditLog {
         mut entry: AuditEntry,
         mut changes: Changes,
     ) -> Result<Committed, VaultError> {
-        if crate::storage::authority::writes_authority(&changes) {
-            self.tag_authority(&mut entry, &mut changes)?;
+        if !crate::storage::authority::writes_authority(&changes) {
+            return self.commit_entry(store, entry, changes).await;
         }
+        // Authority writes are tagged, and the index of writes learns of them as they commit.
+        self.tag_authority(&mut entry, &mut changes)?;
+        let (write, writes) = (entry.write, entry.writes.clone());
+        self.authority.index().begin(write, &writes);
+        let committed = self.commit_entry(store, entry, changes).await;
+        let seq = match &committed {
+            Ok(Committed::Done(seq)) => Some(*seq),
+            _ => None,
+        };
+        self.authority.index().finish(write, &writes, seq);
+        committed
+    }
+
+    async fn commit_entry(
+        &self,
+        store: &dyn Storage,
+        mut entry: AuditEntry,
+        changes: Changes,
+    ) -> Result<Committed, VaultError> {
         if let (Some(batcher), false) = (&self.shared, self.disabled) {
             let committed = batcher.commit(entry, changes).await;
             if let Some(mine) = *lock(&batcher.state.mine) {
@@ -1084,6 +1103,9 @@ impl AuditLog {
             tracing::error!(error = %e, "a change and its audit entry could not be stored");
             entry.outcome = Outcome::Internal;
             entry.reason = "the change could not be stored".into();
+            // Nothing was written: the entry names no write.
+            entry.write = 0;
+            entry.writes.clear();
             let canonical = entry.canonical()?;
             let hash = chain_hash(&head.hash, &canonical);
             self.append_file(entry.seq, entry.time_ms, &hash, &canonical, true).map_err(unavailable)?;

@@ -8,7 +8,7 @@ use khlang_keys::RandomSource;
 use super::{AuditEntry, AuditLog, lock};
 use crate::VaultError;
 use crate::storage::Changes;
-use crate::storage::authority::{AuthorityKey, tag_changes};
+use crate::storage::authority::{AuthorityKey, MIGRATED_ALL, WriteIndex, tag_changes};
 
 impl AuditLog {
     /// The authority key this log tags with; the vault installs it at unseal and the store's
@@ -33,7 +33,14 @@ impl AuditLog {
         khlang_keys::OsRandom::new().fill(&mut id)?;
         // Never zero: zero means "no write" in an entry.
         let write = u64::from_be_bytes(id).max(1);
-        entry.writes = tag_changes(changes, &tagger, write)?;
+        let names = tag_changes(changes, &tagger, write)?;
+        // The one-time migration rewrites every value as it is: its entry says so in one word
+        // instead of naming each (the index accepts its write for keys no later change names).
+        entry.writes = if entry.rpc == super::Rpc::AuthenticateAuthority.as_str() {
+            vec![MIGRATED_ALL.to_owned()]
+        } else {
+            names
+        };
         entry.write = write;
         Ok(())
     }
@@ -45,5 +52,24 @@ impl AuditLog {
         let keys =
             keys.as_ref().ok_or_else(|| VaultError::FailedPrecondition("the vault is sealed".into()))?;
         Ok(keys.signer.sign_backup(sha256)?)
+    }
+
+    /// Reads the whole log into the index of authority writes (at unseal, before any authority
+    /// value is judged), replacing what it held.
+    pub fn build_write_index(&self) -> Result<(), crate::StoreError> {
+        self.file.write_through()?;
+        let mut index = WriteIndex::default();
+        for item in self.file.entries(0) {
+            let (seq, value) = item?;
+            index.note_stored(seq, &value);
+        }
+        index.finish_build(self.file.first_seq()?);
+        *self.authority.index() = index;
+        Ok(())
+    }
+
+    /// Every stored entry (`seq`, `hash ‖ canonical JSON`), damaged lines included as they read.
+    pub fn raw_entries(&self) -> crate::audit::files::StoredEntries<'_> {
+        self.file.entries(0)
     }
 }

@@ -162,7 +162,7 @@ pub fn validate(n: &str, kind: FieldKind, value: &str) -> Result<String, VaultEr
         return Err(invalid(n, "value contains control characters"));
     }
     if matches!(kind, K::Name | K::Address | K::FreeText | K::Email | K::Url | K::DomainName)
-        && let Some(what) = card_data_in(v)
+        && let Some(what) = card_data_in(v).or_else(|| auth_data_in(v))
     {
         return Err(invalid(n, what));
     }
@@ -309,6 +309,71 @@ pub fn card_data_in(value: &str) -> Option<&'static str> {
             }
         }
         i = j.max(i + 1);
+    }
+    None
+}
+
+/// Words that name sensitive authentication data (PCI DSS 3.3.1): a card's verification code
+/// or a PIN. Followed by what looks like its value, they are refused in any text.
+const AUTH_DATA_WORDS: &[(&str, usize)] = &[
+    ("cvv2", 3),
+    ("cvv", 3),
+    ("cvc2", 3),
+    ("cvc", 3),
+    ("cav2", 3),
+    ("cvn", 3),
+    ("csc", 3),
+    ("cid", 3),
+    ("pin", 4),
+    ("pincode", 4),
+    ("security code", 3),
+    ("verification code", 3),
+    ("รหัสหลังบัตร", 3),
+    ("รหัส pin", 4),
+    ("รหัสเอทีเอ็ม", 4),
+];
+
+/// Words that may stand between such a word and its value (`CVV code: 123`, `pin no. 1234`).
+const AUTH_DATA_FILLERS: &[&str] = &["is", "no", "number", "code", "คือ"];
+
+/// Sensitive authentication data typed into a text (`pin 1234`, `cvv 123`, `CVV2: 123`): one of
+/// [`AUTH_DATA_WORDS`] standing as a word, then (past separators and filler words) a run of
+/// digits of at least its length. Says what, never the value.
+pub fn auth_data_in(value: &str) -> Option<&'static str> {
+    let lower = value.to_lowercase();
+    for (word, min_digits) in AUTH_DATA_WORDS {
+        let mut from = 0;
+        while let Some(at) = lower[from..].find(word).map(|i| i + from) {
+            from = at + word.len();
+            let before = lower[..at].chars().next_back();
+            if before.is_some_and(|c| c.is_alphanumeric() && word.is_ascii()) {
+                continue;
+            }
+            let mut rest = &lower[from..];
+            if rest.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
+                continue;
+            }
+            loop {
+                let trimmed = rest.trim_start_matches([' ', ':', '=', '#', '-', '.', '\t']);
+                let filler = AUTH_DATA_FILLERS.iter().find(|f| {
+                    trimmed.starts_with(**f)
+                        && !trimmed[f.len()..].chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                });
+                match filler {
+                    Some(f) => rest = &trimmed[f.len()..],
+                    None => {
+                        rest = trimmed;
+                        break;
+                    }
+                }
+            }
+            let digits = rest.chars().take_while(char::is_ascii_digit).count();
+            if digits >= *min_digits && digits <= 12 {
+                return Some(
+                    "holds what looks like a card verification code or PIN, which PCI DSS 3.3.1 forbids storing",
+                );
+            }
+        }
     }
     None
 }
@@ -488,6 +553,36 @@ mod tests {
         }
         // A card field still takes a card number.
         assert_eq!(check("card_number", "4111 1111 1111 1111").unwrap(), "4111111111111111");
+    }
+
+    #[test]
+    fn authentication_data_in_text_is_refused() {
+        for v in [
+            "pin 1234",
+            "cvv 123",
+            "CVV2: 123",
+            "my PIN is 987654",
+            "card cvc=4321 thanks",
+            "Security code - 123",
+            "cvv no. 999",
+            "รหัสหลังบัตร 123",
+            "รหัส PIN คือ 5555",
+        ] {
+            let e = check("home_address", v).unwrap_err().to_string();
+            assert!(e.contains("PCI DSS 3.3.1") && !e.contains("123") && !e.contains("1234"), "{v}: {e}");
+            assert!(check("name", v).is_err(), "{v}");
+        }
+        // Words that merely contain one, a PIN too short to be one, and numbers without the word stay.
+        for v in [
+            "pinned 1234 times",
+            "spin 1234",
+            "Pin 12 on the map",
+            "lucid 123",
+            "room 1234",
+            "pincushion 4444",
+        ] {
+            assert!(check("home_address", v).is_ok(), "{v}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! authority value it reads: one that fails is never handed to the domain, the read fails with
 //! [`StoreError::Unauthentic`] (answered `DataLoss`), logged and counted.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use khlang_keys::AuthorityTagger;
@@ -52,6 +53,16 @@ fn name(space: &str, key: &[u8], readable: bool) -> String {
     }
 }
 
+/// The name an entry's `writes` gives a consent choice: how the write index knows it.
+pub fn consent_name(subject_index: &[u8; 32], purpose: &str) -> String {
+    format!("{SPACE_CONSENT}:{}:{purpose}", hex::encode(subject_index))
+}
+
+/// The name an entry's `writes` gives a regulations version.
+pub fn regulations_name(serial: u64) -> String {
+    format!("{SPACE_REGULATIONS}:{serial}")
+}
+
 /// Tags every authority value `changes` writes as write `write`, and returns what it writes and
 /// removes (`identity:alice`, `-token:…`), for the change's audit entry.
 pub fn tag_changes(
@@ -86,7 +97,7 @@ pub fn tag_changes(
                 let key = consent_key(subject_index, &consent.purpose);
                 consent.auth = None;
                 consent.auth = Some(tag(tagger, SPACE_CONSENT, &key, write, consent)?);
-                names.push(format!("{SPACE_CONSENT}:{}:{}", hex::encode(subject_index), consent.purpose));
+                names.push(consent_name(subject_index, &consent.purpose));
             }
             Op::PutJob(job) => {
                 job.auth = None;
@@ -96,7 +107,7 @@ pub fn tag_changes(
             Op::PutRegulations(r) | Op::RetagRegulations(r) => {
                 r.auth = None;
                 r.auth = Some(tag(tagger, SPACE_REGULATIONS, &r.serial.to_be_bytes(), write, r)?);
-                names.push(format!("{SPACE_REGULATIONS}:{}", r.serial));
+                names.push(regulations_name(r.serial));
             }
             _ => {}
         }
@@ -104,7 +115,8 @@ pub fn tag_changes(
     Ok(names)
 }
 
-/// Whether `changes` writes an authority value (so needs the authority key to be committed).
+/// Whether `changes` writes or removes an authority value (so needs the authority key, and its
+/// entry names what it did).
 pub fn writes_authority(changes: &Changes) -> bool {
     changes.ops.iter().any(|op| {
         matches!(
@@ -117,6 +129,8 @@ pub fn writes_authority(changes: &Changes) -> bool {
                 | Op::PutRegulations(_)
                 | Op::RetagRegulations(_)
                 | Op::RetagConsent { .. }
+                | Op::RemoveToken(_)
+                | Op::RemoveIdentityRequest(_)
         )
     })
 }
@@ -152,9 +166,171 @@ fn unauthentic(space: &str, key: &[u8], why: &'static str) -> StoreError {
     StoreError::Unauthentic { what: named, why }
 }
 
-/// The authority key, once the vault is unsealed; shared by the store wrapper and the audit log.
+/// What a migration entry's `writes` holds: every value its commit tagged (too many to name).
+pub const MIGRATED_ALL: &str = "*";
+
+/// The newest audited change at one authority key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Latest {
+    Written { write: u64, seq: u64 },
+    Removed { seq: u64 },
+}
+
+impl Latest {
+    fn seq(self) -> u64 {
+        match self {
+            Self::Written { seq, .. } | Self::Removed { seq } => seq,
+        }
+    }
+}
+
+/// What the audit log says was last done at each authority key (its entries' `write` and
+/// `writes`), so a value that was genuine once — a role before its demotion, a withdrawn consent,
+/// a revoked token, older regulations — put back in the store is refused: its tag is right, but
+/// its write is not the newest the log names for its key.
+#[derive(Debug, Default)]
+pub struct WriteIndex {
+    latest: HashMap<String, Latest>,
+    /// Writes of the one-time migration (each tagged every value it rewrote).
+    migrations: HashSet<u64>,
+    /// Every entry up to this seq has been read from the log (own commits are noted beside).
+    upto: u64,
+    /// The log starts at its first entry (nothing archived): a key it never names was never
+    /// written by an audited change.
+    complete: bool,
+    newest_regulations: Option<u64>,
+    built: bool,
+    /// Writes being committed now: a reader may see the new value a moment before the commit
+    /// returns and the log's entry is noted.
+    pending: HashMap<String, Vec<u64>>,
+    pending_removals: HashMap<String, usize>,
+}
+
+/// The part of an audit entry the index reads (the rest of the JSON is skipped).
+#[derive(serde::Deserialize)]
+struct EntryWrites {
+    #[serde(default)]
+    write: u64,
+    #[serde(default)]
+    writes: Vec<String>,
+}
+
+impl WriteIndex {
+    /// Notes one entry's writes. Out of order is fine: each key keeps its newest seq.
+    pub fn note(&mut self, seq: u64, write: u64, writes: &[String]) {
+        if write == 0 {
+            return;
+        }
+        for name in writes {
+            if name == MIGRATED_ALL {
+                self.migrations.insert(write);
+                continue;
+            }
+            let (key, next) = match name.strip_prefix('-') {
+                Some(key) => (key, Latest::Removed { seq }),
+                None => (name.as_str(), Latest::Written { write, seq }),
+            };
+            if let Some(serial) = key.strip_prefix("regulations:").and_then(|s| s.parse::<u64>().ok()) {
+                self.newest_regulations = self.newest_regulations.max(Some(serial));
+            }
+            match self.latest.get(key) {
+                Some(had) if had.seq() >= seq => {}
+                _ => {
+                    self.latest.insert(key.to_owned(), next);
+                }
+            }
+        }
+    }
+
+    /// Notes a stored entry (`hash ‖ canonical JSON`) read from the log at `seq`; a line that does
+    /// not parse is the verifier's to report.
+    pub fn note_stored(&mut self, seq: u64, value: &[u8]) {
+        if let Some(json) = value.get(32..)
+            && let Ok(e) = serde_json::from_slice::<EntryWrites>(json)
+        {
+            self.note(seq, e.write, &e.writes);
+        }
+        self.upto = self.upto.max(seq);
+    }
+
+    /// The log has been read from its first entry (`first`) to its end: judgements start.
+    pub fn finish_build(&mut self, first: Option<u64>) {
+        self.complete = first.is_none_or(|f| f <= 1);
+        self.built = true;
+    }
+
+    pub fn upto(&self) -> u64 {
+        self.upto
+    }
+
+    /// A change that writes `writes` as `write` is about to commit.
+    pub fn begin(&mut self, write: u64, writes: &[String]) {
+        for name in writes {
+            match name.strip_prefix('-') {
+                Some(key) => *self.pending_removals.entry(key.to_owned()).or_default() += 1,
+                None => self.pending.entry(name.clone()).or_default().push(write),
+            }
+        }
+    }
+
+    /// That change committed as entry `seq` (`None`: it did not).
+    pub fn finish(&mut self, write: u64, writes: &[String], seq: Option<u64>) {
+        for name in writes {
+            match name.strip_prefix('-') {
+                Some(key) => {
+                    if let Some(n) = self.pending_removals.get_mut(key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.pending_removals.remove(key);
+                        }
+                    }
+                }
+                None => {
+                    if let Some(w) = self.pending.get_mut(name.as_str()) {
+                        w.retain(|x| *x != write);
+                        if w.is_empty() {
+                            self.pending.remove(name.as_str());
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(seq) = seq {
+            self.note(seq, write, writes);
+        }
+    }
+
+    /// Whether a value of `name` tagged as `write` is the newest the log names.
+    fn judge(&self, name: &str, write: u64) -> Result<(), &'static str> {
+        if !self.built || self.pending.get(name).is_some_and(|w| w.contains(&write)) {
+            return Ok(());
+        }
+        match self.latest.get(name) {
+            Some(Latest::Written { write: newest, .. }) if *newest == write => Ok(()),
+            Some(Latest::Written { .. }) => {
+                Err("an older value, replaced by a later audited change, was put back")
+            }
+            Some(Latest::Removed { .. }) => Err("a value an audited change removed was put back"),
+            None if self.migrations.contains(&write) || !self.complete => Ok(()),
+            None => Err("no audited change wrote it"),
+        }
+    }
+
+    /// Whether the log says a value of `name` exists (so its absence is a deletion outside the vault).
+    fn expects(&self, name: &str) -> bool {
+        self.built
+            && !self.pending_removals.contains_key(name)
+            && matches!(self.latest.get(name), Some(Latest::Written { .. }))
+    }
+}
+
+/// The authority key, once the vault is unsealed, and the log's index of writes; shared by the
+/// store wrapper and the audit log.
 #[derive(Default)]
-pub struct AuthorityKey(RwLock<Option<Arc<AuthorityTagger>>>);
+pub struct AuthorityKey {
+    tagger: RwLock<Option<Arc<AuthorityTagger>>>,
+    index: RwLock<WriteIndex>,
+}
 
 impl std::fmt::Debug for AuthorityKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,16 +340,58 @@ impl std::fmt::Debug for AuthorityKey {
 
 impl AuthorityKey {
     pub fn install(&self, tagger: Option<Arc<AuthorityTagger>>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = tagger;
+        let sealing = tagger.is_none();
+        *self.tagger.write().unwrap_or_else(|p| p.into_inner()) = tagger;
+        if sealing {
+            *self.index() = WriteIndex::default();
+        }
     }
 
     pub fn get(&self) -> Option<Arc<AuthorityTagger>> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.tagger.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn require(&self) -> Result<Arc<AuthorityTagger>, StoreError> {
         self.get().ok_or(StoreError::Sealed)
     }
+
+    /// The index of writes (built by the audit log at unseal, kept current by every commit).
+    pub fn index(&self) -> std::sync::RwLockWriteGuard<'_, WriteIndex> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a value of `name` tagged as `write` is the newest the log names (`Err`: why not).
+    pub fn judge(&self, name: &str, write: u64) -> Result<(), &'static str> {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).judge(name, write)
+    }
+
+    fn expects(&self, name: &str) -> bool {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).expects(name)
+    }
+
+    fn newest_regulations(&self) -> Option<u64> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        index.built.then_some(index.newest_regulations).flatten()
+    }
+}
+
+/// Reads what other nodes appended to a chain the store shares since the index last looked, so a
+/// value another node wrote a moment ago is judged against its entry. Nothing to do on a store
+/// one node owns (every write is this node's, noted as it commits).
+pub async fn catch_up(store: &dyn Storage, key: &Arc<AuthorityKey>) -> Result<(), StoreError> {
+    let Some(chain) = store.shared_chain() else { return Ok(()) };
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || {
+        let rows = chain.rows();
+        let from = key.index.read().unwrap_or_else(|p| p.into_inner()).upto + 1;
+        for item in rows.entries(from) {
+            let (seq, value) = item?;
+            key.index().note_stored(seq, &value);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| StoreError::Backend("the audit index task failed".into()))?
 }
 
 /// The store as the domain sees it: every authority value read is checked (see the module doc);
@@ -195,8 +413,33 @@ impl Authentic {
         &self.inner
     }
 
-    fn check<T: Stored>(&self, space: &str, key: &[u8], value: &T) -> Result<(), StoreError> {
-        check(&*self.key.require()?, space, key, value)
+    /// A value's tag, then its write against the newest the log names for it (read again from
+    /// a shared chain first when they differ: another node may have just written it).
+    async fn authentic<T: Stored>(
+        &self,
+        space: &str,
+        key: &[u8],
+        name: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        check(&*self.key.require()?, space, key, value)?;
+        let write = value.auth().map_or(0, |a| a.write);
+        if self.key.judge(name, write).is_err() {
+            catch_up(self.inner.as_ref(), &self.key).await?;
+        }
+        self.key.judge(name, write).map_err(|why| unauthentic(space, key, why))
+    }
+
+    /// A value the store does not hold, where the log says one was written and never removed:
+    /// deleted outside the vault (a withdrawal deleted falls back to no choice, which can grant).
+    async fn absent(&self, space: &str, key: &[u8], name: &str) -> Result<(), StoreError> {
+        if self.key.expects(name) {
+            catch_up(self.inner.as_ref(), &self.key).await?;
+            if self.key.expects(name) {
+                return Err(unauthentic(space, key, "it was removed outside the vault"));
+            }
+        }
+        Ok(())
     }
 
     fn check_untagged_none(changes: &Changes) -> Result<(), StoreError> {
@@ -283,49 +526,82 @@ impl Storage for Authentic {
 
     async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
         let found = self.inner.get_identity(name).await?;
-        if let Some(i) = &found {
-            self.check(SPACE_IDENTITY, name.as_bytes(), i)?;
-            if i.name != name {
-                return Err(unauthentic(SPACE_IDENTITY, name.as_bytes(), "it names another identity"));
+        let named = format!("{SPACE_IDENTITY}:{name}");
+        match &found {
+            Some(i) => {
+                self.authentic(SPACE_IDENTITY, name.as_bytes(), &named, i).await?;
+                if i.name != name {
+                    return Err(unauthentic(SPACE_IDENTITY, name.as_bytes(), "it names another identity"));
+                }
             }
+            None => self.absent(SPACE_IDENTITY, name.as_bytes(), &named).await?,
         }
         Ok(found)
     }
     async fn list_identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
         let all = self.inner.list_identities().await?;
+        let mut seen = HashSet::new();
         for i in &all {
-            self.check(SPACE_IDENTITY, i.name.as_bytes(), i)?;
+            self.authentic(SPACE_IDENTITY, i.name.as_bytes(), &format!("{SPACE_IDENTITY}:{}", i.name), i)
+                .await?;
+            // A genuine row copied under another name lists the same identity twice.
+            if !seen.insert(i.name.as_str()) {
+                return Err(unauthentic(SPACE_IDENTITY, i.name.as_bytes(), "it is stored under two names"));
+            }
         }
         Ok(all)
     }
     async fn get_identity_request(&self, id: &str) -> Result<Option<StoredIdentityRequest>, StoreError> {
         let found = self.inner.get_identity_request(id).await?;
-        if let Some(r) = &found {
-            self.check(SPACE_IDENTITY_REQUEST, id.as_bytes(), r)?;
-            if r.id != id {
-                return Err(unauthentic(SPACE_IDENTITY_REQUEST, id.as_bytes(), "it names another request"));
+        let named = format!("{SPACE_IDENTITY_REQUEST}:{id}");
+        match &found {
+            Some(r) => {
+                self.authentic(SPACE_IDENTITY_REQUEST, id.as_bytes(), &named, r).await?;
+                if r.id != id {
+                    return Err(unauthentic(
+                        SPACE_IDENTITY_REQUEST,
+                        id.as_bytes(),
+                        "it names another request",
+                    ));
+                }
             }
+            None => self.absent(SPACE_IDENTITY_REQUEST, id.as_bytes(), &named).await?,
         }
         Ok(found)
     }
     async fn list_identity_requests(&self) -> Result<Vec<StoredIdentityRequest>, StoreError> {
         let all = self.inner.list_identity_requests().await?;
+        let mut seen = HashSet::new();
         for r in &all {
-            self.check(SPACE_IDENTITY_REQUEST, r.id.as_bytes(), r)?;
+            let named = format!("{SPACE_IDENTITY_REQUEST}:{}", r.id);
+            self.authentic(SPACE_IDENTITY_REQUEST, r.id.as_bytes(), &named, r).await?;
+            if !seen.insert(r.id.as_str()) {
+                return Err(unauthentic(
+                    SPACE_IDENTITY_REQUEST,
+                    r.id.as_bytes(),
+                    "it is stored under two ids",
+                ));
+            }
         }
         Ok(all)
     }
     async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
         let found = self.inner.get_token(token_id).await?;
-        if let Some(t) = &found {
-            self.check(SPACE_TOKEN, token_id.as_bytes(), t)?;
+        let named = format!("{SPACE_TOKEN}:{token_id}");
+        match &found {
+            Some(t) => self.authentic(SPACE_TOKEN, token_id.as_bytes(), &named, t).await?,
+            None => self.absent(SPACE_TOKEN, token_id.as_bytes(), &named).await?,
         }
         Ok(found)
     }
     async fn tokens_of(&self, name: &str) -> Result<Vec<(String, StoredToken)>, StoreError> {
         let all = self.inner.tokens_of(name).await?;
         for (id, t) in &all {
-            self.check(SPACE_TOKEN, id.as_bytes(), t)?;
+            self.authentic(SPACE_TOKEN, id.as_bytes(), &format!("{SPACE_TOKEN}:{id}"), t).await?;
+            // A database's own column may say whose a token is; only the tagged value counts.
+            if t.identity != name {
+                return Err(unauthentic(SPACE_TOKEN, id.as_bytes(), "it belongs to another identity"));
+            }
         }
         Ok(all)
     }
@@ -351,49 +627,90 @@ impl Storage for Authentic {
         purpose: &str,
     ) -> Result<Option<StoredConsent>, StoreError> {
         let found = self.inner.get_consent(subject_index, purpose).await?;
-        if let Some(c) = &found {
-            self.check(SPACE_CONSENT, &consent_key(subject_index, purpose), c)?;
-            if c.purpose != purpose {
-                return Err(unauthentic(
-                    SPACE_CONSENT,
-                    &consent_key(subject_index, purpose),
-                    "it names another purpose",
-                ));
+        let key = consent_key(subject_index, purpose);
+        let named = consent_name(subject_index, purpose);
+        match &found {
+            Some(c) => {
+                self.authentic(SPACE_CONSENT, &key, &named, c).await?;
+                if c.purpose != purpose {
+                    return Err(unauthentic(SPACE_CONSENT, &key, "it names another purpose"));
+                }
             }
+            None => self.absent(SPACE_CONSENT, &key, &named).await?,
         }
         Ok(found)
     }
     async fn all_consent(&self) -> Result<super::AllConsent, StoreError> {
         let (current, history) = self.inner.all_consent().await?;
+        let tagger = self.key.require()?;
         for (index, c) in &current {
-            self.check(SPACE_CONSENT, &consent_key(index, &c.purpose), c)?;
+            self.authentic(
+                SPACE_CONSENT,
+                &consent_key(index, &c.purpose),
+                &consent_name(index, &c.purpose),
+                c,
+            )
+            .await?;
         }
         for (index, _, c) in &history {
-            self.check(SPACE_CONSENT, &consent_key(index, &c.purpose), c)?;
+            check(&tagger, SPACE_CONSENT, &consent_key(index, &c.purpose), c)?;
         }
         Ok((current, history))
     }
+    /// The current choices are judged as the newest writes; the history is every choice ever
+    /// made, each checked by its tag.
     async fn consent_of(
         &self,
         subject_index: &[u8; 32],
     ) -> Result<(Vec<StoredConsent>, Vec<StoredConsent>), StoreError> {
         let (current, history) = self.inner.consent_of(subject_index).await?;
-        for c in current.iter().chain(&history) {
-            self.check(SPACE_CONSENT, &consent_key(subject_index, &c.purpose), c)?;
+        let tagger = self.key.require()?;
+        for c in &current {
+            let key = consent_key(subject_index, &c.purpose);
+            self.authentic(SPACE_CONSENT, &key, &consent_name(subject_index, &c.purpose), c).await?;
+        }
+        for c in &history {
+            check(&tagger, SPACE_CONSENT, &consent_key(subject_index, &c.purpose), c)?;
+            let named = consent_name(subject_index, &c.purpose);
+            if !current.iter().any(|now| now.purpose == c.purpose) {
+                self.absent(SPACE_CONSENT, &consent_key(subject_index, &c.purpose), &named).await?;
+            }
         }
         Ok((current, history))
     }
     async fn job(&self) -> Result<Option<StoredJob>, StoreError> {
         let found = self.inner.job().await?;
-        if let Some(j) = &found {
-            self.check(SPACE_JOB, b"", j)?;
+        match &found {
+            Some(j) => self.authentic(SPACE_JOB, b"", SPACE_JOB, j).await?,
+            None => self.absent(SPACE_JOB, b"", SPACE_JOB).await?,
         }
         Ok(found)
     }
+    /// The regulations in force are the newest version the log names: a pointer moved back to an
+    /// older genuine version (or forward to a forged one) is refused.
     async fn regulations(&self) -> Result<Option<StoredRegulations>, StoreError> {
         let found = self.inner.regulations().await?;
-        if let Some(r) = &found {
-            self.check(SPACE_REGULATIONS, &r.serial.to_be_bytes(), r)?;
+        let newest = self.key.newest_regulations();
+        match &found {
+            Some(r) => {
+                let key = r.serial.to_be_bytes();
+                self.authentic(SPACE_REGULATIONS, &key, &regulations_name(r.serial), r).await?;
+                if newest.is_some_and(|n| n > r.serial) {
+                    catch_up(self.inner.as_ref(), &self.key).await?;
+                    if self.key.newest_regulations().is_some_and(|n| n > r.serial) {
+                        return Err(unauthentic(SPACE_REGULATIONS, &key, "a later version was put in force"));
+                    }
+                }
+            }
+            None => {
+                if let Some(n) = newest {
+                    return Err(unauthentic(
+                        SPACE_REGULATIONS,
+                        &n.to_be_bytes(),
+                        "it was removed outside the vault",
+                    ));
+                }
+            }
         }
         Ok(found)
     }

@@ -5,9 +5,14 @@
 //! was made by an earlier build: its values are tagged as they are, and the audit log says so
 //! (`AuthenticateAuthority`, with how many of each kind). Untagged values beside tagged ones were
 //! not written by this vault (an earlier build never wrote tags, this one never writes without):
-//! they are left untagged, so they are refused wherever they are read, and reported. And a vault
-//! whose log already records that step never takes it again: stripping every tag and inserting
+//! they are left untagged, so they are refused wherever they are read, and reported. And the
+//! step is taken only on a log that verifies whole and shows no sign of this build (no entry
+//! naming a write, no migration, no line it cannot read): stripping every tag and inserting
 //! one's own values, with the vault stopped, does not get them blessed.
+//!
+//! Tags prove who wrote a value, not that it is still current: the audit log's index of writes
+//! (`storage::authority::WriteIndex`, read whole here before anything is judged) says which
+//! write is the newest for each key, so a genuine older value put back is refused too.
 
 use std::sync::Arc;
 
@@ -16,8 +21,8 @@ use khlang_keys::AuthorityTagger;
 use crate::audit::{AuditEntry, Rpc};
 use crate::policy::Operation;
 use crate::storage::authority::{
-    SPACE_CONSENT, SPACE_IDENTITY, SPACE_IDENTITY_REQUEST, SPACE_JOB, SPACE_REGULATIONS, SPACE_TOKEN, check,
-    consent_key,
+    AuthorityKey, SPACE_CONSENT, SPACE_IDENTITY, SPACE_IDENTITY_REQUEST, SPACE_JOB, SPACE_REGULATIONS,
+    SPACE_TOKEN, check, consent_key, consent_name, regulations_name,
 };
 use crate::storage::{Changes, Storage, Stored};
 use crate::{StoreError, Vault, VaultError};
@@ -28,149 +33,190 @@ const MIGRATE_PER_COMMIT: usize = 10_000;
 /// What the unseal-time check found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct AuthorityCheck {
+    /// Tagged, and the newest write the log names.
     pub tagged: u64,
     pub untagged: u64,
-    /// Tagged, but the tag does not match.
+    /// Tagged, but the tag does not match, or an older write than the log's newest.
     pub forged: u64,
     /// Untagged values this unseal tagged (an earlier build's vault).
     pub migrated: u64,
 }
 
-/// Tallies one value: `Some(true)` tagged and genuine, `Some(false)` tagged and forged, `None`
-/// untagged.
-fn classify<T: Stored>(
-    tagger: &AuthorityTagger,
-    space: &str,
-    key: &[u8],
-    v: &T,
-    c: &mut AuthorityCheck,
-) -> bool {
-    if v.auth().is_none() {
-        c.untagged += 1;
-        return true;
+/// Tallies values as it reads them.
+struct Classifier<'a> {
+    tagger: &'a AuthorityTagger,
+    index: &'a AuthorityKey,
+    found: AuthorityCheck,
+}
+
+impl Classifier<'_> {
+    /// `true`: the value is untagged (a migration candidate).
+    fn untagged<T: Stored>(&mut self, space: &str, key: &[u8], name: &str, v: &T) -> bool {
+        let Some(auth) = v.auth() else {
+            self.found.untagged += 1;
+            return true;
+        };
+        let genuine = check(self.tagger, space, key, v).is_ok();
+        match self.index.judge(name, auth.write) {
+            Ok(()) if genuine => self.found.tagged += 1,
+            _ => self.found.forged += 1,
+        }
+        false
     }
-    match check(tagger, space, key, v) {
-        Ok(()) => c.tagged += 1,
-        Err(_) => c.forged += 1,
-    }
-    false
 }
 
 impl Vault {
     /// Installs the authority key and checks (or, for an earlier build's vault, migrates) every
-    /// stored authority value. Fails, leaving the key out, only if the store cannot be read or
-    /// the regulations in force are not genuine.
+    /// stored authority value. Fails, leaving the key out, only if the store or the log cannot
+    /// be read or the regulations in force are not genuine.
     pub(crate) async fn install_authority(
         &self,
         tagger: Arc<AuthorityTagger>,
     ) -> Result<AuthorityCheck, VaultError> {
+        let key = self.audit.authority_key();
+        let installed = self.check_and_install(&key, tagger).await;
+        if installed.is_err() {
+            key.install(None);
+        }
+        installed
+    }
+
+    async fn check_and_install(
+        &self,
+        key: &Arc<AuthorityKey>,
+        tagger: Arc<AuthorityTagger>,
+    ) -> Result<AuthorityCheck, VaultError> {
         let raw = self.unchecked.clone();
-        let mut found = AuthorityCheck::default();
+        // The log first: every value is judged against the newest write it names.
+        self.audit.build_write_index()?;
+        let mut c = Classifier { tagger: &tagger, index: key, found: AuthorityCheck::default() };
         let mut untagged = Changes::new();
-        let mut n_untagged = 0usize;
         let mut per_kind: std::collections::BTreeMap<&str, u64> = Default::default();
         let mut note = |kind: &'static str| *per_kind.entry(kind).or_default() += 1;
-        let identities = raw.list_identities().await?;
-        for i in &identities {
-            if classify(&tagger, SPACE_IDENTITY, i.name.as_bytes(), i, &mut found) {
+        for i in &raw.list_identities().await? {
+            if c.untagged(SPACE_IDENTITY, i.name.as_bytes(), &format!("{SPACE_IDENTITY}:{}", i.name), i) {
                 untagged.put_identity(i);
-                n_untagged += 1;
                 note("identities");
             }
             for (id, t) in raw.tokens_of(&i.name).await? {
-                if classify(&tagger, SPACE_TOKEN, id.as_bytes(), &t, &mut found) {
+                if c.untagged(SPACE_TOKEN, id.as_bytes(), &format!("{SPACE_TOKEN}:{id}"), &t) {
                     untagged.put_token(&id, &t);
-                    n_untagged += 1;
                     note("tokens");
                 }
             }
         }
         for r in raw.list_identity_requests().await? {
-            if classify(&tagger, SPACE_IDENTITY_REQUEST, r.id.as_bytes(), &r, &mut found) {
+            let name = format!("{SPACE_IDENTITY_REQUEST}:{}", r.id);
+            if c.untagged(SPACE_IDENTITY_REQUEST, r.id.as_bytes(), &name, &r) {
                 untagged.put_identity_request(&r);
-                n_untagged += 1;
                 note("identity requests");
             }
         }
         if let Some(job) = raw.job().await?
-            && classify(&tagger, SPACE_JOB, b"", &job, &mut found)
+            && c.untagged(SPACE_JOB, b"", SPACE_JOB, &job)
         {
             untagged.put_job(&job);
-            n_untagged += 1;
             note("key job");
         }
         if let Some(r) = raw.regulations().await?
-            && classify(&tagger, SPACE_REGULATIONS, &r.serial.to_be_bytes(), &r, &mut found)
+            && c.untagged(SPACE_REGULATIONS, &r.serial.to_be_bytes(), &regulations_name(r.serial), &r)
         {
             untagged.retag_regulations(&r);
-            n_untagged += 1;
             note("regulations");
         }
         let (current, history) = raw.all_consent().await?;
-        for (index, c) in &current {
-            if classify(&tagger, SPACE_CONSENT, &consent_key(index, &c.purpose), c, &mut found) {
-                untagged.retag_consent(index, None, c);
-                n_untagged += 1;
+        for (index, v) in &current {
+            if c.untagged(SPACE_CONSENT, &consent_key(index, &v.purpose), &consent_name(index, &v.purpose), v)
+            {
+                untagged.retag_consent(index, None, v);
                 note("consent choices");
             }
         }
-        for (index, seq, c) in &history {
-            if classify(&tagger, SPACE_CONSENT, &consent_key(index, &c.purpose), c, &mut found) {
-                untagged.retag_consent(index, Some(*seq), c);
-                n_untagged += 1;
+        // The history holds every choice ever made: each is checked by its tag alone.
+        for (index, seq, v) in &history {
+            if v.auth().is_none() {
+                c.found.untagged += 1;
+                untagged.retag_consent(index, Some(*seq), v);
                 note("consent history entries");
+            } else if check(&tagger, SPACE_CONSENT, &consent_key(index, &v.purpose), v).is_ok() {
+                c.found.tagged += 1;
+            } else {
+                c.found.forged += 1;
             }
         }
-        self.audit.authority_key().install(Some(tagger));
+        let mut found = c.found;
+        key.install(Some(tagger));
         if found.forged > 0 {
             tracing::error!(
                 forged = found.forged,
-                "stored authority values fail their tags: they were changed outside the vault and are refused wherever they are read"
+                "stored authority values fail their tags or are older than the newest write the audit log names: \
+                 they were changed outside the vault and are refused wherever they are read"
             );
         }
-        if n_untagged > 0 {
-            let migrate = found.tagged == 0 && found.forged == 0 && !self.authority_migrated_before()?;
-            if migrate {
+        if found.untagged > 0 {
+            if found.tagged == 0 && found.forged == 0 && self.may_migrate_authority().await? {
                 found.migrated = self.migrate_authority(untagged, &per_kind).await?;
             } else {
                 tracing::error!(
                     untagged = found.untagged,
-                    "stored authority values without a tag in a vault whose values carry tags (or whose log records \
-                     their migration): they were not written by this vault and are refused wherever they are read"
+                    "stored authority values without a tag in a vault whose values carry tags (or whose log shows \
+                     this build): they were not written by this vault and are refused wherever they are read"
                 );
             }
         }
-        self.store_first_regulations().await.inspect_err(|_| self.audit.authority_key().install(None))?;
-        metrics::gauge!("khlang_authority_unauthentic")
-            .set((found.forged + found.untagged - found.migrated) as f64);
-        // The regulations this vault started under were read before it could check them.
-        if let Some(stored) =
-            self.store.regulations().await.inspect_err(|_| self.audit.authority_key().install(None))?
-            && stored.serial == self.regulations_serial()
-            && crate::policy::regulations::Regulations::parse(&stored.text).map(|r| r.version).ok()
-                != Some(self.regulations().version.clone())
-        {
-            self.audit.authority_key().install(None);
-            return Err(StoreError::Unauthentic {
-                what: format!("regulations:{}", stored.serial),
-                why: "they changed since the vault started",
-            }
-            .into());
-        }
+        self.store_first_regulations().await?;
+        self.regulations_from_store().await?;
+        let unauthentic = found.forged + found.untagged - found.migrated;
+        metrics::gauge!("khlang_authority_unauthentic").set(unauthentic as f64);
         Ok(found)
     }
 
-    /// Whether the audit log shows this vault already had tags: a migration, or any change that
-    /// wrote tagged values (read from the log itself, which no one can edit unseen). Read only
-    /// when every stored authority value is untagged.
-    fn authority_migrated_before(&self) -> Result<bool, VaultError> {
-        for entry in self.audit.read_entries() {
-            let entry = entry?;
-            if entry.write != 0 || entry.rpc == Rpc::AuthenticateAuthority.as_str() {
-                return Ok(true);
+    /// The regulations in force are the newest genuine version in the store: the copy a sealed
+    /// vault started under was read before it could be checked (it may have been swapped since,
+    /// or swapped back), so the checked one replaces it when they differ.
+    async fn regulations_from_store(&self) -> Result<(), VaultError> {
+        let Some(stored) = self.store.regulations().await? else { return Ok(()) };
+        if stored.serial == self.regulations_serial() && stored.text == *self.regulations().text {
+            return Ok(());
+        }
+        let checked = crate::policy::regulations::Regulations::parse(&stored.text)
+            .map_err(|_| StoreError::Corrupt("regulations"))?;
+        tracing::warn!(
+            serial = stored.serial,
+            version = %checked.version,
+            "the regulations read before unsealing are not the newest genuine version: that one is in force"
+        );
+        self.force_regulations(checked, stored.serial);
+        Ok(())
+    }
+
+    /// Whether this vault's values may be taken for an earlier build's: its log verifies whole
+    /// (no edited entry), every line of it reads, and none shows this build (a write, a
+    /// migration, the first regulations stored at unseal).
+    async fn may_migrate_authority(&self) -> Result<bool, VaultError> {
+        if matches!(self.verify_audit_now().await?.verdict(), khlang_keys::audit_chain::Verdict::Broken(_)) {
+            tracing::error!(
+                "authority values carry no tags, but the audit log does not verify: not migrating them"
+            );
+            return Ok(false);
+        }
+        let this_build = [Rpc::AuthenticateAuthority.as_str(), Rpc::FirstRegulations.as_str()];
+        for line in self.audit.raw_entries() {
+            let (seq, value) = line?;
+            let Some(entry) = value.get(32..).and_then(|j| serde_json::from_slice::<AuditEntry>(j).ok())
+            else {
+                tracing::error!(seq, "an audit entry does not read: not migrating authority values");
+                return Ok(false);
+            };
+            if entry.write != 0 || !entry.writes.is_empty() || this_build.contains(&entry.rpc.as_str()) {
+                tracing::error!(
+                    seq,
+                    "authority values carry no tags, but the log shows this build wrote tagged ones: not migrating"
+                );
+                return Ok(false);
             }
         }
-        Ok(false)
+        Ok(true)
     }
 
     async fn migrate_authority(

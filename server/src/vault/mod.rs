@@ -762,6 +762,15 @@ impl Vault {
 
     /// Swaps in `next`, stored as `serial`; serials only move forward, so a follower that read
     /// an older version late cannot undo a newer one.
+    /// Puts `next` in force as `serial` whatever was in force (the unseal-time check replacing
+    /// regulations read before they could be checked).
+    pub(crate) fn force_regulations(&self, next: Regulations, serial: u64) {
+        let mut slot = self.regulations.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.regulations_serial.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Arc::new(next);
+        *current = serial;
+    }
+
     pub(crate) fn install_regulations(&self, next: Regulations, serial: u64) -> bool {
         let mut slot = self.regulations.write().unwrap_or_else(|p| p.into_inner());
         let mut current = self.regulations_serial.lock().unwrap_or_else(|p| p.into_inner());
