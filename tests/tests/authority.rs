@@ -49,6 +49,7 @@ async fn a_role_rewritten_in_the_store_is_refused_not_obeyed() {
     let contractor = server.tokens["statistics-contractor"].clone();
     let e = server.client_with_token(&contractor).await.export_subject("citizen-1").await.unwrap_err();
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    assert!(health_becomes(&server.url(), "khlang.v1.Authority", true).await, "genuine: serving");
     server.stop().await;
 
     tamper(dir.path(), async |store| {
@@ -69,6 +70,9 @@ async fn a_role_rewritten_in_the_store_is_refused_not_obeyed() {
     let records =
         server.client_as("data-protection-officer").await.export_subject("citizen-1").await.unwrap();
     assert_eq!(records.len(), 1);
+    // Health and metrics say so.
+    assert!(health_becomes(&server.url(), "khlang.v1.Authority", false).await, "health says so");
+    assert!(server.vault().authority_refused() > 0);
     // The refusal is in the access log.
     assert!(
         server
@@ -124,6 +128,25 @@ async fn identities_and_tokens_moved_or_inserted_in_the_store_are_refused() {
     refused_as_data_loss(&e);
     server.client_as("data-protection-officer").await.export_subject("citizen-2").await.unwrap();
     server.stop().await;
+    // `khlangd verify` on the stopped vault counts them and exits 2 (damage).
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, format!("{PASSPHRASE}\n")).unwrap();
+    let mut args = vec![
+        "verify",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ];
+    let url = on_postgres().then(|| database_url(dir.path()));
+    if let Some(url) = &url {
+        args.extend(["--storage", url.as_str()]);
+    }
+    let out = khlangd_cmd(&args);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{report} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("authority: ") && report.contains("not written by this vault"), "{report}");
+    assert!(!report.contains(" 0 not written"), "{report}");
 }
 
 /// Copies one identity's stored bytes (with its tag) over another's, as raw bytes: sled's tree,

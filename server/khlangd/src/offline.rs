@@ -40,6 +40,7 @@ pub(crate) async fn verify(
     };
     let vault = open_stopped(&data_dir, &options, &passphrase).await?;
     let check = vault.check_vault().await?;
+    let authority = vault.authority_check();
     vault.shut_down().await?;
     outln!("records: {} opened ({} fields), {} damaged", check.records, check.fields, check.damaged);
     for named in &check.named {
@@ -60,7 +61,19 @@ pub(crate) async fn verify(
             2
         }
     };
-    Ok(if check.damaged > 0 { 2 } else { audit_code })
+    // Values that decide who may do what: tagged by this vault and the newest its log names.
+    let unauthentic = authority.forged + authority.untagged - authority.migrated;
+    outln!(
+        "authority: {} genuine, {} not written by this vault{}",
+        authority.tagged + authority.migrated,
+        unauthentic,
+        if authority.migrated > 0 {
+            format!(" ({} from an earlier build authenticated now)", authority.migrated)
+        } else {
+            String::new()
+        }
+    );
+    Ok(if check.damaged > 0 || unauthentic > 0 { 2 } else { audit_code })
 }
 
 /// `khlangd config check FILE`.

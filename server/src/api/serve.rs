@@ -10,6 +10,9 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// The health service that answers whether every value deciding access read so far was
+/// genuine (NOT_SERVING once one was not, until the next unseal; and while sealed).
+pub const AUTHORITY_HEALTH: &str = "khlang.v1.Authority";
 /// How long open requests may take to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -181,6 +184,7 @@ pub async fn serve(
         OperatorServer::new(api.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
     let keys = KeysServer::new(api).max_decoding_message_size(max).max_encoding_message_size(max);
     let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status(AUTHORITY_HEALTH, tonic_health::ServingStatus::NotServing).await;
     health.set_serving::<RecordsServer<Api>>().await;
     health.set_serving::<SubjectsServer<Api>>().await;
     health.set_serving::<AdminServer<Api>>().await;
@@ -214,7 +218,10 @@ pub async fn serve(
                 // Every request writes its entry first: a log that cannot be written serves
                 // nothing (the operator service still answers custodians, and says why).
                 let unwritable = !vault.audit_writable().await;
-                if shown != Some((broken, sealed, unwritable)) {
+                // Values that decide access found not genuine: the node serves what is genuine
+                // and says so under a service of its own.
+                let forged = vault.authority_refused() > 0;
+                if shown != Some((broken, sealed, unwritable, forged)) {
                     use tonic_health::ServingStatus::{NotServing, Serving};
                     let status = |down: bool| if down { NotServing } else { Serving };
                     // Sealed, only the operator service (custodians unseal through it) serves;
@@ -233,10 +240,17 @@ pub async fn serve(
                     ] {
                         health.set_service_status(name, status(sealed || unwritable)).await;
                     }
+                    health.set_service_status(AUTHORITY_HEALTH, status(sealed || forged)).await;
                     if unwritable {
                         tracing::error!("the audit log cannot be written: health NOT_SERVING");
                     }
-                    shown = Some((broken, sealed, unwritable));
+                    if forged {
+                        tracing::error!(
+                            "stored values that decide access were found changed outside the vault: health \
+                             {AUTHORITY_HEALTH} NOT_SERVING until the next unseal"
+                        );
+                    }
+                    shown = Some((broken, sealed, unwritable, forged));
                 }
                 if vault.repeats_counting() {
                     // Summaries of repeated unauthenticated events, once their interval ends.
@@ -272,6 +286,7 @@ pub async fn serve(
         health.set_not_serving::<AuditServer<Api>>().await;
         health.set_not_serving::<OperatorServer<Api>>().await;
         health.set_not_serving::<KeysServer<Api>>().await;
+        health.set_service_status(AUTHORITY_HEALTH, tonic_health::ServingStatus::NotServing).await;
         let _ = stopping_tx.send(());
     };
     let router = tonic::transport::Server::builder()

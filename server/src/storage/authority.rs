@@ -330,6 +330,8 @@ impl WriteIndex {
 pub struct AuthorityKey {
     tagger: RwLock<Option<Arc<AuthorityTagger>>>,
     index: RwLock<WriteIndex>,
+    /// Authority values refused since the key was installed (health says so while non-zero).
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for AuthorityKey {
@@ -341,6 +343,7 @@ impl std::fmt::Debug for AuthorityKey {
 impl AuthorityKey {
     pub fn install(&self, tagger: Option<Arc<AuthorityTagger>>) {
         let sealing = tagger.is_none();
+        self.refused.store(0, std::sync::atomic::Ordering::Relaxed);
         *self.tagger.write().unwrap_or_else(|p| p.into_inner()) = tagger;
         if sealing {
             *self.index() = WriteIndex::default();
@@ -353,6 +356,16 @@ impl AuthorityKey {
 
     fn require(&self) -> Result<Arc<AuthorityTagger>, StoreError> {
         self.get().ok_or(StoreError::Sealed)
+    }
+
+    /// Counts authority values found not genuine (by a read, or by the unseal-time check).
+    pub fn count_refused(&self, n: u64) {
+        self.refused.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many authority values were found not genuine since unseal.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The index of writes (built by the audit log at unseal, kept current by every commit).
@@ -413,6 +426,11 @@ impl Authentic {
         &self.inner
     }
 
+    fn refuse(&self, space: &str, key: &[u8], why: &'static str) -> StoreError {
+        self.key.count_refused(1);
+        unauthentic(space, key, why)
+    }
+
     /// A value's tag, then its write against the newest the log names for it (read again from
     /// a shared chain first when they differ: another node may have just written it).
     async fn authentic<T: Stored>(
@@ -422,12 +440,12 @@ impl Authentic {
         name: &str,
         value: &T,
     ) -> Result<(), StoreError> {
-        check(&*self.key.require()?, space, key, value)?;
+        check(&*self.key.require()?, space, key, value).inspect_err(|_| self.key.count_refused(1))?;
         let write = value.auth().map_or(0, |a| a.write);
         if self.key.judge(name, write).is_err() {
             catch_up(self.inner.as_ref(), &self.key).await?;
         }
-        self.key.judge(name, write).map_err(|why| unauthentic(space, key, why))
+        self.key.judge(name, write).map_err(|why| self.refuse(space, key, why))
     }
 
     /// A value the store does not hold, where the log says one was written and never removed:
@@ -436,7 +454,7 @@ impl Authentic {
         if self.key.expects(name) {
             catch_up(self.inner.as_ref(), &self.key).await?;
             if self.key.expects(name) {
-                return Err(unauthentic(space, key, "it was removed outside the vault"));
+                return Err(self.refuse(space, key, "it was removed outside the vault"));
             }
         }
         Ok(())
@@ -531,7 +549,7 @@ impl Storage for Authentic {
             Some(i) => {
                 self.authentic(SPACE_IDENTITY, name.as_bytes(), &named, i).await?;
                 if i.name != name {
-                    return Err(unauthentic(SPACE_IDENTITY, name.as_bytes(), "it names another identity"));
+                    return Err(self.refuse(SPACE_IDENTITY, name.as_bytes(), "it names another identity"));
                 }
             }
             None => self.absent(SPACE_IDENTITY, name.as_bytes(), &named).await?,
@@ -546,7 +564,7 @@ impl Storage for Authentic {
                 .await?;
             // A genuine row copied under another name lists the same identity twice.
             if !seen.insert(i.name.as_str()) {
-                return Err(unauthentic(SPACE_IDENTITY, i.name.as_bytes(), "it is stored under two names"));
+                return Err(self.refuse(SPACE_IDENTITY, i.name.as_bytes(), "it is stored under two names"));
             }
         }
         Ok(all)
@@ -558,7 +576,7 @@ impl Storage for Authentic {
             Some(r) => {
                 self.authentic(SPACE_IDENTITY_REQUEST, id.as_bytes(), &named, r).await?;
                 if r.id != id {
-                    return Err(unauthentic(
+                    return Err(self.refuse(
                         SPACE_IDENTITY_REQUEST,
                         id.as_bytes(),
                         "it names another request",
@@ -576,7 +594,7 @@ impl Storage for Authentic {
             let named = format!("{SPACE_IDENTITY_REQUEST}:{}", r.id);
             self.authentic(SPACE_IDENTITY_REQUEST, r.id.as_bytes(), &named, r).await?;
             if !seen.insert(r.id.as_str()) {
-                return Err(unauthentic(
+                return Err(self.refuse(
                     SPACE_IDENTITY_REQUEST,
                     r.id.as_bytes(),
                     "it is stored under two ids",
@@ -600,7 +618,7 @@ impl Storage for Authentic {
             self.authentic(SPACE_TOKEN, id.as_bytes(), &format!("{SPACE_TOKEN}:{id}"), t).await?;
             // A database's own column may say whose a token is; only the tagged value counts.
             if t.identity != name {
-                return Err(unauthentic(SPACE_TOKEN, id.as_bytes(), "it belongs to another identity"));
+                return Err(self.refuse(SPACE_TOKEN, id.as_bytes(), "it belongs to another identity"));
             }
         }
         Ok(all)
@@ -633,7 +651,7 @@ impl Storage for Authentic {
             Some(c) => {
                 self.authentic(SPACE_CONSENT, &key, &named, c).await?;
                 if c.purpose != purpose {
-                    return Err(unauthentic(SPACE_CONSENT, &key, "it names another purpose"));
+                    return Err(self.refuse(SPACE_CONSENT, &key, "it names another purpose"));
                 }
             }
             None => self.absent(SPACE_CONSENT, &key, &named).await?,
@@ -653,7 +671,8 @@ impl Storage for Authentic {
             .await?;
         }
         for (index, _, c) in &history {
-            check(&tagger, SPACE_CONSENT, &consent_key(index, &c.purpose), c)?;
+            check(&tagger, SPACE_CONSENT, &consent_key(index, &c.purpose), c)
+                .inspect_err(|_| self.key.count_refused(1))?;
         }
         Ok((current, history))
     }
@@ -670,7 +689,8 @@ impl Storage for Authentic {
             self.authentic(SPACE_CONSENT, &key, &consent_name(subject_index, &c.purpose), c).await?;
         }
         for c in &history {
-            check(&tagger, SPACE_CONSENT, &consent_key(subject_index, &c.purpose), c)?;
+            check(&tagger, SPACE_CONSENT, &consent_key(subject_index, &c.purpose), c)
+                .inspect_err(|_| self.key.count_refused(1))?;
             let named = consent_name(subject_index, &c.purpose);
             if !current.iter().any(|now| now.purpose == c.purpose) {
                 self.absent(SPACE_CONSENT, &consent_key(subject_index, &c.purpose), &named).await?;
@@ -698,13 +718,13 @@ impl Storage for Authentic {
                 if newest.is_some_and(|n| n > r.serial) {
                     catch_up(self.inner.as_ref(), &self.key).await?;
                     if self.key.newest_regulations().is_some_and(|n| n > r.serial) {
-                        return Err(unauthentic(SPACE_REGULATIONS, &key, "a later version was put in force"));
+                        return Err(self.refuse(SPACE_REGULATIONS, &key, "a later version was put in force"));
                     }
                 }
             }
             None => {
                 if let Some(n) = newest {
-                    return Err(unauthentic(
+                    return Err(self.refuse(
                         SPACE_REGULATIONS,
                         &n.to_be_bytes(),
                         "it was removed outside the vault",

@@ -166,9 +166,20 @@ impl Vault {
         }
         self.store_first_regulations().await?;
         self.regulations_from_store().await?;
-        let unauthentic = found.forged + found.untagged - found.migrated;
-        metrics::gauge!("khlang_authority_unauthentic").set(unauthentic as f64);
+        key.count_refused(found.forged + found.untagged - found.migrated);
+        *self.authority_found.lock().unwrap_or_else(|p| p.into_inner()) = found;
         Ok(found)
+    }
+
+    /// Authority values found not genuine since unseal (at unseal or by a read): health's
+    /// `khlang.v1.Authority` answers NOT_SERVING while there are any.
+    pub fn authority_refused(&self) -> u64 {
+        self.audit.authority_key().refused()
+    }
+
+    /// What the last unseal-time check found (`khlangd verify` reports it).
+    pub fn authority_check(&self) -> AuthorityCheck {
+        *self.authority_found.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The regulations in force are the newest genuine version in the store: the copy a sealed

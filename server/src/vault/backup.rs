@@ -88,6 +88,19 @@ pub struct BackupReport {
     pub held: std::time::Duration,
 }
 
+/// What the audit key signs: the file's SHA-256 and the End frame's own counts (the id floor a
+/// restore sets is among them), so no byte that a restore acts on is left unsigned.
+fn signed_digest(sha256: &[u8; 32], ids_from: u64, store_entries: u64, records: u64) -> [u8; 32] {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    h.update(sha256);
+    for n in [ids_from, store_entries, records] {
+        h.update(&n.to_be_bytes());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(h.finish().as_ref());
+    out
+}
+
 fn corrupt(what: &'static str) -> StoreError {
     StoreError::Corrupt(what)
 }
@@ -183,11 +196,12 @@ impl<'k, R: Read> Reader<'k, R> {
         self.input.read_exact(&mut body).map_err(|_| corrupt("backup (cut short in a frame)"))?;
         let frame: Frame =
             postcard::from_bytes(&body).map_err(|_| corrupt("backup (a frame does not decode)"))?;
-        if let Frame::End { sha256, signature, .. } = &frame {
+        if let Frame::End { sha256, signature, ids_from, store_entries, records } = &frame {
             if self.hash.clone().finish().as_ref() != sha256 {
                 return Err(corrupt("backup (its checksum does not match: the file is damaged)"));
             }
-            if !khlang_keys::audit_chain::verify_backup(self.public_key, sha256, signature) {
+            let signed = signed_digest(sha256, *ids_from, *store_entries, *records);
+            if !khlang_keys::audit_chain::verify_backup(self.public_key, &signed, signature) {
                 return Err(StoreError::Unauthentic {
                     what: "backup file".into(),
                     why: "its signature does not verify under the audit public key given: it was changed \
@@ -289,7 +303,8 @@ impl Vault {
                     Ok(())
                 })?;
                 let sha256 = w.digest();
-                let signature = vault.audit.sign_backup(&sha256)?;
+                let signature =
+                    vault.audit.sign_backup(&signed_digest(&sha256, ids_from, store_entries, records))?;
                 w.frame(&Frame::End { ids_from, store_entries, records, sha256, signature })?;
                 // The copy is complete: commits go on while the file is flushed and synced.
                 drop(commits_held);
@@ -395,10 +410,20 @@ pub struct RestoreReport {
 /// audit public key as the operator holds it) before anything is written; if writing fails, what
 /// was written is removed again.
 pub fn restore(file: &Path, data_dir: &Path, public_key: &[u8]) -> Result<RestoreReport, VaultError> {
+    // One private copy is checked and then restored: the file (or a FIFO, or a swap between the
+    // two passes) cannot show the check one content and the restore another.
+    let mut source = std::fs::File::open(file)
+        .map_err(|e| VaultError::FailedPrecondition(format!("cannot read {}: {e}", file.display())))?;
+    let beside = data_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut copy = tempfile::tempfile_in(beside).map_err(|e| {
+        VaultError::FailedPrecondition(format!("cannot write a copy in {}: {e}", beside.display()))
+    })?;
+    std::io::copy(&mut source, &mut copy).map_err(read_error)?;
     let open = || {
-        std::fs::File::open(file)
-            .map(|f| std::io::BufReader::with_capacity(1 << 20, f))
-            .map_err(|e| VaultError::FailedPrecondition(format!("cannot read {}: {e}", file.display())))
+        use std::io::Seek;
+        let mut f = copy.try_clone().map_err(read_error)?;
+        f.rewind().map_err(read_error)?;
+        Ok::<_, VaultError>(std::io::BufReader::with_capacity(1 << 20, f))
     };
     let header = check(Reader::new(open()?, public_key)?)?;
     if header.backend != SLED {
@@ -541,7 +566,7 @@ mod tests {
             w.frame(f).unwrap();
         }
         let sha256 = w.digest();
-        let signature = by.sign_backup(&sha256).unwrap();
+        let signature = by.sign_backup(&signed_digest(&sha256, 0, entries, 0)).unwrap();
         w.frame(&Frame::End { ids_from: 0, store_entries: entries, records: 0, sha256, signature }).unwrap();
         w.out
     }
@@ -565,6 +590,22 @@ mod tests {
             .unwrap();
         let mut old = crafted(frames());
         old[9] = 1;
+        // The End frame's id floor raised (the End frame is outside the checksum, not the
+        // signature): the frame starts 4 + its length before the file's end.
+        let mut floor = crafted(frames());
+        let end_len = floor.len() - {
+            let mut at = MAGIC.len();
+            let mut last = at;
+            while at < floor.len() {
+                last = at;
+                at += 4 + u32::from_be_bytes(floor[at..at + 4].try_into().unwrap()) as usize;
+            }
+            last
+        };
+        let end_at = floor.len() - end_len + 4;
+        assert_eq!(floor[end_at], 3, "the End variant");
+        assert_eq!(floor[end_at + 1], 0, "ids_from 0");
+        floor[end_at + 1] = 100;
         for (what, bytes, says) in [
             (
                 "signed by another key, naming ours",
@@ -577,6 +618,7 @@ mod tests {
                 "another audit public key",
             ),
             ("format 1", old, "made before backups were signed"),
+            ("id floor changed", floor, "signature does not verify"),
         ] {
             let (tmp, result) = restore_bytes(&bytes);
             let e = result.unwrap_err();

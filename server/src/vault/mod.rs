@@ -327,6 +327,8 @@ pub struct Vault {
     pub(crate) store: Arc<dyn Storage>,
     /// The same store without the authority checks (the unseal-time check reads through it).
     pub(crate) unchecked: Arc<dyn Storage>,
+    /// What the last unseal-time authority check found.
+    pub(crate) authority_found: std::sync::Mutex<authority::AuthorityCheck>,
     keys: RwLock<Option<Arc<Unsealed>>>,
     /// Custodians' shares received while sealed, until there are enough.
     pub(crate) pending_shares: std::sync::Mutex<Vec<KeyShare>>,
@@ -579,6 +581,7 @@ impl Vault {
         let vault = Self {
             store,
             unchecked,
+            authority_found: Default::default(),
             keys: RwLock::new(None),
             pending_shares: std::sync::Mutex::new(Vec::new()),
             rekey: tokio::sync::Mutex::new(None),
