@@ -207,6 +207,11 @@ async fn regulations_written_into_the_store_are_never_in_force() {
         assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
         let now = server.client_as("key-admin").await.regulations().await.unwrap();
         assert_eq!(now.version, before.version, "the forged version is not in force");
+        // The node raised an alarm entry, once.
+        let alarms: Vec<_> =
+            server.audit_entries().into_iter().filter(|e| e.rpc == "AuthorityAlarm").collect();
+        assert_eq!(alarms.len(), 1, "{alarms:?}");
+        assert!(alarms[0].reason.contains("regulations") && alarms[0].outcome == "DataLoss", "{alarms:?}");
         server.stop().await;
     } else {
         server.stop().await;

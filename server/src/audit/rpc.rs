@@ -43,7 +43,7 @@ rpcs! {
         Sighup = "SIGHUP", ArchiveAudit = "ArchiveAudit", AuditBreak = "AuditBreak",
         AcceptAuditBreak = "AcceptAuditBreak", AuditUnproven = "AuditUnproven",
         VerifyVault = "VerifyVault", AuthenticateAuthority = "AuthenticateAuthority",
-        FirstRegulations = "FirstRegulations",
+        FirstRegulations = "FirstRegulations", AuthorityAlarm = "AuthorityAlarm",
 }
 
 impl std::fmt::Display for Rpc {

@@ -116,7 +116,30 @@ impl Vault {
         if serial <= self.regulations_serial() {
             return Ok(false);
         }
-        let Some(stored) = self.store.regulations().await? else { return Ok(false) };
+        let stored = match self.store.regulations().await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Ok(false),
+            Err(e @ crate::StoreError::Unauthentic { .. }) => {
+                // Regulations that appeared in the store without the audited change that makes
+                // them: never in force; the log says so once per serial.
+                let mut alarmed = self.alarmed_regulations.lock().await;
+                if *alarmed < serial {
+                    *alarmed = serial;
+                    let regs = self.regulations();
+                    let mut entry = crate::vault::operator_entry(
+                        crate::audit::Rpc::AuthorityAlarm,
+                        crate::policy::Operation::RegulationsAdmin,
+                        &regs,
+                    );
+                    entry.identity = "vault".into();
+                    entry.outcome = crate::Outcome::DataLoss;
+                    entry.reason = crate::audit::clean(&format!("serial {serial} refused: {e}"));
+                    self.commit_now(entry, Changes::none()).await?;
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let next = parse_stored(&stored)?;
         let version = next.version.clone();
         if self.install_regulations(next, stored.serial) {
@@ -140,6 +163,15 @@ pub(crate) async fn follow(vault: Weak<Vault>) {
     loop {
         tick.tick().await;
         let Some(vault) = vault.upgrade() else { return };
+        // What other nodes wrote, read into the index of authority writes (a credential another
+        // node revoked is refused here within a tick even if its cache was not told).
+        if !vault.is_sealed()
+            && let Err(e) =
+                crate::storage::authority::catch_up(vault.unchecked.as_ref(), &vault.audit.authority_key())
+                    .await
+        {
+            tracing::warn!(error = %e, "cannot read the shared audit chain's new entries; retrying");
+        }
         // Stored regulations can be checked only with the unsealed vault's authority key.
         if !vault.is_sealed()
             && let Err(e) = vault.follow_regulations().await

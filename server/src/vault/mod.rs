@@ -329,6 +329,8 @@ pub struct Vault {
     pub(crate) unchecked: Arc<dyn Storage>,
     /// What the last unseal-time authority check found.
     pub(crate) authority_found: std::sync::Mutex<authority::AuthorityCheck>,
+    /// The newest stored regulations serial refused (and recorded as an alarm entry) by a follower.
+    pub(crate) alarmed_regulations: tokio::sync::Mutex<u64>,
     keys: RwLock<Option<Arc<Unsealed>>>,
     /// Custodians' shares received while sealed, until there are enough.
     pub(crate) pending_shares: std::sync::Mutex<Vec<KeyShare>>,
@@ -582,6 +584,7 @@ impl Vault {
             store,
             unchecked,
             authority_found: Default::default(),
+            alarmed_regulations: Default::default(),
             keys: RwLock::new(None),
             pending_shares: std::sync::Mutex::new(Vec::new()),
             rekey: tokio::sync::Mutex::new(None),
