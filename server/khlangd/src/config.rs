@@ -293,3 +293,103 @@ mod tests {
         assert_eq!(named_in(&args(&["k", "serve", "--config=b.toml"])), Some("b.toml".into()));
     }
 }
+
+/// Any text with the passwords in it masked: a URL's `user:password@` (every scheme) and a
+/// keyword setting's `password=…` (libpq's form). Used on every setting `config check` prints
+/// and on every error line the daemon prints, since a TOML or argument error quotes the text it
+/// could not take.
+pub fn scrub(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let end = after
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority.rfind('@').and_then(|user_end| authority[..user_end].find(':').map(|c| (c, user_end)))
+        {
+            Some((colon, user_end)) => {
+                out.push_str(&authority[..=colon]);
+                out.push_str("***");
+                out.push_str(&authority[user_end..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    scrub_keywords(&out)
+}
+
+/// `password=secret`, `password = 'secret'` (any case, `pass`/`passwd`/`password`): the value
+/// masked.
+fn scrub_keywords(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        let word = ["password", "passwd", "pass"].into_iter().find(|w| lower[i..].starts_with(w));
+        let boundary = i == 0 || !lower.as_bytes()[i - 1].is_ascii_alphanumeric();
+        if let (Some(w), true) = (word, boundary) {
+            let mut j = i + w.len();
+            let bytes = text.as_bytes();
+            while j < text.len() && bytes[j] == b' ' {
+                j += 1;
+            }
+            if j < text.len() && bytes[j] == b'=' {
+                j += 1;
+                while j < text.len() && bytes[j] == b' ' {
+                    j += 1;
+                }
+                let quote = (j < text.len() && (bytes[j] == b'\'' || bytes[j] == b'"')).then(|| bytes[j]);
+                let start = if quote.is_some() { j + 1 } else { j };
+                let mut k = start;
+                while k < text.len()
+                    && !match quote {
+                        Some(q) => bytes[k] == q,
+                        None => bytes[k].is_ascii_whitespace() || bytes[k] == b'&' || bytes[k] == b'"',
+                    }
+                {
+                    k += 1;
+                }
+                out.push_str(&text[i..start]);
+                out.push_str("***");
+                i = k;
+                continue;
+            }
+        }
+        let c = text[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&text[i..i + c]);
+        i += c;
+    }
+    out
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use super::scrub;
+
+    #[test]
+    fn passwords_are_masked_wherever_they_appear() {
+        for (text, shows) in [
+            ("postgres://khlang:hunter2@db/khlang", "postgres://khlang:***@db/khlang"),
+            ("syslog+tls://u:p%40ss@host:6514", "syslog+tls://u:***@host:6514"),
+            ("host=db user=k password=hunter2 dbname=x", "host=db user=k password=*** dbname=x"),
+            (
+                "postgres://db/x?user=k&password=hunter2&sslmode=require",
+                "postgres://db/x?user=k&password=***&sslmode=require",
+            ),
+            ("PASSWORD = 'a b c' host=x", "PASSWORD = '***' host=x"),
+            (
+                "invalid value 'postgres://u:hunter2@h' for '--listen'",
+                "invalid value 'postgres://u:***@h' for '--listen'",
+            ),
+            ("http://127.0.0.1:7070 and file:///var/log/x", "http://127.0.0.1:7070 and file:///var/log/x"),
+            ("passenger=1 compass=2", "passenger=1 compass=2"),
+        ] {
+            assert_eq!(scrub(text), shows, "{text}");
+        }
+    }
+}

@@ -39,7 +39,8 @@ fn error_line(e: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
-    line
+    // An error may quote what it could not take (a TOML line, an argument): never a password.
+    config::scrub(&line)
 }
 
 mod config;
@@ -667,7 +668,17 @@ fn parse_command_line() -> anyhow::Result<Cli> {
     if let Some(path) = config::named_in(&args) {
         cmd = config::ConfigFile::read(&path)?.apply(cmd)?;
     }
-    Ok(Cli::from_arg_matches(&cmd.get_matches_from(args)).unwrap_or_else(|e| e.exit()))
+    let matches = match cmd.try_get_matches_from(args) {
+        Ok(m) => m,
+        // --help and --version print to standard output as clap does.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A refused value is quoted back: never with its password.
+        Err(e) => {
+            eprint!("{}", config::scrub(&e.render().to_string()));
+            std::process::exit(e.exit_code());
+        }
+    };
+    Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
 }
 
 async fn khlangd() -> anyhow::Result<std::process::ExitCode> {

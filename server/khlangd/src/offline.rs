@@ -91,7 +91,7 @@ pub(crate) fn config_check(path: &Path) -> anyhow::Result<()> {
         )
     })?;
     let redact = |long: &str, v: &str| {
-        if long == "storage" && v != "sled" { khlang_server::storage::redacted(v) } else { v.to_owned() }
+        if long == "storage" && v != "sled" { khlang_server::storage::redacted(v) } else { config::scrub(v) }
     };
     let plain = Cli::command();
     let Some(serve) = plain.find_subcommand("serve") else { bail!("no serve command") };

@@ -121,3 +121,53 @@ fn init_refuses_short_or_shared_custodian_passphrases() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `khlangd config check` and every error line never print a password: not a storage URL's, not
+/// one in a keyword setting, not the audit sink's, not the one in a TOML line or an argument the
+/// daemon could not take.
+#[test]
+fn config_check_and_errors_never_print_a_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("khlangd.toml");
+    let run = |text: &str, env: &[(&str, &str)]| {
+        std::fs::write(&config, text).unwrap();
+        let mut c = khlangd();
+        c.args(["config", "check", config.to_str().unwrap()]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let data = dir.path().join("v");
+    let base = format!("data-dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n", data.display());
+    for (what, text, env) in [
+        (
+            "a storage URL",
+            format!("{base}storage = \"postgres://khlang:canary-pw-1@db.example/khlang\"\n"),
+            vec![],
+        ),
+        (
+            "a keyword setting",
+            format!("{base}storage = \"host=db user=k password=canary-pw-2 dbname=x\"\n"),
+            vec![],
+        ),
+        (
+            "the audit sink",
+            format!("{base}audit-sink = \"syslog+tls://u:canary-pw-3@siem.example:6514\"\n"),
+            vec![],
+        ),
+        ("a broken TOML line", format!("{base}storage = \"postgres://u:canary-pw-4@db/x\n"), vec![]),
+        ("an argument refused", base.clone(), vec![("KHLANG_LISTEN", "postgres://u:canary-pw-5@db/x")]),
+    ] {
+        let said = run(&text, &env);
+        assert!(!said.contains("canary-pw"), "{what}: {said}");
+    }
+    // The same on the command line of `serve`.
+    let out = khlangd()
+        .args(["serve", "--data-dir", data.to_str().unwrap(), "--listen", "postgres://u:canary-pw-6@db/x"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !said.contains("canary-pw") && said.contains("***"), "{said}");
+}

@@ -17,10 +17,16 @@ use tokio_rustls::server::TlsStream;
 
 /// How long a client has to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once, by default: a connection beyond them is closed at once (and
-/// logged as a failed handshake), so clients that connect and say nothing cannot pile up tasks
-/// and sockets for [`HANDSHAKE_TIMEOUT`] each.
+/// Handshakes in progress at once, by default. When they are all taken, the one waiting longest
+/// is dropped for the newcomer (logged as a failed handshake): a real client finishes its
+/// handshake in milliseconds, so clients that connect and say nothing (or half a ClientHello)
+/// cannot keep it out, however many they open.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress from one address, at most (a quarter of the whole, at least one): past
+/// it, that address's own oldest is dropped, so one source cannot displace everyone else's.
+fn per_source(max: usize) -> usize {
+    (max / 4).max(1)
+}
 /// At most this many failed handshakes are logged one by one per window; the rest are counted
 /// into one line, so a client that fails on purpose cannot flood the log.
 const LOGGED_PER_WINDOW: u32 = 20;
@@ -123,16 +129,64 @@ impl FailureLog {
     }
 }
 
+/// The handshakes in progress, oldest first, so the one waiting longest can be dropped.
+#[derive(Default)]
+struct InProgress {
+    next: u64,
+    by_age: std::collections::BTreeMap<u64, (SocketAddr, tokio::task::AbortHandle)>,
+    per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+impl InProgress {
+    /// Makes room for one more from `ip`: drops that address's oldest if it holds its share, else
+    /// the oldest of all if every slot is taken. Returns the dropped handshakes' peers.
+    fn make_room(&mut self, ip: std::net::IpAddr, max: usize) -> Vec<SocketAddr> {
+        let mut shed = Vec::new();
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= per_source(max)
+            && let Some(id) = self.by_age.iter().find(|(_, (from, _))| from.ip() == ip).map(|(id, _)| *id)
+        {
+            shed.extend(self.drop_one(id));
+        }
+        while self.by_age.len() >= max {
+            let Some(id) = self.by_age.keys().next().copied() else { break };
+            shed.extend(self.drop_one(id));
+        }
+        shed
+    }
+
+    fn drop_one(&mut self, id: u64) -> Option<SocketAddr> {
+        let (peer, task) = self.by_age.remove(&id)?;
+        task.abort();
+        self.forget_ip(peer.ip());
+        Some(peer)
+    }
+
+    fn forget_ip(&mut self, ip: std::net::IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    fn finished(&mut self, id: u64) {
+        if let Some((peer, _)) = self.by_age.remove(&id) {
+            self.forget_ip(peer.ip());
+        }
+    }
+}
+
 /// Accepted connections with their handshake done, for `serve_with_incoming`; handshakes run
-/// side by side, each bounded by [`HANDSHAKE_TIMEOUT`]. Accepting stops once the server drops
-/// the stream.
+/// side by side, each bounded by [`HANDSHAKE_TIMEOUT`] and dropped early when newer ones need
+/// the room (see [`MAX_HANDSHAKES`]). Accepting stops once the server drops the stream.
 pub(super) fn incoming(
     listener: TcpListener,
     tls: ServerTls,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let log = Arc::new(FailureLog { window: Mutex::new((Instant::now(), 0, 0)) });
-    let slots = Arc::new(tokio::sync::Semaphore::new(tls.max_handshakes));
+    let in_progress = Arc::new(Mutex::new(InProgress::default()));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -148,26 +202,38 @@ pub(super) fn incoming(
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                drop(stream);
-                let busy = std::io::Error::other("too many TLS handshakes in progress; connection closed");
-                log.failed(peer, &busy);
-                continue;
-            };
             let _ = stream.set_nodelay(true);
-            let (tx, acceptor, log) = (tx.clone(), tls.acceptor.clone(), log.clone());
-            tokio::spawn(async move {
-                let _slot = slot;
+            let (tx, acceptor, task_log, registry) =
+                (tx.clone(), tls.acceptor.clone(), log.clone(), in_progress.clone());
+            // Registered before it starts, so it can be dropped whether or not it has run yet.
+            let mut progress = in_progress.lock().unwrap_or_else(|p| p.into_inner());
+            for from in progress.make_room(peer.ip(), tls.max_handshakes) {
+                let shed = std::io::Error::other(
+                    "dropped unfinished to make room for a newer connection (too many TLS handshakes in progress)",
+                );
+                log.failed(from, &shed);
+            }
+            let id = progress.next;
+            progress.next += 1;
+            let task = tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
+                        registry.lock().unwrap_or_else(|p| p.into_inner()).finished(id);
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => log.failed(peer, &e),
+                    Ok(Err(e)) => {
+                        registry.lock().unwrap_or_else(|p| p.into_inner()).finished(id);
+                        task_log.failed(peer, &e)
+                    }
                     Err(_) => {
-                        log.failed(peer, &std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))
+                        registry.lock().unwrap_or_else(|p| p.into_inner()).finished(id);
+                        task_log.failed(peer, &std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))
                     }
                 }
             });
+            progress.by_age.insert(id, (peer, task.abort_handle()));
+            *progress.per_ip.entry(peer.ip()).or_default() += 1;
+            drop(progress);
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
