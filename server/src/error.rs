@@ -98,6 +98,10 @@ pub enum StoreError {
         "the stored {what} fails its authenticity check ({why}): it was changed outside the vault and is not used"
     )]
     Unauthentic { what: String, why: &'static str },
+    /// The data folder's files are damaged where the engine checks them (a checksum): named,
+    /// answered `DataLoss`; restore from a backup.
+    #[error("the data folder is damaged ({0}); restore it from a backup (khlangd restore)")]
+    DamagedFolder(String),
     /// Authority values cannot be checked or written while the vault is sealed.
     #[error("the vault is sealed")]
     Sealed,
@@ -157,6 +161,8 @@ impl Outcome {
 }
 
 impl VaultError {
+    /// The one mapping from domain errors to codes. Stored bytes that do not decode or check
+    /// (`Corrupt`, `Damaged`, `DamagedFolder`, `Unauthentic`) are lost data, never `Internal`.
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::InvalidArgument(_) => Outcome::InvalidArgument,
@@ -166,7 +172,12 @@ impl VaultError {
             Self::NotFound(_) => Outcome::NotFound,
             Self::AlreadyExists(_) => Outcome::AlreadyExists,
             Self::Integrity { .. }
-            | Self::Storage(StoreError::Damaged { .. } | StoreError::Unauthentic { .. }) => Outcome::DataLoss,
+            | Self::Storage(
+                StoreError::Damaged { .. }
+                | StoreError::Unauthentic { .. }
+                | StoreError::DamagedFolder(_)
+                | StoreError::Corrupt(_),
+            ) => Outcome::DataLoss,
             Self::FailedPrecondition(_)
             | Self::RootMismatch
             | Self::Storage(StoreError::KekInUse { .. } | StoreError::NotSupported(_) | StoreError::Sealed) => {

@@ -55,12 +55,18 @@ impl AuditLog {
     }
 
     /// Reads the whole log into the index of authority writes (at unseal, before any authority
-    /// value is judged), replacing what it held.
-    pub fn build_write_index(&self) -> Result<(), crate::StoreError> {
+    /// value is judged), replacing what it held. `changes_upto`: the newest entry whose change the
+    /// store holds (its chain head), where the log's file may hold later ones whose change a crash
+    /// took before the store's flush (never acknowledged): their writes are not the store's.
+    pub fn build_write_index(&self, changes_upto: Option<u64>) -> Result<(), crate::StoreError> {
         self.file.write_through()?;
         let mut index = WriteIndex::default();
         for item in self.file.entries(0) {
             let (seq, value) = item?;
+            if changes_upto.is_some_and(|upto| seq > upto) {
+                index.skip(seq);
+                continue;
+            }
             index.note_stored(seq, &value);
         }
         index.finish_build(self.file.first_seq()?);

@@ -253,6 +253,11 @@ impl WriteIndex {
         self.upto = self.upto.max(seq);
     }
 
+    /// An entry read but not noted (its change never reached the store).
+    pub fn skip(&mut self, seq: u64) {
+        self.upto = self.upto.max(seq);
+    }
+
     /// The log has been read from its first entry (`first`) to its end: judgements start.
     pub fn finish_build(&mut self, first: Option<u64>) {
         self.complete = first.is_none_or(|f| f <= 1);

@@ -237,7 +237,15 @@ impl std::fmt::Debug for SledStore {
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Backend(e.to_string())
+        match e {
+            // A page whose checksum fails: the folder is damaged (a flipped bit, a torn copy),
+            // which is lost data to report, never an internal error.
+            sled::Error::Corruption { at, .. } => StoreError::DamagedFolder(match at {
+                Some(at) => format!("sled's files fail their checksum at {at:?}"),
+                None => "sled's files fail their checksum".to_owned(),
+            }),
+            other => StoreError::Backend(other.to_string()),
+        }
     }
 }
 
@@ -1107,6 +1115,16 @@ fn kek_live_key(version: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A page that fails sled's checksum (a flipped bit) is lost data, named, never `Internal`.
+    #[test]
+    fn a_checksum_failure_is_damage_not_an_internal_error() {
+        let e = crate::VaultError::Storage(sled::Error::Corruption { at: None, bt: () }.into());
+        assert_eq!(e.outcome(), crate::Outcome::DataLoss);
+        assert!(e.to_string().contains("damaged") && e.to_string().contains("checksum"), "{e}");
+        let stored = crate::VaultError::Storage(StoreError::Corrupt("identity"));
+        assert_eq!(stored.outcome(), crate::Outcome::DataLoss);
+    }
 
     /// A restored database's own id counter starts again, so the store adds the snapshot's floor:
     /// a consent history key made after a restore never lands on one the backup holds, however

@@ -87,8 +87,14 @@ impl Vault {
         tagger: Arc<AuthorityTagger>,
     ) -> Result<AuthorityCheck, VaultError> {
         let raw = self.unchecked.clone();
-        // The log first: every value is judged against the newest write it names.
-        self.audit.build_write_index()?;
+        // The log first: every value is judged against the newest write it names. On a store of
+        // this node's own, a change's entry reaches the log's file before the store's flush; past
+        // the store's chain head, a crash took the change (unacknowledged), so not its writes.
+        let changes_upto = match raw.shared_chain() {
+            Some(_) => None,
+            None => Some(raw.audit_head().await?.map_or(0, |h| h.seq)),
+        };
+        self.audit.build_write_index(changes_upto)?;
         let mut c = Classifier { tagger: &tagger, index: key, found: AuthorityCheck::default() };
         let mut untagged = Changes::new();
         let mut per_kind: std::collections::BTreeMap<&str, u64> = Default::default();
