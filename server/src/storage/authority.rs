@@ -142,14 +142,22 @@ pub fn check<T: Stored>(
     key: &[u8],
     value: &T,
 ) -> Result<(), StoreError> {
-    let Some(auth) = value.auth() else {
-        return Err(unauthentic(space, key, "it carries no tag"));
-    };
-    let body = body_of(value, "authority value")?;
+    tag_verdict(tagger, space, key, value).map_err(|why| unauthentic(space, key, why))
+}
+
+/// [`check`] without reporting: `Err` says why the tag is not this vault's.
+fn tag_verdict<T: Stored>(
+    tagger: &AuthorityTagger,
+    space: &str,
+    key: &[u8],
+    value: &T,
+) -> Result<(), &'static str> {
+    let Some(auth) = value.auth() else { return Err("it carries no tag") };
+    let body = body_of(value, "authority value").map_err(|_| "it does not encode")?;
     if tagger.verify(space, key, auth.write, &body, &auth.mac) {
         Ok(())
     } else {
-        Err(unauthentic(space, key, "its tag does not match"))
+        Err("its tag does not match")
     }
 }
 
@@ -445,12 +453,46 @@ impl Authentic {
         name: &str,
         value: &T,
     ) -> Result<(), StoreError> {
-        check(&*self.key.require()?, space, key, value).inspect_err(|_| self.key.count_refused(1))?;
+        self.verdict(space, key, name, value).await?.map_err(|why| self.refuse(space, key, why))
+    }
+
+    /// [`Authentic::authentic`] without reporting (`Ok(Err(why))`: not genuine or not current).
+    async fn verdict<T: Stored>(
+        &self,
+        space: &str,
+        key: &[u8],
+        name: &str,
+        value: &T,
+    ) -> Result<Result<(), &'static str>, StoreError> {
+        if let Err(why) = tag_verdict(&*self.key.require()?, space, key, value) {
+            return Ok(Err(why));
+        }
         let write = value.auth().map_or(0, |a| a.write);
         if self.key.judge(name, write).is_err() {
             catch_up(self.inner.as_ref(), &self.key).await?;
         }
-        self.key.judge(name, write).map_err(|why| self.refuse(space, key, why))
+        Ok(self.key.judge(name, write))
+    }
+
+    /// Whether a credential read (`found`) is what the log says is current. On a store several
+    /// nodes share, a node's cache may hold what another node changed a moment ago: the caller
+    /// reads past the cache before it judges for good.
+    async fn current<T: Stored>(
+        &self,
+        space: &str,
+        key: &[u8],
+        name: &str,
+        found: &Option<T>,
+    ) -> Result<bool, StoreError> {
+        Ok(match found {
+            Some(v) => self.verdict(space, key, name, v).await?.is_ok(),
+            None => {
+                if self.key.expects(name) {
+                    catch_up(self.inner.as_ref(), &self.key).await?;
+                }
+                !self.key.expects(name)
+            }
+        })
     }
 
     /// A value the store does not hold, where the log says one was written and never removed:
@@ -548,8 +590,14 @@ impl Storage for Authentic {
     }
 
     async fn get_identity(&self, name: &str) -> Result<Option<StoredIdentity>, StoreError> {
-        let found = self.inner.get_identity(name).await?;
         let named = format!("{SPACE_IDENTITY}:{name}");
+        let mut found = self.inner.get_identity(name).await?;
+        if self.inner.shared_chain().is_some()
+            && !self.current(SPACE_IDENTITY, name.as_bytes(), &named, &found).await?
+        {
+            self.inner.forget_cached();
+            found = self.inner.get_identity(name).await?;
+        }
         match &found {
             Some(i) => {
                 self.authentic(SPACE_IDENTITY, name.as_bytes(), &named, i).await?;
@@ -609,8 +657,14 @@ impl Storage for Authentic {
         Ok(all)
     }
     async fn get_token(&self, token_id: &str) -> Result<Option<StoredToken>, StoreError> {
-        let found = self.inner.get_token(token_id).await?;
         let named = format!("{SPACE_TOKEN}:{token_id}");
+        let mut found = self.inner.get_token(token_id).await?;
+        if self.inner.shared_chain().is_some()
+            && !self.current(SPACE_TOKEN, token_id.as_bytes(), &named, &found).await?
+        {
+            self.inner.forget_cached();
+            found = self.inner.get_token(token_id).await?;
+        }
         match &found {
             Some(t) => self.authentic(SPACE_TOKEN, token_id.as_bytes(), &named, t).await?,
             None => self.absent(SPACE_TOKEN, token_id.as_bytes(), &named).await?,
@@ -798,6 +852,9 @@ impl Storage for Authentic {
     }
     fn shared_chain(&self) -> Option<Arc<dyn SharedChain>> {
         self.inner.shared_chain()
+    }
+    fn forget_cached(&self) {
+        self.inner.forget_cached();
     }
     async fn hold_job_lease(&self, want: bool) -> Result<bool, StoreError> {
         self.inner.hold_job_lease(want).await

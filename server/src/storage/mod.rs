@@ -627,6 +627,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn shared_chain(&self) -> Option<Arc<dyn SharedChain>> {
         None
     }
+    /// Drops what this node caches of values another node may change (credentials), so the
+    /// next read is the store's own. A store with no such cache does nothing.
+    fn forget_cached(&self) {}
     /// Whether this node may run the background key jobs now. `want`: it is ready to (unsealed);
     /// the store then takes the lease every node sharing it competes for, if free, and keeps it;
     /// `false` gives it up. A store one process owns always grants it.
