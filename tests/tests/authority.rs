@@ -35,6 +35,18 @@ async fn commit(store: &dyn Storage, changes: Changes) {
     assert!(store.commit(changes).await.unwrap(), "the attacker's write applied");
 }
 
+/// Opens and unseals the stopped vault in `dir` (with the regulations file, or with none: then
+/// the store's are in force), which must be refused; returns why.
+async fn refused_at_open(dir: &Path, with_file: bool) -> VaultError {
+    let mut options = TestServer::options(dir);
+    if !with_file {
+        options.regulations_path = None;
+    }
+    Vault::open_or_init(dir, PASSPHRASE.as_bytes(), khlang_keys::SealParams::MINIMUM, &options)
+        .await
+        .expect_err("the vault must not open")
+}
+
 fn refused_as_data_loss(e: &khlang_client::ClientError) {
     assert_eq!(e.code(), Some(Code::DataLoss), "{e}");
 }
@@ -217,13 +229,7 @@ async fn regulations_written_into_the_store_are_never_in_force() {
         server.stop().await;
         tamper(dir.path(), async |store| forge(store).await).await;
     }
-    let options = TestServer::options(dir.path());
-    let mut no_file = options.clone();
-    no_file.regulations_path = None;
-    let refused =
-        Vault::open_or_init(dir.path(), PASSPHRASE.as_bytes(), khlang_keys::SealParams::MINIMUM, &no_file)
-            .await
-            .unwrap_err();
+    let refused = refused_at_open(dir.path(), false).await;
     assert!(
         matches!(&refused, VaultError::Storage(StoreError::Unauthentic { what, .. }) if what.starts_with("regulations")),
         "{refused:?}"
@@ -303,14 +309,7 @@ async fn stripping_every_tag_does_not_get_a_forged_identity_blessed() {
     })
     .await;
     // The regulations in force carry no tag: the vault refuses to unseal on them, naming them.
-    let refused = Vault::open_or_init(
-        dir.path(),
-        PASSPHRASE.as_bytes(),
-        khlang_keys::SealParams::MINIMUM,
-        &TestServer::options(dir.path()),
-    )
-    .await
-    .unwrap_err();
+    let refused = refused_at_open(dir.path(), true).await;
     assert!(
         matches!(&refused, VaultError::Storage(StoreError::Unauthentic { what, .. }) if what == "regulations:1"),
         "{refused:?}"
@@ -439,12 +438,7 @@ async fn regulations_rolled_back_to_an_older_version_are_refused() {
         store.vault_tree_for_tests().insert(b"G", &1u64.to_be_bytes()).unwrap();
         store.flush_now().await.unwrap();
     }
-    let mut no_file = TestServer::options(dir.path());
-    no_file.regulations_path = None;
-    let refused =
-        Vault::open_or_init(dir.path(), PASSPHRASE.as_bytes(), khlang_keys::SealParams::MINIMUM, &no_file)
-            .await
-            .unwrap_err();
+    let refused = refused_at_open(dir.path(), false).await;
     assert!(
         matches!(&refused, VaultError::Storage(StoreError::Unauthentic { what, why }) if what == "regulations:1" && why.contains("later version")),
         "{refused:?}"

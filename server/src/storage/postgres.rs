@@ -1451,6 +1451,11 @@ impl Storage for PgStore {
         Some(self.chain.clone())
     }
 
+    fn forget_cached(&self) {
+        // The next lookup reads the database: the caller found a cached credential the access
+        // log says is no longer current (another node changed it since this one cached it).
+        self.cache().clear();
+    }
     async fn hold_job_lease(&self, want: bool) -> Result<bool, StoreError> {
         let mut lease = self.job_lease.lock().await;
         if !want {
