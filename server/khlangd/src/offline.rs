@@ -46,6 +46,21 @@ pub(crate) async fn verify(
     for named in &check.named {
         outln!("  {named}");
     }
+    let log = &check.against_log;
+    outln!(
+        "records against the log: {} accounted for, {} vanished without their delete entry, {} appeared without their put{}",
+        log.matched,
+        log.vanished,
+        log.appeared,
+        if log.before_log > 0 {
+            format!(", {} older than the log's first kept entry", log.before_log)
+        } else {
+            String::new()
+        }
+    );
+    for finding in &log.named {
+        outln!("  {finding}");
+    }
     let entries = check.audit.entries;
     let audit_code = match check.audit.verdict() {
         Verdict::Intact => {
@@ -73,7 +88,7 @@ pub(crate) async fn verify(
             String::new()
         }
     );
-    Ok(if check.damaged > 0 || unauthentic > 0 { 2 } else { audit_code })
+    Ok(if check.damaged > 0 || unauthentic > 0 || !log.holds() { 2 } else { audit_code })
 }
 
 /// `khlangd config check FILE`.

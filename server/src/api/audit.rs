@@ -119,7 +119,7 @@ impl Audit for Api {
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         handle!(self, req, Rpc::VerifyAudit, |caller, msg| {
             let witnessed = msg.witnessed.into_iter().map(|h| (h.seq, h.hash)).collect();
-            self.vault.verify_audit(&caller, witnessed).await.map(|(r, state)| {
+            self.vault.verify_audit(&caller, witnessed).await.map(|(r, state, records)| {
                 use khlang_keys::audit_chain::Verdict;
                 let (verdict, first_bad_seq, reason) = match r.verdict() {
                     Verdict::Intact => (pb::Verdict::Intact, 0, String::new()),
@@ -137,6 +137,14 @@ impl Audit for Api {
                     last_entry: r.last_entry,
                     resumed_at: r.resumed_at,
                     break_open: matches!(state, crate::audit::LogState::Broken(_)),
+                    records: Some(pb::RecordsCheck {
+                        matched: records.matched,
+                        vanished: records.vanished,
+                        appeared: records.appeared,
+                        before_log: records.before_log,
+                        in_flux: records.in_flux,
+                        findings: records.named,
+                    }),
                 }
             })
         })

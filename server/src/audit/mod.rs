@@ -12,6 +12,7 @@
 mod entry;
 pub mod files;
 mod integrity;
+mod ledger;
 mod query;
 pub(crate) mod repeats;
 mod rpc;
@@ -21,6 +22,7 @@ mod tagging;
 mod verify;
 
 pub use entry::*;
+pub use ledger::Completeness;
 pub use query::*;
 pub use verify::*;
 

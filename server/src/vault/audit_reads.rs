@@ -112,7 +112,7 @@ impl Vault {
         self: &Arc<Self>,
         caller: &Caller,
         witnessed: Vec<(u64, String)>,
-    ) -> Result<(ChainReport, crate::audit::LogState), VaultError> {
+    ) -> Result<(ChainReport, crate::audit::LogState, crate::audit::Completeness), VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, Rpc::VerifyAudit, Operation::AuditRead, &regs);
         let (regs, witnessed) = (&regs, &witnessed);
@@ -147,7 +147,8 @@ impl Vault {
         if report.uncarried.is_some() {
             self.audit.check_history(self.store.as_ref(), &report).await?;
         }
-        Ok((report, self.audit.state()))
+        let records = self.check_records().await?;
+        Ok((report, self.audit.state(), records))
     }
 
     /// Verifies the whole audit log beside serving and carries damage forward (the tail since the

@@ -359,6 +359,7 @@ impl Vault {
                 }
             }
         }
+        let against_log = self.check_records().await?;
         // This process's own entries (the unseal's) are signed first, as a live verification does.
         self.audit.checkpoint_now().await?;
         let audit = self.verify_audit_now().await?;
@@ -367,11 +368,11 @@ impl Vault {
             "{records} records opened ({fields} fields), {damaged} damaged; audit log {}",
             verdict_name(&audit.verdict())
         );
-        if damaged > 0 {
+        if damaged > 0 || !against_log.holds() {
             entry.outcome = crate::Outcome::DataLoss;
         }
         self.commit_now(entry, Changes::none()).await?;
-        Ok(VaultCheck { records, fields, damaged, named, audit })
+        Ok(VaultCheck { records, fields, damaged, named, audit, against_log })
     }
 }
 
@@ -393,6 +394,8 @@ pub struct VaultCheck {
     pub damaged: u64,
     /// The first damaged records, by id and what failed (never a value).
     pub named: Vec<String>,
+    /// The records against the log's puts, deletes and erasures.
+    pub against_log: crate::audit::Completeness,
     pub audit: khlang_keys::audit_chain::ChainReport,
 }
 

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod authority;
 pub mod backup;
 pub mod cluster;
+mod completeness;
 pub mod identities;
 pub mod keyops;
 mod records;

@@ -1,0 +1,185 @@
+//! Which records the access log says exist. Every put, delete and erasure is an entry committed
+//! with its change, so the log is a ledger of the store's records: a record the store lacks though
+//! its put has no later delete vanished outside the vault, and one the store holds that the log
+//! never put (or deleted since) appeared outside it. The store is untrusted for integrity; the log
+//! is chained and signed.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Deserialize;
+
+use super::{AuditLog, Rpc};
+use crate::StoreError;
+
+/// The fields of an entry the ledger reads; every other is ignored.
+#[derive(Deserialize)]
+struct RecordEvent {
+    rpc: String,
+    outcome: crate::Outcome,
+    #[serde(default)]
+    record_id: String,
+    #[serde(default)]
+    subject: String,
+}
+
+/// Where the log leaves each record it names.
+#[derive(Debug, Default)]
+pub struct RecordLedger {
+    /// Records put and not deleted since: id → the put's seq.
+    live: HashMap<String, u64>,
+    /// Live records by subject blind index (hex): an erasure names the subject, not its records.
+    of_subject: HashMap<String, Vec<String>>,
+    /// Records deleted or erased: id → the seq that removed them.
+    gone: HashMap<String, u64>,
+    /// Records named by entries read after the first pass (in flux while the store was walked).
+    touched: Option<HashSet<String>>,
+    /// The log was read from its first entry (nothing archived away): a record it never names
+    /// was never put by this vault.
+    complete: bool,
+}
+
+/// How the store's records compare with the log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Completeness {
+    /// Records in the store that the log accounts for.
+    pub matched: u64,
+    /// Records older than the log's first kept entry (archived): not judged.
+    pub before_log: u64,
+    /// Records put or removed while the store was walked: not judged.
+    pub in_flux: u64,
+    /// Put, never deleted, and not in the store.
+    pub vanished: u64,
+    /// In the store without a put, or after their delete or erasure.
+    pub appeared: u64,
+    /// The first findings, by record id and entry (never a value).
+    pub named: Vec<String>,
+}
+
+impl Completeness {
+    pub fn holds(&self) -> bool {
+        self.vanished == 0 && self.appeared == 0
+    }
+}
+
+/// Findings named at most (the rest are counted).
+const NAMED_FINDINGS: usize = 20;
+
+impl RecordLedger {
+    fn note(&mut self, seq: u64, value: &[u8]) {
+        let Some(e) = value.get(32..).and_then(|json| serde_json::from_slice::<RecordEvent>(json).ok())
+        else {
+            return;
+        };
+        if e.outcome != crate::Outcome::Ok {
+            return;
+        }
+        let rpc = e.rpc.as_str();
+        if rpc == Rpc::PutRecord.as_str() && !e.record_id.is_empty() {
+            if let Some(t) = &mut self.touched {
+                t.insert(e.record_id.clone());
+            }
+            self.gone.remove(&e.record_id);
+            self.live.insert(e.record_id.clone(), seq);
+            self.of_subject.entry(e.subject).or_default().push(e.record_id);
+        } else if rpc == Rpc::DeleteRecord.as_str() && !e.record_id.is_empty() {
+            self.remove(&e.record_id, seq);
+        } else if rpc == Rpc::EraseSubject.as_str() {
+            for id in self.of_subject.remove(&e.subject).unwrap_or_default() {
+                self.remove(&id, seq);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str, seq: u64) {
+        if let Some(t) = &mut self.touched {
+            t.insert(id.to_owned());
+        }
+        self.live.remove(id);
+        self.gone.insert(id.to_owned(), seq);
+    }
+
+    /// Judges one record the store holds (`id`), and forgets it: what is left live afterwards
+    /// vanished.
+    fn judge(&mut self, id: &str, found: &mut Completeness) {
+        let live = self.live.remove(id);
+        if self.touched.as_ref().is_some_and(|t| t.contains(id)) {
+            found.in_flux += 1;
+        } else if live.is_some() {
+            found.matched += 1;
+        } else if let Some(seq) = self.gone.get(id) {
+            found.appeared += 1;
+            name(found, format!("record {id}: in the store, though entry {seq} removed it"));
+        } else if self.complete {
+            found.appeared += 1;
+            name(found, format!("record {id}: in the store, though no entry put it"));
+        } else {
+            found.before_log += 1;
+        }
+    }
+
+    /// After every stored record was judged: the records the log still holds live vanished
+    /// (unless an entry since the walk began names them).
+    fn finish(self, found: &mut Completeness) {
+        let touched = self.touched.unwrap_or_default();
+        let mut left: Vec<(u64, String)> = self
+            .live
+            .into_iter()
+            .filter(|(id, _)| !touched.contains(id))
+            .map(|(id, seq)| (seq, id))
+            .collect();
+        left.sort();
+        found.vanished += left.len() as u64;
+        for (seq, id) in left {
+            name(found, format!("record {id}: put by entry {seq}, never deleted, and not in the store"));
+        }
+    }
+}
+
+fn name(found: &mut Completeness, what: String) {
+    if found.named.len() < NAMED_FINDINGS {
+        found.named.push(what);
+    }
+}
+
+impl AuditLog {
+    /// The store's records against the log (see the module doc). Read in three steps so that a
+    /// vault serving meanwhile is judged fairly: the log up to the store's chain head, the
+    /// store's records, then the entries since, whose records are in flux and not judged.
+    pub async fn check_records(
+        &self,
+        store: &dyn crate::storage::Storage,
+    ) -> Result<Completeness, StoreError> {
+        // On sled the file may hold entries past the store's head whose change a crash took.
+        let head = store.audit_head().await?.map_or(0, |h| h.seq);
+        self.file.write_through()?;
+        let mut ledger =
+            RecordLedger { complete: self.file.first_seq()?.is_none_or(|f| f <= 1), ..Default::default() };
+        for item in self.file.entries(0) {
+            let (seq, value) = item?;
+            if seq > head {
+                break;
+            }
+            ledger.note(seq, &value);
+        }
+        let mut stored = Vec::new();
+        let mut cursor = crate::storage::Cursor::default();
+        loop {
+            let batch = store.walk(crate::storage::KeySpace::Records, &cursor, 1024).await?;
+            let Some(last) = batch.last() else { break };
+            cursor = last.cursor.clone();
+            stored.extend(batch.into_iter().map(|w| w.record_id));
+        }
+        ledger.touched = Some(HashSet::new());
+        self.file.write_through()?;
+        for item in self.file.entries(head + 1) {
+            let (seq, value) = item?;
+            ledger.note(seq, &value);
+        }
+        let mut found = Completeness::default();
+        for id in &stored {
+            ledger.judge(id, &mut found);
+        }
+        ledger.finish(&mut found);
+        Ok(found)
+    }
+}
