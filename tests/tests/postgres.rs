@@ -538,10 +538,25 @@ async fn lockout_counts_are_shared_by_the_nodes() {
     };
     let node_a = TestServer::start_with(a.path(), limited(a.path())).await;
     let node_b = TestServer::start_with(b.path(), limited(b.path())).await;
-    let good = node_a.tokens["registration-app"].clone();
+    let good = node_a.tokens["tester"].clone();
     let mut forged = good.clone();
     forged.replace_range(good.len() - 4.., "0000");
     assert_ne!(forged, good);
+    // A is busy throughout (the report found a lockout still served 2.5 s later under load).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..24 {
+        let (mut app, stop) = (node_a.client_as("registration-app").await, stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                app.put(&format!("load-{w}-{n}"), canary_fields()).await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     // Two wrong guesses on each node: four in all, the limit (a node counting alone would allow
     // four on each).
     for node in [&node_a, &node_b, &node_a, &node_b] {
@@ -562,8 +577,15 @@ async fn lockout_counts_are_shared_by_the_nodes() {
             }
         }
     }
+    let held_after = locked.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut puts = 0;
+    for l in load {
+        puts += l.await.unwrap();
+    }
+    eprintln!("lockout on B held on A after {held_after:?}, while A served {puts} puts");
     // Another identity's token is untouched.
-    node_a.client_with_token(&node_a.tokens["tester"]).await.list("anyone").await.unwrap();
+    node_a.client_with_token(&node_a.tokens["registration-app"]).await.list("anyone").await.unwrap();
     node_b.stop().await;
     node_a.stop().await;
 }

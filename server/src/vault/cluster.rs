@@ -158,6 +158,10 @@ impl Vault {
 /// Follows what the other nodes sharing the store change (regulations, KEK versions) while the
 /// vault lives.
 pub(crate) async fn follow(vault: Weak<Vault>) {
+    // Lockouts on a loop of their own: the steps below read the shared log and can outlast a tick
+    // under load, and a credential locked on any node must be refused on every other within a
+    // second. It ends with this task (dropped, it aborts the loop).
+    let _lockouts = AbortOnDrop(tokio::spawn(follow_lockouts(vault.clone())));
     let mut tick = tokio::time::interval(FOLLOW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -178,11 +182,29 @@ pub(crate) async fn follow(vault: Weak<Vault>) {
         {
             tracing::warn!(error = %e, "cannot follow the shared store's regulations; retrying");
         }
-        if let Err(e) = vault.follow_lockouts().await {
-            tracing::warn!(error = %e, "cannot follow the shared store's lockouts; retrying");
-        }
         if let Err(e) = vault.follow_keks().await {
             tracing::warn!(error = %e, "cannot follow the shared store's KEK versions; retrying");
         }
+    }
+}
+
+async fn follow_lockouts(vault: Weak<Vault>) {
+    let mut tick = tokio::time::interval(FOLLOW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(vault) = vault.upgrade() else { return };
+        if let Err(e) = vault.follow_lockouts().await {
+            tracing::warn!(error = %e, "cannot follow the shared store's lockouts; retrying");
+        }
+    }
+}
+
+/// A task aborted when its owner is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
