@@ -36,5 +36,5 @@ grep -o 'records=[0-9]* bytes=[0-9]* commits_held_ms=[0-9]*' dev.log
 PUBLIC_KEY=$(KHLANG_TOKEN=$(tok security-officer) "$BIN/khlang" audit public-key)
 kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
 /usr/bin/time -f "restore: %e s, %M KB max RSS" "$BIN/khlangd" restore b3.bin --data-dir r --audit-public-key "$PUBLIC_KEY" >/dev/null
-echo khlang-development-passphrase-not-for-real-data >pass
+(umask 077; echo khlang-development-passphrase-not-for-real-data >pass)
 KHLANG_LOG=warn /usr/bin/time -f "verify: %e s, %M KB max RSS" "$BIN/khlangd" verify --data-dir r --passphrase-file pass

@@ -505,6 +505,9 @@ pub fn write_passphrase(dir: &Path, pass: &str) -> String {
     let name: String = pass.chars().filter(char::is_ascii_alphanumeric).collect();
     let path = dir.join(format!("pass-{name}-{}", pass.len()));
     std::fs::write(&path, format!("{pass}\n")).unwrap();
+    // khlangd refuses a passphrase file other users could read.
+    #[cfg(unix)]
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     path.to_str().unwrap().to_owned()
 }
 

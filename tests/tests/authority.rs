@@ -149,10 +149,8 @@ async fn identities_and_tokens_moved_or_inserted_in_the_store_are_refused() {
 
 /// `khlangd verify` on the stopped vault in `dir`: its exit status and everything it printed.
 fn khlangd_verify(dir: &Path) -> (Option<i32>, String) {
-    let pass = dir.join("pass");
-    std::fs::write(&pass, format!("{PASSPHRASE}\n")).unwrap();
-    let mut args =
-        vec!["verify", "--data-dir", dir.to_str().unwrap(), "--passphrase-file", pass.to_str().unwrap()];
+    let pass = write_passphrase(dir, PASSPHRASE);
+    let mut args = vec!["verify", "--data-dir", dir.to_str().unwrap(), "--passphrase-file", &pass];
     let url = on_postgres().then(|| database_url(dir));
     if let Some(url) = &url {
         args.extend(["--storage", url.as_str()]);

@@ -899,11 +899,10 @@ async fn pg_basebackup_under_load_then_khlangd_verify_opens_every_record() {
     node.stop().await;
     assert!(before > 10 && all > before, "writes before ({before}) and during ({all}) the copy");
 
-    let pass = dir.path().join("pass");
-    std::fs::write(&pass, format!("{PASSPHRASE}\n")).unwrap();
+    let pass = write_passphrase(dir.path(), PASSPHRASE);
     let out = std::process::Command::new(bin("khlangd"))
         .args(["verify", "--data-dir", dir.path().join("verifier").to_str().unwrap()])
-        .args(["--passphrase-file", pass.to_str().unwrap()])
+        .args(["--passphrase-file", &pass])
         .env("KHLANG_STORAGE", copy.url(&db))
         .output()
         .unwrap();

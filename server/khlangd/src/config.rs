@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Command};
+use zeroize::Zeroizing;
 
 /// Settings a file must not hold: each is a decision for one start, not a standing setting (a
 /// file that said `regulations-changed = true` would silently accept every future rule change).
@@ -33,8 +34,19 @@ enum Setting {
 
 impl ConfigFile {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+        crate::file_modes::check(path, "configuration file", crate::file_modes::Holds::Settings)?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the configuration file {}", path.display()))?,
+        );
+        // A configuration that carries a password (in a connection string) is a secret itself.
+        if scrub(&text) != *text {
+            crate::file_modes::check(
+                path,
+                "configuration file (it holds a password)",
+                crate::file_modes::Holds::Secret,
+            )?;
+        }
         Self::parse(path, &text)
     }
 

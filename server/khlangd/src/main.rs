@@ -44,6 +44,7 @@ fn error_line(e: &anyhow::Error) -> String {
 }
 
 mod config;
+mod file_modes;
 mod lifecycle;
 mod offline;
 mod passphrases;
@@ -510,6 +511,7 @@ enum DurabilityArg {
 
 fn load_regulations(path: Option<&Path>) -> anyhow::Result<Regulations> {
     let Some(path) = path else { return Ok(Regulations::sample()) };
+    file_modes::check(path, "regulations file", file_modes::Holds::Settings)?;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Regulations::parse(&text).with_context(|| format!("in {}", path.display()))
 }
@@ -593,6 +595,11 @@ impl ServerArgs {
             return Ok(None);
         };
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        file_modes::check(key, "TLS private key", file_modes::Holds::Secret)?;
+        file_modes::check(cert, "TLS certificate", file_modes::Holds::Settings)?;
+        if let Some(ca) = &self.client_ca {
+            file_modes::check(ca, "client CA file", file_modes::Holds::Settings)?;
+        }
         let key_pem = Zeroizing::new(read(key)?);
         let ca = self.client_ca.as_ref().map(read).transpose()?;
         let tls =

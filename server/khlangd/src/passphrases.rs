@@ -3,6 +3,7 @@
 use super::*;
 
 pub(crate) fn read_file_passphrase(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    crate::file_modes::check(path, "passphrase file", crate::file_modes::Holds::Secret)?;
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
             .with_context(|| format!("cannot read passphrase file {}", path.display()))?,

@@ -86,6 +86,9 @@ fn init_refuses_short_or_shared_custodian_passphrases() {
     let write = |name: &str, pass: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, format!("{pass}\n")).unwrap();
+        // (khlangd refuses a passphrase file others could read)
+        #[cfg(unix)]
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         p.to_str().unwrap().to_owned()
     };
     let (short, long_a, long_b) = (
@@ -131,6 +134,8 @@ fn config_check_and_errors_never_print_a_password() {
     let config = dir.path().join("khlangd.toml");
     let run = |text: &str, env: &[(&str, &str)]| {
         std::fs::write(&config, text).unwrap();
+        #[cfg(unix)]
+        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let mut c = khlangd();
         c.args(["config", "check", config.to_str().unwrap()]);
         for (k, v) in env {
