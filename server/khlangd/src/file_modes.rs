@@ -43,6 +43,7 @@ pub(crate) fn check(_path: &Path, _what: &str, _holds: Holds) -> anyhow::Result<
 }
 
 #[cfg(all(test, unix))]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
