@@ -478,12 +478,15 @@ impl Client {
 
     /// Starts a rekey ceremony (key admin): a new root key for any `threshold` of `custodians`.
     /// The answer's nonce goes to the custodians.
-    pub async fn rekey(&mut self, threshold: u32, custodians: u32) -> Result<RekeyStatus, ClientError> {
-        let req = pb::RekeyRequest { threshold, custodians };
+    pub async fn rekey(&mut self, threshold: u32, holders: &[&str]) -> Result<RekeyStatus, ClientError> {
+        let custodians = u32::try_from(holders.len()).unwrap_or(u32::MAX);
+        let holders = holders.iter().map(|h| (*h).to_owned()).collect();
+        let req = pb::RekeyRequest { threshold, custodians, holders };
         Ok(self.operator.rekey(req).await?.into_inner().into())
     }
 
-    /// A new custodian sets the passphrase of their own new share (needs no token).
+    /// A new custodian sets the passphrase of their own new share: this client's token must be
+    /// the identity the share is bound to.
     pub async fn rekey_passphrase(
         &mut self,
         nonce: &str,

@@ -218,6 +218,16 @@ pub struct RekeyStatus {
     pub expires_ms: u64,
     /// The root key was replaced.
     pub done: bool,
+    /// Each new share: the identity bound to it and whether it has set its passphrase.
+    pub slots: Vec<RekeySlot>,
+}
+
+/// A new share of a rekey ceremony and the identity that alone may set its passphrase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RekeySlot {
+    pub custodian: u32,
+    pub holder: String,
+    pub set: bool,
 }
 
 impl std::fmt::Debug for RekeyStatus {
@@ -245,6 +255,11 @@ impl From<pb::RekeyStatus> for RekeyStatus {
             started_by: s.started_by,
             expires_ms: s.expires_ms,
             done: s.done,
+            slots: s
+                .slots
+                .into_iter()
+                .map(|slot| RekeySlot { custodian: slot.custodian, holder: slot.holder, set: slot.set })
+                .collect(),
         }
     }
 }

@@ -535,3 +535,27 @@ pub fn card_number(n: u64) -> String {
 pub fn khlangd_cmd(args: &[&str]) -> Output {
     Command::new(bin("khlangd")).args(args).output().unwrap()
 }
+
+/// An address on loopback (`127.0.0.N`), parsed.
+pub fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+/// Options with a small failure limit (the harness's default is high so other tests' bad tokens
+/// lock nothing).
+pub fn strict(dir: &std::path::Path, max_failures: u32) -> khlang_server::VaultOptions {
+    khlang_server::VaultOptions {
+        auth: khlang_server::AuthLimits { max_failures, ..Default::default() },
+        ..TestServer::options(dir)
+    }
+}
+
+/// Runs the `khlang` CLI against `server_url` with no token (custodians' calls).
+pub fn khlang_anon(server_url: &str, args: &[&str]) -> Output {
+    Command::new(bin("khlang"))
+        .args(args)
+        .env("KHLANG_ADDR", server_url)
+        .env_remove("KHLANG_TOKEN")
+        .output()
+        .unwrap()
+}

@@ -158,14 +158,15 @@ async fn every_rpc_writes_exactly_one_entry() {
     );
     // Rekey: the key admin starts, the one new custodian sets their passphrase, the current one approves.
     let fresh = "the new custodian's own passphrase";
-    let _ = check!("Rekey", "key-admin", "Ok", admin.rekey(1, 1).await);
+    let _ = check!("Rekey", "key-admin", "Ok", admin.rekey(1, &["security-officer"]).await);
     let _ = check!("RekeyCancel", "key-admin", "Ok", admin.rekey_cancel().await);
-    let nonce = admin.rekey(1, 1).await.unwrap().nonce.unwrap();
+    let nonce = admin.rekey(1, &["security-officer"]).await.unwrap().nonce.unwrap();
+    let mut holder = server.client_as("security-officer").await;
     let _ = check!(
         "RekeyPassphrase",
         "new-custodian-1",
         "Ok",
-        anon.rekey_passphrase(nonce.expose_secret(), 1, fresh).await
+        holder.rekey_passphrase(nonce.expose_secret(), 1, fresh).await
     );
     let e = check!(
         "RekeyApprove",

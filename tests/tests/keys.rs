@@ -94,14 +94,17 @@ async fn custodians_unseal_k_of_n_seal_change_passphrase_and_rekey() {
     // Rekey: a new root key for two new custodians (2 of 2). Tokens, blind indexes and the audit
     // key survive (they come from the derivation key, rewrapped, not from the root key).
     let fresh = ["new custodian A: pad see ew", "new custodian B: khao soi gai"];
-    assert_eq!(code(tester.rekey(2, 2).await).0, Code::PermissionDenied);
-    assert_eq!(code(admin.rekey(3, 2).await).0, Code::InvalidArgument);
-    let nonce = admin.rekey(2, 2).await.unwrap().nonce.unwrap();
+    let holders = ["security-officer", "data-protection-officer"];
+    assert_eq!(code(tester.rekey(2, &holders).await).0, Code::PermissionDenied);
+    assert_eq!(code(admin.rekey(3, &holders).await).0, Code::InvalidArgument);
+    let nonce = admin.rekey(2, &holders).await.unwrap().nonce.unwrap();
     let nonce = nonce.expose_secret();
-    assert_eq!(code(anon.rekey_passphrase(nonce, 1, "short").await).0, Code::InvalidArgument);
-    let s = anon.rekey_passphrase(nonce, 1, fresh[0]).await.unwrap();
+    let mut first = server.client_with_token(&token_for(&server, holders[0]).await).await;
+    let mut second = server.client_with_token(&token_for(&server, holders[1]).await).await;
+    assert_eq!(code(first.rekey_passphrase(nonce, 1, "short").await).0, Code::InvalidArgument);
+    let s = first.rekey_passphrase(nonce, 1, fresh[0]).await.unwrap();
     assert_eq!((s.passphrases_set.clone(), s.approvals_needed, s.done), (vec![1], 2, false));
-    let s = anon.rekey_passphrase(nonce, 2, fresh[1]).await.unwrap();
+    let s = second.rekey_passphrase(nonce, 2, fresh[1]).await.unwrap();
     assert_eq!(s.passphrases_set, vec![1, 2]);
     let s = anon.rekey_approve(nonce, 1, new_one).await.unwrap();
     assert_eq!((s.approved.clone(), s.done), (vec![1], false));
@@ -419,8 +422,17 @@ async fn malformed_key_requests_are_refused_precisely() {
     }
     // Rekey with no custodians, or more than 255.
     for (threshold, custodians) in [(1, 0), (2, 300), (300, 2)] {
-        let e = operator.rekey(with(pb::RekeyRequest { threshold, custodians }, &bearer)).await.unwrap_err();
+        let req = pb::RekeyRequest { threshold, custodians, ..Default::default() };
+        let e = operator.rekey(with(req, &bearer)).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{threshold} of {custodians}: {e:?}");
+    }
+    // A holder for each new share, no fewer and no more.
+    for holders in [vec![], vec!["tester"], vec!["tester", "security-officer", "registration-app"]] {
+        let holders = holders.into_iter().map(str::to_owned).collect();
+        let req = pb::RekeyRequest { threshold: 2, custodians: 2, holders };
+        let e = operator.rekey(with(req, &bearer)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("name the identity that will hold each new share"), "{e:?}");
     }
     server.stop().await;
 }

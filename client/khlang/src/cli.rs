@@ -288,14 +288,16 @@ pub enum OperatorCommand {
     /// Start a rekey ceremony: a new root key split among new custodians (needs key_admin).
     /// Prints the nonce to hand to the custodians; nothing changes until they finish.
     Rekey {
-        /// How many custodians will hold a share of the new root key.
-        #[arg(long)]
-        custodians: u32,
+        /// The identity that will hold each new share, once per new custodian in order (all
+        /// different, not you): only it, with its own token, can set that share's passphrase.
+        #[arg(long = "holder", required = true)]
+        holders: Vec<String>,
         /// How many of them it takes to unseal.
         #[arg(long)]
         threshold: u32,
     },
-    /// A new custodian sets their own new passphrase in a rekey ceremony (no token needed).
+    /// A new custodian sets their own new passphrase in a rekey ceremony, with the token of the
+    /// identity its share is bound to.
     RekeyPassphrase {
         /// The ceremony's nonce, as `operator rekey` printed it.
         #[arg(long, env = "KHLANG_REKEY_NONCE")]

@@ -26,6 +26,15 @@ impl From<RekeyStatus> for pb::RekeyStatus {
             started_by: s.started_by,
             expires_ms: s.expires_ms,
             done: s.done,
+            slots: s
+                .slots
+                .into_iter()
+                .map(|slot| pb::RekeySlot {
+                    custodian: slot.custodian.into(),
+                    holder: slot.holder,
+                    set: slot.set,
+                })
+                .collect(),
         }
     }
 }
@@ -91,7 +100,8 @@ fn custodian_in(n: u32) -> Result<u8, VaultError> {
 
 /// Runs a custodian's call (Argon2id, slow on purpose) off the async runtime. These calls carry
 /// no token: the passphrase is the credential, and the vault audits each attempt itself.
-/// A custodian's step of the rekey ceremony (nonce, custodian number, passphrase; no token).
+/// A custodian's step of the rekey ceremony (nonce, custodian number, passphrase; a new share's
+/// passphrase also with its holder's token, an approval with none).
 struct CeremonyCall {
     request_id: String,
     client_id: String,
@@ -99,9 +109,12 @@ struct CeremonyCall {
 }
 
 /// The ceremony step a custodian takes with their passphrase.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum CeremonyStep {
-    Passphrase,
+    /// By the identity named (authenticated) for the share.
+    Passphrase {
+        holder: String,
+    },
     Approve,
 }
 
@@ -124,8 +137,17 @@ impl CeremonyCall {
         let out = custodian_call(vault, &request_id, peer, move |v| async move {
             let custodian = custodian_in(custodian)?;
             match step {
-                CeremonyStep::Passphrase => {
-                    v.rekey_passphrase(&nonce, custodian, passphrase.as_bytes(), peer, &rid, &client_id).await
+                CeremonyStep::Passphrase { holder } => {
+                    v.rekey_passphrase(
+                        &nonce,
+                        custodian,
+                        passphrase.as_bytes(),
+                        &holder,
+                        peer,
+                        &rid,
+                        &client_id,
+                    )
+                    .await
                 }
                 CeremonyStep::Approve => {
                     v.rekey_approve(&nonce, custodian, passphrase.as_bytes(), peer, &rid, &client_id).await
@@ -276,7 +298,7 @@ impl Operator for Api {
         handle!(self, req, Rpc::Rekey, |caller, msg| {
             match (u8::try_from(msg.threshold), u8::try_from(msg.custodians)) {
                 (Ok(threshold), Ok(custodians)) => {
-                    self.vault.start_rekey(&caller, threshold, custodians).await.map(Into::into)
+                    self.vault.start_rekey(&caller, threshold, custodians, &msg.holders).await.map(Into::into)
                 }
                 _ => Err(VaultError::InvalidArgument("at most 255 custodians".into())),
             }
@@ -288,9 +310,13 @@ impl Operator for Api {
         &self,
         req: Request<pb::RekeyPassphraseRequest>,
     ) -> Result<Response<pb::RekeyStatus>, Status> {
+        // Only the identity the share is bound to: its token is checked (and a refusal audited)
+        // before any passphrase is looked at.
+        let holder = self.caller(&req, Rpc::RekeyPassphrase).await?.identity.name;
         let call = CeremonyCall::of(&req);
         let msg = req.into_inner();
-        call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, CeremonyStep::Passphrase).await
+        call.run(&self.vault, msg.nonce, msg.custodian, msg.passphrase, CeremonyStep::Passphrase { holder })
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(rpc = Rpc::RekeyApprove.as_str()))]

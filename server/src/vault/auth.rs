@@ -199,30 +199,9 @@ impl AuthGuard {
         r
     }
 
-    /// The stored record `r` with its newest failure taken back (see
-    /// [`AuthGuard::credential_forgive`]).
-    pub(crate) fn forgiven(r: Option<FailureRecord>) -> FailureRecord {
-        let mut r = r.unwrap_or(FailureRecord { format: FAILURE_FORMAT, ..Default::default() });
-        if r.locked_until_ms.is_none() {
-            r.failures.pop();
-        }
-        r
-    }
-
     /// Puts a shared store's record of `c` in place of this node's.
     pub(crate) fn set(&self, c: &Credential, record: FailureRecord) {
         self.credentials.lock().unwrap_or_else(|p| p.into_inner()).insert(c.clone(), record);
-    }
-
-    /// Takes back the failure counted ahead of a check that then succeeded (a passphrase is
-    /// counted before its slow derivation). The other failures stay: a success resets nothing.
-    pub(crate) fn credential_forgive(&self, c: &Credential) {
-        let mut creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = creds.get_mut(c)
-            && r.locked_until_ms.is_none()
-        {
-            r.failures.pop();
-        }
     }
 
     /// Counts a failed answer for `ip` and says when it may leave: at once while the address is
@@ -470,24 +449,16 @@ impl Vault {
         }
     }
 
-    /// Takes back the failure counted ahead of a check that then succeeded (in the shared store
-    /// too, where there is one).
-    pub(crate) async fn forgive_failure(&self, c: &Credential) {
-        match self.store.count_failure(&c.key(), &AuthGuard::forgiven).await {
-            Ok(Some(record)) => self.auth_guard.set(c, record),
-            Ok(None) => self.auth_guard.credential_forgive(c),
-            Err(e) => {
-                tracing::error!(target: "khlang::auth", error = %e, "could not take back a counted failure in the shared store");
-                self.auth_guard.credential_forgive(c);
-            }
-        }
-    }
-
     /// Follows the lockouts other nodes sharing the store imposed.
     pub(crate) async fn follow_lockouts(&self) -> Result<(), VaultError> {
         let locked = self.store.lockouts(now_ms()).await?;
-        self.auth_guard
-            .restore(locked.into_iter().filter_map(|(k, r)| Some((Credential::from_key(&k)?, r))).collect());
+        self.auth_guard.restore(
+            locked
+                .into_iter()
+                .filter_map(|(k, r)| Some((Credential::from_key(&k)?, r)))
+                .filter(|(c, _)| matches!(c, Credential::Token(_)))
+                .collect(),
+        );
         Ok(())
     }
 
@@ -572,7 +543,7 @@ mod tests {
     #[test]
     fn a_credential_locks_after_the_limit_and_failures_decay() {
         let g = guard(3);
-        let (c1, c2) = (Credential::Custodian(1), Credential::Token("ab".into()));
+        let (c1, c2) = (Credential::Token("cd".into()), Credential::Token("ab".into()));
         assert!(g.credential_failed(&c1, 0).is_none());
         assert!(g.credential_failed(&c1, 30_000).is_none());
         assert!(!g.credential_locked(&c1, 30_000));
@@ -585,12 +556,6 @@ mod tests {
         assert!(g.credential_failed(&c1, 63_000).is_none(), "stored once per lockout");
         assert!(!g.credential_locked(&c2, 62_000), "only that credential");
         assert!(!g.credential_locked(&c1, 182_000), "the lockout ends");
-        // A success takes back only the failure counted ahead of it.
-        g.credential_failed(&c2, 0);
-        g.credential_failed(&c2, 1);
-        g.credential_forgive(&c2);
-        assert!(g.credential_failed(&c2, 2).is_none(), "two failures left, not three");
-        assert!(g.credential_failed(&c2, 3).is_some());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod authority;
 pub mod backup;
 pub mod cluster;
 mod completeness;
+pub mod custodian_pace;
 pub mod identities;
 pub mod keyops;
 mod records;
@@ -135,6 +136,8 @@ pub struct Vault {
     reload_on_unseal: std::sync::atomic::AtomicBool,
     pub(crate) rng: OsRandom,
     pub(crate) auth_guard: AuthGuard,
+    /// Wrong custodian tries, paced per address (never a lockout: see `custodian_pace`).
+    pub(crate) custodian_pace: custodian_pace::CustodianPace,
     /// Bounds concurrent passphrase derivations (Argon2id).
     pub(crate) derivations: crate::vault::auth::DerivationGate,
     limits: Limits,
@@ -382,6 +385,7 @@ impl Vault {
             reload_on_unseal: std::sync::atomic::AtomicBool::new(reload_on_unseal),
             rng: OsRandom::new(),
             auth_guard: AuthGuard::new(options.auth),
+            custodian_pace: custodian_pace::CustodianPace::new(&options.auth),
             derivations: Default::default(),
             limits: options.limits,
             mode: options.mode,
@@ -394,12 +398,14 @@ impl Vault {
         for warning in &regs.warnings {
             tracing::warn!(version = %regs.version, "regulations: {warning}");
         }
-        // Lockouts survive a restart: a custodian locked before it is locked after.
+        // Token lockouts survive a restart. (A custodian's, stored by an earlier build, is not
+        // taken back: custodians are paced, never locked.)
         let records = vault.store.failure_records().await?;
         vault.auth_guard.restore(
             records
                 .into_iter()
                 .filter_map(|(k, r)| Some((crate::vault::auth::Credential::from_key(&k)?, r)))
+                .filter(|(c, _)| matches!(c, crate::vault::auth::Credential::Token(_)))
                 .collect(),
         );
         Ok(vault)

@@ -230,7 +230,7 @@ impl Vault {
             client_request_id,
         );
         let was_sealed = self.is_sealed();
-        let result = self.try_unseal(custodian, passphrase).await;
+        let result = self.try_unseal(custodian, passphrase, peer.map(|p| p.ip())).await;
         match &result {
             Ok(s) if s.sealed => {
                 entry.reason = format!("share {} of {} needed received", s.received.len(), s.threshold)
@@ -266,34 +266,46 @@ impl Vault {
         result
     }
 
-    /// Runs a passphrase's key derivation: in one of the gate's few slots, counted as a failure of
-    /// the custodian before the derivation starts (a custodian locked out gets `LockedOut` without
-    /// one, from any address, even with the right passphrase), and taken back only when right.
+    /// Runs a passphrase's key derivation in one of the gate's few slots, after the caller's
+    /// address (`from`; `None`: the operator's own process) has waited its turn if it tried this
+    /// custodian wrongly too often (see `custodian_pace`): never a lockout.
     pub(crate) async fn passphrase_check<T>(
         &self,
         custodian: u8,
+        from: Option<std::net::IpAddr>,
         derive: impl FnOnce() -> Result<T, KeyError>,
     ) -> Result<T, VaultError> {
-        let _slot = self.derivations.enter()?;
-        let credential = crate::vault::auth::Credential::Custodian(custodian);
-        let now = now_ms();
-        if self.auth_guard.credential_locked(&credential, now) {
-            return Err(VaultError::LockedOut);
-        }
-        if self.count_failure(&credential, now).await {
-            return Err(VaultError::LockedOut);
-        }
-        match derive() {
-            Ok(v) => {
-                self.forgive_failure(&credential).await;
-                Ok(v)
+        if let Some(ip) = from {
+            match self.custodian_pace.admit(custodian, ip, now_ms()) {
+                Some(wait) if wait.is_zero() => {}
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => {
+                    return Err(VaultError::LimitExceeded(format!(
+                        "custodian {custodian}'s passphrase was tried wrongly too often from this address; \
+                         try again in a few seconds"
+                    )));
+                }
             }
-            Err(KeyError::WrongPassphrase) => Err(wrong_passphrase(custodian)),
+        }
+        let _slot = self.derivations.enter()?;
+        match derive() {
+            Ok(v) => Ok(v),
+            Err(KeyError::WrongPassphrase) => {
+                if let Some(ip) = from {
+                    self.custodian_pace.failed(custodian, ip, now_ms());
+                }
+                Err(wrong_passphrase(custodian))
+            }
             Err(other) => Err(VaultError::Key(other)),
         }
     }
 
-    async fn try_unseal(&self, custodian: u8, passphrase: &[u8]) -> Result<SealStatus, VaultError> {
+    async fn try_unseal(
+        &self,
+        custodian: u8,
+        passphrase: &[u8],
+        from: Option<std::net::IpAddr>,
+    ) -> Result<SealStatus, VaultError> {
         if !self.is_sealed() {
             return Err(VaultError::FailedPrecondition("the vault is already unsealed".into()));
         }
@@ -304,8 +316,9 @@ impl Vault {
                         "this vault has a single custodian, number 1".into(),
                     ));
                 }
-                let root =
-                    self.passphrase_check(custodian, || unseal_root_key(&sealed_root, passphrase)).await?;
+                let root = self
+                    .passphrase_check(custodian, from, || unseal_root_key(&sealed_root, passphrase))
+                    .await?;
                 self.install_root(root).await?;
             }
             Custody::Shares { threshold, sealed } => {
@@ -316,7 +329,8 @@ impl Vault {
                             sealed.len()
                         ))
                     })?;
-                let share = self.passphrase_check(custodian, || unseal_share(stored, passphrase)).await?;
+                let share =
+                    self.passphrase_check(custodian, from, || unseal_share(stored, passphrase)).await?;
                 let root = {
                     let mut pending = self.pending_shares.lock().unwrap_or_else(|p| p.into_inner());
                     pending.retain(|p| p.index() != share.index());
@@ -394,7 +408,8 @@ impl Vault {
                     return Err(VaultError::InvalidArgument(format!("custodian {custodian} does not exist")));
                 }
             };
-            self.passphrase_check(custodian, || reseal(&sealed, old, new, &self.rng)).await
+            self.passphrase_check(custodian, peer.map(|p| p.ip()), || reseal(&sealed, old, new, &self.rng))
+                .await
         }
         .await;
         match &resealed {

@@ -1,6 +1,9 @@
 //! Rekeying under dual control (PCI DSS 3.6.1.2, 3.7.6). A key admin only starts a ceremony: a
-//! new root key, split at once among the new custodians. Each new custodian seals their own share
-//! under a passphrase only they give (one call per custodian; no call sets two); then as many
+//! new root key, split at once among the new custodians, each share bound to a named identity
+//! (all different, none the key admin). Only that identity, with its own token, seals its share
+//! under a passphrase it gives (one call per share; no call sets two), so the key admin cannot
+//! set the new custodians' passphrases itself; the status names who holds each share and whether
+//! it is set, for the approvers to check. Then as many
 //! current custodians as unsealing needs approve, each with their current passphrase. The approval
 //! that reaches the threshold proves the current root key (the approving shares combine to it)
 //! and replaces it: every KEK and the derivation key are rewrapped, every share replaced.
@@ -43,6 +46,16 @@ pub struct RekeyStatus {
     pub started_by: String,
     pub expires_ms: u64,
     pub done: bool,
+    /// Each new share: the identity bound to it, and whether it has set its passphrase.
+    pub slots: Vec<RekeySlot>,
+}
+
+/// A new share of the ceremony and the identity bound to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RekeySlot {
+    pub custodian: u8,
+    pub holder: String,
+    pub set: bool,
 }
 
 impl fmt::Debug for RekeyStatus {
@@ -68,11 +81,12 @@ pub(crate) struct Ceremony {
     shares: Vec<Option<KeyShare>>,
     /// Per new custodian: their share (or the whole root key) sealed under their passphrase.
     sealed: Vec<Option<Vec<u8>>>,
-    /// Keyed digests of the passphrases given, so two custodians cannot share one.
+    /// Keys the constant-time comparison of a presented nonce.
     digest_key: ring::hmac::Key,
-    digests: Vec<ring::hmac::Tag>,
     /// Current custodians' shares that approved (a whole-key custody approves at once).
     approvals: Vec<KeyShare>,
+    /// Per new custodian: the identity that alone may set its passphrase.
+    holders: Vec<String>,
     started_by: String,
     expires_ms: u64,
 }
@@ -98,6 +112,16 @@ impl Ceremony {
             started_by: self.started_by.clone(),
             expires_ms: self.expires_ms,
             done: false,
+            slots: self
+                .holders
+                .iter()
+                .zip(1u8..)
+                .map(|(holder, j)| RekeySlot {
+                    custodian: j,
+                    holder: holder.clone(),
+                    set: self.sealed[j as usize - 1].is_some(),
+                })
+                .collect(),
         }
     }
 
@@ -135,6 +159,7 @@ impl Vault {
         caller: &Caller,
         threshold: u8,
         custodians: u8,
+        holders: &[String],
     ) -> Result<RekeyStatus, VaultError> {
         let regs = self.regulations();
         let entry = self.draft(caller, Rpc::Rekey, Operation::KeyAdmin, &regs);
@@ -147,6 +172,7 @@ self.unsealed()?;
                     "the threshold must be between 2 and the number of custodians (or both 1)".into(),
                 ));
             }
+            self.check_holders(caller, custodians, holders).await?;
             let mut slot = self.rekey.lock().await;
             if let Some(c) = slot.as_ref().filter(|c| now_ms() < c.expires_ms) {
                 return Err(VaultError::FailedPrecondition(format!(
@@ -172,21 +198,62 @@ self.unsealed()?;
                 shares,
                 sealed: vec![None; custodians as usize],
                 digest_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &digest),
-                digests: Vec::new(),
                 approvals: Vec::new(),
+                holders: holders.to_vec(),
                 started_by: caller.identity.name.clone(),
                 expires_ms: now_ms().saturating_add(u64::try_from(self.rekey_ttl.as_millis()).unwrap_or(u64::MAX)),
             };
             let mut status = ceremony.status(approvals_needed(&self.store.custody().await?));
             status.nonce = Some(ceremony.nonce.to_string());
-            e.reason = format!(
-                "rekey ceremony started: {custodians} new custodians, threshold {}; waiting for their passphrases",
+            e.reason = clean(&format!(
+                "rekey ceremony started: {custodians} new custodians ({}), threshold {}; waiting for their passphrases",
+                holders.join(", "),
                 threshold.max(1)
-            );
+            ));
             *slot = Some(ceremony);
             Ok((status, Changes::none()))
          }))
         .await
+    }
+
+    /// One active identity per new share, all different, none the caller: the key admin who
+    /// starts a ceremony never sets a new custodian's passphrase.
+    async fn check_holders(
+        &self,
+        caller: &Caller,
+        custodians: u8,
+        holders: &[String],
+    ) -> Result<(), VaultError> {
+        if holders.len() != custodians as usize {
+            return Err(VaultError::InvalidArgument(format!(
+                "name the identity that will hold each new share: {custodians} custodians, {} named",
+                holders.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for holder in holders {
+            if holder == &caller.identity.name {
+                return Err(VaultError::InvalidArgument(
+                    "the key admin who starts a rekey cannot hold a new share (dual control)".into(),
+                ));
+            }
+            if !seen.insert(holder.as_str()) {
+                return Err(VaultError::InvalidArgument(format!(
+                    "'{}' is named for two shares: each new share needs its own holder",
+                    clean(holder)
+                )));
+            }
+            match self.store.get_identity(holder).await? {
+                Some(i) if i.revoked_ms.is_none() => {}
+                _ => {
+                    return Err(VaultError::InvalidArgument(format!(
+                        "'{}' is not an active identity: create it first",
+                        clean(holder)
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Abandons the ceremony in progress; nothing had changed.
@@ -224,6 +291,7 @@ self.unsealed()?;
         nonce: &str,
         custodian: u8,
         passphrase: &[u8],
+        holder: &str,
         peer: Option<SocketAddr>,
         request_id: &str,
         client_request_id: &str,
@@ -252,27 +320,30 @@ self.unsealed()?;
                         ceremony.custodians
                     ))
                 })?;
+            if ceremony.holders[index] != holder {
+                return Err(VaultError::PermissionDenied(format!(
+                    "new custodian {custodian}'s share is bound to another identity; only it can set this passphrase"
+                )));
+            }
             if ceremony.sealed[index].is_some() {
                 return Err(VaultError::FailedPrecondition(format!(
                     "new custodian {custodian} already set their passphrase; if that was not them, cancel the ceremony"
                 )));
             }
             check_new_passphrase(passphrase)?;
-            let digest = ring::hmac::sign(&ceremony.digest_key, passphrase);
-            if ceremony.digests.iter().any(|d| d.as_ref() == digest.as_ref()) {
-                return Err(VaultError::InvalidArgument(
-                    "two custodians were given the same passphrase".into(),
-                ));
-            }
+            // (No check that two holders chose the same passphrase: the refusal would tell the
+            // second holder the first one's.)
             let _slot = self.derivations.enter()?;
             let sealed = match &ceremony.shares[index] {
                 Some(share) => seal_share(share, passphrase, self.seal_params(), &self.rng)?,
                 None => seal_root_key(&ceremony.root, passphrase, self.seal_params(), &self.rng)?,
             };
-            Ok((index, digest, sealed))
+            Ok((index, sealed))
         })();
         match &sealed {
-            Ok(_) => entry.reason = format!("new custodian {custodian} set their passphrase"),
+            Ok(_) => {
+                entry.reason = clean(&format!("new custodian {custodian} ('{holder}') set their passphrase"))
+            }
             Err(e) => {
                 entry.outcome = e.outcome();
                 entry.reason = clean(&e.to_string());
@@ -280,11 +351,10 @@ self.unsealed()?;
         }
         // Audited before it counts: an unauditable step is not taken.
         self.commit_custodian(entry).await?;
-        let (index, digest, sealed) = sealed?;
+        let (index, sealed) = sealed?;
         let ceremony = slot.as_mut().ok_or_else(no_ceremony)?;
         ceremony.sealed[index] = Some(sealed);
         ceremony.shares[index] = None;
-        ceremony.digests.push(digest);
         Ok(ceremony.status(needed))
     }
 
@@ -332,7 +402,7 @@ self.unsealed()?;
                             "this vault has a single custodian, number 1".into(),
                         ));
                     }
-                    Some(self.passphrase_check(custodian, || unseal_root_key(sealed_root, passphrase)).await?)
+                    Some(self.passphrase_check(custodian, peer.map(|p| p.ip()), || unseal_root_key(sealed_root, passphrase)).await?)
                 }
                 Custody::Shares { threshold, sealed } => {
                     let stored =
@@ -342,7 +412,7 @@ self.unsealed()?;
                                 sealed.len()
                             ))
                         })?;
-                    let share = self.passphrase_check(custodian, || unseal_share(stored, passphrase)).await?;
+                    let share = self.passphrase_check(custodian, peer.map(|p| p.ip()), || unseal_share(stored, passphrase)).await?;
                     ceremony.approvals.retain(|s| s.index() != share.index());
                     ceremony.approvals.push(share);
                     if ceremony.approvals.len() < *threshold as usize {
