@@ -559,3 +559,16 @@ pub fn khlang_anon(server_url: &str, args: &[&str]) -> Output {
         .output()
         .unwrap()
 }
+
+/// Runs an offline `khlangd` command (`verify`, `approve-identity`, ...) on the stopped vault in
+/// `dir`, unsealed with the harness's passphrase, on its store (sled, or the folder's database).
+pub fn khlangd_offline(dir: &Path, command: &str, more: &[&str]) -> Output {
+    let pass = write_passphrase(dir, PASSPHRASE);
+    let mut args = vec![command, "--data-dir", dir.to_str().unwrap(), "--passphrase-file", &pass];
+    let url = on_postgres().then(|| database_url(dir));
+    if let Some(url) = &url {
+        args.extend(["--storage", url.as_str()]);
+    }
+    args.extend_from_slice(more);
+    khlangd_cmd(&args)
+}

@@ -149,13 +149,7 @@ async fn identities_and_tokens_moved_or_inserted_in_the_store_are_refused() {
 
 /// `khlangd verify` on the stopped vault in `dir`: its exit status and everything it printed.
 fn khlangd_verify(dir: &Path) -> (Option<i32>, String) {
-    let pass = write_passphrase(dir, PASSPHRASE);
-    let mut args = vec!["verify", "--data-dir", dir.to_str().unwrap(), "--passphrase-file", &pass];
-    let url = on_postgres().then(|| database_url(dir));
-    if let Some(url) = &url {
-        args.extend(["--storage", url.as_str()]);
-    }
-    let out = khlangd_cmd(&args);
+    let out = khlangd_offline(dir, "verify", &[]);
     (
         out.status.code(),
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),

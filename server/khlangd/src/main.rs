@@ -250,6 +250,20 @@ enum Command {
         #[arg(long, env = "KHLANG_REGULATIONS")]
         regulations: Option<PathBuf>,
     },
+    /// Break-glass for the two-person rule: with the STOPPED vault opened by its custodians'
+    /// quorum (`--passphrase-file N=FILE` for K of them), approve a pending identity request when no
+    /// identity but its requester could approve it (the last administrator left). Prints the token.
+    ApproveIdentity {
+        #[arg(long, env = "KHLANG_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
+        #[command(flatten)]
+        passphrase: PassphraseArgs,
+        /// The request's id (`khlang identity requests`).
+        #[arg(long)]
+        request: String,
+    },
     /// TLS certificates for trying TLS and mutual TLS out (not for production: use your own CA).
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -854,6 +868,9 @@ async fn khlangd() -> anyhow::Result<std::process::ExitCode> {
         Command::Verify { data_dir, storage, passphrase, regulations } => {
             let code = verify(data_dir, storage, passphrase, regulations).await?;
             return Ok(std::process::ExitCode::from(code));
+        }
+        Command::ApproveIdentity { data_dir, storage, passphrase, request } => {
+            offline::approve_identity(&data_dir, storage, &passphrase, &request).await?;
         }
         Command::Tls(TlsCommand::DevCerts { dir, hosts, clients, days }) => {
             dev_certs(&dir, &hosts, &clients, days)?;

@@ -91,6 +91,23 @@ pub(crate) async fn verify(
     Ok(if check.damaged > 0 || unauthentic > 0 || !log.holds() { 2 } else { audit_code })
 }
 
+/// `khlangd approve-identity`: the custodians' quorum approves a request nobody else can.
+pub(crate) async fn approve_identity(
+    data_dir: &Path,
+    storage: StorageArgs,
+    passphrase: &PassphraseArgs,
+    request: &str,
+) -> anyhow::Result<()> {
+    let options = VaultOptions { storage: storage.location()?, ..VaultOptions::default() };
+    let vault = open_stopped(data_dir, &options, passphrase).await?;
+    let approved = vault.approve_identity_by_custodians(request).await;
+    vault.shut_down().await?;
+    let (name, token) = approved.with_context(|| format!("request {request} not approved"))?;
+    outln!("Approved by the custodians (break-glass, audited). Token for identity '{name}' (shown once):");
+    outln!("{}", token.expose_secret());
+    Ok(())
+}
+
 /// `khlangd config check FILE`.
 pub(crate) fn config_check(path: &Path) -> anyhow::Result<()> {
     let file = config::ConfigFile::read(path)?;

@@ -268,7 +268,7 @@ impl Vault {
     }
 
     /// A request that can still be approved.
-    async fn open_request(&self, request_id: &str) -> Result<StoredIdentityRequest, VaultError> {
+    pub(crate) async fn open_request(&self, request_id: &str) -> Result<StoredIdentityRequest, VaultError> {
         let request = self
             .store
             .get_identity_request(request_id)

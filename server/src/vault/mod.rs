@@ -7,6 +7,7 @@ mod audit_reads;
 pub mod auth;
 pub mod authority;
 pub mod backup;
+pub mod break_glass;
 pub mod cluster;
 mod completeness;
 pub mod custodian_pace;
