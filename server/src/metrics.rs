@@ -186,6 +186,7 @@ pub async fn observe(vault: &Arc<Vault>, with_store_size: bool) {
     // Values deciding access found changed outside the vault since unseal (each read that
     // refused one is also counted in khlang_authority_failures_total, by key space).
     metrics::gauge!("khlang_authority_refused").set(vault.authority_refused() as f64);
+    metrics::gauge!("khlang_records_lost").set(vault.records_lost() as f64);
     metrics::gauge!("khlang_locked_out_credentials")
         .set(vault.auth_guard.locked_now(crate::clock::now_ms()) as f64);
     let stats = vault.flush_stats();

@@ -266,6 +266,11 @@ pub async fn serve(
                     if let Err(e) = vault.check_audit_history().await {
                         tracing::error!(error = %e, "the audit log's history could not be verified");
                     }
+                    // The store's records against the log: a record the store lost (a damaged
+                    // page, a row deleted outside the vault) is then read as DataLoss, not NotFound.
+                    if let Err(e) = vault.check_records().await {
+                        tracing::error!(error = %e, "the store's records could not be checked against the log");
+                    }
                     continue;
                 }
                 tokio::select! {

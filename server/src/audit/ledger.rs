@@ -53,7 +53,12 @@ pub struct Completeness {
     pub appeared: u64,
     /// The first findings, by record id and entry (never a value).
     pub named: Vec<String>,
+    /// Every vanished record's id (up to [`MAX_LOST`]): reads of them answer `DataLoss`.
+    pub vanished_ids: Vec<String>,
 }
+
+/// Vanished records remembered by id at most.
+pub const MAX_LOST: usize = 100_000;
 
 impl Completeness {
     pub fn holds(&self) -> bool {
@@ -131,6 +136,9 @@ impl RecordLedger {
         found.vanished += left.len() as u64;
         for (seq, id) in left {
             name(found, format!("record {id}: put by entry {seq}, never deleted, and not in the store"));
+            if found.vanished_ids.len() < MAX_LOST {
+                found.vanished_ids.push(id);
+            }
         }
     }
 }

@@ -15,6 +15,8 @@ impl Vault {
     pub async fn check_records(&self) -> Result<Completeness, VaultError> {
         self.unsealed()?;
         let found = self.audit.check_records(self.store.as_ref()).await?;
+        *self.lost_records.lock().unwrap_or_else(|p| p.into_inner()) =
+            found.vanished_ids.iter().cloned().collect();
         if !found.holds() {
             tracing::error!(
                 vanished = found.vanished,
@@ -33,5 +35,22 @@ impl Vault {
             self.commit_now(entry, Changes::none()).await?;
         }
         Ok(found)
+    }
+
+    /// What a read of a record the store does not hold answers: `DataLoss` naming it when the
+    /// log says it exists (the store lost it), else `NotFound`.
+    pub(crate) fn missing_record(&self, record_id: &str) -> VaultError {
+        if self.lost_records.lock().unwrap_or_else(|p| p.into_inner()).contains(record_id) {
+            return VaultError::Storage(crate::StoreError::Damaged {
+                record_id: record_id.to_owned(),
+                what: "record (lost: the access log put it and never deleted it)",
+            });
+        }
+        VaultError::NotFound("record")
+    }
+
+    /// How many records the last check found lost (metrics).
+    pub fn records_lost(&self) -> usize {
+        self.lost_records.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }

@@ -139,6 +139,9 @@ pub struct Vault {
     pub(crate) auth_guard: AuthGuard,
     /// Wrong custodian tries, paced per address (never a lockout: see `custodian_pace`).
     pub(crate) custodian_pace: custodian_pace::CustodianPace,
+    /// Records the log says exist that the store lost (its last records check): read, they answer
+    /// `DataLoss` naming the loss instead of `NotFound`.
+    pub(crate) lost_records: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Bounds concurrent passphrase derivations (Argon2id).
     pub(crate) derivations: crate::vault::auth::DerivationGate,
     limits: Limits,
@@ -387,6 +390,7 @@ impl Vault {
             rng: OsRandom::new(),
             auth_guard: AuthGuard::new(options.auth),
             custodian_pace: custodian_pace::CustodianPace::new(&options.auth),
+            lost_records: std::sync::Mutex::default(),
             derivations: Default::default(),
             limits: options.limits,
             mode: options.mode,

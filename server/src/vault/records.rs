@@ -201,7 +201,7 @@ impl Vault {
                 };
                 self.decide(regs, caller, before, e)?;
                 let (record, _) =
-                    self.store.get_record(record_id).await?.ok_or(VaultError::NotFound("record"))?;
+                    self.store.get_record(record_id).await?.ok_or_else(|| self.missing_record(record_id))?;
                 e.subject = hex::encode(record.subject_index);
                 e.key_versions = Self::key_versions(&record.wrapped_key);
                 // Asked fields the record does not hold are decided on too, and simply not returned.
@@ -292,7 +292,7 @@ impl Vault {
                 let ask = Ask { op: Operation::Update, fields: &names, purpose: None, consent: None };
                 self.decide(regs, caller, ask, e)?;
                 let (mut record, read_bytes) =
-                    self.store.get_record(record_id).await?.ok_or(VaultError::NotFound("record"))?;
+                    self.store.get_record(record_id).await?.ok_or_else(|| self.missing_record(record_id))?;
                 e.subject = hex::encode(record.subject_index);
                 e.key_versions = Self::key_versions(&record.wrapped_key);
 
@@ -340,7 +340,7 @@ impl Vault {
                 let ask = Ask { op: Operation::Delete, fields: &[], purpose: None, consent: None };
                 self.decide(regs, caller, ask, e)?;
                 let (record, read) =
-                    self.store.get_record(record_id).await?.ok_or(VaultError::NotFound("record"))?;
+                    self.store.get_record(record_id).await?.ok_or_else(|| self.missing_record(record_id))?;
                 e.subject = hex::encode(record.subject_index);
                 e.key_versions = Self::key_versions(&record.wrapped_key);
                 let mut changes = Changes::new();
