@@ -94,7 +94,9 @@ impl Vault {
             Some(_) => None,
             None => Some(raw.audit_head().await?.map_or(0, |h| h.seq)),
         };
+        let started = std::time::Instant::now();
         self.audit.build_write_index(changes_upto)?;
+        let indexed = started.elapsed();
         let mut c = Classifier { tagger: &tagger, index: key, found: AuthorityCheck::default() };
         let mut untagged = Changes::new();
         let mut per_kind: std::collections::BTreeMap<&str, u64> = Default::default();
@@ -151,6 +153,13 @@ impl Vault {
             }
         }
         let mut found = c.found;
+        tracing::info!(
+            entries = key.index().upto(),
+            index_ms = indexed.as_millis() as u64,
+            values = found.tagged + found.forged + found.untagged,
+            total_ms = started.elapsed().as_millis() as u64,
+            "authority: the log's writes indexed and every stored authority value checked"
+        );
         key.install(Some(tagger));
         if found.forged > 0 {
             tracing::error!(
