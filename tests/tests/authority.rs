@@ -532,6 +532,31 @@ async fn regulations_rolled_back_to_an_older_version_are_refused() {
     );
 }
 
+/// A rotation undone in the store (the newest KEK's rows deleted, or it marked retired) would put
+/// new records back under the older key: the vault does not unseal, naming the version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_undone_in_the_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.client_as("key-admin").await.rotate_key().await.unwrap();
+    server.client().await.put("citizen-k", canary_fields()).await.unwrap();
+    server.stop().await;
+    if on_postgres() {
+        database_sql(
+            dir.path(),
+            "DELETE FROM keks WHERE version = 2; DELETE FROM kek_info WHERE version = 2",
+        )
+        .await;
+    } else {
+        tamper(dir.path(), async |store| store.retire_kek(2, 1).await.unwrap()).await;
+    }
+    let refused = refused_at_open(dir.path(), true).await;
+    assert!(
+        matches!(&refused, VaultError::Storage(StoreError::Unauthentic { what, why }) if what == "kek:2" && why.contains("rotation")),
+        "{refused:?}"
+    );
+}
+
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -95,12 +95,12 @@ async fn custodians_unseal_k_of_n_seal_change_passphrase_and_rekey() {
     // key survive (they come from the derivation key, rewrapped, not from the root key).
     let fresh = ["new custodian A: pad see ew", "new custodian B: khao soi gai"];
     let holders = ["security-officer", "data-protection-officer"];
+    let mut first = server.client_with_token(&token_for(&server, holders[0]).await).await;
+    let mut second = server.client_with_token(&token_for(&server, holders[1]).await).await;
     assert_eq!(code(tester.rekey(2, &holders).await).0, Code::PermissionDenied);
     assert_eq!(code(admin.rekey(3, &holders).await).0, Code::InvalidArgument);
     let nonce = admin.rekey(2, &holders).await.unwrap().nonce.unwrap();
     let nonce = nonce.expose_secret();
-    let mut first = server.client_with_token(&token_for(&server, holders[0]).await).await;
-    let mut second = server.client_with_token(&token_for(&server, holders[1]).await).await;
     assert_eq!(code(first.rekey_passphrase(nonce, 1, "short").await).0, Code::InvalidArgument);
     let s = first.rekey_passphrase(nonce, 1, fresh[0]).await.unwrap();
     assert_eq!((s.passphrases_set.clone(), s.approvals_needed, s.done), (vec![1], 2, false));

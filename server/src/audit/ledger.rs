@@ -149,7 +149,42 @@ fn name(found: &mut Completeness, what: String) {
     }
 }
 
+/// How long the records check waits for the log's file to reach the store's head.
+const FILE_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl AuditLog {
+    /// Notes the log's entries after `after`, waiting (bounded by [`FILE_CATCH_UP`]) until the file
+    /// holds `until`; with `stop_past`, entries past `until` are left unread. Returns the last seq
+    /// noted.
+    async fn note_until(
+        &self,
+        ledger: &mut RecordLedger,
+        after: u64,
+        until: u64,
+        stop_past: bool,
+    ) -> Result<u64, StoreError> {
+        let mut read = after;
+        let deadline = std::time::Instant::now() + FILE_CATCH_UP;
+        loop {
+            self.file.write_through()?;
+            for item in self.file.entries(read + 1) {
+                let (seq, value) = item?;
+                if stop_past && seq > until {
+                    break;
+                }
+                if seq <= read {
+                    continue;
+                }
+                ledger.note(seq, &value);
+                read = seq;
+            }
+            if read >= until || std::time::Instant::now() >= deadline {
+                return Ok(read);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// The store's records against the log (see the module doc). Read in three steps so that a
     /// vault serving meanwhile is judged fairly: the log up to the store's chain head, the
     /// store's records, then the entries since, whose records are in flux and not judged.
@@ -157,18 +192,12 @@ impl AuditLog {
         &self,
         store: &dyn crate::storage::Storage,
     ) -> Result<Completeness, StoreError> {
-        // On sled the file may hold entries past the store's head whose change a crash took.
+        // On sled the file may hold entries past the store's head whose change a crash took,
+        // and an entry reaches the file a moment after its change reaches the store.
         let head = store.audit_head().await?.map_or(0, |h| h.seq);
-        self.file.write_through()?;
         let mut ledger =
             RecordLedger { complete: self.file.first_seq()?.is_none_or(|f| f <= 1), ..Default::default() };
-        for item in self.file.entries(0) {
-            let (seq, value) = item?;
-            if seq > head {
-                break;
-            }
-            ledger.note(seq, &value);
-        }
+        let read = self.note_until(&mut ledger, 0, head, true).await?;
         let mut stored = Vec::new();
         let mut cursor = crate::storage::Cursor::default();
         loop {
@@ -177,12 +206,12 @@ impl AuditLog {
             cursor = last.cursor.clone();
             stored.extend(batch.into_iter().map(|w| w.record_id));
         }
+        // Every record the walk saw was committed with its entry at or before the store's head
+        // now: the entries since the first read are read up to it at least, and the records
+        // they name are in flux.
         ledger.touched = Some(HashSet::new());
-        self.file.write_through()?;
-        for item in self.file.entries(head + 1) {
-            let (seq, value) = item?;
-            ledger.note(seq, &value);
-        }
+        let until = store.audit_head().await?.map_or(0, |h| h.seq);
+        self.note_until(&mut ledger, read, until, false).await?;
         let mut found = Completeness::default();
         for id in &stored {
             ledger.judge(id, &mut found);

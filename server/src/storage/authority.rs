@@ -27,6 +27,8 @@ pub const SPACE_TOKEN: &str = "token";
 pub const SPACE_CONSENT: &str = "consent";
 pub const SPACE_JOB: &str = "key-job";
 pub const SPACE_REGULATIONS: &str = "regulations";
+/// KEK versions, judged against the log's rotations and retirements (not tagged: see `vault::kek_check`).
+pub const SPACE_KEK: &str = "kek";
 
 /// A consent choice's key: the subject's blind index and the purpose (its current slot and its
 /// history entries carry the same tag).
@@ -161,7 +163,7 @@ fn tag_verdict<T: Stored>(
     }
 }
 
-fn unauthentic(space: &str, key: &[u8], why: &'static str) -> StoreError {
+pub(crate) fn unauthentic(space: &str, key: &[u8], why: &'static str) -> StoreError {
     let readable = !matches!(space, SPACE_CONSENT) && key.iter().all(|b| b.is_ascii_graphic());
     let named = match (space, <[u8; 8]>::try_from(key)) {
         (SPACE_JOB, _) => space.to_owned(),
@@ -212,6 +214,10 @@ pub struct WriteIndex {
     /// returns and the log's entry is noted.
     pending: HashMap<String, Vec<u64>>,
     pending_removals: HashMap<String, usize>,
+    /// KEK versions the log's rotations made (version → seq) and those its retirements ended:
+    /// the store must hold every one made and not retired (see `vault::kek_check`).
+    pub keks_made: std::collections::BTreeMap<u32, u64>,
+    pub keks_retired: HashSet<u32>,
 }
 
 /// The part of an audit entry the index reads (the rest of the JSON is skipped).
@@ -221,6 +227,12 @@ struct EntryWrites {
     write: u64,
     #[serde(default)]
     writes: Vec<String>,
+    #[serde(default)]
+    rpc: String,
+    #[serde(default)]
+    outcome: String,
+    #[serde(default)]
+    key_versions: String,
 }
 
 impl WriteIndex {
@@ -257,6 +269,20 @@ impl WriteIndex {
             && let Ok(e) = serde_json::from_slice::<EntryWrites>(json)
         {
             self.note(seq, e.write, &e.writes);
+            // Rotations and retirements: which KEK versions must exist.
+            if e.outcome == "Ok"
+                && let Some(v) = e.key_versions.strip_prefix("kek=").and_then(|v| v.parse::<u32>().ok())
+            {
+                match e.rpc.as_str() {
+                    "RotateKey" => {
+                        self.keks_made.insert(v, seq);
+                    }
+                    "RetireKey" => {
+                        self.keks_retired.insert(v);
+                    }
+                    _ => {}
+                }
+            }
         }
         self.upto = self.upto.max(seq);
     }

@@ -132,89 +132,8 @@ const POOL_SIZE: usize = 16;
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The pool behind a back-off: while the database cannot be reached, requests are refused at
-/// once (`Unavailable`) for a delay that doubles from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], so a
-/// node neither stalls its requests on a dead host nor floods the database (or the standby being
-/// promoted) with connection attempts; the first request after the delay tries again, and the
-/// first success ends the back-off.
-mod conns {
-    use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
-
-    use deadpool_postgres::{Object, Pool, PoolError};
-
-    use super::pool_error;
-    use crate::StoreError;
-
-    pub(super) const BACKOFF_FIRST: Duration = Duration::from_millis(50);
-    pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-    #[derive(Default)]
-    pub(super) struct Backoff {
-        /// Until when requests are refused, and the delay that set it.
-        state: Mutex<Option<(Instant, Duration)>>,
-    }
-
-    impl Backoff {
-        pub(super) fn shared() -> Arc<Self> {
-            Arc::default()
-        }
-
-        fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Duration)>> {
-            // Every update is one assignment: a panic cannot leave it half-written.
-            self.state.lock().unwrap_or_else(|p| p.into_inner())
-        }
-    }
-
-    #[derive(Clone)]
-    pub(crate) struct Conns {
-        pool: Pool,
-        backoff: Arc<Backoff>,
-    }
-
-    impl Conns {
-        pub(super) fn new(pool: Pool, backoff: Arc<Backoff>) -> Self {
-            Self { pool, backoff }
-        }
-
-        pub(crate) async fn get(&self) -> Result<Object, StoreError> {
-            if let Some((until, _)) = *self.backoff.lock() {
-                let left = until.saturating_duration_since(Instant::now());
-                if !left.is_zero() {
-                    return Err(StoreError::Unavailable(format!(
-                        "cannot reach it; trying again in {} ms",
-                        left.as_millis()
-                    )));
-                }
-            }
-            match self.pool.get().await {
-                Ok(c) => {
-                    if self.backoff.lock().take().is_some() {
-                        tracing::info!("the database answers again");
-                    }
-                    Ok(c)
-                }
-                Err(e) => {
-                    // A connection that could not be made backs off; a busy pool does not.
-                    let unreachable = matches!(
-                        &e,
-                        PoolError::Backend(_) | PoolError::Timeout(deadpool_postgres::TimeoutType::Create)
-                    );
-                    let e = pool_error(e);
-                    if unreachable && matches!(e, StoreError::Unavailable(_)) {
-                        let mut state = self.backoff.lock();
-                        let delay = state.map_or(BACKOFF_FIRST, |(_, d)| (d * 2).min(BACKOFF_MAX));
-                        if state.is_none() {
-                            tracing::warn!(error = %e, "cannot reach the database; backing off and retrying");
-                        }
-                        *state = Some((Instant::now() + delay, delay));
-                    }
-                    Err(e)
-                }
-            }
-        }
-    }
-}
+#[path = "pg_conns.rs"]
+mod conns;
 
 const META_MODE: &str = "mode";
 const META_DERIVATION_KEY: &str = "derivation_key";
@@ -605,55 +524,9 @@ macro_rules! in_transaction {
     }};
 }
 
-/// The credentials cache: a read fills it only if no commit invalidated anything meanwhile (its
-/// generation unchanged), so a value read before a revocation never outlives it.
-#[derive(Default)]
-struct Credentials {
-    generation: u64,
-    /// The credentials epoch last heard from the database, and until when the cache may be
-    /// trusted without hearing it again.
-    epoch: Option<i64>,
-    trusted_until: Option<std::time::Instant>,
-    tokens: std::collections::HashMap<String, Option<StoredToken>>,
-    identities: std::collections::HashMap<String, Option<StoredIdentity>>,
-}
-
-/// Entries the credentials cache holds at most (then it starts again empty).
-const CREDENTIALS_CACHED: usize = 10_000;
-
-impl Credentials {
-    fn trusted(&self) -> bool {
-        self.trusted_until.is_some_and(|t| std::time::Instant::now() < t)
-    }
-
-    fn clear(&mut self) {
-        self.tokens.clear();
-        self.identities.clear();
-        self.generation += 1;
-    }
-
-    fn invalidate<'a>(&mut self, ops: impl IntoIterator<Item = &'a Op>) {
-        for op in ops {
-            match op {
-                Op::PutToken { id, .. } | Op::RemoveToken(id) => {
-                    self.tokens.remove(id);
-                }
-                Op::PutIdentity(identity) => {
-                    self.identities.remove(&identity.name);
-                }
-                _ => continue,
-            }
-            self.generation += 1;
-        }
-    }
-
-    fn fill<T>(map: &mut std::collections::HashMap<String, Option<T>>, key: &str, value: Option<T>) {
-        if map.len() >= CREDENTIALS_CACHED {
-            map.clear();
-        }
-        map.insert(key.to_owned(), value);
-    }
-}
+#[path = "pg_credentials.rs"]
+mod credentials;
+use credentials::Credentials;
 
 /// Why a transaction body stopped: the database (maybe worth rerunning) or the store's own refusal.
 enum TxError {

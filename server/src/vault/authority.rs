@@ -97,6 +97,7 @@ impl Vault {
         let started = std::time::Instant::now();
         self.audit.build_write_index(changes_upto)?;
         let indexed = started.elapsed();
+        self.check_keks_against_log().await?;
         let mut c = Classifier { tagger: &tagger, index: key, found: AuthorityCheck::default() };
         let mut untagged = Changes::new();
         let mut per_kind: std::collections::BTreeMap<&str, u64> = Default::default();

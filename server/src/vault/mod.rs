@@ -12,6 +12,7 @@ pub mod cluster;
 mod completeness;
 pub mod custodian_pace;
 pub mod identities;
+mod kek_check;
 pub mod keyops;
 mod records;
 mod subjects;
