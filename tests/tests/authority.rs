@@ -557,6 +557,42 @@ async fn a_rotation_undone_in_the_store_is_refused() {
     );
 }
 
+/// Lockouts decide who is refused: one written into the store (to lock a token out) is ignored,
+/// while the vault's own lockout of a guessed-at token still survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lockout_written_into_the_store_is_ignored_and_a_genuine_one_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), strict(dir.path(), 3)).await;
+    let victim = server.tokens["registration-app"].clone();
+    let guessed = server.tokens["billing-clerk"].clone();
+    let (id, secret) = guessed.trim_start_matches("khl_").split_once('_').unwrap();
+    let forged = format!("khl_{id}_{}", "0".repeat(secret.len()));
+    for _ in 0..3 {
+        server.client_with_token(&forged).await.list("x").await.unwrap_err();
+    }
+    let e = server.client_with_token(&guessed).await.list("x").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "locked by the vault: {e}");
+    server.stop().await;
+
+    let victim_id = victim.trim_start_matches("khl_").split_once('_').unwrap().0.to_owned();
+    tamper(dir.path(), async |store| {
+        let locked = khlang_server::storage::FailureRecord {
+            format: 1,
+            locked_until_ms: Some(u64::MAX / 2),
+            ..Default::default()
+        };
+        let key = khlang_server::vault::auth::Credential::Token(victim_id.clone()).key();
+        store.put_failures(&key, &locked).await.unwrap();
+    })
+    .await;
+
+    let server = TestServer::start_with(dir.path(), strict(dir.path(), 3)).await;
+    server.client_with_token(&victim).await.list("x").await.unwrap();
+    let e = server.client_with_token(&guessed).await.list("x").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "the genuine lockout survives the restart: {e}");
+    server.stop().await;
+}
+
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -58,7 +58,7 @@ async fn wrong_custodian_tries_are_paced_per_address_and_lock_no_one_out() {
     // A custodian lockout stored by an earlier build (or written into the store) no longer
     // refuses anything: the operator's start with passphrase files unseals, and so does a caller.
     let store = open_store(dir.path()).await;
-    let locked = FailureRecord { format: 1, failures: vec![], locked_until_ms: Some(u64::MAX / 2) };
+    let locked = FailureRecord { format: 1, locked_until_ms: Some(u64::MAX / 2), ..Default::default() };
     for c in [1u8, 2] {
         store
             .put_failures(&khlang_server::vault::auth::Credential::Custodian(c).key(), &locked)

@@ -29,6 +29,9 @@ pub const SPACE_JOB: &str = "key-job";
 pub const SPACE_REGULATIONS: &str = "regulations";
 /// KEK versions, judged against the log's rotations and retirements (not tagged: see `vault::kek_check`).
 pub const SPACE_KEK: &str = "kek";
+/// Lockout records: tagged, not indexed (failures are counted, not each audited), so a lockout
+/// written by anyone else is ignored; one deleted is not noticed.
+pub const SPACE_LOCKOUT: &str = "lockout";
 
 /// A consent choice's key: the subject's blind index and the purpose (its current slot and its
 /// history entries carry the same tag).
@@ -465,6 +468,40 @@ impl Authentic {
         &self.inner
     }
 
+    /// `record` tagged for `credential` (untagged while sealed: then it is ignored when read).
+    fn tag_lockout(&self, credential: &[u8], mut record: FailureRecord) -> FailureRecord {
+        record.auth = None;
+        if let Some(tagger) = self.key.get() {
+            record.auth = tag(&tagger, SPACE_LOCKOUT, credential, 0, &record).ok();
+        }
+        record
+    }
+
+    /// Whether this vault wrote `record` (a forged lockout could lock anyone out).
+    fn lockout_genuine(&self, credential: &[u8], record: &FailureRecord) -> bool {
+        let Some(tagger) = self.key.get() else { return false };
+        match tag_verdict(&tagger, SPACE_LOCKOUT, credential, record) {
+            Ok(()) => true,
+            // Untagged: an earlier build's, PostgreSQL's empty placeholder row, or inserted by
+            // someone else; never used, and harmless ignored (it could only restrict).
+            Err(_) if record.auth.is_none() => {
+                if !record.failures.is_empty() || record.locked_until_ms.is_some() {
+                    tracing::warn!("a stored lockout record carries no tag; ignored");
+                }
+                false
+            }
+            Err(why) => {
+                self.key.count_refused(1);
+                tracing::error!(why, "a stored lockout record was not written by this vault; ignored");
+                false
+            }
+        }
+    }
+
+    fn genuine_lockouts(&self, all: Vec<(Vec<u8>, FailureRecord)>) -> Vec<(Vec<u8>, FailureRecord)> {
+        all.into_iter().filter(|(credential, r)| self.lockout_genuine(credential, r)).collect()
+    }
+
     fn refuse(&self, space: &str, key: &[u8], why: &'static str) -> StoreError {
         self.key.count_refused(1);
         unauthentic(space, key, why)
@@ -709,20 +746,25 @@ impl Storage for Authentic {
         Ok(all)
     }
     async fn put_failures(&self, credential: &[u8], record: &FailureRecord) -> Result<(), StoreError> {
-        self.inner.put_failures(credential, record).await
+        self.inner.put_failures(credential, &self.tag_lockout(credential, record.clone())).await
     }
     async fn failure_records(&self) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
-        self.inner.failure_records().await
+        Ok(self.genuine_lockouts(self.inner.failure_records().await?))
     }
     async fn count_failure(
         &self,
         credential: &[u8],
         update: &(dyn Fn(Option<FailureRecord>) -> FailureRecord + Sync),
     ) -> Result<Option<FailureRecord>, StoreError> {
-        self.inner.count_failure(credential, update).await
+        // What the store holds counts only if this vault wrote it; what is stored is tagged.
+        let checked = |stored: Option<FailureRecord>| {
+            let stored = stored.filter(|r| self.lockout_genuine(credential, r));
+            self.tag_lockout(credential, update(stored))
+        };
+        self.inner.count_failure(credential, &checked).await
     }
     async fn lockouts(&self, now_ms: u64) -> Result<Vec<(Vec<u8>, FailureRecord)>, StoreError> {
-        self.inner.lockouts(now_ms).await
+        Ok(self.genuine_lockouts(self.inner.lockouts(now_ms).await?))
     }
     async fn get_consent(
         &self,

@@ -43,8 +43,15 @@ macro_rules! authority {
         }
     )*};
 }
-authority!(StoredIdentity, StoredIdentityRequest, StoredToken, StoredConsent, StoredJob, StoredRegulations);
-impl Stored for FailureRecord {}
+authority!(
+    StoredIdentity,
+    StoredIdentityRequest,
+    StoredToken,
+    StoredConsent,
+    StoredJob,
+    StoredRegulations,
+    FailureRecord
+);
 impl Stored for KekInfo {}
 
 /// The value's own bytes, without its tag: what the tag authenticates.
@@ -285,4 +292,8 @@ pub struct FailureRecord {
     pub format: u8,
     pub failures: Vec<u64>,
     pub locked_until_ms: Option<u64>,
+    /// The vault's proof that it wrote this record (after the encoded bytes, not in them): a
+    /// lockout written into the store by anyone else is ignored.
+    #[serde(skip)]
+    pub auth: Option<AuthTag>,
 }

@@ -562,7 +562,7 @@ mod tests {
     fn a_restored_lockout_holds() {
         let g = guard(3);
         let c = Credential::Custodian(2);
-        let record = FailureRecord { format: 1, failures: vec![], locked_until_ms: Some(10_000) };
+        let record = FailureRecord { format: 1, locked_until_ms: Some(10_000), ..Default::default() };
         assert_eq!(Credential::from_key(&c.key()), Some(c.clone()));
         let t = Credential::Token("ff".into());
         assert_eq!(Credential::from_key(&t.key()), Some(t));

@@ -162,6 +162,17 @@ impl Vault {
             "authority: the log's writes indexed and every stored authority value checked"
         );
         key.install(Some(tagger));
+        // Token lockouts survive a restart: read once the tags can be checked (a lockout the vault
+        // did not write is ignored). A custodian's, stored by an earlier build, is not taken
+        // back: custodians are paced, never locked.
+        let lockouts = self.store.failure_records().await?;
+        self.auth_guard.restore(
+            lockouts
+                .into_iter()
+                .filter_map(|(k, r)| Some((crate::vault::auth::Credential::from_key(&k)?, r)))
+                .filter(|(c, _)| matches!(c, crate::vault::auth::Credential::Token(_)))
+                .collect(),
+        );
         if found.forged > 0 {
             tracing::error!(
                 forged = found.forged,

@@ -404,16 +404,6 @@ impl Vault {
         for warning in &regs.warnings {
             tracing::warn!(version = %regs.version, "regulations: {warning}");
         }
-        // Token lockouts survive a restart. (A custodian's, stored by an earlier build, is not
-        // taken back: custodians are paced, never locked.)
-        let records = vault.store.failure_records().await?;
-        vault.auth_guard.restore(
-            records
-                .into_iter()
-                .filter_map(|(k, r)| Some((crate::vault::auth::Credential::from_key(&k)?, r)))
-                .filter(|(c, _)| matches!(c, crate::vault::auth::Credential::Token(_)))
-                .collect(),
-        );
         Ok(vault)
     }
 
