@@ -432,7 +432,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "the vault found its log damaged and refuses data requests until the operator accepts the break"
                     );
                 }
-                print_report(&live.report, &live.verdict)?
+                let r = &live.records;
+                outln!(
+                    "records against the log: {} accounted for, {} vanished without their delete entry, {} appeared without their put{}",
+                    r.matched,
+                    r.vanished,
+                    r.appeared,
+                    if r.before_log > 0 {
+                        format!(" ({} older than the log's first kept entry)", r.before_log)
+                    } else {
+                        String::new()
+                    }
+                );
+                for finding in &r.findings {
+                    outln!("  {}", terminal_safe(finding));
+                }
+                print_report(&live.report, &live.verdict)?;
+                if !r.holds() {
+                    return Err(VerifyOutcome(EXIT_BROKEN).into());
+                }
             }
             AuditCommand::PublicKey => outln!("{}", client.audit_public_key().await?),
         },
