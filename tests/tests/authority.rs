@@ -93,6 +93,14 @@ async fn a_role_rewritten_in_the_store_is_refused_not_obeyed() {
             .any(|e| e.outcome == "DataLoss" && e.reason.contains("statistics-contractor")),
         "the refusal is audited"
     );
+    // And it raised one alarm of its own, however often the value is read.
+    server.client_with_token(&contractor).await.export_subject("citizen-1").await.unwrap_err();
+    let alarms = server
+        .audit_entries()
+        .iter()
+        .filter(|e| e.rpc == "AuthorityAlarm" && e.reason.contains("identity:statistics-contractor"))
+        .count();
+    assert_eq!(alarms, 1, "one alarm entry for the forged value");
     server.stop().await;
 }
 

@@ -295,3 +295,32 @@ pub(crate) fn checked_store(
 ) -> Arc<dyn Storage> {
     Arc::new(crate::storage::authority::Authentic::new(raw, key))
 }
+
+/// Values alarmed at most (then refusals are still answered and entered, but raise no alarm).
+const MAX_ALARMED: usize = 10_000;
+
+impl Vault {
+    /// A value refused as not this vault's (a row that appeared in a shared database without its
+    /// audited change, an edit of the data folder) raises one `AuthorityAlarm` entry per value,
+    /// so the finding stands in the log on its own, beside the refused request's entry.
+    pub(crate) async fn alarm_unauthentic(&self, e: &VaultError) {
+        let VaultError::Storage(crate::StoreError::Unauthentic { what, why }) = e else { return };
+        {
+            let mut alarmed = self.alarmed.lock().unwrap_or_else(|p| p.into_inner());
+            if alarmed.len() >= MAX_ALARMED || !alarmed.insert(what.clone()) {
+                return;
+            }
+        }
+        let mut entry = crate::vault::operator_entry(
+            crate::audit::Rpc::AuthorityAlarm,
+            crate::policy::Operation::RegulationsAdmin,
+            &self.regulations(),
+        );
+        entry.identity = "vault".into();
+        entry.outcome = crate::Outcome::DataLoss;
+        entry.reason = crate::audit::clean(&format!("{what} refused: {why}"));
+        if let Err(alarm) = self.commit_now(entry, Changes::none()).await {
+            tracing::error!(error = %alarm, value = %what, "could not record an authority alarm");
+        }
+    }
+}

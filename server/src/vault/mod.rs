@@ -143,6 +143,8 @@ pub struct Vault {
     /// Records the log says exist that the store lost (its last records check): read, they answer
     /// `DataLoss` naming the loss instead of `NotFound`.
     pub(crate) lost_records: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Authority values already alarmed (one `AuthorityAlarm` entry each).
+    pub(crate) alarmed: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Bounds concurrent passphrase derivations (Argon2id).
     pub(crate) derivations: crate::vault::auth::DerivationGate,
     limits: Limits,
@@ -392,6 +394,7 @@ impl Vault {
             auth_guard: AuthGuard::new(options.auth),
             custodian_pace: custodian_pace::CustodianPace::new(&options.auth),
             lost_records: std::sync::Mutex::default(),
+            alarmed: std::sync::Mutex::default(),
             derivations: Default::default(),
             limits: options.limits,
             mode: options.mode,
@@ -694,6 +697,11 @@ impl Vault {
                 self.audit.durable(seq).await?;
             }
             line.log(seq, started.elapsed());
+            if let Err(e) = &result {
+                // After this request's own write has gone its way (the alarm commits apart).
+                drop(_writing);
+                self.alarm_unauthentic(e).await;
+            }
             return result;
         }
     }
@@ -783,9 +791,11 @@ impl Vault {
             ..AuditEntry::default()
         };
         match self.commit_repeatable(entry).await? {
-            Some(seq) => self.audit.durable(seq).await,
-            None => Ok(()),
+            Some(seq) => self.audit.durable(seq).await?,
+            None => {}
         }
+        self.alarm_unauthentic(error).await;
+        Ok(())
     }
 }
 
