@@ -790,9 +790,8 @@ impl Vault {
             outcome: error.outcome(),
             ..AuditEntry::default()
         };
-        match self.commit_repeatable(entry).await? {
-            Some(seq) => self.audit.durable(seq).await?,
-            None => {}
+        if let Some(seq) = self.commit_repeatable(entry).await? {
+            self.audit.durable(seq).await?;
         }
         self.alarm_unauthentic(error).await;
         Ok(())
