@@ -28,17 +28,7 @@ impl Vault {
                 "break-glass: request {}: identity '{}' with role '{}', requested by '{}'",
                 request.id, request.name, request.role, request.requested_by
             ));
-            let requester = self
-                .store
-                .get_identity(&request.requested_by)
-                .await?
-                .filter(|i| i.revoked_ms.is_none())
-                .ok_or_else(|| {
-                    VaultError::FailedPrecondition(format!(
-                        "the requester '{}' was revoked; the request cannot be approved",
-                        request.requested_by
-                    ))
-                })?;
+            let requester = self.active_requester(&request).await?;
             // Only when nobody else could approve it: no active identity but the requester whose
             // role may administer identities and assign the requested role.
             let approvers: Vec<String> = self

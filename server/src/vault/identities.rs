@@ -186,18 +186,7 @@ impl Vault {
                     ));
                 }
                 may_assign(regs, caller, &request.role, e)?;
-                // The requester must still be active: a revoked administrator's requests die with them.
-                let requester = self
-                    .store
-                    .get_identity(&request.requested_by)
-                    .await?
-                    .filter(|i| i.revoked_ms.is_none())
-                    .ok_or_else(|| {
-                        VaultError::FailedPrecondition(format!(
-                            "the requester '{}' was revoked; the request cannot be approved",
-                            request.requested_by
-                        ))
-                    })?;
+                let requester = self.active_requester(&request).await?;
                 let created_by = format!("{} (approved by {})", request.requested_by, caller.identity.name);
                 let (token, mut changes) =
                     self.stage_identity(regs, &request.name, &request.role, &created_by).await?;
@@ -265,6 +254,22 @@ impl Vault {
             }),
         )
         .await
+    }
+
+    /// The requester of `request`, who must still be active: a revoked administrator's requests
+    /// die with them.
+    pub(crate) async fn active_requester(
+        &self,
+        request: &StoredIdentityRequest,
+    ) -> Result<crate::storage::StoredIdentity, VaultError> {
+        self.store.get_identity(&request.requested_by).await?.filter(|i| i.revoked_ms.is_none()).ok_or_else(
+            || {
+                VaultError::FailedPrecondition(format!(
+                    "the requester '{}' was revoked; the request cannot be approved",
+                    request.requested_by
+                ))
+            },
+        )
     }
 
     /// A request that can still be approved.
