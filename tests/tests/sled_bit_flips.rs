@@ -118,6 +118,8 @@ async fn a_flipped_bit_in_sleds_files_is_lost_data_named_never_internal() {
         dropped += lost;
         server.stop().await;
     }
+    // The flips landed: damage was found and answered, not only survived.
+    assert!(served > 0 && damaged > 0, "{refused} refused, {served} served, {damaged} damaged");
     eprintln!(
         "16 flips in {} ({len} bytes): {refused} refused at open, {served} served: {damaged} reads answered DataLoss, of which {dropped} records sled dropped (reported by the records check)",
         relative.display()

@@ -455,11 +455,23 @@ pub async fn catch_up(store: &dyn Storage, key: &Arc<AuthorityKey>) -> Result<()
 pub struct Authentic {
     inner: Arc<dyn Storage>,
     key: Arc<AuthorityKey>,
+    /// Lockout records already reported as not the vault's: a shared store's lockouts are read
+    /// every tick, and one forged row is one report, not one every 200 ms.
+    flagged_lockouts: std::sync::Mutex<HashSet<Vec<u8>>>,
 }
+
+/// Forged lockout records reported by credential at most (then they are ignored silently).
+const MAX_FLAGGED_LOCKOUTS: usize = 10_000;
 
 impl Authentic {
     pub fn new(inner: Arc<dyn Storage>, key: Arc<AuthorityKey>) -> Self {
-        Self { inner, key }
+        Self { inner, key, flagged_lockouts: Default::default() }
+    }
+
+    /// Whether `credential`'s ignored lockout is reported now (the first time only).
+    fn first_flag(&self, credential: &[u8]) -> bool {
+        let mut flagged = self.flagged_lockouts.lock().unwrap_or_else(|p| p.into_inner());
+        flagged.len() < MAX_FLAGGED_LOCKOUTS && flagged.insert(credential.to_vec())
     }
 
     /// The store without the checks: for the unseal-time migration and the regulations a
@@ -485,14 +497,18 @@ impl Authentic {
             // Untagged: an earlier build's, PostgreSQL's empty placeholder row, or inserted by
             // someone else; never used, and harmless ignored (it could only restrict).
             Err(_) if record.auth.is_none() => {
-                if !record.failures.is_empty() || record.locked_until_ms.is_some() {
+                if (!record.failures.is_empty() || record.locked_until_ms.is_some())
+                    && self.first_flag(credential)
+                {
                     tracing::warn!("a stored lockout record carries no tag; ignored");
                 }
                 false
             }
             Err(why) => {
-                self.key.count_refused(1);
-                tracing::error!(why, "a stored lockout record was not written by this vault; ignored");
+                if self.first_flag(credential) {
+                    self.key.count_refused(1);
+                    tracing::error!(why, "a stored lockout record was not written by this vault; ignored");
+                }
                 false
             }
         }

@@ -19,6 +19,10 @@ use super::auth::AuthLimits;
 pub const CUSTODIAN_PACE: Duration = Duration::from_secs(1);
 /// The longest a paced try waits for its turn.
 pub const CUSTODIAN_WAIT: Duration = Duration::from_secs(5);
+/// Paced tries waiting for their turn at once, over all addresses: each waits on a thread of the
+/// blocking pool (a custodian's call runs there), so many addresses together cannot hold it.
+/// Past it a paced try is refused at once; an unpaced one (the real custodian) never waits.
+pub const MAX_WAITING: usize = 32;
 /// Addresses tracked at once (then those with no failure in the window are forgotten, and if all
 /// have one, a new address is paced as if it had failed: a spray of addresses cannot grow memory).
 const MAX_TRACKED: usize = 100_000;
@@ -35,6 +39,17 @@ pub(crate) struct CustodianPace {
     max_failures: usize,
     window_ms: u64,
     tries: Mutex<HashMap<(u8, IpAddr), Tries>>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A paced try's place among those waiting (see [`MAX_WAITING`]), given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Waiting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -47,6 +62,7 @@ impl CustodianPace {
             max_failures: limits.max_failures.max(1) as usize,
             window_ms: ms(limits.window),
             tries: Mutex::new(HashMap::new()),
+            waiting: std::sync::Arc::default(),
         }
     }
 
@@ -74,6 +90,13 @@ impl CustodianPace {
         }
         t.next_ms = at + ms(CUSTODIAN_PACE);
         Some(Duration::from_millis(wait))
+    }
+
+    /// A place to wait in, or `None` when [`MAX_WAITING`] tries already wait.
+    pub(crate) fn wait_slot(&self) -> Option<Waiting> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiting.fetch_update(SeqCst, SeqCst, |n| (n < MAX_WAITING).then_some(n + 1)).ok()?;
+        Some(Waiting(self.waiting.clone()))
     }
 
     /// A try of `custodian` from `ip` was wrong.
@@ -119,5 +142,14 @@ mod tests {
         assert_eq!(p.admit(2, a, 2_000), Some(Duration::ZERO));
         // Failures age out of the window: the address goes at once again.
         assert_eq!(p.admit(1, a, 200_000), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn only_so_many_paced_tries_wait_at_once() {
+        let p = pace(3);
+        let held: Vec<_> = (0..MAX_WAITING).map(|_| p.wait_slot().expect("a place")).collect();
+        assert!(p.wait_slot().is_none(), "full");
+        drop(held);
+        assert!(p.wait_slot().is_some(), "given back");
     }
 }

@@ -276,15 +276,19 @@ impl Vault {
         derive: impl FnOnce() -> Result<T, KeyError>,
     ) -> Result<T, VaultError> {
         if let Some(ip) = from {
+            let paced = || {
+                VaultError::LimitExceeded(format!(
+                    "custodian {custodian}'s passphrase was tried wrongly too often from this address; \
+                     try again in a few seconds"
+                ))
+            };
             match self.custodian_pace.admit(custodian, ip, now_ms()) {
                 Some(wait) if wait.is_zero() => {}
-                Some(wait) => tokio::time::sleep(wait).await,
-                None => {
-                    return Err(VaultError::LimitExceeded(format!(
-                        "custodian {custodian}'s passphrase was tried wrongly too often from this address; \
-                         try again in a few seconds"
-                    )));
+                Some(wait) => {
+                    let _waiting = self.custodian_pace.wait_slot().ok_or_else(paced)?;
+                    tokio::time::sleep(wait).await;
                 }
+                None => return Err(paced()),
             }
         }
         let _slot = self.derivations.enter()?;
