@@ -31,6 +31,12 @@ use khlang_keys::audit_chain::{ChainReport, HeadTagger};
 use crate::StoreError;
 use crate::storage::{AuditRecord, HeadRecorder};
 
+mod archival;
+mod port;
+use archival::finish_archival;
+pub use archival::{FileSink, archive_base, copy_files, restore_file};
+pub use port::{AuditFiles, StoredEntries};
+
 /// How the log's files are kept.
 #[derive(Debug, Clone)]
 pub struct FileOptions {
@@ -61,6 +67,8 @@ const ZERO_AHEAD: u64 = 1 << 20;
 const LAZY_BACKLOG: u64 = 4096;
 /// The checkpoints' file in the folder.
 const CHECKPOINTS: &str = "checkpoints.log";
+/// The signed account of the entries an archival removed (see `audit::archive_base`).
+const ARCHIVE_BASE: &str = "archive-base.json";
 /// How long the flusher holds the door for more entries before writing a group. Measured with
 /// 64 concurrent readers: 300 µs gave more Get/s than 100 µs or none (fewer, fuller syncs).
 const GROUP_WINDOW: Duration = Duration::from_micros(300);
@@ -375,54 +383,6 @@ fn data_end(file: &File) -> std::io::Result<u64> {
     Ok(0)
 }
 
-/// Takes each file of a backup: its name and its data.
-pub type FileSink<'a> = dyn FnMut(&str, Vec<u8>) -> Result<(), StoreError> + 'a;
-
-/// Whether `name` is one of the log's own files: a segment (`<20 digits>.log`) or the checkpoints.
-fn is_log_file(name: &str) -> bool {
-    name == CHECKPOINTS
-        || name.strip_suffix(".log").is_some_and(|s| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Every file of the log in `dir` with its data (the zero fill left out): segments oldest first,
-/// then the checkpoints. A backup's copy, taken after a sync with commits held off; a group the
-/// flusher is writing meanwhile is at most a torn last line, which the restored log cuts at open.
-pub fn copy_files(dir: &Path, each: &mut FileSink<'_>) -> Result<(), StoreError> {
-    let mut paths: Vec<PathBuf> = segments(dir)?.into_iter().map(|(_, p)| p).collect();
-    paths.push(dir.join(CHECKPOINTS));
-    for path in paths {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let mut bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_error(e)),
-        };
-        bytes.truncate(bytes.iter().rposition(|b| *b != 0).map_or(0, |at| at + 1));
-        each(name, bytes)?;
-    }
-    Ok(())
-}
-
-/// Writes a chunk of a backup's file into a new log's folder (`data_dir/audit`), 0600 and synced:
-/// the `first` chunk creates the file (refused if it exists), the others append. Refuses a name
-/// that is not one of the log's files, so a backup cannot place a file anywhere else.
-pub fn restore_file(data_dir: &Path, name: &str, bytes: &[u8], first: bool) -> Result<(), StoreError> {
-    if !is_log_file(name) {
-        return Err(StoreError::Corrupt("backup (an audit file name)"));
-    }
-    let dir = data_dir.join(DIR);
-    std::fs::create_dir_all(&dir).map_err(io_error)?;
-    let mut file = OpenOptions::new()
-        .mode(0o600)
-        .append(true)
-        .create_new(first)
-        .open(dir.join(name))
-        .map_err(io_error)?;
-    file.write_all(bytes).map_err(io_error)?;
-    file.sync_all().map_err(io_error)?;
-    sync_dir(&dir)
-}
-
 /// Cuts a torn last line — what follows the last newline, up to the zero fill — and nothing
 /// else: a NUL byte or a garbled line before it is damage for verification to report, and the
 /// next line goes after every byte of it. Returns where the next line goes and how far the file
@@ -443,26 +403,6 @@ fn cut_torn_tail(path: &Path) -> Result<(u64, u64), StoreError> {
         return Ok((keep as u64, if end == bytes.len() { keep as u64 } else { bytes.len() as u64 }));
     }
     Ok((keep as u64, bytes.len() as u64))
-}
-
-/// Completes or undoes an archival a crash interrupted (see [`AuditFile::remove_archived`]): the
-/// new folder is complete (synced) before the old one is moved aside, so it replaces a missing
-/// folder; otherwise it, and any folder moved aside, are left-overs.
-fn finish_archival(dir: &Path) -> Result<(), StoreError> {
-    let (staging, old) = (dir.with_extension("new"), dir.with_extension("old"));
-    if !dir.exists() {
-        if staging.exists() {
-            std::fs::rename(&staging, dir).map_err(io_error)?;
-        } else if old.exists() {
-            std::fs::rename(&old, dir).map_err(io_error)?;
-        }
-    }
-    for leftover in [staging, old] {
-        if leftover.exists() {
-            std::fs::remove_dir_all(&leftover).map_err(io_error)?;
-        }
-    }
-    Ok(())
 }
 
 /// Opens a segment for writing in place, its torn last line cut: the file, where the next line
@@ -948,217 +888,5 @@ impl AuditFile {
     #[cfg(any(test, feature = "test-util"))]
     pub fn inject_failure(&self, fail: bool) {
         self.shared.inject.store(fail, Ordering::Relaxed);
-    }
-
-    /// Removes entries `..=last` and checkpoints before `last` (archived; the checkpoint at `last`
-    /// stays: it anchors what remains). Commits must be held off; the kept lines are written to a
-    /// new folder first, which then replaces the old one.
-    pub fn remove_archived(&self, last: u64) -> Result<(), StoreError> {
-        self.sync_now()?;
-        let mut io = lock(&self.shared.io);
-        let dir = &self.shared.dir;
-        let staging = dir.with_extension("new");
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(io_error)?;
-        }
-        std::fs::create_dir_all(&staging).map_err(io_error)?;
-        let mut out: Option<(File, u64)> = None;
-        for item in Reader::open(dir, last + 1)? {
-            let (seq, value) = match item? {
-                Item::Entry(seq, value) if seq > last => (seq, value),
-                // Tags are not carried over: the archiving vault signs what it keeps.
-                Item::Entry(..) | Item::Skipped(_) | Item::Tag(..) => continue,
-                _ => return Err(StoreError::Corrupt("audit line")),
-            };
-            if value.len() < 32 {
-                return Err(StoreError::Corrupt("audit entry"));
-            }
-            if out.as_ref().is_none_or(|(_, n)| *n >= self.shared.roll_entries) {
-                if let Some((file, _)) = out.take() {
-                    file.sync_all().map_err(io_error)?;
-                }
-                out = Some((File::create(segment_path(&staging, seq)).map_err(io_error)?, 0));
-            }
-            if let Some((file, n)) = out.as_mut() {
-                let mut line = format!("e {seq} {} ", hex::encode(&value[..32])).into_bytes();
-                line.extend_from_slice(&value[32..]);
-                line.push(b'\n');
-                file.write_all(&line).map_err(io_error)?;
-                *n += 1;
-            }
-        }
-        if out.is_none() {
-            // Nothing after `last`: an empty segment where the next entry goes.
-            out = Some((File::create(segment_path(&staging, last + 1)).map_err(io_error)?, 0));
-        }
-        if let Some((file, _)) = out {
-            file.sync_all().map_err(io_error)?;
-        }
-        let mut kept = File::create(staging.join(CHECKPOINTS)).map_err(io_error)?;
-        for json in checkpoints(dir)? {
-            let seq = serde_json::from_slice::<serde_json::Value>(&json)
-                .ok()
-                .and_then(|v| v["seq"].as_u64())
-                .ok_or(StoreError::Corrupt("checkpoint"))?;
-            if seq >= last {
-                kept.write_all(format!("c {seq} ").as_bytes()).map_err(io_error)?;
-                kept.write_all(&json).map_err(io_error)?;
-                kept.write_all(b"\n").map_err(io_error)?;
-            }
-        }
-        kept.sync_all().map_err(io_error)?;
-        sync_dir(&staging)?;
-        let old = dir.with_extension("old");
-        std::fs::rename(dir, &old).map_err(io_error)?;
-        std::fs::rename(&staging, dir).map_err(io_error)?;
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
-        }
-        std::fs::remove_dir_all(&old).map_err(io_error)?;
-        // Appends go on in the newest of the new segments.
-        let mut p = lock(&self.shared.pending);
-        let (first, path) =
-            segments(dir)?.pop().unwrap_or((p.last_seq + 1, segment_path(dir, p.last_seq + 1)));
-        io.switch_to(&path)?;
-        io.checkpoints =
-            OpenOptions::new().create(true).append(true).open(dir.join(CHECKPOINTS)).map_err(io_error)?;
-        p.segment_entries = (p.last_seq + 1).saturating_sub(first);
-        Ok(())
-    }
-}
-
-/// Entries as read back: `(seq, hash ‖ canonical JSON)`, oldest first.
-pub type StoredEntries<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + Send + 'a>;
-
-/// Where the audit log keeps its entries and checkpoints: appended in seq order, durable up to a
-/// seq, read back and verified. The segment files above are the implementation beside sled; a
-/// backend that keeps entries in its own tables implements the same. Appends are synchronous (they
-/// fill a buffer under the log's order; durability is awaited apart, by [`AuditFiles::durable`]).
-#[async_trait::async_trait]
-pub trait AuditFiles: Send + Sync {
-    /// Appends entry `seq` (`urgent`: its request waits for its sync; otherwise it is durable
-    /// elsewhere, in the change's commit, and synced with the next urgent one).
-    fn append_entry(
-        &self,
-        seq: u64,
-        hash: &[u8; 32],
-        canonical: &[u8],
-        urgent: bool,
-    ) -> Result<(), StoreError>;
-    fn append_checkpoint(&self, seq: u64, json: &[u8]) -> Result<(), StoreError>;
-    /// Fails if an append would (a failed write earlier: fail closed).
-    fn check_writable(&self) -> Result<(), StoreError>;
-    /// The newest seq on disk.
-    fn synced_seq(&self) -> u64;
-    /// Writes what waits in memory (no sync), for a reader.
-    fn write_through(&self) -> Result<(), StoreError>;
-    fn sync_now(&self) -> Result<(), StoreError>;
-    /// Returns once entry `seq` is on disk.
-    async fn durable(&self, seq: u64) -> Result<(), StoreError>;
-    /// The keys that tag each synced group, and where the synced heads are recorded (`None`: sealed).
-    fn set_sealing(&self, tagger: Option<HeadTagger>, recorder: Option<HeadRecorder>);
-    /// Removes entries up to `last` and the checkpoints before it (archival).
-    fn remove_archived(&self, last: u64) -> Result<(), StoreError>;
-    /// Fault drill for tests: every following append fails (or succeeds again).
-    #[cfg(any(test, feature = "test-util"))]
-    fn inject_failure(&self, fail: bool);
-
-    /// Entries from `from` on, oldest first: `(seq, hash ‖ canonical JSON)`.
-    fn entries(&self, from: u64) -> StoredEntries<'_>;
-    /// Every signed checkpoint kept, oldest first (JSON).
-    fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError>;
-    /// The seq of the oldest entry kept; `None` for an empty log.
-    fn first_seq(&self) -> Result<Option<u64>, StoreError>;
-    /// Verifies every entry and proof kept (the files: two threads, split at the middle).
-    fn verify(&self, public_key: &[u8], with: &super::VerifyWith<'_>) -> Result<ChainReport, StoreError>;
-    /// The head the store records beside the entries, when it keeps one (a shared chain's head
-    /// row): what a live verification must reach.
-    fn stored_head(&self) -> Result<Option<super::ChainHead>, StoreError> {
-        Ok(None)
-    }
-    /// Where an operator finds them (the files' folder), for messages and tools.
-    fn location(&self) -> &Path;
-    /// Syncs, then hands every file of the log to `each` ([`copy_files`]), for a backup taken
-    /// with commits held off. A database's rows are backed up with the database.
-    fn backup_files(&self, each: &mut FileSink<'_>) -> Result<(), StoreError> {
-        let _ = each;
-        Err(StoreError::NotSupported(
-            "this audit log lives in the database: back it up with the database's own tools",
-        ))
-    }
-}
-
-#[async_trait::async_trait]
-impl AuditFiles for AuditFile {
-    fn append_entry(
-        &self,
-        seq: u64,
-        hash: &[u8; 32],
-        canonical: &[u8],
-        urgent: bool,
-    ) -> Result<(), StoreError> {
-        AuditFile::append_entry(self, seq, hash, canonical, urgent)
-    }
-
-    fn append_checkpoint(&self, seq: u64, json: &[u8]) -> Result<(), StoreError> {
-        AuditFile::append_checkpoint(self, seq, json)
-    }
-
-    fn check_writable(&self) -> Result<(), StoreError> {
-        AuditFile::check_writable(self)
-    }
-
-    fn synced_seq(&self) -> u64 {
-        AuditFile::synced_seq(self)
-    }
-
-    fn write_through(&self) -> Result<(), StoreError> {
-        AuditFile::write_through(self)
-    }
-
-    fn sync_now(&self) -> Result<(), StoreError> {
-        AuditFile::sync_now(self)
-    }
-
-    async fn durable(&self, seq: u64) -> Result<(), StoreError> {
-        AuditFile::durable(self, seq).await
-    }
-
-    fn set_sealing(&self, tagger: Option<HeadTagger>, recorder: Option<HeadRecorder>) {
-        AuditFile::set_sealing(self, tagger, recorder);
-    }
-
-    fn remove_archived(&self, last: u64) -> Result<(), StoreError> {
-        AuditFile::remove_archived(self, last)
-    }
-
-    #[cfg(any(test, feature = "test-util"))]
-    fn inject_failure(&self, fail: bool) {
-        AuditFile::inject_failure(self, fail);
-    }
-
-    fn entries(&self, from: u64) -> StoredEntries<'_> {
-        Box::new(entries(self.dir(), from))
-    }
-
-    fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
-        checkpoints(self.dir())
-    }
-
-    fn first_seq(&self) -> Result<Option<u64>, StoreError> {
-        first_seq(self.dir())
-    }
-
-    fn verify(&self, public_key: &[u8], with: &super::VerifyWith<'_>) -> Result<ChainReport, StoreError> {
-        super::verify_dir(self.dir(), public_key, with)
-    }
-
-    fn location(&self) -> &Path {
-        self.dir()
-    }
-
-    fn backup_files(&self, each: &mut FileSink<'_>) -> Result<(), StoreError> {
-        AuditFile::sync_now(self)?;
-        copy_files(self.dir(), each)
     }
 }

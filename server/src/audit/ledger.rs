@@ -22,6 +22,15 @@ struct RecordEvent {
     subject: String,
 }
 
+/// The ledger's state as of an archival's last entry, carried in the signed archive base
+/// (`audit::archive_base`), sorted so the same log always gives the same bytes.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct LedgerBase {
+    live: Vec<(String, u64)>,
+    of_subject: Vec<(String, Vec<String>)>,
+    gone: Vec<(String, u64)>,
+}
+
 /// Where the log leaves each record it names.
 #[derive(Debug, Default)]
 pub struct RecordLedger {
@@ -70,7 +79,28 @@ impl Completeness {
 const NAMED_FINDINGS: usize = 20;
 
 impl RecordLedger {
-    fn note(&mut self, seq: u64, value: &[u8]) {
+    /// What the entries noted so far say, to carry past an archival.
+    pub fn base(&self) -> LedgerBase {
+        fn sorted<V: Clone>(m: &HashMap<String, V>) -> Vec<(String, V)> {
+            let mut v: Vec<(String, V)> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            v
+        }
+        LedgerBase {
+            live: sorted(&self.live),
+            of_subject: sorted(&self.of_subject),
+            gone: sorted(&self.gone),
+        }
+    }
+
+    /// Starts from the base of the entries an archival removed (before any kept entry is noted).
+    pub fn absorb(&mut self, base: LedgerBase) {
+        self.live.extend(base.live);
+        self.of_subject.extend(base.of_subject);
+        self.gone.extend(base.gone);
+    }
+
+    pub(super) fn note(&mut self, seq: u64, value: &[u8]) {
         let Some(e) = value.get(32..).and_then(|json| serde_json::from_slice::<RecordEvent>(json).ok())
         else {
             return;
@@ -195,8 +225,12 @@ impl AuditLog {
         // On sled the file may hold entries past the store's head whose change a crash took,
         // and an entry reaches the file a moment after its change reaches the store.
         let head = store.audit_head().await?.map_or(0, |h| h.seq);
-        let mut ledger =
-            RecordLedger { complete: self.file.first_seq()?.is_none_or(|f| f <= 1), ..Default::default() };
+        let base = self.current_base()?;
+        let complete = base.is_some() || self.file.first_seq()?.is_none_or(|f| f <= 1);
+        let mut ledger = RecordLedger { complete, ..Default::default() };
+        if let Some(base) = base {
+            ledger.absorb(base.records);
+        }
         let read = self.note_until(&mut ledger, 0, head, true).await?;
         let mut stored = Vec::new();
         let mut cursor = crate::storage::Cursor::default();

@@ -9,6 +9,7 @@
 //! Entries name fields, never their values; the subject appears only as its blind index; strings a
 //! caller sent are bounded and stripped of control characters, and JSON escapes the rest.
 
+pub mod archive_base;
 mod entry;
 pub mod files;
 mod integrity;
@@ -20,6 +21,7 @@ mod shared;
 pub mod sink;
 mod stored;
 mod tagging;
+pub(crate) use tagging::fresh_write;
 mod verify;
 
 pub use entry::*;
@@ -472,11 +474,15 @@ impl AuditLog {
         mut entry: AuditEntry,
         mut changes: Changes,
     ) -> Result<Committed, VaultError> {
-        if !crate::storage::authority::writes_authority(&changes) {
+        let authority = crate::storage::authority::writes_authority(&changes);
+        // An entry that names a write of its own (an archival's base) is noted like a tagged one.
+        if !authority && entry.write == 0 {
             return self.commit_entry(store, entry, changes).await;
         }
         // Authority writes are tagged, and the index of writes learns of them as they commit.
-        self.tag_authority(&mut entry, &mut changes)?;
+        if authority {
+            self.tag_authority(&mut entry, &mut changes)?;
+        }
         let (write, writes) = (entry.write, entry.writes.clone());
         self.authority.index().begin(write, &writes);
         let committed = self.commit_entry(store, entry, changes).await;
@@ -684,13 +690,6 @@ impl AuditLog {
             self.checkpoint_head(&mut head)?;
         }
         self.file.sync_now().map_err(unavailable)
-    }
-
-    /// Removes entries `..=last` (archived) and the checkpoints before `last`, with commits held
-    /// off; the checkpoint at `last` stays and anchors the rest.
-    pub fn remove_archived(&self, last: u64) -> Result<(), StoreError> {
-        let _head = lock(&self.head);
-        self.file.remove_archived(last)
     }
 
     /// Whether the tail was verified since the log was opened (at the first unlock).

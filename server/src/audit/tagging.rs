@@ -10,6 +10,14 @@ use crate::VaultError;
 use crate::storage::Changes;
 use crate::storage::authority::{AuthorityKey, MIGRATED_ALL, WriteIndex, tag_changes};
 
+/// A new write id: random, so a value cannot be replayed into a later write's place, and never
+/// zero (zero means "no write" in an entry).
+pub(crate) fn fresh_write() -> Result<u64, VaultError> {
+    let mut id = [0u8; 8];
+    khlang_keys::OsRandom::new().fill(&mut id)?;
+    Ok(u64::from_be_bytes(id).max(1))
+}
+
 impl AuditLog {
     /// The authority key this log tags with; the vault installs it at unseal and the store's
     /// checking wrapper reads with it.
@@ -29,10 +37,7 @@ impl AuditLog {
                 "the vault is sealed: who may do what cannot be changed now".into(),
             )
         })?;
-        let mut id = [0u8; 8];
-        khlang_keys::OsRandom::new().fill(&mut id)?;
-        // Never zero: zero means "no write" in an entry.
-        let write = u64::from_be_bytes(id).max(1);
+        let write = fresh_write()?;
         let names = tag_changes(changes, &tagger, write)?;
         // The one-time migration rewrites every value as it is: its entry says so in one word
         // instead of naming each (the index accepts its write for keys no later change names).
@@ -58,18 +63,26 @@ impl AuditLog {
     /// value is judged), replacing what it held. `changes_upto`: the newest entry whose change the
     /// store holds (its chain head), where the log's file may hold later ones whose change a crash
     /// took before the store's flush (never acknowledged): their writes are not the store's.
-    pub fn build_write_index(&self, changes_upto: Option<u64>) -> Result<(), crate::StoreError> {
+    pub fn build_write_index(
+        &self,
+        changes_upto: Option<u64>,
+        tagger: &khlang_keys::AuthorityTagger,
+    ) -> Result<(), crate::StoreError> {
         self.file.write_through()?;
         let mut index = WriteIndex::default();
         for item in self.file.entries(0) {
             let (seq, value) = item?;
             if changes_upto.is_some_and(|upto| seq > upto) {
-                index.skip(seq);
+                index.skip(seq, &value);
                 continue;
             }
             index.note_stored(seq, &value);
         }
-        index.finish_build(self.file.first_seq()?);
+        let first = self.file.first_seq()?;
+        let named =
+            first.filter(|f| *f > 1).and_then(|f| index.written(&super::archive_base::base_name(f - 1)));
+        let base = self.archived_base(first, named, tagger)?;
+        index.finish_build_on(first, base.map(|b| b.authority));
         *self.authority.index() = index;
         Ok(())
     }

@@ -6,12 +6,13 @@
 //! authority value it reads: one that fails is never handed to the domain, the read fails with
 //! [`StoreError::Unauthentic`] (answered `DataLoss`), logged and counted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use khlang_keys::AuthorityTagger;
 
 use super::models::{AuthTag, Stored, body_of};
+pub use super::write_index::{MIGRATED_ALL, WriteIndex};
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, FailureRecord, FlushStats, HeadRecorder, KekInfo,
     KeySpace, Op, RawEntry, SharedChain, Snapshot, Storage, StoredConsent, StoredIdentity,
@@ -32,6 +33,8 @@ pub const SPACE_KEK: &str = "kek";
 /// Lockout records: tagged, not indexed (failures are counted, not each audited), so a lockout
 /// written by anyone else is ignored; one deleted is not noticed.
 pub const SPACE_LOCKOUT: &str = "lockout";
+/// An archived log's signed base (`audit::archive_base`): kept beside the log, not in the store.
+pub const SPACE_ARCHIVE_BASE: &str = "archive-base";
 
 /// A consent choice's key: the subject's blind index and the purpose (its current slot and its
 /// history entries carry the same tag).
@@ -179,193 +182,6 @@ pub(crate) fn unauthentic(space: &str, key: &[u8], why: &'static str) -> StoreEr
     StoreError::Unauthentic { what: named, why }
 }
 
-/// What a migration entry's `writes` holds: every value its commit tagged (too many to name).
-pub const MIGRATED_ALL: &str = "*";
-
-/// The newest audited change at one authority key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Latest {
-    Written { write: u64, seq: u64 },
-    Removed { seq: u64 },
-}
-
-impl Latest {
-    fn seq(self) -> u64 {
-        match self {
-            Self::Written { seq, .. } | Self::Removed { seq } => seq,
-        }
-    }
-}
-
-/// What the audit log says was last done at each authority key (its entries' `write` and
-/// `writes`), so a value that was genuine once — a role before its demotion, a withdrawn consent,
-/// a revoked token, older regulations — put back in the store is refused: its tag is right, but
-/// its write is not the newest the log names for its key.
-#[derive(Debug, Default)]
-pub struct WriteIndex {
-    latest: HashMap<String, Latest>,
-    /// Writes of the one-time migration (each tagged every value it rewrote).
-    migrations: HashSet<u64>,
-    /// Every entry up to this seq has been read from the log (own commits are noted beside).
-    upto: u64,
-    /// The log starts at its first entry (nothing archived): a key it never names was never
-    /// written by an audited change.
-    complete: bool,
-    newest_regulations: Option<u64>,
-    built: bool,
-    /// Writes being committed now: a reader may see the new value a moment before the commit
-    /// returns and the log's entry is noted.
-    pending: HashMap<String, Vec<u64>>,
-    pending_removals: HashMap<String, usize>,
-    /// KEK versions the log's rotations made (version → seq) and those its retirements ended:
-    /// the store must hold every one made and not retired (see `vault::kek_check`).
-    pub keks_made: std::collections::BTreeMap<u32, u64>,
-    pub keks_retired: HashSet<u32>,
-}
-
-/// The part of an audit entry the index reads (the rest of the JSON is skipped).
-#[derive(serde::Deserialize)]
-struct EntryWrites {
-    #[serde(default)]
-    write: u64,
-    #[serde(default)]
-    writes: Vec<String>,
-    #[serde(default)]
-    rpc: String,
-    #[serde(default)]
-    outcome: String,
-    #[serde(default)]
-    key_versions: String,
-}
-
-impl WriteIndex {
-    /// Notes one entry's writes. Out of order is fine: each key keeps its newest seq.
-    pub fn note(&mut self, seq: u64, write: u64, writes: &[String]) {
-        if write == 0 {
-            return;
-        }
-        for name in writes {
-            if name == MIGRATED_ALL {
-                self.migrations.insert(write);
-                continue;
-            }
-            let (key, next) = match name.strip_prefix('-') {
-                Some(key) => (key, Latest::Removed { seq }),
-                None => (name.as_str(), Latest::Written { write, seq }),
-            };
-            if let Some(serial) = key.strip_prefix("regulations:").and_then(|s| s.parse::<u64>().ok()) {
-                self.newest_regulations = self.newest_regulations.max(Some(serial));
-            }
-            match self.latest.get(key) {
-                Some(had) if had.seq() >= seq => {}
-                _ => {
-                    self.latest.insert(key.to_owned(), next);
-                }
-            }
-        }
-    }
-
-    /// Notes a stored entry (`hash ‖ canonical JSON`) read from the log at `seq`; a line that does
-    /// not parse is the verifier's to report.
-    pub fn note_stored(&mut self, seq: u64, value: &[u8]) {
-        if let Some(json) = value.get(32..)
-            && let Ok(e) = serde_json::from_slice::<EntryWrites>(json)
-        {
-            self.note(seq, e.write, &e.writes);
-            // Rotations and retirements: which KEK versions must exist.
-            if e.outcome == "Ok"
-                && let Some(v) = e.key_versions.strip_prefix("kek=").and_then(|v| v.parse::<u32>().ok())
-            {
-                match e.rpc.as_str() {
-                    "RotateKey" => {
-                        self.keks_made.insert(v, seq);
-                    }
-                    "RetireKey" => {
-                        self.keks_retired.insert(v);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        self.upto = self.upto.max(seq);
-    }
-
-    /// An entry read but not noted (its change never reached the store).
-    pub fn skip(&mut self, seq: u64) {
-        self.upto = self.upto.max(seq);
-    }
-
-    /// The log has been read from its first entry (`first`) to its end: judgements start.
-    pub fn finish_build(&mut self, first: Option<u64>) {
-        self.complete = first.is_none_or(|f| f <= 1);
-        self.built = true;
-    }
-
-    pub fn upto(&self) -> u64 {
-        self.upto
-    }
-
-    /// A change that writes `writes` as `write` is about to commit.
-    pub fn begin(&mut self, write: u64, writes: &[String]) {
-        for name in writes {
-            match name.strip_prefix('-') {
-                Some(key) => *self.pending_removals.entry(key.to_owned()).or_default() += 1,
-                None => self.pending.entry(name.clone()).or_default().push(write),
-            }
-        }
-    }
-
-    /// That change committed as entry `seq` (`None`: it did not).
-    pub fn finish(&mut self, write: u64, writes: &[String], seq: Option<u64>) {
-        for name in writes {
-            match name.strip_prefix('-') {
-                Some(key) => {
-                    if let Some(n) = self.pending_removals.get_mut(key) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.pending_removals.remove(key);
-                        }
-                    }
-                }
-                None => {
-                    if let Some(w) = self.pending.get_mut(name.as_str()) {
-                        w.retain(|x| *x != write);
-                        if w.is_empty() {
-                            self.pending.remove(name.as_str());
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(seq) = seq {
-            self.note(seq, write, writes);
-        }
-    }
-
-    /// Whether a value of `name` tagged as `write` is the newest the log names.
-    fn judge(&self, name: &str, write: u64) -> Result<(), &'static str> {
-        if !self.built || self.pending.get(name).is_some_and(|w| w.contains(&write)) {
-            return Ok(());
-        }
-        match self.latest.get(name) {
-            Some(Latest::Written { write: newest, .. }) if *newest == write => Ok(()),
-            Some(Latest::Written { .. }) => {
-                Err("an older value, replaced by a later audited change, was put back")
-            }
-            Some(Latest::Removed { .. }) => Err("a value an audited change removed was put back"),
-            None if self.migrations.contains(&write) || !self.complete => Ok(()),
-            None => Err("no audited change wrote it"),
-        }
-    }
-
-    /// Whether the log says a value of `name` exists (so its absence is a deletion outside the vault).
-    fn expects(&self, name: &str) -> bool {
-        self.built
-            && !self.pending_removals.contains_key(name)
-            && matches!(self.latest.get(name), Some(Latest::Written { .. }))
-    }
-}
-
 /// The authority key, once the vault is unsealed, and the log's index of writes; shared by the
 /// store wrapper and the audit log.
 #[derive(Default)]
@@ -438,7 +254,7 @@ pub async fn catch_up(store: &dyn Storage, key: &Arc<AuthorityKey>) -> Result<()
     let key = key.clone();
     tokio::task::spawn_blocking(move || {
         let rows = chain.rows();
-        let from = key.index.read().unwrap_or_else(|p| p.into_inner()).upto + 1;
+        let from = key.index.read().unwrap_or_else(|p| p.into_inner()).upto() + 1;
         for item in rows.entries(from) {
             let (seq, value) = item?;
             key.index().note_stored(seq, &value);

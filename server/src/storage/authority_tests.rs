@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
+use crate::storage::write_index::IndexBase;
 
 fn names(n: &[&str]) -> Vec<String> {
     n.iter().map(|s| (*s).to_owned()).collect()
@@ -49,4 +50,45 @@ fn a_write_being_committed_and_a_migration_are_accepted_and_an_archived_log_judg
     assert!(archived.judge("identity:ann", 1).is_ok());
     // Nothing is judged before the index is built (the unseal builds it first).
     assert!(WriteIndex::default().judge("identity:ann", 1).is_ok());
+}
+
+/// An archival's base plus the kept entries judge as the whole log did, whichever is read first.
+#[test]
+fn a_base_and_the_kept_entries_judge_as_the_whole_log() {
+    let entries: [(u64, u64, &[&str]); 5] = [
+        (1, 10, &["identity:ann", "token:t1"]),
+        (2, 20, &["regulations:1"]),
+        (3, 30, &["-token:t1", "identity:ann"]),
+        (4, 40, &["consent:00:marketing"]),
+        (5, 50, &["identity:ann", "regulations:2"]),
+    ];
+    let mut whole = WriteIndex::default();
+    for (seq, write, n) in entries {
+        whole.note(seq, write, &names(n));
+    }
+    whole.finish_build(Some(1));
+    let mut archived = WriteIndex::default();
+    for (seq, write, n) in &entries[..3] {
+        archived.note(*seq, *write, &names(n));
+    }
+    let base = archived.base();
+    let round_trip: IndexBase = serde_json::from_slice(&serde_json::to_vec(&base).unwrap()).unwrap();
+    assert_eq!(round_trip, base);
+    let mut rebuilt = WriteIndex::default();
+    for (seq, write, n) in &entries[3..] {
+        rebuilt.note(*seq, *write, &names(n));
+    }
+    rebuilt.finish_build_on(Some(4), Some(round_trip));
+    for (name, write) in [("identity:ann", 50), ("identity:ann", 30), ("identity:ann", 10), ("token:t1", 10)]
+        .into_iter()
+        .chain([("consent:00:marketing", 40), ("identity:bob", 60), ("regulations:1", 20)])
+    {
+        assert_eq!(rebuilt.judge(name, write), whole.judge(name, write), "{name} {write}");
+    }
+    assert_eq!(rebuilt.newest_regulations, Some(2));
+    // Without its base, the same kept entries cannot say bob was never written.
+    let mut bare = WriteIndex::default();
+    bare.finish_build_on(Some(4), None);
+    assert!(bare.judge("identity:bob", 60).is_ok());
+    assert!(rebuilt.judge("identity:bob", 60).is_err());
 }

@@ -28,6 +28,7 @@ mod postgres;
 mod sled_store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_postgres;
+pub mod write_index;
 
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;

@@ -373,9 +373,16 @@ enum Ask {
     },
     RemoveUpto {
         last: u64,
+        base: Vec<u8>,
         reply: std::sync::mpsc::SyncSender<Result<(), StoreError>>,
     },
+    Base {
+        reply: Reply<Option<Vec<u8>>>,
+    },
 }
+
+/// The `meta` row that holds an archived chain's signed base (see `audit::archive_base`).
+const ARCHIVE_BASE_KEY: &str = "audit_archive_base";
 
 /// The chain's reader: its queries run on a thread of its own (a current-thread runtime and one
 /// connection), so the synchronous [`AuditFiles`] calls block neither on nor inside the server's
@@ -477,16 +484,44 @@ async fn answer(client: Option<&tokio_postgres::Client>, ask: Ask) {
             .await;
             let _ = reply.send(ends);
         }
-        Ask::RemoveUpto { last, reply } => {
+        Ask::RemoveUpto { last, base, reply } => {
             let done = async {
                 let c = client.ok_or_else(down)?;
                 let last = i64::try_from(last).unwrap_or(i64::MAX);
-                c.execute("DELETE FROM audit_entries WHERE seq <= $1", &[&last]).await.map_err(db)?;
-                c.execute("DELETE FROM audit_checkpoints WHERE seq < $1", &[&last]).await.map_err(db)?;
+                // One transaction: the base and the entries it stands for change places together.
+                c.batch_execute("BEGIN").await.map_err(db)?;
+                let removed = async {
+                    c.execute("DELETE FROM audit_entries WHERE seq <= $1", &[&last]).await?;
+                    c.execute("DELETE FROM audit_checkpoints WHERE seq < $1", &[&last]).await?;
+                    c.execute(
+                        "INSERT INTO meta (key, value) VALUES ($1, $2)
+                         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                        &[&ARCHIVE_BASE_KEY, &base],
+                    )
+                    .await?;
+                    c.batch_execute("COMMIT").await
+                }
+                .await;
+                if let Err(e) = removed {
+                    let _ = c.batch_execute("ROLLBACK").await;
+                    return Err(db(e));
+                }
                 Ok(())
             }
             .await;
             let _ = reply.send(done);
+        }
+        Ask::Base { reply } => {
+            let base = async {
+                let c = client.ok_or_else(down)?;
+                let row = c
+                    .query_opt("SELECT value FROM meta WHERE key = $1", &[&ARCHIVE_BASE_KEY])
+                    .await
+                    .map_err(db)?;
+                Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+            }
+            .await;
+            let _ = reply.send(base);
         }
     }
 }
@@ -621,8 +656,12 @@ impl AuditFiles for Reader {
 
     fn set_sealing(&self, _: Option<HeadTagger>, _: Option<HeadRecorder>) {}
 
-    fn remove_archived(&self, last: u64) -> Result<(), StoreError> {
-        self.ask(|reply| Ask::RemoveUpto { last, reply })
+    fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError> {
+        self.ask(|reply| Ask::RemoveUpto { last, base: base.to_vec(), reply })
+    }
+
+    fn archive_base(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.ask(|reply| Ask::Base { reply })
     }
 
     #[cfg(any(test, feature = "test-util"))]

@@ -298,15 +298,21 @@ impl Vault {
         }
         out.flush().map_err(io)?;
         out.sync_all().map_err(io)?;
-        // The archive is on disk; only now do the entries leave the vault.
-        self.audit.remove_archived(last)?;
-        self.store.remove_audit_entries_upto(last).await?;
+        // The archive is on disk; only now do the entries leave the vault. Their entry comes
+        // first: it names the signed base that takes their place, and is kept after them.
+        let write = crate::audit::fresh_write()?;
+        let base = self.audit.prepare_archival(last, write)?;
         let mut entry = operator_entry(Rpc::ArchiveAudit, Operation::AuditRead, &regs);
         entry.reason = format!(
-            "entries {first} to {last} ({} entries) older than {before_ms} ms archived; checkpoint {last} anchors the rest",
-            last + 1 - first
+            "entries {first} to {last} ({} entries) older than {before_ms} ms archived; checkpoint {last} anchors the rest and the signed base {} accounts for them",
+            last + 1 - first,
+            crate::audit::archive_base::base_name(last)
         );
+        entry.write = write;
+        entry.writes = vec![crate::audit::archive_base::base_name(last)];
         self.commit_now(entry, Changes::none()).await?;
+        self.audit.remove_archived(last, &base)?;
+        self.store.remove_audit_entries_upto(last).await?;
         Ok(ArchiveReport { first, last, entries: last + 1 - first })
     }
 

@@ -95,7 +95,7 @@ impl Vault {
             None => Some(raw.audit_head().await?.map_or(0, |h| h.seq)),
         };
         let started = std::time::Instant::now();
-        self.audit.build_write_index(changes_upto)?;
+        self.audit.build_write_index(changes_upto, &tagger)?;
         let indexed = started.elapsed();
         self.check_keks_against_log().await?;
         let mut c = Classifier { tagger: &tagger, index: key, found: AuthorityCheck::default() };
