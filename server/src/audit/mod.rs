@@ -12,6 +12,7 @@
 pub mod archive_base;
 mod entry;
 pub mod files;
+mod group_commit;
 mod integrity;
 mod ledger;
 mod query;
@@ -112,6 +113,8 @@ struct Integrity {
 /// order seqs are given; `head` is only ever held briefly (never across an await).
 pub struct AuditLog {
     order: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Changes waiting for `order`: whoever takes it commits all of them as one group.
+    waiting: Mutex<Vec<group_commit::Waiting>>,
     /// Serialises the rare integrity procedures (unlock, accepting a break, the history check).
     procedure: tokio::sync::Mutex<()>,
     head: Mutex<Head>,
@@ -251,6 +254,7 @@ impl AuditLog {
         };
         Ok(Self {
             order: Default::default(),
+            waiting: Default::default(),
             procedure: tokio::sync::Mutex::new(()),
             head: Mutex::new(Head {
                 seq,
@@ -308,6 +312,7 @@ impl AuditLog {
         });
         Ok(Self {
             order,
+            waiting: Default::default(),
             procedure: tokio::sync::Mutex::new(()),
             head: Mutex::new(Head {
                 seq: tip.seq,
@@ -497,7 +502,7 @@ impl AuditLog {
     async fn commit_entry(
         &self,
         store: &dyn Storage,
-        mut entry: AuditEntry,
+        entry: AuditEntry,
         changes: Changes,
     ) -> Result<Committed, VaultError> {
         if let (Some(batcher), false) = (&self.shared, self.disabled) {
@@ -510,7 +515,20 @@ impl AuditLog {
             }
             return committed;
         }
+        if !changes.is_empty() && !self.disabled {
+            return self.commit_grouped(store, entry, changes).await;
+        }
         let _order = self.order.lock().await;
+        self.commit_locked(store, entry, changes).await
+    }
+
+    /// One entry (and its change) committed alone, `order` held by the caller.
+    async fn commit_locked(
+        &self,
+        store: &dyn Storage,
+        mut entry: AuditEntry,
+        changes: Changes,
+    ) -> Result<Committed, VaultError> {
         if self.disabled {
             return Ok(if store.commit(changes).await? { Committed::Done(0) } else { Committed::Conflict });
         }

@@ -125,7 +125,7 @@ async fn unlock(log: &AuditLog, store: &dyn Storage, key: &khlang_keys::Derivati
         .unwrap();
 }
 
-async fn test_log(dir: &Path, store: &dyn Storage) -> AuditLog {
+pub(super) async fn test_log(dir: &Path, store: &dyn Storage) -> AuditLog {
     let checkpoints = CheckpointPolicy { every_entries: 1_000_000, every: Duration::from_secs(3600) };
     let log = AuditLog::open(store, dir, &LogOptions { checkpoints, ..LogOptions::default() }).await.unwrap();
     // Changes that write authority values are tagged: the log needs the authority key.

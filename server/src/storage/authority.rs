@@ -732,6 +732,10 @@ impl Storage for Authentic {
         Self::check_untagged_none(&changes)?;
         self.inner.commit(changes).await
     }
+
+    async fn holds_now(&self, expect: &super::Expect) -> Result<bool, StoreError> {
+        self.inner.holds_now(expect).await
+    }
     fn snapshot(
         &self,
         each: &mut dyn FnMut(RawEntry) -> Result<(), StoreError>,

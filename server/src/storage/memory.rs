@@ -431,6 +431,10 @@ impl Storage for MemoryStore {
         Ok(())
     }
 
+    async fn holds_now(&self, expect: &Expect) -> Result<bool, StoreError> {
+        Ok(self.state().holds(expect))
+    }
+
     async fn commit(&self, changes: Changes) -> Result<bool, StoreError> {
         if changes.is_empty() {
             return Ok(true);

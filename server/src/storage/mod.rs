@@ -24,6 +24,7 @@ mod conformance;
 #[cfg(any(test, feature = "test-util"))]
 mod memory;
 pub mod models;
+pub mod overlap;
 mod postgres;
 mod sled_store;
 #[cfg(any(test, feature = "test-util"))]
@@ -321,6 +322,21 @@ impl Changes {
         &self.expect
     }
 
+    /// Adds `other`'s operations and expectations after these (a group commit's one batch).
+    pub fn merge(&mut self, other: Changes) {
+        self.ops.extend(other.ops);
+        for e in other.expect {
+            if let Expect::KekLive(v) = e {
+                if self.live_keks.contains(&v) {
+                    continue;
+                }
+                self.live_keks.push(v);
+            }
+            self.expect.push(e);
+        }
+        self.empty &= other.empty;
+    }
+
     /// Takes the operations and expectations apart (a backend applying them).
     pub fn into_parts(self) -> (Vec<Op>, Vec<Expect>) {
         (self.ops, self.expect)
@@ -600,6 +616,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// nothing written, if one does not. The backend checks and applies under its own
     /// serialisation: compare-and-swap does not depend on any caller's lock.
     async fn commit(&self, changes: Changes) -> Result<bool, StoreError>;
+    /// Whether `expect` holds now, for a group commit that checks each member before chaining
+    /// the survivors' entries (its caller commits alone meanwhile). A backend that cannot say
+    /// answers `true`: the group's commit then checks, and a failure sends every member back.
+    async fn holds_now(&self, expect: &Expect) -> Result<bool, StoreError> {
+        let _ = expect;
+        Ok(true)
+    }
     /// Hands every stored key and value to `each` (a backup: the caller holds commits off, so
     /// what it sees is one consistent state), counting the records as it goes (one walk, not a
     /// second under the hold). Synchronous: a backup runs on a blocking thread. A database

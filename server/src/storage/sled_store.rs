@@ -863,6 +863,10 @@ impl Storage for SledStore {
         Ok(true)
     }
 
+    async fn holds_now(&self, expect: &Expect) -> Result<bool, StoreError> {
+        self.holds(expect)
+    }
+
     async fn generate_id(&self) -> Result<u64, StoreError> {
         Ok(self.id_floor.saturating_add(self.db.generate_id()?))
     }
