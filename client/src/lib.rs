@@ -19,8 +19,10 @@ use zeroize::Zeroizing;
 
 pub use tonic::Code;
 
+mod bulk;
 mod types;
 mod verify;
+pub use bulk::*;
 pub use types::*;
 pub use verify::*;
 

@@ -12,6 +12,9 @@ pub enum VaultError {
     /// A configured limit (fields per record, bytes per field, ...) was exceeded.
     #[error("{0}")]
     LimitExceeded(String),
+    /// Not done because another part of the same all-or-nothing request was refused.
+    #[error("{0}")]
+    Aborted(String),
     /// No valid credentials were presented.
     #[error("missing, malformed or unknown bearer token")]
     Unauthenticated,
@@ -127,6 +130,7 @@ pub enum Outcome {
     FailedPrecondition,
     Unavailable,
     Internal,
+    Aborted,
 }
 
 impl Outcome {
@@ -143,6 +147,7 @@ impl Outcome {
             Self::FailedPrecondition => "FailedPrecondition",
             Self::Unavailable => "Unavailable",
             Self::Internal => "Internal",
+            Self::Aborted => "Aborted",
         }
     }
 }
@@ -171,6 +176,7 @@ impl VaultError {
             Self::PermissionDenied(_) => Outcome::PermissionDenied,
             Self::NotFound(_) => Outcome::NotFound,
             Self::AlreadyExists(_) => Outcome::AlreadyExists,
+            Self::Aborted(_) => Outcome::Aborted,
             Self::Integrity { .. }
             | Self::Storage(
                 StoreError::Damaged { .. }

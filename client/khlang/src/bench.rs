@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use khlang_client::{Client, ClientError};
+use khlang_client::{Client, ClientError, NewRecord};
 
 use crate::cli::BenchOp;
 
@@ -67,19 +67,31 @@ async fn one(
     fields: &[String],
     n: usize,
     worker: usize,
-) -> Result<(), ClientError> {
+) -> Result<u64, ClientError> {
     match op {
-        BenchOp::Put => client
-            .put(&format!("bench-subject-{worker}-{n}"), SAMPLE_FIELDS.iter().copied())
-            .await
-            .map(|_| ()),
+        BenchOp::Put => {
+            client.put(&format!("bench-subject-{worker}-{n}"), SAMPLE_FIELDS.iter().copied()).await.map(|_| 1)
+        }
+        BenchOp::PutMany => {
+            let records: Vec<NewRecord> = (0..PUT_MANY_BATCH)
+                .map(|i| NewRecord {
+                    subject: format!("bench-subject-{worker}-{n}-{i}"),
+                    fields: SAMPLE_FIELDS.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                })
+                .collect();
+            let outcomes = client.put_many(&records, false).await?;
+            Ok(outcomes.iter().filter(|o| matches!(o, khlang_client::PutOutcome::Stored(_))).count() as u64)
+        }
         BenchOp::Get => client
             .get(&ids[(n * 7919 + worker * 104_729) % ids.len()], fields, Some(purpose))
             .await
-            .map(|_| ()),
-        BenchOp::List => client.list("bench-nobody").await.map(|_| ()),
+            .map(|_| 1),
+        BenchOp::List => client.list("bench-nobody").await.map(|_| 1),
     }
 }
+
+/// Records per `PutRecords` request of a `put-many` run (the measure: batches of 500).
+pub const PUT_MANY_BATCH: usize = 500;
 
 /// What one benchmark run does.
 #[derive(Debug, Clone)]
@@ -136,8 +148,8 @@ pub async fn run(clients: Vec<Client>, plan: Plan, prefill: Option<Client>) -> R
                     continue;
                 }
                 match result {
-                    Ok(()) => {
-                        ok += 1;
+                    Ok(records) => {
+                        ok += records;
                         lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                     }
                     Err(_) => errors += 1,

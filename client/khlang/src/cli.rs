@@ -115,6 +115,22 @@ pub enum Command {
     /// Key-encryption keys: rotate, status, retire, re-encrypt (needs key_admin).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Load records from a JSON Lines file (`{"subject_id": "…", "fields": {"name": "…"}}` per
+    /// line) in batches, with a progress bar; run again, it resumes after the last line done.
+    /// Writes FILE.ids (line, record id), FILE.refused (line, status, why) and FILE.progress.
+    Import {
+        /// The JSON Lines file.
+        file: std::path::PathBuf,
+        /// Records per request (at most the vault's batch limit, 1,000 by default).
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Start from the first line, ignoring (and replacing) a recorded position.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Load generator over real gRPC: reports ops/s and latency percentiles.
     Bench {
         /// What to measure.
@@ -365,6 +381,8 @@ pub enum KeysCommand {
 pub enum BenchOp {
     /// Store records.
     Put,
+    /// Store records 500 to a `PutRecords` request (ops/s counts records; latency is per request).
+    PutMany,
     /// Read records written first.
     Get,
     /// The baseline: `ListRecords` of a subject that has none — authenticated, decided and

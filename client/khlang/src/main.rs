@@ -14,6 +14,7 @@ macro_rules! outln {
 
 mod bench;
 mod cli;
+mod import;
 mod show;
 
 use std::process::ExitCode;
@@ -608,6 +609,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         },
+        Command::Import { file, batch, parallel, restart } => {
+            let s = import::run(client, import::Plan { file, batch, parallel, restart }).await?;
+            outln!(
+                "{} lines: {} stored, {} refused{} in {:.1} s ({:.0} records/s)",
+                s.lines,
+                s.stored,
+                s.refused,
+                if s.skipped > 0 { format!(" (resumed after line {})", s.skipped) } else { String::new() },
+                s.seconds,
+                s.stored as f64 / s.seconds.max(1e-3)
+            );
+            if s.refused > 0 {
+                bail_refused(s.refused)?;
+            }
+        }
         Command::Bench {
             op,
             concurrency,
@@ -683,6 +699,11 @@ async fn main() -> ExitCode {
 }
 
 const EXIT_USAGE: u8 = 64;
+
+/// An import that refused records ends with status 1 (the file names them).
+fn bail_refused(n: u64) -> anyhow::Result<()> {
+    anyhow::bail!("{n} records were refused: see the .refused file beside the input")
+}
 
 /// What to do about a connection that failed in a way TLS explains.
 fn hint(e: &anyhow::Error, addr: &str, client_cert: bool) -> Option<&'static str> {

@@ -75,6 +75,7 @@ fn wire_code(outcome: Outcome) -> tonic::Code {
         Outcome::FailedPrecondition => Code::FailedPrecondition,
         Outcome::Unavailable => Code::Unavailable,
         Outcome::Internal => Code::Internal,
+        Outcome::Aborted => Code::Aborted,
     }
 }
 

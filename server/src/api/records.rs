@@ -1,6 +1,7 @@
 //! The Records service: put, get, update, delete.
 
 use super::*;
+use crate::vault::bulk::NewRecord;
 
 #[tonic::async_trait]
 impl Records for Api {
@@ -12,6 +13,43 @@ impl Records for Api {
         handle!(self, req, Rpc::PutRecord, |caller, msg| {
             let record_id = self.vault.put(&caller, &msg.subject_id, fields_in(msg.fields)).await;
             record_id.map(|record_id| pb::PutRecordResponse { record_id })
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = Rpc::PutRecords.as_str()))]
+    async fn put_records(
+        &self,
+        req: Request<pb::PutRecordsRequest>,
+    ) -> Result<Response<pb::PutRecordsResponse>, Status> {
+        handle!(self, req, Rpc::PutRecords, |caller, msg| {
+            let records = msg
+                .records
+                .into_iter()
+                .map(|r| NewRecord { subject: r.subject_id, fields: fields_in(r.fields) })
+                .collect();
+            let results = self.vault.put_many(&caller, records, msg.all_or_nothing).await;
+            results.map(|results| {
+                let stored = results.iter().filter(|r| r.is_ok()).count();
+                pb::PutRecordsResponse {
+                    results: results
+                        .into_iter()
+                        .map(|r| match r {
+                            Ok(record_id) => {
+                                pb::PutRecordResult { record_id, code: 0, message: String::new() }
+                            }
+                            Err(e) => {
+                                let s = status(e, &caller.request_id);
+                                pb::PutRecordResult {
+                                    record_id: String::new(),
+                                    code: s.code() as i32,
+                                    message: s.message().to_owned(),
+                                }
+                            }
+                        })
+                        .collect(),
+                    stored: u32::try_from(stored).unwrap_or(u32::MAX),
+                }
+            })
         })
     }
 

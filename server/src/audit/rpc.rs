@@ -33,7 +33,7 @@ macro_rules! rpcs {
 }
 
 rpcs! {
-    api: PutRecord, GetRecord, UpdateRecord, DeleteRecord, ListRecords, SetConsent, GetConsent,
+    api: PutRecord, PutRecords, GetRecord, UpdateRecord, DeleteRecord, ListRecords, SetConsent, GetConsent,
         ExportSubject, EraseSubject, CreateIdentity, ApproveIdentity, RefuseIdentity,
         ListIdentityRequests, ListIdentities, RevokeIdentity, ReloadRegulations, GetRegulations,
         QueryAudit, ExportAudit, VerifyAudit, AuditPublicKey, SealStatus, Unseal, Seal,

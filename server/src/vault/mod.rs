@@ -8,6 +8,7 @@ pub mod auth;
 pub mod authority;
 pub mod backup;
 pub mod break_glass;
+pub mod bulk;
 pub mod cluster;
 mod completeness;
 pub mod custodian_pace;

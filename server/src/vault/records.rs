@@ -111,25 +111,27 @@ impl Vault {
         subject: &str,
         fields: Vec<FieldValue>,
     ) -> Result<String, VaultError> {
-        let regs = self.regulations();
+        self.put_under(caller, subject, &fields, &self.regulations()).await
+    }
+
+    /// [`Vault::put`] decided under `regs` (a batch decides all its records under one version).
+    pub(crate) async fn put_under(
+        &self,
+        caller: &Caller,
+        subject: &str,
+        fields: &[FieldValue],
+        regs: &Arc<Regulations>,
+    ) -> Result<String, VaultError> {
+        let regs = regs.clone();
         let record_id = uuid::Uuid::new_v4().to_string();
         let entry = self.draft(caller, Rpc::PutRecord, Operation::Write, &regs);
-        let (fields, record_id, regs) = (&fields, &record_id, &regs);
+        let (record_id, regs) = (&record_id, &regs);
         self.audited(
             entry,
             prepare!(|e| {
                 let keys = self.unsealed()?;
                 e.record_id.clone_from(record_id);
-                self.check_subject(subject)?;
-                e.subject = hex::encode(Self::subject_index(&keys, subject));
-                if fields.is_empty() {
-                    return Err(VaultError::InvalidArgument("a record needs at least one field".into()));
-                }
-                e.fields = fields.iter().map(|f| clean(&f.name)).collect();
-                let fields = self.check_fields(regs, fields)?;
-                let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
-                let ask = Ask { op: Operation::Write, fields: &names, purpose: None, consent: None };
-                self.decide(regs, caller, ask, e)?;
+                let fields = self.admit_put(&keys, regs, caller, subject, fields, e)?;
 
                 let mut changes = Changes::new();
                 let (dek, wrapped) = match self.mode {
@@ -166,6 +168,31 @@ impl Vault {
             }),
         )
         .await
+    }
+
+    /// What a put checks before anything is sealed (the subject, the fields, the decision),
+    /// recorded in `e`; returns the canonical fields. An all-or-nothing batch runs it on every
+    /// record before it stores any.
+    pub(crate) fn admit_put(
+        &self,
+        keys: &Unsealed,
+        regs: &Regulations,
+        caller: &Caller,
+        subject: &str,
+        fields: &[FieldValue],
+        e: &mut AuditEntry,
+    ) -> Result<Vec<FieldValue>, VaultError> {
+        self.check_subject(subject)?;
+        e.subject = hex::encode(Self::subject_index(keys, subject));
+        if fields.is_empty() {
+            return Err(VaultError::InvalidArgument("a record needs at least one field".into()));
+        }
+        e.fields = fields.iter().map(|f| clean(&f.name)).collect();
+        let fields = self.check_fields(regs, fields)?;
+        let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+        let ask = Ask { op: Operation::Write, fields: &names, purpose: None, consent: None };
+        self.decide(regs, caller, ask, e)?;
+        Ok(fields)
     }
 
     /// Reads a record's fields for a stated purpose: those named in `only`, or every field it holds.

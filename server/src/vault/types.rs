@@ -10,6 +10,8 @@ pub struct Limits {
     pub max_fields_per_record: usize,
     pub max_field_bytes: usize,
     pub max_subject_bytes: usize,
+    /// Most records in one `PutRecords` request.
+    pub max_batch_records: usize,
 }
 
 impl Default for Limits {
@@ -19,6 +21,7 @@ impl Default for Limits {
             max_fields_per_record: 64,
             max_field_bytes: 8 * 1024,
             max_subject_bytes: 256,
+            max_batch_records: 1000,
         }
     }
 }
