@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use super::{AuditEntry, AuditLog, Committed, TaggedHead, chain_hash, encode_tagged, lock, unavailable};
 use crate::clock::now_ms;
 use crate::storage::overlap::Touch;
-use crate::storage::{AuditHead, Changes, Storage};
+use crate::storage::{AuditHead, Changes, Expect, Storage};
 use crate::{Outcome, VaultError};
 
 /// Most members in one group: bounds one batch's size and the wait of its first member.
@@ -81,10 +81,20 @@ impl AuditLog {
             return;
         }
         // Against the store: what each member read is still there (nobody else commits now).
+        // Most members count on the same KEK being live: asked once per group.
+        let mut live_keks: Vec<u32> = Vec::new();
         let mut checked = Vec::with_capacity(group.len());
         'members: for w in group {
             for e in w.changes.expectations() {
+                let kek = match e {
+                    Expect::KekLive(v) => Some(*v),
+                    _ => None,
+                };
+                if kek.is_some_and(|v| live_keks.contains(&v)) {
+                    continue;
+                }
                 match store.holds_now(e).await {
+                    Ok(true) if kek.is_some() => live_keks.extend(kek),
                     Ok(true) => {}
                     Ok(false) => {
                         let _ = w.reply.send(Ok(Committed::Conflict));
