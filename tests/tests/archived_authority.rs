@@ -172,3 +172,84 @@ async fn an_archived_log_still_refuses_what_its_archived_entries_replaced() {
     write_base(dir.path(), Some(&genuine)).await;
     Vault::open(dir.path(), PASSPHRASE.as_bytes(), &TestServer::options(dir.path())).await.unwrap();
 }
+
+/// The newest signed checkpoint's seq, as the attacker reads it.
+async fn newest_checkpoint(dir: &Path) -> u64 {
+    if on_postgres() {
+        let (client, conn) =
+            tokio_postgres::connect(&database_url(dir), tokio_postgres::NoTls).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let row = client.query_one("SELECT max(seq) FROM audit_checkpoints", &[]).await.unwrap();
+        drop(client);
+        let _ = conn.await;
+        u64::try_from(row.get::<_, i64>(0)).unwrap()
+    } else {
+        let text = std::fs::read_to_string(dir.join("audit/checkpoints.log")).unwrap();
+        text.lines().filter_map(|l| l.split(' ').nth(1)?.parse().ok()).max().unwrap()
+    }
+}
+
+/// Removes the log's entries up to `last` and its checkpoints before `last` (the one at `last`
+/// stays and anchors the rest), as an archival would, but outside the vault and with no base.
+async fn cut_front(dir: &Path, last: u64) {
+    if on_postgres() {
+        database_sql(
+            dir,
+            &format!(
+                "DELETE FROM audit_entries WHERE seq <= {last}; DELETE FROM audit_checkpoints WHERE seq < {last}"
+            ),
+        )
+        .await;
+        return;
+    }
+    let audit = dir.join("audit");
+    let seq_of = |l: &str| l.split(' ').nth(1).and_then(|s| s.parse::<u64>().ok());
+    let mut kept = Vec::new();
+    for (_, path) in khlang_server::audit::files::segments(&audit).unwrap() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        kept.extend(
+            text.lines()
+                .filter(|l| !l.starts_with('\0') && !l.is_empty())
+                .filter(|l| seq_of(l).is_some_and(|s| s > last))
+                .map(str::to_owned),
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+    std::fs::write(audit.join(format!("{:020}.log", last + 1)), kept.join("\n") + "\n").unwrap();
+    let checkpoints = std::fs::read_to_string(audit.join("checkpoints.log")).unwrap();
+    let left: Vec<&str> = checkpoints.lines().filter(|l| seq_of(l).is_some_and(|s| s >= last)).collect();
+    std::fs::write(audit.join("checkpoints.log"), left.join("\n") + "\n").unwrap();
+}
+
+/// Cutting the log's front outside the vault (to a signed checkpoint, so what is left still
+/// verifies) would hide the changes it recorded — a revocation, say — so that a value they
+/// replaced could be put back and judged by its tag alone. No kept entry names a base for such
+/// a log: the vault does not open on it unless the operator says it was archived by a version
+/// that kept none (`--accept-unbased-log` and the first kept entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_cut_at_its_front_outside_an_archival_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.client_as("key-admin").await.revoke_identity("postal-contractor").await.unwrap();
+    server.stop().await;
+    let last = newest_checkpoint(dir.path()).await;
+    let server = TestServer::start(dir.path()).await;
+    server.client_as("registration-app").await.put("citizen-11", canary_fields()).await.unwrap();
+    server.stop().await;
+
+    cut_front(dir.path(), last).await;
+    let e = refused_at_open(dir.path()).await;
+    match &e {
+        VaultError::Storage(StoreError::Unauthentic { what, why }) => {
+            assert_eq!(what, &format!("audit log from entry {}", last + 1));
+            assert!(why.contains("--accept-unbased-log"), "{why}");
+        }
+        other => panic!("expected the cut log refused, got {other}"),
+    }
+    // A wrong entry named is no acceptance.
+    let mut options = TestServer::options(dir.path());
+    options.accept_unbased_log = Some(last);
+    assert!(Vault::open(dir.path(), PASSPHRASE.as_bytes(), &options).await.is_err());
+    options.accept_unbased_log = Some(last + 1);
+    Vault::open(dir.path(), PASSPHRASE.as_bytes(), &options).await.unwrap();
+}

@@ -209,6 +209,10 @@ async fn every_rpc_writes_exactly_one_entry() {
     let mut bad = server.client_with_token("khl_not_a_token").await;
     let e = check!("GetRecord", "", "Unauthenticated", bad.get(&id, &[], Some("billing")).await);
     assert!(e.reason.contains("bearer token"), "{e:?}");
+    // A batch's records are a PutRecord entry each (tests/bulk.rs); the batch itself is named
+    // when it is refused before any record is (here: no valid token).
+    let batch = [khlang_client::NewRecord { subject: "x".into(), fields: vec![("name".into(), "x".into())] }];
+    let _ = check!("PutRecords", "", "Unauthenticated", bad.put_many(&batch, false).await);
 
     let missing: Vec<_> = api_rpcs().difference(&seen).cloned().collect();
     assert!(missing.is_empty(), "RPCs without an audit check: {missing:?}");

@@ -105,9 +105,16 @@ async fn all_or_nothing_stores_none_when_one_is_refused_and_the_batch_is_bounded
     }
     let entries = puts(&server);
     let outcomes: Vec<&str> = entries.iter().map(|e| e.outcome.as_str()).collect();
-    assert_eq!(outcomes.len(), 3);
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
     assert_eq!(outcomes.iter().filter(|o| **o == "Aborted").count(), 2, "{outcomes:?}");
     assert!(entries.iter().all(|e| e.record_id.is_empty() || e.outcome.as_str() != "Ok"));
+    // A refusal by the regulations is on the record as the decision it was, rule and all.
+    let mut clerk = server.client_as("billing-clerk").await;
+    let out = clerk.put_many(&[record("whole-4", &[("name", "สี่")])], true).await.unwrap();
+    assert_eq!(refused(&out[0]), Code::PermissionDenied);
+    let denied = puts(&server).into_iter().last().unwrap();
+    assert_eq!((denied.decision.as_str(), denied.outcome.as_str()), ("deny", "PermissionDenied"));
+    assert!(!denied.rule.is_empty() && !denied.subject.is_empty(), "{denied:?}");
     // The same batch made valid: all stored.
     let mut fixed = batch;
     fixed[1] = record("whole-2", &[("phone", "0812345678")]);

@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 
 /// Settings a file must not hold: each is a decision for one start, not a standing setting (a
 /// file that said `regulations-changed = true` would silently accept every future rule change).
-const ONE_TIME: &[&str] = &["regulations-changed", "accept-audit-break", "config"];
+const ONE_TIME: &[&str] = &["regulations-changed", "accept-audit-break", "accept-unbased-log", "config"];
 
 /// The environment variable naming the file when `--config` is not given.
 pub const CONFIG_ENV: &str = "KHLANG_CONFIG";

@@ -458,6 +458,11 @@ struct ServerArgs {
     /// the acceptance is recorded in the log and data requests are served again.
     #[arg(long, value_name = "SEQ")]
     accept_audit_break: Option<u64>,
+    /// Accept that the audit log starts at this entry with no signed archive base (it was archived
+    /// by a version before the base was kept): older authority values are then judged by their
+    /// tags alone, and older records are not checked. Refused without it.
+    #[arg(long, value_name = "SEQ")]
+    accept_unbased_log: Option<u64>,
 }
 
 #[derive(Args)]
@@ -578,6 +583,7 @@ impl ServerArgs {
             checkpoints: Default::default(),
             audit_files: self.audit.files()?,
             accept_audit_break: self.accept_audit_break,
+            accept_unbased_log: self.accept_unbased_log,
             job_pacing: JobPacing {
                 batch: self.key_job_batch.max(1),
                 duty_percent: self.key_job_duty,

@@ -54,12 +54,29 @@ impl AuditLog {
         first: Option<u64>,
         named: Option<u64>,
         tagger: &AuthorityTagger,
+        accept_unbased: Option<u64>,
     ) -> Result<Option<ArchiveBase>, StoreError> {
         let Some(last) = first.filter(|f| *f > 1).map(|f| f - 1) else { return Ok(None) };
         let Some(write) = named else {
+            // No kept entry names a base: archived by a version that kept none — or the log's
+            // front was cut outside the vault (to a later signed checkpoint) to hide a change.
+            // Only the operator can tell; by default the vault does not open.
+            if accept_unbased != Some(last + 1) {
+                let what = format!("audit log from entry {}", last + 1);
+                tracing::error!(
+                    first_kept = last + 1,
+                    "the audit log starts at entry {} and no kept entry names a signed archive base: entries before it were removed outside an archival, or archived by a version that kept no base; if the latter, start with --accept-unbased-log {}",
+                    last + 1,
+                    last + 1
+                );
+                return Err(StoreError::Unauthentic {
+                    what,
+                    why: "entries before it were removed with no signed base (an archival by an older version: start with --accept-unbased-log and that entry)",
+                });
+            }
             tracing::warn!(
                 first_kept = last + 1,
-                "the audit log was archived by a version that kept no signed base: authority values and records older than its first kept entry are judged by their tags alone"
+                "accepted (--accept-unbased-log): authority values and records older than the log's first kept entry are judged by their tags alone"
             );
             return Ok(None);
         };
@@ -87,7 +104,9 @@ impl AuditLog {
         let tagger = self.authority.get().ok_or(StoreError::Sealed)?;
         let first = self.file.first_seq()?;
         let named = first.filter(|f| *f > 1).and_then(|f| self.authority.index().written(&base_name(f - 1)));
-        self.archived_base(first, named, &tagger)
+        // An unbased log was judged by the unseal (refused, or accepted by the operator); the
+        // front cannot move while the vault runs except by its own archival, which names a base.
+        self.archived_base(first, named, &tagger, first)
     }
 
     /// The signed base for an archival of entries `..=last`: the current base (if the log was

@@ -49,8 +49,13 @@ impl AuditLog {
         let (reply, mut answer) = oneshot::channel();
         lock(&self.waiting).push(Waiting { entry, changes, reply });
         loop {
-            let order = self.order.lock().await;
-            // A committer that held `order` before took this change and answered it.
+            // Answered by a committer that took this change, or take `order` and commit the
+            // queue: whichever comes first (an answered request does not wait for `order`).
+            let order = tokio::select! {
+                biased;
+                done = &mut answer => return done.unwrap_or(Err(VaultError::AuditUnavailable)),
+                order = self.order.lock() => order,
+            };
             if let Ok(done) = answer.try_recv() {
                 return done;
             }
@@ -61,18 +66,18 @@ impl AuditLog {
             };
             self.commit_group(store, group).await;
             drop(order);
-            match answer.try_recv() {
-                Ok(done) => return done,
-                // Queued behind a full group: take `order` again.
-                Err(oneshot::error::TryRecvError::Empty) => continue,
-                Err(oneshot::error::TryRecvError::Closed) => return Err(VaultError::AuditUnavailable),
-            }
+            // Queued behind a full group: the loop takes `order` again.
         }
     }
 
     /// Commits one group, `order` held; every member is answered.
     async fn commit_group(&self, store: &dyn Storage, group: Vec<Waiting>) {
-        let mut group = group;
+        // A request dropped while it waited (its caller gone) is not committed: as when it
+        // committed alone, a cancelled request changes nothing.
+        let mut group: Vec<Waiting> = group.into_iter().filter(|w| !w.reply.is_closed()).collect();
+        if group.is_empty() {
+            return;
+        }
         if group.len() == 1 {
             if let Some(w) = group.pop() {
                 let done = self.commit_locked(store, w.entry, w.changes).await;
@@ -229,6 +234,9 @@ impl AuditLog {
                         let hash = chain_hash(&head.hash, &canonical);
                         self.append_file(entry.seq, entry.time_ms, &hash, &canonical, true)
                             .map_err(unavailable)?;
+                        // Until the file's sync, the next change carries it into the store, as
+                        // a read's entry: what the store holds never skips one.
+                        head.unsynced.push_back((entry.seq, [hash.as_slice(), &canonical].concat()));
                         head.seq = entry.seq;
                         head.hash = hash;
                         Ok(())

@@ -126,6 +126,8 @@ pub struct AuditLog {
     shared: Option<shared::Batcher>,
     /// Benchmark baseline only: apply changes without writing entries.
     disabled: bool,
+    /// The first kept entry of an archived log with no base that the operator accepted.
+    accept_unbased_log: Option<u64>,
     file: Box<dyn AuditFiles>,
     recorder: HeadRecorder,
     witness: Option<PathBuf>,
@@ -209,6 +211,8 @@ pub struct LogOptions {
     pub files: FileOptions,
     /// Benchmark baseline only.
     pub disabled: bool,
+    /// `--accept-unbased-log` (see `archive_base`).
+    pub accept_unbased_log: Option<u64>,
 }
 
 /// What the vault's log reports of itself (health, `VerifyAudit`).
@@ -270,6 +274,7 @@ impl AuditLog {
             policy: options.checkpoints,
             shared: None,
             disabled: options.disabled,
+            accept_unbased_log: options.accept_unbased_log,
             file: Box::new(file),
             recorder: store.head_recorder(),
             witness: options.files.witness.clone(),
@@ -328,6 +333,7 @@ impl AuditLog {
             policy: options.checkpoints,
             shared: Some(batcher),
             disabled: options.disabled,
+            accept_unbased_log: options.accept_unbased_log,
             file,
             recorder: store.head_recorder(),
             witness: options.files.witness.clone(),
@@ -597,6 +603,8 @@ impl AuditLog {
             let canonical = entry.canonical()?;
             let hash = chain_hash(&head.hash, &canonical);
             self.append_file(entry.seq, entry.time_ms, &hash, &canonical, true).map_err(unavailable)?;
+            // Until the file's sync, the next change carries it into the store (as a read's).
+            head.unsynced.push_back((entry.seq, [hash.as_slice(), &canonical].concat()));
             head.seq = entry.seq;
             head.hash = hash;
             return Err(e.into());

@@ -81,7 +81,7 @@ impl AuditLog {
         let first = self.file.first_seq()?;
         let named =
             first.filter(|f| *f > 1).and_then(|f| index.written(&super::archive_base::base_name(f - 1)));
-        let base = self.archived_base(first, named, tagger)?;
+        let base = self.archived_base(first, named, tagger, self.accept_unbased_log)?;
         index.finish_build_on(first, base.map(|b| b.authority));
         *self.authority.index() = index;
         Ok(())

@@ -491,6 +491,14 @@ async fn answer(client: Option<&tokio_postgres::Client>, ask: Ask) {
                 // One transaction: the base and the entries it stands for change places together.
                 c.batch_execute("BEGIN").await.map_err(db)?;
                 let removed = async {
+                    // One archival at a time; one that another node's archival overtook (the
+                    // entries it would remove are gone already) keeps the newer base.
+                    c.batch_execute("SELECT pg_advisory_xact_lock(7420000001)").await?;
+                    let first: Option<i64> =
+                        c.query_one("SELECT min(seq) FROM audit_entries", &[]).await?.get(0);
+                    if first.is_some_and(|f| f > last.saturating_add(1)) {
+                        return Ok(false);
+                    }
                     c.execute("DELETE FROM audit_entries WHERE seq <= $1", &[&last]).await?;
                     c.execute("DELETE FROM audit_checkpoints WHERE seq < $1", &[&last]).await?;
                     c.execute(
@@ -499,14 +507,22 @@ async fn answer(client: Option<&tokio_postgres::Client>, ask: Ask) {
                         &[&ARCHIVE_BASE_KEY, &base],
                     )
                     .await?;
-                    c.batch_execute("COMMIT").await
+                    c.batch_execute("COMMIT").await.map(|()| true)
                 }
                 .await;
-                if let Err(e) = removed {
-                    let _ = c.batch_execute("ROLLBACK").await;
-                    return Err(db(e));
+                match removed {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        Err(StoreError::NotSupported(
+                            "another archival removed these entries already; its base is kept",
+                        ))
+                    }
+                    Err(e) => {
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        Err(db(e))
+                    }
                 }
-                Ok(())
             }
             .await;
             let _ = reply.send(done);

@@ -43,22 +43,24 @@ impl Vault {
         let regs = self.regulations();
         if all_or_nothing {
             let keys = self.unsealed()?;
-            let refused: Vec<Option<VaultError>> = records
+            // Each record's check as its put would run it, recorded in an entry of its own.
+            let checked: Vec<(AuditEntry, Option<VaultError>)> = records
                 .iter()
                 .map(|r| {
-                    let mut scratch = self.draft(caller, Rpc::PutRecord, Operation::Write, &regs);
-                    self.admit_put(&keys, &regs, caller, &r.subject, &r.fields, &mut scratch).err()
+                    let mut entry = self.draft(caller, Rpc::PutRecord, Operation::Write, &regs);
+                    let refused =
+                        self.admit_put(&keys, &regs, caller, &r.subject, &r.fields, &mut entry).err();
+                    (entry, refused)
                 })
                 .collect();
-            if let Some(first) = refused.iter().position(Option::is_some) {
-                let regs = &regs;
-                let answers = records.iter().zip(refused).map(|(r, why)| async move {
+            if let Some(first) = checked.iter().position(|(_, refused)| refused.is_some()) {
+                let answers = checked.into_iter().map(|(entry, why)| {
                     let why = why.unwrap_or_else(|| {
                         VaultError::Aborted(format!(
                             "not stored: record {first} of this all-or-nothing batch was refused"
                         ))
                     });
-                    self.refuse_put(caller, regs, r, why).await
+                    self.refuse_put(entry, why)
                 });
                 return Ok(join_all(answers).await);
             }
@@ -66,27 +68,16 @@ impl Vault {
         Ok(join_all(records.iter().map(|r| self.put_under(caller, &r.subject, &r.fields, &regs))).await)
     }
 
-    /// Records a put of `record` that is not done, and why (its entry names the subject and the
-    /// fields, never a value); answers `why`.
-    async fn refuse_put(
-        &self,
-        caller: &Caller,
-        regs: &Arc<Regulations>,
-        record: &NewRecord,
-        why: VaultError,
-    ) -> Result<String, VaultError> {
-        let entry = self.draft(caller, Rpc::PutRecord, Operation::Write, regs);
+    /// Records a put that is not done, and why, in `entry` as its check left it (subject index,
+    /// field names, the decision and its rule; never a value); answers `why`.
+    async fn refuse_put(&self, entry: AuditEntry, why: VaultError) -> Result<String, VaultError> {
         // Refused before any change: `audited` runs the preparation once.
         let why = std::sync::Mutex::new(Some(why));
         let why = &why;
         self.audited(
             entry,
             prepare!(|e| {
-                let keys = self.unsealed()?;
-                if self.check_subject(&record.subject).is_ok() {
-                    e.subject = hex::encode(Self::subject_index(&keys, &record.subject));
-                }
-                e.fields = record.fields.iter().map(|f| clean(&f.name)).collect();
+                let _ = e;
                 let why = why.lock().unwrap_or_else(|p| p.into_inner()).take();
                 Err::<(String, Changes), _>(
                     why.unwrap_or_else(|| VaultError::Aborted("not stored (all-or-nothing batch)".into())),

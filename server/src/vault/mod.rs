@@ -364,6 +364,7 @@ impl Vault {
             checkpoints: options.checkpoints,
             files: options.audit_files.clone(),
             disabled: options.skips_audit(),
+            accept_unbased_log: options.accept_unbased_log,
         };
         let audit = AuditLog::open(store.as_ref(), dir, &log_options).await?;
         crate::storage::tighten(dir)?;

@@ -77,6 +77,10 @@ pub struct VaultOptions {
     pub audit_files: crate::audit::files::FileOptions,
     /// The operator accepts the audit break carried forward at this entry (`--accept-audit-break`).
     pub accept_audit_break: Option<u64>,
+    /// The operator accepts that the log starts at this entry with no signed archive base
+    /// (`--accept-unbased-log`): archived by a version that kept none. Without it such a log is
+    /// refused, since cutting the log's front is also how an attacker would hide a change.
+    pub accept_unbased_log: Option<u64>,
     /// Pacing of background key jobs (tests slow them down to interrupt them).
     pub job_pacing: crate::vault::keyops::JobPacing,
     /// Argon2id cost for custodians' shares made by a rekey.
@@ -164,6 +168,7 @@ impl Default for VaultOptions {
             checkpoints: CheckpointPolicy::default(),
             audit_files: Default::default(),
             accept_audit_break: None,
+            accept_unbased_log: None,
             job_pacing: crate::vault::keyops::JobPacing::default(),
             seal_params: SealParams::DEFAULT,
             identity_request_ttl: crate::vault::identities::IDENTITY_REQUEST_TTL,
