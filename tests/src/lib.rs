@@ -87,6 +87,15 @@ pub fn database_url(dir: &Path) -> String {
     postgres_for(dir)
 }
 
+/// Runs SQL on the vault's database as someone with write access to it would (attack tests).
+pub async fn database_sql(dir: &Path, statements: &str) {
+    let (client, conn) = tokio_postgres::connect(&database_url(dir), tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    client.batch_execute(statements).await.unwrap_or_else(|e| panic!("{statements}: {e}"));
+    drop(client);
+    let _ = conn.await;
+}
+
 /// The database for the vault in `dir`, on this process's cluster (started at first use, stopped
 /// by a watchdog when the process exits). Without server binaries (and without
 /// `KHLANG_REQUIRE_POSTGRES=1`, which makes that a failure) the whole binary is skipped: it

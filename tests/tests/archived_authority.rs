@@ -27,15 +27,6 @@ async fn archive_all(dir: &Path) -> u64 {
     report.entries
 }
 
-/// Runs SQL on the vault's database as someone with write access to it would.
-async fn database_sql(dir: &Path, statements: &str) {
-    let (client, conn) = tokio_postgres::connect(&database_url(dir), tokio_postgres::NoTls).await.unwrap();
-    let conn = tokio::spawn(conn);
-    client.batch_execute(statements).await.unwrap_or_else(|e| panic!("{statements}: {e}"));
-    drop(client);
-    let _ = conn.await;
-}
-
 /// The base's stored bytes, as the attacker with the folder or the database reads them.
 async fn read_base(dir: &Path) -> Vec<u8> {
     if on_postgres() {

@@ -22,15 +22,6 @@ where
     store.flush_now().await.unwrap();
 }
 
-/// Runs SQL on the vault's database as someone with write access to it would.
-async fn database_sql(dir: &Path, statements: &str) {
-    let (client, conn) = tokio_postgres::connect(&database_url(dir), tokio_postgres::NoTls).await.unwrap();
-    let conn = tokio::spawn(conn);
-    client.batch_execute(statements).await.unwrap_or_else(|e| panic!("{statements}: {e}"));
-    drop(client);
-    let _ = conn.await;
-}
-
 async fn commit(store: &dyn Storage, changes: Changes) {
     assert!(store.commit(changes).await.unwrap(), "the attacker's write applied");
 }
