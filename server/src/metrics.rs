@@ -6,10 +6,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
-
-use crate::Vault;
 
 /// Whether an exporter was installed ([`enable`]): without one, nothing here builds labels or
 /// reads the store for gauges nobody scrapes.
@@ -22,12 +20,6 @@ pub fn enable() {
 
 pub(crate) fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
-}
-
-/// The RPC's name as the server spells it (static: no allocation per request).
-fn rpc_label(rpc: &str) -> &'static str {
-    use crate::audit::Rpc;
-    Rpc::API.iter().chain(Rpc::EVENTS).map(|r| r.as_str()).find(|n| *n == rpc).unwrap_or("other")
 }
 
 /// A TLS handshake that failed (a client without the CA, with no or a wrong certificate, or
@@ -81,7 +73,7 @@ where
 
 /// One request, as its audit entry ended it. (Public for the metrics benchmark.)
 pub fn request(
-    rpc: &str,
+    rpc: &'static str,
     status: &'static str,
     role: &str,
     purpose: &str,
@@ -92,7 +84,6 @@ pub fn request(
         return;
     }
     let series = SERIES.get_or_init(RequestSeries::default);
-    let rpc = rpc_label(rpc);
     cached(
         &series.requests,
         &(rpc, status),
@@ -150,51 +141,4 @@ pub fn audit_sync(took: Duration) {
         return;
     }
     metrics::histogram!("khlang_audit_sync_seconds").record(took.as_secs_f64());
-}
-
-fn flag(b: bool) -> f64 {
-    if b { 1.0 } else { 0.0 }
-}
-
-/// The vault's state as gauges, every second while it serves (health's watcher calls it):
-/// sealed, audit chain intact / broken / unverified, writable, age of the newest checkpoint,
-/// key job progress, lockouts, durable flushes; with `with_store_size`, the records stored (a
-/// count the store may have to scan for: the watcher asks rarely).
-pub async fn observe(vault: &Arc<Vault>, with_store_size: bool) {
-    if !enabled() {
-        return;
-    }
-    let sealed = vault.is_sealed();
-    metrics::gauge!("khlang_sealed").set(flag(sealed));
-    let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));
-    let verified = vault.audit_history_checked();
-    for (state, on) in
-        [("intact", !broken && verified), ("broken", broken), ("unverified", !broken && !verified)]
-    {
-        metrics::gauge!("khlang_audit_chain_state", "state" => state).set(flag(on));
-    }
-    metrics::gauge!("khlang_audit_writable").set(flag(vault.audit_writable().await));
-    if let Some(age) = vault.audit_checkpoint_age().await {
-        metrics::gauge!("khlang_audit_checkpoint_age_seconds").set(age.as_secs_f64());
-    }
-    if let Ok(Some(job)) = vault.store.job().await {
-        let running = job.finished_ms.is_none();
-        metrics::gauge!("khlang_key_job_running").set(flag(running));
-        metrics::gauge!("khlang_key_job_done_records").set((job.changed + job.skipped) as f64);
-        metrics::gauge!("khlang_key_job_total_records").set(job.total as f64);
-    }
-    // Values deciding access found changed outside the vault since unseal (each read that
-    // refused one is also counted in khlang_authority_failures_total, by key space).
-    metrics::gauge!("khlang_authority_refused").set(vault.authority_refused() as f64);
-    metrics::gauge!("khlang_records_lost").set(vault.records_lost() as f64);
-    metrics::gauge!("khlang_locked_out_credentials")
-        .set(vault.auth_guard.locked_now(crate::clock::now_ms()) as f64);
-    let stats = vault.flush_stats();
-    metrics::counter!("khlang_durable_flushes_total")
-        .absolute(stats.flushes.load(std::sync::atomic::Ordering::Relaxed));
-    metrics::counter!("khlang_durable_writes_total")
-        .absolute(stats.writes.load(std::sync::atomic::Ordering::Relaxed));
-    if with_store_size && let Ok(n) = vault.store.count(crate::storage::KeySpace::Records).await {
-        metrics::gauge!("khlang_records").set(n as f64);
-    }
 }

@@ -236,6 +236,7 @@ macro_rules! handle {
 mod admin;
 mod audit;
 mod keys;
+mod observe;
 mod operator;
 mod records;
 mod serve;

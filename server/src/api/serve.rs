@@ -210,7 +210,7 @@ pub async fn serve(
                 // Gauges every second; the store's size (a count: sled scans for it) every ten
                 // minutes, so a large store pays little for it.
                 if ticks.is_multiple_of(4) {
-                    crate::metrics::observe(&vault, ticks.is_multiple_of(2400)).await;
+                    observe::observe(&vault, ticks.is_multiple_of(2400)).await;
                 }
                 ticks += 1;
                 let broken = matches!(vault.audit_state(), crate::audit::LogState::Broken(_));

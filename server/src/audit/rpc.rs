@@ -24,6 +24,12 @@ macro_rules! rpcs {
                 }
             }
 
+            /// The name as the server spells it, static (a metrics label without an allocation
+            /// per request); `other` for a name no RPC or event has.
+            pub fn static_name(name: &str) -> &'static str {
+                Self::API.iter().chain(Self::EVENTS).map(|r| r.as_str()).find(|n| *n == name).unwrap_or("other")
+            }
+
             /// The method a request path's last segment names; `None` for one the API lacks.
             pub fn api_method(name: &str) -> Option<Self> {
                 Self::API.iter().copied().find(|r| r.as_str() == name)

@@ -804,7 +804,7 @@ impl Vault {
 /// asked, what was decided and how it ended, how long it took — never a value, a subject or a
 /// record id (those are in the audit log, which is protected; the server log is not).
 struct RequestLine {
-    rpc: String,
+    rpc: &'static str,
     identity: String,
     role: String,
     /// The purpose as a metrics label: one the regulations name, or `other`.
@@ -824,7 +824,7 @@ impl RequestLine {
             _ => "other".to_owned(),
         };
         Self {
-            rpc: entry.rpc.clone(),
+            rpc: Rpc::static_name(&entry.rpc),
             identity: entry.identity.clone(),
             role: entry.role.clone(),
             purpose,
@@ -835,7 +835,7 @@ impl RequestLine {
     }
 
     fn log(self, seq: u64, took: Duration) {
-        crate::metrics::request(&self.rpc, self.status, &self.role, &self.purpose, self.decision, took);
+        crate::metrics::request(self.rpc, self.status, &self.role, &self.purpose, self.decision, took);
         tracing::info!(
             target: "khlang::request",
             rpc = %self.rpc,
