@@ -10,6 +10,7 @@
 //! caller sent are bounded and stripped of control characters, and JSON escapes the rest.
 
 pub mod archive_base;
+mod chain_rows;
 mod entry;
 pub mod files;
 mod group_commit;
@@ -300,7 +301,7 @@ impl AuditLog {
         };
         let keys: std::sync::Arc<Mutex<Option<LogKeys>>> = Default::default();
         let order: std::sync::Arc<tokio::sync::Mutex<()>> = Default::default();
-        let file = chain.rows();
+        let file: Box<dyn AuditFiles> = Box::new(chain_rows::ChainRows(chain.rows()));
         // Sent after its batch commits: the database holds it by then.
         let sink = start_sink(options, None)?;
         let batcher = shared::Batcher::start(shared::State {

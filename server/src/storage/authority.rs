@@ -255,8 +255,8 @@ pub async fn catch_up(store: &dyn Storage, key: &Arc<AuthorityKey>) -> Result<()
     tokio::task::spawn_blocking(move || {
         let rows = chain.rows();
         let from = key.index.read().unwrap_or_else(|p| p.into_inner()).upto() + 1;
-        for item in rows.entries(from) {
-            let (seq, value) = item?;
+        for item in rows.pages(from) {
+            let (seq, value, _) = item?;
             key.index().note_stored(seq, &value);
         }
         Ok(())

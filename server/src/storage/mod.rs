@@ -38,7 +38,7 @@ pub use models::{
     StoredIdentity, StoredIdentityRequest, StoredJob, StoredRecord, StoredRegulations, StoredToken, body_of,
     decode_stored, encode_stored,
 };
-pub use postgres::{PG_SCHEMA_VERSION, PgStore, redacted};
+pub use postgres::{ChainPages, ChainReader, ChainRow, PG_SCHEMA_VERSION, PgStore, redacted};
 pub use sled_store::{Durability, SCHEMA_VERSION, SledRestore, SledStore, secure_folder, tighten};
 
 /// A stored value as it was read: a change that expects it applies only if nothing changed it
@@ -704,8 +704,9 @@ pub trait SharedChain: Send + Sync {
     async fn append(&self, batch: Vec<Changes>, seal: &mut Seal<'_>) -> Result<Vec<bool>, StoreError>;
     /// The chain's current tip (no lock).
     async fn tip(&self) -> Result<ChainTip, StoreError>;
-    /// The chain's reader (entries, checkpoints, verification), synchronous as the files' is.
-    fn rows(&self) -> Box<dyn crate::audit::files::AuditFiles>;
+    /// The chain's reader (entries, checkpoints, the archive base), synchronous as the files'
+    /// are; the audit layer reads and verifies through it (`audit::chain_rows`).
+    fn rows(&self) -> ChainReader;
     /// How long this node's batches held the head's lock, so far.
     fn lock_stats(&self) -> LockStats;
 }

@@ -8,16 +8,14 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use khlang_keys::audit_chain::{ChainReport, GENESIS, HeadTagger};
+use khlang_keys::audit_chain::GENESIS;
 
 use super::{
     BUMP_CREDENTIALS, Credentials, Statement, TxError, db, holds, i64_to_u64, lock_order, retryable,
     statements, u64_to_i64, writes_credentials,
 };
 use crate::StoreError;
-use crate::audit::files::{AuditFiles, Scanned, StoredEntries};
-use crate::audit::{ChainHead, ChainSource, VerifyWith, split_stored, verify_log};
-use crate::storage::{AuditHead, ChainTip, Changes, Expect, HeadRecorder, Op, Seal, SharedChain};
+use crate::storage::{AuditHead, ChainTip, Changes, Expect, Op, Seal, SharedChain};
 
 /// How many times a batch is rerun after a deadlock or serialisation failure.
 const APPEND_ATTEMPTS: usize = 8;
@@ -199,11 +197,9 @@ impl PgChain {
         let head = match (chain.head, chain.entries.last()) {
             (Some(h), _) => Some(h),
             (None, Some((seq, value))) => {
-                let (hash, _) = split_stored(value)?;
-                Some(AuditHead {
-                    seq: *seq,
-                    hash: hash.try_into().map_err(|_| StoreError::Corrupt("audit entry"))?,
-                })
+                // A stored entry is `hash (32 bytes) ‖ canonical JSON`.
+                let hash = value.get(..32).and_then(|h| <[u8; 32]>::try_from(h).ok());
+                Some(AuditHead { seq: *seq, hash: hash.ok_or(StoreError::Corrupt("audit entry"))? })
             }
             // A checkpoint alone moves only the signed head.
             (None, None) => chain.signed.map(|_| AuditHead { seq: tip.seq, hash: tip.hash }),
@@ -311,8 +307,8 @@ impl SharedChain for PgChain {
         tip_from(&row)
     }
 
-    fn rows(&self) -> Box<dyn AuditFiles> {
-        Box::new(self.reader.clone())
+    fn rows(&self) -> Reader {
+        self.reader.clone()
     }
 
     fn lock_stats(&self) -> crate::storage::LockStats {
@@ -352,11 +348,11 @@ impl Connect {
 }
 
 /// `(first seq, the head row)`.
-type Ends = (Option<u64>, Option<AuditHead>);
+pub type Ends = (Option<u64>, Option<AuditHead>);
 type Reply<T> = std::sync::mpsc::SyncSender<Result<T, StoreError>>;
 
 /// A stored entry: `(seq, hash ‖ JSON, head tag)`.
-type Row = (u64, Vec<u8>, Option<Vec<u8>>);
+pub type Row = (u64, Vec<u8>, Option<Vec<u8>>);
 
 enum Ask {
     Entries {
@@ -385,10 +381,10 @@ enum Ask {
 const ARCHIVE_BASE_KEY: &str = "audit_archive_base";
 
 /// The chain's reader: its queries run on a thread of its own (a current-thread runtime and one
-/// connection), so the synchronous [`AuditFiles`] calls block neither on nor inside the server's
+/// connection), so the audit log's synchronous reads block neither on nor inside the server's
 /// runtime.
 #[derive(Clone)]
-pub(super) struct Reader {
+pub struct Reader {
     asks: std::sync::mpsc::Sender<Ask>,
     location: Arc<PathBuf>,
 }
@@ -438,7 +434,29 @@ impl Reader {
         self.ask(|reply| Ask::Entries { from, limit: PAGE, reply })
     }
 
-    fn ends(&self) -> Result<Ends, StoreError> {
+    /// Every signed checkpoint kept, oldest first (JSON).
+    pub fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.ask(|reply| Ask::Checkpoints { reply })
+    }
+
+    /// Removes entries `..=last` and checkpoints before `last`, and keeps `base` in their place,
+    /// in one transaction (see `audit::archive_base`).
+    pub fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError> {
+        self.ask(|reply| Ask::RemoveUpto { last, base: base.to_vec(), reply })
+    }
+
+    /// The base the last archival kept.
+    pub fn archive_base(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.ask(|reply| Ask::Base { reply })
+    }
+
+    /// Where an operator finds the chain (the database, named without its password).
+    pub fn location(&self) -> &Path {
+        &self.location
+    }
+
+    /// The first entry's seq and the head row.
+    pub fn ends(&self) -> Result<Ends, StoreError> {
         self.ask(|reply| Ask::Ends { reply })
     }
 }
@@ -543,7 +561,7 @@ async fn answer(client: Option<&tokio_postgres::Client>, ask: Ask) {
 }
 
 /// Entries from `from` on, page by page.
-struct Pages<'a> {
+pub struct Pages<'a> {
     reader: &'a Reader,
     next: u64,
     page: std::vec::IntoIter<Row>,
@@ -578,132 +596,8 @@ impl Iterator for Pages<'_> {
 }
 
 impl Reader {
-    fn pages(&self, from: u64) -> Pages<'_> {
+    /// Entries from `from` on, oldest first, page by page: `(seq, hash ‖ JSON, head tag)`.
+    pub fn pages(&self, from: u64) -> Pages<'_> {
         Pages { reader: self, next: from, page: Vec::new().into_iter(), done: false }
-    }
-}
-
-fn appended_elsewhere() -> StoreError {
-    StoreError::Backend("the shared audit chain is appended through the store, not its reader".into())
-}
-
-impl ChainSource for Reader {
-    fn last_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.ends()?.1.map_or(0, |h| h.seq))
-    }
-
-    fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.ask(|reply| Ask::Checkpoints { reply })
-    }
-
-    fn first_seq(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.ends()?.0)
-    }
-
-    fn entry_hash(&self, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
-        match self.pages(seq).next().transpose()? {
-            Some((s, value, _)) if s == seq => {
-                Ok(split_stored(&value).ok().and_then(|(h, _)| <[u8; 32]>::try_from(h).ok()))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    fn scan(&self, from: u64, f: &mut dyn FnMut(Scanned<'_>) -> bool) -> Result<(), StoreError> {
-        let mut expected = from.max(1);
-        for row in self.pages(from) {
-            let (seq, value, tag) = row?;
-            // A missing row is a damaged entry: the verifier sees the gap and names it.
-            while expected < seq {
-                if !f(Scanned::Entry { seq: expected, hash: None, json: &[] }) {
-                    return Ok(());
-                }
-                expected += 1;
-            }
-            expected = seq + 1;
-            let (hash, json) = match split_stored(&value) {
-                Ok((hash, json)) => (<[u8; 32]>::try_from(hash).ok(), json),
-                Err(_) => (None, &[][..]),
-            };
-            if !f(Scanned::Entry { seq, hash, json }) {
-                return Ok(());
-            }
-            if let Some(tag) = tag {
-                let tag = <[u8; 32]>::try_from(tag.as_slice()).unwrap_or_default();
-                if !f(Scanned::Tag { seq, tag }) {
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl AuditFiles for Reader {
-    fn append_entry(&self, _: u64, _: &[u8; 32], _: &[u8], _: bool) -> Result<(), StoreError> {
-        Err(appended_elsewhere())
-    }
-
-    fn append_checkpoint(&self, _: u64, _: &[u8]) -> Result<(), StoreError> {
-        Err(appended_elsewhere())
-    }
-
-    fn check_writable(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn synced_seq(&self) -> u64 {
-        0
-    }
-
-    fn write_through(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn sync_now(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// Every batch is durable when its transaction commits.
-    async fn durable(&self, _: u64) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn set_sealing(&self, _: Option<HeadTagger>, _: Option<HeadRecorder>) {}
-
-    fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError> {
-        self.ask(|reply| Ask::RemoveUpto { last, base: base.to_vec(), reply })
-    }
-
-    fn archive_base(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        self.ask(|reply| Ask::Base { reply })
-    }
-
-    #[cfg(any(test, feature = "test-util"))]
-    fn inject_failure(&self, _: bool) {}
-
-    fn entries(&self, from: u64) -> StoredEntries<'_> {
-        Box::new(self.pages(from).map(|r| r.map(|(seq, value, _)| (seq, value))))
-    }
-
-    fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
-        ChainSource::checkpoints(self)
-    }
-
-    fn first_seq(&self) -> Result<Option<u64>, StoreError> {
-        ChainSource::first_seq(self)
-    }
-
-    fn verify(&self, public_key: &[u8], with: &VerifyWith<'_>) -> Result<ChainReport, StoreError> {
-        verify_log(self, public_key, with)
-    }
-
-    fn stored_head(&self) -> Result<Option<ChainHead>, StoreError> {
-        Ok(self.ends()?.1.map(|h| (h.seq, h.hash)))
-    }
-
-    fn location(&self) -> &Path {
-        &self.location
     }
 }

@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 #[path = "pg_chain.rs"]
 mod chain;
+pub use chain::{Pages as ChainPages, Reader as ChainReader, Row as ChainRow};
 
 use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
