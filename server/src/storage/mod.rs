@@ -22,6 +22,7 @@ pub mod authority;
 #[cfg(test)]
 mod conformance;
 #[cfg(any(test, feature = "test-util"))]
+mod folder;
 mod memory;
 pub mod models;
 pub mod overlap;
@@ -31,6 +32,7 @@ mod sled_store;
 pub mod test_postgres;
 pub mod write_index;
 
+pub use folder::{secure_folder, tighten};
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;
 pub use models::{
@@ -39,7 +41,7 @@ pub use models::{
     decode_stored, encode_stored,
 };
 pub use postgres::{ChainPages, ChainReader, ChainRow, PG_SCHEMA_VERSION, PgStore, redacted};
-pub use sled_store::{Durability, SCHEMA_VERSION, SledRestore, SledStore, secure_folder, tighten};
+pub use sled_store::{Durability, SCHEMA_VERSION, SledRestore, SledStore};
 
 /// A stored value as it was read: a change that expects it applies only if nothing changed it
 /// meanwhile (optimistic concurrency). Opaque: only the backend that made it interprets it (sled:

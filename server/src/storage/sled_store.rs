@@ -16,7 +16,10 @@
 
 #[path = "sled_commit.rs"]
 mod commit;
+#[path = "sled_restore.rs"]
+mod restore;
 use commit::GroupCommit;
+pub use restore::SledRestore;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +30,7 @@ use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 use tokio::sync::oneshot;
 
+use super::folder::{secure_folder, tighten};
 use super::{
     AuditHead, AuditRecord, Changes, Cursor, Custody, Expect, FailureRecord, FlushStats, HeadRecorder,
     KekInfo, KeySpace, Op, RawEntry, Snapshot, Storage, Stored, StoredConsent, StoredIdentity,
@@ -78,67 +82,6 @@ pub enum Durability {
 }
 
 type FlushWaiter = oneshot::Sender<Result<(), String>>;
-
-/// Creates the data folder 0700 whatever the umask, and refuses one that others (group or world)
-/// can write: they could replace the database or the log. One others can read holds only
-/// ciphertext, but is warned about.
-#[cfg(unix)]
-pub fn secure_folder(dir: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", dir.display()));
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-    }
-    let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
-        return Err(StoreError::Insecure(format!(
-            "the data folder {} can be written by others (mode {mode:o}): refusing to serve from it; `chmod 700` it",
-            dir.display()
-        )));
-    }
-    if mode & 0o044 != 0 {
-        tracing::warn!(folder = %dir.display(), mode = format!("{mode:o}"), "the data folder can be read by others; `chmod 700` it");
-    }
-    Ok(())
-}
-
-/// Every file under the data folder 0600 and every folder 0700, whatever the umask made them
-/// (sled's files, the audit log's).
-#[cfg(unix)]
-pub fn tighten(dir: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", dir.display()));
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(io)? {
-            let entry = entry.map_err(io)?;
-            let kind = entry.file_type().map_err(io)?;
-            let mode = if kind.is_dir() {
-                stack.push(entry.path());
-                0o700
-            } else if kind.is_file() {
-                0o600
-            } else {
-                continue;
-            };
-            if entry.metadata().map_err(io)?.permissions().mode() & 0o777 != mode {
-                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode)).map_err(io)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-pub fn secure_folder(_dir: &Path) -> Result<(), StoreError> {
-    Ok(())
-}
-
-#[cfg(not(unix))]
-pub fn tighten(_dir: &Path) -> Result<(), StoreError> {
-    Ok(())
-}
 
 fn audit_record_key(which: AuditRecord) -> &'static [u8] {
     match which {
@@ -916,38 +859,6 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
 
 /// The trees a snapshot holds, in its order: everything the store keeps.
 const TREES: [&str; 4] = ["meta", "keks", "kek_info", "vault"];
-
-/// A database being restored from a snapshot ([`SledStore::restore_into`]).
-pub struct SledRestore {
-    db: sled::Db,
-    trees: Vec<(&'static str, sled::Tree)>,
-    count: u64,
-    dir: std::path::PathBuf,
-}
-
-impl SledRestore {
-    pub fn put(&mut self, entry: RawEntry) -> Result<(), StoreError> {
-        let Some((_, tree)) = self.trees.iter().find(|(name, _)| *name == entry.space) else {
-            return Err(StoreError::Corrupt("backup (an unknown key space)"));
-        };
-        tree.insert(entry.key, entry.value)?;
-        self.count += 1;
-        Ok(())
-    }
-
-    /// Makes the ids it gives start at `ids_from`, flushes, and returns how many entries it holds.
-    pub fn finish(self, ids_from: u64) -> Result<u64, StoreError> {
-        // sled cannot be told where its ids start: the store adds this floor to them (written
-        // after the snapshot's own meta, which may hold an older floor).
-        let Some((_, meta)) = self.trees.iter().find(|(name, _)| *name == "meta") else {
-            return Err(StoreError::Corrupt("restore (no meta tree)"));
-        };
-        meta.insert(META_ID_FLOOR, &ids_from.to_be_bytes())?;
-        self.db.flush()?;
-        tighten(&self.dir)?;
-        Ok(self.count)
-    }
-}
 
 fn audit_entry_key(seq: u64) -> Vec<u8> {
     [b"a".as_slice(), &seq.to_be_bytes()].concat()
