@@ -170,6 +170,21 @@ async fn khlang_import_loads_a_file_and_resumes_where_it_stopped() {
     let ids = std::fs::read_to_string(dir.path().join("register.jsonl.ids")).unwrap();
     assert_eq!(ids.lines().count(), 200);
     assert!(ids.lines().next().unwrap().starts_with("1001\t"));
+    // The input changed since the recorded position: refused, not resumed at a wrong line.
+    let grown = dir.path().join("register.jsonl");
+    let mut text = std::fs::read_to_string(&grown).unwrap();
+    text.push_str(r#"{"subject_id": "citizen-1201", "fields": {"name": "คน 1201"}}"#);
+    text.push('\n');
+    std::fs::write(&grown, &text).unwrap();
+    let changed = {
+        let (url, token, path) = (url.clone(), token.clone(), path.clone());
+        tokio::task::spawn_blocking(move || khlang(&url, &token, &["import", &path])).await.unwrap()
+    };
+    assert!(!changed.status.success());
+    let said = String::from_utf8_lossy(&changed.stderr);
+    assert!(said.contains("changed since the import") && said.contains("--restart"), "{said}");
+    text.truncate(text.len() - text.lines().last().unwrap().len() - 1);
+    std::fs::write(&grown, &text).unwrap();
     // From the start: the two bad lines are named, every other line stored.
     let whole = tokio::task::spawn_blocking(move || {
         khlang(&url, &token, &["import", &path, "--batch", "500", "--restart"])
