@@ -103,10 +103,41 @@ impl AuditLog {
     pub(crate) fn current_base(&self) -> Result<Option<ArchiveBase>, StoreError> {
         let tagger = self.authority.get().ok_or(StoreError::Sealed)?;
         let first = self.file.first_seq()?;
-        let named = first.filter(|f| *f > 1).and_then(|f| self.authority.index().written(&base_name(f - 1)));
+        // Read from the log itself: on a shared chain this node's index may not yet hold another
+        // node's archival entry.
+        let named = match first.filter(|f| *f > 1) {
+            Some(f) => self.named_in_log(&base_name(f - 1))?,
+            None => None,
+        };
         // An unbased log was judged by the unseal (refused, or accepted by the operator); the
         // front cannot move while the vault runs except by its own archival, which names a base.
         self.archived_base(first, named, &tagger, first)
+    }
+
+    /// The write id the newest kept entry naming `name` carries.
+    fn named_in_log(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        #[derive(Deserialize)]
+        struct Named {
+            #[serde(default)]
+            write: u64,
+            #[serde(default)]
+            writes: Vec<String>,
+        }
+        let mut found = None;
+        for item in self.file.entries(0) {
+            let (_, value) = item?;
+            let Some(json) = value.get(32..) else { continue };
+            // Most entries do not name it: no parse for them.
+            if !std::str::from_utf8(json).is_ok_and(|j| j.contains(name)) {
+                continue;
+            }
+            if let Ok(e) = serde_json::from_slice::<Named>(json)
+                && e.writes.iter().any(|w| w == name)
+            {
+                found = Some(e.write);
+            }
+        }
+        Ok(found)
     }
 
     /// The signed base for an archival of entries `..=last`: the current base (if the log was
@@ -140,8 +171,10 @@ impl AuditLog {
     /// Removes entries `..=last` (archived) and the checkpoints before `last`, with commits held
     /// off; the checkpoint at `last` stays and anchors the rest, and `base` (from
     /// [`AuditLog::prepare_archival`]) takes their place.
-    pub fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError> {
+    /// `from`: the first kept entry the base was built on; if another archival moved it since
+    /// (another node, on a shared chain), nothing is removed.
+    pub fn remove_archived(&self, last: u64, base: &[u8], from: u64) -> Result<(), StoreError> {
         let _head = lock(&self.head);
-        self.file.remove_archived(last, base)
+        self.file.remove_archived(last, base, from)
     }
 }

@@ -103,8 +103,8 @@ impl AuditFiles for ChainRows {
 
     fn set_sealing(&self, _: Option<HeadTagger>, _: Option<HeadRecorder>) {}
 
-    fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError> {
-        self.0.remove_archived(last, base)
+    fn remove_archived(&self, last: u64, base: &[u8], from: u64) -> Result<(), StoreError> {
+        self.0.remove_archived(last, base, from)
     }
 
     fn archive_base(&self) -> Result<Option<Vec<u8>>, StoreError> {

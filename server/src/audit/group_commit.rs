@@ -56,8 +56,11 @@ impl AuditLog {
                 done = &mut answer => return done.unwrap_or(Err(VaultError::AuditUnavailable)),
                 order = self.order.lock() => order,
             };
-            if let Ok(done) = answer.try_recv() {
-                return done;
+            match answer.try_recv() {
+                Ok(done) => return done,
+                // A committer took this change and was dropped before it answered.
+                Err(oneshot::error::TryRecvError::Closed) => return Err(VaultError::AuditUnavailable),
+                Err(oneshot::error::TryRecvError::Empty) => {}
             }
             let group: Vec<Waiting> = {
                 let mut waiting = lock(&self.waiting);

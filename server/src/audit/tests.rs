@@ -206,7 +206,7 @@ async fn segments_roll_and_read_as_one_log() {
     // Archive up to a checkpoint in the second segment: what is left starts after it.
     read(&log, &store, n + 1).await;
     log.checkpoint_now().await.unwrap();
-    log.remove_archived(n, b"").unwrap();
+    log.remove_archived(n, b"", 1).unwrap();
     assert_eq!(files::first_seq(log.dir()).unwrap(), Some(n + 1));
     read(&log, &store, n + 2).await;
     let report = log.verify(&StoredRecords::read(&store).await.unwrap(), &public_key, &[]).unwrap();

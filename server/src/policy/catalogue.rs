@@ -333,9 +333,9 @@ const AUTH_DATA_WORDS: &[(&str, usize)] = &[
     ("รหัสเอทีเอ็ม", 4),
 ];
 
-/// Words that may stand between such a word and its value (`CVV code: 123`, `pin no. 1234`).
 /// The fewest digits any of [`AUTH_DATA_WORDS`] needs (a test holds it equal to theirs).
 const AUTH_DATA_MIN_DIGITS: usize = 3;
+/// Words that may stand between such a word and its value (`CVV code: 123`, `pin no. 1234`).
 const AUTH_DATA_FILLERS: &[&str] = &["is", "no", "number", "code", "คือ"];
 
 /// Sensitive authentication data typed into a text (`pin 1234`, `cvv 123`, `CVV2: 123`): one of

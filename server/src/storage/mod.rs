@@ -21,8 +21,8 @@ use crate::StoreError;
 pub mod authority;
 #[cfg(test)]
 mod conformance;
-#[cfg(any(test, feature = "test-util"))]
 mod folder;
+#[cfg(any(test, feature = "test-util"))]
 mod memory;
 pub mod models;
 pub mod overlap;

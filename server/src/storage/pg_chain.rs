@@ -370,6 +370,8 @@ enum Ask {
     RemoveUpto {
         last: u64,
         base: Vec<u8>,
+        /// The first entry the base was built on: another archival since, and nothing goes.
+        from: u64,
         reply: std::sync::mpsc::SyncSender<Result<(), StoreError>>,
     },
     Base {
@@ -441,8 +443,8 @@ impl Reader {
 
     /// Removes entries `..=last` and checkpoints before `last`, and keeps `base` in their place,
     /// in one transaction (see `audit::archive_base`).
-    pub fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError> {
-        self.ask(|reply| Ask::RemoveUpto { last, base: base.to_vec(), reply })
+    pub fn remove_archived(&self, last: u64, base: &[u8], from: u64) -> Result<(), StoreError> {
+        self.ask(|reply| Ask::RemoveUpto { last, base: base.to_vec(), from, reply })
     }
 
     /// The base the last archival kept.
@@ -502,19 +504,19 @@ async fn answer(client: Option<&tokio_postgres::Client>, ask: Ask) {
             .await;
             let _ = reply.send(ends);
         }
-        Ask::RemoveUpto { last, base, reply } => {
+        Ask::RemoveUpto { last, base, from, reply } => {
             let done = async {
                 let c = client.ok_or_else(down)?;
                 let last = i64::try_from(last).unwrap_or(i64::MAX);
                 // One transaction: the base and the entries it stands for change places together.
                 c.batch_execute("BEGIN").await.map_err(db)?;
                 let removed = async {
-                    // One archival at a time; one that another node's archival overtook (the
-                    // entries it would remove are gone already) keeps the newer base.
+                    // One archival at a time; one whose base was built before another node's
+                    // archival moved the first entry is refused, and the newer base kept.
                     c.batch_execute("SELECT pg_advisory_xact_lock(7420000001)").await?;
                     let first: Option<i64> =
                         c.query_one("SELECT min(seq) FROM audit_entries", &[]).await?.get(0);
-                    if first.is_some_and(|f| f > last.saturating_add(1)) {
+                    if first.and_then(|f| u64::try_from(f).ok()) != Some(from) {
                         return Ok(false);
                     }
                     c.execute("DELETE FROM audit_entries WHERE seq <= $1", &[&last]).await?;
@@ -533,7 +535,7 @@ async fn answer(client: Option<&tokio_postgres::Client>, ask: Ask) {
                     Ok(false) => {
                         let _ = c.batch_execute("ROLLBACK").await;
                         Err(StoreError::NotSupported(
-                            "another archival removed these entries already; its base is kept",
+                            "another archival moved the log's first entry since this one's base was built: nothing was removed",
                         ))
                     }
                     Err(e) => {

@@ -311,7 +311,7 @@ impl Vault {
         entry.write = write;
         entry.writes = vec![crate::audit::archive_base::base_name(last)];
         self.commit_now(entry, Changes::none()).await?;
-        self.audit.remove_archived(last, &base)?;
+        self.audit.remove_archived(last, &base, first)?;
         self.store.remove_audit_entries_upto(last).await?;
         Ok(ArchiveReport { first, last, entries: last + 1 - first })
     }

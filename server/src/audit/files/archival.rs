@@ -89,8 +89,14 @@ impl AuditFile {
     /// new folder first, which then replaces the old one. `base` (the signed account of what
     /// was archived, see `audit::archive_base`) goes in the new folder, so it and the entries it
     /// stands for replace the old ones in one rename.
-    pub fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError> {
+    pub fn remove_archived(&self, last: u64, base: &[u8], from: u64) -> Result<(), StoreError> {
         self.sync_now()?;
+        // One process holds the folder; still, the base must be built on what is here.
+        if first_seq(&self.shared.dir)?.unwrap_or(1) != from {
+            return Err(StoreError::NotSupported(
+                "the log's first entry moved since the archive base was built",
+            ));
+        }
         let mut io = lock(&self.shared.io);
         let dir = &self.shared.dir;
         let staging = dir.with_extension("new");

@@ -35,7 +35,8 @@ pub trait AuditFiles: Send + Sync {
     fn set_sealing(&self, tagger: Option<HeadTagger>, recorder: Option<HeadRecorder>);
     /// Removes entries up to `last` and the checkpoints before it (archival).
     /// `base`: the signed account of them (see `audit::archive_base`), kept in their place.
-    fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError>;
+    /// `from`: the first kept entry `base` was built on (checked unchanged before anything goes).
+    fn remove_archived(&self, last: u64, base: &[u8], from: u64) -> Result<(), StoreError>;
     /// The base the last archival kept (`None`: none, or nothing archived).
     fn archive_base(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Fault drill for tests: every following append fails (or succeeds again).
@@ -111,8 +112,8 @@ impl AuditFiles for AuditFile {
         AuditFile::set_sealing(self, tagger, recorder);
     }
 
-    fn remove_archived(&self, last: u64, base: &[u8]) -> Result<(), StoreError> {
-        AuditFile::remove_archived(self, last, base)
+    fn remove_archived(&self, last: u64, base: &[u8], from: u64) -> Result<(), StoreError> {
+        AuditFile::remove_archived(self, last, base, from)
     }
 
     fn archive_base(&self) -> Result<Option<Vec<u8>>, StoreError> {
