@@ -46,18 +46,19 @@ fn missing(last: u64, why: &'static str) -> StoreError {
 }
 
 impl AuditLog {
-    /// The base of what was archived before the log's first kept entry, checked: `named` is the
-    /// write id the kept log gives `archive-base:<first - 1>` (see the module doc). `None`:
-    /// nothing was archived, or it was archived by a version that kept no base.
+    /// The base of what was archived before the log's first kept entry, checked: `named` are the
+    /// write ids the kept log gives `archive-base:<first - 1>` (see the module doc; more than one
+    /// when two nodes' archivals to the same entry raced and one was refused at its removal).
+    /// `None`: nothing was archived, or it was archived by a version that kept no base.
     pub(crate) fn archived_base(
         &self,
         first: Option<u64>,
-        named: Option<u64>,
+        named: &[u64],
         tagger: &AuthorityTagger,
         accept_unbased: Option<u64>,
     ) -> Result<Option<ArchiveBase>, StoreError> {
         let Some(last) = first.filter(|f| *f > 1).map(|f| f - 1) else { return Ok(None) };
-        let Some(write) = named else {
+        if named.is_empty() {
             // No kept entry names a base: archived by a version that kept none — or the log's
             // front was cut outside the vault (to a later signed checkpoint) to hide a change.
             // Only the operator can tell; by default the vault does not open.
@@ -79,12 +80,15 @@ impl AuditLog {
                 "accepted (--accept-unbased-log): authority values and records older than the log's first kept entry are judged by their tags alone"
             );
             return Ok(None);
-        };
+        }
         let Some(stored) = self.file.archive_base()? else {
             return Err(missing(last, "the log names it, and it is not there"));
         };
         let (mac, json) = stored.split_at_checked(TAG_LEN).ok_or_else(|| missing(last, "it is cut short"))?;
-        if !tagger.verify(SPACE_ARCHIVE_BASE, &last.to_be_bytes(), write, json, mac) {
+        if !named
+            .iter()
+            .any(|write| tagger.verify(SPACE_ARCHIVE_BASE, &last.to_be_bytes(), *write, json, mac))
+        {
             return Err(missing(
                 last,
                 "its tag does not match (edited, from another archival or another vault)",
@@ -98,24 +102,22 @@ impl AuditLog {
         Ok(Some(base))
     }
 
-    /// The base the kept log names for what was archived before it, looked up in the index the
-    /// unseal built.
+    /// The base the kept log names for what was archived before it.
     pub(crate) fn current_base(&self) -> Result<Option<ArchiveBase>, StoreError> {
         let tagger = self.authority.get().ok_or(StoreError::Sealed)?;
         let first = self.file.first_seq()?;
-        // Read from the log itself: on a shared chain this node's index may not yet hold another
-        // node's archival entry.
-        let named = match first.filter(|f| *f > 1) {
-            Some(f) => self.named_in_log(&base_name(f - 1))?,
-            None => None,
-        };
+        let named = self.base_writes(first)?;
         // An unbased log was judged by the unseal (refused, or accepted by the operator); the
         // front cannot move while the vault runs except by its own archival, which names a base.
-        self.archived_base(first, named, &tagger, first)
+        self.archived_base(first, &named, &tagger, first)
     }
 
-    /// The write id the newest kept entry naming `name` carries.
-    fn named_in_log(&self, name: &str) -> Result<Option<u64>, StoreError> {
+    /// The write ids the kept entries give the base of what was archived before `first`, read
+    /// from the log itself (on a shared chain a node's index may lag another node's archival);
+    /// nothing to read when nothing was archived.
+    pub(crate) fn base_writes(&self, first: Option<u64>) -> Result<Vec<u64>, StoreError> {
+        let Some(f) = first.filter(|f| *f > 1) else { return Ok(Vec::new()) };
+        let name = base_name(f - 1);
         #[derive(Deserialize)]
         struct Named {
             #[serde(default)]
@@ -123,18 +125,18 @@ impl AuditLog {
             #[serde(default)]
             writes: Vec<String>,
         }
-        let mut found = None;
+        let mut found = Vec::new();
         for item in self.file.entries(0) {
             let (_, value) = item?;
             let Some(json) = value.get(32..) else { continue };
             // Most entries do not name it: no parse for them.
-            if !std::str::from_utf8(json).is_ok_and(|j| j.contains(name)) {
+            if !std::str::from_utf8(json).is_ok_and(|j| j.contains(&name)) {
                 continue;
             }
             if let Ok(e) = serde_json::from_slice::<Named>(json)
-                && e.writes.iter().any(|w| w == name)
+                && e.writes.contains(&name)
             {
-                found = Some(e.write);
+                found.push(e.write);
             }
         }
         Ok(found)

@@ -486,15 +486,12 @@ impl AuditLog {
         mut entry: AuditEntry,
         mut changes: Changes,
     ) -> Result<Committed, VaultError> {
-        let authority = crate::storage::authority::writes_authority(&changes);
-        // An entry that names a write of its own (an archival's base) is noted like a tagged one.
-        if !authority && entry.write == 0 {
+        // An archival's entry names its base's write itself (`archive_base`, read from the log).
+        if !crate::storage::authority::writes_authority(&changes) {
             return self.commit_entry(store, entry, changes).await;
         }
         // Authority writes are tagged, and the index of writes learns of them as they commit.
-        if authority {
-            self.tag_authority(&mut entry, &mut changes)?;
-        }
+        self.tag_authority(&mut entry, &mut changes)?;
         let (write, writes) = (entry.write, entry.writes.clone());
         self.authority.index().begin(write, &writes);
         let committed = self.commit_entry(store, entry, changes).await;

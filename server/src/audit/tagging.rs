@@ -73,15 +73,14 @@ impl AuditLog {
         for item in self.file.entries(0) {
             let (seq, value) = item?;
             if changes_upto.is_some_and(|upto| seq > upto) {
-                index.skip(seq, &value);
+                index.skip(seq);
                 continue;
             }
             index.note_stored(seq, &value);
         }
         let first = self.file.first_seq()?;
-        let named =
-            first.filter(|f| *f > 1).and_then(|f| index.written(&super::archive_base::base_name(f - 1)));
-        let base = self.archived_base(first, named, tagger, self.accept_unbased_log)?;
+        let named = self.base_writes(first)?;
+        let base = self.archived_base(first, &named, tagger, self.accept_unbased_log)?;
         index.finish_build_on(first, base.map(|b| b.authority));
         *self.authority.index() = index;
         Ok(())

@@ -127,20 +127,8 @@ impl WriteIndex {
         self.upto = self.upto.max(seq);
     }
 
-    /// An entry read but not noted (its change never reached the store). What it names outside
-    /// the store (an archival's base, which goes with the log's files) is noted still.
-    pub fn skip(&mut self, seq: u64, value: &[u8]) {
-        if let Some(json) = value.get(32..)
-            && let Ok(e) = serde_json::from_slice::<EntryWrites>(json)
-            && !e.writes.is_empty()
-            // An archival's base goes with the log's files, not the store: a store that lost
-            // its last changes in a crash did not lose it.
-            && e.writes.iter().all(|w| {
-                w.strip_prefix(super::authority::SPACE_ARCHIVE_BASE).is_some_and(|r| r.starts_with(':'))
-            })
-        {
-            self.note(seq, e.write, &e.writes);
-        }
+    /// An entry read but not noted (its change never reached the store).
+    pub fn skip(&mut self, seq: u64) {
         self.upto = self.upto.max(seq);
     }
 
@@ -193,14 +181,6 @@ impl WriteIndex {
             self.keks_made.entry(version).or_insert(seq);
         }
         self.keks_retired.extend(base.keks_retired);
-    }
-
-    /// The write id of the newest change that wrote `name`, if the log says it exists.
-    pub fn written(&self, name: &str) -> Option<u64> {
-        match self.latest.get(name) {
-            Some(Latest::Written { write, .. }) => Some(*write),
-            _ => None,
-        }
     }
 
     pub fn upto(&self) -> u64 {
